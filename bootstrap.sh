@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Takes a fresh Debian bookworm machine (root, stable Rust via rustup) to a full build and test
+# setup for ferrynet. Idempotent: every step checks first, so a second run takes seconds.
+set -euo pipefail
+
+NIGHTLY=nightly-2026-05-20
+BPF_LINKER_VERSION=0.13.0
+LLVM_PREFIX=/usr/lib/llvm-22
+
+APT_PACKAGES=(
+  # bpf-linker links against Debian's LLVM 22.
+  llvm-22-dev libpolly-22-dev zlib1g-dev libzstd-dev
+  # Network plumbing used by the tests and the lab.
+  iproute2 nftables iptables iperf3 procps psmisc util-linux kmod ethtool
+  # The reference CNI plugins (bridge, host-local, portmap, bandwidth) used as anchors and chains.
+  containernetworking-plugins
+  # podman as a real CNI client (design.md section 4).
+  podman buildah catatonit runc busybox-static
+)
+
+log() { printf '[bootstrap] %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  log "must run as root (it installs packages and the tests create network namespaces)"
+  exit 1
+fi
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$pkg")
+  fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing apt packages: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! rustup toolchain list | grep -q "^${NIGHTLY}"; then
+  log "installing ${NIGHTLY}"
+  rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src
+elif ! rustup component list --toolchain "$NIGHTLY" --installed | grep -q '^rust-src'; then
+  rustup component add rust-src --toolchain "$NIGHTLY"
+fi
+for comp in rustfmt clippy; do
+  if ! rustup component list --installed | grep -q "^${comp}"; then
+    rustup component add "$comp"
+  fi
+done
+
+if ! bpf-linker --version 2>/dev/null | grep -q "${BPF_LINKER_VERSION}"; then
+  log "building bpf-linker ${BPF_LINKER_VERSION} against LLVM 22"
+  LLVM_PREFIX="$LLVM_PREFIX" cargo install "bpf-linker@${BPF_LINKER_VERSION}" --locked \
+    --no-default-features --features llvm-22
+fi
+
+log "ready"

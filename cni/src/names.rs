@@ -1,0 +1,74 @@
+//! Deterministic host-side identities of an attachment, derived from (container ID, ifname) alone,
+//! so that DEL can find everything even when the netns and prevResult are gone.
+use ferrynet_ipam::AttachmentKey;
+use sha2::{Digest, Sha256};
+
+/// Prefix of every host-side veth ferrynet creates.
+pub const HOST_VETH_PREFIX: &str = "fnv";
+/// Routing protocol id of the host routes to pods (`ip route show proto 113`), so they can be told
+/// apart from everyone else's.
+pub const ROUTE_PROTOCOL_POD: u8 = 113;
+/// Pods' default gateway: link-local, answered by a permanent neighbour entry (Calico's model).
+pub const GATEWAY_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 1, 1);
+pub const GATEWAY_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// The host side of one attachment's veth pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostVeth {
+    /// `fnv` + 12 hex digits: 15 bytes, the kernel's limit.
+    pub name: String,
+    /// Locally administered unicast MAC, stable for the attachment.
+    pub mac: [u8; 6],
+}
+
+impl HostVeth {
+    pub fn for_key(key: &AttachmentKey) -> Self {
+        let digest = Sha256::digest(format!("{}/{}", key.container_id(), key.ifname()).as_bytes());
+        let name = format!(
+            "{HOST_VETH_PREFIX}{}",
+            digest[..6].iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&digest[6..12]);
+        mac[0] = (mac[0] & 0xfc) | 0x02;
+        Self { name, mac }
+    }
+
+    /// The alias stamped on the host veth. GC recognises the network's veths by its prefix.
+    pub fn alias(network: &str, key: &AttachmentKey) -> String {
+        let alias = format!("{}{}/{}", Self::alias_prefix(network), key.container_id(), key.ifname());
+        alias.chars().take(255).collect()
+    }
+
+    pub fn alias_prefix(network: &str) -> String {
+        format!("ferrynet/{network}/")
+    }
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_deterministic_short_and_distinct() {
+        let a = HostVeth::for_key(&AttachmentKey::new("abc", "eth0").unwrap());
+        let b = HostVeth::for_key(&AttachmentKey::new("abc", "eth1").unwrap());
+        assert_eq!(a, HostVeth::for_key(&AttachmentKey::new("abc", "eth0").unwrap()));
+        assert_ne!(a.name, b.name);
+        assert_eq!(a.name.len(), 15);
+        assert!(a.name.starts_with(HOST_VETH_PREFIX));
+        // Unicast (bit 0 clear) and locally administered (bit 1 set).
+        assert_eq!(a.mac[0] & 0x03, 0x02);
+    }
+
+    #[test]
+    fn alias_fits_the_kernel_limit() {
+        let key = AttachmentKey::new(&"c".repeat(250), "eth0").unwrap();
+        assert!(HostVeth::alias("net", &key).len() <= 255);
+        assert!(HostVeth::alias("net", &key).starts_with("ferrynet/net/"));
+    }
+}

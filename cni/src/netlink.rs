@@ -1,0 +1,566 @@
+//! A small synchronous rtnetlink client: exactly the link, address, route and neighbour
+//! operations ferrynet needs, one request and its acknowledgement at a time. Synchronous on
+//! purpose: the CNI plugin is a short-lived process, and an async runtime would only add start-up
+//! cost to the pod start path.
+use std::{
+    io,
+    net::IpAddr,
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+use ipnet::IpNet;
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
+};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope},
+    link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
+    route::{
+        RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    },
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+use crate::netns;
+
+/// A failed netlink request: which operation, and the kernel's errno.
+#[derive(Debug, thiserror::Error)]
+#[error("netlink {op}: {source}")]
+pub struct NetlinkError {
+    pub op: String,
+    #[source]
+    pub source: io::Error,
+}
+
+impl NetlinkError {
+    fn new(op: impl Into<String>, source: io::Error) -> Self {
+        Self { op: op.into(), source }
+    }
+
+    pub fn errno(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+
+    /// The object already exists (EEXIST).
+    pub fn is_exists(&self) -> bool {
+        self.errno() == Some(libc::EEXIST)
+    }
+
+    /// The object (or the device it names) does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self.errno(),
+            Some(libc::ENODEV) | Some(libc::ENOENT) | Some(libc::ESRCH)
+        )
+    }
+}
+
+pub type Result<T> = std::result::Result<T, NetlinkError>;
+
+/// What a host-side veth and its pod-side peer look like at creation.
+#[derive(Debug, Clone)]
+pub struct VethSpec<'a> {
+    pub host_name: &'a str,
+    pub host_mac: [u8; 6],
+    /// Shown by `ip link` and used by GC to recognise ferrynet's veths.
+    pub host_alias: &'a str,
+    pub peer_name: &'a str,
+    /// The peer is created directly in this namespace, already named `peer_name`.
+    pub peer_netns: BorrowedFd<'a>,
+    pub mtu: u32,
+}
+
+/// A route to add or replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub dst: IpNet,
+    pub gateway: Option<IpAddr>,
+    pub oif: Option<u32>,
+    pub scope: RouteScope,
+    pub protocol: RouteProtocol,
+    pub table: u32,
+    /// The gateway is reachable on `oif` without a covering connected route.
+    pub onlink: bool,
+}
+
+impl RouteSpec {
+    /// A route in the main table with the given protocol, universe scope, no gateway.
+    pub fn new(dst: IpNet, protocol: RouteProtocol) -> Self {
+        Self {
+            dst,
+            gateway: None,
+            oif: None,
+            scope: RouteScope::Universe,
+            protocol,
+            table: u32::from(RouteHeader::RT_TABLE_MAIN),
+            onlink: false,
+        }
+    }
+}
+
+pub struct Netlink {
+    socket: Socket,
+    sequence: u32,
+    buffer: Vec<u8>,
+}
+
+impl Netlink {
+    /// A socket in the calling thread's network namespace.
+    pub fn current() -> io::Result<Self> {
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        // Ask for extended acks, so errors carry the kernel's message where it has one.
+        let _ = socket.set_ext_ack(true);
+        Ok(Self {
+            socket,
+            sequence: 0,
+            buffer: vec![0; 64 * 1024],
+        })
+    }
+
+    /// A socket in the namespace `ns` (netavark's pattern, see `netns`).
+    pub fn in_netns(ns: BorrowedFd<'_>) -> io::Result<Self> {
+        netns::run_in(ns, Self::current)
+    }
+
+    /// Sends one request and collects the replies until the kernel's ack or end of dump.
+    fn request(&mut self, op: &str, message: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>> {
+        self.sequence = self.sequence.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.sequence;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(message));
+        packet.finalize();
+        let mut out = vec![0; packet.buffer_len()];
+        packet.serialize(&mut out);
+        self.socket.send(&out, 0).map_err(|e| NetlinkError::new(op, e))?;
+
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        let mut replies = Vec::new();
+        loop {
+            let len = self
+                .socket
+                .recv(&mut &mut self.buffer[..], 0)
+                .map_err(|e| NetlinkError::new(op, e))?;
+            let mut offset = 0;
+            while offset < len {
+                let bytes = &self.buffer[offset..len];
+                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes)
+                    .map_err(|e| NetlinkError::new(op, io::Error::new(io::ErrorKind::InvalidData, e.to_string())))?;
+                let size = reply.header.length as usize;
+                if size == 0 {
+                    return Err(NetlinkError::new(
+                        op,
+                        io::Error::new(io::ErrorKind::InvalidData, "zero-length netlink message"),
+                    ));
+                }
+                offset += size;
+                if reply.header.sequence_number != self.sequence {
+                    continue;
+                }
+                match reply.payload {
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            None => Ok(replies),
+                            Some(code) => Err(NetlinkError::new(op, io::Error::from_raw_os_error(-code.get()))),
+                        };
+                    }
+                    NetlinkPayload::Done(_) => return Ok(replies),
+                    NetlinkPayload::InnerMessage(m) => {
+                        replies.push(m);
+                        if !dump && flags & NLM_F_ACK == 0 {
+                            return Ok(replies);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn ack(&mut self, op: &str, message: RouteNetlinkMessage, flags: u16) -> Result<()> {
+        self.request(op, message, flags | NLM_F_ACK).map(|_| ())
+    }
+
+    // ---- links ----
+
+    /// The link called `name`, if it exists.
+    pub fn link_by_name(&mut self, name: &str) -> Result<Option<LinkMessage>> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        match self.request(&format!("get link {name}"), RouteNetlinkMessage::GetLink(msg), 0) {
+            Ok(replies) => Ok(replies.into_iter().find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l),
+                _ => None,
+            })),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every link in the namespace.
+    pub fn links(&mut self) -> Result<Vec<LinkMessage>> {
+        let replies = self.request(
+            "dump links",
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            NLM_F_DUMP,
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Creates a veth pair whose peer is born inside another namespace with its final name.
+    pub fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<()> {
+        let mut peer = LinkMessage::default();
+        peer.attributes.push(LinkAttribute::IfName(spec.peer_name.to_string()));
+        peer.attributes
+            .push(LinkAttribute::NetNsFd(spec.peer_netns.as_raw_fd()));
+        peer.attributes.push(LinkAttribute::Mtu(spec.mtu));
+
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(spec.host_name.to_string()));
+        msg.attributes.push(LinkAttribute::Address(spec.host_mac.to_vec()));
+        msg.attributes.push(LinkAttribute::Mtu(spec.mtu));
+        msg.attributes.push(LinkAttribute::IfAlias(spec.host_alias.to_string()));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Veth),
+            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
+        ]));
+        self.ack(
+            &format!("create veth {}", spec.host_name),
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+        Ok(())
+    }
+
+    /// Sets a link's alias (`ip link set NAME alias ...`).
+    pub fn set_alias(&mut self, index: u32, alias: &str) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes.push(LinkAttribute::IfAlias(alias.to_string()));
+        self.ack(
+            &format!("set alias of link {index}"),
+            RouteNetlinkMessage::SetLink(msg),
+            0,
+        )
+    }
+
+    /// Brings a link up.
+    pub fn set_up(&mut self, index: u32) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        self.ack(&format!("set link {index} up"), RouteNetlinkMessage::SetLink(msg), 0)
+    }
+
+    /// Deletes a link by index.
+    pub fn delete_link(&mut self, index: u32) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        self.ack(&format!("delete link {index}"), RouteNetlinkMessage::DelLink(msg), 0)
+    }
+
+    /// Deletes the link called `name`; `Ok(false)` if there was none.
+    pub fn delete_link_by_name(&mut self, name: &str) -> Result<bool> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        match self.ack(&format!("delete link {name}"), RouteNetlinkMessage::DelLink(msg), 0) {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    // ---- addresses ----
+
+    /// Adds `addr` to a link. `no_dad` skips IPv6 duplicate address detection, so the address is
+    /// usable at once instead of after a second or so.
+    pub fn add_address(&mut self, index: u32, addr: IpNet, no_dad: bool) -> Result<()> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = family(addr.addr());
+        msg.header.prefix_len = addr.prefix_len();
+        msg.header.index = index;
+        msg.header.scope = AddressScope::Universe;
+        if no_dad {
+            msg.header.flags = AddressHeaderFlags::Nodad;
+            msg.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        msg.attributes.push(AddressAttribute::Local(addr.addr()));
+        msg.attributes.push(AddressAttribute::Address(addr.addr()));
+        self.ack(
+            &format!("add address {addr}"),
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+    }
+
+    /// The addresses on a link (or on every link, for `None`).
+    pub fn addresses(&mut self, index: Option<u32>) -> Result<Vec<(u32, IpNet)>> {
+        let replies = self.request(
+            "dump addresses",
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            NLM_F_DUMP,
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) => {
+                    let ip = a.attributes.iter().find_map(|at| match at {
+                        AddressAttribute::Address(ip) => Some(*ip),
+                        _ => None,
+                    })?;
+                    Some((a.header.index, IpNet::new(ip, a.header.prefix_len).ok()?))
+                }
+                _ => None,
+            })
+            .filter(|(i, _)| index.is_none_or(|want| want == *i))
+            .collect())
+    }
+
+    // ---- routes ----
+
+    /// Adds a route; fails with EEXIST if one exists for the same destination and table.
+    pub fn add_route(&mut self, spec: &RouteSpec) -> Result<()> {
+        self.ack(
+            &format!("add route {}", spec.dst),
+            RouteNetlinkMessage::NewRoute(route_message(spec)),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+    }
+
+    /// Adds or replaces the route for the spec's destination and table.
+    pub fn replace_route(&mut self, spec: &RouteSpec) -> Result<()> {
+        self.ack(
+            &format!("replace route {}", spec.dst),
+            RouteNetlinkMessage::NewRoute(route_message(spec)),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+    }
+
+    /// Deletes the route matching the spec's destination, table and protocol.
+    pub fn delete_route(&mut self, spec: &RouteSpec) -> Result<()> {
+        let mut msg = route_message(spec);
+        // Match on destination, table and protocol only.
+        msg.attributes
+            .retain(|a| matches!(a, RouteAttribute::Destination(_) | RouteAttribute::Table(_)));
+        msg.header.scope = RouteScope::NoWhere;
+        self.ack(
+            &format!("delete route {}", spec.dst),
+            RouteNetlinkMessage::DelRoute(msg),
+            0,
+        )
+    }
+
+    /// Every route of one family in every table.
+    pub fn routes(&mut self, ipv4: bool) -> Result<Vec<RouteMessage>> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = if ipv4 {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let replies = self.request("dump routes", RouteNetlinkMessage::GetRoute(msg), NLM_F_DUMP)?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => Some(r),
+                _ => None,
+            })
+            .collect())
+    }
+
+    // ---- neighbours ----
+
+    /// Adds a permanent neighbour entry `ip -> mac` on a link (replacing any existing one).
+    pub fn add_permanent_neighbour(&mut self, index: u32, ip: IpAddr, mac: [u8; 6]) -> Result<()> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family(ip);
+        msg.header.ifindex = index;
+        msg.header.state = NeighbourState::Permanent;
+        msg.header.kind = RouteType::Unicast;
+        msg.attributes.push(NeighbourAttribute::Destination(match ip {
+            IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+            IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+        }));
+        msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        self.ack(
+            &format!("add neighbour {ip}"),
+            RouteNetlinkMessage::NewNeighbour(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+    }
+
+    /// Neighbour entries of one family on a link.
+    pub fn neighbours(&mut self, index: u32, ipv4: bool) -> Result<Vec<NeighbourMessage>> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = if ipv4 {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let replies = self.request("dump neighbours", RouteNetlinkMessage::GetNeighbour(msg), NLM_F_DUMP)?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) if n.header.ifindex == index => Some(n),
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+fn family(ip: IpAddr) -> AddressFamily {
+    if ip.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    }
+}
+
+fn route_address(ip: IpAddr) -> RouteAddress {
+    match ip {
+        IpAddr::V4(v4) => RouteAddress::Inet(v4),
+        IpAddr::V6(v6) => RouteAddress::Inet6(v6),
+    }
+}
+
+fn route_message(spec: &RouteSpec) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = family(spec.dst.addr());
+    msg.header.destination_prefix_length = spec.dst.prefix_len();
+    msg.header.protocol = spec.protocol;
+    msg.header.scope = spec.scope;
+    msg.header.kind = RouteType::Unicast;
+    if spec.onlink {
+        msg.header.flags = RouteFlags::Onlink;
+    }
+    match u8::try_from(spec.table) {
+        Ok(small) => msg.header.table = small,
+        Err(_) => msg.header.table = RouteHeader::RT_TABLE_UNSPEC,
+    }
+    msg.attributes.push(RouteAttribute::Table(spec.table));
+    if spec.dst.prefix_len() > 0 || !spec.dst.addr().is_unspecified() {
+        msg.attributes
+            .push(RouteAttribute::Destination(route_address(spec.dst.addr())));
+    }
+    if let Some(gw) = spec.gateway {
+        msg.attributes.push(RouteAttribute::Gateway(route_address(gw)));
+    }
+    if let Some(oif) = spec.oif {
+        msg.attributes.push(RouteAttribute::Oif(oif));
+    }
+    msg
+}
+
+/// Helpers to read fields out of dumped messages.
+pub mod inspect {
+    use super::*;
+
+    pub fn link_name(link: &LinkMessage) -> Option<&str> {
+        link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.as_str()),
+            _ => None,
+        })
+    }
+
+    pub fn link_alias(link: &LinkMessage) -> Option<&str> {
+        link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfAlias(n) => Some(n.as_str()),
+            _ => None,
+        })
+    }
+
+    pub fn link_mac(link: &LinkMessage) -> Option<[u8; 6]> {
+        link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Address(m) => m.as_slice().try_into().ok(),
+            _ => None,
+        })
+    }
+
+    pub fn link_mtu(link: &LinkMessage) -> Option<u32> {
+        link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        })
+    }
+
+    pub fn link_is_up(link: &LinkMessage) -> bool {
+        link.header.flags.contains(LinkFlags::Up)
+    }
+
+    pub fn route_dst(route: &RouteMessage) -> Option<IpNet> {
+        let addr = route
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+                RouteAttribute::Destination(RouteAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+                _ => None,
+            })
+            .unwrap_or(match route.header.address_family {
+                AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            });
+        IpNet::new(addr, route.header.destination_prefix_length).ok()
+    }
+
+    pub fn route_gateway(route: &RouteMessage) -> Option<IpAddr> {
+        route.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Gateway(RouteAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+            _ => None,
+        })
+    }
+
+    pub fn route_oif(route: &RouteMessage) -> Option<u32> {
+        route.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        })
+    }
+
+    pub fn route_table(route: &RouteMessage) -> u32 {
+        route
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Table(t) => Some(*t),
+                _ => None,
+            })
+            .unwrap_or(u32::from(route.header.table))
+    }
+
+    pub fn neighbour_ip(n: &NeighbourMessage) -> Option<IpAddr> {
+        n.attributes.iter().find_map(|a| match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+            _ => None,
+        })
+    }
+
+    pub fn neighbour_mac(n: &NeighbourMessage) -> Option<[u8; 6]> {
+        n.attributes.iter().find_map(|a| match a {
+            NeighbourAttribute::LinkLayerAddress(m) => m.as_slice().try_into().ok(),
+            _ => None,
+        })
+    }
+
+    pub fn neighbour_is_permanent(n: &NeighbourMessage) -> bool {
+        n.header.state == NeighbourState::Permanent
+    }
+
+    pub fn neighbour_flags(n: &NeighbourMessage) -> NeighbourFlags {
+        n.header.flags
+    }
+}

@@ -1,0 +1,569 @@
+//! The `ferrynet` CNI plugin: one veth pair per pod, routed (no bridge), as in design.md §2.
+//!
+//! Pod side: `CNI_IFNAME` with the pod's /32 and /128, loopback up, a default route via the
+//! link-local gateways 169.254.1.1 and fe80::1, and permanent neighbour entries that resolve both
+//! to the host veth's MAC. Host side: a veth named from (container ID, ifname) and a /32 or /128
+//! route per pod address through it.
+use std::{
+    net::IpAddr,
+    os::fd::{AsFd, OwnedFd},
+};
+
+use ferrynet_ipam::{
+    AttachmentKey, ipam_plugin,
+    plugin::{CniError, Command, Invocation, Plugin},
+};
+use ipnet::IpNet;
+use netlink_packet_route::route::{RouteProtocol, RouteScope};
+use rscni_types::types::{CNIResult, Interface, IpConfig, Route};
+
+use crate::{
+    config::{IpamBackend, PluginConfig},
+    names::{self, GATEWAY_V4, GATEWAY_V6, HostVeth, ROUTE_PROTOCOL_POD},
+    netlink::{Netlink, NetlinkError, RouteSpec, VethSpec, inspect},
+    netns,
+};
+
+pub struct FerrynetPlugin;
+
+fn kernel(e: NetlinkError) -> CniError {
+    CniError::kernel(e.to_string())
+}
+
+fn kernel_io(what: &str, e: std::io::Error) -> CniError {
+    CniError::kernel(format!("{what}: {e}"))
+}
+
+/// Opens the pod's netns: a missing one means the container is gone (code 3), anything that is
+/// not a network namespace is a bad CNI_NETNS (code 4).
+fn open_pod_netns(inv: &Invocation) -> Result<OwnedFd, CniError> {
+    let path = inv
+        .netns
+        .as_ref()
+        .ok_or_else(|| CniError::invalid_env("CNI_NETNS is not set"))?;
+    let fd = netns::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => CniError::unknown_container(format!("netns {} does not exist", path.display())),
+        _ => CniError::invalid_env(format!("cannot open netns {}: {e}", path.display())),
+    })?;
+    if !netns::is_netns(fd.as_fd()) {
+        return Err(CniError::invalid_env(format!(
+            "{} is not a network namespace",
+            path.display()
+        )));
+    }
+    Ok(fd)
+}
+
+fn gateway_for(ip: IpAddr) -> IpAddr {
+    if ip.is_ipv4() {
+        IpAddr::V4(GATEWAY_V4)
+    } else {
+        IpAddr::V6(GATEWAY_V6)
+    }
+}
+
+fn host_prefix(ip: IpAddr) -> IpNet {
+    IpNet::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("host prefix is valid")
+}
+
+fn default_route(ipv4: bool) -> IpNet {
+    if ipv4 {
+        "0.0.0.0/0".parse().expect("valid")
+    } else {
+        "::/0".parse().expect("valid")
+    }
+}
+
+/// Addresses and extra routes an IPAM handed out.
+struct Addresses {
+    ips: Vec<IpAddr>,
+    routes: Vec<IpNet>,
+}
+
+impl IpamBackend {
+    fn add(&self, inv: &Invocation) -> Result<Addresses, CniError> {
+        match self {
+            Self::Own(config) => {
+                let attachment = ipam_plugin::allocate(inv, config)?;
+                Ok(Addresses {
+                    ips: attachment.ips.iter().map(IpNet::addr).collect(),
+                    routes: config.routes.iter().map(|r| r.dst).collect(),
+                })
+            }
+            Self::Delegated(kind) => {
+                let result = inv.delegate(kind, Command::Add)?.ok_or_else(|| {
+                    CniError::new(
+                        ferrynet_ipam::plugin::codes::DELEGATE,
+                        "IPAM returned no result",
+                        kind.clone(),
+                    )
+                })?;
+                if result.ips.is_empty() {
+                    return Err(CniError::new(
+                        ferrynet_ipam::plugin::codes::DELEGATE,
+                        "IPAM returned no address",
+                        kind.clone(),
+                    ));
+                }
+                Ok(Addresses {
+                    ips: result.ips.iter().map(|ip| ip.address.addr()).collect(),
+                    routes: result.routes.iter().map(|r| r.dst).collect(),
+                })
+            }
+        }
+    }
+
+    fn del(&self, inv: &Invocation) -> Result<(), CniError> {
+        match self {
+            Self::Own(config) => ipam_plugin::release(inv, config).map(|_| ()),
+            Self::Delegated(kind) => inv.delegate(kind, Command::Del).map(|_| ()),
+        }
+    }
+
+    fn has_ipv6(&self) -> bool {
+        match self {
+            Self::Own(config) => config.range_sets.iter().any(|s| !s.is_ipv4()),
+            Self::Delegated(_) => false,
+        }
+    }
+}
+
+impl Plugin for FerrynetPlugin {
+    fn add(&self, inv: &Invocation) -> Result<CNIResult, CniError> {
+        let config = PluginConfig::from_invocation(inv)?;
+        let key = inv.key()?;
+        let pod_netns = open_pod_netns(inv)?;
+        let mut host = Netlink::current().map_err(|e| kernel_io("netlink socket", e))?;
+        let mut pod =
+            Netlink::in_netns(pod_netns.as_fd()).map_err(|e| kernel_io("netlink socket in the pod netns", e))?;
+        let veth = HostVeth::for_key(&key);
+
+        let addresses = config.ipam.add(inv)?;
+        let mut veth_created = false;
+        match wire(
+            inv,
+            &config,
+            &key,
+            &veth,
+            &addresses,
+            &pod_netns,
+            &mut host,
+            &mut pod,
+            &mut veth_created,
+        ) {
+            Ok(mut result) => {
+                if let Some(prev) = inv.config.prev_result.clone() {
+                    result = merge_after(prev, result);
+                }
+                Ok(result)
+            }
+            Err(mut error) => {
+                // Undo in reverse, and keep going: every step is attempted, every failure reported.
+                let mut undo_failures = Vec::new();
+                if veth_created && let Err(e) = host.delete_link_by_name(&veth.name) {
+                    undo_failures.push(e.to_string());
+                }
+                if let Err(e) = config.ipam.del(inv) {
+                    undo_failures.push(e.to_string());
+                }
+                if !undo_failures.is_empty() {
+                    error.details = format!("{}; rollback also failed: {}", error.details, undo_failures.join("; "));
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn del(&self, inv: &Invocation) -> Result<(), CniError> {
+        let key = inv.key()?;
+        let veth = HostVeth::for_key(&key);
+        let mut errors = Vec::new();
+        // The host veth goes first (its peer and the host routes go with it), so an address is
+        // never free while something still routes to it. This needs no netns and no prevResult.
+        match Netlink::current() {
+            Ok(mut host) => {
+                if let Err(e) = delete_own_veth(&mut host, &veth, &inv.config.name, &key) {
+                    errors.push(e.to_string());
+                }
+            }
+            Err(e) => errors.push(format!("netlink socket: {e}")),
+        }
+        match PluginConfig::from_invocation(inv) {
+            Ok(config) => {
+                if let Err(e) = config.ipam.del(inv) {
+                    errors.push(e.to_string());
+                }
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+        match errors.len() {
+            0 => Ok(()),
+            _ => Err(CniError::kernel(errors.join("; "))),
+        }
+    }
+
+    fn check(&self, inv: &Invocation) -> Result<(), CniError> {
+        let config = PluginConfig::from_invocation(inv)?;
+        let key = inv.key()?;
+        let prev = inv
+            .config
+            .prev_result
+            .as_ref()
+            .ok_or_else(|| CniError::invalid_config("CHECK needs prevResult"))?;
+        match &config.ipam {
+            IpamBackend::Own(ipam) => {
+                ipam_plugin::check(inv, ipam)?;
+            }
+            IpamBackend::Delegated(kind) => {
+                inv.delegate(kind, Command::Check)?;
+            }
+        }
+        let pod_netns = open_pod_netns(inv)?;
+        let mut host = Netlink::current().map_err(|e| kernel_io("netlink socket", e))?;
+        let mut pod =
+            Netlink::in_netns(pod_netns.as_fd()).map_err(|e| kernel_io("netlink socket in the pod netns", e))?;
+        let veth = HostVeth::for_key(&key);
+        let ifname = inv.ifname.as_deref().unwrap_or_default();
+        let failed = |what: String| Err(CniError::check_failed(what));
+
+        let Some(host_link) = host.link_by_name(&veth.name).map_err(kernel)? else {
+            return failed(format!("host veth {} is missing", veth.name));
+        };
+        if !inspect::link_is_up(&host_link) {
+            return failed(format!("host veth {} is down", veth.name));
+        }
+        let Some(pod_link) = pod.link_by_name(ifname).map_err(kernel)? else {
+            return failed(format!("{ifname} is missing in the pod"));
+        };
+        if !inspect::link_is_up(&pod_link) {
+            return failed(format!("{ifname} is down in the pod"));
+        }
+        if let Some(mtu) = config.mtu
+            && inspect::link_mtu(&pod_link) != Some(mtu)
+        {
+            return failed(format!(
+                "{ifname} has MTU {:?}, config says {mtu}",
+                inspect::link_mtu(&pod_link)
+            ));
+        }
+        let pod_addrs: Vec<IpNet> = pod
+            .addresses(Some(pod_link.header.index))
+            .map_err(kernel)?
+            .into_iter()
+            .map(|(_, a)| a)
+            .collect();
+        let host_routes: Vec<_> = [true, false]
+            .into_iter()
+            .map(|v4| host.routes(v4))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(kernel)?
+            .into_iter()
+            .flatten()
+            .collect();
+        let mine: Vec<IpAddr> = prev
+            .ips
+            .iter()
+            .filter(|ip| {
+                ip.interface
+                    .and_then(|i| prev.interfaces.get(i as usize))
+                    .is_none_or(|i| i.name == ifname)
+            })
+            .map(|ip| ip.address.addr())
+            .collect();
+        for ip in mine {
+            if !pod_addrs.contains(&host_prefix(ip)) {
+                return failed(format!("{ifname} lacks {ip}"));
+            }
+            let routed = host_routes.iter().any(|r| {
+                inspect::route_dst(r) == Some(host_prefix(ip)) && inspect::route_oif(r) == Some(host_link.header.index)
+            });
+            if !routed {
+                return failed(format!("no host route to {ip} via {}", veth.name));
+            }
+            let pod_mac = inspect::link_mac(&pod_link);
+            let host_neighbours = host.neighbours(host_link.header.index, ip.is_ipv4()).map_err(kernel)?;
+            if !host_neighbours.iter().any(|n| {
+                inspect::neighbour_ip(n) == Some(ip)
+                    && inspect::neighbour_is_permanent(n)
+                    && inspect::neighbour_mac(n) == pod_mac
+            }) {
+                return failed(format!("no permanent neighbour entry for {ip} on {}", veth.name));
+            }
+            let gateway = gateway_for(ip);
+            let neighbours = pod.neighbours(pod_link.header.index, ip.is_ipv4()).map_err(kernel)?;
+            let resolved = neighbours.iter().any(|n| {
+                inspect::neighbour_ip(n) == Some(gateway)
+                    && inspect::neighbour_is_permanent(n)
+                    && inspect::neighbour_mac(n) == Some(veth.mac)
+            });
+            if !resolved {
+                return failed(format!("no permanent neighbour entry for {gateway} in the pod"));
+            }
+            let pod_routes = pod.routes(ip.is_ipv4()).map_err(kernel)?;
+            let has_default = pod_routes.iter().any(|r| {
+                inspect::route_dst(r) == Some(default_route(ip.is_ipv4())) && inspect::route_gateway(r) == Some(gateway)
+            });
+            if !has_default {
+                return failed(format!("the pod has no default route via {gateway}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn status(&self, inv: &Invocation) -> Result<(), CniError> {
+        let config = PluginConfig::from_invocation(inv)?;
+        // Without forwarding, the node cannot carry pod traffic: existing pods are cut off from
+        // everything beyond their own veth (51). The agent turns it on when it prepares the node.
+        let mut off = Vec::new();
+        if netns::read_sysctl("net/ipv4/ip_forward").ok().as_deref() != Some("1") {
+            off.push("net.ipv4.ip_forward");
+        }
+        if config.ipam.has_ipv6() && netns::read_sysctl("net/ipv6/conf/all/forwarding").ok().as_deref() != Some("1") {
+            off.push("net.ipv6.conf.all.forwarding");
+        }
+        if !off.is_empty() {
+            return Err(CniError::limited_connectivity(format!(
+                "{} {} off on this node",
+                off.join(" and "),
+                if off.len() > 1 { "are" } else { "is" }
+            )));
+        }
+        match &config.ipam {
+            IpamBackend::Own(ipam) => ipam_plugin::status(inv, ipam),
+            IpamBackend::Delegated(kind) => inv.delegate(kind, Command::Status).map(|_| ()),
+        }
+    }
+
+    fn gc(&self, inv: &Invocation) -> Result<(), CniError> {
+        let config = PluginConfig::from_invocation(inv)?;
+        let keep = inv.valid_attachments()?;
+        let expected: Vec<String> = keep.iter().map(|k| HostVeth::for_key(k).name).collect();
+        let prefix = HostVeth::alias_prefix(&config.network);
+        let mut errors = Vec::new();
+        let mut host = Netlink::current().map_err(|e| kernel_io("netlink socket", e))?;
+        for link in host.links().map_err(kernel)? {
+            let ours = inspect::link_alias(&link).is_some_and(|a| a.starts_with(&prefix));
+            let name = inspect::link_name(&link).unwrap_or_default().to_string();
+            if ours
+                && !expected.contains(&name)
+                && let Err(e) = host.delete_link(link.header.index)
+                && !e.is_not_found()
+            {
+                errors.push(e.to_string());
+            }
+        }
+        match &config.ipam {
+            IpamBackend::Own(ipam) => {
+                if let Err(e) = ipam_plugin::gc(inv, ipam) {
+                    errors.push(e.to_string());
+                }
+            }
+            IpamBackend::Delegated(kind) => {
+                if let Err(e) = inv.delegate(kind, Command::Gc) {
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        match errors.len() {
+            0 => Ok(()),
+            _ => Err(CniError::kernel(errors.join("; "))),
+        }
+    }
+}
+
+/// Deletes the attachment's host veth if it is ours (its alias names this attachment); a veth
+/// with the same name but someone else's alias would mean a hash collision, and is left alone.
+fn delete_own_veth(
+    host: &mut Netlink,
+    veth: &HostVeth,
+    network: &str,
+    key: &AttachmentKey,
+) -> Result<(), NetlinkError> {
+    let Some(link) = host.link_by_name(&veth.name)? else {
+        return Ok(());
+    };
+    let alias = inspect::link_alias(&link).unwrap_or_default();
+    if !alias.is_empty() && alias != HostVeth::alias(network, key) {
+        return Ok(());
+    }
+    match host.delete_link(link.header.index) {
+        Err(e) if !e.is_not_found() => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The host's default-route interface MTU: the right pod MTU when nothing else is known.
+fn detect_mtu(host: &mut Netlink) -> u32 {
+    let default_oif = [true, false].into_iter().find_map(|v4| {
+        host.routes(v4).ok()?.into_iter().find_map(|r| {
+            (inspect::route_dst(&r) == Some(default_route(v4)) && inspect::route_table(&r) == 254)
+                .then(|| inspect::route_oif(&r))
+                .flatten()
+        })
+    });
+    let mtu = default_oif.and_then(|oif| {
+        host.links()
+            .ok()?
+            .into_iter()
+            .find(|l| l.header.index == oif)
+            .and_then(|l| inspect::link_mtu(&l))
+    });
+    mtu.unwrap_or(1500)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn wire(
+    inv: &Invocation,
+    config: &PluginConfig,
+    key: &AttachmentKey,
+    veth: &HostVeth,
+    addresses: &Addresses,
+    pod_netns: &OwnedFd,
+    host: &mut Netlink,
+    pod: &mut Netlink,
+    veth_created: &mut bool,
+) -> Result<CNIResult, CniError> {
+    let ifname = inv.ifname.as_deref().unwrap_or_default();
+    let mtu = config.mtu.unwrap_or_else(|| detect_mtu(host));
+    let alias = HostVeth::alias(&config.network, key);
+
+    // A veth left by an earlier ADD of this same attachment (a runtime retry) is replaced.
+    delete_own_veth(host, veth, &config.network, key).map_err(kernel)?;
+    host.create_veth(&VethSpec {
+        host_name: &veth.name,
+        host_mac: veth.mac,
+        host_alias: &alias,
+        peer_name: ifname,
+        peer_netns: pod_netns.as_fd(),
+        mtu,
+    })
+    .map_err(|e| {
+        if e.is_exists() {
+            CniError::kernel(format!("{ifname} already exists in the pod netns: {e}"))
+        } else {
+            kernel(e)
+        }
+    })?;
+    *veth_created = true;
+    let host_link = host
+        .link_by_name(&veth.name)
+        .map_err(kernel)?
+        .ok_or_else(|| CniError::kernel(format!("{} vanished after creation", veth.name)))?;
+    let host_index = host_link.header.index;
+
+    // Pod side.
+    let pod_link = pod
+        .link_by_name(ifname)
+        .map_err(kernel)?
+        .ok_or_else(|| CniError::kernel(format!("{ifname} missing in the pod netns after creation")))?;
+    let pod_index = pod_link.header.index;
+    let pod_mac = inspect::link_mac(&pod_link).unwrap_or_default();
+    if let Some(lo) = pod.link_by_name("lo").map_err(kernel)? {
+        pod.set_up(lo.header.index).map_err(kernel)?;
+    }
+    for ip in &addresses.ips {
+        pod.add_address(pod_index, host_prefix(*ip), true).map_err(kernel)?;
+    }
+    pod.set_up(pod_index).map_err(kernel)?;
+    let mut families: Vec<bool> = addresses.ips.iter().map(IpAddr::is_ipv4).collect();
+    families.dedup();
+    let mut routes = Vec::new();
+    for v4 in families {
+        let gateway = if v4 {
+            IpAddr::V4(GATEWAY_V4)
+        } else {
+            IpAddr::V6(GATEWAY_V6)
+        };
+        pod.add_permanent_neighbour(pod_index, gateway, veth.mac)
+            .map_err(kernel)?;
+        let mut dsts = vec![default_route(v4)];
+        dsts.extend(
+            addresses
+                .routes
+                .iter()
+                .filter(|d| d.addr().is_ipv4() == v4 && **d != default_route(v4)),
+        );
+        for dst in dsts {
+            let spec = RouteSpec {
+                gateway: Some(gateway),
+                oif: Some(pod_index),
+                onlink: true,
+                ..RouteSpec::new(dst, RouteProtocol::Boot)
+            };
+            pod.replace_route(&spec).map_err(kernel)?;
+            routes.push(Route {
+                dst,
+                gw: Some(gateway),
+                mtu: None,
+                advmss: None,
+                priority: None,
+                table: None,
+                scope: None,
+            });
+        }
+    }
+
+    // Host side: up, then per pod address a route and a permanent neighbour entry for the pod's
+    // MAC. With static entries at both ends no packet waits for ARP or NDP. That matters for
+    // IPv6: a fresh veth has no link-local address until the kernel's link watcher reports its
+    // carrier (up to a second), and without one the host cannot run neighbour discovery.
+    host.set_up(host_index).map_err(kernel)?;
+    for ip in &addresses.ips {
+        host.add_permanent_neighbour(host_index, *ip, pod_mac).map_err(kernel)?;
+        let spec = RouteSpec {
+            oif: Some(host_index),
+            scope: RouteScope::Link,
+            ..RouteSpec::new(host_prefix(*ip), RouteProtocol::Other(ROUTE_PROTOCOL_POD))
+        };
+        host.replace_route(&spec).map_err(kernel)?;
+    }
+
+    let sandbox = inv.netns.as_ref().map(|p| p.display().to_string());
+    Ok(CNIResult {
+        interfaces: vec![
+            Interface {
+                name: veth.name.clone(),
+                mac: names::format_mac(&veth.mac),
+                mtu: Some(mtu),
+                sandbox: None,
+                socket_path: None,
+                pci_id: None,
+            },
+            Interface {
+                name: ifname.to_string(),
+                mac: names::format_mac(&pod_mac),
+                mtu: Some(mtu),
+                sandbox,
+                socket_path: None,
+                pci_id: None,
+            },
+        ],
+        ips: addresses
+            .ips
+            .iter()
+            .map(|ip| IpConfig {
+                interface: Some(1),
+                address: host_prefix(*ip),
+                gateway: Some(gateway_for(*ip)),
+            })
+            .collect(),
+        routes,
+        dns: inv.config.dns.clone(),
+    })
+}
+
+/// When ferrynet is not the first plugin, its result is appended to the previous one, with
+/// interface indexes shifted past the interfaces already there.
+fn merge_after(mut prev: CNIResult, mine: CNIResult) -> CNIResult {
+    let shift = prev.interfaces.len() as u32;
+    prev.interfaces.extend(mine.interfaces);
+    prev.ips.extend(mine.ips.into_iter().map(|mut ip| {
+        ip.interface = ip.interface.map(|i| i + shift);
+        ip
+    }));
+    prev.routes.extend(mine.routes);
+    if prev.dns.is_none() {
+        prev.dns = mine.dns;
+    }
+    prev
+}

@@ -1,0 +1,872 @@
+//! The node-local allocation store.
+//!
+//! Layout, one directory per network under the data dir (all 0700, files 0600):
+//!
+//! ```text
+//! <dataDir>/<network>/
+//!   lock                      flock'd by every reader and writer
+//!   boot_id                   the boot the live allocations belong to
+//!   attachments/<cid>:<if>    one JSON record per (container ID, ifname): the source of truth
+//!   ranges/<start>-<end>      one bitmap index per configured range (see `bitmap`)
+//! ```
+//!
+//! Safety rules, each relied on by a test:
+//! - Every operation holds the lock, so many plugin processes can run at once.
+//! - Records are replaced atomically (temporary file and rename); bitmap words are single stores.
+//! - Bits are set before a record is written and cleared after it is removed, so a kill at any
+//!   point can only leak an address (GC repairs that), never hand one out twice.
+//! - A bitmap exists only for a range of the config being served; bitmaps of other ranges are
+//!   dropped and rebuilt from the records when a config needs them again. An address outside the
+//!   current ranges is therefore never handed out, and an old index never goes stale.
+//! - When the boot id differs from the recorded one, every allocation belongs to a previous boot
+//!   whose containers are gone: the store reclaims them all before doing anything else.
+use std::{
+    collections::HashSet,
+    fs::File,
+    io::{self, Write},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    bitmap::Bitmap,
+    config::{Range, RangeSet},
+    error::{IpamError, Result},
+    fsutil::{self, FileLock, TMP_PREFIX},
+};
+
+/// How long an operation waits for another process's lock before failing with "try again later".
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(20);
+const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+
+/// What an allocation is keyed by: the CNI (container ID, ifname) pair.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AttachmentKey {
+    container_id: String,
+    ifname: String,
+}
+
+impl AttachmentKey {
+    /// Validates with the CNI spec's rules: container IDs are `[A-Za-z0-9][A-Za-z0-9_.-]*`, and
+    /// interface names are 1 to 15 bytes without `/`, `:` or whitespace and not `.` or `..`.
+    pub fn new(container_id: &str, ifname: &str) -> Result<Self> {
+        let mut chars = container_id.chars();
+        let id_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !id_ok {
+            return Err(IpamError::InvalidKey(format!(
+                "container ID {container_id:?} is not valid"
+            )));
+        }
+        let if_ok = !ifname.is_empty()
+            && ifname.len() <= 15
+            && ifname != "."
+            && ifname != ".."
+            && !ifname.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
+        if !if_ok {
+            return Err(IpamError::InvalidKey(format!("interface name {ifname:?} is not valid")));
+        }
+        Ok(Self {
+            container_id: container_id.into(),
+            ifname: ifname.into(),
+        })
+    }
+
+    pub fn container_id(&self) -> &str {
+        &self.container_id
+    }
+
+    pub fn ifname(&self) -> &str {
+        &self.ifname
+    }
+
+    /// `<cid>:<ifname>`: unambiguous because neither part may contain `:`. Container IDs too long
+    /// for a file name fall back to a digest; the record inside still names the full key.
+    fn file_name(&self) -> String {
+        let name = format!("{}:{}", self.container_id, self.ifname);
+        if name.len() <= 240 {
+            name
+        } else {
+            let digest = Sha256::digest(name.as_bytes());
+            format!("sha256-{}", hex(&digest))
+        }
+    }
+}
+
+impl std::fmt::Display for AttachmentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.container_id, self.ifname)
+    }
+}
+
+/// One attachment's allocation, as recorded on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Attachment {
+    pub container_id: String,
+    pub ifname: String,
+    /// One address per range set, with the subnet's prefix length.
+    pub ips: Vec<IpNet>,
+    pub boot_id: String,
+    pub created_unix: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+}
+
+impl Attachment {
+    pub fn key(&self) -> Result<AttachmentKey> {
+        AttachmentKey::new(&self.container_id, &self.ifname)
+    }
+}
+
+/// Optional inputs to an allocation.
+#[derive(Debug, Clone, Default)]
+pub struct AllocationRequest {
+    /// Specific addresses wanted (at most one per range set), from `runtimeConfig.ips`,
+    /// `args.cni.ips` or `CNI_ARGS` `IP=`.
+    pub requested: Vec<IpAddr>,
+    pub pod_namespace: Option<String>,
+    pub pod_name: Option<String>,
+}
+
+/// What GC did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GcReport {
+    /// Attachments that were not in the keep set and are now released.
+    pub released: Vec<Attachment>,
+    /// Index bits that no record backed (leaks from killed processes), now cleared.
+    pub leaked_addresses_recovered: u64,
+}
+
+/// Free capacity of one range set, for STATUS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeSetUsage {
+    pub range_set: String,
+    pub free: u64,
+}
+
+/// A handle on one network's store directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+    lock_timeout: Duration,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store of `network` under `data_dir`.
+    pub fn open(data_dir: &Path, network: &str) -> Result<Self> {
+        let mut chars = network.chars();
+        let name_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !name_ok {
+            return Err(IpamError::InvalidConfig(format!(
+                "network name {network:?} is not valid"
+            )));
+        }
+        let dir = data_dir.join(network);
+        for sub in ["attachments", "ranges"] {
+            fsutil::create_private_dir(&dir.join(sub))?;
+        }
+        Ok(Self {
+            dir,
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
+        })
+    }
+
+    pub fn with_lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout;
+        self
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Takes the store lock. Reclaims a previous boot's allocations first, if any.
+    pub fn lock(&self) -> Result<LockedStore> {
+        let lock = FileLock::acquire(&self.dir.join("lock"), self.lock_timeout)?;
+        let boot_id = current_boot_id()?;
+        let mut locked = LockedStore {
+            attachments_dir: self.dir.join("attachments"),
+            ranges_dir: self.dir.join("ranges"),
+            dir: self.dir.clone(),
+            boot_id,
+            reclaimed_after_reboot: Vec::new(),
+            _lock: lock,
+        };
+        locked.reclaim_previous_boot()?;
+        Ok(locked)
+    }
+}
+
+/// The store with its lock held. Every read and write goes through here.
+pub struct LockedStore {
+    dir: PathBuf,
+    attachments_dir: PathBuf,
+    ranges_dir: PathBuf,
+    boot_id: String,
+    /// Attachments of an earlier boot that taking the lock released.
+    pub reclaimed_after_reboot: Vec<Attachment>,
+    _lock: FileLock,
+}
+
+impl LockedStore {
+    pub fn boot_id(&self) -> &str {
+        &self.boot_id
+    }
+
+    fn reclaim_previous_boot(&mut self) -> Result<()> {
+        let path = self.dir.join("boot_id");
+        let recorded = match std::fs::read_to_string(&path) {
+            Ok(s) => Some(s.trim().to_string()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(IpamError::io(&path, e)),
+        };
+        if recorded.as_deref() == Some(self.boot_id.as_str()) {
+            return Ok(());
+        }
+        // A store with no recorded boot is either new (nothing to reclaim) or was written
+        // before a crash that lost the boot_id file: either way nothing in it is live.
+        let records = self.read_all_lenient()?;
+        for (path, _) in &records {
+            fsutil::remove_if_exists(path)?;
+        }
+        self.reclaimed_after_reboot = records.into_iter().filter_map(|(_, a)| a).collect();
+        self.remove_files_in(&self.ranges_dir.clone(), |_| true)?;
+        self.remove_files_in(&self.attachments_dir.clone(), |n| n.starts_with(TMP_PREFIX))?;
+        let boot_id = self.boot_id.clone();
+        fsutil::write_atomic(&path, |f| f.write_all(boot_id.as_bytes()))
+    }
+
+    fn record_path(&self, key: &AttachmentKey) -> PathBuf {
+        self.attachments_dir.join(key.file_name())
+    }
+
+    /// The allocation of `key`, if there is one.
+    pub fn get(&self, key: &AttachmentKey) -> Result<Option<Attachment>> {
+        let path = self.record_path(key);
+        match std::fs::read(&path) {
+            Ok(bytes) => parse_record(&path, &bytes).map(Some),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(IpamError::io(&path, e)),
+        }
+    }
+
+    /// Every allocation in the store.
+    pub fn attachments(&self) -> Result<Vec<Attachment>> {
+        let mut all = Vec::new();
+        for path in self.record_paths()? {
+            match std::fs::read(&path) {
+                Ok(bytes) => all.push(parse_record(&path, &bytes)?),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(IpamError::io(&path, e)),
+            }
+        }
+        Ok(all)
+    }
+
+    /// Allocates one address from every range set for `key`. A repeated call for the same key
+    /// returns the existing allocation unchanged.
+    pub fn allocate(
+        &mut self,
+        key: &AttachmentKey,
+        sets: &[RangeSet],
+        request: &AllocationRequest,
+    ) -> Result<Attachment> {
+        if let Some(existing) = self.get(key)? {
+            return Ok(existing);
+        }
+        let mut bitmaps = self.bitmaps_for(sets)?;
+        for ip in &request.requested {
+            if !sets.iter().any(|s| s.range_of(*ip).is_some()) {
+                return Err(IpamError::RequestedOutOfRange(*ip));
+            }
+        }
+
+        // Claim the bits first; on any failure, give back what was claimed.
+        let mut claimed: Vec<(usize, usize, u64)> = Vec::new();
+        let mut ips = Vec::with_capacity(sets.len());
+        let result = (|| {
+            for (set_index, set) in sets.iter().enumerate() {
+                let requested = request.requested.iter().find(|ip| set.range_of(**ip).is_some());
+                let (range_index, offset) = match requested {
+                    Some(ip) => {
+                        let range_index = set.ranges.iter().position(|r| r.contains(*ip)).expect("checked above");
+                        let range = &set.ranges[range_index];
+                        let offset = range.offset_of(*ip).expect("checked above");
+                        if range.is_reserved(*ip) || bitmaps[set_index][range_index].is_set(offset) {
+                            let owner = self
+                                .owner_of(*ip)?
+                                .map_or_else(|| "a reserved address".to_string(), |k| k.to_string());
+                            return Err(IpamError::RequestedInUse { addr: *ip, owner });
+                        }
+                        (range_index, offset)
+                    }
+                    None => next_free_in_set(set, &bitmaps[set_index])
+                        .ok_or_else(|| IpamError::Exhausted(set.to_string()))?,
+                };
+                let bitmap = &mut bitmaps[set_index][range_index];
+                bitmap.set(offset);
+                bitmap.set_cursor(offset);
+                claimed.push((set_index, range_index, offset));
+                let range = &set.ranges[range_index];
+                ips.push(range.with_prefix(range.addr_at(offset)));
+            }
+            let attachment = Attachment {
+                container_id: key.container_id.clone(),
+                ifname: key.ifname.clone(),
+                ips: ips.clone(),
+                boot_id: self.boot_id.clone(),
+                created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                pod_namespace: request.pod_namespace.clone(),
+                pod_name: request.pod_name.clone(),
+            };
+            let json = serde_json::to_vec(&attachment).expect("attachment serialises");
+            fsutil::write_atomic(&self.record_path(key), |f: &mut File| f.write_all(&json))?;
+            Ok(attachment)
+        })();
+        if result.is_err() {
+            for (set_index, range_index, offset) in claimed {
+                bitmaps[set_index][range_index].clear(offset);
+            }
+        }
+        result
+    }
+
+    /// Releases `key`'s allocation. Releasing something that is not allocated is not an error.
+    pub fn release(&mut self, key: &AttachmentKey) -> Result<Option<Attachment>> {
+        let Some(attachment) = self.get(key)? else {
+            return Ok(None);
+        };
+        // Record first, bits second: a kill in between leaks, it never duplicates.
+        fsutil::remove_if_exists(&self.record_path(key))?;
+        let mut bitmaps = self.existing_bitmaps()?;
+        for ip in &attachment.ips {
+            for bitmap in &mut bitmaps {
+                if let Some(offset) = bitmap.offset_of(ip.addr()) {
+                    bitmap.clear(offset);
+                }
+            }
+        }
+        Ok(Some(attachment))
+    }
+
+    /// Releases every attachment for which `keep` is false, then rebuilds every index exactly from
+    /// the remaining records. That recovers addresses leaked by processes killed mid-operation.
+    pub fn gc(&mut self, keep: impl Fn(&AttachmentKey) -> bool) -> Result<GcReport> {
+        let mut report = GcReport::default();
+        self.remove_files_in(&self.attachments_dir.clone(), |n| n.starts_with(TMP_PREFIX))?;
+        self.remove_files_in(&self.ranges_dir.clone(), |n| n.starts_with(TMP_PREFIX))?;
+        let mut live = Vec::new();
+        for attachment in self.attachments()? {
+            let key = attachment.key()?;
+            if keep(&key) {
+                live.push(attachment);
+            } else {
+                fsutil::remove_if_exists(&self.record_path(&key))?;
+                report.released.push(attachment);
+            }
+        }
+        let held: Vec<IpAddr> = live.iter().flat_map(|a| a.ips.iter().map(IpNet::addr)).collect();
+        let released: HashSet<IpAddr> = report
+            .released
+            .iter()
+            .flat_map(|a| a.ips.iter().map(IpNet::addr))
+            .collect();
+        for bitmap in self.existing_bitmaps()? {
+            let before = bitmap.count_set();
+            let rebuilt = bitmap.rebuild(held.iter().copied())?;
+            let released_here = released.iter().filter(|ip| rebuilt.offset_of(**ip).is_some()).count() as u64;
+            report.leaked_addresses_recovered += before.saturating_sub(rebuilt.count_set() + released_here);
+        }
+        Ok(report)
+    }
+
+    /// Free addresses per range set (reserved addresses excluded), for STATUS.
+    pub fn usage(&mut self, sets: &[RangeSet]) -> Result<Vec<RangeSetUsage>> {
+        let bitmaps = self.bitmaps_for(sets)?;
+        Ok(sets
+            .iter()
+            .zip(&bitmaps)
+            .map(|(set, maps)| {
+                let free = set
+                    .ranges
+                    .iter()
+                    .zip(maps)
+                    .map(|(range, bitmap)| {
+                        // The gateway is never handed out, so its (clear) bit is not free capacity.
+                        let gateway_bit_clear = range.offset_of(range.gateway).is_some_and(|o| !bitmap.is_set(o));
+                        range.len() - bitmap.count_set() - u64::from(gateway_bit_clear)
+                    })
+                    .sum();
+                RangeSetUsage {
+                    range_set: set.to_string(),
+                    free,
+                }
+            })
+            .collect())
+    }
+
+    /// Which attachment holds `ip`, if any. Scans the records: only for error messages.
+    fn owner_of(&self, ip: IpAddr) -> Result<Option<AttachmentKey>> {
+        for attachment in self.attachments()? {
+            if attachment.ips.iter().any(|n| n.addr() == ip) {
+                return attachment.key().map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Opens the bitmaps of exactly the ranges in `sets`, building missing ones from the records,
+    /// and drops every other bitmap (see the module docs for why).
+    fn bitmaps_for(&mut self, sets: &[RangeSet]) -> Result<Vec<Vec<Bitmap>>> {
+        let wanted: HashSet<String> = sets.iter().flat_map(|s| s.ranges.iter().map(Range::key)).collect();
+        self.remove_files_in(&self.ranges_dir.clone(), |name| !wanted.contains(name))?;
+        let mut held: Option<Vec<IpAddr>> = None;
+        let mut out = Vec::with_capacity(sets.len());
+        for set in sets {
+            let mut maps = Vec::with_capacity(set.ranges.len());
+            for range in &set.ranges {
+                let path = self.ranges_dir.join(range.key());
+                let bitmap = match Bitmap::open(&path)? {
+                    Some(b) if b.covers_exactly(range) => b,
+                    _ => {
+                        if held.is_none() {
+                            held = Some(
+                                self.attachments()?
+                                    .iter()
+                                    .flat_map(|a| a.ips.iter().map(IpNet::addr))
+                                    .collect(),
+                            );
+                        }
+                        let used = held.as_ref().expect("just filled").iter().copied();
+                        // Start just before the range end so the first address handed out is the first.
+                        Bitmap::create(&path, range, used, range.len() - 1)?
+                    }
+                };
+                maps.push(bitmap);
+            }
+            out.push(maps);
+        }
+        Ok(out)
+    }
+
+    fn existing_bitmaps(&self) -> Result<Vec<Bitmap>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.ranges_dir).map_err(|e| IpamError::io(&self.ranges_dir, e))? {
+            let entry = entry.map_err(|e| IpamError::io(&self.ranges_dir, e))?;
+            if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                continue;
+            }
+            if let Some(bitmap) = Bitmap::open(&entry.path())? {
+                out.push(bitmap);
+            }
+        }
+        Ok(out)
+    }
+
+    fn record_paths(&self) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.attachments_dir).map_err(|e| IpamError::io(&self.attachments_dir, e))? {
+            let entry = entry.map_err(|e| IpamError::io(&self.attachments_dir, e))?;
+            if !entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                out.push(entry.path());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Records, tolerating unreadable ones (used only when reclaiming everything anyway).
+    fn read_all_lenient(&self) -> Result<Vec<(PathBuf, Option<Attachment>)>> {
+        Ok(self
+            .record_paths()?
+            .into_iter()
+            .map(|path| {
+                let parsed = std::fs::read(&path).ok().and_then(|b| parse_record(&path, &b).ok());
+                (path, parsed)
+            })
+            .collect())
+    }
+
+    fn remove_files_in(&self, dir: &Path, doomed: impl Fn(&str) -> bool) -> Result<()> {
+        for entry in std::fs::read_dir(dir).map_err(|e| IpamError::io(dir, e))? {
+            let entry = entry.map_err(|e| IpamError::io(dir, e))?;
+            if doomed(&entry.file_name().to_string_lossy()) {
+                fsutil::remove_if_exists(&entry.path())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// next-fit over the ranges of a set: each range continues after its own cursor.
+fn next_free_in_set(set: &RangeSet, bitmaps: &[Bitmap]) -> Option<(usize, u64)> {
+    set.ranges
+        .iter()
+        .zip(bitmaps)
+        .enumerate()
+        .find_map(|(i, (range, bitmap))| {
+            bitmap
+                .next_free(bitmap.cursor(), |offset| range.is_reserved(range.addr_at(offset)))
+                .map(|offset| (i, offset))
+        })
+}
+
+fn parse_record(path: &Path, bytes: &[u8]) -> Result<Attachment> {
+    serde_json::from_slice(bytes).map_err(|e| IpamError::Corrupt {
+        path: path.into(),
+        reason: e.to_string(),
+    })
+}
+
+/// This boot's id. Reading it per operation costs a few microseconds.
+pub fn current_boot_id() -> Result<String> {
+    std::fs::read_to_string(BOOT_ID_PATH)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| IpamError::io(BOOT_ID_PATH, e))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IpamConfig;
+    use proptest::prelude::*;
+    use serde_json::json;
+    use std::{
+        collections::HashMap,
+        sync::{Arc, Mutex},
+    };
+
+    fn sets(ranges: Value) -> Vec<RangeSet> {
+        IpamConfig::from_value(&json!({ "ranges": ranges })).unwrap().range_sets
+    }
+    use serde_json::Value;
+
+    fn key(i: usize) -> AttachmentKey {
+        AttachmentKey::new(&format!("c{i}"), "eth0").unwrap()
+    }
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "net").unwrap();
+        (dir, store)
+    }
+
+    fn addrs(a: &Attachment) -> Vec<String> {
+        a.ips.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn allocates_in_order_and_is_idempotent_per_key() {
+        let (_d, store) = store();
+        let s = sets(json!([[{"subnet": "10.0.0.0/24"}]]));
+        let mut st = store.lock().unwrap();
+        let a = st.allocate(&key(1), &s, &AllocationRequest::default()).unwrap();
+        // .1 is the default gateway, so the first address handed out is .2.
+        assert_eq!(addrs(&a), ["10.0.0.2/24"]);
+        let again = st.allocate(&key(1), &s, &AllocationRequest::default()).unwrap();
+        assert_eq!(a, again);
+        let b = st.allocate(&key(2), &s, &AllocationRequest::default()).unwrap();
+        assert_eq!(addrs(&b), ["10.0.0.3/24"]);
+    }
+
+    #[test]
+    fn just_freed_addresses_are_not_reused_at_once() {
+        let (_d, store) = store();
+        let s = sets(json!([[{"subnet": "10.0.0.0/24"}]]));
+        let mut st = store.lock().unwrap();
+        let a = st.allocate(&key(1), &s, &AllocationRequest::default()).unwrap();
+        st.release(&key(1)).unwrap();
+        let b = st.allocate(&key(2), &s, &AllocationRequest::default()).unwrap();
+        assert_ne!(a.ips, b.ips);
+        // Releasing twice, or something never allocated, is fine.
+        assert!(st.release(&key(1)).unwrap().is_none());
+        assert!(st.release(&key(99)).unwrap().is_none());
+    }
+
+    #[test]
+    fn exhaustion_is_a_clear_error_and_never_hands_out_network_gateway_or_broadcast() {
+        let (_d, store) = store();
+        let s = sets(json!([[{"subnet": "10.0.0.0/29"}]])); // .1-.6 usable, .1 is the gateway
+        let mut st = store.lock().unwrap();
+        let mut seen = Vec::new();
+        for i in 0..5 {
+            seen.push(
+                st.allocate(&key(i), &s, &AllocationRequest::default()).unwrap().ips[0]
+                    .addr()
+                    .to_string(),
+            );
+        }
+        seen.sort();
+        assert_eq!(seen, ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]);
+        let err = st.allocate(&key(9), &s, &AllocationRequest::default()).unwrap_err();
+        assert!(matches!(err, IpamError::Exhausted(_)), "{err}");
+        assert!(err.to_string().contains("10.0.0.0/29"), "{err}");
+        assert_eq!(st.usage(&s).unwrap()[0].free, 0);
+        st.release(&key(3)).unwrap();
+        assert_eq!(st.usage(&s).unwrap()[0].free, 1);
+        assert_eq!(
+            st.allocate(&key(9), &s, &AllocationRequest::default()).unwrap().ips,
+            st.get(&key(9)).unwrap().unwrap().ips
+        );
+    }
+
+    #[test]
+    fn dual_stack_gives_one_address_of_each_family() {
+        let (_d, store) = store();
+        let s = sets(json!([[{"subnet": "10.0.0.0/24"}], [{"subnet": "fd00:1::/64"}]]));
+        let mut st = store.lock().unwrap();
+        let a = st.allocate(&key(1), &s, &AllocationRequest::default()).unwrap();
+        assert_eq!(addrs(&a), ["10.0.0.2/24", "fd00:1::2/64"]);
+    }
+
+    #[test]
+    fn failed_second_family_gives_back_the_first() {
+        let (_d, store) = store();
+        let s = sets(json!([[{"subnet": "10.0.0.0/24"}], [{"subnet": "fd00:1::/126"}]])); // ::2, ::3 usable
+        let mut st = store.lock().unwrap();
+        st.allocate(&key(1), &s, &AllocationRequest::default()).unwrap();
+        st.allocate(&key(2), &s, &AllocationRequest::default()).unwrap();
+        let before = st.usage(&s).unwrap();
+        assert!(st.allocate(&key(3), &s, &AllocationRequest::default()).is_err());
+        assert_eq!(st.usage(&s).unwrap(), before, "IPv4 claim must be rolled back");
+        assert!(st.get(&key(3)).unwrap().is_none());
+    }
+
+    #[test]
+    fn requested_addresses() {
+        let (_d, store) = store();
+        let s = sets(json!([[{"subnet": "10.0.0.0/24"}]]));
+        let mut st = store.lock().unwrap();
+        let want = |ip: &str| AllocationRequest {
+            requested: vec![ip.parse().unwrap()],
+            ..Default::default()
+        };
+        let a = st.allocate(&key(1), &s, &want("10.0.0.77")).unwrap();
+        assert_eq!(addrs(&a), ["10.0.0.77/24"]);
+        let err = st.allocate(&key(2), &s, &want("10.0.0.77")).unwrap_err();
+        assert!(err.to_string().contains("c1/eth0"), "{err}");
+        assert!(matches!(
+            st.allocate(&key(2), &s, &want("10.0.0.1")),
+            Err(IpamError::RequestedInUse { .. })
+        ));
+        assert!(matches!(
+            st.allocate(&key(2), &s, &want("10.9.0.1")),
+            Err(IpamError::RequestedOutOfRange(_))
+        ));
+    }
+
+    #[test]
+    fn range_change_never_hands_out_addresses_outside_the_new_range_or_held_ones() {
+        let (_d, store) = store();
+        let old = sets(json!([[{"subnet": "10.0.0.0/24", "rangeStart": "10.0.0.2", "rangeEnd": "10.0.0.3"}]]));
+        let mut st = store.lock().unwrap();
+        st.allocate(&key(1), &old, &AllocationRequest::default()).unwrap(); // .2
+        st.allocate(&key(2), &old, &AllocationRequest::default()).unwrap(); // .3
+        // Move to a disjoint range: only its addresses come out.
+        let moved = sets(json!([[{"subnet": "10.1.0.0/30"}]]));
+        let a = st.allocate(&key(3), &moved, &AllocationRequest::default()).unwrap();
+        assert_eq!(addrs(&a), ["10.1.0.2/30"]);
+        assert!(matches!(
+            st.allocate(&key(4), &moved, &AllocationRequest::default()),
+            Err(IpamError::Exhausted(_))
+        ));
+        // Widen to a /29 covering the old range: .2 and .3 are still held, so only .4-.6 are free
+        // (.1 is the gateway, .7 the broadcast).
+        let wide = sets(json!([[{"subnet": "10.0.0.0/29"}]]));
+        let mut got = Vec::new();
+        for i in 10..13 {
+            got.push(
+                st.allocate(&key(i), &wide, &AllocationRequest::default()).unwrap().ips[0]
+                    .addr()
+                    .to_string(),
+            );
+        }
+        got.sort();
+        assert_eq!(got, ["10.0.0.4", "10.0.0.5", "10.0.0.6"]);
+        assert!(matches!(
+            st.allocate(&key(13), &wide, &AllocationRequest::default()),
+            Err(IpamError::Exhausted(_))
+        ));
+    }
+
+    #[test]
+    fn a_previous_boot_is_reclaimed() {
+        let (_d, store) = store();
+        let s = sets(json!([[{"subnet": "10.0.0.0/24"}]]));
+        {
+            let mut st = store.lock().unwrap();
+            for i in 0..3 {
+                st.allocate(&key(i), &s, &AllocationRequest::default()).unwrap();
+            }
+        }
+        std::fs::write(store.dir().join("boot_id"), "00000000-0000-0000-0000-000000000000").unwrap();
+        let mut st = store.lock().unwrap();
+        assert_eq!(st.reclaimed_after_reboot.len(), 3);
+        assert!(st.attachments().unwrap().is_empty());
+        assert_eq!(st.usage(&s).unwrap()[0].free, 253);
+        assert_eq!(
+            std::fs::read_to_string(store.dir().join("boot_id")).unwrap(),
+            current_boot_id().unwrap()
+        );
+    }
+
+    #[test]
+    fn gc_releases_what_is_not_kept_and_recovers_leaked_bits() {
+        let (_d, store) = store();
+        let s = sets(json!([[{"subnet": "10.0.0.0/24"}]]));
+        let mut st = store.lock().unwrap();
+        for i in 0..4 {
+            st.allocate(&key(i), &s, &AllocationRequest::default()).unwrap();
+        }
+        // A process killed between claiming bits and writing its record leaves bits with no record.
+        {
+            let mut maps = st.bitmaps_for(&s).unwrap();
+            maps[0][0].set(200);
+            maps[0][0].set(201);
+        }
+        std::fs::write(store.dir().join("attachments").join(".tmp-1-2-3"), b"{half").unwrap();
+        let report = st.gc(|k| k.container_id() == "c1" || k.container_id() == "c2").unwrap();
+        let released: Vec<String> = report.released.iter().map(|a| a.container_id.clone()).collect();
+        assert_eq!(released, ["c0", "c3"]);
+        assert_eq!(report.leaked_addresses_recovered, 2);
+        assert_eq!(st.usage(&s).unwrap()[0].free, 253 - 2);
+        assert_eq!(st.attachments().unwrap().len(), 2);
+        assert!(!store.dir().join("attachments").join(".tmp-1-2-3").exists());
+    }
+
+    #[test]
+    fn a_corrupt_record_is_reported_not_ignored() {
+        let (_d, store) = store();
+        let s = sets(json!([[{"subnet": "10.0.0.0/24"}]]));
+        let mut st = store.lock().unwrap();
+        st.allocate(&key(1), &s, &AllocationRequest::default()).unwrap();
+        std::fs::write(store.dir().join("attachments").join("c1:eth0"), b"garbage").unwrap();
+        let err = st.attachments().unwrap_err();
+        assert!(err.to_string().contains("c1:eth0"), "{err}");
+    }
+
+    #[test]
+    fn long_container_ids_use_a_digest_file_name() {
+        let (_d, store) = store();
+        let s = sets(json!([[{"subnet": "10.0.0.0/24"}]]));
+        let long = "a".repeat(300);
+        let k = AttachmentKey::new(&long, "eth0").unwrap();
+        let mut st = store.lock().unwrap();
+        st.allocate(&k, &s, &AllocationRequest::default()).unwrap();
+        assert_eq!(st.get(&k).unwrap().unwrap().container_id, long);
+        assert_eq!(st.attachments().unwrap()[0].key().unwrap(), k);
+    }
+
+    #[test]
+    fn store_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_d, store) = store();
+        let s = sets(json!([[{"subnet": "10.0.0.0/24"}]]));
+        store
+            .lock()
+            .unwrap()
+            .allocate(&key(1), &s, &AllocationRequest::default())
+            .unwrap();
+        for path in [
+            store.dir().to_path_buf(),
+            store.dir().join("attachments"),
+            store.dir().join("ranges"),
+        ] {
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o077,
+                0,
+                "{}",
+                path.display()
+            );
+        }
+        for sub in ["attachments", "ranges"] {
+            for e in std::fs::read_dir(store.dir().join(sub)).unwrap() {
+                let mode = e.unwrap().metadata().unwrap().permissions().mode();
+                assert_eq!(mode & 0o077, 0);
+            }
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Allocate(usize),
+        Release(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![(0usize..40).prop_map(Op::Allocate), (0usize..40).prop_map(Op::Release)]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+        /// Random allocate/release from four threads (each operation a separate lock
+        /// acquisition, as separate plugin processes would do) never yields an address held twice.
+        /// The range is smaller than the key space, so reuse and exhaustion both happen.
+        #[test]
+        fn concurrent_random_operations_never_duplicate(ops in proptest::collection::vec(proptest::collection::vec(op(), 200), 4)) {
+            let (_d, store) = store();
+            let s = sets(json!([[{"subnet": "10.0.0.0/27"}], [{"subnet": "fd00::/123"}]]));
+            let holders: Arc<Mutex<HashMap<IpAddr, AttachmentKey>>> = Arc::default();
+            std::thread::scope(|scope| {
+                for (thread, thread_ops) in ops.iter().enumerate() {
+                    let (store, s, holders) = (&store, &s, holders.clone());
+                    scope.spawn(move || {
+                        for op in thread_ops {
+                            let mut st = store.lock().unwrap();
+                            match op {
+                                Op::Allocate(i) => {
+                                    let k = AttachmentKey::new(&format!("t{thread}-c{i}"), "eth0").unwrap();
+                                    match st.allocate(&k, s, &AllocationRequest::default()) {
+                                        Ok(a) => {
+                                            let mut h = holders.lock().unwrap();
+                                            for ip in &a.ips {
+                                                if let Some(other) = h.insert(ip.addr(), k.clone()) {
+                                                    assert_eq!(other, k, "{ip} handed out twice");
+                                                }
+                                            }
+                                        }
+                                        Err(IpamError::Exhausted(_)) => {}
+                                        Err(e) => panic!("{e}"),
+                                    }
+                                }
+                                Op::Release(i) => {
+                                    let k = AttachmentKey::new(&format!("t{thread}-c{i}"), "eth0").unwrap();
+                                    if let Some(a) = st.release(&k).unwrap() {
+                                        let mut h = holders.lock().unwrap();
+                                        for ip in &a.ips {
+                                            assert_eq!(h.remove(&ip.addr()).as_ref(), Some(&k));
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+            let mut st = store.lock().unwrap();
+            let records = st.attachments().unwrap();
+            let mut all: Vec<IpAddr> = records.iter().flat_map(|a| a.ips.iter().map(IpNet::addr)).collect();
+            let n = all.len();
+            all.sort();
+            all.dedup();
+            prop_assert_eq!(all.len(), n);
+            prop_assert_eq!(n, holders.lock().unwrap().len());
+            // The index agrees exactly with the records: nothing leaked without a crash.
+            let report = st.gc(|_| true).unwrap();
+            prop_assert_eq!(report.leaked_addresses_recovered, 0);
+        }
+    }
+}
