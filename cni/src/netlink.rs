@@ -65,8 +65,6 @@ pub type Result<T> = std::result::Result<T, NetlinkError>;
 pub struct VethSpec<'a> {
     pub host_name: &'a str,
     pub host_mac: [u8; 6],
-    /// Shown by `ip link` and used by GC to recognise ferrynet's veths.
-    pub host_alias: &'a str,
     pub peer_name: &'a str,
     /// The peer is created directly in this namespace, already named `peer_name`.
     pub peer_netns: BorrowedFd<'a>,
@@ -230,7 +228,6 @@ impl Netlink {
         msg.attributes.push(LinkAttribute::IfName(spec.host_name.to_string()));
         msg.attributes.push(LinkAttribute::Address(spec.host_mac.to_vec()));
         msg.attributes.push(LinkAttribute::Mtu(spec.mtu));
-        msg.attributes.push(LinkAttribute::IfAlias(spec.host_alias.to_string()));
         msg.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Veth),
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),

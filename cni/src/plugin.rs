@@ -183,23 +183,20 @@ impl Plugin for FerrynetPlugin {
         match Netlink::current() {
             Ok(mut host) => {
                 if let Err(e) = delete_own_veth(&mut host, &veth, &inv.config.name, &key) {
-                    errors.push(e.to_string());
+                    errors.push(kernel(e));
                 }
             }
-            Err(e) => errors.push(format!("netlink socket: {e}")),
+            Err(e) => errors.push(kernel_io("netlink socket", e)),
         }
         match PluginConfig::from_invocation(inv) {
             Ok(config) => {
                 if let Err(e) = config.ipam.del(inv) {
-                    errors.push(e.to_string());
+                    errors.push(e);
                 }
             }
-            Err(e) => errors.push(e.to_string()),
+            Err(e) => errors.push(e),
         }
-        match errors.len() {
-            0 => Ok(()),
-            _ => Err(CniError::kernel(errors.join("; "))),
-        }
+        combine(errors)
     }
 
     fn check(&self, inv: &Invocation) -> Result<(), CniError> {
@@ -337,38 +334,61 @@ impl Plugin for FerrynetPlugin {
     fn gc(&self, inv: &Invocation) -> Result<(), CniError> {
         let config = PluginConfig::from_invocation(inv)?;
         let keep = inv.valid_attachments()?;
-        let expected: Vec<String> = keep.iter().map(|k| HostVeth::for_key(k).name).collect();
-        let prefix = HostVeth::alias_prefix(&config.network);
         let mut errors = Vec::new();
         let mut host = Netlink::current().map_err(|e| kernel_io("netlink socket", e))?;
-        for link in host.links().map_err(kernel)? {
-            let ours = inspect::link_alias(&link).is_some_and(|a| a.starts_with(&prefix));
-            let name = inspect::link_name(&link).unwrap_or_default().to_string();
-            if ours
-                && !expected.contains(&name)
-                && let Err(e) = host.delete_link(link.header.index)
+        let delete = |host: &mut Netlink, index: u32, errors: &mut Vec<CniError>| {
+            if let Err(e) = host.delete_link(index)
                 && !e.is_not_found()
             {
-                errors.push(e.to_string());
+                errors.push(kernel(e));
             }
-        }
+        };
         match &config.ipam {
             IpamBackend::Own(ipam) => {
-                if let Err(e) = ipam_plugin::gc(inv, ipam) {
-                    errors.push(e.to_string());
+                // Every record is written before its veth exists, so the records GC releases
+                // name every veth a killed ADD can have left, alias or not. Those veths go first,
+                // under the store lock, so no address is free while something still routes to it.
+                let mut store = ipam_plugin::lock_store(inv, ipam)?;
+                for attachment in store.attachments()? {
+                    let key = attachment.key()?;
+                    if !keep.contains(&key)
+                        && let Some(link) = host.link_by_name(&HostVeth::for_key(&key).name).map_err(kernel)?
+                    {
+                        delete(&mut host, link.header.index, &mut errors);
+                    }
                 }
+                store.gc(|key| keep.contains(key))?;
             }
             IpamBackend::Delegated(kind) => {
                 if let Err(e) = inv.delegate(kind, Command::Gc) {
-                    errors.push(e.to_string());
+                    errors.push(e);
                 }
             }
         }
-        match errors.len() {
-            0 => Ok(()),
-            _ => Err(CniError::kernel(errors.join("; "))),
+        // Any other veth of this network's that is not listed (recognised by its alias).
+        let expected: Vec<String> = keep.iter().map(|k| HostVeth::for_key(k).name).collect();
+        let prefix = HostVeth::alias_prefix(&config.network);
+        for link in host.links().map_err(kernel)? {
+            let ours = inspect::link_alias(&link).is_some_and(|a| a.starts_with(&prefix));
+            if ours && !expected.iter().any(|n| Some(n.as_str()) == inspect::link_name(&link)) {
+                delete(&mut host, link.header.index, &mut errors);
+            }
         }
+        combine(errors)
     }
+}
+
+/// Teardown keeps going after a failure and reports every failure: the first one's code, with
+/// all of them in the details.
+fn combine(errors: Vec<CniError>) -> Result<(), CniError> {
+    let mut iter = errors.into_iter();
+    let Some(mut first) = iter.next() else {
+        return Ok(());
+    };
+    for e in iter {
+        first.details = format!("{}; {}", first.details, e);
+    }
+    Err(first)
 }
 
 /// Deletes the attachment's host veth if it is ours (its alias names this attachment); a veth
@@ -432,7 +452,6 @@ fn wire(
     host.create_veth(&VethSpec {
         host_name: &veth.name,
         host_mac: veth.mac,
-        host_alias: &alias,
         peer_name: ifname,
         peer_netns: pod_netns.as_fd(),
         mtu,
@@ -450,6 +469,9 @@ fn wire(
         .map_err(kernel)?
         .ok_or_else(|| CniError::kernel(format!("{} vanished after creation", veth.name)))?;
     let host_index = host_link.header.index;
+    // The kernel ignores IFLA_IFALIAS when creating a link, so it is set separately. It shows in
+    // `ip link` and is how GC recognises this network's veths.
+    host.set_alias(host_index, &alias).map_err(kernel)?;
 
     // Pod side.
     let pod_link = pod

@@ -8,7 +8,8 @@
 //!     [{"subnet": "fd00:10:244:1::/64"}]
 //!   ],
 //!   "routes": [{"dst": "0.0.0.0/0"}],
-//!   "dataDir": "/var/lib/ferrynet/ipam"
+//!   "dataDir": "/var/lib/ferrynet/ipam",
+//!   "lockTimeoutMs": 20000
 //! }
 //! ```
 //!
@@ -53,6 +54,8 @@ struct RawIpamConfig {
     routes: Vec<RawRoute>,
     #[serde(default)]
     data_dir: Option<PathBuf>,
+    #[serde(default)]
+    lock_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -80,6 +83,8 @@ pub struct IpamConfig {
     pub range_sets: Vec<RangeSet>,
     pub routes: Vec<IpamRoute>,
     pub data_dir: PathBuf,
+    /// How long to wait for another process's store lock before answering "try again later".
+    pub lock_timeout: std::time::Duration,
 }
 
 /// Ranges of one address family; an attachment gets exactly one address from the set.
@@ -196,10 +201,12 @@ impl RawIpamConfig {
                 data_dir.display()
             )));
         }
+        let lock_timeout = std::time::Duration::from_millis(self.lock_timeout_ms.unwrap_or(20_000));
         Ok(IpamConfig {
             range_sets,
             routes,
             data_dir,
+            lock_timeout,
         })
     }
 }

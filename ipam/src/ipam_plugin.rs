@@ -23,7 +23,9 @@ pub fn config_of(inv: &Invocation) -> Result<IpamConfig, CniError> {
 
 /// Opens and locks the store of this invocation's network.
 pub fn lock_store(inv: &Invocation, config: &IpamConfig) -> Result<LockedStore, CniError> {
-    Ok(Store::open(&config.data_dir, &inv.config.name)?.lock()?)
+    Ok(Store::open(&config.data_dir, &inv.config.name)?
+        .with_lock_timeout(config.lock_timeout)
+        .lock()?)
 }
 
 /// What the runtime asked for beyond "any address": specific IPs and the pod's identity.

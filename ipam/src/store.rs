@@ -41,7 +41,7 @@ use crate::{
 };
 
 /// How long an operation waits for another process's lock before failing with "try again later".
-pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(20);
+const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(20);
 const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 
 /// What an allocation is keyed by: the CNI (container ID, ifname) pair.
