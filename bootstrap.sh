@@ -49,6 +49,14 @@ for comp in rustfmt clippy; do
     rustup component add "$comp"
   fi
 done
+if ! rustup component list --toolchain "$NIGHTLY" --installed | grep -q '^clippy'; then
+  rustup component add clippy --toolchain "$NIGHTLY"
+fi
+# The CNI plugins are static musl binaries: they are copied onto hosts whose libc we do not know.
+CNI_TARGET="$(uname -m)-unknown-linux-musl"
+if ! rustup target list --installed | grep -q "^${CNI_TARGET}$"; then
+  rustup target add "$CNI_TARGET"
+fi
 
 if ! bpf-linker --version 2>/dev/null | grep -q "${BPF_LINKER_VERSION}"; then
   log "building bpf-linker ${BPF_LINKER_VERSION} against LLVM 22"

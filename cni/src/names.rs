@@ -19,6 +19,8 @@ pub struct HostVeth {
     pub name: String,
     /// Locally administered unicast MAC, stable for the attachment.
     pub mac: [u8; 6],
+    /// The pod side's MAC, chosen the same way (so ADD knows it without asking the kernel).
+    pub pod_mac: [u8; 6],
 }
 
 impl HostVeth {
@@ -28,10 +30,17 @@ impl HostVeth {
             "{HOST_VETH_PREFIX}{}",
             digest[..6].iter().map(|b| format!("{b:02x}")).collect::<String>()
         );
-        let mut mac = [0u8; 6];
-        mac.copy_from_slice(&digest[6..12]);
-        mac[0] = (mac[0] & 0xfc) | 0x02;
-        Self { name, mac }
+        let mac_from = |bytes: &[u8]| {
+            let mut mac = [0u8; 6];
+            mac.copy_from_slice(bytes);
+            mac[0] = (mac[0] & 0xfc) | 0x02;
+            mac
+        };
+        Self {
+            name,
+            mac: mac_from(&digest[6..12]),
+            pod_mac: mac_from(&digest[12..18]),
+        }
     }
 
     /// The alias stamped on the host veth. GC recognises the network's veths by its prefix.
@@ -63,6 +72,8 @@ mod tests {
         assert!(a.name.starts_with(HOST_VETH_PREFIX));
         // Unicast (bit 0 clear) and locally administered (bit 1 set).
         assert_eq!(a.mac[0] & 0x03, 0x02);
+        assert_eq!(a.pod_mac[0] & 0x03, 0x02);
+        assert_ne!(a.mac, a.pod_mac);
     }
 
     #[test]

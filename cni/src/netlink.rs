@@ -10,8 +10,8 @@ use std::{
 
 use ipnet::IpNet;
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_ECHO, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
@@ -66,6 +66,7 @@ pub struct VethSpec<'a> {
     pub host_name: &'a str,
     pub host_mac: [u8; 6],
     pub peer_name: &'a str,
+    pub peer_mac: [u8; 6],
     /// The peer is created directly in this namespace, already named `peer_name`.
     pub peer_netns: BorrowedFd<'a>,
     pub mtu: u32,
@@ -184,6 +185,72 @@ impl Netlink {
         self.request(op, message, flags | NLM_F_ACK).map(|_| ())
     }
 
+    /// Makes one change and waits for the kernel's acknowledgement.
+    pub fn apply(&mut self, change: Change) -> Result<()> {
+        self.ack(&change.op, change.message, change.flags)
+    }
+
+    /// Makes several changes in one round trip: the kernel processes the messages of one datagram
+    /// in order and acknowledges each. Every change is attempted; the first failure is returned.
+    pub fn apply_all(&mut self, changes: Vec<Change>) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let first_sequence = self.sequence.wrapping_add(1);
+        let mut ops = Vec::with_capacity(changes.len());
+        let mut out = Vec::new();
+        for change in changes {
+            self.sequence = self.sequence.wrapping_add(1);
+            let mut header = NetlinkHeader::default();
+            header.flags = NLM_F_REQUEST | NLM_F_ACK | change.flags;
+            header.sequence_number = self.sequence;
+            let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(change.message));
+            packet.finalize();
+            let at = out.len();
+            out.resize(at + packet.buffer_len(), 0);
+            packet.serialize(&mut out[at..]);
+            ops.push(change.op);
+        }
+        let batch_op = || ops.join(", ");
+        self.socket
+            .send(&out, 0)
+            .map_err(|e| NetlinkError::new(batch_op(), e))?;
+
+        let mut results: Vec<Option<Result<()>>> = ops.iter().map(|_| None).collect();
+        while results.iter().any(Option::is_none) {
+            let len = self
+                .socket
+                .recv(&mut &mut self.buffer[..], 0)
+                .map_err(|e| NetlinkError::new(batch_op(), e))?;
+            let mut offset = 0;
+            while offset < len {
+                let reply =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buffer[offset..len]).map_err(|e| {
+                        NetlinkError::new(batch_op(), io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+                    })?;
+                let size = reply.header.length as usize;
+                if size == 0 {
+                    return Err(NetlinkError::new(
+                        batch_op(),
+                        io::Error::new(io::ErrorKind::InvalidData, "zero-length netlink message"),
+                    ));
+                }
+                offset += size;
+                let index = reply.header.sequence_number.wrapping_sub(first_sequence) as usize;
+                if let (Some(slot), NetlinkPayload::Error(e)) = (results.get_mut(index), reply.payload) {
+                    *slot = Some(match e.code {
+                        None => Ok(()),
+                        Some(code) => Err(NetlinkError::new(
+                            ops[index].clone(),
+                            io::Error::from_raw_os_error(-code.get()),
+                        )),
+                    });
+                }
+            }
+        }
+        results.into_iter().flatten().collect::<Result<Vec<()>>>().map(|_| ())
+    }
+
     // ---- links ----
 
     /// The link called `name`, if it exists.
@@ -216,10 +283,13 @@ impl Netlink {
             .collect())
     }
 
-    /// Creates a veth pair whose peer is born inside another namespace with its final name.
-    pub fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<()> {
+    /// Creates a veth pair whose peer is born inside another namespace with its final name and
+    /// MAC, and returns the ifindexes of (host side, peer). Both come from the kernel's echo of
+    /// the new link, whose IFLA_LINK names the peer: no lookups on the pod start path.
+    pub fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<(u32, u32)> {
         let mut peer = LinkMessage::default();
         peer.attributes.push(LinkAttribute::IfName(spec.peer_name.to_string()));
+        peer.attributes.push(LinkAttribute::Address(spec.peer_mac.to_vec()));
         peer.attributes
             .push(LinkAttribute::NetNsFd(spec.peer_netns.as_raw_fd()));
         peer.attributes.push(LinkAttribute::Mtu(spec.mtu));
@@ -232,33 +302,33 @@ impl Netlink {
             LinkInfo::Kind(InfoKind::Veth),
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
         ]));
-        self.ack(
-            &format!("create veth {}", spec.host_name),
-            RouteNetlinkMessage::NewLink(msg),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )?;
-        Ok(())
+        let op = format!("create veth {}", spec.host_name);
+        let flags = NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK | NLM_F_ECHO;
+        let replies = self.request(&op, RouteNetlinkMessage::NewLink(msg), flags)?;
+        let echoed = replies.into_iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) if inspect::link_name(&l) == Some(spec.host_name) => Some(l),
+            _ => None,
+        });
+        // Kernels before 6.3 do not echo new links: look it up.
+        let link = match echoed {
+            Some(link) => link,
+            None => self
+                .link_by_name(spec.host_name)?
+                .ok_or_else(|| NetlinkError::new(op.clone(), io::Error::from_raw_os_error(libc::ENODEV)))?,
+        };
+        let peer = inspect::link_peer_index(&link)
+            .ok_or_else(|| NetlinkError::new(op, io::Error::new(io::ErrorKind::InvalidData, "no peer index")))?;
+        Ok((link.header.index, peer))
     }
 
-    /// Sets a link's alias (`ip link set NAME alias ...`).
-    pub fn set_alias(&mut self, index: u32, alias: &str) -> Result<()> {
-        let mut msg = LinkMessage::default();
-        msg.header.index = index;
-        msg.attributes.push(LinkAttribute::IfAlias(alias.to_string()));
-        self.ack(
-            &format!("set alias of link {index}"),
-            RouteNetlinkMessage::SetLink(msg),
-            0,
-        )
+    /// Sets a link's alias (`ip link set NAME alias ...`) and brings it up, in one request.
+    pub fn set_alias_and_up(&mut self, index: u32, alias: &str) -> Result<()> {
+        self.apply(Change::alias_and_up(index, alias))
     }
 
     /// Brings a link up.
     pub fn set_up(&mut self, index: u32) -> Result<()> {
-        let mut msg = LinkMessage::default();
-        msg.header.index = index;
-        msg.header.flags = LinkFlags::Up;
-        msg.header.change_mask = LinkFlags::Up;
-        self.ack(&format!("set link {index} up"), RouteNetlinkMessage::SetLink(msg), 0)
+        self.apply(Change::link_up(index))
     }
 
     /// Deletes a link by index.
@@ -281,25 +351,9 @@ impl Netlink {
 
     // ---- addresses ----
 
-    /// Adds `addr` to a link. `no_dad` skips IPv6 duplicate address detection, so the address is
-    /// usable at once instead of after a second or so.
+    /// Adds `addr` to a link (see [`Change::add_address`]).
     pub fn add_address(&mut self, index: u32, addr: IpNet, no_dad: bool) -> Result<()> {
-        let mut msg = AddressMessage::default();
-        msg.header.family = family(addr.addr());
-        msg.header.prefix_len = addr.prefix_len();
-        msg.header.index = index;
-        msg.header.scope = AddressScope::Universe;
-        if no_dad {
-            msg.header.flags = AddressHeaderFlags::Nodad;
-            msg.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
-        }
-        msg.attributes.push(AddressAttribute::Local(addr.addr()));
-        msg.attributes.push(AddressAttribute::Address(addr.addr()));
-        self.ack(
-            &format!("add address {addr}"),
-            RouteNetlinkMessage::NewAddress(msg),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )
+        self.apply(Change::add_address(index, addr, no_dad))
     }
 
     /// The addresses on a link (or on every link, for `None`).
@@ -329,20 +383,12 @@ impl Netlink {
 
     /// Adds a route; fails with EEXIST if one exists for the same destination and table.
     pub fn add_route(&mut self, spec: &RouteSpec) -> Result<()> {
-        self.ack(
-            &format!("add route {}", spec.dst),
-            RouteNetlinkMessage::NewRoute(route_message(spec)),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )
+        self.apply(Change::add_route(spec))
     }
 
     /// Adds or replaces the route for the spec's destination and table.
     pub fn replace_route(&mut self, spec: &RouteSpec) -> Result<()> {
-        self.ack(
-            &format!("replace route {}", spec.dst),
-            RouteNetlinkMessage::NewRoute(route_message(spec)),
-            NLM_F_CREATE | NLM_F_REPLACE,
-        )
+        self.apply(Change::replace_route(spec))
     }
 
     /// Deletes the route matching the spec's destination, table and protocol.
@@ -381,21 +427,7 @@ impl Netlink {
 
     /// Adds a permanent neighbour entry `ip -> mac` on a link (replacing any existing one).
     pub fn add_permanent_neighbour(&mut self, index: u32, ip: IpAddr, mac: [u8; 6]) -> Result<()> {
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = family(ip);
-        msg.header.ifindex = index;
-        msg.header.state = NeighbourState::Permanent;
-        msg.header.kind = RouteType::Unicast;
-        msg.attributes.push(NeighbourAttribute::Destination(match ip {
-            IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
-            IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
-        }));
-        msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-        self.ack(
-            &format!("add neighbour {ip}"),
-            RouteNetlinkMessage::NewNeighbour(msg),
-            NLM_F_CREATE | NLM_F_REPLACE,
-        )
+        self.apply(Change::permanent_neighbour(index, ip, mac))
     }
 
     /// Neighbour entries of one family on a link.
@@ -414,6 +446,98 @@ impl Netlink {
                 _ => None,
             })
             .collect())
+    }
+}
+
+/// One change to the kernel's network state, prepared but not yet sent: run it with
+/// [`Netlink::apply`], or together with others in one round trip with [`Netlink::apply_all`].
+#[derive(Debug, Clone)]
+pub struct Change {
+    op: String,
+    message: RouteNetlinkMessage,
+    flags: u16,
+}
+
+impl Change {
+    /// Bring a link up.
+    pub fn link_up(index: u32) -> Self {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        Self {
+            op: format!("set link {index} up"),
+            message: RouteNetlinkMessage::SetLink(msg),
+            flags: 0,
+        }
+    }
+
+    /// Set a link's alias and bring it up.
+    pub fn alias_and_up(index: u32, alias: &str) -> Self {
+        let mut change = Self::link_up(index);
+        if let RouteNetlinkMessage::SetLink(msg) = &mut change.message {
+            msg.attributes.push(LinkAttribute::IfAlias(alias.to_string()));
+        }
+        change.op = format!("set alias of link {index}");
+        change
+    }
+
+    /// Add an address. `no_dad` skips IPv6 duplicate address detection, so the address is usable
+    /// at once instead of after a second or so.
+    pub fn add_address(index: u32, addr: IpNet, no_dad: bool) -> Self {
+        let mut msg = AddressMessage::default();
+        msg.header.family = family(addr.addr());
+        msg.header.prefix_len = addr.prefix_len();
+        msg.header.index = index;
+        msg.header.scope = AddressScope::Universe;
+        if no_dad {
+            msg.header.flags = AddressHeaderFlags::Nodad;
+            msg.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        msg.attributes.push(AddressAttribute::Local(addr.addr()));
+        msg.attributes.push(AddressAttribute::Address(addr.addr()));
+        Self {
+            op: format!("add address {addr}"),
+            message: RouteNetlinkMessage::NewAddress(msg),
+            flags: NLM_F_CREATE | NLM_F_EXCL,
+        }
+    }
+
+    /// Add a route; fails with EEXIST if one exists for the same destination and table.
+    pub fn add_route(spec: &RouteSpec) -> Self {
+        Self {
+            op: format!("add route {}", spec.dst),
+            message: RouteNetlinkMessage::NewRoute(route_message(spec)),
+            flags: NLM_F_CREATE | NLM_F_EXCL,
+        }
+    }
+
+    /// Add or replace the route for the spec's destination and table.
+    pub fn replace_route(spec: &RouteSpec) -> Self {
+        Self {
+            op: format!("replace route {}", spec.dst),
+            message: RouteNetlinkMessage::NewRoute(route_message(spec)),
+            flags: NLM_F_CREATE | NLM_F_REPLACE,
+        }
+    }
+
+    /// Add (or replace) a permanent neighbour entry `ip -> mac` on a link.
+    pub fn permanent_neighbour(index: u32, ip: IpAddr, mac: [u8; 6]) -> Self {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family(ip);
+        msg.header.ifindex = index;
+        msg.header.state = NeighbourState::Permanent;
+        msg.header.kind = RouteType::Unicast;
+        msg.attributes.push(NeighbourAttribute::Destination(match ip {
+            IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+            IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+        }));
+        msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        Self {
+            op: format!("add neighbour {ip}"),
+            message: RouteNetlinkMessage::NewNeighbour(msg),
+            flags: NLM_F_CREATE | NLM_F_REPLACE,
+        }
     }
 }
 
@@ -481,6 +605,14 @@ pub mod inspect {
     pub fn link_mac(link: &LinkMessage) -> Option<[u8; 6]> {
         link.attributes.iter().find_map(|a| match a {
             LinkAttribute::Address(m) => m.as_slice().try_into().ok(),
+            _ => None,
+        })
+    }
+
+    /// For a veth: the peer's ifindex (in the peer's namespace).
+    pub fn link_peer_index(link: &LinkMessage) -> Option<u32> {
+        link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Link(i) => Some(*i),
             _ => None,
         })
     }

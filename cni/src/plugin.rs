@@ -20,7 +20,7 @@ use rscni_types::types::{CNIResult, Interface, IpConfig, Route};
 use crate::{
     config::{IpamBackend, PluginConfig},
     names::{self, GATEWAY_V4, GATEWAY_V6, HostVeth, ROUTE_PROTOCOL_POD},
-    netlink::{Netlink, NetlinkError, RouteSpec, VethSpec, inspect},
+    netlink::{Change, Netlink, NetlinkError, RouteSpec, VethSpec, inspect},
     netns,
 };
 
@@ -53,6 +53,8 @@ fn open_pod_netns(inv: &Invocation) -> Result<OwnedFd, CniError> {
     }
     Ok(fd)
 }
+
+const LOOPBACK_IFINDEX: u32 = 1;
 
 fn gateway_for(ip: IpAddr) -> IpAddr {
     if ip.is_ipv4() {
@@ -447,46 +449,40 @@ fn wire(
     let mtu = config.mtu.unwrap_or_else(|| detect_mtu(host));
     let alias = HostVeth::alias(&config.network, key);
 
-    // A veth left by an earlier ADD of this same attachment (a runtime retry) is replaced.
-    delete_own_veth(host, veth, &config.network, key).map_err(kernel)?;
-    host.create_veth(&VethSpec {
+    let spec = VethSpec {
         host_name: &veth.name,
         host_mac: veth.mac,
         peer_name: ifname,
+        peer_mac: veth.pod_mac,
         peer_netns: pod_netns.as_fd(),
         mtu,
-    })
-    .map_err(|e| {
-        if e.is_exists() {
-            CniError::kernel(format!("{ifname} already exists in the pod netns: {e}"))
-        } else {
-            kernel(e)
+    };
+    let (host_index, pod_index) = match host.create_veth(&spec) {
+        Ok(index) => index,
+        // A veth left by an earlier ADD of this same attachment (a runtime retry) is replaced.
+        Err(e) if e.is_exists() && host.link_by_name(&veth.name).map_err(kernel)?.is_some() => {
+            delete_own_veth(host, veth, &config.network, key).map_err(kernel)?;
+            host.create_veth(&spec).map_err(kernel)?
         }
-    })?;
+        Err(e) if e.is_exists() => {
+            return Err(CniError::kernel(format!(
+                "{ifname} already exists in the pod netns: {e}"
+            )));
+        }
+        Err(e) => return Err(kernel(e)),
+    };
     *veth_created = true;
-    let host_link = host
-        .link_by_name(&veth.name)
-        .map_err(kernel)?
-        .ok_or_else(|| CniError::kernel(format!("{} vanished after creation", veth.name)))?;
-    let host_index = host_link.header.index;
-    // The kernel ignores IFLA_IFALIAS when creating a link, so it is set separately. It shows in
-    // `ip link` and is how GC recognises this network's veths.
-    host.set_alias(host_index, &alias).map_err(kernel)?;
-
-    // Pod side.
-    let pod_link = pod
-        .link_by_name(ifname)
-        .map_err(kernel)?
-        .ok_or_else(|| CniError::kernel(format!("{ifname} missing in the pod netns after creation")))?;
-    let pod_index = pod_link.header.index;
-    let pod_mac = inspect::link_mac(&pod_link).unwrap_or_default();
-    if let Some(lo) = pod.link_by_name("lo").map_err(kernel)? {
-        pod.set_up(lo.header.index).map_err(kernel)?;
-    }
-    for ip in &addresses.ips {
-        pod.add_address(pod_index, host_prefix(*ip), true).map_err(kernel)?;
-    }
-    pod.set_up(pod_index).map_err(kernel)?;
+    // The pod side, one batch.
+    let pod_mac = veth.pod_mac;
+    // Loopback is always ifindex 1 in a network namespace.
+    let mut pod_changes = vec![Change::link_up(LOOPBACK_IFINDEX)];
+    pod_changes.extend(
+        addresses
+            .ips
+            .iter()
+            .map(|ip| Change::add_address(pod_index, host_prefix(*ip), true)),
+    );
+    pod_changes.push(Change::link_up(pod_index));
     let mut families: Vec<bool> = addresses.ips.iter().map(IpAddr::is_ipv4).collect();
     families.dedup();
     let mut routes = Vec::new();
@@ -496,23 +492,19 @@ fn wire(
         } else {
             IpAddr::V6(GATEWAY_V6)
         };
-        pod.add_permanent_neighbour(pod_index, gateway, veth.mac)
-            .map_err(kernel)?;
-        let mut dsts = vec![default_route(v4)];
-        dsts.extend(
-            addresses
-                .routes
-                .iter()
-                .filter(|d| d.addr().is_ipv4() == v4 && **d != default_route(v4)),
-        );
-        for dst in dsts {
+        pod_changes.push(Change::permanent_neighbour(pod_index, gateway, veth.mac));
+        let extra = addresses
+            .routes
+            .iter()
+            .filter(|d| d.addr().is_ipv4() == v4 && **d != default_route(v4));
+        for dst in std::iter::once(default_route(v4)).chain(extra.copied()) {
             let spec = RouteSpec {
                 gateway: Some(gateway),
                 oif: Some(pod_index),
                 onlink: true,
                 ..RouteSpec::new(dst, RouteProtocol::Boot)
             };
-            pod.replace_route(&spec).map_err(kernel)?;
+            pod_changes.push(Change::replace_route(&spec));
             routes.push(Route {
                 dst,
                 gw: Some(gateway),
@@ -524,21 +516,25 @@ fn wire(
             });
         }
     }
+    pod.apply_all(pod_changes).map_err(kernel)?;
 
-    // Host side: up, then per pod address a route and a permanent neighbour entry for the pod's
-    // MAC. With static entries at both ends no packet waits for ARP or NDP. That matters for
-    // IPv6: a fresh veth has no link-local address until the kernel's link watcher reports its
-    // carrier (up to a second), and without one the host cannot run neighbour discovery.
-    host.set_up(host_index).map_err(kernel)?;
+    // The host side, one batch. The alias is set here because the kernel ignores IFLA_IFALIAS
+    // when creating a link; it shows in `ip link` and is how GC recognises this network's veths.
+    // Per pod address: a permanent neighbour entry for the pod's MAC and a route. With static
+    // entries at both ends no packet waits for ARP or NDP. That matters for IPv6: a fresh veth
+    // has no link-local address until the kernel's link watcher reports its carrier (up to a
+    // second), and without one the host cannot run neighbour discovery.
+    let mut host_changes = vec![Change::alias_and_up(host_index, &alias)];
     for ip in &addresses.ips {
-        host.add_permanent_neighbour(host_index, *ip, pod_mac).map_err(kernel)?;
+        host_changes.push(Change::permanent_neighbour(host_index, *ip, pod_mac));
         let spec = RouteSpec {
             oif: Some(host_index),
             scope: RouteScope::Link,
             ..RouteSpec::new(host_prefix(*ip), RouteProtocol::Other(ROUTE_PROTOCOL_POD))
         };
-        host.replace_route(&spec).map_err(kernel)?;
+        host_changes.push(Change::replace_route(&spec));
     }
+    host.apply_all(host_changes).map_err(kernel)?;
 
     let sandbox = inv.netns.as_ref().map(|p| p.display().to_string());
     Ok(CNIResult {

@@ -93,14 +93,11 @@ impl Bitmap {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(IpamError::io(path, e)),
         };
-        let actual = file.metadata().map_err(|e| IpamError::io(path, e))?.len();
-        if actual < HEADER_LEN as u64 {
-            return Ok(None);
-        }
         // SAFETY: the file is only ever modified through mappings like this one, by processes that
         // hold the store lock, and its length never changes after creation.
         let map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| IpamError::io(path, e))?;
-        if &map[..8] != MAGIC {
+        let actual = map.len() as u64;
+        if actual < HEADER_LEN as u64 || &map[..8] != MAGIC {
             return Ok(None);
         }
         let len = u64::from_le_bytes(map[OFF_SIZE..OFF_SIZE + 8].try_into().expect("8 bytes"));

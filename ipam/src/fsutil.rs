@@ -66,13 +66,37 @@ pub fn remove_if_exists(path: &Path) -> Result<bool> {
 /// An exclusive `flock` on a lock file, released when dropped or when the process dies.
 #[derive(Debug)]
 pub struct FileLock {
-    _file: File,
+    file: File,
     path: PathBuf,
 }
 
 impl FileLock {
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The lock file's content. Only lock holders read or write it, so it can carry small state.
+    pub fn read_content(&self) -> Result<String> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; 4096];
+        let n = self
+            .file
+            .read_at(&mut buf, 0)
+            .map_err(|e| IpamError::io(&self.path, e))?;
+        buf.truncate(n);
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+
+    /// Replaces the lock file's content with one small write. A kill cannot tear a write this
+    /// small; a torn one after a power loss only looks like another boot, which is reclaimed.
+    pub fn write_content(&self, content: &str) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file
+            .write_all_at(content.as_bytes(), 0)
+            .map_err(|e| IpamError::io(&self.path, e))?;
+        self.file
+            .set_len(content.len() as u64)
+            .map_err(|e| IpamError::io(&self.path, e))
     }
 
     /// Takes the lock, waiting at most `timeout`.
@@ -93,7 +117,7 @@ impl FileLock {
         match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
             Ok(()) => {
                 return Ok(Self {
-                    _file: file,
+                    file,
                     path: path.into(),
                 });
             }
@@ -111,7 +135,7 @@ impl FileLock {
             .map_err(|e| IpamError::io(path, e))?;
         match rx.recv_timeout(timeout) {
             Ok(Ok(file)) => Ok(Self {
-                _file: file,
+                file,
                 path: path.into(),
             }),
             Ok(Err(e)) => Err(IpamError::io(path, e)),

@@ -4,8 +4,8 @@
 //!
 //! ```text
 //! <dataDir>/<network>/
-//!   lock                      flock'd by every reader and writer
-//!   boot_id                   the boot the live allocations belong to
+//!   lock                      flock'd by every reader and writer; its content records the boot
+//!                             the allocations belong to and the ranges the indexes cover
 //!   attachments/<cid>:<if>    one JSON record per (container ID, ifname): the source of truth
 //!   ranges/<start>-<end>      one bitmap index per configured range (see `bitmap`)
 //! ```
@@ -21,7 +21,7 @@
 //! - When the boot id differs from the recorded one, every allocation belongs to a previous boot
 //!   whose containers are gone: the store reclaims them all before doing anything else.
 use std::{
-    collections::HashSet,
+    collections::{BTreeSet, HashSet},
     fs::File,
     io::{self, Write},
     net::IpAddr,
@@ -170,12 +170,8 @@ impl Store {
                 "network name {network:?} is not valid"
             )));
         }
-        let dir = data_dir.join(network);
-        for sub in ["attachments", "ranges"] {
-            fsutil::create_private_dir(&dir.join(sub))?;
-        }
         Ok(Self {
-            dir,
+            dir: data_dir.join(network),
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
         })
     }
@@ -189,32 +185,46 @@ impl Store {
         &self.dir
     }
 
-    /// Takes the store lock. Reclaims a previous boot's allocations first, if any.
+    /// Takes the store lock (creating the store on first use). Reclaims a previous boot's
+    /// allocations first, if any.
     pub fn lock(&self) -> Result<LockedStore> {
-        let lock = FileLock::acquire(&self.dir.join("lock"), self.lock_timeout)?;
-        let boot_id = current_boot_id()?;
+        let path = self.dir.join("lock");
+        let lock = match FileLock::acquire(&path, self.lock_timeout) {
+            Err(IpamError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                fsutil::create_private_dir(&self.dir)?;
+                FileLock::acquire(&path, self.lock_timeout)?
+            }
+            other => other?,
+        };
+        let state = lock.read_content()?;
+        let mut lines = state.lines();
+        let recorded_boot = lines.next().unwrap_or("").to_string();
+        let indexed_ranges = lines.next().unwrap_or("").to_string();
         let mut locked = LockedStore {
             attachments_dir: self.dir.join("attachments"),
             ranges_dir: self.dir.join("ranges"),
-            dir: self.dir.clone(),
-            boot_id,
+            boot_id: current_boot_id()?,
+            indexed_ranges,
             reclaimed_after_reboot: Vec::new(),
-            _lock: lock,
+            lock,
         };
-        locked.reclaim_previous_boot()?;
+        if recorded_boot != locked.boot_id {
+            locked.reclaim_previous_boot()?;
+        }
         Ok(locked)
     }
 }
 
 /// The store with its lock held. Every read and write goes through here.
 pub struct LockedStore {
-    dir: PathBuf,
     attachments_dir: PathBuf,
     ranges_dir: PathBuf,
     boot_id: String,
+    /// The ranges whose bitmaps exist, as recorded in the lock file (sorted keys, comma-joined).
+    indexed_ranges: String,
     /// Attachments of an earlier boot that taking the lock released.
     pub reclaimed_after_reboot: Vec<Attachment>,
-    _lock: FileLock,
+    lock: FileLock,
 }
 
 impl LockedStore {
@@ -222,18 +232,13 @@ impl LockedStore {
         &self.boot_id
     }
 
+    /// Every allocation belongs to an earlier boot (or the store is new, or lost its state in a
+    /// crash): nothing in it is live, so all of it goes.
     fn reclaim_previous_boot(&mut self) -> Result<()> {
-        let path = self.dir.join("boot_id");
-        let recorded = match std::fs::read_to_string(&path) {
-            Ok(s) => Some(s.trim().to_string()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(IpamError::io(&path, e)),
-        };
-        if recorded.as_deref() == Some(self.boot_id.as_str()) {
-            return Ok(());
-        }
-        // A store with no recorded boot is either new (nothing to reclaim) or was written
-        // before a crash that lost the boot_id file: either way nothing in it is live.
+        // Also the first use of a store: its subdirectories are made here, under the lock, so
+        // that no other process can see the store half-made.
+        fsutil::create_private_dir(&self.attachments_dir)?;
+        fsutil::create_private_dir(&self.ranges_dir)?;
         let records = self.read_all_lenient()?;
         for (path, _) in &records {
             fsutil::remove_if_exists(path)?;
@@ -241,8 +246,13 @@ impl LockedStore {
         self.reclaimed_after_reboot = records.into_iter().filter_map(|(_, a)| a).collect();
         self.remove_files_in(&self.ranges_dir.clone(), |_| true)?;
         self.remove_files_in(&self.attachments_dir.clone(), |n| n.starts_with(TMP_PREFIX))?;
-        let boot_id = self.boot_id.clone();
-        fsutil::write_atomic(&path, |f| f.write_all(boot_id.as_bytes()))
+        self.indexed_ranges.clear();
+        self.save_state()
+    }
+
+    fn save_state(&self) -> Result<()> {
+        self.lock
+            .write_content(&format!("{}\n{}\n", self.boot_id, self.indexed_ranges))
     }
 
     fn record_path(&self, key: &AttachmentKey) -> PathBuf {
@@ -427,8 +437,13 @@ impl LockedStore {
     /// Opens the bitmaps of exactly the ranges in `sets`, building missing ones from the records,
     /// and drops every other bitmap (see the module docs for why).
     fn bitmaps_for(&mut self, sets: &[RangeSet]) -> Result<Vec<Vec<Bitmap>>> {
-        let wanted: HashSet<String> = sets.iter().flat_map(|s| s.ranges.iter().map(Range::key)).collect();
-        self.remove_files_in(&self.ranges_dir.clone(), |name| !wanted.contains(name))?;
+        let wanted: BTreeSet<String> = sets.iter().flat_map(|s| s.ranges.iter().map(Range::key)).collect();
+        let wanted_list = wanted.iter().map(String::as_str).collect::<Vec<_>>().join(",");
+        // The directory is scanned only when the ranges differ from the ones last indexed.
+        let changed = self.indexed_ranges != wanted_list;
+        if changed {
+            self.remove_files_in(&self.ranges_dir.clone(), |name| !wanted.contains(name))?;
+        }
         let mut held: Option<Vec<IpAddr>> = None;
         let mut out = Vec::with_capacity(sets.len());
         for set in sets {
@@ -454,6 +469,10 @@ impl LockedStore {
                 maps.push(bitmap);
             }
             out.push(maps);
+        }
+        if changed {
+            self.indexed_ranges = wanted_list;
+            self.save_state()?;
         }
         Ok(out)
     }
@@ -712,15 +731,14 @@ mod tests {
                 st.allocate(&key(i), &s, &AllocationRequest::default()).unwrap();
             }
         }
-        std::fs::write(store.dir().join("boot_id"), "00000000-0000-0000-0000-000000000000").unwrap();
+        // The lock file's first line records the boot the allocations belong to.
+        std::fs::write(store.dir().join("lock"), "00000000-0000-0000-0000-000000000000\n").unwrap();
         let mut st = store.lock().unwrap();
         assert_eq!(st.reclaimed_after_reboot.len(), 3);
         assert!(st.attachments().unwrap().is_empty());
         assert_eq!(st.usage(&s).unwrap()[0].free, 253);
-        assert_eq!(
-            std::fs::read_to_string(store.dir().join("boot_id")).unwrap(),
-            current_boot_id().unwrap()
-        );
+        let state = std::fs::read_to_string(store.dir().join("lock")).unwrap();
+        assert_eq!(state.lines().next().unwrap(), current_boot_id().unwrap());
     }
 
     #[test]

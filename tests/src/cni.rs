@@ -6,8 +6,7 @@
 //! declares and, after the first, the previous plugin's result; DEL runs the list in reverse.
 use std::{
     io::Write,
-    os::fd::{AsRawFd, BorrowedFd},
-    os::unix::process::CommandExt,
+    os::fd::BorrowedFd,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
     time::{Duration, Instant},
@@ -15,7 +14,7 @@ use std::{
 
 use serde_json::{Value, json};
 
-use crate::{REFERENCE_PLUGIN_DIR, netns::Netns, target_dir};
+use crate::{REFERENCE_PLUGIN_DIR, cni_bin_dir, netns::Netns};
 
 /// What a plugin invocation printed and how it exited.
 #[derive(Debug, Clone)]
@@ -92,13 +91,17 @@ impl Env {
     }
 }
 
-/// `CNI_PATH` for tests: the workspace's binaries, then Debian's reference plugins.
+/// `CNI_PATH` for tests: ferrynet's CNI binaries, then Debian's reference plugins.
 pub fn default_cni_path() -> String {
-    format!("{}:{REFERENCE_PLUGIN_DIR}", target_dir().display())
+    format!("{}:{REFERENCE_PLUGIN_DIR}", cni_bin_dir().display())
 }
 
 /// Runs `binary` as a runtime would: in `host`'s namespace, environment cleared except `PATH`
 /// and the CNI variables, `stdin` as the config.
+///
+/// The child is spawned from a short-lived thread that has joined `host`, so it inherits that
+/// namespace without a `pre_exec` hook. A hook would force a full `fork()` of the test process,
+/// where runtimes (Go's `os/exec`) use a cheap vfork-style clone, and benchmarks would time it.
 pub fn exec_plugin(binary: &Path, host: BorrowedFd<'_>, env: &Env, stdin: &[u8]) -> Outcome {
     let mut cmd = Command::new(binary);
     cmd.env_clear()
@@ -115,34 +118,21 @@ pub fn exec_plugin(binary: &Path, host: BorrowedFd<'_>, env: &Env, stdin: &[u8])
             cmd.env(key, v);
         }
     }
-    let host_fd = host.as_raw_fd();
-    // SAFETY: only setns, an async-signal-safe system call, runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(host_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()));
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin)
-        .expect("write config");
-    let out = child.wait_with_output().expect("wait for plugin");
-    Outcome {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        elapsed: start.elapsed(),
-    }
+    ferrynet_cni::netns::run_in(host, move || {
+        let start = Instant::now();
+        let mut child = cmd.spawn()?;
+        // A plugin may exit without reading stdin (VERSION, early errors): ignore EPIPE.
+        let _ = child.stdin.take().expect("stdin").write_all(stdin);
+        let out = child.wait_with_output()?;
+        Ok(Outcome {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            elapsed: start.elapsed(),
+        })
+    })
+    .unwrap_or_else(|e| panic!("run {}: {e}", binary.display()))
 }
 
 /// A conflist, as a runtime reads it from `/etc/cni/net.d`.
@@ -197,7 +187,7 @@ impl<'a> Runtime<'a> {
     pub fn new(host: &'a Netns) -> Self {
         Self {
             host,
-            plugin_dirs: vec![target_dir(), PathBuf::from(REFERENCE_PLUGIN_DIR)],
+            plugin_dirs: vec![cni_bin_dir(), PathBuf::from(REFERENCE_PLUGIN_DIR)],
         }
     }
 

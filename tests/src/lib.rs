@@ -4,6 +4,7 @@
 //! namespace stands for the host (netavark's bats tests work this way), pods are namespaces of
 //! their own, and each test gets its own state directories. Plugins run as the real binaries,
 //! exactly as a runtime runs them: environment variables, config on stdin, in the host namespace.
+pub mod bench;
 pub mod cni;
 pub mod netns;
 pub mod tcp;
@@ -37,12 +38,36 @@ pub fn target_dir() -> PathBuf {
     dir.to_path_buf()
 }
 
-/// A built binary of the workspace. Run `cargo build --bins` (the README's test command does).
+/// The Rust target the CNI binaries are built for: static musl, so that the binaries the agent
+/// copies onto a host run there whatever its libc (and start fastest).
+pub fn cni_target() -> String {
+    format!("{}-unknown-linux-musl", std::env::consts::ARCH)
+}
+
+/// Where the CNI binaries are: `target/<arch>-unknown-linux-musl/<profile>`.
+pub fn cni_bin_dir() -> PathBuf {
+    let profile_dir = target_dir();
+    let profile = profile_dir.file_name().expect("profile dir name").to_owned();
+    profile_dir
+        .parent()
+        .expect("target dir")
+        .join(cni_target())
+        .join(profile)
+}
+
+/// A built binary of the workspace. `ferrynet` and `ferrynet-ipam` are the static CNI builds
+/// (`cargo build --target <arch>-unknown-linux-musl -p ferrynet-cni -p ferrynet-ipam`); the
+/// others are host builds (`cargo build --bins`). The README's test command builds both.
 pub fn binary(name: &str) -> PathBuf {
-    let path = target_dir().join(name);
+    let dir = if matches!(name, "ferrynet" | "ferrynet-ipam") {
+        cni_bin_dir()
+    } else {
+        target_dir()
+    };
+    let path = dir.join(name);
     assert!(
         path.is_file(),
-        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        "{} is missing: build the workspace first (see tests/run.sh)",
         path.display()
     );
     path

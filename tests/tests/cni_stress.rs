@@ -315,7 +315,8 @@ fn a_reboot_leaks_no_address() {
     // boot id, which from the store's side means the recorded one no longer matches.
     drop(before);
     assert!(ferrynet_tests::wait_for(Duration::from_secs(5), || node.host_veths().is_empty().then_some(())).is_some());
-    std::fs::write(node.state.path().join("stress/boot_id"), "a-boot-before-this-one").unwrap();
+    // The store records the boot its allocations belong to in the first line of its lock file.
+    std::fs::write(node.state.path().join("stress/lock"), "a-boot-before-this-one\n").unwrap();
 
     // The runtime sends no DEL for the old containers. New pods still get all 13 addresses.
     let mut after = Vec::new();

@@ -21,7 +21,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     // SAFETY: `skb` points at the kernel's __sk_buff for this invocation.
     let (ifindex, len) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).len) };
     // SAFETY: per-CPU value, so no other CPU writes it concurrently.
-    match FROM_POD_STATS.get_ptr_mut(&ifindex) {
+    match FROM_POD_STATS.get_ptr_mut(ifindex) {
         Some(counters) => unsafe {
             (*counters).packets += 1;
             (*counters).bytes += u64::from(len);
@@ -32,7 +32,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
                 bytes: u64::from(len),
             };
             // A full map only loses accounting, never traffic.
-            let _ = FROM_POD_STATS.insert(&ifindex, &first, 0);
+            let _ = FROM_POD_STATS.insert(ifindex, first, 0);
         }
     }
     TC_ACT_UNSPEC
