@@ -16,7 +16,7 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope},
-    link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    link::{InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
     route::{
         RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -69,6 +69,20 @@ pub struct VethSpec<'a> {
     pub peer_mac: [u8; 6],
     /// The peer is created directly in this namespace, already named `peer_name`.
     pub peer_netns: BorrowedFd<'a>,
+    pub mtu: u32,
+}
+
+/// A VXLAN device (kernel driver, one VNI, no learning: forwarding entries are programmed).
+#[derive(Debug, Clone)]
+pub struct VxlanSpec<'a> {
+    pub name: &'a str,
+    pub vni: u32,
+    /// Underlay address packets leave from.
+    pub local: IpAddr,
+    /// The underlay device (ifindex).
+    pub underlay: u32,
+    pub port: u16,
+    pub mac: [u8; 6],
     pub mtu: u32,
 }
 
@@ -430,6 +444,22 @@ impl Netlink {
         self.apply(Change::permanent_neighbour(index, ip, mac))
     }
 
+    /// Forwarding entries (`bridge fdb`) of a device: (MAC, destination) pairs.
+    pub fn fdb(&mut self, index: u32) -> Result<Vec<([u8; 6], Option<IpAddr>)>> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        let replies = self.request("dump fdb", RouteNetlinkMessage::GetNeighbour(msg), NLM_F_DUMP)?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) if n.header.ifindex == index => {
+                    Some((inspect::neighbour_mac(&n)?, inspect::neighbour_ip(&n)))
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
     /// Neighbour entries of one family on a link.
     pub fn neighbours(&mut self, index: u32, ipv4: bool) -> Result<Vec<NeighbourMessage>> {
         let mut msg = NeighbourMessage::default();
@@ -521,6 +551,135 @@ impl Change {
         }
     }
 
+    /// Create a VXLAN device.
+    pub fn create_vxlan(spec: &VxlanSpec<'_>) -> Self {
+        let mut data = vec![
+            InfoVxlan::Id(spec.vni),
+            InfoVxlan::Link(spec.underlay),
+            InfoVxlan::Port(spec.port),
+            InfoVxlan::Learning(false),
+        ];
+        data.push(match spec.local {
+            IpAddr::V4(v4) => InfoVxlan::Local(v4),
+            IpAddr::V6(v6) => InfoVxlan::Local6(v6),
+        });
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(spec.name.to_string()));
+        msg.attributes.push(LinkAttribute::Address(spec.mac.to_vec()));
+        msg.attributes.push(LinkAttribute::Mtu(spec.mtu));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Vxlan),
+            LinkInfo::Data(InfoData::Vxlan(data)),
+        ]));
+        Self {
+            op: format!("create vxlan {}", spec.name),
+            message: RouteNetlinkMessage::NewLink(msg),
+            flags: NLM_F_CREATE | NLM_F_EXCL,
+        }
+    }
+
+    /// Set a link's MTU.
+    pub fn set_mtu(index: u32, mtu: u32) -> Self {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes.push(LinkAttribute::Mtu(mtu));
+        Self {
+            op: format!("set MTU of link {index}"),
+            message: RouteNetlinkMessage::SetLink(msg),
+            flags: 0,
+        }
+    }
+
+    /// Delete a link.
+    pub fn delete_link(index: u32) -> Self {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        Self {
+            op: format!("delete link {index}"),
+            message: RouteNetlinkMessage::DelLink(msg),
+            flags: 0,
+        }
+    }
+
+    /// Remove an address from a link.
+    pub fn delete_address(index: u32, addr: IpNet) -> Self {
+        let mut change = Self::add_address(index, addr, false);
+        if let RouteNetlinkMessage::NewAddress(msg) = change.message {
+            change.message = RouteNetlinkMessage::DelAddress(msg);
+        }
+        change.op = format!("delete address {addr}");
+        change.flags = 0;
+        change
+    }
+
+    /// Delete the route matching the spec's destination, table and protocol.
+    pub fn delete_route(spec: &RouteSpec) -> Self {
+        let mut msg = route_message(spec);
+        msg.attributes
+            .retain(|a| matches!(a, RouteAttribute::Destination(_) | RouteAttribute::Table(_)));
+        msg.header.scope = RouteScope::NoWhere;
+        Self {
+            op: format!("delete route {}", spec.dst),
+            message: RouteNetlinkMessage::DelRoute(msg),
+            flags: 0,
+        }
+    }
+
+    /// Add (or replace) a forwarding entry: frames for `mac` go to the VXLAN peer `dst`.
+    pub fn fdb_entry(index: u32, mac: [u8; 6], dst: IpAddr) -> Self {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = index;
+        msg.header.state = NeighbourState::Permanent;
+        msg.header.flags = NeighbourFlags::Own;
+        msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        msg.attributes.push(NeighbourAttribute::Destination(match dst {
+            IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+            IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+        }));
+        Self {
+            op: format!("add fdb entry {} -> {dst}", format_mac(&mac)),
+            message: RouteNetlinkMessage::NewNeighbour(msg),
+            flags: NLM_F_CREATE | NLM_F_REPLACE,
+        }
+    }
+
+    /// Delete a forwarding entry.
+    pub fn delete_fdb_entry(index: u32, mac: [u8; 6], dst: Option<IpAddr>) -> Self {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = index;
+        msg.header.flags = NeighbourFlags::Own;
+        msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        if let Some(dst) = dst {
+            msg.attributes.push(NeighbourAttribute::Destination(match dst {
+                IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+                IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+            }));
+        }
+        Self {
+            op: format!("delete fdb entry {}", format_mac(&mac)),
+            message: RouteNetlinkMessage::DelNeighbour(msg),
+            flags: 0,
+        }
+    }
+
+    /// Delete a neighbour entry.
+    pub fn delete_neighbour(index: u32, ip: IpAddr) -> Self {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family(ip);
+        msg.header.ifindex = index;
+        msg.attributes.push(NeighbourAttribute::Destination(match ip {
+            IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+            IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+        }));
+        Self {
+            op: format!("delete neighbour {ip}"),
+            message: RouteNetlinkMessage::DelNeighbour(msg),
+            flags: 0,
+        }
+    }
+
     /// Add (or replace) a permanent neighbour entry `ip -> mac` on a link.
     pub fn permanent_neighbour(index: u32, ip: IpAddr, mac: [u8; 6]) -> Self {
         let mut msg = NeighbourMessage::default();
@@ -539,6 +698,10 @@ impl Change {
             flags: NLM_F_CREATE | NLM_F_REPLACE,
         }
     }
+}
+
+fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 fn family(ip: IpAddr) -> AddressFamily {
@@ -607,6 +770,46 @@ pub mod inspect {
             LinkAttribute::Address(m) => m.as_slice().try_into().ok(),
             _ => None,
         })
+    }
+
+    /// The link's kind (`veth`, `vxlan`, ...), if it has one.
+    pub fn link_kind(link: &LinkMessage) -> Option<&InfoKind> {
+        link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+                LinkInfo::Kind(k) => Some(k),
+                _ => None,
+            }),
+            _ => None,
+        })
+    }
+
+    /// A VXLAN device's VNI, local address and UDP port.
+    pub fn vxlan_params(link: &LinkMessage) -> Option<(u32, Option<IpAddr>, Option<u16>)> {
+        let data = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+                LinkInfo::Data(InfoData::Vxlan(d)) => Some(d),
+                _ => None,
+            }),
+            _ => None,
+        })?;
+        let vni = data.iter().find_map(|d| match d {
+            InfoVxlan::Id(id) => Some(*id),
+            _ => None,
+        })?;
+        let local = data.iter().find_map(|d| match d {
+            InfoVxlan::Local(v4) if !v4.is_unspecified() => Some(IpAddr::V4(*v4)),
+            InfoVxlan::Local6(v6) if !v6.is_unspecified() => Some(IpAddr::V6(*v6)),
+            _ => None,
+        });
+        let port = data.iter().find_map(|d| match d {
+            InfoVxlan::Port(p) => Some(*p),
+            _ => None,
+        });
+        Some((vni, local, port))
+    }
+
+    pub fn route_protocol(route: &RouteMessage) -> RouteProtocol {
+        route.header.protocol
     }
 
     /// For a veth: the peer's ifindex (in the peer's namespace).

@@ -4,6 +4,7 @@
 //! namespace stands for the host (netavark's bats tests work this way), pods are namespaces of
 //! their own, and each test gets its own state directories. Plugins run as the real binaries,
 //! exactly as a runtime runs them: environment variables, config on stdin, in the host namespace.
+pub mod apiserver;
 pub mod bench;
 pub mod cni;
 pub mod netns;

@@ -114,3 +114,35 @@ pub fn link_pair(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) {
     a.ip(&["link", "set", &a_if, "up"]);
     b.ip(&["link", "set", &b_if, "up"]);
 }
+
+impl Netns {
+    /// A tokio runtime whose threads all live in this namespace, so every socket its tasks open is
+    /// there. Run work with `rt.block_on(rt.spawn(...))`: `block_on` alone polls on the calling
+    /// thread, which is not in the namespace.
+    pub fn runtime(&self) -> tokio::runtime::Runtime {
+        use std::os::fd::AsRawFd;
+        let fd = self.fd().as_raw_fd();
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .on_thread_start(move || {
+                // SAFETY: setns on the new runtime thread, with a descriptor the Netns keeps open
+                // for as long as it lives (callers drop the runtime first).
+                let rc = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns for a runtime thread");
+            })
+            .build()
+            .expect("tokio runtime")
+    }
+
+    /// Spawns `program` inside the namespace (from a thread that joined it, so no hook runs
+    /// between fork and exec) and waits for it.
+    pub fn command_output(&self, cmd: &mut std::process::Command) -> std::process::Output {
+        ferrynet_cni::netns::run_in(self.fd(), || cmd.output()).expect("run command in netns")
+    }
+
+    /// Spawns a long-running child inside the namespace.
+    pub fn spawn(&self, cmd: &mut std::process::Command) -> std::process::Child {
+        ferrynet_cni::netns::run_in(self.fd(), || cmd.spawn()).expect("spawn in netns")
+    }
+}

@@ -1,0 +1,34 @@
+//! The agent's own IPAM garbage collection. containerd 2.x calls CNI STATUS but never GC, so
+//! allocations whose pods vanished without a DEL would leak. The agent releases an allocation
+//! when local state says it is dead: its host veth is gone, and it is older than a grace period
+//! (an ADD writes its record just before creating the veth).
+use std::{collections::HashSet, path::Path, time::Duration};
+
+use anyhow::{Context, Result};
+use ferrynet_cni::{
+    names::HostVeth,
+    netlink::{Netlink, inspect},
+};
+use ferrynet_ipam::{Attachment, AttachmentKey, Store};
+
+/// Releases dead allocations of `network`; returns them.
+pub fn collect(data_dir: &Path, network: &str, grace: Duration) -> Result<Vec<Attachment>> {
+    let links: HashSet<String> = Netlink::current()
+        .context("netlink socket")?
+        .links()?
+        .iter()
+        .filter_map(|l| inspect::link_name(l).map(str::to_string))
+        .collect();
+    let store = Store::open(data_dir, network)?;
+    let mut locked = store.lock()?;
+    let now = crate::status::now_unix();
+    let mut keep: HashSet<AttachmentKey> = HashSet::new();
+    for attachment in locked.attachments()? {
+        let key = attachment.key()?;
+        let young = now.saturating_sub(attachment.created_unix) < grace.as_secs();
+        if young || links.contains(&HostVeth::for_key(&key).name) {
+            keep.insert(key);
+        }
+    }
+    Ok(locked.gc(|key| keep.contains(key))?.released)
+}

@@ -1,0 +1,205 @@
+//! `ferrynet-agent`: runs as a DaemonSet on every node.
+//!
+//! - `run` (the default): installs the CNI, keeps the conflist in step with the node's PodCIDRs,
+//!   routes to every other node's pods, masquerades pod egress, and garbage-collects IPAM.
+//! - `install-cni`: the init container's job: binaries and conflist, then exit.
+//! - `uninstall`: removes what the agent installed.
+//! - `status`: shows the node, its PodCIDRs, its routes to peers and CNI readiness (`--ready` as a
+//!   readiness probe).
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context, Result};
+use clap::{ArgAction, Args, Parser, Subcommand};
+use ferrynet_agent::{
+    cniconf::CniPaths,
+    routing::VxlanSettings,
+    run::{self, AgentConfig},
+    status,
+    topology::RoutingMode,
+};
+use ipnet::IpNet;
+
+#[derive(Parser)]
+#[command(name = "ferrynet-agent", version, about = "ferrynet's node agent")]
+struct Cli {
+    #[command(flatten)]
+    options: Options,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (the default).
+    Run,
+    /// Install the CNI binaries and conflist, then exit (for the DaemonSet's init container).
+    InstallCni {
+        /// How long to wait for the node's PodCIDR.
+        #[arg(long, default_value = "300")]
+        wait_seconds: u64,
+    },
+    /// Remove the conflist, the binaries, the agent's routes, VXLAN device and nftables table.
+    Uninstall,
+    /// Show what the agent last did on this node.
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// Print nothing; exit 0 only if the CNI is ready and the agent synced recently.
+        #[arg(long)]
+        ready: bool,
+        /// With --ready: how recent the last sync must be.
+        #[arg(long, default_value = "120")]
+        max_age_seconds: u64,
+    },
+}
+
+#[derive(Args)]
+struct Options {
+    /// This node's name (the DaemonSet sets it from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// A kubeconfig; without it, the in-cluster service account.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    #[arg(long, env = "FERRYNET_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    #[arg(long, env = "FERRYNET_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// Where the plugin binaries to install are (default: next to this executable).
+    #[arg(long, env = "FERRYNET_CNI_SOURCE_DIR")]
+    cni_source_dir: Option<PathBuf>,
+    /// The network name in the conflist (and the IPAM store's directory).
+    #[arg(long, env = "FERRYNET_NETWORK", default_value = "ferrynet")]
+    network: String,
+    #[arg(long, env = "FERRYNET_IPAM_DATA_DIR", default_value = "/var/lib/ferrynet/ipam")]
+    ipam_data_dir: PathBuf,
+    #[arg(long, env = "FERRYNET_STATE_DIR", default_value = "/var/lib/ferrynet/agent")]
+    state_dir: PathBuf,
+    /// native, vxlan, or auto (native on the same L2 segment, VXLAN elsewhere).
+    #[arg(long, env = "FERRYNET_ROUTING_MODE", value_enum, default_value = "auto")]
+    routing_mode: RoutingMode,
+    /// The underlay interface (default: the one holding the node's InternalIP).
+    #[arg(long, env = "FERRYNET_UPLINK")]
+    uplink: Option<String>,
+    #[arg(long, env = "FERRYNET_VXLAN_VNI", default_value = "4242")]
+    vxlan_vni: u32,
+    #[arg(long, env = "FERRYNET_VXLAN_PORT", default_value = "4789")]
+    vxlan_port: u16,
+    /// Masquerade pod traffic leaving the cluster's pod CIDRs to the node's address.
+    #[arg(long, env = "FERRYNET_MASQUERADE", default_value = "true", action = ArgAction::Set)]
+    masquerade: bool,
+    /// The cluster's pod CIDRs (default: the union of all nodes' PodCIDRs).
+    #[arg(long = "cluster-cidr", env = "FERRYNET_CLUSTER_CIDRS", value_delimiter = ',')]
+    cluster_cidrs: Vec<IpNet>,
+    #[arg(long, env = "FERRYNET_RESYNC_SECONDS", default_value = "30")]
+    resync_seconds: u64,
+    #[arg(long, env = "FERRYNET_IPAM_GC_SECONDS", default_value = "60")]
+    ipam_gc_seconds: u64,
+    /// Log filter (tracing's env-filter syntax).
+    #[arg(long, env = "FERRYNET_LOG", default_value = "info")]
+    log: String,
+}
+
+impl Options {
+    fn config(&self) -> Result<AgentConfig> {
+        let node_name = self
+            .node_name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .context("--node-name (or NODE_NAME) is required")?;
+        let source_dir = match &self.cni_source_dir {
+            Some(dir) => dir.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .context("executable has no directory")?
+                .to_path_buf(),
+        };
+        Ok(AgentConfig {
+            node_name,
+            kubeconfig: self.kubeconfig.clone(),
+            cni: CniPaths {
+                bin_dir: self.cni_bin_dir.clone(),
+                conf_dir: self.cni_conf_dir.clone(),
+                source_dir,
+            },
+            network: self.network.clone(),
+            ipam_data_dir: self.ipam_data_dir.clone(),
+            state_dir: self.state_dir.clone(),
+            mode: self.routing_mode,
+            uplink: self.uplink.clone(),
+            vxlan: VxlanSettings {
+                vni: self.vxlan_vni,
+                port: self.vxlan_port,
+            },
+            masquerade: self.masquerade,
+            cluster_cidrs: self.cluster_cidrs.clone(),
+            resync: Duration::from_secs(self.resync_seconds.max(1)),
+            ipam_gc_interval: Duration::from_secs(self.ipam_gc_seconds.max(1)),
+            ipam_gc_grace: Duration::from_secs(60),
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.options.log).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match execute(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferrynet-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(cli: Cli) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => runtime.block_on(run::run(cli.options.config()?))?,
+        Command::InstallCni { wait_seconds } => runtime.block_on(run::install_cni(
+            &cli.options.config()?,
+            Duration::from_secs(wait_seconds),
+        ))?,
+        Command::Uninstall => {
+            let mut cfg = cli.options.config().or_else(|_| {
+                // Uninstall needs no node name.
+                let mut o = cli.options;
+                o.node_name = Some("-".into());
+                o.config()
+            })?;
+            cfg.node_name.clear();
+            run::uninstall(&cfg)?
+        }
+        Command::Status {
+            json,
+            ready,
+            max_age_seconds,
+        } => {
+            let st = status::read(&cli.options.state_dir);
+            if ready {
+                let fresh = st.as_ref().is_ok_and(|s| {
+                    s.cni_ready
+                        && s.last_error.is_none()
+                        && status::now_unix().saturating_sub(s.last_sync_unix) <= max_age_seconds
+                });
+                return Ok(if fresh { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+            }
+            let st = st?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print!("{}", status::render(&st));
+            }
+            if !st.cni_ready {
+                return Ok(ExitCode::from(2));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,105 @@
+//! Egress masquerade: pod traffic leaving the cluster's pod CIDRs takes the node's address. It
+//! lives in an nftables table of its own (`inet ferrynet`), replaced as a whole in one atomic
+//! transaction and removed at uninstall, so nobody else's rules are ever touched.
+use std::{io::Write, process::Stdio};
+
+use anyhow::{Context, Result, bail};
+use ipnet::IpNet;
+
+pub const TABLE: &str = "ferrynet";
+
+/// The complete ruleset for `cluster` (pure). Applying it replaces the table atomically:
+/// `nft -f` runs the whole script as one transaction.
+pub fn ruleset(cluster: &[IpNet]) -> String {
+    let v4: Vec<String> = cluster
+        .iter()
+        .filter(|c| c.addr().is_ipv4())
+        .map(ToString::to_string)
+        .collect();
+    let v6: Vec<String> = cluster
+        .iter()
+        .filter(|c| c.addr().is_ipv6())
+        .map(ToString::to_string)
+        .collect();
+    let mut script = format!("table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
+    if !v4.is_empty() {
+        script += &format!(
+            "  set pods_v4 {{ type ipv4_addr; flags interval; elements = {{ {} }} }}\n",
+            v4.join(", ")
+        );
+    }
+    if !v6.is_empty() {
+        script += &format!(
+            "  set pods_v6 {{ type ipv6_addr; flags interval; elements = {{ {} }} }}\n",
+            v6.join(", ")
+        );
+    }
+    script += "  chain egress {\n    type nat hook postrouting priority srcnat; policy accept;\n";
+    if !v4.is_empty() {
+        script += "    ip saddr @pods_v4 ip daddr != @pods_v4 masquerade comment \"pod egress\"\n";
+    }
+    if !v6.is_empty() {
+        script += "    ip6 saddr @pods_v6 ip6 daddr != @pods_v6 masquerade comment \"pod egress\"\n";
+    }
+    script += "  }\n}\n";
+    script
+}
+
+/// Loads a ruleset with `nft -f -`.
+pub fn apply(script: &str) -> Result<()> {
+    nft(&["-f", "-"], script)
+}
+
+/// Removes the table; a table that is not there is fine.
+pub fn remove() -> Result<()> {
+    nft(
+        &["-f", "-"],
+        &format!("table inet {TABLE}\ndelete table inet {TABLE}\n"),
+    )
+}
+
+fn nft(args: &[&str], stdin: &str) -> Result<()> {
+    let mut child = std::process::Command::new("nft")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running nft (is nftables installed?)")?;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .context("writing to nft")?;
+    let out = child.wait_with_output().context("waiting for nft")?;
+    if !out.status.success() {
+        bail!(
+            "nft {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ruleset_masquerades_only_traffic_leaving_the_pod_cidrs() {
+        let s = ruleset(&["10.244.0.0/16".parse().unwrap(), "fd00:244::/48".parse().unwrap()]);
+        assert!(
+            s.starts_with("table inet ferrynet\ndelete table inet ferrynet\n"),
+            "{s}"
+        );
+        assert!(s.contains("elements = { 10.244.0.0/16 }"), "{s}");
+        assert!(s.contains("ip saddr @pods_v4 ip daddr != @pods_v4 masquerade"), "{s}");
+        assert!(s.contains("ip6 saddr @pods_v6 ip6 daddr != @pods_v6 masquerade"), "{s}");
+        let v4_only = ruleset(&["10.244.0.0/16".parse().unwrap()]);
+        assert!(!v4_only.contains("ip6"), "{v4_only}");
+        let none = ruleset(&[]);
+        assert!(!none.contains("masquerade"), "{none}");
+    }
+}

@@ -1,0 +1,499 @@
+//! From Node objects to the routes this node needs: pure functions, no I/O, unit-tested without
+//! root. The agent feeds them what the API server says and hands the result to `apply`.
+//!
+//! Hostile or half-made objects never crash anything: a node without a name, without a usable
+//! InternalIP or without a valid PodCIDR is skipped with a warning, and so is a PodCIDR that
+//! collides with one already claimed.
+use std::{collections::BTreeMap, net::IpAddr};
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Node;
+use sha2::{Digest, Sha256};
+
+/// What the agent needs to know about one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// InternalIP addresses, in the order the node reports them.
+    pub internal_ips: Vec<IpAddr>,
+    /// At most one per family, as Kubernetes allows.
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+impl NodeInfo {
+    /// The node's underlay address of one family.
+    pub fn internal_ip(&self, ipv4: bool) -> Option<IpAddr> {
+        self.internal_ips.iter().copied().find(|ip| ip.is_ipv4() == ipv4)
+    }
+}
+
+/// Reads a Node object, tolerating anything. Returns what could be used, plus warnings.
+pub fn node_info(node: &Node) -> (Option<NodeInfo>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let Some(name) = node.metadata.name.clone().filter(|n| !n.is_empty()) else {
+        warnings.push("a node without a name is ignored".to_string());
+        return (None, warnings);
+    };
+    let spec = node.spec.as_ref();
+    let raw_cidrs: Vec<String> = match spec.and_then(|s| s.pod_cidrs.clone()).filter(|c| !c.is_empty()) {
+        Some(list) => list,
+        None => spec.and_then(|s| s.pod_cidr.clone()).into_iter().collect(),
+    };
+    let mut pod_cidrs: Vec<IpNet> = Vec::new();
+    for raw in raw_cidrs {
+        match raw.parse::<IpNet>() {
+            Ok(cidr) if cidr.trunc() != cidr => {
+                warnings.push(format!(
+                    "node {name}: podCIDR {raw} has host bits set; using {}",
+                    cidr.trunc()
+                ));
+                push_per_family(&mut pod_cidrs, cidr.trunc(), &name, &mut warnings);
+            }
+            Ok(cidr) => push_per_family(&mut pod_cidrs, cidr, &name, &mut warnings),
+            Err(_) => warnings.push(format!("node {name}: podCIDR {raw:?} is not a CIDR; ignored")),
+        }
+    }
+    let mut internal_ips = Vec::new();
+    for address in node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        if address.type_ != "InternalIP" {
+            continue;
+        }
+        match address.address.parse::<IpAddr>() {
+            Ok(ip) if !ip.is_unspecified() && !ip.is_loopback() && !ip.is_multicast() => internal_ips.push(ip),
+            _ => warnings.push(format!(
+                "node {name}: InternalIP {:?} is not usable; ignored",
+                address.address
+            )),
+        }
+    }
+    (
+        Some(NodeInfo {
+            name,
+            internal_ips,
+            pod_cidrs,
+        }),
+        warnings,
+    )
+}
+
+fn push_per_family(cidrs: &mut Vec<IpNet>, cidr: IpNet, node: &str, warnings: &mut Vec<String>) {
+    if cidrs.iter().any(|c| c.addr().is_ipv4() == cidr.addr().is_ipv4()) {
+        warnings.push(format!(
+            "node {node}: a second podCIDR of one family ({cidr}) is ignored"
+        ));
+    } else {
+        cidrs.push(cidr);
+    }
+}
+
+/// How traffic to other nodes' pods travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingMode {
+    /// A route to each peer's PodCIDR via the peer's InternalIP: needs a shared L2 segment (or an
+    /// underlay that routes pod CIDRs).
+    Native,
+    /// Encapsulated in VXLAN to the peer's InternalIP: works across any IP underlay.
+    Vxlan,
+    /// Native to peers on the same L2 segment, VXLAN to the others.
+    Auto,
+}
+
+/// How one peer PodCIDR is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Via {
+    /// `cidr via gateway` (the peer's InternalIP, on the shared segment).
+    Native { gateway: IpAddr },
+    /// `cidr via inner onlink dev ferrynet.vxlan`, with `inner` resolving to `mac`, and `mac`
+    /// forwarded to the peer's `vtep` address.
+    Vxlan { vtep: IpAddr, inner: IpAddr, mac: [u8; 6] },
+}
+
+/// One route the node needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerRoute {
+    pub cidr: IpNet,
+    pub via: Via,
+}
+
+/// Everything the node's routing should look like.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingPlan {
+    /// Routes to other nodes' PodCIDRs, by node name.
+    pub peers: BTreeMap<String, Vec<PeerRoute>>,
+    /// This node's VXLAN endpoint, when any peer is reached through VXLAN (or the mode is VXLAN).
+    pub vxlan: Option<LocalVtep>,
+    pub warnings: Vec<String>,
+}
+
+/// This node's side of the overlay.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalVtep {
+    /// The underlay address VXLAN packets leave from.
+    pub local: IpAddr,
+    pub mac: [u8; 6],
+    /// Addresses on the VXLAN device: the network address of each local PodCIDR (never handed to
+    /// a pod), the next hop other nodes route this node's pods through.
+    pub inner: Vec<IpNet>,
+}
+
+impl RoutingPlan {
+    pub fn routes(&self) -> impl Iterator<Item = &PeerRoute> {
+        self.peers.values().flatten()
+    }
+}
+
+/// The VTEP MAC of the node whose underlay address is `ip`: derived, so that no node has to
+/// publish it (locally administered, unicast).
+pub fn vtep_mac(ip: IpAddr) -> [u8; 6] {
+    let digest = Sha256::digest(ip.to_string().as_bytes());
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&digest[..6]);
+    mac[0] = (mac[0] & 0xfc) | 0x02;
+    mac
+}
+
+/// Computes the routes `local` needs to reach every other node's pods.
+///
+/// `connected` lists the subnets of the local uplink (which peers share an L2 segment with us),
+/// used by `Auto`. Peers whose PodCIDRs collide with ours, or with a peer's whose name sorts
+/// first, are skipped with a warning: routing a CIDR to two places is never right.
+pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], mode: RoutingMode, connected: &[IpNet]) -> RoutingPlan {
+    let mut plan = RoutingPlan::default();
+    let underlay_v4 = local.internal_ip(true).is_some() || local.internal_ip(false).is_none();
+    let local_vtep = local.internal_ip(underlay_v4);
+    let mut claimed: Vec<(IpNet, String)> = local.pod_cidrs.iter().map(|c| (*c, local.name.clone())).collect();
+    let mut peers: Vec<&NodeInfo> = nodes.iter().filter(|n| n.name != local.name).collect();
+    peers.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut uses_vxlan = mode == RoutingMode::Vxlan;
+
+    for peer in peers {
+        if peer.pod_cidrs.is_empty() {
+            plan.warnings
+                .push(format!("node {}: no podCIDR yet; no route", peer.name));
+            continue;
+        }
+        let mut routes = Vec::new();
+        for cidr in &peer.pod_cidrs {
+            if let Some((_, owner)) = claimed
+                .iter()
+                .find(|(c, _)| c.contains(&cidr.network()) || cidr.contains(&c.network()))
+            {
+                plan.warnings.push(format!(
+                    "node {}: podCIDR {cidr} overlaps {owner}'s; no route",
+                    peer.name
+                ));
+                continue;
+            }
+            // A native route needs an underlay of the CIDR's family at both ends.
+            let family = cidr.addr().is_ipv4();
+            let native_gateway = peer.internal_ip(family).filter(|_| local.internal_ip(family).is_some());
+            let on_link = |ip: IpAddr| connected.iter().any(|net| net.contains(&ip));
+            let via = match mode {
+                RoutingMode::Native => match native_gateway {
+                    Some(gateway) => Via::Native { gateway },
+                    None => {
+                        plan.warnings.push(format!(
+                            "node {}: no InternalIP of {cidr}'s family for a native route; no route",
+                            peer.name
+                        ));
+                        continue;
+                    }
+                },
+                RoutingMode::Auto if native_gateway.is_some_and(on_link) => Via::Native {
+                    gateway: native_gateway.expect("checked"),
+                },
+                RoutingMode::Vxlan | RoutingMode::Auto => {
+                    let (Some(_), Some(vtep)) = (local_vtep, peer.internal_ip(underlay_v4)) else {
+                        plan.warnings.push(format!(
+                            "node {}: no InternalIP of the underlay's family for VXLAN; no route",
+                            peer.name
+                        ));
+                        continue;
+                    };
+                    uses_vxlan = true;
+                    Via::Vxlan {
+                        vtep,
+                        inner: cidr.network(),
+                        mac: vtep_mac(vtep),
+                    }
+                }
+            };
+            claimed.push((*cidr, peer.name.clone()));
+            routes.push(PeerRoute { cidr: *cidr, via });
+        }
+        if !routes.is_empty() {
+            plan.peers.insert(peer.name.clone(), routes);
+        }
+    }
+    if uses_vxlan {
+        match local_vtep {
+            Some(ip) => {
+                plan.vxlan = Some(LocalVtep {
+                    local: ip,
+                    mac: vtep_mac(ip),
+                    inner: local
+                        .pod_cidrs
+                        .iter()
+                        .map(|c| IpNet::new(c.network(), c.max_prefix_len()).expect("host prefix"))
+                        .collect(),
+                })
+            }
+            None => plan
+                .warnings
+                .push(format!("node {}: no InternalIP, so no VXLAN endpoint", local.name)),
+        }
+    }
+    plan
+}
+
+/// VXLAN's overhead: outer IP (20 or 40) + UDP (8) + VXLAN (8) + inner Ethernet (14).
+pub fn vxlan_overhead(underlay_ipv6: bool) -> u32 {
+    if underlay_ipv6 { 70 } else { 50 }
+}
+
+/// The pod MTU for an uplink MTU. `Auto` reserves the overlay's overhead too: a node that needs
+/// VXLAN may join later, and pods cannot have their MTU changed under them.
+pub fn pod_mtu(uplink_mtu: u32, mode: RoutingMode, underlay_ipv6: bool) -> u32 {
+    match mode {
+        RoutingMode::Native => uplink_mtu,
+        RoutingMode::Vxlan | RoutingMode::Auto => uplink_mtu.saturating_sub(vxlan_overhead(underlay_ipv6)),
+    }
+}
+
+/// Every PodCIDR in the cluster (for masquerade): the configured cluster CIDRs if any, else the
+/// union of all nodes' PodCIDRs.
+pub fn cluster_cidrs(configured: &[IpNet], nodes: &[NodeInfo]) -> Vec<IpNet> {
+    let mut all: Vec<IpNet> = if configured.is_empty() {
+        nodes.iter().flat_map(|n| n.pod_cidrs.iter().copied()).collect()
+    } else {
+        configured.to_vec()
+    };
+    all.sort();
+    all.dedup();
+    IpNet::aggregate(&all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{NodeAddress, NodeSpec, NodeStatus};
+    use kube::api::ObjectMeta;
+
+    fn node(name: &str, ips: &[&str], cidrs: &[&str]) -> Node {
+        Node {
+            metadata: ObjectMeta {
+                name: (!name.is_empty()).then(|| name.to_string()),
+                ..Default::default()
+            },
+            spec: Some(NodeSpec {
+                pod_cidrs: (!cidrs.is_empty()).then(|| cidrs.iter().map(|c| c.to_string()).collect()),
+                ..Default::default()
+            }),
+            status: Some(NodeStatus {
+                addresses: Some(
+                    ips.iter()
+                        .map(|a| NodeAddress {
+                            type_: "InternalIP".into(),
+                            address: a.to_string(),
+                        })
+                        .chain([NodeAddress {
+                            type_: "Hostname".into(),
+                            address: name.into(),
+                        }])
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn info(name: &str, ips: &[&str], cidrs: &[&str]) -> NodeInfo {
+        node_info(&node(name, ips, cidrs)).0.unwrap()
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn reads_nodes_and_tolerates_hostile_ones() {
+        let (n, w) = node_info(&node(
+            "a",
+            &["10.0.0.1", "fd00::1"],
+            &["10.244.1.0/24", "fd00:244:1::/64"],
+        ));
+        let n = n.unwrap();
+        assert_eq!(n.internal_ips, vec![ip("10.0.0.1"), ip("fd00::1")]);
+        assert_eq!(n.pod_cidrs, vec![net("10.244.1.0/24"), net("fd00:244:1::/64")]);
+        assert!(w.is_empty());
+
+        // No name, garbage CIDRs and addresses, two CIDRs of one family, host bits.
+        assert!(node_info(&node("", &["10.0.0.1"], &["10.244.1.0/24"])).0.is_none());
+        let (n, w) = node_info(&node(
+            "b",
+            &["not-an-ip", "0.0.0.0", "10.0.0.2"],
+            &["nope", "10.244.2.7/24", "10.244.9.0/24"],
+        ));
+        let n = n.unwrap();
+        assert_eq!(n.pod_cidrs, vec![net("10.244.2.0/24")]);
+        assert_eq!(n.internal_ips, vec![ip("10.0.0.2")]);
+        assert_eq!(w.len(), 5, "{w:?}");
+
+        // The legacy singular podCIDR, and a node with no spec or status at all.
+        let mut legacy = node("c", &["10.0.0.3"], &[]);
+        legacy.spec.as_mut().unwrap().pod_cidr = Some("10.244.3.0/24".into());
+        assert_eq!(node_info(&legacy).0.unwrap().pod_cidrs, vec![net("10.244.3.0/24")]);
+        let bare = Node {
+            metadata: ObjectMeta {
+                name: Some("d".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let n = node_info(&bare).0.unwrap();
+        assert!(n.pod_cidrs.is_empty() && n.internal_ips.is_empty());
+    }
+
+    #[test]
+    fn native_routes_each_peer_cidr_via_its_internal_ip() {
+        let local = info("n1", &["10.0.0.1"], &["10.244.1.0/24"]);
+        let nodes = vec![
+            local.clone(),
+            info("n2", &["10.0.0.2"], &["10.244.2.0/24"]),
+            info("n3", &["10.0.0.3"], &["10.244.3.0/24"]),
+        ];
+        let plan = plan_routes(&local, &nodes, RoutingMode::Native, &[]);
+        assert_eq!(
+            plan.peers["n2"],
+            vec![PeerRoute {
+                cidr: net("10.244.2.0/24"),
+                via: Via::Native {
+                    gateway: ip("10.0.0.2")
+                }
+            }]
+        );
+        assert_eq!(plan.peers.len(), 2);
+        assert!(plan.vxlan.is_none());
+        assert!(plan.warnings.is_empty());
+    }
+
+    #[test]
+    fn vxlan_routes_through_each_peers_network_address() {
+        let local = info("n1", &["10.0.0.1"], &["10.244.1.0/24", "fd00:244:1::/64"]);
+        let nodes = vec![
+            local.clone(),
+            info("n2", &["10.0.0.2"], &["10.244.2.0/24", "fd00:244:2::/64"]),
+        ];
+        let plan = plan_routes(&local, &nodes, RoutingMode::Vxlan, &[]);
+        let mac = vtep_mac(ip("10.0.0.2"));
+        assert_eq!(
+            plan.peers["n2"],
+            vec![
+                PeerRoute {
+                    cidr: net("10.244.2.0/24"),
+                    via: Via::Vxlan {
+                        vtep: ip("10.0.0.2"),
+                        inner: ip("10.244.2.0"),
+                        mac
+                    }
+                },
+                PeerRoute {
+                    cidr: net("fd00:244:2::/64"),
+                    via: Via::Vxlan {
+                        vtep: ip("10.0.0.2"),
+                        inner: ip("fd00:244:2::"),
+                        mac
+                    }
+                },
+            ]
+        );
+        let vtep = plan.vxlan.unwrap();
+        assert_eq!(vtep.local, ip("10.0.0.1"));
+        assert_eq!(vtep.inner, vec![net("10.244.1.0/32"), net("fd00:244:1::/128")]);
+        assert_eq!(vtep.mac[0] & 3, 2);
+    }
+
+    #[test]
+    fn auto_picks_native_on_the_same_segment_and_vxlan_elsewhere() {
+        let local = info("n1", &["10.0.0.1"], &["10.244.1.0/24"]);
+        let nodes = vec![
+            local.clone(),
+            info("near", &["10.0.0.2"], &["10.244.2.0/24"]),
+            info("far", &["192.168.7.9"], &["10.244.3.0/24"]),
+        ];
+        let plan = plan_routes(&local, &nodes, RoutingMode::Auto, &[net("10.0.0.0/24")]);
+        assert!(matches!(plan.peers["near"][0].via, Via::Native { .. }));
+        assert!(matches!(plan.peers["far"][0].via, Via::Vxlan { .. }));
+        assert!(plan.vxlan.is_some());
+        // All on one segment: no VXLAN endpoint at all.
+        let plan = plan_routes(&local, &nodes[..2], RoutingMode::Auto, &[net("10.0.0.0/24")]);
+        assert!(plan.vxlan.is_none());
+    }
+
+    #[test]
+    fn hostile_peers_are_skipped_with_warnings_and_never_crash() {
+        let local = info("n1", &["10.0.0.1"], &["10.244.1.0/24"]);
+        let nodes = vec![
+            local.clone(),
+            info("no-cidr", &["10.0.0.2"], &[]),
+            info("no-address", &[], &["10.244.4.0/24"]),
+            info("steals-mine", &["10.0.0.5"], &["10.244.1.0/25"]),
+            info("a-first", &["10.0.0.6"], &["10.244.6.0/24"]),
+            info("b-duplicate", &["10.0.0.7"], &["10.244.6.0/24"]),
+            info("v6-only", &["fd00::8"], &["fd00:244:8::/64"]),
+        ];
+        for mode in [RoutingMode::Native, RoutingMode::Vxlan, RoutingMode::Auto] {
+            let plan = plan_routes(&local, &nodes, mode, &[net("10.0.0.0/24")]);
+            let names: Vec<&str> = plan.peers.keys().map(String::as_str).collect();
+            assert_eq!(names, ["a-first"], "{mode:?}: {plan:?}");
+            assert_eq!(plan.warnings.len(), 5, "{mode:?}: {:?}", plan.warnings);
+        }
+        // An IPv6-only cluster routes natively over IPv6, and VXLAN uses an IPv6 underlay.
+        let v6 = info("m1", &["fd00::1"], &["fd00:244:1::/64"]);
+        let nodes = vec![v6.clone(), info("m2", &["fd00::2"], &["fd00:244:2::/64"])];
+        let plan = plan_routes(&v6, &nodes, RoutingMode::Native, &[]);
+        assert_eq!(plan.peers["m2"][0].via, Via::Native { gateway: ip("fd00::2") });
+        let plan = plan_routes(&v6, &nodes, RoutingMode::Vxlan, &[]);
+        assert_eq!(plan.vxlan.unwrap().local, ip("fd00::1"));
+        // A local node without addresses can still route natively, but gets no VXLAN endpoint.
+        let lonely = info("x", &[], &["10.244.9.0/24"]);
+        let plan = plan_routes(
+            &lonely,
+            &[lonely.clone(), info("y", &["10.0.0.2"], &["10.244.2.0/24"])],
+            RoutingMode::Vxlan,
+            &[],
+        );
+        assert!(plan.peers.is_empty() && plan.vxlan.is_none() && !plan.warnings.is_empty());
+    }
+
+    #[test]
+    fn mtu_and_cluster_cidrs() {
+        assert_eq!(pod_mtu(1500, RoutingMode::Native, false), 1500);
+        assert_eq!(pod_mtu(1500, RoutingMode::Vxlan, false), 1450);
+        assert_eq!(pod_mtu(1500, RoutingMode::Auto, true), 1430);
+        let nodes = vec![
+            info("a", &["10.0.0.1"], &["10.244.0.0/24"]),
+            info("b", &["10.0.0.2"], &["10.244.1.0/24", "fd00::/64"]),
+        ];
+        assert_eq!(cluster_cidrs(&[], &nodes), vec![net("10.244.0.0/23"), net("fd00::/64")]);
+        assert_eq!(
+            cluster_cidrs(&[net("10.244.0.0/16")], &nodes),
+            vec![net("10.244.0.0/16")]
+        );
+    }
+}

@@ -1,0 +1,1075 @@
+//! A stand-in for the Kubernetes API server, for environments without a cluster (the lab and the
+//! tests). It is **not Kubernetes**: no authentication, no admission, no validation beyond object
+//! shape, no defaulting, and only the kinds ferrynet works with (Nodes, Namespaces, Services,
+//! Pods, EndpointSlices).
+//!
+//! What it does implement is the REST protocol those kinds are used through, so that clients
+//! (kube-rs, the real `kubectl`) talk to it exactly as they would to a real API server:
+//! - discovery: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/discovery.k8s.io[/v1]`;
+//! - list with `resourceVersion`, `labelSelector` and `fieldSelector` (`metadata.name`,
+//!   `metadata.namespace`);
+//! - watch as a stream of newline-delimited events, replaying history from a `resourceVersion`,
+//!   with `BOOKMARK` events when asked for and an `ERROR` event with status 410 (Gone) when the
+//!   requested version is older than the history it keeps; `timeoutSeconds` ends the stream;
+//! - create, replace (the object, or its `status` subresource), merge-patch and delete, with
+//!   `resourceVersion` conflicts (409) and Status objects for every error.
+//!
+//! Objects are persisted to a file after every change (when given one), so a restart keeps them,
+//! as etcd would. History is not persisted: clients that resume across a restart get 410 and
+//! list again, which is what real clients do after a long disconnect.
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::State,
+    http::{HeaderMap, Method, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::{Map, Value, json};
+use tokio::sync::broadcast;
+
+/// A kind the stand-in serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kind {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub plural: &'static str,
+    pub singular: &'static str,
+    pub kind: &'static str,
+    pub namespaced: bool,
+    pub short_names: &'static [&'static str],
+}
+
+impl Kind {
+    fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+}
+
+pub const KINDS: [Kind; 5] = [
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "nodes",
+        singular: "node",
+        kind: "Node",
+        namespaced: false,
+        short_names: &["no"],
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "namespaces",
+        singular: "namespace",
+        kind: "Namespace",
+        namespaced: false,
+        short_names: &["ns"],
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "services",
+        singular: "service",
+        kind: "Service",
+        namespaced: true,
+        short_names: &["svc"],
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "pods",
+        singular: "pod",
+        kind: "Pod",
+        namespaced: true,
+        short_names: &["po"],
+    },
+    Kind {
+        group: "discovery.k8s.io",
+        version: "v1",
+        plural: "endpointslices",
+        singular: "endpointslice",
+        kind: "EndpointSlice",
+        namespaced: true,
+        short_names: &[],
+    },
+];
+
+/// Tunables (the defaults suit the lab; tests shrink them to provoke bookmarks and 410s).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How many change events are kept for watches that resume from a `resourceVersion`.
+    pub history: usize,
+    /// How often a watch that allows bookmarks gets one.
+    pub bookmark_interval: Duration,
+    /// Where objects are persisted (none: memory only).
+    pub data_file: Option<PathBuf>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            history: 10_000,
+            bookmark_interval: Duration::from_secs(15),
+            data_file: None,
+        }
+    }
+}
+
+type Key = (usize, String, String); // (kind index, namespace, name)
+
+#[derive(Debug, Clone)]
+struct Change {
+    rv: u64,
+    kind: usize,
+    event: &'static str,
+    object: Value,
+}
+
+struct Inner {
+    rv: u64,
+    objects: BTreeMap<Key, Value>,
+    history: VecDeque<Change>,
+    /// The oldest resourceVersion a watch can resume from.
+    horizon: u64,
+    uid_counter: u64,
+}
+
+#[derive(Clone)]
+pub struct ApiServer {
+    inner: Arc<Mutex<Inner>>,
+    changes: broadcast::Sender<Change>,
+    settings: Arc<Settings>,
+}
+
+impl ApiServer {
+    /// A server with the `default` and `kube-system` namespaces, or what `data_file` holds.
+    pub fn new(settings: Settings) -> anyhow::Result<Self> {
+        let (changes, _) = broadcast::channel(4096);
+        let mut inner = Inner {
+            rv: 1,
+            objects: BTreeMap::new(),
+            history: VecDeque::new(),
+            horizon: 1,
+            uid_counter: 0,
+        };
+        match settings.data_file.as_ref().filter(|p| p.exists()) {
+            Some(path) => {
+                let saved: Value = serde_json::from_slice(&std::fs::read(path)?)?;
+                inner.rv = saved["resourceVersion"].as_u64().unwrap_or(1);
+                inner.uid_counter = saved["uidCounter"].as_u64().unwrap_or(0);
+                for object in saved["objects"].as_array().into_iter().flatten() {
+                    let Some(kind) = KINDS.iter().position(|k| k.kind == object["kind"]) else {
+                        continue;
+                    };
+                    let ns = object["metadata"]["namespace"].as_str().unwrap_or("").to_string();
+                    let name = object["metadata"]["name"].as_str().unwrap_or("").to_string();
+                    inner.objects.insert((kind, ns, name), object.clone());
+                }
+                // Watches from before the restart cannot resume: history starts now.
+                inner.horizon = inner.rv;
+            }
+            None => {
+                for ns in ["default", "kube-system"] {
+                    inner.uid_counter += 1;
+                    let object = json!({"apiVersion": "v1", "kind": "Namespace",
+                        "metadata": {"name": ns, "uid": uid(inner.uid_counter), "resourceVersion": "1", "creationTimestamp": rfc3339_now()},
+                        "status": {"phase": "Active"}});
+                    inner.objects.insert((1, String::new(), ns.to_string()), object);
+                }
+            }
+        }
+        Ok(Self {
+            inner: Arc::new(Mutex::new(inner)),
+            changes,
+            settings: Arc::new(settings),
+        })
+    }
+
+    /// The axum app serving the API.
+    pub fn router(&self) -> Router {
+        Router::new().fallback(handle).with_state(self.clone())
+    }
+
+    /// Serves on `listener` until the process ends.
+    pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        axum::serve(listener, self.router()).await
+    }
+
+    fn persist(&self, inner: &Inner) {
+        let Some(path) = &self.settings.data_file else { return };
+        let objects: Vec<&Value> = inner.objects.values().collect();
+        let data = json!({"resourceVersion": inner.rv, "uidCounter": inner.uid_counter, "objects": objects});
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, data.to_string())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .is_err()
+        {
+            eprintln!("apiserver: could not persist to {}", path.display());
+        }
+    }
+
+    /// Records a change: bumps the resourceVersion, keeps history, wakes watchers.
+    fn commit(&self, inner: &mut Inner, kind: usize, event: &'static str, mut object: Value) -> Value {
+        inner.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+        let key = key_of(kind, &object);
+        if event == "DELETED" {
+            inner.objects.remove(&key);
+        } else {
+            inner.objects.insert(key, object.clone());
+        }
+        let change = Change {
+            rv: inner.rv,
+            kind,
+            event,
+            object: object.clone(),
+        };
+        inner.history.push_back(change.clone());
+        while inner.history.len() > self.settings.history {
+            let dropped = inner.history.pop_front().expect("non-empty");
+            inner.horizon = dropped.rv;
+        }
+        self.persist(inner);
+        let _ = self.changes.send(change);
+        object
+    }
+}
+
+fn key_of(kind: usize, object: &Value) -> Key {
+    let ns = object["metadata"]["namespace"].as_str().unwrap_or("").to_string();
+    let name = object["metadata"]["name"].as_str().unwrap_or("").to_string();
+    (kind, ns, name)
+}
+
+fn uid(n: u64) -> String {
+    format!("00000000-0000-4000-8000-{:012x}", n)
+}
+
+fn rfc3339_now() -> String {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn status_error(code: u16, reason: &str, message: String) -> Response {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code});
+    (
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn json_response(code: StatusCode, value: Value) -> Response {
+    (code, [(header::CONTENT_TYPE, "application/json")], value.to_string()).into_response()
+}
+
+/// A parsed resource path.
+struct Target {
+    kind: usize,
+    namespace: Option<String>,
+    name: Option<String>,
+    status: bool,
+}
+
+fn parse_path(path: &str) -> Option<Target> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, version, rest): (&str, &str, &[&str]) = match parts.as_slice() {
+        ["api", version, rest @ ..] => ("", version, rest),
+        ["apis", group, version, rest @ ..] => (group, version, rest),
+        _ => return None,
+    };
+    let find = |plural: &str| {
+        KINDS
+            .iter()
+            .position(|k| k.group == group && k.version == version && k.plural == plural)
+    };
+    match rest {
+        // namespaces/{ns}/{plural}[/{name}[/status]]
+        ["namespaces", ns, plural, tail @ ..] if find(plural).is_some_and(|k| KINDS[k].namespaced) => {
+            let kind = find(plural)?;
+            match tail {
+                [] => Some(Target {
+                    kind,
+                    namespace: Some(ns.to_string()),
+                    name: None,
+                    status: false,
+                }),
+                [name] => Some(Target {
+                    kind,
+                    namespace: Some(ns.to_string()),
+                    name: Some(name.to_string()),
+                    status: false,
+                }),
+                [name, "status"] => Some(Target {
+                    kind,
+                    namespace: Some(ns.to_string()),
+                    name: Some(name.to_string()),
+                    status: true,
+                }),
+                _ => None,
+            }
+        }
+        [plural, tail @ ..] => {
+            let kind = find(plural)?;
+            match tail {
+                [] => Some(Target {
+                    kind,
+                    namespace: None,
+                    name: None,
+                    status: false,
+                }),
+                [name] if !KINDS[kind].namespaced => Some(Target {
+                    kind,
+                    namespace: None,
+                    name: Some(name.to_string()),
+                    status: false,
+                }),
+                [name, "status"] if !KINDS[kind].namespaced => Some(Target {
+                    kind,
+                    namespace: None,
+                    name: Some(name.to_string()),
+                    status: true,
+                }),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+fn query(uri: &Uri) -> BTreeMap<String, String> {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                    out.push(b);
+                    i += 2;
+                } else {
+                    out.push(b'%');
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A label selector: `k=v`, `k==v`, `k!=v`, `k`, `!k`, `k in (a,b)`, `k notin (a,b)`.
+#[derive(Debug, Clone, Default)]
+pub struct Selector(Vec<Requirement>);
+
+#[derive(Debug, Clone)]
+enum Requirement {
+    Eq(String, String),
+    Ne(String, String),
+    Exists(String),
+    Absent(String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+}
+
+impl Selector {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut reqs = Vec::new();
+        // Split on commas outside parentheses.
+        let mut depth = 0;
+        let mut start = 0;
+        let mut parts = Vec::new();
+        for (i, c) in s.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                ',' if depth == 0 => {
+                    parts.push(&s[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        parts.push(&s[start..]);
+        for part in parts.into_iter().map(str::trim).filter(|p| !p.is_empty()) {
+            let set = |rest: &str| -> Result<Vec<String>, String> {
+                let inner = rest
+                    .trim()
+                    .strip_prefix('(')
+                    .and_then(|r| r.strip_suffix(')'))
+                    .ok_or(format!("bad set in {part:?}"))?;
+                Ok(inner.split(',').map(|v| v.trim().to_string()).collect())
+            };
+            let req = if let Some((k, v)) = part.split_once("!=") {
+                Requirement::Ne(k.trim().into(), v.trim().into())
+            } else if let Some((k, v)) = part.split_once("==") {
+                Requirement::Eq(k.trim().into(), v.trim().into())
+            } else if let Some((k, v)) = part.split_once('=') {
+                Requirement::Eq(k.trim().into(), v.trim().into())
+            } else if let Some((k, rest)) = part.split_once(" notin ") {
+                Requirement::NotIn(k.trim().into(), set(rest)?)
+            } else if let Some((k, rest)) = part.split_once(" in ") {
+                Requirement::In(k.trim().into(), set(rest)?)
+            } else if let Some(k) = part.strip_prefix('!') {
+                Requirement::Absent(k.trim().into())
+            } else {
+                Requirement::Exists(part.into())
+            };
+            reqs.push(req);
+        }
+        Ok(Self(reqs))
+    }
+
+    pub fn matches(&self, labels: &Map<String, Value>) -> bool {
+        let get = |k: &str| labels.get(k).and_then(Value::as_str);
+        self.0.iter().all(|r| match r {
+            Requirement::Eq(k, v) => get(k) == Some(v.as_str()),
+            Requirement::Ne(k, v) => get(k) != Some(v.as_str()),
+            Requirement::Exists(k) => get(k).is_some(),
+            Requirement::Absent(k) => get(k).is_none(),
+            Requirement::In(k, vs) => get(k).is_some_and(|v| vs.iter().any(|x| x == v)),
+            Requirement::NotIn(k, vs) => get(k).is_none_or(|v| !vs.iter().any(|x| x == v)),
+        })
+    }
+}
+
+/// What a list or watch wants to see.
+struct Filter {
+    kind: usize,
+    namespace: Option<String>,
+    labels: Selector,
+    fields: Vec<(String, bool, String)>, // (field, equal?, value)
+}
+
+impl Filter {
+    fn new(target: &Target, q: &BTreeMap<String, String>) -> Result<Self, String> {
+        let labels = Selector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))?;
+        let mut fields = Vec::new();
+        for part in q
+            .get("fieldSelector")
+            .map(String::as_str)
+            .unwrap_or("")
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+        {
+            let (field, eq, value) = if let Some((f, v)) = part.split_once("!=") {
+                (f, false, v)
+            } else if let Some((f, v)) = part.split_once("==") {
+                (f, true, v)
+            } else if let Some((f, v)) = part.split_once('=') {
+                (f, true, v)
+            } else {
+                return Err(format!("bad field selector {part:?}"));
+            };
+            if !matches!(field.trim(), "metadata.name" | "metadata.namespace") {
+                return Err(format!("field label not supported: {}", field.trim()));
+            }
+            fields.push((field.trim().to_string(), eq, value.trim().to_string()));
+        }
+        Ok(Self {
+            kind: target.kind,
+            namespace: target.namespace.clone(),
+            labels,
+            fields,
+        })
+    }
+
+    fn matches(&self, kind: usize, object: &Value) -> bool {
+        let meta = &object["metadata"];
+        let ns = meta["namespace"].as_str().unwrap_or("");
+        kind == self.kind
+            && self.namespace.as_deref().is_none_or(|want| want == ns)
+            && self.labels.matches(meta["labels"].as_object().unwrap_or(&Map::new()))
+            && self.fields.iter().all(|(field, eq, value)| {
+                let actual = if field == "metadata.name" {
+                    meta["name"].as_str().unwrap_or("")
+                } else {
+                    ns
+                };
+                (actual == value) == *eq
+            })
+    }
+}
+
+async fn handle(
+    State(server): State<ApiServer>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().to_string();
+    match (method.clone(), path.as_str()) {
+        (Method::GET, "/version") => {
+            return json_response(
+                StatusCode::OK,
+                json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0+ferrynet-standin", "platform": "linux/amd64",
+                    "goVersion": "none", "compiler": "none", "buildDate": "", "gitCommit": "", "gitTreeState": ""}),
+            );
+        }
+        (Method::GET, "/api") => {
+            return json_response(
+                StatusCode::OK,
+                json!({"kind": "APIVersions", "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("")}]}),
+            );
+        }
+        (Method::GET, "/apis") => {
+            let groups: Vec<Value> = group_names().into_iter().map(group_json).collect();
+            return json_response(
+                StatusCode::OK,
+                json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
+            );
+        }
+        (Method::GET, p) if p.starts_with("/apis/") && p.trim_matches('/').split('/').count() == 2 => {
+            let group = p.trim_matches('/').split('/').nth(1).unwrap_or("");
+            return match group_names().into_iter().find(|g| *g == group) {
+                Some(g) => json_response(StatusCode::OK, group_json(g)),
+                None => status_error(
+                    404,
+                    "NotFound",
+                    format!("the server could not find the requested resource {p}"),
+                ),
+            };
+        }
+        (Method::GET, "/openapi/v3") => return json_response(StatusCode::OK, openapi_root()),
+        (Method::GET, p) if p.starts_with("/openapi/v3/") => {
+            let gv = p.trim_start_matches("/openapi/v3/");
+            return match resource_list_path(&format!("/{gv}")) {
+                Some((group, version)) => json_response(StatusCode::OK, openapi_group_version(group, version)),
+                None => status_error(404, "NotFound", format!("no OpenAPI document for {gv}")),
+            };
+        }
+        (Method::GET, p) if resource_list_path(p).is_some() => {
+            let (group, version) = resource_list_path(p).expect("checked");
+            return json_response(StatusCode::OK, resource_list(group, version));
+        }
+        _ => {}
+    }
+    let Some(target) = parse_path(&path) else {
+        return status_error(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({method} {path})"),
+        );
+    };
+    let q = query(&uri);
+    match method {
+        Method::GET
+            if target.name.is_none() && matches!(q.get("watch").map(String::as_str), Some("true") | Some("1")) =>
+        {
+            watch(server, target, q).await
+        }
+        Method::GET if target.name.is_none() => list(&server, &target, &q),
+        Method::GET => get(&server, &target),
+        Method::POST if target.name.is_none() => create(&server, &target, &body),
+        Method::PUT if target.name.is_some() => replace(&server, &target, &body),
+        Method::PATCH if target.name.is_some() => patch(&server, &target, &headers, &body),
+        Method::DELETE if target.name.is_some() => delete(&server, &target),
+        _ => status_error(405, "MethodNotAllowed", format!("{method} is not supported on {path}")),
+    }
+}
+
+fn group_names() -> Vec<&'static str> {
+    let mut groups: Vec<&str> = KINDS.iter().map(|k| k.group).filter(|g| !g.is_empty()).collect();
+    groups.dedup();
+    groups
+}
+
+fn group_json(group: &str) -> Value {
+    let version = KINDS.iter().find(|k| k.group == group).map_or("v1", |k| k.version);
+    let gv = json!({"groupVersion": format!("{group}/{version}"), "version": version});
+    json!({"kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": [gv.clone()], "preferredVersion": gv})
+}
+
+fn resource_list_path(path: &str) -> Option<(&str, &str)> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["api", version] => Some(("", *version)),
+        ["apis", group, version] => Some((*group, *version)),
+        _ => None,
+    }
+    .filter(|(g, v)| KINDS.iter().any(|k| k.group == *g && k.version == *v))
+}
+
+fn resource_list(group: &str, version: &str) -> Value {
+    let verbs = ["create", "delete", "get", "list", "patch", "update", "watch"];
+    let mut resources = Vec::new();
+    for k in KINDS.iter().filter(|k| k.group == group && k.version == version) {
+        resources.push(
+            json!({"name": k.plural, "singularName": k.singular, "namespaced": k.namespaced, "kind": k.kind,
+            "verbs": verbs, "shortNames": k.short_names}),
+        );
+        resources.push(
+            json!({"name": format!("{}/status", k.plural), "singularName": "", "namespaced": k.namespaced,
+            "kind": k.kind, "verbs": ["get", "patch", "update"]}),
+        );
+    }
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources})
+}
+
+/// The OpenAPI v3 index. Only what clients need to learn that the server validates fields itself
+/// (kubectl's `--validate=strict` asks), not schemas: the stand-in does not validate schemas.
+fn openapi_root() -> Value {
+    let mut paths = Map::new();
+    let mut gvs: Vec<(&str, &str)> = KINDS.iter().map(|k| (k.group, k.version)).collect();
+    gvs.dedup();
+    for (group, version) in gvs {
+        let gv = if group.is_empty() {
+            format!("api/{version}")
+        } else {
+            format!("apis/{group}/{version}")
+        };
+        paths.insert(gv.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{gv}")}));
+    }
+    json!({"paths": paths})
+}
+
+/// One group-version's OpenAPI v3 document: each kind's object path with a PATCH operation that
+/// takes `fieldValidation`, tagged with the kind.
+fn openapi_group_version(group: &str, version: &str) -> Value {
+    let mut paths = Map::new();
+    for k in KINDS.iter().filter(|k| k.group == group && k.version == version) {
+        let prefix = if group.is_empty() {
+            format!("/api/{version}")
+        } else {
+            format!("/apis/{group}/{version}")
+        };
+        let path = if k.namespaced {
+            format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", k.plural)
+        } else {
+            format!("{prefix}/{}/{{name}}", k.plural)
+        };
+        let gvk = json!({"group": group, "version": version, "kind": k.kind});
+        let param = json!({"name": "fieldValidation", "in": "query", "schema": {"type": "string"}});
+        let op = |action: &str| json!({"parameters": [param.clone()], "x-kubernetes-action": action, "x-kubernetes-group-version-kind": gvk.clone(), "responses": {}});
+        paths.insert(path, json!({"patch": op("patch"), "put": op("put")}));
+    }
+    json!({"openapi": "3.0.0", "info": {"title": "ferrynet API stand-in", "version": version}, "paths": paths})
+}
+
+fn not_found(target: &Target) -> Response {
+    let k = &KINDS[target.kind];
+    status_error(
+        404,
+        "NotFound",
+        format!(
+            "{}.{} \"{}\" not found",
+            k.plural,
+            k.group,
+            target.name.clone().unwrap_or_default()
+        ),
+    )
+}
+
+fn list(server: &ApiServer, target: &Target, q: &BTreeMap<String, String>) -> Response {
+    let filter = match Filter::new(target, q) {
+        Ok(f) => f,
+        Err(e) => return status_error(400, "BadRequest", e),
+    };
+    let inner = server.inner.lock().expect("lock");
+    let items: Vec<Value> = inner
+        .objects
+        .iter()
+        .filter(|((k, _, _), o)| filter.matches(*k, o))
+        .map(|(_, o)| o.clone())
+        .collect();
+    let k = &KINDS[target.kind];
+    json_response(
+        StatusCode::OK,
+        json!({"kind": format!("{}List", k.kind), "apiVersion": k.api_version(), "metadata": {"resourceVersion": inner.rv.to_string()}, "items": items}),
+    )
+}
+
+fn get(server: &ApiServer, target: &Target) -> Response {
+    let inner = server.inner.lock().expect("lock");
+    let key = (
+        target.kind,
+        target.namespace.clone().unwrap_or_default(),
+        target.name.clone().unwrap_or_default(),
+    );
+    match inner.objects.get(&key) {
+        Some(o) => json_response(StatusCode::OK, o.clone()),
+        None => not_found(target),
+    }
+}
+
+fn create(server: &ApiServer, target: &Target, body: &[u8]) -> Response {
+    let mut object: Value = match serde_json::from_slice(body) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => return status_error(400, "BadRequest", "the body is not a JSON object".into()),
+    };
+    let k = &KINDS[target.kind];
+    if object.get("kind").is_some_and(|v| v != k.kind) {
+        return status_error(
+            400,
+            "BadRequest",
+            format!("kind {} does not match {}", object["kind"], k.plural),
+        );
+    }
+    let mut inner = server.inner.lock().expect("lock");
+    if !object["metadata"].is_object() {
+        object["metadata"] = json!({});
+    }
+    if object["metadata"]["name"].as_str().is_none_or(str::is_empty) {
+        match object["metadata"]["generateName"].as_str() {
+            Some(prefix) => object["metadata"]["name"] = json!(format!("{prefix}{:05x}", inner.rv % 0xfffff)),
+            None => return status_error(422, "Invalid", "metadata.name: Required value".into()),
+        }
+    }
+    if k.namespaced {
+        let ns = target.namespace.clone().unwrap_or_else(|| "default".into());
+        if object["metadata"]["namespace"].as_str().is_some_and(|n| n != ns) {
+            return status_error(
+                400,
+                "BadRequest",
+                "the namespace of the object does not match the request".into(),
+            );
+        }
+        object["metadata"]["namespace"] = json!(ns);
+    }
+    if inner.objects.contains_key(&key_of(target.kind, &object)) {
+        let name = object["metadata"]["name"].as_str().unwrap_or("").to_string();
+        return status_error(409, "AlreadyExists", format!("{} \"{name}\" already exists", k.plural));
+    }
+    inner.uid_counter += 1;
+    object["apiVersion"] = json!(k.api_version());
+    object["kind"] = json!(k.kind);
+    object["metadata"]["uid"] = json!(uid(inner.uid_counter));
+    object["metadata"]["creationTimestamp"] = json!(rfc3339_now());
+    object["metadata"]["generation"] = json!(1);
+    let created = server.commit(&mut inner, target.kind, "ADDED", object);
+    json_response(StatusCode::CREATED, created)
+}
+
+fn replace(server: &ApiServer, target: &Target, body: &[u8]) -> Response {
+    let new: Value = match serde_json::from_slice(body) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => return status_error(400, "BadRequest", "the body is not a JSON object".into()),
+    };
+    let mut inner = server.inner.lock().expect("lock");
+    let key = (
+        target.kind,
+        target.namespace.clone().unwrap_or_default(),
+        target.name.clone().unwrap_or_default(),
+    );
+    let Some(current) = inner.objects.get(&key).cloned() else {
+        return not_found(target);
+    };
+    if let Some(rv) = new["metadata"]["resourceVersion"].as_str()
+        && Some(rv) != current["metadata"]["resourceVersion"].as_str()
+    {
+        return status_error(
+            409,
+            "Conflict",
+            "the object has been modified; please apply your changes to the latest version and try again".into(),
+        );
+    }
+    let mut updated = current.clone();
+    if target.status {
+        updated["status"] = new["status"].clone();
+    } else {
+        // The main resource does not change status (it has a subresource for that).
+        let status = current.get("status").cloned();
+        updated = new;
+        updated["apiVersion"] = current["apiVersion"].clone();
+        updated["kind"] = current["kind"].clone();
+        for field in ["uid", "creationTimestamp", "namespace", "name"] {
+            updated["metadata"][field] = current["metadata"][field].clone();
+        }
+        if updated.get("spec") != current.get("spec") {
+            updated["metadata"]["generation"] = json!(current["metadata"]["generation"].as_u64().unwrap_or(1) + 1);
+        } else {
+            updated["metadata"]["generation"] = current["metadata"]["generation"].clone();
+        }
+        match status {
+            Some(s) => updated["status"] = s,
+            None => {
+                if let Some(map) = updated.as_object_mut() {
+                    map.remove("status");
+                }
+            }
+        }
+    }
+    let stored = server.commit(&mut inner, target.kind, "MODIFIED", updated);
+    json_response(StatusCode::OK, stored)
+}
+
+fn patch(server: &ApiServer, target: &Target, headers: &HeaderMap, body: &[u8]) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !(content_type.starts_with("application/merge-patch+json")
+        || content_type.starts_with("application/strategic-merge-patch+json"))
+    {
+        return status_error(
+            415,
+            "UnsupportedMediaType",
+            format!("patch type {content_type:?} is not supported (use a merge patch)"),
+        );
+    }
+    let patch: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return status_error(400, "BadRequest", e.to_string()),
+    };
+    let mut inner = server.inner.lock().expect("lock");
+    let key = (
+        target.kind,
+        target.namespace.clone().unwrap_or_default(),
+        target.name.clone().unwrap_or_default(),
+    );
+    let Some(mut object) = inner.objects.get(&key).cloned() else {
+        return not_found(target);
+    };
+    merge_patch(&mut object, &patch);
+    for field in ["uid", "creationTimestamp", "namespace", "name"] {
+        object["metadata"][field] = inner.objects[&key]["metadata"][field].clone();
+    }
+    let stored = server.commit(&mut inner, target.kind, "MODIFIED", object);
+    json_response(StatusCode::OK, stored)
+}
+
+/// RFC 7386.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(fields) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let map = target.as_object_mut().expect("object");
+            for (k, v) in fields {
+                if v.is_null() {
+                    map.remove(k);
+                } else {
+                    merge_patch(map.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+fn delete(server: &ApiServer, target: &Target) -> Response {
+    let mut inner = server.inner.lock().expect("lock");
+    let key = (
+        target.kind,
+        target.namespace.clone().unwrap_or_default(),
+        target.name.clone().unwrap_or_default(),
+    );
+    let Some(object) = inner.objects.get(&key).cloned() else {
+        return not_found(target);
+    };
+    let deleted = server.commit(&mut inner, target.kind, "DELETED", object);
+    json_response(StatusCode::OK, deleted)
+}
+
+async fn watch(server: ApiServer, target: Target, q: BTreeMap<String, String>) -> Response {
+    let filter = match Filter::new(&target, &q) {
+        Ok(f) => f,
+        Err(e) => return status_error(400, "BadRequest", e),
+    };
+    let bookmarks = matches!(
+        q.get("allowWatchBookmarks").map(String::as_str),
+        Some("true") | Some("1")
+    );
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let since: Option<u64> = q
+        .get("resourceVersion")
+        .filter(|v| !v.is_empty() && *v != "0")
+        .and_then(|v| v.parse().ok());
+    // Subscribe before reading state, so that nothing falls between the two.
+    let mut live = server.changes.subscribe();
+    let (initial, mut last_rv, gone) = {
+        let inner = server.inner.lock().expect("lock");
+        match since {
+            // "Get state and start at most recent": the current objects as ADDED events.
+            None => {
+                let events: Vec<Value> = inner
+                    .objects
+                    .iter()
+                    .filter(|((k, _, _), o)| filter.matches(*k, o))
+                    .map(|(_, o)| json!({"type": "ADDED", "object": o}))
+                    .collect();
+                (events, inner.rv, false)
+            }
+            Some(rv) if rv < inner.horizon => (Vec::new(), rv, true),
+            Some(rv) => {
+                let events = inner
+                    .history
+                    .iter()
+                    .filter(|c| c.rv > rv && filter.matches(c.kind, &c.object))
+                    .map(|c| json!({"type": c.event, "object": c.object}))
+                    .collect();
+                (events, rv.max(inner.history.back().map_or(inner.rv, |c| c.rv)), false)
+            }
+        }
+    };
+    let kind = KINDS[target.kind];
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+    let bookmark_interval = server.settings.bookmark_interval;
+    tokio::spawn(async move {
+        let line = |v: Value| Ok(Bytes::from(format!("{v}\n")));
+        if gone {
+            let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": "too old resource version", "reason": "Expired", "code": 410});
+            let _ = tx.send(line(json!({"type": "ERROR", "object": status}))).await;
+            return;
+        }
+        for event in initial {
+            if tx.send(line(event)).await.is_err() {
+                return;
+            }
+        }
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let mut ticker = tokio::time::interval(bookmark_interval);
+        ticker.tick().await;
+        loop {
+            let until_deadline = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = until_deadline => return,
+                _ = ticker.tick(), if bookmarks => {
+                    let bookmark = json!({"type": "BOOKMARK", "object": {"kind": kind.kind, "apiVersion": kind.api_version(),
+                        "metadata": {"resourceVersion": last_rv.to_string()}}});
+                    if tx.send(line(bookmark)).await.is_err() { return; }
+                }
+                change = live.recv() => match change {
+                    Ok(c) if c.rv > last_rv => {
+                        last_rv = c.rv;
+                        if filter.matches(c.kind, &c.object)
+                            && tx.send(line(json!({"type": c.event, "object": c.object}))).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    // Fell too far behind: end the stream, the client resumes from its last version.
+                    Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::TRANSFER_ENCODING, "chunked")
+        .body(Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        })))
+        .expect("response")
+}
+
+/// A kubeconfig pointing at the stand-in, for kube-rs and kubectl alike.
+pub fn kubeconfig(server: SocketAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: ferrynet-lab\n  cluster:\n    server: http://{server}\n\
+         contexts:\n- name: ferrynet-lab\n  context:\n    cluster: ferrynet-lab\n    user: lab\n\
+         current-context: ferrynet-lab\nusers:\n- name: lab\n  user: {{}}\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors() {
+        let labels: Map<String, Value> = serde_json::from_str(r#"{"app": "web", "tier": "front"}"#).unwrap();
+        for (sel, want) in [
+            ("", true),
+            ("app=web", true),
+            ("app==web,tier=front", true),
+            ("app!=web", false),
+            ("app", true),
+            ("!app", false),
+            ("!missing", true),
+            ("tier in (front, back)", true),
+            ("tier notin (front)", false),
+            ("app=web,missing", false),
+        ] {
+            assert_eq!(Selector::parse(sel).unwrap().matches(&labels), want, "{sel}");
+        }
+    }
+
+    #[test]
+    fn paths() {
+        let t = parse_path("/api/v1/nodes/n1/status").unwrap();
+        assert_eq!((t.kind, t.name.as_deref(), t.status), (0, Some("n1"), true));
+        let t = parse_path("/apis/discovery.k8s.io/v1/namespaces/default/endpointslices").unwrap();
+        assert_eq!((t.kind, t.namespace.as_deref()), (4, Some("default")));
+        let t = parse_path("/api/v1/namespaces/kube-system").unwrap();
+        assert_eq!((t.kind, t.name.as_deref()), (1, Some("kube-system")));
+        assert!(parse_path("/api/v1/secrets").is_none());
+        assert!(parse_path("/api/v1/services/x").is_none(), "services are namespaced");
+    }
+
+    #[test]
+    fn merge_patch_is_rfc7386() {
+        let mut v = json!({"a": {"b": 1, "c": 2}, "d": [1]});
+        merge_patch(&mut v, &json!({"a": {"b": null, "e": 3}, "d": [2]}));
+        assert_eq!(v, json!({"a": {"c": 2, "e": 3}, "d": [2]}));
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        let t = rfc3339_now();
+        assert_eq!(t.len(), 20, "{t}");
+        assert!(t.ends_with('Z') && t.as_bytes()[10] == b'T', "{t}");
+    }
+}
