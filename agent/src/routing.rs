@@ -40,6 +40,7 @@ pub struct VxlanSettings {
 
 /// How many kernel objects an apply changed, by kind.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Changes {
     pub routes: usize,
     pub vxlan_device: usize,
@@ -268,6 +269,9 @@ impl Router {
             batch.push(Change::permanent_neighbour(index, *ip, *mac));
         }
         changes.vxlan_entries = batch.len();
+        for change in &batch {
+            tracing::debug!("VXLAN: {change:?}");
+        }
         self.netlink.apply_all(batch).context("VXLAN forwarding entries")?;
         Ok(Some(index))
     }
@@ -311,11 +315,19 @@ fn is_link_local(ip: IpAddr) -> bool {
 
 /// Turns on IP forwarding in the calling thread's namespace (the node's): pods are routed, so
 /// the node must forward. IPv6 forwarding only when there are IPv6 PodCIDRs, because it also makes
-/// the kernel ignore router advertisements.
+/// the kernel ignore router advertisements. Settings already on are not written: in a
+/// non-privileged container `/proc/sys` is read-only, and Kubernetes nodes usually have
+/// forwarding on already (kubeadm checks it).
 pub fn enable_forwarding(ipv6: bool) -> Result<()> {
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
+    let mut settings = vec!["/proc/sys/net/ipv4/ip_forward"];
     if ipv6 {
-        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").context("enabling IPv6 forwarding")?;
+        settings.push("/proc/sys/net/ipv6/conf/all/forwarding");
+    }
+    for path in settings {
+        if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1") {
+            continue;
+        }
+        std::fs::write(path, "1").with_context(|| format!("enabling {path} (turn IP forwarding on for the node)"))?;
     }
     Ok(())
 }

@@ -877,6 +877,13 @@ pub mod inspect {
         n.attributes.iter().find_map(|a| match a {
             NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
             NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+            // Bridge-family (fdb) entries: the header's family says nothing about the address's,
+            // so it arrives raw. Its length tells.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(raw)) => match raw.len() {
+                4 => <[u8; 4]>::try_from(raw.as_slice()).ok().map(IpAddr::from),
+                16 => <[u8; 16]>::try_from(raw.as_slice()).ok().map(IpAddr::from),
+                _ => None,
+            },
             _ => None,
         })
     }

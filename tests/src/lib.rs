@@ -7,6 +7,7 @@
 pub mod apiserver;
 pub mod bench;
 pub mod cni;
+pub mod lab;
 pub mod netns;
 pub mod tcp;
 

@@ -11,6 +11,8 @@ use crate::{run, unique};
 pub struct Netns {
     pub name: String,
     fd: Option<OwnedFd>,
+    /// Deleted on drop (test namespaces); the lab's namespaces outlive one command.
+    owned: bool,
 }
 
 impl Netns {
@@ -21,6 +23,7 @@ impl Netns {
         let ns = Self {
             fd: Some(ferrynet_cni::netns::open(&PathBuf::from(format!("/run/netns/{name}"))).expect("open netns")),
             name,
+            owned: true,
         };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
@@ -35,6 +38,29 @@ impl Netns {
         ns.sysctl("net.ipv4.ip_forward", "1");
         ns.sysctl("net.ipv6.conf.all.forwarding", "1");
         ns
+    }
+
+    /// Creates a namespace with an exact name that is not deleted on drop.
+    pub fn create_named(name: &str) -> std::io::Result<Self> {
+        let out = Command::new("ip").args(["netns", "add", name]).output()?;
+        if !out.status.success() {
+            return Err(std::io::Error::other(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        let ns = Self::attach(name)?;
+        ns.ip(&["link", "set", "lo", "up"]);
+        Ok(ns)
+    }
+
+    /// A handle on an existing named namespace, not deleted on drop.
+    pub fn attach(name: &str) -> std::io::Result<Self> {
+        let fd = ferrynet_cni::netns::open(&PathBuf::from(format!("/run/netns/{name}")))?;
+        Ok(Self {
+            name: name.to_string(),
+            fd: Some(fd),
+            owned: false,
+        })
     }
 
     pub fn path(&self) -> PathBuf {
@@ -92,7 +118,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        if self.fd.is_some() {
+        if self.owned && self.fd.is_some() {
             self.delete();
         }
     }

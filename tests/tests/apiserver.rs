@@ -279,25 +279,24 @@ fn the_watcher_recovers_when_the_stand_in_restarts() {
     let (addr, server) = start(&ns, settings.clone(), 0);
     let (reader, writer) = reflector::store::<Node>();
     let ready = reader.clone();
-    let pump = rt
-        .block_on(rt.spawn(async move {
-            let nodes: Api<Node> = Api::all(client(addr).await);
-            nodes
-                .create(&PostParams::default(), &node("before", "10.244.1.0/24"))
-                .await
-                .unwrap();
-            let stream = reflector(writer, watcher(nodes, watcher::Config::default()).default_backoff());
-            let pump = tokio::spawn(async move {
-                let mut stream = std::pin::pin!(stream);
-                while stream.next().await.is_some() {}
-            });
-            tokio::time::timeout(Duration::from_secs(10), ready.wait_until_ready())
-                .await
-                .unwrap()
-                .unwrap();
-            pump
-        }))
-        .unwrap();
+    // The reflector runs on the test runtime (whose threads are in the namespace), not the server's.
+    let pump = rt.spawn(async move {
+        let nodes: Api<Node> = Api::all(client(addr).await);
+        nodes
+            .create(&PostParams::default(), &node("before", "10.244.1.0/24"))
+            .await
+            .unwrap();
+        let stream = reflector(writer, watcher(nodes, watcher::Config::default()).default_backoff());
+        let mut stream = std::pin::pin!(stream);
+        while stream.next().await.is_some() {}
+    });
+    rt.block_on(rt.spawn(async move {
+        tokio::time::timeout(Duration::from_secs(10), ready.wait_until_ready())
+            .await
+            .unwrap()
+            .unwrap();
+    }))
+    .unwrap();
     assert_eq!(reader.state().len(), 1);
 
     // Down, and back on the same address with the same data: the watcher reconnects by itself.

@@ -1,0 +1,337 @@
+//! `ferrynet-lab`: a whole ferrynet cluster on one Linux machine, in network namespaces.
+//! See `tests/src/lab.rs` for what it builds. Run as root.
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use ferrynet_tests::{
+    apiserver::{ApiServer, Settings},
+    lab::{self, CLIENT_V4, Lab, LabOptions, POD_PORT, ServicePort},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "ferrynet-lab",
+    about = "A multi-node ferrynet cluster on one machine, in network namespaces"
+)]
+struct Cli {
+    /// The lab's name (namespaces are fl-<name>-*, state in /run/ferrynet-lab/<name>).
+    #[arg(long, global = true, default_value = "lab")]
+    name: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a lab (removing leftovers of an earlier one first).
+    Up {
+        #[arg(long, default_value = "3")]
+        nodes: u8,
+        /// The agents' routing mode: native, vxlan or auto.
+        #[arg(long, default_value = "auto")]
+        mode: String,
+    },
+    /// Remove everything the lab created, whatever state it is in.
+    Down,
+    /// Nodes, agents and pods.
+    Status,
+    /// Add a node (with its agent).
+    AddNode,
+    /// Remove a node (its Node object, pods, agent and namespace).
+    DeleteNode { node: String },
+    /// Stop and start a node's agent.
+    RestartAgent { node: String },
+    /// Stop and start the API stand-in.
+    RestartApiserver,
+    /// Run a pod on a node.
+    RunPod {
+        pod: String,
+        #[arg(long)]
+        node: String,
+        /// key=value, repeatable.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Delete a pod.
+    DeletePod { pod: String },
+    /// List pods.
+    Pods,
+    /// Run a command in a pod's namespace.
+    ExecPod {
+        pod: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Run a command in a node's namespace (the node's "host").
+    ExecNode {
+        node: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Create a Service selecting pods by labels; the lab writes its EndpointSlices.
+    CreateService {
+        service: String,
+        /// key=value, repeatable.
+        #[arg(long = "selector", value_parser = parse_label, required = true)]
+        selector: Vec<(String, String)>,
+        /// port[:targetPort], repeatable.
+        #[arg(long = "port", value_parser = parse_port, required = true)]
+        ports: Vec<(u16, u16)>,
+        #[arg(long = "type", default_value = "ClusterIP")]
+        kind: String,
+    },
+    /// Delete a Service (and its EndpointSlices).
+    DeleteService { service: String },
+    /// kubectl against the lab (run from the external client's namespace).
+    Kubectl {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Bring a 3-node lab up, show pods on different nodes talking, then take it down.
+    Demo {
+        #[arg(long, default_value = "auto")]
+        mode: String,
+        /// Leave the lab running afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// (internal) Serve the API stand-in.
+    Apiserver {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+    /// (internal) A pod's server.
+    PodServer {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long, default_value = "8080")]
+        port: u16,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not key=value"))
+}
+
+fn parse_port(s: &str) -> Result<(u16, u16), String> {
+    let (p, t) = s.split_once(':').unwrap_or((s, s));
+    Ok((
+        p.parse().map_err(|_| format!("bad port {p}"))?,
+        t.parse().map_err(|_| format!("bad port {t}"))?,
+    ))
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferrynet-lab: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Apiserver { listen, data } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            return runtime.block_on(async move {
+                let server = ApiServer::new(Settings {
+                    data_file: data,
+                    ..Default::default()
+                })?;
+                let listener = tokio::net::TcpListener::bind(listen).await?;
+                eprintln!("API stand-in (not Kubernetes) serving on http://{listen}");
+                server.serve(listener).await?;
+                Ok(())
+            });
+        }
+        Command::PodServer { name, node, port } => return lab::pod_server(&name, &node, port),
+        _ => {}
+    }
+    ferrynet_tests::require_root();
+    match cli.command {
+        Command::Up { nodes, mode } => {
+            let lab = Lab::up(&LabOptions {
+                name: cli.name,
+                nodes,
+                mode,
+            })?;
+            print!("{}", lab.summary());
+        }
+        Command::Down => Lab::down(&cli.name)?,
+        Command::Status => print!("{}", Lab::open(&cli.name)?.summary()),
+        Command::AddNode => {
+            let mut lab = Lab::open(&cli.name)?;
+            let node = lab.add_node()?;
+            lab.wait_converged(Duration::from_secs(60))?;
+            println!("added {node}");
+        }
+        Command::DeleteNode { node } => Lab::open(&cli.name)?.delete_node(&node)?,
+        Command::RestartAgent { node } => {
+            let lab = Lab::open(&cli.name)?;
+            lab.stop_agent(&node)?;
+            lab.start_agent(&node)?;
+            lab.wait_converged(Duration::from_secs(60))?;
+        }
+        Command::RestartApiserver => {
+            let lab = Lab::open(&cli.name)?;
+            lab.stop_apiserver()?;
+            lab.start_apiserver()?;
+        }
+        Command::RunPod { pod, node, labels } => {
+            let mut lab = Lab::open(&cli.name)?;
+            let p = lab.run_pod(&pod, &node, &labels.into_iter().collect())?;
+            let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
+            println!("pod {} on {}: {}", p.name, p.node, ips.join(", "));
+        }
+        Command::DeletePod { pod } => Lab::open(&cli.name)?.delete_pod(&pod)?,
+        Command::Pods => {
+            for p in &Lab::open(&cli.name)?.state.pods {
+                let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
+                let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!(
+                    "{:<16} {:<6} {:<40} {}",
+                    p.name,
+                    p.node,
+                    ips.join(","),
+                    labels.join(",")
+                );
+            }
+        }
+        Command::ExecPod { pod, command } => exit_with(Lab::open(&cli.name)?.exec(&format!("pod-{pod}"), &command)?),
+        Command::ExecNode { node, command } => exit_with(Lab::open(&cli.name)?.exec(&node, &command)?),
+        Command::CreateService {
+            service,
+            selector,
+            ports,
+            kind,
+        } => {
+            let mut lab = Lab::open(&cli.name)?;
+            let ports: Vec<ServicePort> = ports
+                .into_iter()
+                .map(|(port, target_port)| ServicePort { port, target_port })
+                .collect();
+            let svc = lab.create_service(&service, &selector.into_iter().collect(), &ports, &kind)?;
+            println!("service {service}: clusterIPs {}", svc["spec"]["clusterIPs"]);
+        }
+        Command::DeleteService { service } => Lab::open(&cli.name)?.delete_service(&service)?,
+        Command::Kubectl { args } => {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            print!("{}", Lab::open(&cli.name)?.kubectl(&args)?);
+        }
+        Command::Demo { mode, keep } => demo(&cli.name, &mode, keep)?,
+        Command::Apiserver { .. } | Command::PodServer { .. } => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+fn exit_with(status: std::process::ExitStatus) -> ! {
+    std::process::exit(status.code().unwrap_or(1))
+}
+
+fn demo(name: &str, mode: &str, keep: bool) -> Result<()> {
+    let step = |s: &str| println!("\n==> {s}");
+    step(&format!(
+        "a 3-node cluster in namespaces (routing mode {mode}), one ferrynet-agent per node"
+    ));
+    let mut lab = Lab::up(&LabOptions {
+        name: name.into(),
+        nodes: 3,
+        mode: mode.into(),
+    })?;
+    let result = (|| -> Result<()> {
+        print!("{}", lab.summary());
+        step("kubectl, through the lab's kubeconfig, sees the nodes and their PodCIDRs");
+        print!(
+            "{}",
+            lab.kubectl(&[
+                "get",
+                "nodes",
+                "-o",
+                "custom-columns=NAME:.metadata.name,PODCIDRS:.spec.podCIDRs,IP:.status.addresses[0].address"
+            ])?
+        );
+
+        step("pods get their addresses from ferrynet's CNI (no service proxy anywhere)");
+        let app = BTreeMap::from([("app".to_string(), "web".to_string())]);
+        for (pod, node) in [("web-1", "n1"), ("web-2", "n2"), ("web-3", "n3")] {
+            let p = lab.run_pod(pod, node, &app)?;
+            let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
+            println!("  {pod} on {node}: {}", ips.join(", "));
+        }
+        lab.run_pod("client", "n1", &BTreeMap::new())?;
+
+        step("pod to pod, across nodes, IPv4 and IPv6");
+        for target in ["web-1", "web-2", "web-3"] {
+            for v4 in [true, false] {
+                let to = SocketAddr::new(lab.pod(target)?.ip(v4), POD_PORT);
+                println!("  client -> {to:<28} {}", lab.request_from_pod("client", to)?);
+            }
+        }
+
+        step("pod egress to a host outside the cluster is masqueraded to the node's address");
+        let client_ns = lab.ns("client")?;
+        let outside =
+            ferrynet_tests::tcp::EchoServer::start(&client_ns, SocketAddr::new(CLIENT_V4.into(), 9000), "outside");
+        println!(
+            "  web-2 -> {}: {}",
+            outside.addr,
+            ferrynet_tests::tcp::request(&lab.pod_ns("web-2")?, outside.addr, "hi")?
+        );
+
+        step("a Service: the lab writes its EndpointSlices (service translation is the agent's next job)");
+        lab.create_service(
+            "web",
+            &app,
+            &[ServicePort {
+                port: 80,
+                target_port: POD_PORT,
+            }],
+            "ClusterIP",
+        )?;
+        print!(
+            "{}",
+            lab.kubectl(&[
+                "get",
+                "endpointslices",
+                "-o",
+                "custom-columns=NAME:.metadata.name,TYPE:.addressType,ADDRESSES:.endpoints[*].addresses[0]"
+            ])?
+        );
+
+        step("what the agent on n1 reports (ferrynet-agent status)");
+        let status = lab.exec_capture(
+            "n1",
+            &[
+                ferrynet_tests::binary("ferrynet-agent").display().to_string(),
+                "--state-dir".into(),
+                lab.dir().join("nodes/n1/agent").display().to_string(),
+                "status".into(),
+            ],
+        )?;
+        print!("{status}");
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = Lab::down(name);
+        bail!(e);
+    }
+    if keep {
+        println!(
+            "\nThe lab is still up: `ferrynet-lab --name {name} status`; remove it with `ferrynet-lab --name {name} down`."
+        );
+    } else {
+        step("taking the lab down");
+        Lab::down(name).context("down")?;
+        println!("  done: no namespaces, processes or state left");
+    }
+    Ok(())
+}

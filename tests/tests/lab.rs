@@ -1,0 +1,442 @@
+//! The lab: 2-3 node clusters in namespaces, real agents, real CNI, real traffic.
+use std::{collections::BTreeMap, net::SocketAddr, process::Command, time::Duration};
+
+use ferrynet_tests::{
+    binary,
+    lab::{CLIENT_V4, Lab, LabGuard, POD_PORT, ServicePort, eventually},
+    tcp::{EchoServer, request},
+};
+use serde_json::{Value, json};
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// `from` reaches `to`'s server on both families, and the server sees `from`'s pod address.
+#[track_caller]
+fn assert_pod_to_pod(lab: &Lab, from: &str, to: &str) {
+    for v4 in [true, false] {
+        let target = SocketAddr::new(lab.pod(to).unwrap().ip(v4), POD_PORT);
+        let answer = lab
+            .request_from_pod(from, target)
+            .unwrap_or_else(|e| panic!("{from} -> {to} ({target}): {e}"));
+        let me = lab.pod(from).unwrap().ip(v4);
+        assert_eq!(
+            answer,
+            format!("pod={to} node={} client={me}", lab.pod(to).unwrap().node),
+            "{from} -> {to}"
+        );
+    }
+}
+
+fn agent_routes(lab: &Lab, node: &str) -> Vec<Value> {
+    let ns = lab.node_ns(node).unwrap();
+    let mut routes = ns
+        .ip_json(&["-4", "route", "show", "proto", "114"])
+        .as_array()
+        .unwrap()
+        .clone();
+    routes.extend(
+        ns.ip_json(&["-6", "route", "show", "proto", "114"])
+            .as_array()
+            .unwrap()
+            .clone(),
+    );
+    routes
+}
+
+fn routed_cidrs(lab: &Lab, node: &str) -> Vec<String> {
+    let mut cidrs: Vec<String> = agent_routes(lab, node)
+        .iter()
+        .map(|r| r["dst"].as_str().unwrap().to_string())
+        .collect();
+    cidrs.sort();
+    cidrs
+}
+
+fn expected_cidrs(lab: &Lab, except: &str) -> Vec<String> {
+    let mut cidrs: Vec<String> = lab
+        .state
+        .nodes
+        .iter()
+        .filter(|n| n.name != except)
+        .flat_map(|n| n.pod_cidrs())
+        .collect();
+    cidrs.sort();
+    cidrs
+}
+
+#[test]
+fn native_mode_connects_pods_across_nodes_and_masquerades_egress() {
+    let mut lab = LabGuard::up(3, "native");
+    for (pod, node) in [("p1", "n1"), ("p2", "n2"), ("p3", "n3")] {
+        lab.run_pod(pod, node, &labels(&[("app", "demo")])).unwrap();
+    }
+    for (from, to) in [("p1", "p2"), ("p2", "p3"), ("p3", "p1"), ("p1", "p3")] {
+        assert_pod_to_pod(&lab, from, to);
+    }
+    // Native: a route per peer PodCIDR via the peer's address on eth0; no VXLAN device.
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(routed_cidrs(&lab, node), expected_cidrs(&lab, node), "{node}");
+        let routes = agent_routes(&lab, node);
+        assert!(
+            routes.iter().all(|r| r["dev"] == "eth0"
+                && r["gateway"]
+                    .as_str()
+                    .is_some_and(|g| g.starts_with("10.200.0.") || g.starts_with("fd00:200::"))),
+            "{routes:?}"
+        );
+        assert!(
+            !lab.node_ns(node)
+                .unwrap()
+                .links()
+                .contains(&"ferrynet.vxlan".to_string())
+        );
+    }
+    // Egress to a host outside the pod CIDRs takes the node's address.
+    let outside = EchoServer::start(
+        &lab.ns("client").unwrap(),
+        SocketAddr::new(CLIENT_V4.into(), 9000),
+        "outside",
+    );
+    assert_eq!(
+        request(&lab.pod_ns("p2").unwrap(), outside.addr, "hi").unwrap(),
+        "outside from=10.200.0.12 hi"
+    );
+    assert_eq!(
+        request(&lab.pod_ns("p3").unwrap(), outside.addr, "hi").unwrap(),
+        "outside from=10.200.0.13 hi"
+    );
+    // The agent keeps the masquerade in a table of its own.
+    let nft = lab.node_ns("n1").unwrap().exec("nft", &["list", "tables"]);
+    assert_eq!(String::from_utf8_lossy(&nft.stdout).trim(), "table inet ferrynet");
+
+    // `ferrynet-agent status` shows the node, its PodCIDRs, its peers and CNI readiness.
+    let state_dir = lab.dir().join("nodes/n1/agent").display().to_string();
+    let out = lab
+        .exec_capture(
+            "n1",
+            &[
+                binary("ferrynet-agent").display().to_string(),
+                "--state-dir".into(),
+                state_dir.clone(),
+                "status".into(),
+            ],
+        )
+        .unwrap();
+    for needle in [
+        "node:       n1",
+        "10.244.1.0/24",
+        "CNI:        ready",
+        "n2",
+        "10.244.2.0/24 ",
+        "via 10.200.0.12",
+        "n3",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+    let ready = lab
+        .node_ns("n1")
+        .unwrap()
+        .command_output(Command::new(binary("ferrynet-agent")).args(["--state-dir", &state_dir, "status", "--ready"]));
+    assert!(ready.status.success());
+
+    // Pods release their addresses when deleted.
+    lab.delete_pod("p2").unwrap();
+    let store = ferrynet_ipam::Store::open(&lab.dir().join("nodes/n2/ipam"), "ferrynet").unwrap();
+    assert!(store.lock().unwrap().attachments().unwrap().is_empty());
+}
+
+#[test]
+fn vxlan_mode_connects_pods_across_nodes() {
+    let mut lab = LabGuard::up(3, "vxlan");
+    lab.run_pod("a", "n1", &BTreeMap::new()).unwrap();
+    lab.run_pod("b", "n2", &BTreeMap::new()).unwrap();
+    lab.run_pod("c", "n3", &BTreeMap::new()).unwrap();
+    for (from, to) in [("a", "b"), ("b", "c"), ("c", "a")] {
+        assert_pod_to_pod(&lab, from, to);
+    }
+    let n1 = lab.node_ns("n1").unwrap();
+    let vxlan = &n1.ip_json(&["-d", "link", "show", "ferrynet.vxlan"])[0];
+    assert_eq!(vxlan["linkinfo"]["info_data"]["id"], 4242);
+    assert_eq!(vxlan["mtu"], 1450);
+    assert!(agent_routes(&lab, "n1").iter().all(|r| r["dev"] == "ferrynet.vxlan"));
+    assert_eq!(routed_cidrs(&lab, "n1"), expected_cidrs(&lab, "n1"));
+    // The pods' MTU leaves room for the encapsulation.
+    let conflist: Value =
+        serde_json::from_slice(&std::fs::read(lab.dir().join("nodes/n1/cni-conf/05-ferrynet.conflist")).unwrap())
+            .unwrap();
+    assert_eq!(conflist["plugins"][0]["mtu"], 1450);
+    assert_eq!(
+        lab.pod_ns("a").unwrap().ip_json(&["link", "show", "eth0"])[0]["mtu"],
+        1450
+    );
+}
+
+#[test]
+fn auto_mode_on_one_segment_routes_natively_and_reserves_the_overlay_mtu() {
+    let lab = LabGuard::up(2, "auto");
+    assert!(agent_routes(&lab, "n1").iter().all(|r| r["dev"] == "eth0"));
+    assert!(
+        !lab.node_ns("n1")
+            .unwrap()
+            .links()
+            .contains(&"ferrynet.vxlan".to_string())
+    );
+    let conflist: Value =
+        serde_json::from_slice(&std::fs::read(lab.dir().join("nodes/n2/cni-conf/05-ferrynet.conflist")).unwrap())
+            .unwrap();
+    assert_eq!(conflist["plugins"][0]["mtu"], 1450);
+}
+
+#[test]
+fn joining_and_leaving_nodes_update_every_nodes_routes() {
+    let mut lab = LabGuard::up(2, "native");
+    lab.run_pod("old", "n1", &BTreeMap::new()).unwrap();
+    let added = lab.add_node().unwrap();
+    assert_eq!(added, "n3");
+    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(
+            routed_cidrs(&lab, node),
+            expected_cidrs(&lab, node),
+            "{node} after n3 joined"
+        );
+    }
+    lab.run_pod("new", "n3", &BTreeMap::new()).unwrap();
+    assert_pod_to_pod(&lab, "old", "new");
+    assert_pod_to_pod(&lab, "new", "old");
+
+    lab.delete_node("n2").unwrap();
+    let gone = eventually(Duration::from_secs(15), || {
+        ["n1", "n3"].iter().all(|n| {
+            !routed_cidrs(&lab, n)
+                .iter()
+                .any(|c| c == "10.244.2.0/24" || c == "fd00:244:2::/64")
+        })
+    });
+    assert!(
+        gone,
+        "routes to the deleted node's pods remain: {:?}",
+        routed_cidrs(&lab, "n1")
+    );
+    assert_eq!(routed_cidrs(&lab, "n1"), expected_cidrs(&lab, "n1"));
+    assert_pod_to_pod(&lab, "old", "new");
+}
+
+#[test]
+fn restarting_an_agent_keeps_routes_and_traffic_and_changes_nothing() {
+    let mut lab = LabGuard::up(3, "vxlan");
+    lab.run_pod("x", "n1", &BTreeMap::new()).unwrap();
+    lab.run_pod("y", "n2", &BTreeMap::new()).unwrap();
+    let before = routed_cidrs(&lab, "n1");
+    let vxlan_before = lab.node_ns("n1").unwrap().ip_json(&["link", "show", "ferrynet.vxlan"])[0]["ifindex"].clone();
+
+    // SIGTERM: the agent stops; the data path stays.
+    lab.stop_agent("n1").unwrap();
+    assert_eq!(routed_cidrs(&lab, "n1"), before);
+    assert_pod_to_pod(&lab, "x", "y");
+    assert_pod_to_pod(&lab, "y", "x");
+    let status_path = lab.dir().join("nodes/n1/agent/agent-status.json");
+    std::fs::remove_file(&status_path).unwrap();
+
+    // Back: it adopts what is there. Its first sync changes nothing (same device, same routes).
+    lab.start_agent("n1").unwrap();
+    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    let status = lab.agent_status("n1").unwrap();
+    assert_eq!(
+        status["lastChanges"],
+        json!({"routes": 0, "vxlanDevice": 0, "vxlanEntries": 0}),
+        "{status}"
+    );
+    assert_eq!(routed_cidrs(&lab, "n1"), before);
+    assert_eq!(
+        lab.node_ns("n1").unwrap().ip_json(&["link", "show", "ferrynet.vxlan"])[0]["ifindex"],
+        vxlan_before
+    );
+    assert_pod_to_pod(&lab, "x", "y");
+}
+
+#[test]
+fn agents_ride_out_an_api_stand_in_restart_and_converge_after() {
+    let mut lab = LabGuard::up(2, "native");
+    lab.run_pod("s", "n1", &BTreeMap::new()).unwrap();
+    lab.run_pod("t", "n2", &BTreeMap::new()).unwrap();
+    lab.stop_apiserver().unwrap();
+    // Several resync periods (5 s) without an API server: nothing is torn down.
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(routed_cidrs(&lab, "n1"), expected_cidrs(&lab, "n1"));
+    assert_pod_to_pod(&lab, "s", "t");
+    lab.start_apiserver().unwrap();
+    // The watches reconnect by themselves: a node added now reaches every agent.
+    lab.add_node().unwrap();
+    lab.wait_converged(Duration::from_secs(60)).unwrap();
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(routed_cidrs(&lab, node), expected_cidrs(&lab, node), "{node}");
+    }
+}
+
+#[test]
+fn hostile_node_objects_do_not_crash_the_agents() {
+    let mut lab = LabGuard::up(2, "native");
+    lab.run_pod("u", "n1", &BTreeMap::new()).unwrap();
+    lab.run_pod("v", "n2", &BTreeMap::new()).unwrap();
+    let hostile = [
+        json!({"metadata": {"name": "no-cidr"}, "status": {"addresses": [{"type": "InternalIP", "address": "10.200.0.99"}]}}),
+        json!({"metadata": {"name": "bad-cidr"}, "spec": {"podCIDRs": ["banana", "10.244.77.0/33"]}, "status": {"addresses": [{"type": "InternalIP", "address": "10.200.0.98"}]}}),
+        json!({"metadata": {"name": "steals-n1"}, "spec": {"podCIDRs": ["10.244.1.0/25"]}, "status": {"addresses": [{"type": "InternalIP", "address": "10.200.0.97"}]}}),
+        json!({"metadata": {"name": "no-address"}, "spec": {"podCIDRs": ["10.244.66.0/24"]}}),
+        json!({"metadata": {"name": "v6-only"}, "spec": {"podCIDRs": ["fd00:244:99::/64"]}, "status": {"addresses": [{"type": "InternalIP", "address": "not-an-address"}, {"type": "InternalIP", "address": "fd00:200::99"}]}}),
+        json!({"metadata": {"name": "garbage"}, "spec": {"podCIDRs": [], "taints": "not-a-list"}, "status": {"addresses": "nope"}}),
+    ];
+    for node in &hostile {
+        let (code, body) = lab.api("POST", "/api/v1/nodes", Some(node)).unwrap();
+        assert_eq!(code, 201, "{body}");
+    }
+    // The agents keep running and keep the cluster working; the hostile nodes only warn.
+    std::thread::sleep(Duration::from_secs(6));
+    for node in ["n1", "n2"] {
+        let pid: i32 = std::fs::read_to_string(lab.dir().join(format!("agent-{node}.pid")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "agent on {node} died"
+        );
+    }
+    let status = lab.agent_status("n1").unwrap();
+    let warnings = status["warnings"].to_string();
+    for name in ["no-cidr", "bad-cidr", "steals-n1", "no-address"] {
+        assert!(warnings.contains(name), "no warning about {name}: {warnings}");
+    }
+    // A route for v6-only's IPv6 PodCIDR is fine (it has an IPv6 InternalIP); none of the others.
+    let mut want = expected_cidrs(&lab, "n1");
+    want.push("fd00:244:99::/64".into());
+    want.sort();
+    assert_eq!(routed_cidrs(&lab, "n1"), want);
+    assert_pod_to_pod(&lab, "u", "v");
+}
+
+#[test]
+fn a_service_gets_endpoint_slices_for_its_ready_pods() {
+    let mut lab = LabGuard::up(2, "native");
+    lab.run_pod("w1", "n1", &labels(&[("app", "w")])).unwrap();
+    lab.run_pod("w2", "n2", &labels(&[("app", "w")])).unwrap();
+    lab.run_pod("other", "n2", &labels(&[("app", "x")])).unwrap();
+    lab.create_service(
+        "w",
+        &labels(&[("app", "w")]),
+        &[ServicePort {
+            port: 80,
+            target_port: POD_PORT,
+        }],
+        "ClusterIP",
+    )
+    .unwrap();
+    let slices = lab
+        .kubectl(&[
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=w",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+    let slices: Value = serde_json::from_str(&slices).unwrap();
+    let mut addresses: Vec<String> = slices["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| {
+            s["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["addresses"][0].as_str().unwrap().to_string())
+        })
+        .collect();
+    addresses.sort();
+    let mut want: Vec<String> = ["w1", "w2"]
+        .iter()
+        .flat_map(|p| {
+            lab.pod(p)
+                .unwrap()
+                .ips
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    want.sort();
+    assert_eq!(addresses, want);
+    lab.delete_pod("w2").unwrap();
+    let slices: Value = serde_json::from_str(&lab.kubectl(&["get", "endpointslices", "-o", "json"]).unwrap()).unwrap();
+    assert_eq!(slices["items"][0]["endpoints"].as_array().unwrap().len(), 1);
+    lab.delete_service("w").unwrap();
+    let slices: Value = serde_json::from_str(&lab.kubectl(&["get", "endpointslices", "-o", "json"]).unwrap()).unwrap();
+    assert!(slices["items"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn the_demo_runs_and_down_leaves_nothing() {
+    ferrynet_tests::require_root();
+    let name = format!("demo{}", std::process::id() % 100_000);
+    let out = Command::new(binary("ferrynet-lab"))
+        .args(["--name", &name, "demo"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for needle in [
+        "client -> 10.244.2.2:8080",
+        "pod=web-2 node=n2 client=10.244.1.3",
+        "from=10.200.0.12",
+        "web-v4",
+        "CNI:        ready",
+    ] {
+        assert!(
+            text.contains(needle),
+            "missing {needle:?} in the demo's output:\n{text}"
+        );
+    }
+    let leftovers: Vec<String> = std::fs::read_dir("/run/netns")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("fl-{name}-")))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(!Lab::dir_of(&name).exists());
+}
+
+#[test]
+fn up_cleans_up_after_a_crashed_lab() {
+    ferrynet_tests::require_root();
+    let name = format!("crash{}", std::process::id() % 100_000);
+    let lab = Lab::up(&ferrynet_tests::lab::LabOptions {
+        name: name.clone(),
+        nodes: 1,
+        mode: "native".into(),
+    })
+    .unwrap();
+    // "Crash": the state file is lost, processes and namespaces are left behind.
+    std::fs::remove_file(lab.dir().join("state.json")).unwrap();
+    drop(lab);
+    let lab = Lab::up(&ferrynet_tests::lab::LabOptions {
+        name: name.clone(),
+        nodes: 1,
+        mode: "native".into(),
+    })
+    .unwrap();
+    assert_eq!(lab.state.nodes.len(), 1);
+    Lab::down(&name).unwrap();
+    let leftovers = std::fs::read_dir("/run/netns")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("fl-{name}-")))
+        .count();
+    assert_eq!(leftovers, 0);
+}
