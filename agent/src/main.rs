@@ -88,16 +88,29 @@ struct Options {
     /// Masquerade pod traffic leaving the cluster's pod CIDRs to the node's address.
     #[arg(long, env = "FERRYNET_MASQUERADE", default_value = "true", action = ArgAction::Set)]
     masquerade: bool,
-    /// The cluster's pod CIDRs (default: the union of all nodes' PodCIDRs).
-    #[arg(long = "cluster-cidr", env = "FERRYNET_CLUSTER_CIDRS", value_delimiter = ',')]
-    cluster_cidrs: Vec<IpNet>,
+    /// The cluster's pod CIDRs (default, or empty: the union of all nodes' PodCIDRs).
+    #[arg(long = "cluster-cidr", env = "FERRYNET_CLUSTER_CIDRS", value_delimiter = ',', value_parser = optional_cidr)]
+    cluster_cidrs: Vec<Option<IpNet>>,
     #[arg(long, env = "FERRYNET_RESYNC_SECONDS", default_value = "30")]
     resync_seconds: u64,
+    /// How often the agent releases addresses of pods that vanished without a CNI DEL.
     #[arg(long, env = "FERRYNET_IPAM_GC_SECONDS", default_value = "60")]
     ipam_gc_seconds: u64,
+    /// How old an allocation must be before that GC may release it (an ADD in progress has an
+    /// allocation but no veth yet).
+    #[arg(long, env = "FERRYNET_IPAM_GC_GRACE_SECONDS", default_value = "60")]
+    ipam_gc_grace_seconds: u64,
     /// Log filter (tracing's env-filter syntax).
     #[arg(long, env = "FERRYNET_LOG", default_value = "info")]
     log: String,
+}
+
+/// A CIDR, or nothing for an empty value (an empty setting means "not set").
+fn optional_cidr(s: &str) -> Result<Option<IpNet>, String> {
+    match s.trim() {
+        "" => Ok(None),
+        cidr => cidr.parse().map(Some).map_err(|e| format!("{cidr:?}: {e}")),
+    }
 }
 
 impl Options {
@@ -132,10 +145,10 @@ impl Options {
                 port: self.vxlan_port,
             },
             masquerade: self.masquerade,
-            cluster_cidrs: self.cluster_cidrs.clone(),
+            cluster_cidrs: self.cluster_cidrs.iter().flatten().copied().collect(),
             resync: Duration::from_secs(self.resync_seconds.max(1)),
             ipam_gc_interval: Duration::from_secs(self.ipam_gc_seconds.max(1)),
-            ipam_gc_grace: Duration::from_secs(60),
+            ipam_gc_grace: Duration::from_secs(self.ipam_gc_grace_seconds),
         })
     }
 }

@@ -153,7 +153,8 @@ impl Reconciler {
 }
 
 /// Writes the CNI's binaries and conflist once and returns (the init container's job). Needs the
-/// API for the node's PodCIDRs; waits for them for at most `wait`.
+/// API for the node's PodCIDRs; waits for them for at most `wait`. Touches nothing else: during
+/// an upgrade the node's routes stay exactly as the running data path has them.
 pub async fn install_cni(cfg: &AgentConfig, wait: Duration) -> Result<()> {
     let installed = cniconf::install_binaries(&cfg.cni)?;
     info!("installed {installed:?} into {}", cfg.cni.bin_dir.display());
@@ -163,15 +164,15 @@ pub async fn install_cni(cfg: &AgentConfig, wait: Duration) -> Result<()> {
     loop {
         match nodes.get_opt(&cfg.node_name).await {
             Ok(Some(node)) => {
-                let mut reconciler = Reconciler::new(cfg.clone())?;
-                let (info, _) = topology::node_info(&node);
-                if info.is_some_and(|i| !i.pod_cidrs.is_empty()) {
-                    // The whole reconcile: routes and masquerade are harmless to set up early.
-                    let status = tokio::task::block_in_place(|| reconciler.reconcile(&[Arc::new(node)]));
-                    if status.cni_ready {
-                        return Ok(());
-                    }
+                let (info, warnings) = topology::node_info(&node);
+                warnings.iter().for_each(|w| warn!("{w}"));
+                if let Some(local) = info.filter(|i| !i.pod_cidrs.is_empty()) {
+                    let conflist = tokio::task::block_in_place(|| conflist_for(cfg, &local))?;
+                    cniconf::install_conflist(&cfg.cni, &conflist)?;
+                    info!("wrote {}", cfg.cni.conflist().display());
+                    return Ok(());
                 }
+                warn!("node {} has no podCIDR yet", cfg.node_name);
             }
             Ok(None) => warn!("node {} is not in the API yet", cfg.node_name),
             Err(e) => warn!("getting node {}: {e}", cfg.node_name),
@@ -181,6 +182,14 @@ pub async fn install_cni(cfg: &AgentConfig, wait: Duration) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// The conflist for `local`, with the pod MTU from the uplink (looked up, not changed).
+fn conflist_for(cfg: &AgentConfig, local: &NodeInfo) -> Result<serde_json::Value> {
+    let uplink = Router::new(cfg.vxlan.clone())?.uplink(cfg.uplink.as_deref(), &local.internal_ips)?;
+    let underlay_v6 = local.internal_ip(true).is_none() && local.internal_ip(false).is_some();
+    let mtu = topology::pod_mtu(uplink.mtu, cfg.mode, underlay_v6);
+    cniconf::conflist(local, &cfg.network, mtu, &cfg.ipam_data_dir).context("the node has no podCIDR")
 }
 
 /// Runs until SIGTERM or SIGINT.

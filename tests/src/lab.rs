@@ -244,10 +244,21 @@ impl Lab {
         }
         Self::down(&opts.name)?;
         let dir = Self::dir_of(&opts.name);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir.join("logs"))?;
+        // Another lab's `down` may remove the (empty) state root between our steps: retry.
+        let create = || {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir.join("logs"))
+        };
+        let mut created = create();
+        for _ in 0..5 {
+            if created.is_ok() {
+                break;
+            }
+            created = create();
+        }
+        created.with_context(|| format!("creating {}", dir.display()))?;
         let mut lab = Self {
             state: LabState {
                 name: opts.name.clone(),
@@ -496,11 +507,12 @@ impl Lab {
         self.save()
     }
 
-    pub fn start_agent(&self, node: &str) -> Result<()> {
-        let ns = self.node_ns(node)?;
+    /// The flags a node's agent runs with (its own dirs, the lab's kubeconfig), before the
+    /// subcommand.
+    pub fn agent_args(&self, node: &str) -> Vec<String> {
         let dir = self.node_dir(node);
         let arg = |p: &str| dir.join(p).display().to_string();
-        let args: Vec<String> = vec![
+        vec![
             "--node-name".into(),
             node.into(),
             "--kubeconfig".into(),
@@ -519,8 +531,17 @@ impl Lab {
             self.state.mode.clone(),
             "--resync-seconds".into(),
             "5".into(),
-            "run".into(),
-        ];
+            "--ipam-gc-seconds".into(),
+            "2".into(),
+            "--ipam-gc-grace-seconds".into(),
+            "3".into(),
+        ]
+    }
+
+    pub fn start_agent(&self, node: &str) -> Result<()> {
+        let ns = self.node_ns(node)?;
+        let mut args = self.agent_args(node);
+        args.push("run".into());
         self.spawn_daemon(&ns, &format!("agent-{node}"), &binary("ferrynet-agent"), &args)?;
         Ok(())
     }

@@ -440,3 +440,80 @@ fn up_cleans_up_after_a_crashed_lab() {
         .count();
     assert_eq!(leftovers, 0);
 }
+
+/// Runs `ferrynet-agent <args> <subcommand...>` in a node's namespace as that node's agent.
+fn agent_cli(lab: &Lab, node: &str, subcommand: &[&str]) -> std::process::Output {
+    let mut args = lab.agent_args(node);
+    args.extend(subcommand.iter().map(|s| s.to_string()));
+    lab.node_ns(node)
+        .unwrap()
+        .command_output(Command::new(binary("ferrynet-agent")).args(&args))
+}
+
+#[test]
+fn install_cni_then_uninstall_put_in_and_take_out_what_the_agent_owns() {
+    let lab = LabGuard::up(2, "vxlan");
+    lab.stop_agent("n1").unwrap();
+    let dir = lab.dir().join("nodes/n1");
+    let n1 = lab.node_ns("n1").unwrap();
+    // The init container's mode, from nothing: binaries and conflist, and it exits.
+    std::fs::remove_file(dir.join("cni-conf/05-ferrynet.conflist")).unwrap();
+    for p in ["ferrynet", "ferrynet-ipam"] {
+        std::fs::remove_file(dir.join("cni-bin").join(p)).unwrap();
+    }
+    let out = agent_cli(&lab, "n1", &["install-cni", "--wait-seconds", "20"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(dir.join("cni-conf/05-ferrynet.conflist").exists());
+    for p in ["ferrynet", "ferrynet-ipam"] {
+        assert!(dir.join("cni-bin").join(p).exists(), "{p}");
+    }
+    // Uninstall: the conflist, the binaries, the agent's routes, VXLAN device and nftables table.
+    assert!(!agent_routes(&lab, "n1").is_empty());
+    let out = agent_cli(&lab, "n1", &["uninstall"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!dir.join("cni-conf/05-ferrynet.conflist").exists());
+    assert!(!dir.join("cni-bin/ferrynet").exists() && !dir.join("cni-bin/ferrynet-ipam").exists());
+    assert!(agent_routes(&lab, "n1").is_empty());
+    assert!(!n1.links().contains(&"ferrynet.vxlan".to_string()));
+    let nft = n1.exec("nft", &["list", "tables"]);
+    assert!(String::from_utf8_lossy(&nft.stdout).trim().is_empty());
+    // Without a conflist the node is not ready, and the readiness probe says so.
+    let ready = agent_cli(&lab, "n1", &["status", "--ready"]);
+    assert!(!ready.status.success());
+}
+
+#[test]
+fn the_agent_releases_addresses_of_pods_that_vanished_without_a_del() {
+    let mut lab = LabGuard::up(1, "native");
+    lab.run_pod("kept", "n1", &BTreeMap::new()).unwrap();
+    lab.run_pod("lost", "n1", &BTreeMap::new()).unwrap();
+    let store = ferrynet_ipam::Store::open(&lab.dir().join("nodes/n1/ipam"), "ferrynet").unwrap();
+    let held = || -> Vec<String> {
+        store
+            .lock()
+            .unwrap()
+            .attachments()
+            .unwrap()
+            .into_iter()
+            .map(|a| a.container_id)
+            .collect()
+    };
+    assert_eq!(held().len(), 2);
+    // The pod vanished without a DEL (say the runtime crashed): its processes died and its
+    // namespace went away, and the veth with it.
+    let pid: i32 = std::fs::read_to_string(lab.dir().join("pod-lost.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) on the pod server the lab started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let lost_ns = lab.pod_ns("lost").unwrap().name.clone();
+    Command::new("ip").args(["netns", "del", &lost_ns]).output().unwrap();
+    let released = eventually(Duration::from_secs(20), || held().len() == 1);
+    assert!(released, "still held: {:?}", held());
+    assert_eq!(held(), [lab.pod("kept").unwrap().container_id.clone()]);
+    // The living pod is untouched.
+    let to = SocketAddr::new(lab.pod("kept").unwrap().ip(true), POD_PORT);
+    assert!(request(&lab.node_ns("n1").unwrap(), to, "still there?").is_ok());
+}

@@ -1,0 +1,242 @@
+//! Every manifest parses into typed Kubernetes objects, field for field, and says what it must.
+use std::{collections::BTreeSet, path::PathBuf, process::Command};
+
+use ferrynet_tests::binary;
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{ConfigMap, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_json::Value;
+
+fn manifests() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests")
+}
+
+/// Every YAML document of a file, as JSON.
+fn documents(file: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(manifests().join(file)).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde_json::to_value(serde_yaml::Value::deserialize(doc).unwrap()).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Parses `doc` as `T` and checks that nothing was lost: k8s-openapi ignores unknown fields, so
+/// a misspelled field only shows up as a difference after the round trip.
+#[track_caller]
+fn typed<T: DeserializeOwned + serde::Serialize>(doc: &Value) -> T {
+    let object: T = serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{e}: {doc}"));
+    let back = serde_json::to_value(&object).unwrap();
+    assert_eq!(&back, doc, "fields were lost in the round trip (a misspelling?)");
+    object
+}
+
+fn kinds(docs: &[Value]) -> Vec<&str> {
+    docs.iter().map(|d| d["kind"].as_str().unwrap()).collect()
+}
+
+#[test]
+fn rbac_is_least_privilege() {
+    let docs = documents("rbac.yaml");
+    assert_eq!(kinds(&docs), ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"]);
+    let sa: ServiceAccount = typed(&docs[0]);
+    let role: ClusterRole = typed(&docs[1]);
+    let binding: ClusterRoleBinding = typed(&docs[2]);
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.unwrap() {
+        assert_eq!(rule.verbs, ["get", "list", "watch"], "read-only");
+        for resource in rule.resources.unwrap() {
+            for group in rule.api_groups.clone().unwrap() {
+                granted.insert(format!("{group}/{resource}"));
+            }
+        }
+    }
+    assert_eq!(
+        granted,
+        BTreeSet::from([
+            "/nodes".to_string(),
+            "/services".into(),
+            "discovery.k8s.io/endpointslices".into()
+        ])
+    );
+    let subject = &binding.subjects.unwrap()[0];
+    assert_eq!(
+        (subject.name.as_str(), subject.namespace.as_deref()),
+        (sa.metadata.name.as_deref().unwrap(), sa.metadata.namespace.as_deref())
+    );
+    assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
+}
+
+#[test]
+fn the_daemonset_runs_everywhere_on_the_host_network_with_two_capabilities() {
+    let docs = documents("daemonset.yaml");
+    let ds: DaemonSet = typed(&docs[0]);
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.service_account_name.as_deref(), Some("ferrynet-agent"));
+    assert!(
+        pod.tolerations
+            .unwrap()
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none())
+    );
+    let init = &pod.init_containers.unwrap()[0];
+    assert_eq!(init.command.as_ref().unwrap()[1], "install-cni");
+    let agent = &pod.containers[0];
+    for c in [init, agent] {
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.privileged, Some(false));
+        let caps = sc.capabilities.as_ref().unwrap();
+        assert_eq!(caps.drop.as_ref().unwrap(), &["ALL"]);
+        assert_eq!(caps.add.as_ref().unwrap(), &["NET_ADMIN", "BPF"]);
+        let mounts: BTreeSet<String> = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| m.mount_path.clone())
+            .collect();
+        for path in [
+            "/host/opt/cni/bin",
+            "/host/etc/cni/net.d",
+            "/var/lib/ferrynet",
+            "/sys/fs/bpf",
+            "/sys/fs/cgroup",
+        ] {
+            assert!(mounts.contains(path), "{} lacks {path}", c.name);
+        }
+        let env: Vec<String> = c.env.as_ref().unwrap().iter().map(|e| e.name.clone()).collect();
+        assert!(env.contains(&"NODE_NAME".to_string()));
+        let node_name = c.env.as_ref().unwrap().iter().find(|e| e.name == "NODE_NAME").unwrap();
+        assert_eq!(
+            node_name
+                .value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path,
+            "spec.nodeName"
+        );
+    }
+    let probe = agent
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .exec
+        .as_ref()
+        .unwrap()
+        .command
+        .clone()
+        .unwrap();
+    assert_eq!(probe, ["/usr/local/bin/ferrynet-agent", "status", "--ready"]);
+    let volumes: BTreeSet<String> = pod
+        .volumes
+        .unwrap()
+        .iter()
+        .map(|v| v.host_path.as_ref().unwrap().path.clone())
+        .collect();
+    assert_eq!(
+        volumes,
+        BTreeSet::from(
+            [
+                "/opt/cni/bin",
+                "/etc/cni/net.d",
+                "/var/lib/ferrynet",
+                "/sys/fs/bpf",
+                "/sys/fs/cgroup"
+            ]
+            .map(String::from)
+        )
+    );
+
+    // The image the Dockerfile builds has what the DaemonSet points at.
+    let dockerfile = std::fs::read_to_string(manifests().join("Dockerfile")).unwrap();
+    let source = agent
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "FERRYNET_CNI_SOURCE_DIR")
+        .unwrap()
+        .value
+        .clone()
+        .unwrap();
+    assert!(
+        dockerfile.contains(&format!("COPY --from=build /out/cni/ {source}/")),
+        "{source}"
+    );
+    assert!(dockerfile.contains("COPY --from=build /out/ferrynet-agent /usr/local/bin/ferrynet-agent"));
+    assert!(dockerfile.contains("nftables"));
+}
+
+#[test]
+fn the_configmap_sets_only_settings_the_agent_reads_and_they_parse() {
+    let docs = documents("configmap.yaml");
+    let cm: ConfigMap = typed(&docs[0]);
+    let data = cm.data.unwrap();
+    let help = Command::new(binary("ferrynet-agent")).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let known: BTreeSet<&str> = help
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|s| s.split('=').next())
+        .collect();
+    for key in data.keys() {
+        assert!(
+            known.contains(key.as_str()),
+            "the agent has no setting {key} (it reads {known:?})"
+        );
+    }
+    // The agent accepts the values: with them set, it gets as far as reading its status file.
+    let state = tempfile::tempdir().unwrap();
+    let out = Command::new(binary("ferrynet-agent"))
+        .envs(&data)
+        .args(["--state-dir", state.path().to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("agent-status.json"), "{err}");
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct KindCluster {
+    kind: String,
+    api_version: String,
+    networking: KindNetworking,
+    nodes: Vec<KindNode>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct KindNetworking {
+    #[serde(rename = "disableDefaultCNI")]
+    disable_default_cni: bool,
+    pod_subnet: String,
+    service_subnet: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct KindNode {
+    role: String,
+}
+
+#[test]
+fn the_kind_config_disables_the_default_cni() {
+    let doc = &documents("kind-config.yaml")[0];
+    let cluster: KindCluster = serde_json::from_value(doc.clone()).unwrap();
+    assert_eq!(
+        (cluster.kind.as_str(), cluster.api_version.as_str()),
+        ("Cluster", "kind.x-k8s.io/v1alpha4")
+    );
+    assert!(cluster.networking.disable_default_cni);
+    cluster.networking.pod_subnet.parse::<ipnet::IpNet>().unwrap();
+    cluster.networking.service_subnet.parse::<ipnet::IpNet>().unwrap();
+}
