@@ -19,9 +19,7 @@ step "lint (host crates)"
 cargo clippy --release --workspace --all-targets -- -D warnings
 step "lint (kernel programs, BPF target)"
 (cd ebpf/ferrynet-ebpf && cargo +nightly-2026-05-20 clippy --release --target bpfel-unknown-none -Z build-std=core -- -D warnings)
-step "build: agent, tools and the kernel programs (via agent/build.rs)"
-cargo build --release --workspace --bins
-step "build: the CNI plugins, static ($cni_target)"
-cargo build --release --target "$cni_target" -p ferrynet-cni -p ferrynet-ipam
+step "build: agent, tools, kernel programs (via agent/build.rs), and the CNI plugins (static, $cni_target)"
+./tests/build.sh
 step "test"
 cargo test --release --workspace

@@ -114,12 +114,17 @@ fn optional_cidr(s: &str) -> Result<Option<IpNet>, String> {
 }
 
 impl Options {
+    /// The configuration of a command that acts for this node (needs its name).
     fn config(&self) -> Result<AgentConfig> {
         let node_name = self
             .node_name
             .clone()
             .filter(|n| !n.is_empty())
             .context("--node-name (or NODE_NAME) is required")?;
+        self.config_for(node_name)
+    }
+
+    fn config_for(&self, node_name: String) -> Result<AgentConfig> {
         let source_dir = match &self.cni_source_dir {
             Some(dir) => dir.clone(),
             None => std::env::current_exe()?
@@ -180,16 +185,8 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             &cli.options.config()?,
             Duration::from_secs(wait_seconds),
         ))?,
-        Command::Uninstall => {
-            let mut cfg = cli.options.config().or_else(|_| {
-                // Uninstall needs no node name.
-                let mut o = cli.options;
-                o.node_name = Some("-".into());
-                o.config()
-            })?;
-            cfg.node_name.clear();
-            run::uninstall(&cfg)?
-        }
+        // Uninstall acts on what is installed here, whoever the node is.
+        Command::Uninstall => run::uninstall(&cli.options.config_for(String::new())?)?,
         Command::Status {
             json,
             ready,

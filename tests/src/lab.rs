@@ -743,7 +743,7 @@ impl Lab {
         self.state.next_service += 1;
         let (v4, v6) = (
             format!("10.96.{}.{}", n / 250, n % 250 + 1),
-            format!("fd00:96::{:x}", n),
+            format!("fd00:96::{:x}", n + 1),
         );
         let ports: Vec<Value> = ports
             .iter()

@@ -41,3 +41,15 @@ fn ipam_benchmark_reports_every_fill_level() {
         .count();
     assert_eq!(rows, 3, "{report}");
 }
+
+#[test]
+fn net_benchmark_reports_all_three_paths() {
+    let report = bench(&["net", "--seconds", "1", "--rounds", "1", "--requests", "100"]);
+    for path in [
+        "| same node |",
+        "| across nodes, native routing |",
+        "| across nodes, VXLAN |",
+    ] {
+        assert!(report.contains(path), "missing {path:?} in:\n{report}");
+    }
+}

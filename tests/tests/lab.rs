@@ -255,6 +255,32 @@ fn restarting_an_agent_keeps_routes_and_traffic_and_changes_nothing() {
         vxlan_before
     );
     assert_pod_to_pod(&lab, "x", "y");
+
+    // While it is down again, a node leaves, and someone else adds a route of their own. Back
+    // up, the agent finds its stale routes by their protocol and removes them, and leaves the
+    // other route alone.
+    lab.stop_agent("n1").unwrap();
+    lab.delete_node("n3").unwrap();
+    let n1 = lab.node_ns("n1").unwrap();
+    n1.ip(&["route", "add", "192.0.2.0/24", "via", "10.200.0.250", "proto", "static"]);
+    assert!(
+        routed_cidrs(&lab, "n1").contains(&"10.244.3.0/24".to_string()),
+        "stale before the restart"
+    );
+    lab.start_agent("n1").unwrap();
+    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    assert_eq!(routed_cidrs(&lab, "n1"), expected_cidrs(&lab, "n1"));
+    assert_eq!(
+        n1.ip_json(&["route", "show", "192.0.2.0/24"])[0]["gateway"],
+        "10.200.0.250",
+        "someone else's route survives"
+    );
+    let neighbours = n1.ip_json(&["neigh", "show", "dev", "ferrynet.vxlan"]);
+    assert!(
+        neighbours.as_array().unwrap().iter().all(|n| n["dst"] != "10.244.3.0"),
+        "{neighbours}"
+    );
+    assert_pod_to_pod(&lab, "x", "y");
 }
 
 #[test]

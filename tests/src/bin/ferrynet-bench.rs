@@ -42,9 +42,16 @@ fn main() -> Result<()> {
             let prefix = flag("--prefix").map(|v| v.parse()).transpose()?.unwrap_or(16);
             ipam(samples, prefix)?
         }
+        Some("net") => {
+            let seconds = flag("--seconds").map(|v| v.parse()).transpose()?.unwrap_or(5);
+            let rounds = flag("--rounds").map(|v| v.parse()).transpose()?.unwrap_or(3);
+            let requests = flag("--requests").map(|v| v.parse()).transpose()?.unwrap_or(10_000);
+            net::run(seconds, rounds, requests)?
+        }
         _ => bail!(
             "usage: ferrynet-bench cni [--ops N] [--concurrency C] [--out FILE]\n       \
-             ferrynet-bench ipam [--samples N] [--prefix LEN] [--out FILE]"
+             ferrynet-bench ipam [--samples N] [--prefix LEN] [--out FILE]\n       \
+             ferrynet-bench net [--seconds S] [--rounds R] [--requests N] [--out FILE]"
         ),
     };
     print!("{report}");
@@ -372,4 +379,225 @@ fn ipam(samples: usize, prefix: u8) -> Result<String> {
         )?;
     }
     Ok(md)
+}
+
+/// Pod-to-pod throughput and request latency on the three paths a lab has.
+mod net {
+    use std::{
+        fmt::Write as _,
+        io::{Read, Write},
+        net::{SocketAddr, TcpListener, TcpStream},
+        process::{Command, Stdio},
+        time::{Duration, Instant},
+    };
+
+    use anyhow::{Context, Result, bail};
+    use ferrynet_tests::{
+        bench::{Summary, ratio},
+        lab::{Lab, LabGuard},
+        netns::Netns,
+    };
+
+    const MESSAGE: usize = 64;
+
+    struct Path {
+        label: &'static str,
+        from: Netns,
+        to: Netns,
+        to_ip: std::net::IpAddr,
+    }
+
+    /// A server in `ns` answering each 64-byte message with 64 bytes, until `connections` have
+    /// come and gone.
+    fn echo_server(ns: &Netns, port: u16, connections: usize) -> Result<std::thread::JoinHandle<()>> {
+        let listener = ferrynet_cni::netns::run_in(ns.fd(), || TcpListener::bind(("::", port)))?;
+        Ok(std::thread::spawn(move || {
+            for stream in listener.incoming().take(connections).flatten() {
+                let mut stream = stream;
+                let _ = stream.set_nodelay(true);
+                let mut buf = [0u8; MESSAGE];
+                while stream.read_exact(&mut buf).is_ok() {
+                    if stream.write_all(&buf).is_err() {
+                        break;
+                    }
+                }
+            }
+        }))
+    }
+
+    fn connect(ns: &Netns, to: SocketAddr) -> Result<TcpStream> {
+        let stream = ferrynet_cni::netns::run_in(ns.fd(), || TcpStream::connect_timeout(&to, Duration::from_secs(3)))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(stream)
+    }
+
+    /// Request/response on one connection (netperf's TCP_RR): every round trip timed.
+    fn rr(path: &Path, port: u16, requests: usize) -> Result<Vec<Duration>> {
+        let server = echo_server(&path.to, port, 1)?;
+        let mut stream = connect(&path.from, SocketAddr::new(path.to_ip, port))?;
+        let mut buf = [7u8; MESSAGE];
+        let mut samples = Vec::with_capacity(requests);
+        for _ in 0..requests {
+            let start = Instant::now();
+            stream.write_all(&buf)?;
+            stream.read_exact(&mut buf)?;
+            samples.push(start.elapsed());
+        }
+        drop(stream);
+        let _ = server.join();
+        Ok(samples)
+    }
+
+    /// A new connection per request (netperf's TCP_CRR): connect, request, response, close.
+    fn crr(path: &Path, port: u16, requests: usize) -> Result<Vec<Duration>> {
+        let server = echo_server(&path.to, port, requests)?;
+        let to = SocketAddr::new(path.to_ip, port);
+        let mut samples = Vec::with_capacity(requests);
+        let mut buf = [7u8; MESSAGE];
+        for _ in 0..requests {
+            let start = Instant::now();
+            let mut stream = connect(&path.from, to)?;
+            stream.write_all(&buf)?;
+            stream.read_exact(&mut buf)?;
+            drop(stream);
+            samples.push(start.elapsed());
+        }
+        let _ = server.join();
+        Ok(samples)
+    }
+
+    /// iperf3 for `seconds`; returns bits per second received.
+    fn throughput(path: &Path, port: u16, seconds: u64) -> Result<f64> {
+        let mut server = path.to.spawn(
+            Command::new("iperf3")
+                .args(["-s", "-1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        let target = SocketAddr::new(path.to_ip, port);
+        let up = ferrynet_tests::wait_for(Duration::from_secs(5), || {
+            ferrynet_cni::netns::run_in(path.from.fd(), || {
+                TcpStream::connect_timeout(&target, Duration::from_millis(100))
+            })
+            .ok()
+            .map(|_| ())
+        });
+        // That probe connection was iperf3's one test: start a fresh server.
+        let _ = server.kill();
+        let _ = server.wait();
+        if up.is_none() {
+            bail!("iperf3 server did not start in {}", path.to.name);
+        }
+        let mut server = path.to.spawn(
+            Command::new("iperf3")
+                .args(["-s", "-1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let out = path.from.command_output(Command::new("iperf3").args([
+            "-c",
+            &path.to_ip.to_string(),
+            "-p",
+            &port.to_string(),
+            "-t",
+            &seconds.to_string(),
+            "-J",
+        ]));
+        let _ = server.wait();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+        report["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .with_context(|| format!("iperf3: {}", report["error"]))
+    }
+
+    fn pods(lab: &mut Lab, layout: &[(&str, &str)]) -> Result<()> {
+        for (pod, node) in layout {
+            lab.run_pod(pod, node, &Default::default())?;
+        }
+        Ok(())
+    }
+
+    pub fn run(seconds: u64, rounds: usize, requests: usize) -> Result<String> {
+        ferrynet_tests::require_root();
+        let mut native = LabGuard::up(2, "native");
+        let mut vxlan = LabGuard::up(2, "vxlan");
+        pods(&mut native, &[("a", "n1"), ("b", "n1"), ("c", "n2")])?;
+        pods(&mut vxlan, &[("a", "n1"), ("c", "n2")])?;
+        let path = |lab: &Lab, label: &'static str, from: &str, to: &str| -> Result<Path> {
+            Ok(Path {
+                label,
+                from: lab.pod_ns(from)?,
+                to: lab.pod_ns(to)?,
+                to_ip: lab.pod(to)?.ip(true),
+            })
+        };
+        let paths = [
+            path(&native, "same node", "a", "b")?,
+            path(&native, "across nodes, native routing", "a", "c")?,
+            path(&vxlan, "across nodes, VXLAN", "a", "c")?,
+        ];
+        let mut bps: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+        let mut rr_samples: Vec<Vec<Duration>> = vec![Vec::new(); paths.len()];
+        let mut crr_samples: Vec<Vec<Duration>> = vec![Vec::new(); paths.len()];
+        let mut port = 7000;
+        // Rounds interleave the paths (rotating which goes first), so drift hits all alike.
+        for round in 0..rounds {
+            for k in 0..paths.len() {
+                let i = (k + round) % paths.len();
+                port += 1;
+                bps[i].push(throughput(&paths[i], port, seconds)?);
+                port += 1;
+                rr_samples[i].extend(rr(&paths[i], port, requests)?);
+                port += 1;
+                crr_samples[i].extend(crr(&paths[i], port, requests / 10)?);
+            }
+        }
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        let us = |d: Duration| format!("{:.0}", d.as_secs_f64() * 1e6);
+        let mut md = String::new();
+        writeln!(
+            md,
+            "# Pod-to-pod throughput and latency: same node, across nodes native, across nodes VXLAN\n"
+        )?;
+        writeln!(
+            md,
+            "Measured by `ferrynet-bench net --seconds {seconds} --rounds {rounds} --requests {requests}` on {}.\n",
+            super::machine()
+        )?;
+        writeln!(
+            md,
+            "Two labs run at once on this machine (design.md §6): a native-routing one and a VXLAN one, 2 nodes each, every node with its ferrynet-agent and every pod set up by the real `ferrynet` CNI. Throughput is iperf3 (one TCP stream, {seconds} s, median of {rounds} runs). Request latency is an in-repo tool: 64-byte request and response on one connection (like netperf's TCP_RR, {requests} per run), and with a new connection per request (TCP_CRR, {} per run); p50 and p99 over all runs. The paths alternate round by round. Ratios are against the same-node path, the direct pod-IP anchor: it crosses two veths and the node's routing, with no underlay at all. Pod MTU is 1500 natively and 1450 over VXLAN. Everything runs on the same 2 CPUs, so absolute throughput is bounded by the machine, not a wire.\n",
+            requests / 10
+        )?;
+        writeln!(
+            md,
+            "| path | throughput (Gbit/s) | vs same node | RR p50 (µs) | RR p99 (µs) | CRR p50 (µs) | CRR p99 (µs) | RR p50 vs same node |"
+        )?;
+        writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+        let base_bps = median(&bps[0]);
+        let base_rr = Summary::of(&rr_samples[0]);
+        for (i, p) in paths.iter().enumerate() {
+            let (rr, crr) = (Summary::of(&rr_samples[i]), Summary::of(&crr_samples[i]));
+            writeln!(
+                md,
+                "| {} | {:.2} | {:.2}× | {} | {} | {} | {} | {} |",
+                p.label,
+                median(&bps[i]) / 1e9,
+                median(&bps[i]) / base_bps,
+                us(rr.p50),
+                us(rr.p99),
+                us(crr.p50),
+                us(crr.p99),
+                ratio(rr.p50, base_rr.p50)
+            )?;
+        }
+        drop(paths);
+        Ok(md)
+    }
 }
