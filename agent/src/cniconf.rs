@@ -63,16 +63,22 @@ pub fn write_if_changed(path: &Path, content: &[u8], mode: u32) -> Result<bool> 
     }
     let dir = path.parent().context("path has no parent")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // A name nobody else uses, opened with O_EXCL: a file or symlink planted in a host
+    // directory is never written through.
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     let tmp = dir.join(format!(
-        ".{}.ferrynet-tmp-{}",
+        ".{}.ferrynet-tmp-{}-{}-{nanos}",
         path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let result = (|| -> std::io::Result<()> {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(mode)
             .open(&tmp)?;
         file.write_all(content)?;
@@ -128,6 +134,7 @@ mod tests {
     fn node(cidrs: &[&str]) -> NodeInfo {
         NodeInfo {
             name: "n1".into(),
+            created: None,
             internal_ips: vec!["10.0.0.1".parse().unwrap()],
             pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
         }

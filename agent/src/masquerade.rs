@@ -1,7 +1,11 @@
 //! Egress masquerade: pod traffic leaving the cluster's pod CIDRs takes the node's address. It
 //! lives in an nftables table of its own (`inet ferrynet`), replaced as a whole in one atomic
 //! transaction and removed at uninstall, so nobody else's rules are ever touched.
-use std::{io::Write, process::Stdio};
+use std::{
+    io::{Read, Write},
+    process::Stdio,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
 use ipnet::IpNet;
@@ -58,6 +62,9 @@ pub fn remove() -> Result<()> {
     )
 }
 
+/// How long nft may take before the agent gives up on it (and kills it).
+const NFT_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn nft(args: &[&str], stdin: &str) -> Result<()> {
     let mut child = std::process::Command::new("nft")
         .args(args)
@@ -66,19 +73,26 @@ fn nft(args: &[&str], stdin: &str) -> Result<()> {
         .stderr(Stdio::piped())
         .spawn()
         .context("running nft (is nftables installed?)")?;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .context("writing to nft")?;
-    let out = child.wait_with_output().context("waiting for nft")?;
-    if !out.status.success() {
-        bail!(
-            "nft {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+    // nft reads the whole script before it answers; a failed write shows in its exit status.
+    let _ = child.stdin.take().expect("stdin").write_all(stdin.as_bytes());
+    let deadline = Instant::now() + NFT_TIMEOUT;
+    let status = loop {
+        match child.try_wait().context("waiting for nft")? {
+            Some(status) => break status,
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("nft {} did not finish within {NFT_TIMEOUT:?}", args.join(" "));
+            }
+            None => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    if !status.success() {
+        bail!("nft {}: {}", args.join(" "), stderr.trim());
     }
     Ok(())
 }

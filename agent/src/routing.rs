@@ -102,9 +102,15 @@ impl Router {
         })
     }
 
-    /// Makes the kernel match `plan`. Applies only differences; returns what changed.
-    pub fn apply(&mut self, plan: &RoutingPlan, uplink: &Uplink) -> Result<Changes> {
+    /// Makes the kernel match `plan`. Applies only differences; returns what changed, and
+    /// warnings about what it refused to do.
+    ///
+    /// Only the agent's own routes (protocol 114) are ever replaced or deleted. A desired route
+    /// whose destination someone else already routes is added exclusively, and the collision is
+    /// reported, never overwritten. Routes of retained (momentarily incomplete) peers stay.
+    pub fn apply(&mut self, plan: &RoutingPlan, uplink: &Uplink) -> Result<(Changes, Vec<String>)> {
         let mut changes = Changes::default();
+        let mut warnings = Vec::new();
         let vxlan_index = self.apply_vxlan(plan, uplink, &mut changes)?;
 
         let mut desired: Vec<RouteSpec> = Vec::new();
@@ -130,23 +136,31 @@ impl Router {
         let mut batch = Vec::new();
         for route in &current {
             let Some(dst) = inspect::route_dst(route) else { continue };
-            if !desired.iter().any(|d| d.dst == dst) {
+            if !desired.iter().any(|d| d.dst == dst) && !plan.retained.contains(&dst) {
                 batch.push(Change::delete_route(&agent_route(dst)));
             }
         }
         for spec in &desired {
-            let in_place = current.iter().any(|r| {
-                inspect::route_dst(r) == Some(spec.dst)
-                    && inspect::route_gateway(r) == spec.gateway
-                    && spec.oif.is_none_or(|oif| inspect::route_oif(r) == Some(oif))
-            });
-            if !in_place {
-                batch.push(Change::replace_route(spec));
+            let ours = current.iter().find(|r| inspect::route_dst(r) == Some(spec.dst));
+            match ours {
+                Some(r)
+                    if inspect::route_gateway(r) == spec.gateway
+                        && spec.oif.is_none_or(|oif| inspect::route_oif(r) == Some(oif)) => {}
+                Some(_) => batch.push(Change::replace_route(spec)),
+                None => batch.push(Change::add_route(spec)),
             }
         }
-        changes.routes = batch.len();
-        self.netlink.apply_all(batch).context("routes to peers")?;
-        Ok(changes)
+        let results = self.netlink.apply_each(batch).context("routes to peers")?;
+        for result in results {
+            match result {
+                Ok(()) => changes.routes += 1,
+                Err(e) if e.is_exists() => {
+                    warnings.push(format!("{}: another route has that destination; not touching it", e.op))
+                }
+                Err(e) => return Err(e).context("routes to peers"),
+            }
+        }
+        Ok((changes, warnings))
     }
 
     /// The agent's routes now in the kernel (protocol 114, main table).
@@ -253,12 +267,21 @@ impl Router {
                 }
             }
         }
+        // Entries of retained (momentarily incomplete) peers stay with their routes.
+        let retained: BTreeSet<IpAddr> = plan.retained.iter().map(IpNet::network).collect();
+        let retained_macs: BTreeSet<[u8; 6]> = neigh_have
+            .iter()
+            .filter(|(ip, _)| retained.contains(ip))
+            .map(|(_, mac)| *mac)
+            .collect();
         let mut batch = Vec::new();
         for (mac, dst) in fdb_have.difference(&fdb_want) {
-            batch.push(Change::delete_fdb_entry(index, *mac, Some(*dst)));
+            if !retained_macs.contains(mac) {
+                batch.push(Change::delete_fdb_entry(index, *mac, Some(*dst)));
+            }
         }
         for (ip, _) in neigh_have.difference(&neigh_want) {
-            if !neigh_want.iter().any(|(want_ip, _)| want_ip == ip) {
+            if !neigh_want.iter().any(|(want_ip, _)| want_ip == ip) && !retained.contains(ip) {
                 batch.push(Change::delete_neighbour(index, *ip));
             }
         }

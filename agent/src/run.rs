@@ -105,12 +105,17 @@ impl Reconciler {
     }
 
     fn reconcile_nodes(&mut self, nodes: &[NodeInfo], st: &mut AgentStatus) -> Result<()> {
-        let local = nodes
-            .iter()
-            .find(|n| n.name == self.cfg.node_name)
-            .with_context(|| format!("node {} is not (yet) in the API", self.cfg.node_name))?;
+        let local = nodes.iter().find(|n| n.name == self.cfg.node_name).with_context(|| {
+            format!(
+                "node {} is not (yet) in the API; keeping the current state",
+                self.cfg.node_name
+            )
+        })?;
         st.pod_cidrs = local.pod_cidrs.clone();
-        routing::enable_forwarding(local.pod_cidrs.iter().any(|c| c.addr().is_ipv6()))?;
+        // Without its own address the node cannot place itself: change nothing until it has one.
+        if local.internal_ips.is_empty() {
+            anyhow::bail!("node {} has no InternalIP (yet); keeping the current state", local.name);
+        }
         let uplink = self.router.uplink(self.cfg.uplink.as_deref(), &local.internal_ips)?;
         let underlay_v6 = local.internal_ip(true).is_none() && local.internal_ip(false).is_some();
         let mtu = topology::pod_mtu(uplink.mtu, self.cfg.mode, underlay_v6);
@@ -126,10 +131,14 @@ impl Reconciler {
                 local.pod_cidrs
             );
         }
+        if let Err(e) = routing::enable_forwarding(local.pod_cidrs.iter().any(|c| c.addr().is_ipv6())) {
+            st.warnings.push(format!("{e:#}"));
+        }
 
         let plan = topology::plan_routes(local, nodes, self.cfg.mode, &uplink.connected);
         st.warnings.extend(plan.warnings.iter().cloned());
-        let changes = self.router.apply(&plan, &uplink)?;
+        let (changes, warnings) = self.router.apply(&plan, &uplink)?;
+        st.warnings.extend(warnings);
         if changes.total() > 0 {
             info!("applied {changes:?} for {} peers", plan.peers.len());
         }
@@ -139,7 +148,7 @@ impl Reconciler {
         st.uplink = Some(uplink);
 
         if self.cfg.masquerade {
-            let cluster = topology::cluster_cidrs(&self.cfg.cluster_cidrs, nodes);
+            let cluster = topology::cluster_cidrs(&self.cfg.cluster_cidrs, local, &plan);
             let ruleset = masquerade::ruleset(&cluster);
             if self.applied_ruleset.as_deref() != Some(ruleset.as_str()) {
                 masquerade::apply(&ruleset)?;
@@ -228,6 +237,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut resync = tokio::time::interval(cfg.resync);
     let mut gc = tokio::time::interval(cfg.ipam_gc_interval);
     gc.tick().await;
+    let mut gc_task: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
@@ -238,14 +248,18 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
             _ = resync.tick() => {}
             _ = gc.tick() => {
-                let (dir, net, grace) = (cfg.ipam_data_dir.clone(), cfg.network.clone(), cfg.ipam_gc_grace);
-                match tokio::task::spawn_blocking(move || ipam_gc::collect(&dir, &net, grace)).await? {
-                    Ok(released) if !released.is_empty() => {
-                        let who: Vec<String> = released.iter().map(|a| format!("{}/{}", a.container_id, a.ifname)).collect();
-                        info!("IPAM GC released addresses of vanished pods: {who:?}");
-                    }
-                    Ok(_) => {}
-                    Err(e) => warn!("IPAM GC: {e:#}"),
+                // In the background: the store lock may be held for a while, and neither syncs
+                // nor SIGTERM should wait for it. One collection at a time.
+                if gc_task.as_ref().is_none_or(|t| t.is_finished()) {
+                    let (dir, net, grace) = (cfg.ipam_data_dir.clone(), cfg.network.clone(), cfg.ipam_gc_grace);
+                    gc_task = Some(tokio::task::spawn_blocking(move || match ipam_gc::collect(&dir, &net, grace) {
+                        Ok(released) if !released.is_empty() => {
+                            let who: Vec<String> = released.iter().map(|a| format!("{}/{}", a.container_id, a.ifname)).collect();
+                            info!("IPAM GC released addresses of vanished pods: {who:?}");
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!("IPAM GC: {e:#}"),
+                    }));
                 }
                 continue;
             }

@@ -7,13 +7,15 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::Time};
 use sha2::{Digest, Sha256};
 
 /// What the agent needs to know about one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
     pub name: String,
+    /// When the Node object was created: the older node wins a PodCIDR conflict.
+    pub created: Option<Time>,
     /// InternalIP addresses, in the order the node reports them.
     pub internal_ips: Vec<IpAddr>,
     /// At most one per family, as Kubernetes allows.
@@ -75,6 +77,7 @@ pub fn node_info(node: &Node) -> (Option<NodeInfo>, Vec<String>) {
     (
         Some(NodeInfo {
             name,
+            created: node.metadata.creation_timestamp.clone(),
             internal_ips,
             pod_cidrs,
         }),
@@ -130,6 +133,9 @@ pub struct PeerRoute {
 pub struct RoutingPlan {
     /// Routes to other nodes' PodCIDRs, by node name.
     pub peers: BTreeMap<String, Vec<PeerRoute>>,
+    /// PodCIDRs of nodes that exist but are momentarily incomplete (no usable address): the
+    /// routes already installed for them are kept, not torn down for lack of news.
+    pub retained: Vec<IpNet>,
     /// This node's VXLAN endpoint, when any peer is reached through VXLAN (or the mode is VXLAN).
     pub vxlan: Option<LocalVtep>,
     pub warnings: Vec<String>,
@@ -165,16 +171,19 @@ pub fn vtep_mac(ip: IpAddr) -> [u8; 6] {
 
 /// Computes the routes `local` needs to reach every other node's pods.
 ///
-/// `connected` lists the subnets of the local uplink (which peers share an L2 segment with us),
-/// used by `Auto`. Peers whose PodCIDRs collide with ours, or with a peer's whose name sorts
-/// first, are skipped with a warning: routing a CIDR to two places is never right.
+/// `connected` lists the subnets of the local uplink (which peers share an L2 segment with us,
+/// for `Auto`; and what a pod CIDR must never cover). A peer PodCIDR is refused, with a warning,
+/// when it is too broad or special-purpose, covers the underlay or this node's address, or
+/// collides with a CIDR already claimed: this node's, or an older node's (routing a CIDR to two
+/// places is never right, and a newcomer must not take over an established peer's route).
 pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], mode: RoutingMode, connected: &[IpNet]) -> RoutingPlan {
     let mut plan = RoutingPlan::default();
     let underlay_v4 = local.internal_ip(true).is_some() || local.internal_ip(false).is_none();
     let local_vtep = local.internal_ip(underlay_v4);
     let mut claimed: Vec<(IpNet, String)> = local.pod_cidrs.iter().map(|c| (*c, local.name.clone())).collect();
     let mut peers: Vec<&NodeInfo> = nodes.iter().filter(|n| n.name != local.name).collect();
-    peers.sort_by(|a, b| a.name.cmp(&b.name));
+    // Oldest first (nodes without a creation time last), then by name.
+    peers.sort_by(|a, b| (a.created.is_none(), &a.created, &a.name).cmp(&(b.created.is_none(), &b.created, &b.name)));
     let mut uses_vxlan = mode == RoutingMode::Vxlan;
 
     for peer in peers {
@@ -185,6 +194,11 @@ pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], mode: RoutingMode, conn
         }
         let mut routes = Vec::new();
         for cidr in &peer.pod_cidrs {
+            if let Some(why) = unroutable(cidr, local, connected) {
+                plan.warnings
+                    .push(format!("node {}: podCIDR {cidr} {why}; no route", peer.name));
+                continue;
+            }
             if let Some((_, owner)) = claimed
                 .iter()
                 .find(|(c, _)| c.contains(&cidr.network()) || cidr.contains(&c.network()))
@@ -195,30 +209,34 @@ pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], mode: RoutingMode, conn
                 ));
                 continue;
             }
+            claimed.push((*cidr, peer.name.clone()));
             // A native route needs an underlay of the CIDR's family at both ends.
             let family = cidr.addr().is_ipv4();
             let native_gateway = peer.internal_ip(family).filter(|_| local.internal_ip(family).is_some());
             let on_link = |ip: IpAddr| connected.iter().any(|net| net.contains(&ip));
             let via = match mode {
-                RoutingMode::Native => match native_gateway {
-                    Some(gateway) => Via::Native { gateway },
-                    None => {
-                        plan.warnings.push(format!(
-                            "node {}: no InternalIP of {cidr}'s family for a native route; no route",
-                            peer.name
-                        ));
-                        continue;
+                RoutingMode::Native => {
+                    match native_gateway {
+                        Some(gateway) => Via::Native { gateway },
+                        None => {
+                            plan.warnings.push(format!("node {}: no InternalIP of {cidr}'s family for a native route; keeping what is installed", peer.name));
+                            plan.retained.push(*cidr);
+                            continue;
+                        }
                     }
-                },
+                }
                 RoutingMode::Auto if native_gateway.is_some_and(on_link) => Via::Native {
                     gateway: native_gateway.expect("checked"),
                 },
                 RoutingMode::Vxlan | RoutingMode::Auto => {
                     let (Some(_), Some(vtep)) = (local_vtep, peer.internal_ip(underlay_v4)) else {
                         plan.warnings.push(format!(
-                            "node {}: no InternalIP of the underlay's family for VXLAN; no route",
+                            "node {}: no InternalIP of the underlay's family for VXLAN; keeping what is installed",
                             peer.name
                         ));
+                        plan.retained.push(*cidr);
+                        // What is installed for it may go through the VXLAN device: keep that.
+                        uses_vxlan = true;
                         continue;
                     };
                     uses_vxlan = true;
@@ -229,7 +247,6 @@ pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], mode: RoutingMode, conn
                     }
                 }
             };
-            claimed.push((*cidr, peer.name.clone()));
             routes.push(PeerRoute { cidr: *cidr, via });
         }
         if !routes.is_empty() {
@@ -257,6 +274,33 @@ pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], mode: RoutingMode, conn
     plan
 }
 
+/// Why a peer PodCIDR must not be routed, if it must not.
+fn unroutable(cidr: &IpNet, local: &NodeInfo, connected: &[IpNet]) -> Option<String> {
+    let network = cidr.network();
+    let special = match network {
+        IpAddr::V4(v4) => {
+            v4.is_loopback() || v4.is_link_local() || v4.is_multicast() || v4.is_broadcast() || v4.is_unspecified()
+        }
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.is_multicast() || v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    };
+    if cidr.prefix_len() == 0 {
+        Some("is a default route".into())
+    } else if special {
+        Some("is a special-purpose range".into())
+    } else if let Some(net) = connected
+        .iter()
+        .find(|n| n.contains(&network) || cidr.contains(&n.network()))
+    {
+        Some(format!("overlaps the underlay {net}"))
+    } else if local.internal_ips.iter().any(|ip| cidr.contains(ip)) {
+        Some("contains this node's address".into())
+    } else {
+        None
+    }
+}
+
 /// VXLAN's overhead: outer IP (20 or 40) + UDP (8) + VXLAN (8) + inner Ethernet (14).
 pub fn vxlan_overhead(underlay_ipv6: bool) -> u32 {
     if underlay_ipv6 { 70 } else { 50 }
@@ -271,11 +315,18 @@ pub fn pod_mtu(uplink_mtu: u32, mode: RoutingMode, underlay_ipv6: bool) -> u32 {
     }
 }
 
-/// Every PodCIDR in the cluster (for masquerade): the configured cluster CIDRs if any, else the
-/// union of all nodes' PodCIDRs.
-pub fn cluster_cidrs(configured: &[IpNet], nodes: &[NodeInfo]) -> Vec<IpNet> {
+/// Every PodCIDR in the cluster (for masquerade): the configured cluster CIDRs if any, else this
+/// node's PodCIDRs and the peers' that passed `plan_routes`'s checks (a hostile `0.0.0.0/0` must
+/// not switch masquerade off).
+pub fn cluster_cidrs(configured: &[IpNet], local: &NodeInfo, plan: &RoutingPlan) -> Vec<IpNet> {
     let mut all: Vec<IpNet> = if configured.is_empty() {
-        nodes.iter().flat_map(|n| n.pod_cidrs.iter().copied()).collect()
+        local
+            .pod_cidrs
+            .iter()
+            .chain(plan.routes().map(|r| &r.cidr))
+            .chain(&plan.retained)
+            .copied()
+            .collect()
     } else {
         configured.to_vec()
     };
@@ -456,12 +507,26 @@ mod tests {
             info("a-first", &["10.0.0.6"], &["10.244.6.0/24"]),
             info("b-duplicate", &["10.0.0.7"], &["10.244.6.0/24"]),
             info("v6-only", &["fd00::8"], &["fd00:244:8::/64"]),
+            info("covers-underlay", &["10.0.0.9"], &["10.0.0.0/16"]),
+            info("default-route", &["10.0.0.10"], &["0.0.0.0/0"]),
+            info("loopback", &["10.0.0.11"], &["127.0.0.0/8"]),
         ];
         for mode in [RoutingMode::Native, RoutingMode::Vxlan, RoutingMode::Auto] {
             let plan = plan_routes(&local, &nodes, mode, &[net("10.0.0.0/24")]);
             let names: Vec<&str> = plan.peers.keys().map(String::as_str).collect();
             assert_eq!(names, ["a-first"], "{mode:?}: {plan:?}");
-            assert_eq!(plan.warnings.len(), 5, "{mode:?}: {:?}", plan.warnings);
+            assert_eq!(plan.warnings.len(), 8, "{mode:?}: {:?}", plan.warnings);
+            // Known but incomplete peers keep what is installed; hostile CIDRs get nothing.
+            assert_eq!(
+                plan.retained,
+                vec![net("10.244.4.0/24"), net("fd00:244:8::/64")],
+                "{mode:?}"
+            );
+            let masq = cluster_cidrs(&[], &local, &plan);
+            assert!(
+                !masq.iter().any(|c| c.prefix_len() == 0 || c.contains(&ip("10.0.0.1"))),
+                "{masq:?}"
+            );
         }
         // An IPv6-only cluster routes natively over IPv6, and VXLAN uses an IPv6 underlay.
         let v6 = info("m1", &["fd00::1"], &["fd00:244:1::/64"]);
@@ -482,17 +547,37 @@ mod tests {
     }
 
     #[test]
+    fn the_older_node_keeps_a_contested_cidr() {
+        let local = info("n1", &["10.0.0.1"], &["10.244.1.0/24"]);
+        let at = |secs: i64| Some(Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap()));
+        let mut old = info("z-established", &["10.0.0.2"], &["10.244.2.0/24"]);
+        old.created = at(1_600_000_000);
+        let mut newcomer = info("a-newcomer", &["10.0.0.3"], &["10.244.2.0/24"]);
+        newcomer.created = at(1_700_000_000);
+        let plan = plan_routes(&local, &[local.clone(), newcomer, old], RoutingMode::Native, &[]);
+        assert_eq!(plan.peers.keys().collect::<Vec<_>>(), ["z-established"]);
+        assert!(plan.warnings[0].contains("a-newcomer"), "{:?}", plan.warnings);
+    }
+
+    #[test]
     fn mtu_and_cluster_cidrs() {
         assert_eq!(pod_mtu(1500, RoutingMode::Native, false), 1500);
         assert_eq!(pod_mtu(1500, RoutingMode::Vxlan, false), 1450);
         assert_eq!(pod_mtu(1500, RoutingMode::Auto, true), 1430);
+        let a = info("a", &["10.0.0.1", "fd01::1"], &["10.244.0.0/24"]);
         let nodes = vec![
-            info("a", &["10.0.0.1"], &["10.244.0.0/24"]),
-            info("b", &["10.0.0.2"], &["10.244.1.0/24", "fd00::/64"]),
+            a.clone(),
+            info("b", &["10.0.0.2", "fd01::2"], &["10.244.1.0/24", "fd00::/64"]),
+            info("evil", &["10.0.0.3"], &["0.0.0.0/0"]),
         ];
-        assert_eq!(cluster_cidrs(&[], &nodes), vec![net("10.244.0.0/23"), net("fd00::/64")]);
+        let plan = plan_routes(&a, &nodes, RoutingMode::Native, &[]);
+        // The hostile /0 does not make it into the masquerade set.
         assert_eq!(
-            cluster_cidrs(&[net("10.244.0.0/16")], &nodes),
+            cluster_cidrs(&[], &a, &plan),
+            vec![net("10.244.0.0/23"), net("fd00::/64")]
+        );
+        assert_eq!(
+            cluster_cidrs(&[net("10.244.0.0/16")], &a, &plan),
             vec![net("10.244.0.0/16")]
         );
     }

@@ -207,8 +207,17 @@ impl Netlink {
     /// Makes several changes in one round trip: the kernel processes the messages of one datagram
     /// in order and acknowledges each. Every change is attempted; the first failure is returned.
     pub fn apply_all(&mut self, changes: Vec<Change>) -> Result<()> {
+        self.apply_each(changes)?
+            .into_iter()
+            .collect::<Result<Vec<()>>>()
+            .map(|_| ())
+    }
+
+    /// Like [`Netlink::apply_all`], but returns every change's own result (the outer error is a
+    /// failure of the socket itself).
+    pub fn apply_each(&mut self, changes: Vec<Change>) -> Result<Vec<Result<()>>> {
         if changes.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let first_sequence = self.sequence.wrapping_add(1);
         let mut ops = Vec::with_capacity(changes.len());
@@ -262,7 +271,10 @@ impl Netlink {
                 }
             }
         }
-        results.into_iter().flatten().collect::<Result<Vec<()>>>().map(|_| ())
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every change was acknowledged"))
+            .collect())
     }
 
     // ---- links ----
@@ -335,16 +347,6 @@ impl Netlink {
         Ok((link.header.index, peer))
     }
 
-    /// Sets a link's alias (`ip link set NAME alias ...`) and brings it up, in one request.
-    pub fn set_alias_and_up(&mut self, index: u32, alias: &str) -> Result<()> {
-        self.apply(Change::alias_and_up(index, alias))
-    }
-
-    /// Brings a link up.
-    pub fn set_up(&mut self, index: u32) -> Result<()> {
-        self.apply(Change::link_up(index))
-    }
-
     /// Deletes a link by index.
     pub fn delete_link(&mut self, index: u32) -> Result<()> {
         let mut msg = LinkMessage::default();
@@ -364,11 +366,6 @@ impl Netlink {
     }
 
     // ---- addresses ----
-
-    /// Adds `addr` to a link (see [`Change::add_address`]).
-    pub fn add_address(&mut self, index: u32, addr: IpNet, no_dad: bool) -> Result<()> {
-        self.apply(Change::add_address(index, addr, no_dad))
-    }
 
     /// The addresses on a link (or on every link, for `None`).
     pub fn addresses(&mut self, index: Option<u32>) -> Result<Vec<(u32, IpNet)>> {
@@ -395,30 +392,6 @@ impl Netlink {
 
     // ---- routes ----
 
-    /// Adds a route; fails with EEXIST if one exists for the same destination and table.
-    pub fn add_route(&mut self, spec: &RouteSpec) -> Result<()> {
-        self.apply(Change::add_route(spec))
-    }
-
-    /// Adds or replaces the route for the spec's destination and table.
-    pub fn replace_route(&mut self, spec: &RouteSpec) -> Result<()> {
-        self.apply(Change::replace_route(spec))
-    }
-
-    /// Deletes the route matching the spec's destination, table and protocol.
-    pub fn delete_route(&mut self, spec: &RouteSpec) -> Result<()> {
-        let mut msg = route_message(spec);
-        // Match on destination, table and protocol only.
-        msg.attributes
-            .retain(|a| matches!(a, RouteAttribute::Destination(_) | RouteAttribute::Table(_)));
-        msg.header.scope = RouteScope::NoWhere;
-        self.ack(
-            &format!("delete route {}", spec.dst),
-            RouteNetlinkMessage::DelRoute(msg),
-            0,
-        )
-    }
-
     /// Every route of one family in every table.
     pub fn routes(&mut self, ipv4: bool) -> Result<Vec<RouteMessage>> {
         let mut msg = RouteMessage::default();
@@ -438,11 +411,6 @@ impl Netlink {
     }
 
     // ---- neighbours ----
-
-    /// Adds a permanent neighbour entry `ip -> mac` on a link (replacing any existing one).
-    pub fn add_permanent_neighbour(&mut self, index: u32, ip: IpAddr, mac: [u8; 6]) -> Result<()> {
-        self.apply(Change::permanent_neighbour(index, ip, mac))
-    }
 
     /// Forwarding entries (`bridge fdb`) of a device: (MAC, destination) pairs.
     pub fn fdb(&mut self, index: u32) -> Result<Vec<([u8; 6], Option<IpAddr>)>> {
@@ -638,7 +606,7 @@ impl Change {
             IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
         }));
         Self {
-            op: format!("add fdb entry {} -> {dst}", format_mac(&mac)),
+            op: format!("add fdb entry {} -> {dst}", crate::names::format_mac(&mac)),
             message: RouteNetlinkMessage::NewNeighbour(msg),
             flags: NLM_F_CREATE | NLM_F_REPLACE,
         }
@@ -658,7 +626,7 @@ impl Change {
             }));
         }
         Self {
-            op: format!("delete fdb entry {}", format_mac(&mac)),
+            op: format!("delete fdb entry {}", crate::names::format_mac(&mac)),
             message: RouteNetlinkMessage::DelNeighbour(msg),
             flags: 0,
         }
@@ -698,10 +666,6 @@ impl Change {
             flags: NLM_F_CREATE | NLM_F_REPLACE,
         }
     }
-}
-
-fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 fn family(ip: IpAddr) -> AddressFamily {

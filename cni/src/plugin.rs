@@ -353,10 +353,12 @@ impl Plugin for FerrynetPlugin {
                 let mut store = ipam_plugin::lock_store(inv, ipam)?;
                 for attachment in store.attachments()? {
                     let key = attachment.key()?;
+                    // The record names the veth; its alias must agree (as for DEL), so that a
+                    // name collision never costs another network's pod its veth.
                     if !keep.contains(&key)
-                        && let Some(link) = host.link_by_name(&HostVeth::for_key(&key).name).map_err(kernel)?
+                        && let Err(e) = delete_own_veth(&mut host, &HostVeth::for_key(&key), &config.network, &key)
                     {
-                        delete(&mut host, link.header.index, &mut errors);
+                        errors.push(kernel(e));
                     }
                 }
                 store.gc(|key| keep.contains(key))?;

@@ -46,6 +46,7 @@ pub fn request_of(inv: &Invocation) -> Result<AllocationRequest, CniError> {
             requested.push(parse_requested(ip)?);
         }
     }
+    requested.sort();
     requested.dedup();
     Ok(AllocationRequest {
         requested,
@@ -152,6 +153,17 @@ pub fn gc(inv: &Invocation, config: &IpamConfig) -> Result<Vec<Attachment>, CniE
     let keep = inv.valid_attachments()?;
     let mut store = lock_store(inv, config)?;
     let report = store.gc(|key| keep.contains(key))?;
+    if !report.corrupt.is_empty() {
+        let paths: Vec<String> = report.corrupt.iter().map(|p| p.display().to_string()).collect();
+        return Err(CniError::new(
+            crate::plugin::codes::STORE,
+            "IPAM store failure",
+            format!(
+                "released what was not listed, but kept unreadable records (repair or remove them): {}",
+                paths.join(", ")
+            ),
+        ));
+    }
     Ok(report.released)
 }
 

@@ -308,7 +308,7 @@ impl Invocation {
         if config.name.is_empty() {
             return Err(fail(CniError::invalid_config("missing network name")));
         }
-        if !valid_name(&config.name) {
+        if !crate::store::is_valid_name(&config.name) {
             return Err(fail(CniError::invalid_config(format!(
                 "invalid network name {:?}",
                 config.name
@@ -374,8 +374,12 @@ impl Invocation {
             .raw
             .get("cni.dev/valid-attachments")
             .or_else(|| self.raw.get("cni.dev/attachments"));
+        // A missing list is an error, not "nothing is valid": releasing everything because a
+        // runtime left the key out would cut every pod off.
         let Some(list) = list else {
-            return Ok(Vec::new());
+            return Err(CniError::invalid_config(
+                "GC needs cni.dev/valid-attachments (an empty list releases everything)",
+            ));
         };
         let entries = list
             .as_array()
@@ -618,12 +622,6 @@ fn parse_version(declared: &str) -> Result<SpecVersion, CniError> {
         )));
     }
     Ok(version)
-}
-
-fn valid_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 /// containerd's CRI plugin sends `portMappings` entries with Go's field names (`HostPort`,

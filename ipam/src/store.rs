@@ -15,9 +15,10 @@
 //! - Records are replaced atomically (temporary file and rename); bitmap words are single stores.
 //! - Bits are set before a record is written and cleared after it is removed, so a kill at any
 //!   point can only leak an address (GC repairs that), never hand one out twice.
-//! - A bitmap exists only for a range of the config being served; bitmaps of other ranges are
-//!   dropped and rebuilt from the records when a config needs them again. An address outside the
-//!   current ranges is therefore never handed out, and an old index never goes stale.
+//! - Bitmaps are trusted only for the ranges the lock file records as indexed. When a config
+//!   with other ranges comes, the store records "nothing indexed", drops every bitmap and rebuilds
+//!   the wanted ones from the records; an interrupted switch just starts over. An address outside
+//!   the current ranges is therefore never handed out, and no stale index is ever trusted.
 //! - When the boot id differs from the recorded one, every allocation belongs to a previous boot
 //!   whose containers are gone: the store reclaims them all before doing anything else.
 use std::{
@@ -44,6 +45,14 @@ use crate::{
 const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(20);
 const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 
+/// The CNI spec's rule for container IDs and network names: `[A-Za-z0-9][A-Za-z0-9_.-]*`.
+/// Such a name is also safe as a file name (no `/`, never `.` or `..`).
+pub fn is_valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
 /// What an allocation is keyed by: the CNI (container ID, ifname) pair.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AttachmentKey {
@@ -55,10 +64,7 @@ impl AttachmentKey {
     /// Validates with the CNI spec's rules: container IDs are `[A-Za-z0-9][A-Za-z0-9_.-]*`, and
     /// interface names are 1 to 15 bytes without `/`, `:` or whitespace and not `.` or `..`.
     pub fn new(container_id: &str, ifname: &str) -> Result<Self> {
-        let mut chars = container_id.chars();
-        let id_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-        if !id_ok {
+        if !is_valid_name(container_id) {
             return Err(IpamError::InvalidKey(format!(
                 "container ID {container_id:?} is not valid"
             )));
@@ -143,6 +149,9 @@ pub struct GcReport {
     pub released: Vec<Attachment>,
     /// Index bits that no record backed (leaks from killed processes), now cleared.
     pub leaked_addresses_recovered: u64,
+    /// Records that could not be read. They are kept (their addresses may be live), and while any
+    /// exists leaked bits are not recovered: GC cannot tell them from these records' addresses.
+    pub corrupt: Vec<PathBuf>,
 }
 
 /// Free capacity of one range set, for STATUS.
@@ -162,10 +171,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the store of `network` under `data_dir`.
     pub fn open(data_dir: &Path, network: &str) -> Result<Self> {
-        let mut chars = network.chars();
-        let name_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-        if !name_ok {
+        if !is_valid_name(network) {
             return Err(IpamError::InvalidConfig(format!(
                 "network name {network:?} is not valid"
             )));
@@ -299,6 +305,18 @@ impl LockedStore {
                 return Err(IpamError::RequestedOutOfRange(*ip));
             }
         }
+        for set in sets {
+            let wanted: Vec<&IpAddr> = request
+                .requested
+                .iter()
+                .filter(|ip| set.range_of(**ip).is_some())
+                .collect();
+            if wanted.len() > 1 {
+                return Err(IpamError::InvalidConfig(format!(
+                    "{wanted:?} requested from one range set {set}: an attachment gets one address per set"
+                )));
+            }
+        }
 
         // Claim the bits first; on any failure, give back what was claimed.
         let mut claimed: Vec<(usize, usize, u64)> = Vec::new();
@@ -375,7 +393,11 @@ impl LockedStore {
         self.remove_files_in(&self.attachments_dir.clone(), |n| n.starts_with(TMP_PREFIX))?;
         self.remove_files_in(&self.ranges_dir.clone(), |n| n.starts_with(TMP_PREFIX))?;
         let mut live = Vec::new();
-        for attachment in self.attachments()? {
+        for (path, attachment) in self.read_all_lenient()? {
+            let Some(attachment) = attachment else {
+                report.corrupt.push(path);
+                continue;
+            };
             let key = attachment.key()?;
             if keep(&key) {
                 live.push(attachment);
@@ -391,10 +413,20 @@ impl LockedStore {
             .flat_map(|a| a.ips.iter().map(IpNet::addr))
             .collect();
         for bitmap in self.existing_bitmaps()? {
-            let before = bitmap.count_set();
-            let rebuilt = bitmap.rebuild(held.iter().copied())?;
-            let released_here = released.iter().filter(|ip| rebuilt.offset_of(**ip).is_some()).count() as u64;
-            report.leaked_addresses_recovered += before.saturating_sub(rebuilt.count_set() + released_here);
+            if report.corrupt.is_empty() {
+                let before = bitmap.count_set();
+                let rebuilt = bitmap.rebuild(held.iter().copied())?;
+                let released_here = released.iter().filter(|ip| rebuilt.offset_of(**ip).is_some()).count() as u64;
+                report.leaked_addresses_recovered += before.saturating_sub(rebuilt.count_set() + released_here);
+            } else {
+                // Clear only what was released, as `release` does.
+                let mut bitmap = bitmap;
+                for ip in &released {
+                    if let Some(offset) = bitmap.offset_of(*ip) {
+                        bitmap.clear(offset);
+                    }
+                }
+            }
         }
         Ok(report)
     }
@@ -439,10 +471,15 @@ impl LockedStore {
     fn bitmaps_for(&mut self, sets: &[RangeSet]) -> Result<Vec<Vec<Bitmap>>> {
         let wanted: BTreeSet<String> = sets.iter().flat_map(|s| s.ranges.iter().map(Range::key)).collect();
         let wanted_list = wanted.iter().map(String::as_str).collect::<Vec<_>>().join(",");
-        // The directory is scanned only when the ranges differ from the ones last indexed.
+        // Bitmaps are trusted only while the ranges are the ones last indexed. On any change,
+        // the store first records that nothing is indexed, then drops every bitmap and rebuilds
+        // the wanted ones from the records. A process killed half-way leaves "nothing indexed",
+        // so the next one starts over: a bitmap from an interrupted switch is never trusted.
         let changed = self.indexed_ranges != wanted_list;
         if changed {
-            self.remove_files_in(&self.ranges_dir.clone(), |name| !wanted.contains(name))?;
+            self.indexed_ranges.clear();
+            self.save_state()?;
+            self.remove_files_in(&self.ranges_dir.clone(), |_| true)?;
         }
         let mut held: Option<Vec<IpAddr>> = None;
         let mut out = Vec::with_capacity(sets.len());
@@ -685,6 +722,15 @@ mod tests {
             st.allocate(&key(2), &s, &want("10.9.0.1")),
             Err(IpamError::RequestedOutOfRange(_))
         ));
+        // At most one requested address per range set.
+        let two = AllocationRequest {
+            requested: vec!["10.0.0.80".parse().unwrap(), "10.0.0.81".parse().unwrap()],
+            ..Default::default()
+        };
+        assert!(matches!(
+            st.allocate(&key(3), &s, &two),
+            Err(IpamError::InvalidConfig(_))
+        ));
     }
 
     #[test]
@@ -719,6 +765,34 @@ mod tests {
             st.allocate(&key(13), &wide, &AllocationRequest::default()),
             Err(IpamError::Exhausted(_))
         ));
+    }
+
+    #[test]
+    fn an_interrupted_range_switch_never_leads_to_a_duplicate() {
+        let (_d, store) = store();
+        let a = sets(json!([[{"subnet": "10.0.0.0/24", "rangeStart": "10.0.0.2", "rangeEnd": "10.0.0.20"}]]));
+        let b = sets(json!([[{"subnet": "10.0.0.0/24", "rangeStart": "10.0.0.2", "rangeEnd": "10.0.0.30"}]]));
+        let mut st = store.lock().unwrap();
+        st.allocate(&key(1), &b, &AllocationRequest::default()).unwrap();
+        // A process switching to B's ranges was killed after writing B's bitmap and before
+        // recording it: B's bitmap lies around while the lock file says A.
+        let b_file = store.dir().join("ranges").join(b[0].ranges[0].key());
+        let stale = std::fs::read(&b_file).unwrap();
+        st.allocate(&key(2), &a, &AllocationRequest::default()).unwrap();
+        std::fs::write(&b_file, &stale).unwrap();
+        // Served with A, then with B again: every address held stays unique.
+        let x = st.allocate(&key(3), &a, &AllocationRequest::default()).unwrap();
+        let y = st.allocate(&key(4), &b, &AllocationRequest::default()).unwrap();
+        let mut all: Vec<IpAddr> = st
+            .attachments()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.ips.iter().map(IpNet::addr))
+            .collect();
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n, "{x:?} {y:?}");
     }
 
     #[test]
@@ -774,6 +848,31 @@ mod tests {
         std::fs::write(store.dir().join("attachments").join("c1:eth0"), b"garbage").unwrap();
         let err = st.attachments().unwrap_err();
         assert!(err.to_string().contains("c1:eth0"), "{err}");
+    }
+
+    #[test]
+    fn gc_keeps_going_past_a_corrupt_record_and_keeps_it() {
+        let (_d, store) = store();
+        let s = sets(json!([[{"subnet": "10.0.0.0/24"}]]));
+        let mut st = store.lock().unwrap();
+        for i in 0..3 {
+            st.allocate(&key(i), &s, &AllocationRequest::default()).unwrap();
+        }
+        let bad = store.dir().join("attachments").join("c1:eth0");
+        std::fs::write(&bad, b"garbage").unwrap();
+        let report = st.gc(|k| k.container_id() == "c0").unwrap();
+        assert_eq!(report.corrupt, vec![bad.clone()]);
+        assert_eq!(
+            report
+                .released
+                .iter()
+                .map(|a| a.container_id.as_str())
+                .collect::<Vec<_>>(),
+            ["c2"]
+        );
+        assert!(bad.exists(), "a record GC cannot read is not GC's to delete");
+        // c1's address stays taken (its record may be live), c2's is free again.
+        assert_eq!(st.usage(&s).unwrap()[0].free, 253 - 2);
     }
 
     #[test]

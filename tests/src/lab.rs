@@ -144,8 +144,16 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl Lab {
-    pub fn dir_of(name: &str) -> PathBuf {
-        Path::new(STATE_ROOT).join(name)
+    /// The lab's state directory. Lab names are letters and digits only, so that neither a path
+    /// (`/`, `..`) nor another lab's namespaces (`fl-<name>-` is a prefix) can be reached.
+    pub fn dir_of(name: &str) -> Result<PathBuf> {
+        let ok = (1..=16).contains(&name.len())
+            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && name.starts_with(|c: char| c.is_ascii_lowercase());
+        if !ok {
+            bail!("lab name {name:?}: use 1 to 16 lowercase letters and digits, starting with a letter");
+        }
+        Ok(Path::new(STATE_ROOT).join(name))
     }
 
     pub fn dir(&self) -> &Path {
@@ -180,7 +188,7 @@ impl Lab {
 
     /// Opens a running lab.
     pub fn open(name: &str) -> Result<Self> {
-        let dir = Self::dir_of(name);
+        let dir = Self::dir_of(name)?;
         let state: LabState = serde_json::from_slice(
             &std::fs::read(dir.join("state.json")).with_context(|| format!("lab {name} is not up"))?,
         )?;
@@ -189,21 +197,11 @@ impl Lab {
 
     /// Removes everything of lab `name`, whatever state it was left in.
     pub fn down(name: &str) -> Result<()> {
-        let prefix = format!("fl-{name}-");
-        let namespaces: Vec<String> = std::fs::read_dir("/run/netns")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(&prefix))
-            .collect();
+        let dir = Self::dir_of(name)?;
+        let namespaces = lab_namespaces(name);
         // Every process living in one of the lab's namespaces: agents, the API stand-in, pod
         // servers, and anything a user started there.
-        let inodes: Vec<u64> = namespaces
-            .iter()
-            .filter_map(|n| std::fs::metadata(format!("/run/netns/{n}")).ok())
-            .map(|m| m.ino())
-            .collect();
+        let inodes = lab_netns_inodes(name);
         for _ in 0..2 {
             for entry in std::fs::read_dir("/proc")?.flatten() {
                 let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
@@ -216,10 +214,27 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        // Processes whose namespace was already deleted are no longer found that way (a pod
+        // torn down behind the lab's back, say): the lab's pid files name them. A recorded pid is
+        // signalled only if it still runs one of the lab's own programs.
+        let ours: Vec<PathBuf> = ["ferrynet-lab", "ferrynet-agent"]
+            .iter()
+            .filter_map(|b| std::fs::canonicalize(crate::target_dir().join(b)).ok())
+            .collect();
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.path().extension().is_some_and(|e| e == "pid")
+                && let Some(pid) = std::fs::read_to_string(entry.path())
+                    .ok()
+                    .and_then(|t| t.trim().parse::<i32>().ok())
+                && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| ours.contains(&exe))
+            {
+                // SAFETY: kill(2) on a process running one of the lab's programs.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
         for ns in &namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
-        let dir = Self::dir_of(name);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }
@@ -230,12 +245,7 @@ impl Lab {
 
     /// Brings a lab up (cleaning up whatever an earlier one of the same name left).
     pub fn up(opts: &LabOptions) -> Result<Self> {
-        if !valid_name(&opts.name) {
-            bail!(
-                "lab name {:?}: use up to 20 lowercase letters, digits and dashes",
-                opts.name
-            );
-        }
+        Self::dir_of(&opts.name)?;
         if !(1..=200).contains(&opts.nodes) {
             bail!("a lab has 1 to 200 nodes");
         }
@@ -243,7 +253,7 @@ impl Lab {
             bail!("mode must be native, vxlan or auto");
         }
         Self::down(&opts.name)?;
-        let dir = Self::dir_of(&opts.name);
+        let dir = Self::dir_of(&opts.name)?;
         // Another lab's `down` may remove the (empty) state root between our steps: retry.
         let create = || {
             std::fs::DirBuilder::new()
@@ -352,7 +362,14 @@ impl Lab {
             return Ok(());
         };
         let pid: i32 = text.trim().parse().context("pid file")?;
-        // SAFETY: kill(2) on the pid we recorded.
+        let _ = std::fs::remove_file(&path);
+        // Only a process still living in one of the lab's namespaces is ours: if the daemon died
+        // earlier, its pid may belong to someone else by now.
+        let inodes = lab_netns_inodes(&self.state.name);
+        if !std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| inodes.contains(&m.ino())) {
+            return Ok(());
+        }
+        // SAFETY: kill(2) on the lab's own process, checked just above.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let gone = crate::wait_for(Duration::from_secs(5), || {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -363,7 +380,6 @@ impl Lab {
             // SAFETY: as above.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        let _ = std::fs::remove_file(path);
         Ok(())
     }
 
@@ -917,6 +933,26 @@ impl Lab {
         }
         out
     }
+}
+
+/// The lab's namespaces (`fl-<name>-*`; lab names have no dash, so no other lab's match).
+fn lab_namespaces(name: &str) -> Vec<String> {
+    let prefix = format!("fl-{name}-");
+    std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix))
+        .collect()
+}
+
+fn lab_netns_inodes(name: &str) -> Vec<u64> {
+    lab_namespaces(name)
+        .iter()
+        .filter_map(|n| std::fs::metadata(format!("/run/netns/{n}")).ok())
+        .map(|m| m.ino())
+        .collect()
 }
 
 fn dechunk(body: &str) -> String {

@@ -547,6 +547,18 @@ fn gc_releases_everything_not_listed() {
     let (_b, _) = node.add_pod("drop-1");
     let (_c, _) = node.add_pod("drop-2");
     assert_eq!(node.host_veths().len(), 3);
+    // Without the keep list, GC refuses (code 7) and releases nothing.
+    let mut conf = node.plugin_config();
+    conf["cniVersion"] = json!("1.1.0");
+    let out = exec_plugin(
+        &binary("ferrynet"),
+        node.host.fd(),
+        &Env::new("GC"),
+        conf.to_string().as_bytes(),
+    );
+    assert_eq!(out.code(), Some(7), "{}", out.stdout);
+    assert_eq!(node.host_veths().len(), 3);
+    assert_eq!(node.allocations().len(), 3);
     node.runtime().gc(&node.list, &[("keep-me", "eth0")]).expect("GC");
     node.assert_released("drop-1");
     node.assert_released("drop-2");

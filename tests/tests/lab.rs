@@ -176,6 +176,7 @@ fn vxlan_mode_connects_pods_across_nodes() {
 #[test]
 fn auto_mode_on_one_segment_routes_natively_and_reserves_the_overlay_mtu() {
     let lab = LabGuard::up(2, "auto");
+    assert_eq!(routed_cidrs(&lab, "n1"), expected_cidrs(&lab, "n1"));
     assert!(agent_routes(&lab, "n1").iter().all(|r| r["dev"] == "eth0"));
     assert!(
         !lab.node_ns("n1")
@@ -314,7 +315,23 @@ fn hostile_node_objects_do_not_crash_the_agents() {
         json!({"metadata": {"name": "no-address"}, "spec": {"podCIDRs": ["10.244.66.0/24"]}}),
         json!({"metadata": {"name": "v6-only"}, "spec": {"podCIDRs": ["fd00:244:99::/64"]}, "status": {"addresses": [{"type": "InternalIP", "address": "not-an-address"}, {"type": "InternalIP", "address": "fd00:200::99"}]}}),
         json!({"metadata": {"name": "garbage"}, "spec": {"podCIDRs": [], "taints": "not-a-list"}, "status": {"addresses": "nope"}}),
+        json!({"metadata": {"name": "covers-underlay"}, "spec": {"podCIDRs": ["10.200.0.0/16"]}, "status": {"addresses": [{"type": "InternalIP", "address": "10.200.0.96"}]}}),
+        json!({"metadata": {"name": "default-route"}, "spec": {"podCIDRs": ["0.0.0.0/0"]}, "status": {"addresses": [{"type": "InternalIP", "address": "10.200.0.95"}]}}),
+        json!({"metadata": {"name": "collider"}, "spec": {"podCIDRs": ["10.244.50.0/24"]}, "status": {"addresses": [{"type": "InternalIP", "address": "10.200.0.94"}]}}),
     ];
+    // Someone else already routes 10.244.50.0/24 on n1 (say, a static route); n1 also has a
+    // default route. Neither is the agent's to replace.
+    let n1 = lab.node_ns("n1").unwrap();
+    n1.ip(&[
+        "route",
+        "add",
+        "10.244.50.0/24",
+        "via",
+        "10.200.0.250",
+        "proto",
+        "static",
+    ]);
+    n1.ip(&["route", "add", "default", "via", "10.200.0.250"]);
     for node in &hostile {
         let (code, body) = lab.api("POST", "/api/v1/nodes", Some(node)).unwrap();
         assert_eq!(code, 201, "{body}");
@@ -334,9 +351,22 @@ fn hostile_node_objects_do_not_crash_the_agents() {
     }
     let status = lab.agent_status("n1").unwrap();
     let warnings = status["warnings"].to_string();
-    for name in ["no-cidr", "bad-cidr", "steals-n1", "no-address"] {
+    for name in [
+        "no-cidr",
+        "bad-cidr",
+        "steals-n1",
+        "no-address",
+        "covers-underlay",
+        "default-route",
+        "route 10.244.50.0/24",
+    ] {
         assert!(warnings.contains(name), "no warning about {name}: {warnings}");
     }
+    // Other people's routes are untouched: the static one, the default, the underlay's own.
+    let route = |dst: &str| n1.ip_json(&["route", "show", dst]);
+    assert_eq!(route("10.244.50.0/24")[0]["protocol"], "static");
+    assert_eq!(route("default")[0]["gateway"], "10.200.0.250");
+    assert_eq!(route("10.200.0.0/24")[0]["protocol"], "kernel");
     // A route for v6-only's IPv6 PodCIDR is fine (it has an IPv6 InternalIP); none of the others.
     let mut want = expected_cidrs(&lab, "n1");
     want.push("fd00:244:99::/64".into());
@@ -435,7 +465,11 @@ fn the_demo_runs_and_down_leaves_nothing() {
         .filter(|n| n.starts_with(&format!("fl-{name}-")))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
-    assert!(!Lab::dir_of(&name).exists());
+    assert!(!Lab::dir_of(&name).unwrap().exists());
+    // Names that could reach outside the lab are refused.
+    for bad in ["/", "..", "", "a-b", "../etc"] {
+        assert!(Lab::down(bad).is_err(), "{bad:?}");
+    }
 }
 
 #[test]

@@ -70,7 +70,7 @@ fn rbac_is_least_privilege() {
 }
 
 #[test]
-fn the_daemonset_runs_everywhere_on_the_host_network_with_two_capabilities() {
+fn the_daemonset_runs_everywhere_on_the_host_network_with_one_capability() {
     let docs = documents("daemonset.yaml");
     let ds: DaemonSet = typed(&docs[0]);
     let pod = ds.spec.unwrap().template.spec.unwrap();
@@ -90,7 +90,7 @@ fn the_daemonset_runs_everywhere_on_the_host_network_with_two_capabilities() {
         assert_eq!(sc.privileged, Some(false));
         let caps = sc.capabilities.as_ref().unwrap();
         assert_eq!(caps.drop.as_ref().unwrap(), &["ALL"]);
-        assert_eq!(caps.add.as_ref().unwrap(), &["NET_ADMIN", "BPF"]);
+        assert_eq!(caps.add.as_ref().unwrap(), &["NET_ADMIN"]);
         let mounts: BTreeSet<String> = c
             .volume_mounts
             .as_ref()

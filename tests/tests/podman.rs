@@ -156,12 +156,17 @@ impl Drop for Podman {
         let _ = self.podman(&["rm", "-af", "-t", "0"]);
         // The cgroup parent podman created for this test, in every hierarchy, deepest first.
         // conmon may take a moment to leave it, so this retries for a bounded time.
-        let dirs: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+        let parent = self.cgroup_parent.trim_start_matches('/');
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
             .into_iter()
             .flatten()
             .flatten()
-            .map(|h| h.path().join(self.cgroup_parent.trim_start_matches('/')))
+            .map(|h| h.path().join(parent))
             .collect();
+        // A cgroup-v2-only host has the hierarchy at the root itself.
+        if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            dirs.push(Path::new("/sys/fs/cgroup").join(parent));
+        }
         ferrynet_tests::wait_for(std::time::Duration::from_secs(10), || {
             dirs.iter().for_each(|d| remove_cgroup_tree(d));
             dirs.iter().all(|d| !d.exists()).then_some(())
