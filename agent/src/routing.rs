@@ -151,14 +151,24 @@ impl Router {
             }
         }
         let results = self.netlink.apply_each(batch).context("routes to peers")?;
+        let mut failures = Vec::new();
         for result in results {
             match result {
                 Ok(()) => changes.routes += 1,
                 Err(e) if e.is_exists() => {
                     warnings.push(format!("{}: another route has that destination; not touching it", e.op))
                 }
-                Err(e) => return Err(e).context("routes to peers"),
+                // One peer this node cannot reach directly (its address is not on this node's
+                // segment, say) must not hold up the others: it is reported, and retried at
+                // every pass.
+                Err(e) if matches!(e.errno(), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)) => {
+                    warnings.push(format!("{e}: the peer's address is not reachable directly from here (native routing needs one L2 segment; use vxlan or auto); retrying"))
+                }
+                Err(e) => failures.push(e.to_string()),
             }
+        }
+        if !failures.is_empty() {
+            anyhow::bail!("routes to peers: {}", failures.join("; "));
         }
         Ok((changes, warnings))
     }

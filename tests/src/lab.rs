@@ -2,10 +2,13 @@
 //! creates, so that everything can run without a cluster.
 //!
 //! ```text
-//!   fl-<lab>-sw      the underlay switch: bridge br0, no address
-//!   fl-<lab>-cp      control plane: the API stand-in on 10.200.0.2:6443
-//!   fl-<lab>-client  an external client on the underlay: 10.200.0.250, fd00:200::250
-//!   fl-<lab>-n<i>    node i: eth0 10.200.0.(10+i), fd00:200::(10+i); PodCIDRs 10.244.i.0/24, fd00:244:i::/64;
+//!   fl-<lab>-sw      the underlay: one bridge br<s> per L2 segment s (one segment by default,
+//!                    with no address); with several segments it is also the router between
+//!                    them, at 10.200.s.1 and fd00:200:s::1, and knows nothing of pod CIDRs
+//!   fl-<lab>-cp      control plane, on segment 0: the API stand-in on 10.200.0.2:6443
+//!   fl-<lab>-client  an external client on segment 0: 10.200.0.250, fd00:200::250
+//!   fl-<lab>-n<i>    node i, on segment (i-1) mod segments: eth0 10.200.s.(10+i), fd00:200:s::(10+i);
+//!                    PodCIDRs 10.244.i.0/24, fd00:244:i::/64;
 //!                    its own ferrynet-agent, CNI dirs, IPAM store and state dir
 //!   fl-<lab>-pod-<p> pod p: set up by its node's real `ferrynet` binary, run exactly as a runtime
 //!                    runs it; runs a small server answering with the pod's name
@@ -52,20 +55,39 @@ pub struct LabOptions {
     pub nodes: u8,
     /// The agents' routing mode: native, vxlan or auto.
     pub mode: String,
+    /// How many L2 segments the underlay has (routed between each other); nodes are dealt out
+    /// over them in turn.
+    pub segments: u8,
+}
+
+fn one_segment() -> u8 {
+    1
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LabNode {
     pub name: String,
     pub index: u8,
+    /// The underlay L2 segment the node is on.
+    #[serde(default)]
+    pub segment: u8,
 }
 
 impl LabNode {
     pub fn v4(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, 200, 0, 10 + self.index)
+        Ipv4Addr::new(10, 200, self.segment, 10 + self.index)
     }
     pub fn v6(&self) -> Ipv6Addr {
-        Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x10 + u16::from(self.index))
+        Ipv6Addr::new(
+            0xfd00,
+            0x200,
+            u16::from(self.segment),
+            0,
+            0,
+            0,
+            0,
+            0x10 + u16::from(self.index),
+        )
     }
     pub fn pod_cidrs(&self) -> [String; 2] {
         [
@@ -106,6 +128,8 @@ pub struct ServicePort {
 pub struct LabState {
     pub name: String,
     pub mode: String,
+    #[serde(default = "one_segment")]
+    pub segments: u8,
     pub nodes: Vec<LabNode>,
     pub pods: Vec<LabPod>,
     pub next_node: u8,
@@ -252,6 +276,9 @@ impl Lab {
         if !matches!(opts.mode.as_str(), "native" | "vxlan" | "auto") {
             bail!("mode must be native, vxlan or auto");
         }
+        if !(1..=8).contains(&opts.segments) {
+            bail!("a lab has 1 to 8 underlay segments");
+        }
         Self::down(&opts.name)?;
         let dir = Self::dir_of(&opts.name)?;
         // Another lab's `down` may remove the (empty) state root between our steps: retry.
@@ -273,6 +300,7 @@ impl Lab {
             state: LabState {
                 name: opts.name.clone(),
                 mode: opts.mode.clone(),
+                segments: opts.segments,
                 nodes: Vec::new(),
                 pods: Vec::new(),
                 next_node: 1,
@@ -282,12 +310,25 @@ impl Lab {
         };
         let result = (|| {
             let sw = Netns::create_named(&ns_name(&opts.name, "sw"))?;
-            sw.ip(&["link", "add", "br0", "type", "bridge"]);
-            sw.ip(&["link", "set", "br0", "up"]);
-            lab.attach_to_switch("cp", "cp", &["10.200.0.2/24", "fd00:200::2/64"])?;
+            for segment in 0..opts.segments {
+                let bridge = format!("br{segment}");
+                sw.ip(&["link", "add", &bridge, "type", "bridge"]);
+                if opts.segments > 1 {
+                    sw.ip(&["addr", "add", &format!("10.200.{segment}.1/24"), "dev", &bridge]);
+                    let v6 = format!("fd00:200:{segment:x}::1/64");
+                    sw.ip(&["addr", "add", &v6, "dev", &bridge, "nodad"]);
+                }
+                sw.ip(&["link", "set", &bridge, "up"]);
+            }
+            if opts.segments > 1 {
+                sw.sysctl("net.ipv4.ip_forward", "1");
+                sw.sysctl("net.ipv6.conf.all.forwarding", "1");
+            }
+            lab.attach_to_switch("cp", "cp", 0, &["10.200.0.2/24", "fd00:200::2/64"])?;
             lab.attach_to_switch(
                 "client",
                 "client",
+                0,
                 &[&format!("{CLIENT_V4}/24"), &format!("{CLIENT_V6}/64")],
             )?;
             lab.start_apiserver()?;
@@ -308,8 +349,9 @@ impl Lab {
         Ok(lab)
     }
 
-    /// A namespace on the underlay switch with `eth0` holding `addrs`.
-    fn attach_to_switch(&self, part: &str, port: &str, addrs: &[&str]) -> Result<Netns> {
+    /// A namespace on underlay segment `segment` with `eth0` holding `addrs`, and routes to the
+    /// other segments through the router.
+    fn attach_to_switch(&self, part: &str, port: &str, segment: u8, addrs: &[&str]) -> Result<Netns> {
         let ns = Netns::create_named(&ns_name(&self.state.name, part))?;
         let sw = ns_name(&self.state.name, "sw");
         run_ip(
@@ -318,7 +360,7 @@ impl Lab {
                 "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
             ],
         )?;
-        run_ip(&sw, &["link", "set", port, "master", "br0"])?;
+        run_ip(&sw, &["link", "set", port, "master", &format!("br{segment}")])?;
         run_ip(&sw, &["link", "set", port, "up"])?;
         for addr in addrs {
             let mut args = vec!["addr", "add", addr, "dev", "eth0"];
@@ -328,6 +370,14 @@ impl Lab {
             run_ip(&ns.name, &args)?;
         }
         run_ip(&ns.name, &["link", "set", "eth0", "up"])?;
+        if self.state.segments > 1 {
+            run_ip(
+                &ns.name,
+                &["route", "add", "10.200.0.0/16", "via", &format!("10.200.{segment}.1")],
+            )?;
+            let router = format!("fd00:200:{segment:x}::1");
+            run_ip(&ns.name, &["route", "add", "fd00:200::/48", "via", &router])?;
+        }
         Ok(ns)
     }
 
@@ -463,11 +513,13 @@ impl Lab {
         let node = LabNode {
             name: format!("n{}", self.state.next_node),
             index: self.state.next_node,
+            segment: (self.state.next_node - 1) % self.state.segments.max(1),
         };
         self.state.next_node += 1;
         let ns = self.attach_to_switch(
             &node.name,
             &node.name,
+            node.segment,
             &[&format!("{}/24", node.v4()), &format!("{}/64", node.v6())],
         )?;
         drop(ns);
@@ -900,16 +952,19 @@ impl Lab {
     /// A human summary of the lab.
     pub fn summary(&self) -> String {
         let mut out = format!(
-            "lab {} (routing {}), API stand-in at http://{API_ADDR}, kubeconfig {}\n",
+            "lab {} (routing {}, {} underlay segment{}), API stand-in at http://{API_ADDR}, kubeconfig {}\n",
             self.state.name,
             self.state.mode,
+            self.state.segments,
+            if self.state.segments == 1 { "" } else { "s" },
             self.kubeconfig().display()
         );
         for node in &self.state.nodes {
             let st = self.agent_status(&node.name).unwrap_or(Value::Null);
             out += &format!(
-                "  node {:<4} {:<15} podCIDRs {} | agent: cni {} peers {}{}\n",
+                "  node {:<4} segment {} {:<15} podCIDRs {} | agent: cni {} peers {}{}\n",
                 node.name,
+                node.segment,
                 node.v4().to_string(),
                 node.pod_cidrs().join(", "),
                 if st["cniReady"] == true { "ready" } else { "NOT ready" },
@@ -1013,8 +1068,14 @@ pub fn pod_server(name: &str, node: &str, port: u16) -> Result<()> {
 pub struct LabGuard(pub Lab);
 
 impl LabGuard {
-    /// A lab with a name no other test uses.
+    /// A lab with a name no other test uses, on one underlay segment.
     pub fn up(nodes: u8, mode: &str) -> Self {
+        Self::up_segmented(nodes, mode, 1)
+    }
+
+    /// A lab with a name no other test uses, its nodes dealt out over `segments` routed L2
+    /// segments.
+    pub fn up_segmented(nodes: u8, mode: &str, segments: u8) -> Self {
         crate::require_root();
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
@@ -1028,6 +1089,7 @@ impl LabGuard {
                 name,
                 nodes,
                 mode: mode.into(),
+                segments,
             })
             .expect("lab up"),
         )

@@ -191,6 +191,65 @@ fn auto_mode_on_one_segment_routes_natively_and_reserves_the_overlay_mtu() {
 }
 
 #[test]
+fn auto_mode_routes_natively_within_a_segment_and_over_vxlan_across_segments() {
+    // n1 and n3 share segment 0; n2 is on segment 1, behind the underlay's router, which knows
+    // nothing of pod CIDRs: only an overlay carries pod traffic between the segments.
+    let mut lab = LabGuard::up_segmented(3, "auto", 2);
+    let node = |name: &str| lab.state.nodes.iter().find(|n| n.name == name).unwrap().clone();
+    let (n2, n3) = (node("n2"), node("n3"));
+    assert_eq!((node("n1").segment, n2.segment, n3.segment), (0, 1, 0));
+    for name in ["n1", "n2", "n3"] {
+        assert_eq!(routed_cidrs(&lab, name), expected_cidrs(&lab, name), "{name}");
+    }
+    // n1 reaches n3's pods natively, through n3's own address, and n2's over VXLAN.
+    for route in agent_routes(&lab, "n1") {
+        let dst = route["dst"].as_str().unwrap().to_string();
+        if n3.pod_cidrs().contains(&dst) {
+            let gateway = if dst.contains(':') {
+                n3.v6().to_string()
+            } else {
+                n3.v4().to_string()
+            };
+            assert_eq!(
+                (&route["dev"], &route["gateway"]),
+                (&json!("eth0"), &json!(gateway)),
+                "{route}"
+            );
+        } else {
+            assert!(n2.pod_cidrs().contains(&dst), "{route}");
+            assert_eq!(route["dev"], "ferrynet.vxlan", "{route}");
+        }
+    }
+    // n2 shares a segment with no one.
+    assert!(agent_routes(&lab, "n2").iter().all(|r| r["dev"] == "ferrynet.vxlan"));
+    // n1's overlay knows n2's tunnel endpoint (routed, on the other segment) and not n3's.
+    let fdb = lab
+        .node_ns("n1")
+        .unwrap()
+        .exec("bridge", &["-j", "fdb", "show", "dev", "ferrynet.vxlan"]);
+    let fdb: Value = serde_json::from_slice(&fdb.stdout).unwrap();
+    let endpoints: Vec<&str> = fdb
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["dst"].as_str())
+        .collect();
+    assert_eq!(endpoints, [n2.v4().to_string()], "{fdb}");
+    // Auto mode may need the overlay on any node: the pods' MTU leaves room for it everywhere.
+    let conflist: Value =
+        serde_json::from_slice(&std::fs::read(lab.dir().join("nodes/n1/cni-conf/05-ferrynet.conflist")).unwrap())
+            .unwrap();
+    assert_eq!(conflist["plugins"][0]["mtu"], 1450);
+
+    lab.run_pod("a", "n1", &BTreeMap::new()).unwrap();
+    lab.run_pod("b", "n2", &BTreeMap::new()).unwrap();
+    lab.run_pod("c", "n3", &BTreeMap::new()).unwrap();
+    for (from, to) in [("a", "b"), ("b", "a"), ("a", "c"), ("c", "a"), ("b", "c"), ("c", "b")] {
+        assert_pod_to_pod(&lab, from, to);
+    }
+}
+
+#[test]
 fn joining_and_leaving_nodes_update_every_nodes_routes() {
     let mut lab = LabGuard::up(2, "native");
     lab.run_pod("old", "n1", &BTreeMap::new()).unwrap();
@@ -318,6 +377,8 @@ fn hostile_node_objects_do_not_crash_the_agents() {
         json!({"metadata": {"name": "covers-underlay"}, "spec": {"podCIDRs": ["10.200.0.0/16"]}, "status": {"addresses": [{"type": "InternalIP", "address": "10.200.0.96"}]}}),
         json!({"metadata": {"name": "default-route"}, "spec": {"podCIDRs": ["0.0.0.0/0"]}, "status": {"addresses": [{"type": "InternalIP", "address": "10.200.0.95"}]}}),
         json!({"metadata": {"name": "collider"}, "spec": {"podCIDRs": ["10.244.50.0/24"]}, "status": {"addresses": [{"type": "InternalIP", "address": "10.200.0.94"}]}}),
+        // Not on the nodes' segment: no native route can reach it.
+        json!({"metadata": {"name": "off-link"}, "spec": {"podCIDRs": ["10.244.88.0/24"]}, "status": {"addresses": [{"type": "InternalIP", "address": "10.201.0.77"}]}}),
     ];
     // Someone else already routes 10.244.50.0/24 on n1 (say, a static route); n1 also has a
     // default route. Neither is the agent's to replace.
@@ -359,9 +420,12 @@ fn hostile_node_objects_do_not_crash_the_agents() {
         "covers-underlay",
         "default-route",
         "route 10.244.50.0/24",
+        "route 10.244.88.0/24",
     ] {
         assert!(warnings.contains(name), "no warning about {name}: {warnings}");
     }
+    // None of it is an error of the node's own: every other peer is routed.
+    assert!(status["lastError"].is_null(), "{status}");
     // Other people's routes are untouched: the static one, the default, the underlay's own.
     let route = |dst: &str| n1.ip_json(&["route", "show", dst]);
     assert_eq!(route("10.244.50.0/24")[0]["protocol"], "static");
@@ -480,6 +544,7 @@ fn up_cleans_up_after_a_crashed_lab() {
         name: name.clone(),
         nodes: 1,
         mode: "native".into(),
+        segments: 1,
     })
     .unwrap();
     // "Crash": the state file is lost, processes and namespaces are left behind.
@@ -489,6 +554,7 @@ fn up_cleans_up_after_a_crashed_lab() {
         name: name.clone(),
         nodes: 1,
         mode: "native".into(),
+        segments: 1,
     })
     .unwrap();
     assert_eq!(lab.state.nodes.len(), 1);

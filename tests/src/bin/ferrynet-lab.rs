@@ -31,6 +31,9 @@ enum Command {
         /// The agents' routing mode: native, vxlan or auto.
         #[arg(long, default_value = "auto")]
         mode: String,
+        /// Underlay L2 segments, routed between each other (nodes are dealt out over them).
+        #[arg(long, default_value = "1")]
+        segments: u8,
     },
     /// Remove everything the lab created, whatever state it is in.
     Down,
@@ -92,6 +95,9 @@ enum Command {
     Demo {
         #[arg(long, default_value = "auto")]
         mode: String,
+        /// Underlay L2 segments (with 2 and mode auto, n2 is reached over VXLAN, n3 natively).
+        #[arg(long, default_value = "1")]
+        segments: u8,
         /// Leave the lab running afterwards.
         #[arg(long)]
         keep: bool,
@@ -158,11 +164,12 @@ fn run(cli: Cli) -> Result<()> {
     }
     ferrynet_tests::require_root();
     match cli.command {
-        Command::Up { nodes, mode } => {
+        Command::Up { nodes, mode, segments } => {
             let lab = Lab::up(&LabOptions {
                 name: cli.name,
                 nodes,
                 mode,
+                segments,
             })?;
             print!("{}", lab.summary());
         }
@@ -227,7 +234,7 @@ fn run(cli: Cli) -> Result<()> {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             print!("{}", Lab::open(&cli.name)?.kubectl(&args)?);
         }
-        Command::Demo { mode, keep } => demo(&cli.name, &mode, keep)?,
+        Command::Demo { mode, segments, keep } => demo(&cli.name, &mode, segments, keep)?,
         Command::Apiserver { .. } | Command::PodServer { .. } => unreachable!("handled above"),
     }
     Ok(())
@@ -237,7 +244,7 @@ fn exit_with(status: std::process::ExitStatus) -> ! {
     std::process::exit(status.code().unwrap_or(1))
 }
 
-fn demo(name: &str, mode: &str, keep: bool) -> Result<()> {
+fn demo(name: &str, mode: &str, segments: u8, keep: bool) -> Result<()> {
     let step = |s: &str| println!("\n==> {s}");
     step(&format!(
         "a 3-node cluster in namespaces (routing mode {mode}), one ferrynet-agent per node"
@@ -246,6 +253,7 @@ fn demo(name: &str, mode: &str, keep: bool) -> Result<()> {
         name: name.into(),
         nodes: 3,
         mode: mode.into(),
+        segments,
     })?;
     let result = (|| -> Result<()> {
         print!("{}", lab.summary());
