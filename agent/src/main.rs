@@ -85,6 +85,10 @@ struct Options {
     vxlan_vni: u32,
     #[arg(long, env = "FERRYNET_VXLAN_PORT", default_value = "4789")]
     vxlan_port: u16,
+    /// The node's `/proc/sys/net`, writable (in a container, `/proc/sys` is read-only: the
+    /// DaemonSet mounts the host's here). Used to turn IP forwarding on when it is off.
+    #[arg(long, env = "FERRYNET_PROC_SYS_NET", default_value = "/proc/sys/net")]
+    proc_sys_net: PathBuf,
     /// Masquerade pod traffic leaving the cluster's pod CIDRs to the node's address.
     #[arg(long, env = "FERRYNET_MASQUERADE", default_value = "true", action = ArgAction::Set)]
     masquerade: bool,
@@ -154,6 +158,7 @@ impl Options {
             resync: Duration::from_secs(self.resync_seconds.max(1)),
             ipam_gc_interval: Duration::from_secs(self.ipam_gc_seconds.max(1)),
             ipam_gc_grace: Duration::from_secs(self.ipam_gc_grace_seconds),
+            proc_sys_net: self.proc_sys_net.clone(),
         })
     }
 }

@@ -4,7 +4,7 @@
 //! Ownership is explicit: the agent's routes carry route protocol [`ROUTE_PROTOCOL`] and its
 //! device is [`VXLAN_DEVICE`]. After a restart the agent finds its own state by these marks,
 //! adopts what is right and removes what is stale, and never touches anyone else's routes.
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{collections::BTreeSet, net::IpAddr, path::Path};
 
 use anyhow::{Context, Result, bail};
 use ferrynet_cni::netlink::{Change, Netlink, RouteSpec, VxlanSpec, inspect};
@@ -168,7 +168,7 @@ impl Router {
             }
         }
         if !failures.is_empty() {
-            anyhow::bail!("routes to peers: {}", failures.join("; "));
+            bail!("routes to peers: {}", failures.join("; "));
         }
         Ok((changes, warnings))
     }
@@ -350,17 +350,20 @@ fn is_link_local(ip: IpAddr) -> bool {
 /// the node must forward. IPv6 forwarding only when there are IPv6 PodCIDRs, because it also makes
 /// the kernel ignore router advertisements. Settings already on are not written: in a
 /// non-privileged container `/proc/sys` is read-only, and Kubernetes nodes usually have
-/// forwarding on already (kubeadm checks it).
-pub fn enable_forwarding(ipv6: bool) -> Result<()> {
-    let mut settings = vec!["/proc/sys/net/ipv4/ip_forward"];
+/// forwarding on already (kubeadm checks it). For nodes that do not, the DaemonSet mounts the
+/// host's `/proc/sys/net` writable elsewhere and names it in `proc_sys_net` (the files there act
+/// on the network namespace of whoever opens them: the node's, with host networking).
+pub fn enable_forwarding(proc_sys_net: &Path, ipv6: bool) -> Result<()> {
+    let mut settings = vec![proc_sys_net.join("ipv4/ip_forward")];
     if ipv6 {
-        settings.push("/proc/sys/net/ipv6/conf/all/forwarding");
+        settings.push(proc_sys_net.join("ipv6/conf/all/forwarding"));
     }
     for path in settings {
-        if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1") {
+        if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
             continue;
         }
-        std::fs::write(path, "1").with_context(|| format!("enabling {path} (turn IP forwarding on for the node)"))?;
+        std::fs::write(&path, "1")
+            .with_context(|| format!("enabling {} (turn IP forwarding on for the node)", path.display()))?;
     }
     Ok(())
 }

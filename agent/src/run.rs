@@ -44,6 +44,8 @@ pub struct AgentConfig {
     pub resync: Duration,
     pub ipam_gc_interval: Duration,
     pub ipam_gc_grace: Duration,
+    /// Where the node's `/proc/sys/net` is writable (for IP forwarding).
+    pub proc_sys_net: PathBuf,
 }
 
 /// A client from `--kubeconfig`, or the in-cluster service account.
@@ -131,7 +133,10 @@ impl Reconciler {
                 local.pod_cidrs
             );
         }
-        if let Err(e) = routing::enable_forwarding(local.pod_cidrs.iter().any(|c| c.addr().is_ipv6())) {
+        if let Err(e) = routing::enable_forwarding(
+            &self.cfg.proc_sys_net,
+            local.pod_cidrs.iter().any(|c| c.addr().is_ipv6()),
+        ) {
             st.warnings.push(format!("{e:#}"));
         }
 

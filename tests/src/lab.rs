@@ -607,8 +607,14 @@ impl Lab {
     }
 
     pub fn start_agent(&self, node: &str) -> Result<()> {
+        self.start_agent_with(node, &[])
+    }
+
+    /// Starts `node`'s agent with `extra` flags after the lab's own.
+    pub fn start_agent_with(&self, node: &str, extra: &[&str]) -> Result<()> {
         let ns = self.node_ns(node)?;
         let mut args = self.agent_args(node);
+        args.extend(extra.iter().map(|a| a.to_string()));
         args.push("run".into());
         self.spawn_daemon(&ns, &format!("agent-{node}"), &binary("ferrynet-agent"), &args)?;
         Ok(())

@@ -250,6 +250,45 @@ fn auto_mode_routes_natively_within_a_segment_and_over_vxlan_across_segments() {
 }
 
 #[test]
+fn the_agent_turns_forwarding_on_through_its_proc_sys_net_setting() {
+    let lab = LabGuard::up(1, "native");
+    let n1 = lab.node_ns("n1").unwrap();
+    let forwarding = || {
+        ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"].map(|key| {
+            String::from_utf8_lossy(&n1.exec("sysctl", &["-n", key]).stdout)
+                .trim()
+                .to_string()
+        })
+    };
+    // A new namespace starts with forwarding off; the agent turned it on.
+    assert_eq!(forwarding(), ["1", "1"]);
+    lab.stop_agent("n1").unwrap();
+    n1.sysctl("net.ipv4.ip_forward", "0");
+    n1.sysctl("net.ipv6.conf.all.forwarding", "0");
+    // Pointed at a directory that is not /proc/sys/net, it cannot, and says where it looked.
+    let elsewhere = lab.dir().join("not-proc-sys-net");
+    lab.start_agent_with("n1", &["--proc-sys-net", elsewhere.to_str().unwrap()])
+        .unwrap();
+    let wanted = format!("enabling {}/ipv4/ip_forward", elsewhere.display());
+    assert!(
+        eventually(Duration::from_secs(20), || lab
+            .agent_status("n1")
+            .is_ok_and(|s| s["warnings"].to_string().contains(&wanted))),
+        "{:?}",
+        lab.agent_status("n1")
+    );
+    assert_eq!(forwarding(), ["0", "0"]);
+    // Pointed at the node's /proc/sys/net mounted elsewhere (as the DaemonSet mounts the host's
+    // at /host/proc/sys/net), it turns forwarding on there.
+    lab.stop_agent("n1").unwrap();
+    let mounted = lab.dir().join("host-proc-sys-net");
+    std::os::unix::fs::symlink("/proc/sys/net", &mounted).unwrap();
+    lab.start_agent_with("n1", &["--proc-sys-net", mounted.to_str().unwrap()])
+        .unwrap();
+    assert!(eventually(Duration::from_secs(20), || forwarding() == ["1", "1"]));
+}
+
+#[test]
 fn joining_and_leaving_nodes_update_every_nodes_routes() {
     let mut lab = LabGuard::up(2, "native");
     lab.run_pod("old", "n1", &BTreeMap::new()).unwrap();

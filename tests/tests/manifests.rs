@@ -109,6 +109,10 @@ fn the_daemonset_runs_everywhere_on_the_host_network_with_one_capability() {
         }
         let env: Vec<String> = c.env.as_ref().unwrap().iter().map(|e| e.name.clone()).collect();
         assert!(env.contains(&"NODE_NAME".to_string()));
+        let settings = agent_settings();
+        for name in env.iter().filter(|n| n.starts_with("FERRYNET_")) {
+            assert!(settings.contains(name), "the agent has no setting {name}");
+        }
         let node_name = c.env.as_ref().unwrap().iter().find(|e| e.name == "NODE_NAME").unwrap();
         assert_eq!(
             node_name
@@ -122,6 +126,22 @@ fn the_daemonset_runs_everywhere_on_the_host_network_with_one_capability() {
             "spec.nodeName"
         );
     }
+    // The agent's writable /proc/sys/net is the host's, where the agent looks for it; the init
+    // container does without.
+    let mount = |c: &k8s_openapi::api::core::v1::Container| {
+        c.volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "proc-sys-net")
+            .map(|m| (m.mount_path.clone(), m.read_only))
+    };
+    assert_eq!(mount(agent), Some(("/host/proc/sys/net".to_string(), None)));
+    assert_eq!(mount(init), None);
+    assert_eq!(
+        env_value(agent, "FERRYNET_PROC_SYS_NET").as_deref(),
+        Some("/host/proc/sys/net")
+    );
     let probe = agent
         .readiness_probe
         .as_ref()
@@ -147,7 +167,8 @@ fn the_daemonset_runs_everywhere_on_the_host_network_with_one_capability() {
                 "/etc/cni/net.d",
                 "/var/lib/ferrynet",
                 "/sys/fs/bpf",
-                "/sys/fs/cgroup"
+                "/sys/fs/cgroup",
+                "/proc/sys/net"
             ]
             .map(String::from)
         )
@@ -155,16 +176,7 @@ fn the_daemonset_runs_everywhere_on_the_host_network_with_one_capability() {
 
     // The image the Dockerfile builds has what the DaemonSet points at.
     let dockerfile = std::fs::read_to_string(manifests().join("Dockerfile")).unwrap();
-    let source = agent
-        .env
-        .as_ref()
-        .unwrap()
-        .iter()
-        .find(|e| e.name == "FERRYNET_CNI_SOURCE_DIR")
-        .unwrap()
-        .value
-        .clone()
-        .unwrap();
+    let source = env_value(agent, "FERRYNET_CNI_SOURCE_DIR").unwrap();
     assert!(
         dockerfile.contains(&format!("COPY --from=build /out/cni/ {source}/")),
         "{source}"
@@ -178,13 +190,7 @@ fn the_configmap_sets_only_settings_the_agent_reads_and_they_parse() {
     let docs = documents("configmap.yaml");
     let cm: ConfigMap = typed(&docs[0]);
     let data = cm.data.unwrap();
-    let help = Command::new(binary("ferrynet-agent")).arg("--help").output().unwrap();
-    let help = String::from_utf8_lossy(&help.stdout);
-    let known: BTreeSet<&str> = help
-        .split("[env: ")
-        .skip(1)
-        .filter_map(|s| s.split('=').next())
-        .collect();
+    let known = agent_settings();
     for key in data.keys() {
         assert!(
             known.contains(key.as_str()),
@@ -239,4 +245,20 @@ fn the_kind_config_disables_the_default_cni() {
     assert!(cluster.networking.disable_default_cni);
     cluster.networking.pod_subnet.parse::<ipnet::IpNet>().unwrap();
     cluster.networking.service_subnet.parse::<ipnet::IpNet>().unwrap();
+}
+
+/// The environment variables the agent reads (from its `--help`).
+fn agent_settings() -> BTreeSet<String> {
+    let help = Command::new(binary("ferrynet-agent")).arg("--help").output().unwrap();
+    String::from_utf8_lossy(&help.stdout)
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|s| s.split('=').next())
+        .map(String::from)
+        .collect()
+}
+
+/// The literal value of a container's environment variable.
+fn env_value(c: &k8s_openapi::api::core::v1::Container, name: &str) -> Option<String> {
+    c.env.as_ref()?.iter().find(|e| e.name == name)?.value.clone()
 }
