@@ -43,8 +43,12 @@ pub fn conflist(local: &NodeInfo, network: &str, mtu: u32, ipam_data_dir: &Path)
         .iter()
         .map(|c| json!([{ "subnet": c.to_string() }]))
         .collect();
+    // Runtimes on libcni 1.2 or later run the newest version of `cniVersions` they know (1.1.0:
+    // STATUS and GC). Older ones (containerd 1.6/1.7, podman 4) read only `cniVersion`, and must
+    // find one they can parse the result of. The list is ferrynet alone, so no chained plugin
+    // limits it.
     Some(json!({
-        "cniVersion": "1.1.0",
+        "cniVersion": "1.0.0",
         "cniVersions": ["0.4.0", "1.0.0", "1.1.0"],
         "name": network,
         "plugins": [{
@@ -155,6 +159,8 @@ mod tests {
             json!([[{"subnet": "10.244.1.0/24"}], [{"subnet": "fd00:244:1::/64"}]])
         );
         assert_eq!(c["name"], "ferrynet");
+        assert_eq!(c["cniVersion"], "1.0.0", "what runtimes before libcni 1.2 can use");
+        assert_eq!(c["cniVersions"], json!(["0.4.0", "1.0.0", "1.1.0"]));
         // The conflist is valid ferrynet IPAM config.
         ferrynet_ipam::IpamConfig::from_value(&c["plugins"][0]["ipam"]).unwrap();
         assert!(conflist(&node(&[]), "ferrynet", 1450, Path::new("/x")).is_none());

@@ -4,6 +4,7 @@
 pub mod cniconf;
 pub mod datapath;
 pub mod ipam_gc;
+pub mod kernel_paths;
 pub mod masquerade;
 pub mod routing;
 pub mod run;

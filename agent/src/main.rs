@@ -89,6 +89,14 @@ struct Options {
     /// DaemonSet mounts the host's here). Used to turn IP forwarding on when it is off.
     #[arg(long, env = "FERRYNET_PROC_SYS_NET", default_value = "/proc/sys/net")]
     proc_sys_net: PathBuf,
+    /// The bpffs directory the eBPF datapath pins its maps in (created, root only). Each agent
+    /// on a machine needs its own.
+    #[arg(long, env = "FERRYNET_BPF_PIN_PATH", default_value = "/sys/fs/bpf/ferrynet")]
+    bpf_pin_path: PathBuf,
+    /// The cgroup v2 directory the datapath's socket programs attach to: the root of the
+    /// node's cgroup v2 hierarchy, so that every process on the node is covered.
+    #[arg(long, env = "FERRYNET_CGROUP_PATH", default_value = "/sys/fs/cgroup")]
+    cgroup_path: PathBuf,
     /// Masquerade pod traffic leaving the cluster's pod CIDRs to the node's address.
     #[arg(long, env = "FERRYNET_MASQUERADE", default_value = "true", action = ArgAction::Set)]
     masquerade: bool,
@@ -159,6 +167,8 @@ impl Options {
             ipam_gc_interval: Duration::from_secs(self.ipam_gc_seconds.max(1)),
             ipam_gc_grace: Duration::from_secs(self.ipam_gc_grace_seconds),
             proc_sys_net: self.proc_sys_net.clone(),
+            bpf_pin_path: self.bpf_pin_path.clone(),
+            cgroup_path: self.cgroup_path.clone(),
         })
     }
 }

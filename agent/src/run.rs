@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::{
     cniconf::{self, CniPaths},
-    ipam_gc, masquerade,
+    ipam_gc, kernel_paths, masquerade,
     routing::{self, Router, VxlanSettings},
     status::{self, AgentStatus},
     topology::{self, NodeInfo, RoutingMode},
@@ -46,6 +46,10 @@ pub struct AgentConfig {
     pub ipam_gc_grace: Duration,
     /// Where the node's `/proc/sys/net` is writable (for IP forwarding).
     pub proc_sys_net: PathBuf,
+    /// The bpffs directory the datapath pins its maps in.
+    pub bpf_pin_path: PathBuf,
+    /// The cgroup v2 directory the datapath's socket programs attach to.
+    pub cgroup_path: PathBuf,
 }
 
 /// A client from `--kubeconfig`, or the in-cluster service account.
@@ -97,6 +101,14 @@ impl Reconciler {
             st.last_error = Some(format!("{e:#}"));
         }
         st.cni_ready = st.conflist.exists();
+        match kernel_paths::prepare_pin_path(&self.cfg.bpf_pin_path) {
+            Ok(()) => st.bpf_pin_path = Some(self.cfg.bpf_pin_path.clone()),
+            Err(e) => st.warnings.push(format!("{e:#}")),
+        }
+        match kernel_paths::check_cgroup2(&self.cfg.cgroup_path) {
+            Ok(()) => st.cgroup_path = Some(self.cfg.cgroup_path.clone()),
+            Err(e) => st.warnings.push(format!("{e:#}")),
+        }
         for w in &st.warnings {
             warn!("{w}");
         }
@@ -161,6 +173,11 @@ impl Reconciler {
                 self.applied_ruleset = Some(ruleset);
             }
             st.masquerade = Some(cluster);
+        } else if self.applied_ruleset.as_deref() != Some("") {
+            // Turned off: a table an earlier run left would go on masquerading.
+            masquerade::remove()?;
+            info!("not masquerading egress (removed any table inet {})", masquerade::TABLE);
+            self.applied_ruleset = Some(String::new());
         }
         Ok(())
     }

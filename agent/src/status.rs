@@ -32,6 +32,10 @@ pub struct AgentStatus {
     pub conflist: PathBuf,
     /// The cluster CIDRs masqueraded on egress, when masquerade is on.
     pub masquerade: Option<Vec<IpNet>>,
+    /// The datapath's bpffs pin directory, once it is there (a warning says why not).
+    pub bpf_pin_path: Option<PathBuf>,
+    /// The datapath's cgroup v2 directory, once checked (a warning says why not).
+    pub cgroup_path: Option<PathBuf>,
     pub last_changes: Changes,
     pub last_sync_unix: u64,
     pub last_error: Option<String>,
@@ -104,6 +108,12 @@ pub fn render(s: &AgentStatus) -> String {
         let m: Vec<String> = m.iter().map(ToString::to_string).collect();
         out += &format!("masquerade: egress from {}\n", m.join(", "));
     }
+    let show = |p: &Option<PathBuf>| {
+        p.as_ref()
+            .map_or("unavailable (see warnings)".to_string(), |p| p.display().to_string())
+    };
+    out += &format!("bpf pins:   {}\n", show(&s.bpf_pin_path));
+    out += &format!("cgroup:     {}\n", show(&s.cgroup_path));
     out += &format!("last sync:  {}s ago\n", now_unix().saturating_sub(s.last_sync_unix));
     if let Some(e) = &s.last_error {
         out += &format!("last error: {e}\n");

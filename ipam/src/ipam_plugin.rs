@@ -119,7 +119,16 @@ pub fn check(inv: &Invocation, config: &IpamConfig) -> Result<Attachment, CniErr
         .get(&key)?
         .ok_or_else(|| CniError::check_failed(format!("no address is allocated to {key}")))?;
     if let Some(prev) = &inv.config.prev_result {
-        let mut reported: Vec<IpAddr> = prev.ips.iter().map(|ip| ip.address.addr()).collect();
+        // Only addresses of this network's subnets: other plugins in the chain (loopback, a
+        // second interface) report addresses of their own.
+        let ours = |ip: &IpAddr| {
+            config
+                .range_sets
+                .iter()
+                .flat_map(|set| &set.ranges)
+                .any(|range| range.subnet.contains(ip))
+        };
+        let mut reported: Vec<IpAddr> = prev.ips.iter().map(|ip| ip.address.addr()).filter(ours).collect();
         let mut held: Vec<IpAddr> = attachment.ips.iter().map(IpNet::addr).collect();
         reported.sort();
         held.sort();
@@ -199,7 +208,8 @@ impl Plugin for IpamPlugin {
 }
 
 /// True when the `ipam` section names ferrynet's own IPAM, which the main plugin then runs
-/// in-process. An absent `ipam.type` means ours too.
+/// in-process. (Decoding already refused an `ipam` without a `type`, as the spec requires; with
+/// no `ipam` at all, ours reports the missing ranges.)
 pub fn is_own_ipam(raw: &Value) -> bool {
     matches!(
         raw.pointer("/ipam/type").and_then(Value::as_str),

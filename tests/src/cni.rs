@@ -144,8 +144,33 @@ impl Conflist {
         self.0["name"].as_str().expect("conflist name")
     }
 
+    /// The version the list runs at, chosen as libcni 1.2 and later choose it: the newest entry
+    /// of `cniVersions` the runtime knows (this one knows every released version), else
+    /// `cniVersion`. A runtime on an older libcni knows no `cniVersions`:
+    /// see [`Conflist::as_older_runtimes_read_it`].
     pub fn version(&self) -> &str {
-        self.0["cniVersion"].as_str().expect("conflist cniVersion")
+        const KNOWN: [&str; 6] = ["0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+        let newest_listed = self.0["cniVersions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .filter_map(|v| KNOWN.iter().position(|k| *k == v))
+            .max();
+        match newest_listed {
+            Some(i) => KNOWN[i],
+            None => self.0["cniVersion"].as_str().expect("conflist cniVersion"),
+        }
+    }
+
+    /// The list as a runtime built on libcni before 1.2 (containerd 1.6 and 1.7, podman 4)
+    /// reads it: without `cniVersions`.
+    pub fn as_older_runtimes_read_it(&self) -> Self {
+        let mut list = self.0.clone();
+        if let Some(fields) = list.as_object_mut() {
+            fields.remove("cniVersions");
+        }
+        Self(list)
     }
 
     pub fn plugins(&self) -> Vec<Value> {

@@ -9,16 +9,18 @@
 //!   fl-<lab>-client  an external client on segment 0: 10.200.0.250, fd00:200::250
 //!   fl-<lab>-n<i>    node i, on segment (i-1) mod segments: eth0 10.200.s.(10+i), fd00:200:s::(10+i);
 //!                    PodCIDRs 10.244.i.0/24, fd00:244:i::/64;
-//!                    its own ferrynet-agent, CNI dirs, IPAM store and state dir
+//!                    its own ferrynet-agent, CNI dirs, IPAM store, state dir, BPF pin path
+//!                    (in the lab's own bpffs) and cgroup (`<cgroup2>/ferrynet-lab/<lab>/<node>`)
 //!   fl-<lab>-pod-<p> pod p: set up by its node's real `ferrynet` binary, run exactly as a runtime
-//!                    runs it; runs a small server answering with the pod's name
+//!                    runs it; runs a small server answering with the pod's name and address
 //! ```
 //!
 //! The lab plays the parts of a cluster it has no binaries for: it registers Nodes (with
 //! PodCIDRs and addresses), creates Pods through the CNI, and is the EndpointSlice controller.
 //! Its state is in `/run/ferrynet-lab/<lab>/`. It never touches the machine's own namespace,
-//! routes or firewall, and `down` (also run first by `up`) removes everything: every process in
-//! the lab's namespaces, the namespaces, and the state directory, even after a crash.
+//! routes, firewall or root cgroup, and `down` (also run first by `up`) removes everything: every
+//! process in the lab's namespaces and cgroups, the namespaces, the cgroups, the bpffs mount and
+//! the state directory, even after a crash.
 use std::{
     collections::BTreeMap,
     fs::File,
@@ -48,6 +50,28 @@ pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x25
 /// The port every pod's server listens on.
 pub const POD_PORT: u16 = 8080;
 const CONFLIST: &str = "05-ferrynet.conflist";
+
+/// How a daemon the lab stopped ended.
+#[derive(Debug)]
+enum DaemonExit {
+    /// It was not running (any more).
+    NotRunning,
+    /// It ended on SIGTERM; with its exit status when this process started it.
+    Exited(Option<std::process::ExitStatus>),
+    /// It ignored SIGTERM and was killed.
+    Killed,
+}
+
+/// The exit statuses of the daemons this process started, by pid.
+type ChildExits = std::collections::HashMap<u32, std::sync::mpsc::Receiver<std::process::ExitStatus>>;
+
+fn lock_children() -> std::sync::MutexGuard<'static, ChildExits> {
+    static CHILDREN: std::sync::OnceLock<std::sync::Mutex<ChildExits>> = std::sync::OnceLock::new();
+    CHILDREN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LabOptions {
@@ -192,6 +216,30 @@ impl Lab {
         self.dir.join("nodes").join(node)
     }
 
+    /// The lab's own bpffs instance, mounted in its state directory.
+    fn bpffs(&self) -> PathBuf {
+        self.dir.join("bpf")
+    }
+
+    /// Where `node`'s agent pins its maps: a directory of its own in the lab's bpffs.
+    pub fn node_pin_path(&self, node: &str) -> PathBuf {
+        self.bpffs().join(node)
+    }
+
+    /// The cgroup `node`'s agent and the commands run on the node live in.
+    pub fn node_cgroup(&self, node: &str) -> Result<PathBuf> {
+        Ok(lab_cgroup(&self.state.name)?.join(node))
+    }
+
+    /// The pid of `node`'s agent, while it runs.
+    pub fn agent_pid(&self, node: &str) -> Option<u32> {
+        std::fs::read_to_string(self.pid_file(&format!("agent-{node}")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     pub fn ns(&self, part: &str) -> Result<Netns> {
         let name = ns_name(&self.state.name, part);
         Netns::attach(&name).with_context(|| format!("namespace {name}"))
@@ -259,11 +307,61 @@ impl Lab {
         for ns in &namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        // Teardown keeps going past failures and reports them all at the end.
+        let mut errors = Vec::new();
+        // The node cgroups: whatever still runs in them goes, then the cgroups (a cgroup can be
+        // removed only once its last process has been reaped).
+        if let Ok(lab_cgroup) = lab_cgroup(name)
+            && lab_cgroup.exists()
+        {
+            let node_cgroups: Vec<PathBuf> = std::fs::read_dir(&lab_cgroup)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect();
+            for cgroup in &node_cgroups {
+                let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                    // SAFETY: kill(2) on a process in the lab's own cgroup.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            for cgroup in node_cgroups.iter().chain(std::iter::once(&lab_cgroup)) {
+                let removed = crate::wait_for(Duration::from_secs(5), || std::fs::remove_dir(cgroup).ok());
+                if removed.is_none() && cgroup.exists() {
+                    errors.push(format!(
+                        "removing cgroup {}: processes are still in it",
+                        cgroup.display()
+                    ));
+                }
+            }
+            // The parent goes too once no lab is left in it.
+            let _ = std::fs::remove_dir(lab_cgroup.parent().expect("has a parent"));
+        }
+        let bpffs = dir.join("bpf");
+        if is_mount_point(&bpffs) {
+            let path = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes())?;
+            // SAFETY: umount2(2) with a NUL-terminated path.
+            if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+                errors.push(format!(
+                    "unmounting {}: {}",
+                    bpffs.display(),
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        if dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+        {
+            errors.push(format!("removing {}: {e}", dir.display()));
         }
         // The root goes too once no lab is left in it.
         let _ = std::fs::remove_dir(STATE_ROOT);
+        if !errors.is_empty() {
+            bail!("lab {name} is not entirely gone: {}", errors.join("; "));
+        }
         Ok(())
     }
 
@@ -296,6 +394,22 @@ impl Lab {
             created = create();
         }
         created.with_context(|| format!("creating {}", dir.display()))?;
+        // A bpffs instance of the lab's own for the agents' pins: nothing the machine has pinned
+        // is visible to it, and `down` unmounts it with everything in it.
+        let bpffs = dir.join("bpf");
+        std::fs::DirBuilder::new().mode(0o700).create(&bpffs)?;
+        let mounted = Command::new("mount")
+            .args(["-t", "bpf", "-o", "mode=0700", "bpf"])
+            .arg(&bpffs)
+            .output()?;
+        if !mounted.status.success() {
+            let _ = Self::down(&opts.name);
+            bail!(
+                "mounting a bpffs at {}: {}",
+                bpffs.display(),
+                String::from_utf8_lossy(&mounted.stderr).trim()
+            );
+        }
         let mut lab = Self {
             state: LabState {
                 name: opts.name.clone(),
@@ -387,7 +501,14 @@ impl Lab {
 
     /// Starts `program` in `ns` as a background process of its own (its own process group, output
     /// to a log file), and records its pid.
-    fn spawn_daemon(&self, ns: &Netns, what: &str, program: &Path, args: &[String]) -> Result<u32> {
+    fn spawn_daemon(
+        &self,
+        ns: &Netns,
+        what: &str,
+        program: &Path,
+        args: &[String],
+        cgroup: Option<&Path>,
+    ) -> Result<u32> {
         let log = File::create(self.dir.join("logs").join(format!("{what}.log")))?;
         let mut cmd = Command::new(program);
         cmd.args(args)
@@ -395,32 +516,53 @@ impl Lab {
             .stdout(log.try_clone()?)
             .stderr(log)
             .process_group(0);
+        if let Some(cgroup) = cgroup {
+            join_cgroup(&mut cmd, cgroup)?;
+        }
         let mut child = ns.spawn(&mut cmd);
         let pid = child.id();
-        // Reap it whenever it ends, if we are still around then.
+        // Reap it whenever it ends, if we are still around then, and keep how it ended for
+        // `stop_daemon`.
+        let (exit_tx, exit_rx) = std::sync::mpsc::channel();
+        lock_children().insert(pid, exit_rx);
         std::thread::spawn(move || {
-            let _ = child.wait();
+            if let Ok(status) = child.wait() {
+                let _ = exit_tx.send(status);
+            }
         });
         std::fs::write(self.pid_file(what), pid.to_string())?;
         Ok(pid)
     }
 
-    /// Stops a daemon started by `spawn_daemon` (SIGTERM, then SIGKILL after 5 s).
-    fn stop_daemon(&self, what: &str) -> Result<()> {
+    /// Stops a daemon started by `spawn_daemon`: SIGTERM, then SIGKILL if it is still there
+    /// after 5 s. Says how it ended.
+    fn stop_daemon(&self, what: &str) -> Result<DaemonExit> {
         let path = self.pid_file(what);
         let Ok(text) = std::fs::read_to_string(&path) else {
-            return Ok(());
+            return Ok(DaemonExit::NotRunning);
         };
         let pid: i32 = text.trim().parse().context("pid file")?;
         let _ = std::fs::remove_file(&path);
+        let exit = u32::try_from(pid).ok().and_then(|p| lock_children().remove(&p));
         // Only a process still living in one of the lab's namespaces is ours: if the daemon died
         // earlier, its pid may belong to someone else by now.
         let inodes = lab_netns_inodes(&self.state.name);
         if !std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| inodes.contains(&m.ino())) {
-            return Ok(());
+            return Ok(DaemonExit::NotRunning);
         }
         // SAFETY: kill(2) on the lab's own process, checked just above.
         unsafe { libc::kill(pid, libc::SIGTERM) };
+        if let Some(exit) = exit {
+            // Our own child: its reaper reports the exit status.
+            return Ok(match exit.recv_timeout(Duration::from_secs(5)) {
+                Ok(status) => DaemonExit::Exited(Some(status)),
+                Err(_) => {
+                    // SAFETY: as above; the child is not reaped yet, so the pid is still its own.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    DaemonExit::Killed
+                }
+            });
+        }
         let gone = crate::wait_for(Duration::from_secs(5), || {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             // Gone, or a zombie waiting to be reaped.
@@ -429,8 +571,9 @@ impl Lab {
         if gone.is_none() {
             // SAFETY: as above.
             unsafe { libc::kill(pid, libc::SIGKILL) };
+            return Ok(DaemonExit::Killed);
         }
-        Ok(())
+        Ok(DaemonExit::Exited(None))
     }
 
     pub fn start_apiserver(&self) -> Result<()> {
@@ -442,7 +585,7 @@ impl Lab {
             "--data".into(),
             self.dir.join("apiserver.json").display().to_string(),
         ];
-        self.spawn_daemon(&cp, "apiserver", &binary("ferrynet-lab"), &args)?;
+        self.spawn_daemon(&cp, "apiserver", &binary("ferrynet-lab"), &args, None)?;
         let addr: SocketAddr = API_ADDR.parse().expect("valid");
         crate::wait_for(Duration::from_secs(10), || {
             ferrynet_cni::netns::run_in(cp.fd(), || {
@@ -455,7 +598,7 @@ impl Lab {
     }
 
     pub fn stop_apiserver(&self) -> Result<()> {
-        self.stop_daemon("apiserver")
+        self.stop_daemon("apiserver").map(|_| ())
     }
 
     /// A request to the API stand-in (from the control-plane namespace).
@@ -529,6 +672,8 @@ impl Lab {
                 .mode(0o700)
                 .create(self.node_dir(&node.name).join(sub))?;
         }
+        let cgroup = self.node_cgroup(&node.name)?;
+        std::fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         let [v4cidr, v6cidr] = node.pod_cidrs();
         let object = json!({
             "apiVersion": "v1", "kind": "Node",
@@ -571,6 +716,15 @@ impl Lab {
         let _ = Command::new("ip")
             .args(["-n", &ns_name(&self.state.name, "sw"), "link", "del", name])
             .output();
+        // Its cgroup (empty once its agent is gone) and its pins.
+        let cgroup = self.node_cgroup(name)?;
+        if crate::wait_for(Duration::from_secs(5), || std::fs::remove_dir(&cgroup).ok()).is_none() && cgroup.exists() {
+            bail!("removing cgroup {}: processes are still in it", cgroup.display());
+        }
+        let pins = self.node_pin_path(name);
+        if pins.exists() {
+            std::fs::remove_dir_all(&pins).with_context(|| format!("removing {}", pins.display()))?;
+        }
         self.state.nodes.retain(|n| n.name != name);
         self.save()
     }
@@ -597,6 +751,12 @@ impl Lab {
             arg("agent"),
             "--routing-mode".into(),
             self.state.mode.clone(),
+            "--bpf-pin-path".into(),
+            self.node_pin_path(node).display().to_string(),
+            "--cgroup-path".into(),
+            self.node_cgroup(node)
+                .map(|c| c.display().to_string())
+                .unwrap_or_default(),
             "--resync-seconds".into(),
             "5".into(),
             "--ipam-gc-seconds".into(),
@@ -610,18 +770,38 @@ impl Lab {
         self.start_agent_with(node, &[])
     }
 
-    /// Starts `node`'s agent with `extra` flags after the lab's own.
+    /// Starts `node`'s agent with `extra` flags after the lab's own (replacing any the lab sets).
     pub fn start_agent_with(&self, node: &str, extra: &[&str]) -> Result<()> {
         let ns = self.node_ns(node)?;
-        let mut args = self.agent_args(node);
+        // The lab's flags come in pairs; a flag in `extra` replaces the lab's.
+        let mut args = Vec::new();
+        for pair in self.agent_args(node).chunks(2) {
+            if !extra.contains(&pair[0].as_str()) {
+                args.extend_from_slice(pair);
+            }
+        }
         args.extend(extra.iter().map(|a| a.to_string()));
         args.push("run".into());
-        self.spawn_daemon(&ns, &format!("agent-{node}"), &binary("ferrynet-agent"), &args)?;
+        let cgroup = self.node_cgroup(node)?;
+        self.spawn_daemon(
+            &ns,
+            &format!("agent-{node}"),
+            &binary("ferrynet-agent"),
+            &args,
+            Some(&cgroup),
+        )?;
         Ok(())
     }
 
+    /// Stops `node`'s agent with SIGTERM, as the kubelet does, and fails unless it shut down
+    /// cleanly: on its own within 5 s and, where the lab started it, with exit status 0.
     pub fn stop_agent(&self, node: &str) -> Result<()> {
-        self.stop_daemon(&format!("agent-{node}"))
+        match self.stop_daemon(&format!("agent-{node}"))? {
+            DaemonExit::NotRunning | DaemonExit::Exited(None) => Ok(()),
+            DaemonExit::Exited(Some(status)) if status.success() => Ok(()),
+            DaemonExit::Exited(Some(status)) => bail!("the agent on {node} ended with {status} on SIGTERM"),
+            DaemonExit::Killed => bail!("the agent on {node} ignored SIGTERM for 5 s and was killed"),
+        }
     }
 
     /// The agent's last status on `node` (its status file).
@@ -719,7 +899,7 @@ impl Lab {
             "--port".into(),
             POD_PORT.to_string(),
         ];
-        self.spawn_daemon(&pod_ns, &format!("pod-{name}"), &binary("ferrynet-lab"), &args)?;
+        self.spawn_daemon(&pod_ns, &format!("pod-{name}"), &binary("ferrynet-lab"), &args, None)?;
         let pod = LabPod {
             name: name.into(),
             node: node.into(),
@@ -917,15 +1097,27 @@ impl Lab {
         let (program, args) = argv.split_first().ok_or_else(|| anyhow!("no command"))?;
         let mut cmd = Command::new(program);
         cmd.args(args).env("KUBECONFIG", self.kubeconfig());
+        self.join_node_cgroup(&mut cmd, part)?;
         let mut child = ns.spawn(&mut cmd);
         Ok(child.wait()?)
+    }
+
+    /// A command run on a node runs in the node's cgroup, as the node's own processes do.
+    fn join_node_cgroup(&self, cmd: &mut Command, part: &str) -> Result<()> {
+        if self.state.nodes.iter().any(|n| n.name == part) {
+            join_cgroup(cmd, &self.node_cgroup(part)?)?;
+        }
+        Ok(())
     }
 
     /// Runs a command in one of the lab's namespaces and returns what it printed.
     pub fn exec_capture(&self, part: &str, argv: &[String]) -> Result<String> {
         let ns = self.ns(part)?;
         let (program, args) = argv.split_first().ok_or_else(|| anyhow!("no command"))?;
-        let out = ns.command_output(Command::new(program).args(args).env("KUBECONFIG", self.kubeconfig()));
+        let mut cmd = Command::new(program);
+        cmd.args(args).env("KUBECONFIG", self.kubeconfig());
+        self.join_node_cgroup(&mut cmd, part)?;
+        let out = ns.command_output(&mut cmd);
         Ok(format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -1016,6 +1208,54 @@ fn lab_netns_inodes(name: &str) -> Vec<u64> {
         .collect()
 }
 
+/// Where the machine's cgroup v2 hierarchy is mounted (`/sys/fs/cgroup/unified` on hybrid
+/// systems, `/sys/fs/cgroup` on unified ones).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            let mount_point = mount.split_whitespace().nth(4)?;
+            (fs.split_whitespace().next() == Some("cgroup2")).then(|| PathBuf::from(mount_point))
+        })
+        .context("no cgroup v2 hierarchy is mounted")
+}
+
+/// The cgroup a lab's node processes live in: under a `ferrynet-lab` cgroup of the lab's own,
+/// never the machine's root cgroup.
+fn lab_cgroup(name: &str) -> Result<PathBuf> {
+    Ok(cgroup2_root()?.join("ferrynet-lab").join(name))
+}
+
+/// Makes `cmd`'s process join `cgroup` before it executes, so that it never runs outside it.
+fn join_cgroup(cmd: &mut Command, cgroup: &Path) -> Result<()> {
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
+    // SAFETY: between fork and exec the closure makes only async-signal-safe calls (open,
+    // write, close) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let error = std::io::Error::last_os_error();
+            libc::close(fd);
+            if written == 1 { Ok(()) } else { Err(error) }
+        });
+    }
+    Ok(())
+}
+
+/// Whether something is mounted at `path`.
+fn is_mount_point(path: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| {
+        info.lines()
+            .any(|line| line.split_whitespace().nth(4).is_some_and(|m| Path::new(m) == path))
+    })
+}
+
 fn dechunk(body: &str) -> String {
     let mut out = String::new();
     let mut rest = body;
@@ -1032,7 +1272,8 @@ fn dechunk(body: &str) -> String {
     out
 }
 
-/// The server each lab pod runs: every line (or HTTP GET) gets `pod=<name> node=<node> client=<peer>`.
+/// The server each lab pod runs: every line (or HTTP GET) gets
+/// `pod=<name> node=<node> ip=<address the connection came in on> client=<peer>`.
 pub fn pod_server(name: &str, node: &str, port: u16) -> Result<()> {
     let listener = TcpListener::bind(("::", port)).or_else(|_| TcpListener::bind(("0.0.0.0", port)))?;
     for stream in listener.incoming().flatten() {
@@ -1043,9 +1284,15 @@ pub fn pod_server(name: &str, node: &str, port: u16) -> Result<()> {
                 .peer_addr()
                 .map(|a| a.ip().to_canonical().to_string())
                 .unwrap_or_default();
+            // The pod's own address as the kernel delivered the connection to it: after a
+            // translation, this is the backend, not the address the client dialled.
+            let ip = stream
+                .local_addr()
+                .map(|a| a.ip().to_canonical().to_string())
+                .unwrap_or_default();
             let Ok(mut writer) = stream.try_clone() else { return };
             let mut reader = BufReader::new(stream);
-            let answer = format!("pod={name} node={node} client={peer}");
+            let answer = format!("pod={name} node={node} ip={ip} client={peer}");
             let mut line = String::new();
             while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
                 if line.starts_with("GET ") {

@@ -238,6 +238,38 @@ fn results_are_answered_in_each_config_version() {
 }
 
 #[test]
+fn cni_versions_gives_new_runtimes_1_1_0_and_old_ones_cni_version() {
+    // The list as the agent writes it.
+    let mut node = Node::new("10.15.0.0/24", Some("fd15::/64"));
+    node.list.0["cniVersion"] = json!("1.0.0");
+    node.list.0["cniVersions"] = json!(["0.4.0", "1.0.0", "1.1.0"]);
+    let new_runtime = node.list.clone();
+    let old_runtime = node.list.as_older_runtimes_read_it();
+    let runtime = node.runtime();
+    for (id, list, version) in [("new", &new_runtime, "1.1.0"), ("old", &old_runtime, "1.0.0")] {
+        let pod = Netns::new("pod");
+        let result = runtime
+            .add(list, id, &pod.path(), "eth0", &Value::Null, None)
+            .unwrap_or_else(|o| panic!("ADD {id}: {} {}", o.stdout, o.stderr));
+        assert_eq!(result["cniVersion"], version, "{result}");
+        // STATUS exists from 1.1.0 on: the new runtime may call it, the old one cannot.
+        let status = runtime.exec(
+            &list.plugin_config(&list.plugins()[0], &Value::Null, None),
+            &Env::new("STATUS"),
+        );
+        if version == "1.1.0" {
+            status.expect_ok("STATUS at 1.1.0");
+        } else {
+            assert_eq!(status.code(), Some(1), "{id}: {}", status.stdout);
+        }
+        runtime
+            .del(list, id, Some(&pod.path()), "eth0", &Value::Null, Some(&result))
+            .unwrap_or_else(|o| panic!("DEL {id}: {}", o.stdout));
+    }
+    assert!(node.allocations().is_empty());
+}
+
+#[test]
 fn version_lists_what_is_supported() {
     require_root();
     let host = Netns::new("host");
@@ -568,6 +600,19 @@ fn gc_releases_everything_not_listed() {
         node.host_veths(),
         vec![HostVeth::for_key(&AttachmentKey::new("keep-me", "eth0").unwrap()).name]
     );
+    // The older key, `cni.dev/attachments`, is honoured the same way.
+    let (_d, _) = node.add_pod("drop-3");
+    conf["cni.dev/attachments"] = json!([{"containerID": "keep-me", "ifname": "eth0"}]);
+    exec_plugin(
+        &binary("ferrynet"),
+        node.host.fd(),
+        &Env::new("GC"),
+        conf.to_string().as_bytes(),
+    )
+    .expect_ok("GC with cni.dev/attachments");
+    node.assert_released("drop-3");
+    let left: Vec<String> = node.allocations().into_iter().map(|a| a.container_id).collect();
+    assert_eq!(left, ["keep-me"]);
 }
 
 #[test]
@@ -649,6 +694,61 @@ fn requested_addresses_are_honoured() {
     let out = node.exec(&env, |_| {});
     assert_eq!(out.code(), Some(105), "{}", out.stdout);
     assert!(out.stdout.contains("fixed/eth0"), "{}", out.stdout);
+    // The `args.cni.ips` convention too.
+    let third = Netns::new("pod");
+    let env = Env::new("ADD").container("by-args", Some(&third.path()), "eth0");
+    let out = node.exec(&env, |c| c["args"] = json!({"cni": {"ips": ["10.19.0.78"]}}));
+    assert_eq!(
+        result_ip(&out.expect_ok("ADD with args.cni.ips"), true).to_string(),
+        "10.19.0.78"
+    );
+}
+
+#[test]
+fn runs_after_another_plugin_and_adds_to_its_result() {
+    let mut node = Node::new("10.21.0.0/24", Some("fd21::/64"));
+    // Debian's loopback plugin first: ferrynet then gets its result as prevResult.
+    node.list.0["cniVersion"] = json!("1.0.0");
+    node.list.0["plugins"]
+        .as_array_mut()
+        .unwrap()
+        .insert(0, json!({"type": "loopback"}));
+    let (pod, result) = node.add_pod("after-lo");
+    let interfaces = result["interfaces"].as_array().unwrap();
+    let names: Vec<&str> = interfaces.iter().filter_map(|i| i["name"].as_str()).collect();
+    let host_veth = HostVeth::for_key(&AttachmentKey::new("after-lo", "eth0").unwrap()).name;
+    assert_eq!(names, ["lo", host_veth.as_str(), "eth0"], "{result}");
+    // The loopback plugin's addresses stay, pointing at lo; ferrynet's point at its eth0 (its
+    // indexes shifted past lo).
+    let ips = result["ips"].as_array().unwrap();
+    let on = |address: &str| {
+        let ip = ips
+            .iter()
+            .find(|ip| ip["address"].as_str().is_some_and(|a| a.starts_with(address)))
+            .unwrap_or_else(|| panic!("no {address} in {result}"));
+        interfaces[ip["interface"].as_u64().unwrap() as usize]["name"].clone()
+    };
+    assert_eq!(on("127.0.0.1/"), "lo");
+    assert_eq!(on("10.21.0."), "eth0");
+    assert_eq!(on("fd21::"), "eth0");
+    // The merged result is what CHECK and DEL get back, and the pod works.
+    node.runtime()
+        .check(&node.list, "after-lo", &pod.path(), "eth0", &Value::Null, &result)
+        .unwrap_or_else(|o| panic!("CHECK: {} {}", o.stdout, o.stderr));
+    let server = EchoServer::start(&node.host, "192.168.99.1:7071".parse().unwrap(), "host");
+    let answer = request(&pod, server.addr, "hi").unwrap();
+    assert!(answer.starts_with("host from=10.21.0."), "{answer}");
+    node.runtime()
+        .del(
+            &node.list,
+            "after-lo",
+            Some(&pod.path()),
+            "eth0",
+            &Value::Null,
+            Some(&result),
+        )
+        .unwrap_or_else(|o| panic!("DEL: {} {}", o.stdout, o.stderr));
+    node.assert_released("after-lo");
 }
 
 #[test]

@@ -1,9 +1,9 @@
 //! The lab: 2-3 node clusters in namespaces, real agents, real CNI, real traffic.
-use std::{collections::BTreeMap, net::SocketAddr, process::Command, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, os::unix::fs::PermissionsExt, process::Command, time::Duration};
 
 use ferrynet_tests::{
     binary,
-    lab::{CLIENT_V4, Lab, LabGuard, POD_PORT, ServicePort, eventually},
+    lab::{CLIENT_V4, CLIENT_V6, Lab, LabGuard, POD_PORT, ServicePort, cgroup2_root, eventually},
     tcp::{EchoServer, request},
 };
 use serde_json::{Value, json};
@@ -23,7 +23,11 @@ fn assert_pod_to_pod(lab: &Lab, from: &str, to: &str) {
         let me = lab.pod(from).unwrap().ip(v4);
         assert_eq!(
             answer,
-            format!("pod={to} node={} client={me}", lab.pod(to).unwrap().node),
+            format!(
+                "pod={to} node={} ip={} client={me}",
+                lab.pod(to).unwrap().node,
+                target.ip()
+            ),
             "{from} -> {to}"
         );
     }
@@ -107,6 +111,16 @@ fn native_mode_connects_pods_across_nodes_and_masquerades_egress() {
         request(&lab.pod_ns("p3").unwrap(), outside.addr, "hi").unwrap(),
         "outside from=10.200.0.13 hi"
     );
+    // IPv6 too.
+    let outside_v6 = EchoServer::start(
+        &lab.ns("client").unwrap(),
+        SocketAddr::new(CLIENT_V6.into(), 9000),
+        "outside",
+    );
+    assert_eq!(
+        request(&lab.pod_ns("p3").unwrap(), outside_v6.addr, "hi").unwrap(),
+        "outside from=fd00:200::13 hi"
+    );
     // The agent keeps the masquerade in a table of its own.
     let nft = lab.node_ns("n1").unwrap().exec("nft", &["list", "tables"]);
     assert_eq!(String::from_utf8_lossy(&nft.stdout).trim(), "table inet ferrynet");
@@ -140,6 +154,27 @@ fn native_mode_connects_pods_across_nodes_and_masquerades_egress() {
         .unwrap()
         .command_output(Command::new(binary("ferrynet-agent")).args(["--state-dir", &state_dir, "status", "--ready"]));
     assert!(ready.status.success());
+
+    // Masquerading turned off: the table an earlier run left goes, and egress keeps the pod's
+    // address (the outside host is given a route back to the node's pods to show it).
+    lab.stop_agent("n3").unwrap();
+    lab.start_agent_with("n3", &["--masquerade", "false"]).unwrap();
+    let n3 = lab.node_ns("n3").unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || n3
+            .exec("nft", &["list", "tables"])
+            .stdout
+            .is_empty()),
+        "{}",
+        String::from_utf8_lossy(&n3.exec("nft", &["list", "tables"]).stdout)
+    );
+    let client = lab.ns("client").unwrap();
+    client.ip(&["route", "add", "10.244.3.0/24", "via", "10.200.0.13"]);
+    let p3 = lab.pod("p3").unwrap().ip(true);
+    assert_eq!(
+        request(&lab.pod_ns("p3").unwrap(), outside.addr, "hi").unwrap(),
+        format!("outside from={p3} hi")
+    );
 
     // Pods release their addresses when deleted.
     lab.delete_pod("p2").unwrap();
@@ -551,7 +586,7 @@ fn the_demo_runs_and_down_leaves_nothing() {
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     for needle in [
         "client -> 10.244.2.2:8080",
-        "pod=web-2 node=n2 client=10.244.1.3",
+        "pod=web-2 node=n2 ip=10.244.2.2 client=10.244.1.3",
         "from=10.200.0.12",
         "web-v4",
         "CNI:        ready",
@@ -561,14 +596,7 @@ fn the_demo_runs_and_down_leaves_nothing() {
             "missing {needle:?} in the demo's output:\n{text}"
         );
     }
-    let leftovers: Vec<String> = std::fs::read_dir("/run/netns")
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&format!("fl-{name}-")))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
-    assert!(!Lab::dir_of(&name).unwrap().exists());
+    assert_nothing_left(&name);
     // Names that could reach outside the lab are refused.
     for bad in ["/", "..", "", "a-b", "../etc"] {
         assert!(Lab::down(bad).is_err(), "{bad:?}");
@@ -598,12 +626,72 @@ fn up_cleans_up_after_a_crashed_lab() {
     .unwrap();
     assert_eq!(lab.state.nodes.len(), 1);
     Lab::down(&name).unwrap();
-    let leftovers = std::fs::read_dir("/run/netns")
+    assert_nothing_left(&name);
+}
+
+/// Nothing of lab `name` is left: namespaces, state directory, bpffs mount, cgroups.
+#[track_caller]
+fn assert_nothing_left(name: &str) {
+    let leftovers: Vec<String> = std::fs::read_dir("/run/netns")
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("fl-{name}-")))
-        .count();
-    assert_eq!(leftovers, 0);
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("fl-{name}-")))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let dir = Lab::dir_of(name).unwrap();
+    assert!(!dir.exists());
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mountinfo.contains(&dir.display().to_string()), "{mountinfo}");
+    let cgroup = cgroup2_root().unwrap().join("ferrynet-lab").join(name);
+    assert!(!cgroup.exists(), "{}", cgroup.display());
+}
+
+#[test]
+fn each_agent_has_its_own_pin_path_and_cgroup_and_down_removes_them() {
+    let lab = LabGuard::up(2, "native");
+    let root = cgroup2_root().unwrap();
+    for node in ["n1", "n2"] {
+        let status = lab.agent_status(node).unwrap();
+        let pins = lab.node_pin_path(node);
+        let cgroup = lab.node_cgroup(node).unwrap();
+        assert_eq!(status["bpfPinPath"], pins.display().to_string(), "{status}");
+        assert_eq!(status["cgroupPath"], cgroup.display().to_string(), "{status}");
+        // The agent made its pin directory, root only, in the lab's own bpffs.
+        let meta = std::fs::metadata(&pins).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+        // The agent, and what runs on the node, live in the node's cgroup, not the root.
+        let own = format!("0::/{}", cgroup.strip_prefix(&root).unwrap().display());
+        let pid = lab.agent_pid(node).unwrap();
+        let agent = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        assert!(agent.lines().any(|l| l == own), "{agent}");
+        let shell = lab
+            .exec_capture(node, &["cat".into(), "/proc/self/cgroup".into()])
+            .unwrap();
+        assert!(shell.lines().any(|l| l == own), "{shell}");
+    }
+    assert_ne!(lab.node_pin_path("n1"), lab.node_pin_path("n2"));
+    // A pin path that is not on a bpffs is refused (and not created), plainly, without
+    // holding up the rest.
+    lab.stop_agent("n2").unwrap();
+    let off_bpffs = lab.dir().join("not-bpffs").join("pins");
+    lab.start_agent_with("n2", &["--bpf-pin-path", off_bpffs.to_str().unwrap()])
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || lab.agent_status("n2").is_ok_and(
+            |s| s["bpfPinPath"].is_null()
+                && s["warnings"].to_string().contains("is not on a bpffs")
+                && s["cniReady"] == true
+        )),
+        "{:?}",
+        lab.agent_status("n2")
+    );
+    assert!(!off_bpffs.exists());
+
+    let name = lab.state.name.clone();
+    Lab::down(&name).unwrap();
+    assert_nothing_left(&name);
 }
 
 /// Runs `ferrynet-agent <args> <subcommand...>` in a node's namespace as that node's agent.
@@ -645,6 +733,79 @@ fn install_cni_then_uninstall_put_in_and_take_out_what_the_agent_owns() {
     // Without a conflist the node is not ready, and the readiness probe says so.
     let ready = agent_cli(&lab, "n1", &["status", "--ready"]);
     assert!(!ready.status.success());
+}
+
+#[test]
+fn the_conflist_waits_for_a_pod_cidr_then_follows_pod_cidr_and_uplink_mtu_changes() {
+    let mut lab = LabGuard::up(1, "native");
+    let conflist = lab.dir().join("nodes/n1/cni-conf/05-ferrynet.conflist");
+    let read_conflist = || -> Option<(Vec<String>, u64)> {
+        let list: Value = serde_json::from_slice(&std::fs::read(&conflist).ok()?).ok()?;
+        let plugin = &list["plugins"][0];
+        let subnets = plugin["ipam"]["ranges"]
+            .as_array()?
+            .iter()
+            .filter_map(|set| Some(set[0]["subnet"].as_str()?.to_string()))
+            .collect();
+        Some((subnets, plugin["mtu"].as_u64()?))
+    };
+    assert_eq!(
+        read_conflist(),
+        Some((vec!["10.244.1.0/24".to_string(), "fd00:244:1::/64".to_string()], 1500))
+    );
+
+    // A node the API has not given a PodCIDR yet: no conflist, and the running agent says it is
+    // not ready (the readiness probe fails) until the PodCIDR arrives.
+    lab.stop_agent("n1").unwrap();
+    std::fs::remove_file(&conflist).unwrap();
+    let (code, mut node) = lab.api("GET", "/api/v1/nodes/n1", None).unwrap();
+    assert_eq!(code, 200);
+    node["spec"] = json!({});
+    let (code, _) = lab.api("PUT", "/api/v1/nodes/n1", Some(&node)).unwrap();
+    assert_eq!(code, 200, "{node}");
+    lab.start_agent("n1").unwrap();
+    let not_ready = || {
+        lab.agent_status("n1")
+            .is_ok_and(|s| s["lastSyncUnix"].as_u64() > Some(0) && s["cniReady"] == false)
+    };
+    assert!(
+        eventually(Duration::from_secs(20), not_ready),
+        "{:?}",
+        lab.agent_status("n1")
+    );
+    assert!(!agent_cli(&lab, "n1", &["status", "--ready"]).status.success());
+    assert!(!conflist.exists());
+    // The same run of the agent, once the PodCIDR arrives.
+    let cidrs = ["10.244.9.0/24", "fd00:244:9::/64"];
+    let (_, mut node) = lab.api("GET", "/api/v1/nodes/n1", None).unwrap();
+    node["spec"] = json!({"podCIDR": cidrs[0], "podCIDRs": cidrs});
+    let (code, _) = lab.api("PUT", "/api/v1/nodes/n1", Some(&node)).unwrap();
+    assert_eq!(code, 200);
+    let wanted = Some((cidrs.map(String::from).to_vec(), 1500));
+    assert!(
+        eventually(Duration::from_secs(20), || read_conflist() == wanted),
+        "{:?}",
+        read_conflist()
+    );
+    assert!(eventually(Duration::from_secs(20), || agent_cli(
+        &lab,
+        "n1",
+        &["status", "--ready"]
+    )
+    .status
+    .success()));
+    // Pods now get addresses from the new range.
+    let pod = lab.run_pod("late", "n1", &BTreeMap::new()).unwrap();
+    assert!(pod.ip(true).to_string().starts_with("10.244.9."), "{:?}", pod.ips);
+
+    // The uplink's MTU drops: new pods get the new MTU (in native mode, the uplink's own).
+    lab.node_ns("n1").unwrap().ip(&["link", "set", "eth0", "mtu", "1400"]);
+    let wanted = Some((cidrs.map(String::from).to_vec(), 1400));
+    assert!(
+        eventually(Duration::from_secs(20), || read_conflist() == wanted),
+        "{:?}",
+        read_conflist()
+    );
 }
 
 #[test]
