@@ -22,6 +22,17 @@ pub enum DatapathError {
     Missing(&'static str),
 }
 
+/// The pod program (TC classifier) in the object.
+fn from_pod_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(FROM_POD_PROGRAM)
+        .ok_or(DatapathError::Missing(FROM_POD_PROGRAM))?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            name: FROM_POD_PROGRAM,
+            source,
+        })
+}
+
 /// The loaded kernel programs and their maps.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -31,34 +42,19 @@ impl Datapath {
     /// Loads every program into the kernel (verifier included); attaches nothing yet.
     pub fn load() -> Result<Self, DatapathError> {
         let mut ebpf = Ebpf::load(PROGRAMS)?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(FROM_POD_PROGRAM)
-            .ok_or(DatapathError::Missing(FROM_POD_PROGRAM))?
-            .try_into()
+        from_pod_program(&mut ebpf)?
+            .load()
             .map_err(|source| DatapathError::Program {
                 name: FROM_POD_PROGRAM,
                 source,
             })?;
-        program.load().map_err(|source| DatapathError::Program {
-            name: FROM_POD_PROGRAM,
-            source,
-        })?;
         Ok(Self { ebpf })
     }
 
     /// Attaches the pod program at TCX ingress of a pod's host-side veth (`ifname`, in the calling
     /// thread's namespace), where it sees everything the pod sends. Detached when `self` drops.
     pub fn attach_pod_veth(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(FROM_POD_PROGRAM)
-            .ok_or(DatapathError::Missing(FROM_POD_PROGRAM))?
-            .try_into()
-            .map_err(|source| DatapathError::Program {
-                name: FROM_POD_PROGRAM,
-                source,
-            })?;
-        program
+        from_pod_program(&mut self.ebpf)?
             .attach(ifname, TcAttachType::Ingress)
             .map(|_| ())
             .map_err(|source| DatapathError::Program {

@@ -342,3 +342,93 @@ pub fn result_ip(result: &Value, v4: bool) -> std::net::IpAddr {
         .find(|ip| ip.is_ipv4() == v4)
         .unwrap_or_else(|| panic!("no {} address in {result}", if v4 { "IPv4" } else { "IPv6" }))
 }
+
+/// The host-side veth ferrynet creates for container `id`'s `eth0`.
+pub fn host_veth_of(id: &str) -> String {
+    ferrynet_cni::names::HostVeth::for_key(&ferrynet_ipam::AttachmentKey::new(id, "eth0").expect("valid key")).name
+}
+
+/// A node for CNI tests: a namespace standing for the host (with `host_v4`/`host_v6`), its IPAM
+/// state directory and a ferrynet conflist for `network`.
+pub struct TestNode {
+    pub host: Netns,
+    pub state: tempfile::TempDir,
+    pub list: Conflist,
+}
+
+impl TestNode {
+    pub fn new(network: &str, host_v4: &str, host_v6: &str, v4: &str, v6: Option<&str>) -> Self {
+        crate::require_root();
+        let host = Netns::host("host", host_v4, host_v6);
+        let state = tempfile::tempdir().expect("state dir");
+        let list = ferrynet_conflist(network, v4, v6, state.path());
+        Self { host, state, list }
+    }
+
+    pub fn runtime(&self) -> Runtime<'_> {
+        Runtime::new(&self.host)
+    }
+
+    /// The config the ferrynet plugin (the list's first) sees.
+    pub fn plugin_config(&self) -> Value {
+        self.list.plugin_config(&self.list.plugins()[0], &Value::Null, None)
+    }
+
+    /// Runs the ferrynet plugin with this node's plugin config (edited by `edit`).
+    pub fn exec(&self, env: &Env, edit: impl FnOnce(&mut Value)) -> Outcome {
+        let mut conf = self.plugin_config();
+        edit(&mut conf);
+        exec_plugin(
+            &crate::binary("ferrynet"),
+            self.host.fd(),
+            env,
+            conf.to_string().as_bytes(),
+        )
+    }
+
+    /// Runs the ferrynet plugin with this node's plugin config as it is.
+    pub fn run(&self, env: &Env) -> Outcome {
+        self.exec(env, |_| {})
+    }
+
+    /// ADD through the whole list for a new pod namespace.
+    pub fn add_pod(&self, id: &str) -> (Netns, Value) {
+        let pod = Netns::new("pod");
+        let result = self
+            .runtime()
+            .add(&self.list, id, &pod.path(), "eth0", &Value::Null, None)
+            .unwrap_or_else(|o| panic!("ADD {id}: {} {}", o.stdout, o.stderr));
+        (pod, result)
+    }
+
+    /// DEL through the whole list.
+    pub fn del_pod(&self, id: &str, netns: Option<&Path>) {
+        self.runtime()
+            .del(&self.list, id, netns, "eth0", &Value::Null, None)
+            .unwrap_or_else(|o| panic!("DEL {id}: {} {}", o.stdout, o.stderr));
+    }
+
+    pub fn store(&self) -> ferrynet_ipam::Store {
+        ferrynet_ipam::Store::open(self.state.path(), self.list.name()).expect("store")
+    }
+
+    pub fn allocations(&self) -> Vec<ferrynet_ipam::Attachment> {
+        self.store().lock().expect("lock").attachments().expect("records")
+    }
+
+    /// The host-side pod veths in the host namespace.
+    pub fn host_veths(&self) -> Vec<String> {
+        self.host.links().into_iter().filter(|l| l.starts_with("fnv")).collect()
+    }
+
+    /// Nothing of `id` is left: no allocation and no host veth.
+    #[track_caller]
+    pub fn assert_released(&self, id: &str) {
+        assert!(
+            self.allocations().iter().all(|a| a.container_id != id),
+            "{id} still allocated"
+        );
+        let veth = host_veth_of(id);
+        assert!(!self.host_veths().contains(&veth), "{veth} of {id} still exists");
+    }
+}

@@ -216,14 +216,9 @@ impl Lab {
         self.dir.join("nodes").join(node)
     }
 
-    /// The lab's own bpffs instance, mounted in its state directory.
-    fn bpffs(&self) -> PathBuf {
-        self.dir.join("bpf")
-    }
-
     /// Where `node`'s agent pins its maps: a directory of its own in the lab's bpffs.
     pub fn node_pin_path(&self, node: &str) -> PathBuf {
-        self.bpffs().join(node)
+        lab_bpffs(&self.dir).join(node)
     }
 
     /// The cgroup `node`'s agent and the commands run on the node live in.
@@ -329,18 +324,14 @@ impl Lab {
                 }
             }
             for cgroup in node_cgroups.iter().chain(std::iter::once(&lab_cgroup)) {
-                let removed = crate::wait_for(Duration::from_secs(5), || std::fs::remove_dir(cgroup).ok());
-                if removed.is_none() && cgroup.exists() {
-                    errors.push(format!(
-                        "removing cgroup {}: processes are still in it",
-                        cgroup.display()
-                    ));
+                if let Err(e) = remove_cgroup(cgroup) {
+                    errors.push(e.to_string());
                 }
             }
             // The parent goes too once no lab is left in it.
             let _ = std::fs::remove_dir(lab_cgroup.parent().expect("has a parent"));
         }
-        let bpffs = dir.join("bpf");
+        let bpffs = lab_bpffs(&dir);
         if is_mount_point(&bpffs) {
             let path = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes())?;
             // SAFETY: umount2(2) with a NUL-terminated path.
@@ -396,7 +387,7 @@ impl Lab {
         created.with_context(|| format!("creating {}", dir.display()))?;
         // A bpffs instance of the lab's own for the agents' pins: nothing the machine has pinned
         // is visible to it, and `down` unmounts it with everything in it.
-        let bpffs = dir.join("bpf");
+        let bpffs = lab_bpffs(&dir);
         std::fs::DirBuilder::new().mode(0o700).create(&bpffs)?;
         let mounted = Command::new("mount")
             .args(["-t", "bpf", "-o", "mode=0700", "bpf"])
@@ -717,10 +708,7 @@ impl Lab {
             .args(["-n", &ns_name(&self.state.name, "sw"), "link", "del", name])
             .output();
         // Its cgroup (empty once its agent is gone) and its pins.
-        let cgroup = self.node_cgroup(name)?;
-        if crate::wait_for(Duration::from_secs(5), || std::fs::remove_dir(&cgroup).ok()).is_none() && cgroup.exists() {
-            bail!("removing cgroup {}: processes are still in it", cgroup.display());
-        }
+        remove_cgroup(&self.node_cgroup(name)?)?;
         let pins = self.node_pin_path(name);
         if pins.exists() {
             std::fs::remove_dir_all(&pins).with_context(|| format!("removing {}", pins.display()))?;
@@ -1226,6 +1214,20 @@ pub fn cgroup2_root() -> Result<PathBuf> {
 /// never the machine's root cgroup.
 fn lab_cgroup(name: &str) -> Result<PathBuf> {
     Ok(cgroup2_root()?.join("ferrynet-lab").join(name))
+}
+
+/// Removes an (emptied) cgroup; it goes once its last process has exited, so wait a little.
+fn remove_cgroup(cgroup: &Path) -> Result<()> {
+    let removed = crate::wait_for(Duration::from_secs(5), || std::fs::remove_dir(cgroup).ok());
+    if removed.is_none() && cgroup.exists() {
+        bail!("removing cgroup {}: processes are still in it", cgroup.display());
+    }
+    Ok(())
+}
+
+/// The lab's own bpffs mount point, in its state directory `dir`.
+fn lab_bpffs(dir: &Path) -> PathBuf {
+    dir.join("bpf")
 }
 
 /// Makes `cmd`'s process join `cgroup` before it executes, so that it never runs outside it.

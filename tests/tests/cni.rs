@@ -8,81 +8,16 @@ use ferrynet_cni::names::HostVeth;
 use ferrynet_ipam::{AttachmentKey, Store};
 use ferrynet_tests::{
     binary,
-    cni::{Conflist, Env, Runtime, exec_plugin, ferrynet_conflist, result_ip},
+    cni::{Conflist, Env, Runtime, TestNode, exec_plugin, host_veth_of, result_ip},
     netns::{Netns, link_pair},
     require_root,
     tcp::{EchoServer, request},
 };
 use serde_json::{Value, json};
 
-/// A node: a namespace standing for the host, its IPAM state dir and its conflist.
-struct Node {
-    host: Netns,
-    state: tempfile::TempDir,
-    list: Conflist,
-}
-
-impl Node {
-    fn new(v4: &str, v6: Option<&str>) -> Self {
-        require_root();
-        let host = Netns::host("host", "192.168.99.1", "fd99::1");
-        let state = tempfile::tempdir().expect("state dir");
-        let list = ferrynet_conflist("testnet", v4, v6, state.path());
-        Self { host, state, list }
-    }
-
-    fn runtime(&self) -> Runtime<'_> {
-        Runtime::new(&self.host)
-    }
-
-    fn plugin_config(&self) -> Value {
-        self.list.plugin_config(&self.list.plugins()[0], &Value::Null, None)
-    }
-
-    /// Runs the ferrynet plugin with this node's plugin config (edited by `edit`).
-    fn exec(&self, env: &Env, edit: impl FnOnce(&mut Value)) -> ferrynet_tests::cni::Outcome {
-        let mut conf = self.plugin_config();
-        edit(&mut conf);
-        exec_plugin(&binary("ferrynet"), self.host.fd(), env, conf.to_string().as_bytes())
-    }
-
-    fn add_pod(&self, id: &str) -> (Netns, Value) {
-        let pod = Netns::new("pod");
-        let result = self
-            .runtime()
-            .add(&self.list, id, &pod.path(), "eth0", &Value::Null, None)
-            .unwrap_or_else(|o| panic!("ADD {id}: {} {}", o.stdout, o.stderr));
-        (pod, result)
-    }
-
-    fn del_pod(&self, id: &str, netns: Option<&Path>) {
-        self.runtime()
-            .del(&self.list, id, netns, "eth0", &Value::Null, None)
-            .unwrap_or_else(|o| panic!("DEL {id}: {} {}", o.stdout, o.stderr));
-    }
-
-    fn store(&self) -> Store {
-        Store::open(self.state.path(), self.list.name()).expect("store")
-    }
-
-    fn allocations(&self) -> Vec<ferrynet_ipam::Attachment> {
-        self.store().lock().expect("lock").attachments().expect("records")
-    }
-
-    fn host_veths(&self) -> Vec<String> {
-        self.host.links().into_iter().filter(|l| l.starts_with("fnv")).collect()
-    }
-
-    /// Nothing of `id` is left: no allocation and no host veth.
-    #[track_caller]
-    fn assert_released(&self, id: &str) {
-        assert!(
-            self.allocations().iter().all(|a| a.container_id != id),
-            "{id} still allocated"
-        );
-        let veth = HostVeth::for_key(&AttachmentKey::new(id, "eth0").unwrap()).name;
-        assert!(!self.host_veths().contains(&veth), "{veth} of {id} still exists");
-    }
+/// A node of these tests: host namespace 192.168.99.1 / fd99::1, network `testnet`.
+fn test_node(v4: &str, v6: Option<&str>) -> TestNode {
+    TestNode::new("testnet", "192.168.99.1", "fd99::1", v4, v6)
 }
 
 fn sock(ip: IpAddr, port: u16) -> SocketAddr {
@@ -91,7 +26,7 @@ fn sock(ip: IpAddr, port: u16) -> SocketAddr {
 
 #[test]
 fn add_wires_a_routed_dual_stack_pod() {
-    let node = Node::new("10.10.0.0/24", Some("fd10::/64"));
+    let node = test_node("10.10.0.0/24", Some("fd10::/64"));
     let (pod, result) = node.add_pod("pod-a");
     let (v4, v6) = (result_ip(&result, true), result_ip(&result, false));
     assert_eq!(v4.to_string(), "10.10.0.2");
@@ -192,7 +127,7 @@ fn add_wires_a_routed_dual_stack_pod() {
 
 #[test]
 fn pods_on_one_node_reach_each_other_over_tcp() {
-    let node = Node::new("10.11.0.0/24", Some("fd11::/64"));
+    let node = test_node("10.11.0.0/24", Some("fd11::/64"));
     let (a, ra) = node.add_pod("a");
     let (b, rb) = node.add_pod("b");
     for v4 in [true, false] {
@@ -210,7 +145,7 @@ fn pods_on_one_node_reach_each_other_over_tcp() {
 
 #[test]
 fn results_are_answered_in_each_config_version() {
-    let node = Node::new("10.12.0.0/24", Some("fd12::/64"));
+    let node = test_node("10.12.0.0/24", Some("fd12::/64"));
     for (i, version) in ["0.3.1", "0.4.0", "1.0.0", "1.1.0"].into_iter().enumerate() {
         let pod = Netns::new("pod");
         let id = format!("v{i}");
@@ -240,7 +175,7 @@ fn results_are_answered_in_each_config_version() {
 #[test]
 fn cni_versions_gives_new_runtimes_1_1_0_and_old_ones_cni_version() {
     // The list as the agent writes it.
-    let mut node = Node::new("10.15.0.0/24", Some("fd15::/64"));
+    let mut node = test_node("10.22.0.0/24", Some("fd22::/64"));
     node.list.0["cniVersion"] = json!("1.0.0");
     node.list.0["cniVersions"] = json!(["0.4.0", "1.0.0", "1.1.0"]);
     let new_runtime = node.list.clone();
@@ -291,7 +226,7 @@ fn version_lists_what_is_supported() {
 
 #[test]
 fn del_succeeds_and_releases_in_every_case() {
-    let node = Node::new("10.13.0.0/24", Some("fd13::/64"));
+    let node = test_node("10.13.0.0/24", Some("fd13::/64"));
 
     // DEL twice.
     let (pod, _) = node.add_pod("twice");
@@ -338,7 +273,7 @@ fn del_succeeds_and_releases_in_every_case() {
 
 #[test]
 fn a_failed_add_rolls_back_everything() {
-    let node = Node::new("10.14.0.0/24", Some("fd14::/64"));
+    let node = test_node("10.14.0.0/24", Some("fd14::/64"));
 
     // IPv6 disabled in the pod: the IPv4 side is done when the IPv6 address is refused.
     let pod = Netns::new("pod");
@@ -379,7 +314,7 @@ fn a_failed_add_rolls_back_everything() {
 
 #[test]
 fn bad_input_gets_spec_shaped_errors() {
-    let node = Node::new("10.15.0.0/29", None);
+    let node = test_node("10.15.0.0/29", None);
     let pod = Netns::new("pod");
     let add = || Env::new("ADD").container("bad", Some(&pod.path()), "eth0");
     let bin = binary("ferrynet");
@@ -548,7 +483,7 @@ fn garbage_never_makes_the_plugins_panic() {
 
 #[test]
 fn check_passes_then_detects_drift() {
-    let node = Node::new("10.16.0.0/24", Some("fd16::/64"));
+    let node = test_node("10.16.0.0/24", Some("fd16::/64"));
     let (pod, result) = node.add_pod("checked");
     node.runtime()
         .check(&node.list, "checked", &pod.path(), "eth0", &Value::Null, &result)
@@ -574,7 +509,7 @@ fn check_passes_then_detects_drift() {
 
 #[test]
 fn gc_releases_everything_not_listed() {
-    let node = Node::new("10.17.0.0/24", None);
+    let node = test_node("10.17.0.0/24", None);
     let (_a, _) = node.add_pod("keep-me");
     let (_b, _) = node.add_pod("drop-1");
     let (_c, _) = node.add_pod("drop-2");
@@ -596,10 +531,7 @@ fn gc_releases_everything_not_listed() {
     node.assert_released("drop-2");
     let left: Vec<String> = node.allocations().into_iter().map(|a| a.container_id).collect();
     assert_eq!(left, ["keep-me"]);
-    assert_eq!(
-        node.host_veths(),
-        vec![HostVeth::for_key(&AttachmentKey::new("keep-me", "eth0").unwrap()).name]
-    );
+    assert_eq!(node.host_veths(), vec![host_veth_of("keep-me")]);
     // The older key, `cni.dev/attachments`, is honoured the same way.
     let (_d, _) = node.add_pod("drop-3");
     conf["cni.dev/attachments"] = json!([{"containerID": "keep-me", "ifname": "eth0"}]);
@@ -617,7 +549,7 @@ fn gc_releases_everything_not_listed() {
 
 #[test]
 fn chains_with_reference_portmap_and_bandwidth() {
-    let mut node = Node::new("10.18.0.0/24", None);
+    let mut node = test_node("10.18.0.0/24", None);
     // The reference plugins stop at CNI 1.0.0.
     node.list.0["cniVersion"] = json!("1.0.0");
     node.list.0["plugins"].as_array_mut().unwrap().extend([
@@ -648,7 +580,7 @@ fn chains_with_reference_portmap_and_bandwidth() {
         request(&client, "192.168.250.1:8080".parse().unwrap(), "via hostport").expect("hostPort reaches the pod");
     assert!(answer.starts_with("web from="), "{answer}");
     // bandwidth: a token bucket on the host veth shapes traffic to the pod.
-    let veth = HostVeth::for_key(&AttachmentKey::new("web1", "eth0").unwrap()).name;
+    let veth = host_veth_of("web1");
     let qdiscs = node.host.ip(&["link", "show", &veth]);
     assert!(qdiscs.contains("qdisc tbf"), "{qdiscs}");
 
@@ -679,7 +611,7 @@ fn chains_with_reference_portmap_and_bandwidth() {
 
 #[test]
 fn requested_addresses_are_honoured() {
-    let node = Node::new("10.19.0.0/24", None);
+    let node = test_node("10.19.0.0/24", None);
     let pod = Netns::new("pod");
     let env = Env::new("ADD").container("fixed", Some(&pod.path()), "eth0");
     let out = node.exec(&env, |c| c["runtimeConfig"] = json!({"ips": ["10.19.0.77/24"]}));
@@ -706,7 +638,7 @@ fn requested_addresses_are_honoured() {
 
 #[test]
 fn runs_after_another_plugin_and_adds_to_its_result() {
-    let mut node = Node::new("10.21.0.0/24", Some("fd21::/64"));
+    let mut node = test_node("10.21.0.0/24", Some("fd21::/64"));
     // Debian's loopback plugin first: ferrynet then gets its result as prevResult.
     node.list.0["cniVersion"] = json!("1.0.0");
     node.list.0["plugins"]
@@ -716,7 +648,7 @@ fn runs_after_another_plugin_and_adds_to_its_result() {
     let (pod, result) = node.add_pod("after-lo");
     let interfaces = result["interfaces"].as_array().unwrap();
     let names: Vec<&str> = interfaces.iter().filter_map(|i| i["name"].as_str()).collect();
-    let host_veth = HostVeth::for_key(&AttachmentKey::new("after-lo", "eth0").unwrap()).name;
+    let host_veth = host_veth_of("after-lo");
     assert_eq!(names, ["lo", host_veth.as_str(), "eth0"], "{result}");
     // The loopback plugin's addresses stay, pointing at lo; ferrynet's point at its eth0 (its
     // indexes shifted past lo).

@@ -9,61 +9,21 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use ferrynet_cni::names::HostVeth;
-use ferrynet_ipam::{AttachmentKey, Store};
 use ferrynet_tests::{
     binary,
-    cni::{Conflist, Env, exec_plugin, ferrynet_conflist, result_ip},
+    cni::{Env, TestNode, exec_plugin, host_veth_of, result_ip},
     netns::Netns,
-    require_root,
 };
 use serde_json::Value;
 
-struct Node {
-    host: Netns,
-    state: tempfile::TempDir,
-    list: Conflist,
-}
-
-impl Node {
-    fn new(v4: &str, v6: Option<&str>) -> Self {
-        require_root();
-        let state = tempfile::tempdir().unwrap();
-        let list = ferrynet_conflist("stress", v4, v6, state.path());
-        Self {
-            host: Netns::host("host", "192.168.96.1", "fd96::1"),
-            state,
-            list,
-        }
-    }
-
-    fn config(&self) -> Vec<u8> {
-        self.list
-            .plugin_config(&self.list.plugins()[0], &Value::Null, None)
-            .to_string()
-            .into_bytes()
-    }
-
-    fn run(&self, env: &Env) -> ferrynet_tests::cni::Outcome {
-        exec_plugin(&binary("ferrynet"), self.host.fd(), env, &self.config())
-    }
-
-    fn store(&self) -> Store {
-        Store::open(self.state.path(), "stress").unwrap()
-    }
-
-    fn host_veths(&self) -> BTreeSet<String> {
-        self.host.links().into_iter().filter(|l| l.starts_with("fnv")).collect()
-    }
-}
-
-fn veth_of(id: &str) -> String {
-    HostVeth::for_key(&AttachmentKey::new(id, "eth0").unwrap()).name
+/// A node of these tests: host namespace 192.168.96.1 / fd96::1, network `stress`.
+fn test_node(v4: &str, v6: Option<&str>) -> TestNode {
+    TestNode::new("stress", "192.168.96.1", "fd96::1", v4, v6)
 }
 
 /// Every record parses and no address is held twice.
 #[track_caller]
-fn assert_store_consistent(node: &Node) -> Vec<ferrynet_ipam::Attachment> {
+fn assert_store_consistent(node: &TestNode) -> Vec<ferrynet_ipam::Attachment> {
     let records = node.store().lock().unwrap().attachments().expect("every record parses");
     let mut seen = HashSet::new();
     for record in &records {
@@ -76,7 +36,7 @@ fn assert_store_consistent(node: &Node) -> Vec<ferrynet_ipam::Attachment> {
 
 #[test]
 fn a_hundred_parallel_adds_get_distinct_addresses_and_dels_leave_nothing() {
-    let node = Node::new("10.30.0.0/24", Some("fd30::/64"));
+    let node = test_node("10.30.0.0/24", Some("fd30::/64"));
     let pods: Vec<Netns> = (0..100).map(|_| Netns::new("pod")).collect();
     let barrier = Barrier::new(pods.len());
     let results: Vec<_> = std::thread::scope(|s| {
@@ -145,11 +105,11 @@ impl Rng {
 #[test]
 fn kill_9_during_adds_never_corrupts_or_duplicates_and_gc_recovers_every_address() {
     // A small range, so that addresses are reused across rounds.
-    let node = Node::new("10.31.0.0/25", Some("fd31::/121"));
+    let node = test_node("10.31.0.0/25", Some("fd31::/121"));
     let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
     println!("seed {seed}");
     let mut rng = Rng(seed);
-    let config = node.config();
+    let config = node.plugin_config().to_string().into_bytes();
     let bin = binary("ferrynet");
     let mut live: BTreeSet<String> = BTreeSet::new();
     let mut pods: Vec<(String, Netns)> = Vec::new();
@@ -255,7 +215,7 @@ fn kill_9_during_adds_never_corrupts_or_duplicates_and_gc_recovers_every_address
 /// Runs the plugin's GC with `live` as the valid attachments, then checks it recovered everything:
 /// exactly the live attachments hold addresses and veths, and no index bit lacks a record.
 /// Returns how many of the `unfinished` (killed) ADDs had left state behind for GC to clean.
-fn gc_and_verify(node: &Node, config: &[u8], live: &BTreeSet<String>, unfinished: &BTreeSet<String>) -> usize {
+fn gc_and_verify(node: &TestNode, config: &[u8], live: &BTreeSet<String>, unfinished: &BTreeSet<String>) -> usize {
     let records: BTreeSet<String> = assert_store_consistent(node)
         .into_iter()
         .map(|r| r.container_id)
@@ -263,7 +223,7 @@ fn gc_and_verify(node: &Node, config: &[u8], live: &BTreeSet<String>, unfinished
     let veths = node.host_veths();
     let partial = unfinished
         .iter()
-        .filter(|id| records.contains(*id) || veths.contains(&veth_of(id)))
+        .filter(|id| records.contains(*id) || veths.contains(&host_veth_of(id)))
         .count();
     let mut conf: Value = serde_json::from_slice(config).unwrap();
     conf["cni.dev/valid-attachments"] = live
@@ -280,9 +240,9 @@ fn gc_and_verify(node: &Node, config: &[u8], live: &BTreeSet<String>, unfinished
     let records = assert_store_consistent(node);
     let held: BTreeSet<String> = records.iter().map(|r| r.container_id.clone()).collect();
     assert_eq!(&held, live, "after GC exactly the live attachments hold addresses");
-    let expected_veths: BTreeSet<String> = live.iter().map(|id| veth_of(id)).collect();
+    let expected_veths: BTreeSet<String> = live.iter().map(|id| host_veth_of(id)).collect();
     assert_eq!(
-        node.host_veths(),
+        node.host_veths().into_iter().collect::<BTreeSet<_>>(),
         expected_veths,
         "after GC exactly the live attachments have veths"
     );
@@ -301,7 +261,7 @@ fn gc_and_verify(node: &Node, config: &[u8], live: &BTreeSet<String>, unfinished
 #[test]
 fn a_reboot_leaks_no_address() {
     // A /28: .2 to .14 are allocatable (.1 gateway, .15 broadcast): 13 addresses.
-    let node = Node::new("10.32.0.0/28", None);
+    let node = test_node("10.32.0.0/28", None);
     let mut before = Vec::new();
     for i in 0..5 {
         let pod = Netns::new("pod");

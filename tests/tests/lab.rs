@@ -97,30 +97,20 @@ fn native_mode_connects_pods_across_nodes_and_masquerades_egress() {
                 .contains(&"ferrynet.vxlan".to_string())
         );
     }
-    // Egress to a host outside the pod CIDRs takes the node's address.
-    let outside = EchoServer::start(
-        &lab.ns("client").unwrap(),
-        SocketAddr::new(CLIENT_V4.into(), 9000),
-        "outside",
-    );
-    assert_eq!(
-        request(&lab.pod_ns("p2").unwrap(), outside.addr, "hi").unwrap(),
-        "outside from=10.200.0.12 hi"
-    );
-    assert_eq!(
-        request(&lab.pod_ns("p3").unwrap(), outside.addr, "hi").unwrap(),
-        "outside from=10.200.0.13 hi"
-    );
-    // IPv6 too.
-    let outside_v6 = EchoServer::start(
-        &lab.ns("client").unwrap(),
-        SocketAddr::new(CLIENT_V6.into(), 9000),
-        "outside",
-    );
-    assert_eq!(
-        request(&lab.pod_ns("p3").unwrap(), outside_v6.addr, "hi").unwrap(),
-        "outside from=fd00:200::13 hi"
-    );
+    // Egress to a host outside the pod CIDRs takes the node's address, on both families.
+    let client = lab.ns("client").unwrap();
+    let outside = EchoServer::start(&client, SocketAddr::new(CLIENT_V4.into(), 9000), "outside");
+    let outside_v6 = EchoServer::start(&client, SocketAddr::new(CLIENT_V6.into(), 9000), "outside");
+    for (pod, server, node_address) in [
+        ("p2", &outside, "10.200.0.12"),
+        ("p3", &outside, "10.200.0.13"),
+        ("p3", &outside_v6, "fd00:200::13"),
+    ] {
+        assert_eq!(
+            request(&lab.pod_ns(pod).unwrap(), server.addr, "hi").unwrap(),
+            format!("outside from={node_address} hi")
+        );
+    }
     // The agent keeps the masquerade in a table of its own.
     let nft = lab.node_ns("n1").unwrap().exec("nft", &["list", "tables"]);
     assert_eq!(String::from_utf8_lossy(&nft.stdout).trim(), "table inet ferrynet");
@@ -168,7 +158,6 @@ fn native_mode_connects_pods_across_nodes_and_masquerades_egress() {
         "{}",
         String::from_utf8_lossy(&n3.exec("nft", &["list", "tables"]).stdout)
     );
-    let client = lab.ns("client").unwrap();
     client.ip(&["route", "add", "10.244.3.0/24", "via", "10.200.0.13"]);
     let p3 = lab.pod("p3").unwrap().ip(true);
     assert_eq!(
