@@ -2,8 +2,10 @@
 # Takes a fresh Debian bookworm machine (root, stable Rust via rustup) to a full build and test
 # setup for ferrynet. Idempotent: every step checks first, so a second run takes seconds.
 set -euo pipefail
+cd "$(dirname "$0")"
 
-NIGHTLY=nightly-2026-05-20
+# The kernel programs' nightly is named once, in the kernel crate's rust-toolchain.toml.
+NIGHTLY="$(sed -n 's/^channel *= *"\(.*\)"/\1/p' ebpf/ferrynet-ebpf/rust-toolchain.toml)"
 BPF_LINKER_VERSION=0.13.0
 LLVM_PREFIX=/usr/lib/llvm-22
 
@@ -12,9 +14,12 @@ APT_PACKAGES=(
   llvm-22-dev libpolly-22-dev zlib1g-dev libzstd-dev
   # Network plumbing used by the tests and the lab.
   iproute2 nftables iptables iperf3 procps psmisc util-linux kmod ethtool
+  # Real clients for the tests and the README's examples (Debian's static busybox wget crashes
+  # on some machines: never use it).
+  curl
   # The reference CNI plugins (bridge, host-local, portmap, bandwidth) used as anchors and chains.
   containernetworking-plugins
-  # podman as a real CNI client (design.md section 4).
+  # podman as a real CNI client (see the README's Tests section).
   podman buildah catatonit runc busybox-static
 )
 

@@ -18,7 +18,8 @@ cargo fmt --all -- --check
 step "lint (host crates)"
 cargo clippy --release --workspace --all-targets -- -D warnings
 step "lint (kernel programs, BPF target)"
-(cd ebpf/ferrynet-ebpf && cargo +nightly-2026-05-20 clippy --release --target bpfel-unknown-none -Z build-std=core -- -D warnings)
+# Run in the kernel crate's directory, so that its rust-toolchain.toml picks the nightly.
+(cd ebpf/ferrynet-ebpf && cargo clippy --release --target bpfel-unknown-none -Z build-std=core -- -D warnings)
 step "build: agent, tools, kernel programs (via agent/build.rs), and the CNI plugins (static, $cni_target)"
 ./tests/build.sh
 step "test"

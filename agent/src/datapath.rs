@@ -2,13 +2,18 @@
 //! here.
 use aya::{
     Ebpf, EbpfError,
-    maps::{MapError, PerCpuHashMap},
+    maps::{MapError, MapInfo, PerCpuHashMap},
     programs::{ProgramError, SchedClassifier, TcAttachType},
 };
 use ferrynet_common::{FROM_POD_PROGRAM, FROM_POD_STATS_MAP, TrafficCounters};
 
 /// The object file `build.rs` produced from `ebpf/ferrynet-ebpf`.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferrynet-programs"));
+
+/// The kernel object, as built (an ELF file), for inspection.
+pub fn object() -> &'static [u8] {
+    PROGRAMS
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -61,6 +66,16 @@ impl Datapath {
                 name: FROM_POD_PROGRAM,
                 source,
             })
+    }
+
+    /// What the kernel says about one of the object's maps.
+    pub fn map_info(&self, name: &'static str) -> Result<MapInfo, DatapathError> {
+        let map = self.ebpf.map(name).ok_or(DatapathError::Missing(name))?;
+        let data = match map {
+            aya::maps::Map::PerCpuLruHashMap(data) | aya::maps::Map::PerCpuHashMap(data) => data,
+            _ => return Err(DatapathError::Missing(name)),
+        };
+        data.info().map_err(|source| DatapathError::Map { name, source })
     }
 
     /// What the pod behind host veth `ifindex` has sent, summed over CPUs.

@@ -3,63 +3,66 @@
 //! socket programs attach to (the root in production; a cgroup of their own for the lab's nodes
 //! and the tests, never the machine's root). Checked at every pass, so that `status` says plainly
 //! when a node lacks them.
-use std::{
-    ffi::CString,
-    os::unix::{ffi::OsStrExt, fs::DirBuilderExt},
-    path::Path,
-};
+use std::{os::unix::fs::DirBuilderExt, path::Path};
 
-use anyhow::{Context, Result, bail};
+use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, FsType, statfs};
+
+/// Why a kernel filesystem path cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelPathError {
+    #[error("the pin path {0} has no existing ancestor")]
+    NoAncestor(std::path::PathBuf),
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("BPF pin path {pin}: {existing} is not on a bpffs (mount one: mount -t bpf bpf {existing})")]
+    NotBpffs { pin: String, existing: String },
+    #[error("cgroup path {0} is not in a cgroup v2 hierarchy (where it is mounted: grep cgroup2 /proc/mounts)")]
+    NotCgroup2(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KernelPathError + '_ {
+    move |source| KernelPathError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 /// `statfs(2)` `f_type` of a BPF filesystem.
-const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
-/// `statfs(2)` `f_type` of a cgroup v2 filesystem.
-const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
+const BPF_FS_MAGIC: FsType = FsType(0xcafe_4a11);
 
-fn fs_type(path: &Path) -> std::io::Result<u64> {
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    // SAFETY: struct statfs is plain integers, for which all-zero is a valid value.
-    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statfs(2) with a NUL-terminated path and a buffer of the right type it fills in.
-    if unsafe { libc::statfs(c_path.as_ptr(), &mut buf) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // The field's C type differs between architectures.
-    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
-    Ok(buf.f_type as u64)
+fn fs_type(path: &Path) -> std::io::Result<FsType> {
+    Ok(statfs(path)?.filesystem_type())
 }
 
 /// Makes sure `pin_path` is a directory on a bpffs, creating it (root only) if needed. Never
 /// creates directories on another filesystem: maps pinned there would not be pinned at all.
-pub fn prepare_pin_path(pin_path: &Path) -> Result<()> {
+pub fn prepare_pin_path(pin_path: &Path) -> Result<(), KernelPathError> {
     let existing = pin_path
         .ancestors()
         .find(|p| p.exists())
-        .context("the pin path has no existing ancestor")?;
-    let fs = fs_type(existing).with_context(|| format!("statfs {}", existing.display()))?;
+        .ok_or_else(|| KernelPathError::NoAncestor(pin_path.to_path_buf()))?;
+    let fs = fs_type(existing).map_err(io(existing))?;
     if fs != BPF_FS_MAGIC {
-        bail!(
-            "BPF pin path {}: {} is not on a bpffs (mount one: mount -t bpf bpf {})",
-            pin_path.display(),
-            existing.display(),
-            existing.display()
-        );
+        return Err(KernelPathError::NotBpffs {
+            pin: pin_path.display().to_string(),
+            existing: existing.display().to_string(),
+        });
     }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(pin_path)
-        .with_context(|| format!("creating BPF pin path {}", pin_path.display()))
+        .map_err(io(pin_path))
 }
 
 /// Checks that `cgroup` is a directory of a cgroup v2 hierarchy.
-pub fn check_cgroup2(cgroup: &Path) -> Result<()> {
-    let fs = fs_type(cgroup).with_context(|| format!("cgroup path {}", cgroup.display()))?;
+pub fn check_cgroup2(cgroup: &Path) -> Result<(), KernelPathError> {
+    let fs = fs_type(cgroup).map_err(io(cgroup))?;
     if fs != CGROUP2_SUPER_MAGIC {
-        bail!(
-            "cgroup path {} is not in a cgroup v2 hierarchy (where it is mounted: grep cgroup2 /proc/mounts)",
-            cgroup.display()
-        );
+        return Err(KernelPathError::NotCgroup2(cgroup.display().to_string()));
     }
     Ok(())
 }

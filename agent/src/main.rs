@@ -11,11 +11,12 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{Context, Result};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use ferrynet_agent::{
-    cniconf::CniPaths,
-    routing::VxlanSettings,
-    run::{self, AgentConfig},
+    agent::{self, AgentConfig},
+    cni_config::{CniConfigConfig, CniPaths},
+    ipam_gc::IpamGcConfig,
+    node::{controller::NodeNetworkingConfig, topology::RoutingMode, vxlan::VxlanSettings},
+    services::controller::ServicesConfig,
     status,
-    topology::RoutingMode,
 };
 use ipnet::IpNet;
 
@@ -44,12 +45,10 @@ enum Command {
     Status {
         #[arg(long)]
         json: bool,
-        /// Print nothing; exit 0 only if the CNI is ready and the agent synced recently.
+        /// Print nothing; exit 0 only if the agent is running and every controller that gates
+        /// readiness is healthy (the readiness probe).
         #[arg(long)]
         ready: bool,
-        /// With --ready: how recent the last sync must be.
-        #[arg(long, default_value = "120")]
-        max_age_seconds: u64,
     },
 }
 
@@ -144,31 +143,49 @@ impl Options {
                 .context("executable has no directory")?
                 .to_path_buf(),
         };
+        let resync = Duration::from_secs(self.resync_seconds.max(1));
         Ok(AgentConfig {
-            node_name,
             kubeconfig: self.kubeconfig.clone(),
-            cni: CniPaths {
-                bin_dir: self.cni_bin_dir.clone(),
-                conf_dir: self.cni_conf_dir.clone(),
-                source_dir,
-            },
-            network: self.network.clone(),
-            ipam_data_dir: self.ipam_data_dir.clone(),
             state_dir: self.state_dir.clone(),
-            mode: self.routing_mode,
-            uplink: self.uplink.clone(),
-            vxlan: VxlanSettings {
-                vni: self.vxlan_vni,
-                port: self.vxlan_port,
+            node: NodeNetworkingConfig {
+                node_name: node_name.clone(),
+                mode: self.routing_mode,
+                uplink: self.uplink.clone(),
+                vxlan: VxlanSettings {
+                    vni: self.vxlan_vni,
+                    port: self.vxlan_port,
+                },
+                masquerade: self.masquerade,
+                cluster_cidrs: self.cluster_cidrs.iter().flatten().copied().collect(),
+                proc_sys_net: self.proc_sys_net.clone(),
+                resync,
             },
-            masquerade: self.masquerade,
-            cluster_cidrs: self.cluster_cidrs.iter().flatten().copied().collect(),
-            resync: Duration::from_secs(self.resync_seconds.max(1)),
-            ipam_gc_interval: Duration::from_secs(self.ipam_gc_seconds.max(1)),
-            ipam_gc_grace: Duration::from_secs(self.ipam_gc_grace_seconds),
-            proc_sys_net: self.proc_sys_net.clone(),
-            bpf_pin_path: self.bpf_pin_path.clone(),
-            cgroup_path: self.cgroup_path.clone(),
+            cni: CniConfigConfig {
+                node_name: node_name.clone(),
+                paths: CniPaths {
+                    bin_dir: self.cni_bin_dir.clone(),
+                    conf_dir: self.cni_conf_dir.clone(),
+                    source_dir,
+                },
+                network: self.network.clone(),
+                ipam_data_dir: self.ipam_data_dir.clone(),
+                mode: self.routing_mode,
+                uplink: self.uplink.clone(),
+                resync,
+            },
+            ipam_gc: IpamGcConfig {
+                data_dir: self.ipam_data_dir.clone(),
+                network: self.network.clone(),
+                interval: Duration::from_secs(self.ipam_gc_seconds.max(1)),
+                grace: Duration::from_secs(self.ipam_gc_grace_seconds),
+            },
+            services: ServicesConfig {
+                enabled: false,
+                bpf_pin_path: self.bpf_pin_path.clone(),
+                cgroup_path: self.cgroup_path.clone(),
+                resync,
+            },
+            node_name,
         })
     }
 }
@@ -195,26 +212,18 @@ fn execute(cli: Cli) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => runtime.block_on(run::run(cli.options.config()?))?,
-        Command::InstallCni { wait_seconds } => runtime.block_on(run::install_cni(
+        Command::Run => runtime.block_on(agent::run(cli.options.config()?))?,
+        Command::InstallCni { wait_seconds } => runtime.block_on(agent::install_cni(
             &cli.options.config()?,
             Duration::from_secs(wait_seconds),
         ))?,
         // Uninstall acts on what is installed here, whoever the node is.
-        Command::Uninstall => run::uninstall(&cli.options.config_for(String::new())?)?,
-        Command::Status {
-            json,
-            ready,
-            max_age_seconds,
-        } => {
+        Command::Uninstall => agent::uninstall(&cli.options.config_for(String::new())?)?,
+        Command::Status { json, ready } => {
             let st = status::read(&cli.options.state_dir);
             if ready {
-                let fresh = st.as_ref().is_ok_and(|s| {
-                    s.cni_ready
-                        && s.last_error.is_none()
-                        && status::now_unix().saturating_sub(s.last_sync_unix) <= max_age_seconds
-                });
-                return Ok(if fresh { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+                let ready = st.as_ref().is_ok_and(status::AgentStatus::ready);
+                return Ok(if ready { ExitCode::SUCCESS } else { ExitCode::FAILURE });
             }
             let st = st?;
             if json {
@@ -222,10 +231,12 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             } else {
                 print!("{}", status::render(&st));
             }
-            if !st.cni_ready {
+            if !st.ready() {
                 return Ok(ExitCode::from(2));
             }
         }
     }
+    // Stop now: a pass still running on a blocking thread finishes in the kernel's time, not ours.
+    runtime.shutdown_timeout(Duration::from_secs(2));
     Ok(ExitCode::SUCCESS)
 }

@@ -21,6 +21,12 @@ pub enum IpamError {
     Corrupt { path: PathBuf, reason: String },
 }
 
+impl From<ferrynet_cni_protocol::InvalidAttachmentKey> for IpamError {
+    fn from(e: ferrynet_cni_protocol::InvalidAttachmentKey) -> Self {
+        Self::InvalidKey(e.0)
+    }
+}
+
 impl IpamError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
         Self::Io {

@@ -1,12 +1,9 @@
 //! File primitives the store is built from: atomic replacement, private directories and a lock
 //! with a bounded wait.
 use std::{
-    fs::{DirBuilder, File, OpenOptions},
+    fs::{DirBuilder, File, OpenOptions, TryLockError},
     io,
-    os::{
-        fd::AsRawFd,
-        unix::fs::{DirBuilderExt, OpenOptionsExt},
-    },
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -114,21 +111,23 @@ impl FileLock {
             .mode(0o600)
             .open(path)
             .map_err(|e| IpamError::io(path, e))?;
-        match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+        // `File::try_lock` and `File::lock` are `flock(2)`: held by the open file, released when
+        // it is closed, also when the process dies.
+        match file.try_lock() {
             Ok(()) => {
                 return Ok(Self {
                     file,
                     path: path.into(),
                 });
             }
-            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {}
-            Err(e) => return Err(IpamError::io(path, e)),
+            Err(TryLockError::WouldBlock) => {}
+            Err(TryLockError::Error(e)) => return Err(IpamError::io(path, e)),
         }
         let (tx, rx) = mpsc::sync_channel::<io::Result<File>>(1);
         std::thread::Builder::new()
             .name("ipam-lock".into())
             .spawn(move || {
-                let result = flock(&file, libc::LOCK_EX).map(|()| file);
+                let result = file.lock().map(|()| file);
                 // If the receiver timed out, the send fails and the file (and lock) drop here.
                 let _ = tx.send(result);
             })
@@ -140,19 +139,6 @@ impl FileLock {
             }),
             Ok(Err(e)) => Err(IpamError::io(path, e)),
             Err(_) => Err(IpamError::LockTimeout(timeout)),
-        }
-    }
-}
-
-fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
-    loop {
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
         }
     }
 }

@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    ferrynet_ipam::plugin::main(
-        &ferrynet_ipam::ipam_plugin::IpamPlugin,
+    ferrynet_cni_protocol::main(
+        &ferrynet_ipam::cni_commands::IpamPlugin,
         concat!("ferrynet-ipam ", env!("CARGO_PKG_VERSION"), ": node-local IPAM"),
     )
 }

@@ -30,6 +30,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use ferrynet_cni_protocol::{AttachmentKey, is_valid_name};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -45,68 +46,16 @@ use crate::{
 const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(20);
 const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 
-/// The CNI spec's rule for container IDs and network names: `[A-Za-z0-9][A-Za-z0-9_.-]*`.
-/// Such a name is also safe as a file name (no `/`, never `.` or `..`).
-pub fn is_valid_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-}
-
-/// What an allocation is keyed by: the CNI (container ID, ifname) pair.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AttachmentKey {
-    container_id: String,
-    ifname: String,
-}
-
-impl AttachmentKey {
-    /// Validates with the CNI spec's rules: container IDs are `[A-Za-z0-9][A-Za-z0-9_.-]*`, and
-    /// interface names are 1 to 15 bytes without `/`, `:` or whitespace and not `.` or `..`.
-    pub fn new(container_id: &str, ifname: &str) -> Result<Self> {
-        if !is_valid_name(container_id) {
-            return Err(IpamError::InvalidKey(format!(
-                "container ID {container_id:?} is not valid"
-            )));
-        }
-        let if_ok = !ifname.is_empty()
-            && ifname.len() <= 15
-            && ifname != "."
-            && ifname != ".."
-            && !ifname.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
-        if !if_ok {
-            return Err(IpamError::InvalidKey(format!("interface name {ifname:?} is not valid")));
-        }
-        Ok(Self {
-            container_id: container_id.into(),
-            ifname: ifname.into(),
-        })
-    }
-
-    pub fn container_id(&self) -> &str {
-        &self.container_id
-    }
-
-    pub fn ifname(&self) -> &str {
-        &self.ifname
-    }
-
-    /// `<cid>:<ifname>`: unambiguous because neither part may contain `:`. Container IDs too long
-    /// for a file name fall back to a digest; the record inside still names the full key.
-    fn file_name(&self) -> String {
-        let name = format!("{}:{}", self.container_id, self.ifname);
-        if name.len() <= 240 {
-            name
-        } else {
-            let digest = Sha256::digest(name.as_bytes());
-            format!("sha256-{}", hex(&digest))
-        }
-    }
-}
-
-impl std::fmt::Display for AttachmentKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.container_id, self.ifname)
+/// The record file of `key`: `<cid>:<ifname>`, unambiguous because neither part may contain
+/// `:`. Container IDs too long for a file name fall back to a digest; the record inside still
+/// names the full key.
+fn record_file_name(key: &AttachmentKey) -> String {
+    let name = format!("{}:{}", key.container_id(), key.ifname());
+    if name.len() <= 240 {
+        name
+    } else {
+        let digest = Sha256::digest(name.as_bytes());
+        format!("sha256-{}", hex(&digest))
     }
 }
 
@@ -128,7 +77,7 @@ pub struct Attachment {
 
 impl Attachment {
     pub fn key(&self) -> Result<AttachmentKey> {
-        AttachmentKey::new(&self.container_id, &self.ifname)
+        Ok(AttachmentKey::new(&self.container_id, &self.ifname)?)
     }
 }
 
@@ -262,7 +211,7 @@ impl LockedStore {
     }
 
     fn record_path(&self, key: &AttachmentKey) -> PathBuf {
-        self.attachments_dir.join(key.file_name())
+        self.attachments_dir.join(record_file_name(key))
     }
 
     /// The allocation of `key`, if there is one.
@@ -288,15 +237,26 @@ impl LockedStore {
         Ok(all)
     }
 
+    /// Every allocation that can be read; unreadable records are left out (see [`Self::gc`] for
+    /// how they are kept and reported).
+    pub fn attachments_lenient(&self) -> Result<Vec<Attachment>> {
+        Ok(self.read_all_lenient()?.into_iter().filter_map(|(_, a)| a).collect())
+    }
+
     /// Allocates one address from every range set for `key`. A repeated call for the same key
-    /// returns the existing allocation unchanged.
+    /// returns the existing allocation, with its time refreshed: a repeated ADD is about to
+    /// replace the attachment's veth, and until it has, the record must look as young as a new
+    /// one to a garbage collector that judges by the veth (the agent's).
     pub fn allocate(
         &mut self,
         key: &AttachmentKey,
         sets: &[RangeSet],
         request: &AllocationRequest,
     ) -> Result<Attachment> {
-        if let Some(existing) = self.get(key)? {
+        if let Some(mut existing) = self.get(key)? {
+            existing.created_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let json = serde_json::to_vec(&existing).expect("attachment serialises");
+            fsutil::write_atomic(&self.record_path(key), |f: &mut File| f.write_all(&json))?;
             return Ok(existing);
         }
         let mut bitmaps = self.bitmaps_for(sets)?;
@@ -348,8 +308,8 @@ impl LockedStore {
                 ips.push(range.with_prefix(range.addr_at(offset)));
             }
             let attachment = Attachment {
-                container_id: key.container_id.clone(),
-                ifname: key.ifname.clone(),
+                container_id: key.container_id().to_string(),
+                ifname: key.ifname().to_string(),
                 ips: ips.clone(),
                 boot_id: self.boot_id.clone(),
                 created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
@@ -633,9 +593,28 @@ mod tests {
         // .1 is the default gateway, so the first address handed out is .2.
         assert_eq!(addrs(&a), ["10.0.0.2/24"]);
         let again = st.allocate(&key(1), &s, &AllocationRequest::default()).unwrap();
-        assert_eq!(a, again);
+        assert_eq!(a.ips, again.ips);
         let b = st.allocate(&key(2), &s, &AllocationRequest::default()).unwrap();
         assert_eq!(addrs(&b), ["10.0.0.3/24"]);
+    }
+
+    #[test]
+    fn a_repeated_allocation_refreshes_the_record_time_under_the_lock() {
+        let (_d, store) = store();
+        let s = sets(json!([[{"subnet": "10.0.0.0/24"}]]));
+        let mut st = store.lock().unwrap();
+        let first = st.allocate(&key(1), &s, &AllocationRequest::default()).unwrap();
+        // The pod has run for an hour.
+        let mut old = first.clone();
+        old.created_unix -= 3600;
+        std::fs::write(st.record_path(&key(1)), serde_json::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(st.get(&key(1)).unwrap().unwrap().created_unix, old.created_unix);
+        // The runtime repeats ADD: same addresses, and the record is young again, so a GC that
+        // runs while the repeated ADD replaces the veth keeps it.
+        let again = st.allocate(&key(1), &s, &AllocationRequest::default()).unwrap();
+        assert_eq!(again.ips, first.ips);
+        assert!(again.created_unix >= first.created_unix, "{again:?}");
+        assert_eq!(st.get(&key(1)).unwrap().unwrap(), again);
     }
 
     #[test]

@@ -378,21 +378,28 @@ fn query(uri: &Uri) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Percent-decoding of a query component. Works on bytes throughout: a `%` may be followed by
+/// anything, including the middle of a multi-byte character, and must never be sliced as a `str`.
 fn decode(s: &str) -> String {
+    fn hex(b: u8) -> Option<u8> {
+        char::from(b).to_digit(16).map(|d| d as u8)
+    }
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                    out.push(b);
+            b'%' => match (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            ) {
+                (Some(high), Some(low)) => {
+                    out.push(high << 4 | low);
                     i += 2;
-                } else {
-                    out.push(b'%');
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b => out.push(b),
         }
         i += 1;
@@ -847,13 +854,16 @@ fn patch(server: &ApiServer, target: &Target, headers: &HeaderMap, body: &[u8]) 
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if !(content_type.starts_with("application/merge-patch+json")
-        || content_type.starts_with("application/strategic-merge-patch+json"))
-    {
+    // A strategic merge patch merges lists by their merge keys, which the stand-in does not
+    // know: applied as a merge patch it would replace whole lists. Refused, as the real API
+    // server refuses it for kinds it cannot merge strategically.
+    if !content_type.starts_with("application/merge-patch+json") {
         return status_error(
             415,
             "UnsupportedMediaType",
-            format!("patch type {content_type:?} is not supported (use a merge patch)"),
+            format!(
+                "the API stand-in does not support patch type {content_type:?}; use a JSON merge patch (kubectl patch --type=merge)"
+            ),
         );
     }
     let patch: Value = match serde_json::from_slice(body) {
@@ -1064,6 +1074,25 @@ mod tests {
         let mut v = json!({"a": {"b": 1, "c": 2}, "d": [1]});
         merge_patch(&mut v, &json!({"a": {"b": null, "e": 3}, "d": [2]}));
         assert_eq!(v, json!({"a": {"c": 2, "e": 3}, "d": [2]}));
+    }
+
+    #[test]
+    fn query_decoding_never_splits_a_character() {
+        for (raw, want) in [
+            ("a%3Db", "a=b"),
+            ("%", "%"),
+            ("%4", "%4"),
+            ("x%zz", "x%zz"),
+            ("%é", "%é"),
+            ("%1é", "%1é"),
+            ("é%C3%A9", "éé"),
+            ("a+b", "a b"),
+        ] {
+            assert_eq!(decode(raw), want, "{raw}");
+        }
+        let uri: Uri = "/api/v1/nodes?labelSelector=app%3D%C3%A9&watch=%é".parse().unwrap();
+        let q = query(&uri);
+        assert_eq!(q["labelSelector"], "app=é");
     }
 
     #[test]

@@ -119,7 +119,7 @@ pub fn exec_plugin(binary: &Path, host: BorrowedFd<'_>, env: &Env, stdin: &[u8])
         }
     }
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    ferrynet_cni::netns::run_in(host, move || {
+    ferrynet_kernel::netns::run_in(host, move || {
         let start = Instant::now();
         let mut child = cmd.spawn()?;
         // A plugin may exit without reading stdin (VERSION, early errors): ignore EPIPE.
@@ -345,7 +345,7 @@ pub fn result_ip(result: &Value, v4: bool) -> std::net::IpAddr {
 
 /// The host-side veth ferrynet creates for container `id`'s `eth0`.
 pub fn host_veth_of(id: &str) -> String {
-    ferrynet_cni::names::HostVeth::for_key(&ferrynet_ipam::AttachmentKey::new(id, "eth0").expect("valid key")).name
+    ferrynet_kernel::names::HostVeth::new(id, "eth0").name
 }
 
 /// A node for CNI tests: a namespace standing for the host (with `host_v4`/`host_v6`), its IPAM

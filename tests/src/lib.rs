@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cni;
 pub mod lab;
 pub mod netns;
+pub mod packets;
 pub mod tcp;
 
 use std::{

@@ -21,7 +21,7 @@ impl Netns {
         let name = unique(tag);
         run(Command::new("ip").args(["netns", "add", &name]));
         let ns = Self {
-            fd: Some(ferrynet_cni::netns::open(&PathBuf::from(format!("/run/netns/{name}"))).expect("open netns")),
+            fd: Some(ferrynet_kernel::netns::open(&PathBuf::from(format!("/run/netns/{name}"))).expect("open netns")),
             name,
             owned: true,
         };
@@ -55,7 +55,7 @@ impl Netns {
 
     /// A handle on an existing named namespace, not deleted on drop.
     pub fn attach(name: &str) -> std::io::Result<Self> {
-        let fd = ferrynet_cni::netns::open(&PathBuf::from(format!("/run/netns/{name}")))?;
+        let fd = ferrynet_kernel::netns::open(&PathBuf::from(format!("/run/netns/{name}")))?;
         Ok(Self {
             name: name.to_string(),
             fd: Some(fd),
@@ -164,11 +164,11 @@ impl Netns {
     /// Spawns `program` inside the namespace (from a thread that joined it, so no hook runs
     /// between fork and exec) and waits for it.
     pub fn command_output(&self, cmd: &mut std::process::Command) -> std::process::Output {
-        ferrynet_cni::netns::run_in(self.fd(), || cmd.output()).expect("run command in netns")
+        ferrynet_kernel::netns::run_in(self.fd(), || cmd.output()).expect("run command in netns")
     }
 
     /// Spawns a long-running child inside the namespace.
     pub fn spawn(&self, cmd: &mut std::process::Command) -> std::process::Child {
-        ferrynet_cni::netns::run_in(self.fd(), || cmd.spawn()).expect("spawn in netns")
+        ferrynet_kernel::netns::run_in(self.fd(), || cmd.spawn()).expect("spawn in netns")
     }
 }

@@ -22,7 +22,7 @@ pub struct EchoServer {
 
 impl EchoServer {
     pub fn start(ns: &Netns, bind: SocketAddr, name: &str) -> Self {
-        let listener = ferrynet_cni::netns::run_in(ns.fd(), || TcpListener::bind(bind)).expect("bind in netns");
+        let listener = ferrynet_kernel::netns::run_in(ns.fd(), || TcpListener::bind(bind)).expect("bind in netns");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("local addr");
         let stop = Arc::new(AtomicBool::new(false));
@@ -82,7 +82,8 @@ impl Drop for EchoServer {
 
 /// Connects from inside `ns` to `to`, sends one line, and returns the answer line.
 pub fn request(ns: &Netns, to: SocketAddr, line: &str) -> std::io::Result<String> {
-    let mut stream = ferrynet_cni::netns::run_in(ns.fd(), || TcpStream::connect_timeout(&to, Duration::from_secs(3)))?;
+    let mut stream =
+        ferrynet_kernel::netns::run_in(ns.fd(), || TcpStream::connect_timeout(&to, Duration::from_secs(3)))?;
     stream.set_read_timeout(Some(Duration::from_secs(3)))?;
     stream.write_all(format!("{line}\n").as_bytes())?;
     let mut answer = String::new();

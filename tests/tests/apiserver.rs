@@ -14,7 +14,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Config,
-    api::{DeleteParams, ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams},
+    api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, WatchEvent, WatchParams},
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt, reflector, watcher},
 };
@@ -84,6 +84,37 @@ fn kube_rs_lists_watches_and_reflects_through_the_stand_in() {
         let listed = nodes.list(&ListParams::default()).await.unwrap();
         assert_eq!(listed.items.len(), 2);
         assert!(listed.metadata.resource_version.is_some());
+        // A merge patch is applied; a strategic merge patch, which needs list merge keys the
+        // stand-in does not know, is refused (415) rather than applied as a merge patch.
+        let patched = nodes
+            .patch(
+                "n1",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"metadata": {"labels": {"zone": "m"}}})),
+            )
+            .await
+            .unwrap();
+        assert_eq!(patched.metadata.labels.unwrap()["zone"], "m");
+        let strategic = serde_json::json!({"spec": {"podCIDRs": ["10.244.7.0/24"]}});
+        match nodes
+            .patch("n1", &PatchParams::default(), &Patch::Strategic(strategic))
+            .await
+        {
+            Err(kube::Error::Api(e)) => assert_eq!(e.code, 415, "{e:?}"),
+            other => panic!("a strategic merge patch was not refused: {other:?}"),
+        }
+        assert_eq!(
+            nodes.get("n1").await.unwrap().spec.unwrap().pod_cidrs.unwrap(),
+            ["10.244.1.0/24"]
+        );
+        nodes
+            .patch(
+                "n1",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"metadata": {"labels": {"zone": "a"}}})),
+            )
+            .await
+            .unwrap();
         assert_eq!(
             nodes
                 .list(&ListParams::default().fields("metadata.name=n2"))

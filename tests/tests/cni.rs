@@ -4,8 +4,8 @@ use std::{
     path::Path,
 };
 
-use ferrynet_cni::names::HostVeth;
-use ferrynet_ipam::{AttachmentKey, Store};
+use ferrynet_ipam::Store;
+use ferrynet_kernel::names::HostVeth;
 use ferrynet_tests::{
     binary,
     cni::{Conflist, Env, Runtime, TestNode, exec_plugin, host_veth_of, result_ip},
@@ -34,7 +34,7 @@ fn add_wires_a_routed_dual_stack_pod() {
     assert_eq!(result["cniVersion"], "1.1.0");
 
     // The host side: a veth with the deterministic name, alias and MAC the result reports.
-    let veth = HostVeth::for_key(&AttachmentKey::new("pod-a", "eth0").unwrap());
+    let veth = HostVeth::new("pod-a", "eth0");
     assert_eq!(result["interfaces"][0]["name"], veth.name.as_str());
     assert_eq!(result["interfaces"][1]["name"], "eth0");
     assert_eq!(result["interfaces"][1]["sandbox"], pod.path().display().to_string());

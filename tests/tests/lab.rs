@@ -1,11 +1,20 @@
 //! The lab: 2-3 node clusters in namespaces, real agents, real CNI, real traffic.
-use std::{collections::BTreeMap, net::SocketAddr, os::unix::fs::PermissionsExt, process::Command, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    os::unix::fs::PermissionsExt,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use ferrynet_tests::{
     binary,
     lab::{CLIENT_V4, CLIENT_V6, Lab, LabGuard, POD_PORT, ServicePort, cgroup2_root, eventually},
+    packets::{UdpProbe, ip_udp, send_raw, udp_icmp_error, vxlan_payload},
     tcp::{EchoServer, request},
 };
+use k8s_openapi::api::core::v1::{Node, NodeSpec};
+use kube::core::{ApiResource, DynamicObject};
 use serde_json::{Value, json};
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -33,6 +42,8 @@ fn assert_pod_to_pod(lab: &Lab, from: &str, to: &str) {
     }
 }
 
+/// Every route of the agent's on `node` (protocol 114): peers' PodCIDRs and the `unreachable`
+/// routes covering its own.
 fn agent_routes(lab: &Lab, node: &str) -> Vec<Value> {
     let ns = lab.node_ns(node).unwrap();
     let mut routes = ns
@@ -49,8 +60,16 @@ fn agent_routes(lab: &Lab, node: &str) -> Vec<Value> {
     routes
 }
 
+/// The agent's routes to other nodes' pods on `node`.
+fn peer_routes(lab: &Lab, node: &str) -> Vec<Value> {
+    agent_routes(lab, node)
+        .into_iter()
+        .filter(|r| r["type"] != "unreachable")
+        .collect()
+}
+
 fn routed_cidrs(lab: &Lab, node: &str) -> Vec<String> {
-    let mut cidrs: Vec<String> = agent_routes(lab, node)
+    let mut cidrs: Vec<String> = peer_routes(lab, node)
         .iter()
         .map(|r| r["dst"].as_str().unwrap().to_string())
         .collect();
@@ -82,7 +101,7 @@ fn native_mode_connects_pods_across_nodes_and_masquerades_egress() {
     // Native: a route per peer PodCIDR via the peer's address on eth0; no VXLAN device.
     for node in ["n1", "n2", "n3"] {
         assert_eq!(routed_cidrs(&lab, node), expected_cidrs(&lab, node), "{node}");
-        let routes = agent_routes(&lab, node);
+        let routes = peer_routes(&lab, node);
         assert!(
             routes.iter().all(|r| r["dev"] == "eth0"
                 && r["gateway"]
@@ -130,8 +149,8 @@ fn native_mode_connects_pods_across_nodes_and_masquerades_egress() {
         .unwrap();
     for needle in [
         "node:       n1",
+        "ready:      yes",
         "10.244.1.0/24",
-        "CNI:        ready",
         "n2",
         "10.244.2.0/24 ",
         "via 10.200.0.12",
@@ -145,18 +164,20 @@ fn native_mode_connects_pods_across_nodes_and_masquerades_egress() {
         .command_output(Command::new(binary("ferrynet-agent")).args(["--state-dir", &state_dir, "status", "--ready"]));
     assert!(ready.status.success());
 
-    // Masquerading turned off: the table an earlier run left goes, and egress keeps the pod's
-    // address (the outside host is given a route back to the node's pods to show it).
+    // Masquerading turned off: the masquerade an earlier run left goes (the table keeps its
+    // filters), and egress keeps the pod's address (the outside host is given a route back to
+    // the node's pods to show it).
     lab.stop_agent("n3").unwrap();
     lab.start_agent_with("n3", &["--masquerade", "false"]).unwrap();
     let n3 = lab.node_ns("n3").unwrap();
+    let table = || String::from_utf8_lossy(&n3.exec("nft", &["list", "table", "inet", "ferrynet"]).stdout).into_owned();
     assert!(
-        eventually(Duration::from_secs(20), || n3
-            .exec("nft", &["list", "tables"])
-            .stdout
-            .is_empty()),
+        eventually(Duration::from_secs(20), || {
+            let t = table();
+            !t.contains("masquerade") && t.contains("spoofed pod source")
+        }),
         "{}",
-        String::from_utf8_lossy(&n3.exec("nft", &["list", "tables"]).stdout)
+        table()
     );
     client.ip(&["route", "add", "10.244.3.0/24", "via", "10.200.0.13"]);
     let p3 = lab.pod("p3").unwrap().ip(true);
@@ -184,7 +205,7 @@ fn vxlan_mode_connects_pods_across_nodes() {
     let vxlan = &n1.ip_json(&["-d", "link", "show", "ferrynet.vxlan"])[0];
     assert_eq!(vxlan["linkinfo"]["info_data"]["id"], 4242);
     assert_eq!(vxlan["mtu"], 1450);
-    assert!(agent_routes(&lab, "n1").iter().all(|r| r["dev"] == "ferrynet.vxlan"));
+    assert!(peer_routes(&lab, "n1").iter().all(|r| r["dev"] == "ferrynet.vxlan"));
     assert_eq!(routed_cidrs(&lab, "n1"), expected_cidrs(&lab, "n1"));
     // The pods' MTU leaves room for the encapsulation.
     let conflist: Value =
@@ -201,7 +222,7 @@ fn vxlan_mode_connects_pods_across_nodes() {
 fn auto_mode_on_one_segment_routes_natively_and_reserves_the_overlay_mtu() {
     let lab = LabGuard::up(2, "auto");
     assert_eq!(routed_cidrs(&lab, "n1"), expected_cidrs(&lab, "n1"));
-    assert!(agent_routes(&lab, "n1").iter().all(|r| r["dev"] == "eth0"));
+    assert!(peer_routes(&lab, "n1").iter().all(|r| r["dev"] == "eth0"));
     assert!(
         !lab.node_ns("n1")
             .unwrap()
@@ -226,7 +247,7 @@ fn auto_mode_routes_natively_within_a_segment_and_over_vxlan_across_segments() {
         assert_eq!(routed_cidrs(&lab, name), expected_cidrs(&lab, name), "{name}");
     }
     // n1 reaches n3's pods natively, through n3's own address, and n2's over VXLAN.
-    for route in agent_routes(&lab, "n1") {
+    for route in peer_routes(&lab, "n1") {
         let dst = route["dst"].as_str().unwrap().to_string();
         if n3.pod_cidrs().contains(&dst) {
             let gateway = if dst.contains(':') {
@@ -245,7 +266,7 @@ fn auto_mode_routes_natively_within_a_segment_and_over_vxlan_across_segments() {
         }
     }
     // n2 shares a segment with no one.
-    assert!(agent_routes(&lab, "n2").iter().all(|r| r["dev"] == "ferrynet.vxlan"));
+    assert!(peer_routes(&lab, "n2").iter().all(|r| r["dev"] == "ferrynet.vxlan"));
     // n1's overlay knows n2's tunnel endpoint (routed, on the other segment) and not n3's.
     let fdb = lab
         .node_ns("n1")
@@ -297,7 +318,7 @@ fn the_agent_turns_forwarding_on_through_its_proc_sys_net_setting() {
     assert!(
         eventually(Duration::from_secs(20), || lab
             .agent_status("n1")
-            .is_ok_and(|s| s["warnings"].to_string().contains(&wanted))),
+            .is_ok_and(|s| s["nodeNetworking"]["warnings"].to_string().contains(&wanted))),
         "{:?}",
         lab.agent_status("n1")
     );
@@ -363,15 +384,17 @@ fn restarting_an_agent_keeps_routes_and_traffic_and_changes_nothing() {
     let status_path = lab.dir().join("nodes/n1/agent/agent-status.json");
     std::fs::remove_file(&status_path).unwrap();
 
-    // Back: it adopts what is there. Its first sync changes nothing (same device, same routes).
+    // Back: it adopts what is there. Its first sync changes nothing (same device, same routes,
+    // same firewall table), and it is alive and converged.
     lab.start_agent("n1").unwrap();
     lab.wait_converged(Duration::from_secs(30)).unwrap();
     let status = lab.agent_status("n1").unwrap();
     assert_eq!(
-        status["lastChanges"],
-        json!({"routes": 0, "vxlanDevice": 0, "vxlanEntries": 0}),
+        status["nodeNetworking"]["details"]["lastChanges"],
+        json!({"routes": 0, "vxlanDevice": 0, "vxlanEntries": 0, "firewall": 0, "sysctls": 0}),
         "{status}"
     );
+    assert_agent_alive(&lab, "n1");
     assert_eq!(routed_cidrs(&lab, "n1"), before);
     assert_eq!(
         lab.node_ns("n1").unwrap().ip_json(&["link", "show", "ferrynet.vxlan"])[0]["ifindex"],
@@ -412,9 +435,17 @@ fn agents_ride_out_an_api_stand_in_restart_and_converge_after() {
     lab.run_pod("s", "n1", &BTreeMap::new()).unwrap();
     lab.run_pod("t", "n2", &BTreeMap::new()).unwrap();
     lab.stop_apiserver().unwrap();
-    // Several resync periods (5 s) without an API server: nothing is torn down.
-    std::thread::sleep(Duration::from_secs(7));
-    assert_eq!(routed_cidrs(&lab, "n1"), expected_cidrs(&lab, "n1"));
+    // Without an API server the agent keeps the node as it is, and keeps repairing it: a route
+    // someone deletes meanwhile is back at the next resync, and nothing is torn down.
+    let n1 = lab.node_ns("n1").unwrap();
+    n1.ip(&["route", "del", "10.244.2.0/24"]);
+    assert!(
+        eventually(Duration::from_secs(20), || routed_cidrs(&lab, "n1")
+            == expected_cidrs(&lab, "n1")),
+        "{:?}",
+        routed_cidrs(&lab, "n1")
+    );
+    assert_agent_alive(&lab, "n1");
     assert_pod_to_pod(&lab, "s", "t");
     lab.start_apiserver().unwrap();
     // The watches reconnect by themselves: a node added now reaches every agent.
@@ -456,26 +487,23 @@ fn hostile_node_objects_do_not_crash_the_agents() {
         "static",
     ]);
     n1.ip(&["route", "add", "default", "via", "10.200.0.250"]);
+    // Posted as they are, through kube-rs's dynamic API: a real API server would refuse some of
+    // them, the stand-in does not validate.
+    let resource = ApiResource::erase::<Node>(&());
+    let api = lab.api().unwrap();
     for node in &hostile {
-        let (code, body) = lab.api("POST", "/api/v1/nodes", Some(node)).unwrap();
-        assert_eq!(code, 201, "{body}");
+        let object: DynamicObject = serde_json::from_value(node.clone()).unwrap();
+        let resource = resource.clone();
+        api.call(move |client| async move {
+            kube::Api::<DynamicObject>::all_with(client, &resource)
+                .create(&Default::default(), &object)
+                .await?;
+            Ok(())
+        })
+        .unwrap();
     }
     // The agents keep running and keep the cluster working; the hostile nodes only warn.
-    std::thread::sleep(Duration::from_secs(6));
-    for node in ["n1", "n2"] {
-        let pid: i32 = std::fs::read_to_string(lab.dir().join(format!("agent-{node}.pid")))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        assert!(
-            std::path::Path::new(&format!("/proc/{pid}")).exists(),
-            "agent on {node} died"
-        );
-    }
-    let status = lab.agent_status("n1").unwrap();
-    let warnings = status["warnings"].to_string();
-    for name in [
+    let wanted = [
         "no-cidr",
         "bad-cidr",
         "steals-n1",
@@ -484,11 +512,22 @@ fn hostile_node_objects_do_not_crash_the_agents() {
         "default-route",
         "route 10.244.50.0/24",
         "route 10.244.88.0/24",
-    ] {
-        assert!(warnings.contains(name), "no warning about {name}: {warnings}");
+    ];
+    let warned = || {
+        let warnings = lab.agent_status("n1").unwrap()["nodeNetworking"]["warnings"].to_string();
+        wanted.iter().all(|name| warnings.contains(name))
+    };
+    assert!(
+        eventually(Duration::from_secs(30), warned),
+        "{}",
+        lab.agent_status("n1").unwrap()["nodeNetworking"]["warnings"]
+    );
+    for node in ["n1", "n2"] {
+        assert_agent_alive(&lab, node);
     }
     // None of it is an error of the node's own: every other peer is routed.
-    assert!(status["lastError"].is_null(), "{status}");
+    let status = lab.agent_status("n1").unwrap();
+    assert!(status["nodeNetworking"]["lastError"].is_null(), "{status}");
     // Other people's routes are untouched: the static one, the default, the underlay's own.
     let route = |dst: &str| n1.ip_json(&["route", "show", dst]);
     assert_eq!(route("10.244.50.0/24")[0]["protocol"], "static");
@@ -578,7 +617,7 @@ fn the_demo_runs_and_down_leaves_nothing() {
         "pod=web-2 node=n2 ip=10.244.2.2 client=10.244.1.3",
         "from=10.200.0.12",
         "web-v4",
-        "CNI:        ready",
+        "ready:      yes",
     ] {
         assert!(
             text.contains(needle),
@@ -644,8 +683,9 @@ fn each_agent_has_its_own_pin_path_and_cgroup_and_down_removes_them() {
         let status = lab.agent_status(node).unwrap();
         let pins = lab.node_pin_path(node);
         let cgroup = lab.node_cgroup(node).unwrap();
-        assert_eq!(status["bpfPinPath"], pins.display().to_string(), "{status}");
-        assert_eq!(status["cgroupPath"], cgroup.display().to_string(), "{status}");
+        let services = &status["services"]["details"];
+        assert_eq!(services["bpfPinPath"], pins.display().to_string(), "{status}");
+        assert_eq!(services["cgroupPath"], cgroup.display().to_string(), "{status}");
         // The agent made its pin directory, root only, in the lab's own bpffs.
         let meta = std::fs::metadata(&pins).unwrap();
         assert!(meta.is_dir());
@@ -668,11 +708,11 @@ fn each_agent_has_its_own_pin_path_and_cgroup_and_down_removes_them() {
     lab.start_agent_with("n2", &["--bpf-pin-path", off_bpffs.to_str().unwrap()])
         .unwrap();
     assert!(
-        eventually(Duration::from_secs(20), || lab.agent_status("n2").is_ok_and(
-            |s| s["bpfPinPath"].is_null()
-                && s["warnings"].to_string().contains("is not on a bpffs")
-                && s["cniReady"] == true
-        )),
+        eventually(Duration::from_secs(20), || lab.agent_status("n2").is_ok_and(|s| {
+            s["services"]["details"]["bpfPinPath"].is_null()
+                && s["services"]["warnings"].to_string().contains("is not on a bpffs")
+                && s["cniConfig"]["ready"] == true
+        })),
         "{:?}",
         lab.agent_status("n2")
     );
@@ -709,7 +749,7 @@ fn install_cni_then_uninstall_put_in_and_take_out_what_the_agent_owns() {
     for p in ["ferrynet", "ferrynet-ipam"] {
         assert!(dir.join("cni-bin").join(p).exists(), "{p}");
     }
-    // Uninstall: the conflist, the binaries, the agent's routes, VXLAN device and nftables table.
+    // Uninstall: the conflist, the binaries, the agent's routes, VXLAN device and firewall table.
     assert!(!agent_routes(&lab, "n1").is_empty());
     let out = agent_cli(&lab, "n1", &["uninstall"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -747,15 +787,15 @@ fn the_conflist_waits_for_a_pod_cidr_then_follows_pod_cidr_and_uplink_mtu_change
     // not ready (the readiness probe fails) until the PodCIDR arrives.
     lab.stop_agent("n1").unwrap();
     std::fs::remove_file(&conflist).unwrap();
-    let (code, mut node) = lab.api("GET", "/api/v1/nodes/n1", None).unwrap();
-    assert_eq!(code, 200);
-    node["spec"] = json!({});
-    let (code, _) = lab.api("PUT", "/api/v1/nodes/n1", Some(&node)).unwrap();
-    assert_eq!(code, 200, "{node}");
+    let api = lab.api().unwrap();
+    let mut node: Node = api.get("n1").unwrap().unwrap();
+    node.spec = Some(NodeSpec::default());
+    api.replace(&node).unwrap();
     lab.start_agent("n1").unwrap();
     let not_ready = || {
-        lab.agent_status("n1")
-            .is_ok_and(|s| s["lastSyncUnix"].as_u64() > Some(0) && s["cniReady"] == false)
+        lab.agent_status("n1").is_ok_and(|s| {
+            s["watches"]["ready"] == true && s["cniConfig"]["running"] == true && s["cniConfig"]["ready"] == false
+        })
     };
     assert!(
         eventually(Duration::from_secs(20), not_ready),
@@ -766,10 +806,13 @@ fn the_conflist_waits_for_a_pod_cidr_then_follows_pod_cidr_and_uplink_mtu_change
     assert!(!conflist.exists());
     // The same run of the agent, once the PodCIDR arrives.
     let cidrs = ["10.244.9.0/24", "fd00:244:9::/64"];
-    let (_, mut node) = lab.api("GET", "/api/v1/nodes/n1", None).unwrap();
-    node["spec"] = json!({"podCIDR": cidrs[0], "podCIDRs": cidrs});
-    let (code, _) = lab.api("PUT", "/api/v1/nodes/n1", Some(&node)).unwrap();
-    assert_eq!(code, 200);
+    let mut node: Node = api.get("n1").unwrap().unwrap();
+    node.spec = Some(NodeSpec {
+        pod_cidr: Some(cidrs[0].into()),
+        pod_cidrs: Some(cidrs.map(String::from).to_vec()),
+        ..Default::default()
+    });
+    api.replace(&node).unwrap();
     let wanted = Some((cidrs.map(String::from).to_vec(), 1500));
     assert!(
         eventually(Duration::from_secs(20), || read_conflist() == wanted),
@@ -831,4 +874,247 @@ fn the_agent_releases_addresses_of_pods_that_vanished_without_a_del() {
     // The living pod is untouched.
     let to = SocketAddr::new(lab.pod("kept").unwrap().ip(true), POD_PORT);
     assert!(request(&lab.node_ns("n1").unwrap(), to, "still there?").is_ok());
+}
+
+/// The agent on `node` is running: its pid file names a live process.
+#[track_caller]
+fn assert_agent_alive(lab: &Lab, node: &str) {
+    let pid = lab.agent_pid(node).unwrap_or_else(|| panic!("no agent pid on {node}"));
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the agent on {node} died"
+    );
+}
+
+#[test]
+fn a_packet_for_an_unallocated_pod_address_is_refused_at_once_instead_of_leaving() {
+    let mut lab = LabGuard::up(2, "native");
+    lab.run_pod("sender", "n2", &BTreeMap::new()).unwrap();
+    // n1 has a default route to the underlay, as real nodes have: without a route covering its
+    // PodCIDR, a packet for an address no pod holds would follow it back out (and vanish).
+    let n1 = lab.node_ns("n1").unwrap();
+    n1.ip(&["route", "add", "default", "via", "10.200.0.250"]);
+    n1.ip(&["-6", "route", "add", "default", "via", "fd00:200::250"]);
+    let unreachable: Vec<String> = agent_routes(&lab, "n1")
+        .iter()
+        .filter(|r| r["type"] == "unreachable")
+        .map(|r| r["dst"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(unreachable, ["10.244.1.0/24", "fd00:244:1::/64"]);
+    for to in ["10.244.1.200", "fd00:244:1::200"] {
+        let to = SocketAddr::new(to.parse::<IpAddr>().unwrap(), POD_PORT);
+        // Answered by an ICMP unreachable from n1, at once.
+        let err = udp_icmp_error(&lab.pod_ns("sender").unwrap(), to, Duration::from_secs(1))
+            .unwrap()
+            .unwrap_or_else(|| panic!("{to}: no ICMP error within 1 s"));
+        assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable
+            ),
+            "{to}: {err:?}"
+        );
+    }
+    // A TCP client gets it too: over IPv4 the connect fails at once.
+    let started = Instant::now();
+    let err = request(
+        &lab.pod_ns("sender").unwrap(),
+        "10.244.1.200:8080".parse().unwrap(),
+        "anyone?",
+    )
+    .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{err} after {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_flushed_ruleset_is_restored_by_the_agents_next_pass() {
+    let lab = LabGuard::up(1, "native");
+    let n1 = lab.node_ns("n1").unwrap();
+    let table = || String::from_utf8_lossy(&n1.exec("nft", &["list", "table", "inet", "ferrynet"]).stdout).into_owned();
+    assert!(table().contains("masquerade"), "{}", table());
+    // Someone flushes the whole ruleset (an iptables-restore of another tool, a careless admin).
+    assert!(n1.exec("nft", &["flush", "ruleset"]).status.success());
+    assert!(table().is_empty());
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let t = table();
+            t.contains("masquerade") && t.contains("vxlan from unknown peers") && t.contains("spoofed pod source")
+        }),
+        "not restored: {}",
+        table()
+    );
+    // A rule deleted from the table is restored too.
+    let listing: Value = serde_json::from_slice(
+        &n1.exec("nft", &["-j", "-a", "list", "chain", "inet", "ferrynet", "pod_source"])
+            .stdout,
+    )
+    .unwrap();
+    let handle = listing["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|i| (i["rule"]["comment"] == "spoofed pod source").then(|| i["rule"]["handle"].as_u64().unwrap()))
+        .unwrap();
+    assert!(
+        n1.exec(
+            "nft",
+            &[
+                "delete",
+                "rule",
+                "inet",
+                "ferrynet",
+                "pod_source",
+                "handle",
+                &handle.to_string()
+            ]
+        )
+        .status
+        .success()
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || table().contains("spoofed pod source")),
+        "{}",
+        table()
+    );
+}
+
+/// The VXLAN MAC of `node`'s tunnel endpoint, as its agent set it.
+fn vtep_mac(lab: &Lab, node: &str) -> [u8; 6] {
+    let link = &lab.node_ns(node).unwrap().ip_json(&["link", "show", "ferrynet.vxlan"])[0];
+    let text = link["address"].as_str().unwrap();
+    let bytes: Vec<u8> = text.split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
+    bytes.try_into().unwrap()
+}
+
+#[test]
+fn vxlan_takes_packets_only_from_known_peers() {
+    let mut lab = LabGuard::up(2, "vxlan");
+    let target = lab.run_pod("target", "n1", &BTreeMap::new()).unwrap();
+    let probe = UdpProbe::bind(&lab.pod_ns("target").unwrap(), "0.0.0.0:9999".parse().unwrap()).unwrap();
+    // A frame for the pod, as n2's overlay would send it: from n2's pod range to the pod,
+    // encapsulated to n1's VTEP.
+    let inner = ip_udp("10.244.2.77".parse().unwrap(), target.ip(true), 4000, 9999, b"injected");
+    let frame = vxlan_payload(4242, vtep_mac(&lab, "n1"), [2, 0, 0, 0, 0, 0x77], &inner);
+    let send_from = |part: &str, source: &str| {
+        let ns = lab.ns(part).unwrap();
+        let frame = frame.clone();
+        let source: SocketAddr = format!("{source}:0").parse().unwrap();
+        ferrynet_kernel::netns::run_in(ns.fd(), move || {
+            let socket = std::net::UdpSocket::bind(source)?;
+            socket.send_to(&frame, "10.200.0.11:4789")
+        })
+        .unwrap();
+    };
+    // From a peer the frame is delivered: it is a well-formed overlay packet.
+    send_from("n2", "10.200.0.12");
+    let (payload, from) = probe
+        .receive(Duration::from_secs(3))
+        .expect("a peer's VXLAN reaches the pod");
+    assert_eq!(
+        (payload.as_slice(), from.ip()),
+        (&b"injected"[..], "10.244.2.77".parse::<IpAddr>().unwrap())
+    );
+    // From anything else that can reach the port (here the external client), it is dropped.
+    for _ in 0..3 {
+        send_from("client", "10.200.0.250");
+    }
+    assert_eq!(
+        probe.receive(Duration::from_secs(1)),
+        None,
+        "VXLAN from a stranger was delivered"
+    );
+}
+
+#[test]
+fn a_pod_cannot_send_with_another_pods_address() {
+    let mut lab = LabGuard::up(2, "native");
+    lab.run_pod("honest", "n1", &BTreeMap::new()).unwrap();
+    lab.run_pod("victim", "n1", &BTreeMap::new()).unwrap();
+    let receiver = lab.run_pod("receiver", "n2", &BTreeMap::new()).unwrap();
+    let honest_ns = lab.pod_ns("honest").unwrap();
+    for v4 in [true, false] {
+        let wildcard: SocketAddr = if v4 { "0.0.0.0:9998" } else { "[::]:9998" }.parse().unwrap();
+        let probe = UdpProbe::bind(&lab.pod_ns("receiver").unwrap(), wildcard).unwrap();
+        let to = receiver.ip(v4);
+        // With its own address, a raw packet arrives...
+        let own = lab.pod("honest").unwrap().ip(v4);
+        send_raw(&honest_ns, &ip_udp(own, to, 5000, 9998, b"honest")).unwrap();
+        let (payload, from) = probe.receive(Duration::from_secs(3)).expect("own source delivered");
+        assert_eq!((payload.as_slice(), from.ip()), (&b"honest"[..], own));
+        // ...with another pod's, or an address nobody holds, it is dropped at the host veth.
+        let victim = lab.pod("victim").unwrap().ip(v4);
+        let nobody: IpAddr = if v4 { "10.244.1.222" } else { "fd00:244:1::222" }.parse().unwrap();
+        for spoofed in [victim, nobody] {
+            send_raw(&honest_ns, &ip_udp(spoofed, to, 5000, 9998, b"spoofed")).unwrap();
+        }
+        assert_eq!(
+            probe.receive(Duration::from_secs(1)),
+            None,
+            "a spoofed packet was delivered"
+        );
+    }
+}
+
+/// Takes a lab down when dropped, by name (for labs the CLI brought up).
+struct DownOnDrop(String);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        let _ = Lab::down(&self.0);
+    }
+}
+
+#[test]
+fn the_readmes_lab_example_runs_as_written() {
+    ferrynet_tests::require_root();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = &readme[readme.find("\n## The lab").expect("the README has a lab section")..];
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("the lab section has a sh block");
+    let name = format!("readme{}", std::process::id() % 100_000);
+    let _down = DownOnDrop(name.clone());
+    let mut outputs = Vec::new();
+    for line in block.lines() {
+        // Comments start with "#" after the command.
+        let command = line.split(" #").next().unwrap().trim();
+        if command.is_empty() {
+            continue;
+        }
+        let mut words = command.split_whitespace();
+        assert_eq!(words.next(), Some("ferrynet-lab"), "{line}");
+        let out = Command::new(binary("ferrynet-lab"))
+            .args(words)
+            .env("FERRYNET_LAB_NAME", &name)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "`{command}` failed:\n{text}");
+        outputs.push((command.to_string(), text));
+    }
+    let fetched = outputs
+        .iter()
+        .find(|(c, _)| c.contains("exec-pod"))
+        .expect("the example runs a command in a pod");
+    assert!(
+        fetched.1.contains("pod=web-2 node=n2 ip=10.244.2.2 client=10.244.1.2"),
+        "{}",
+        fetched.1
+    );
+    let listed = outputs.iter().find(|(c, _)| c.contains("kubectl")).unwrap();
+    for needle in ["node/n1", "pod/web-1", "service/web", "endpointslice"] {
+        assert!(listed.1.contains(needle), "{needle} missing:\n{}", listed.1);
+    }
+    assert!(outputs.last().unwrap().0.ends_with("down"));
+    assert_nothing_left(&name);
 }

@@ -1,5 +1,5 @@
 //! A real container runtime: podman with its CNI backend runs containers on a ferrynet network
-//! (recipe in design.md §4). Everything podman touches is the test's own: a config file
+//! (the README's "Tests" section gives the recipe). Everything podman touches is the test's own: a config file
 //! (`CONTAINERS_CONF`), storage and run dirs in a temporary directory, the conflist dir, a network
 //! namespace standing for the host, and a cgroup parent that is removed afterwards.
 use std::{

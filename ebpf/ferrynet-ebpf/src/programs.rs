@@ -2,14 +2,22 @@
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
     macros::{classifier, map},
-    maps::PerCpuHashMap,
+    maps::LruPerCpuHashMap,
     programs::TcContext,
 };
 use ferrynet_common::{MAX_PODS, TrafficCounters};
 
-/// What each pod sends, keyed by the ifindex of its host-side veth.
+/// The object's licence, as the kernel reads it: GPL-compatible, which the helpers the datapath
+/// uses require. It matches the crate's `MIT OR GPL-2.0`.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// What each pod sends, keyed by the ifindex of its host-side veth. An LRU map: a veth that goes
+/// away leaves its entry behind, and the least recently used entries make room for new pods
+/// instead of new pods going uncounted once the map is full.
 #[map]
-static FROM_POD_STATS: PerCpuHashMap<u32, TrafficCounters> = PerCpuHashMap::with_max_entries(MAX_PODS, 0);
+static FROM_POD_STATS: LruPerCpuHashMap<u32, TrafficCounters> = LruPerCpuHashMap::with_max_entries(MAX_PODS, 0);
 
 /// Runs at ingress of a pod's host-side veth, that is on every packet the pod sends.
 ///

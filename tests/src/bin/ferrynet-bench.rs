@@ -410,7 +410,7 @@ mod net {
     /// A server in `ns` answering each 64-byte message with 64 bytes, until `connections` have
     /// come and gone.
     fn echo_server(ns: &Netns, port: u16, connections: usize) -> Result<std::thread::JoinHandle<()>> {
-        let listener = ferrynet_cni::netns::run_in(ns.fd(), || TcpListener::bind(("::", port)))?;
+        let listener = ferrynet_kernel::netns::run_in(ns.fd(), || TcpListener::bind(("::", port)))?;
         Ok(std::thread::spawn(move || {
             for stream in listener.incoming().take(connections).flatten() {
                 let mut stream = stream;
@@ -426,7 +426,8 @@ mod net {
     }
 
     fn connect(ns: &Netns, to: SocketAddr) -> Result<TcpStream> {
-        let stream = ferrynet_cni::netns::run_in(ns.fd(), || TcpStream::connect_timeout(&to, Duration::from_secs(3)))?;
+        let stream =
+            ferrynet_kernel::netns::run_in(ns.fd(), || TcpStream::connect_timeout(&to, Duration::from_secs(3)))?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         Ok(stream)
@@ -477,7 +478,7 @@ mod net {
         );
         let target = SocketAddr::new(path.to_ip, port);
         let up = ferrynet_tests::wait_for(Duration::from_secs(5), || {
-            ferrynet_cni::netns::run_in(path.from.fd(), || {
+            ferrynet_kernel::netns::run_in(path.from.fd(), || {
                 TcpStream::connect_timeout(&target, Duration::from_millis(100))
             })
             .ok()
@@ -572,7 +573,7 @@ mod net {
         )?;
         writeln!(
             md,
-            "Two labs run at once on this machine (design.md §6): a native-routing one and a VXLAN one, 2 nodes each, every node with its ferrynet-agent and every pod set up by the real `ferrynet` CNI. Throughput is iperf3 (one TCP stream, {seconds} s, median of {rounds} runs). Request latency is an in-repo tool: 64-byte request and response on one connection (like netperf's TCP_RR, {requests} per run), and with a new connection per request (TCP_CRR, {} per run); p50 and p99 over all runs. The paths alternate round by round. Ratios are against the same-node path, the direct pod-IP anchor: it crosses two veths and the node's routing, with no underlay at all. Pod MTU is 1500 natively and 1450 over VXLAN. Everything runs on the same 2 CPUs, so absolute throughput is bounded by the machine, not a wire.\n",
+            "Two labs run at once on this machine (see the README's section on the lab): a native-routing one and a VXLAN one, 2 nodes each, every node with its ferrynet-agent and every pod set up by the real `ferrynet` CNI. Throughput is iperf3 (one TCP stream, {seconds} s, median of {rounds} runs). Request latency is an in-repo tool: 64-byte request and response on one connection (like netperf's TCP_RR, {requests} per run), and with a new connection per request (TCP_CRR, {} per run); p50 and p99 over all runs. The paths alternate round by round. Ratios are against the same-node path, the direct pod-IP anchor: it crosses two veths and the node's routing, with no underlay at all. Pod MTU is 1500 natively and 1450 over VXLAN. Everything runs on the same 2 CPUs, so absolute throughput is bounded by the machine, not a wire.\n",
             requests / 10
         )?;
         writeln!(

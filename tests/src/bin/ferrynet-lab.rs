@@ -1,5 +1,5 @@
 //! `ferrynet-lab`: a whole ferrynet cluster on one Linux machine, in network namespaces.
-//! See `tests/src/lab.rs` for what it builds. Run as root.
+//! See the README's "The lab" (and `tests/src/lab/mod.rs`) for what it builds. Run as root.
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
@@ -16,7 +16,7 @@ use ferrynet_tests::{
 )]
 struct Cli {
     /// The lab's name (namespaces are fl-<name>-*, state in /run/ferrynet-lab/<name>).
-    #[arg(long, global = true, default_value = "lab")]
+    #[arg(long, global = true, default_value = "lab", env = "FERRYNET_LAB_NAME")]
     name: String,
     #[command(subcommand)]
     command: Command,
@@ -227,7 +227,8 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|(port, target_port)| ServicePort { port, target_port })
                 .collect();
             let svc = lab.create_service(&service, &selector.into_iter().collect(), &ports, &kind)?;
-            println!("service {service}: clusterIPs {}", svc["spec"]["clusterIPs"]);
+            let ips = svc.spec.and_then(|s| s.cluster_ips).unwrap_or_default();
+            println!("service {service}: clusterIPs {}", ips.join(", "));
         }
         Command::DeleteService { service } => Lab::open(&cli.name)?.delete_service(&service)?,
         Command::Kubectl { args } => {

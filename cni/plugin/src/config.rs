@@ -7,10 +7,8 @@
 //!
 //! `mtu` is optional: without it the plugin uses the MTU of the host's default-route interface
 //! (the agent always writes it, derived from the uplink minus overlay overhead).
-use ferrynet_ipam::{
-    IpamConfig, ipam_plugin,
-    plugin::{CniError, Invocation},
-};
+use ferrynet_cni_protocol::{CniError, Invocation};
+use ferrynet_ipam::{IpamConfig, cni_commands};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -40,8 +38,8 @@ impl PluginConfig {
     pub fn from_invocation(inv: &Invocation) -> Result<Self, CniError> {
         let raw: RawConfig =
             serde_json::from_value(inv.raw.clone()).map_err(|e| CniError::invalid_config(e.to_string()))?;
-        let ipam = if ipam_plugin::is_own_ipam(&inv.raw) {
-            IpamBackend::Own(ipam_plugin::config_of(inv)?)
+        let ipam = if cni_commands::is_own_ipam(&inv.raw) {
+            IpamBackend::Own(cni_commands::config_of(inv)?)
         } else {
             IpamBackend::Delegated(inv.config.ipam.as_ref().map(|i| i.r#type.clone()).unwrap_or_default())
         };
@@ -62,7 +60,7 @@ impl PluginConfig {
 
 #[cfg(test)]
 mod tests {
-    use ferrynet_ipam::plugin::{Command, Environment, Invocation, codes};
+    use ferrynet_cni_protocol::{Command, Environment, Invocation, codes};
     use serde_json::{Value, json};
 
     use super::*;

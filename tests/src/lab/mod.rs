@@ -12,7 +12,8 @@
 //!                    its own ferrynet-agent, CNI dirs, IPAM store, state dir, BPF pin path
 //!                    (in the lab's own bpffs) and cgroup (`<cgroup2>/ferrynet-lab/<lab>/<node>`)
 //!   fl-<lab>-pod-<p> pod p: set up by its node's real `ferrynet` binary, run exactly as a runtime
-//!                    runs it; runs a small server answering with the pod's name and address
+//!                    runs it; runs a small server answering with the pod's name and address, in a
+//!                    cgroup of its own under its node's (as kubelet puts pods under the root)
 //! ```
 //!
 //! The lab plays the parts of a cluster it has no binaries for: it registers Nodes (with
@@ -21,21 +22,52 @@
 //! routes, firewall or root cgroup, and `down` (also run first by `up`) removes everything: every
 //! process in the lab's namespaces and cgroups, the namespaces, the cgroups, the bpffs mount and
 //! the state directory, even after a crash.
+//!
+//! - [`topology`]: namespace names and the underlay;
+//! - [`daemons`]: starting and stopping the lab's processes;
+//! - [`kernel_fs`]: cgroups and the lab's bpffs;
+//! - [`api`]: the lab's calls to the API stand-in (kube-rs, typed objects);
+//! - [`endpoints`]: the EndpointSlice controller;
+//! - [`pod_server`]: what each pod runs;
+//! - [`guard`]: a lab per test, taken down when dropped.
+pub mod api;
+pub mod daemons;
+pub mod endpoints;
+pub mod guard;
+pub mod kernel_fs;
+pub mod pod_server;
+pub mod topology;
+
 use std::{
     collections::BTreeMap,
-    fs::File,
-    io::{BufRead, BufReader, Read, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
-    os::unix::{fs::DirBuilderExt, fs::MetadataExt, process::CommandExt},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
+    os::unix::fs::DirBuilderExt,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::{Duration, Instant},
+    process::Command,
+    time::Duration,
 };
 
 use anyhow::{Context, Result, anyhow, bail};
+pub use api::LabApi;
+pub use guard::{LabGuard, eventually};
+use k8s_openapi::{
+    api::core::v1::{
+        Container, ContainerPort, Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus, Pod, PodCondition, PodIP,
+        PodSpec, PodStatus, Service, ServicePort as K8sServicePort, ServiceSpec,
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+pub use kernel_fs::cgroup2_root;
+use kube::api::ObjectMeta;
+pub use pod_server::pod_server;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
+use self::{
+    daemons::DaemonExit,
+    kernel_fs::{cgroup_pids, is_mount_point, join_cgroup, lab_bpffs, lab_cgroup, mount_bpffs, remove_cgroup, unmount},
+    topology::{in_lab, lab_namespaces, lab_netns_inodes, ns_name, run_ip, valid_name},
+};
 use crate::{
     binary,
     cni::{Conflist, Runtime},
@@ -49,29 +81,9 @@ pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 250);
 pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x250);
 /// The port every pod's server listens on.
 pub const POD_PORT: u16 = 8080;
+/// The highest node index: node i's address is 10.200.s.(10+i) and its PodCIDR 10.244.i.0/24.
+pub const MAX_NODE_INDEX: u8 = 200;
 const CONFLIST: &str = "05-ferrynet.conflist";
-
-/// How a daemon the lab stopped ended.
-#[derive(Debug)]
-enum DaemonExit {
-    /// It was not running (any more).
-    NotRunning,
-    /// It ended on SIGTERM; with its exit status when this process started it.
-    Exited(Option<std::process::ExitStatus>),
-    /// It ignored SIGTERM and was killed.
-    Killed,
-}
-
-/// The exit statuses of the daemons this process started, by pid.
-type ChildExits = std::collections::HashMap<u32, std::sync::mpsc::Receiver<std::process::ExitStatus>>;
-
-fn lock_children() -> std::sync::MutexGuard<'static, ChildExits> {
-    static CHILDREN: std::sync::OnceLock<std::sync::Mutex<ChildExits>> = std::sync::OnceLock::new();
-    CHILDREN
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LabOptions {
@@ -98,6 +110,22 @@ pub struct LabNode {
 }
 
 impl LabNode {
+    /// Node `index` of a lab with `segments` underlay segments. Refused past
+    /// [`MAX_NODE_INDEX`], where its address (10.200.s.(10+i)) and PodCIDR (10.244.i.0/24) would
+    /// not exist.
+    pub fn at(index: u8, segments: u8) -> Result<Self> {
+        if !(1..=MAX_NODE_INDEX).contains(&index) {
+            bail!(
+                "node index {index} is outside the lab's address plan (1 to {MAX_NODE_INDEX} nodes over a lab's lifetime)"
+            );
+        }
+        Ok(Self {
+            name: format!("n{index}"),
+            index,
+            segment: (index - 1) % segments.max(1),
+        })
+    }
+
     pub fn v4(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 200, self.segment, 10 + self.index)
     }
@@ -166,29 +194,26 @@ pub struct Lab {
     dir: PathBuf,
 }
 
-fn ns_name(lab: &str, part: &str) -> String {
-    format!("fl-{lab}-{part}")
-}
-
-fn run_ip(ns: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(["-n", ns]).args(args).output()?;
-    if !out.status.success() {
-        bail!(
-            "ip -n {ns} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+/// Why an agent's status says it is not converged yet, if it does: every section that gates
+/// readiness healthy, and a route set for `peers` other nodes.
+pub fn agent_unconverged(status: &Value, peers: usize) -> Option<String> {
+    let mut why = Vec::new();
+    for section in ["watches", "nodeNetworking", "cniConfig"] {
+        let s = &status[section];
+        if s["running"] != true || s["ready"] != true || !s["lastError"].is_null() {
+            why.push(format!(
+                "{section}: running={} ready={} error={}",
+                s["running"], s["ready"], s["lastError"]
+            ));
+        }
     }
-    Ok(())
-}
-
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 20
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+    let routed = status["nodeNetworking"]["details"]["peers"]
+        .as_object()
+        .map_or(0, |p| p.len());
+    if routed != peers {
+        why.push(format!("{routed} of {peers} peers routed"));
+    }
+    (!why.is_empty()).then(|| why.join("; "))
 }
 
 impl Lab {
@@ -226,13 +251,14 @@ impl Lab {
         Ok(lab_cgroup(&self.state.name)?.join(node))
     }
 
+    /// The cgroup `pod`'s processes live in: one of its own, under its node's.
+    pub fn pod_cgroup(&self, pod: &LabPod) -> Result<PathBuf> {
+        Ok(self.node_cgroup(&pod.node)?.join(format!("pod-{}", pod.name)))
+    }
+
     /// The pid of `node`'s agent, while it runs.
     pub fn agent_pid(&self, node: &str) -> Option<u32> {
-        std::fs::read_to_string(self.pid_file(&format!("agent-{node}")))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        self.daemon_pid(&format!("agent-{node}"))
     }
 
     pub fn ns(&self, part: &str) -> Result<Netns> {
@@ -246,6 +272,11 @@ impl Lab {
 
     pub fn pod_ns(&self, pod: &str) -> Result<Netns> {
         self.ns(&format!("pod-{pod}"))
+    }
+
+    /// The lab's API stand-in, through kube-rs.
+    pub fn api(&self) -> Result<LabApi> {
+        LabApi::new(self)
     }
 
     fn save(&self) -> Result<()> {
@@ -262,21 +293,23 @@ impl Lab {
         Ok(Self { state, dir })
     }
 
-    /// Removes everything of lab `name`, whatever state it was left in.
+    /// Removes everything of lab `name`, whatever state it was left in. Keeps going past
+    /// failures and reports them all at the end.
     pub fn down(name: &str) -> Result<()> {
         let dir = Self::dir_of(name)?;
         let namespaces = lab_namespaces(name);
         // Every process living in one of the lab's namespaces: agents, the API stand-in, pod
         // servers, and anything a user started there.
         let inodes = lab_netns_inodes(name);
+        let kill = |pid: i32| {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        };
         for _ in 0..2 {
             for entry in std::fs::read_dir("/proc")?.flatten() {
-                let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                    continue;
-                };
-                if std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| inodes.contains(&m.ino())) {
-                    // SAFETY: kill(2) on a pid found in /proc.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>()
+                    && in_lab(pid, &inodes)
+                {
+                    kill(pid);
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -295,53 +328,32 @@ impl Lab {
                     .and_then(|t| t.trim().parse::<i32>().ok())
                 && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| ours.contains(&exe))
             {
-                // SAFETY: kill(2) on a process running one of the lab's programs.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                kill(pid);
             }
         }
         for ns in &namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
-        // Teardown keeps going past failures and reports them all at the end.
         let mut errors = Vec::new();
-        // The node cgroups: whatever still runs in them goes, then the cgroups (a cgroup can be
+        // The lab's cgroups: whatever still runs in them goes, then the cgroups (a cgroup can be
         // removed only once its last process has been reaped).
         if let Ok(lab_cgroup) = lab_cgroup(name)
             && lab_cgroup.exists()
         {
-            let node_cgroups: Vec<PathBuf> = std::fs::read_dir(&lab_cgroup)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.path())
-                .collect();
-            for cgroup in &node_cgroups {
-                let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
-                for pid in procs.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
-                    // SAFETY: kill(2) on a process in the lab's own cgroup.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
+            for pid in cgroup_pids(&lab_cgroup) {
+                kill(pid);
             }
-            for cgroup in node_cgroups.iter().chain(std::iter::once(&lab_cgroup)) {
-                if let Err(e) = remove_cgroup(cgroup) {
-                    errors.push(e.to_string());
-                }
+            if let Err(e) = remove_cgroup(&lab_cgroup) {
+                errors.push(e.to_string());
             }
             // The parent goes too once no lab is left in it.
             let _ = std::fs::remove_dir(lab_cgroup.parent().expect("has a parent"));
         }
         let bpffs = lab_bpffs(&dir);
-        if is_mount_point(&bpffs) {
-            let path = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes())?;
-            // SAFETY: umount2(2) with a NUL-terminated path.
-            if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
-                errors.push(format!(
-                    "unmounting {}: {}",
-                    bpffs.display(),
-                    std::io::Error::last_os_error()
-                ));
-            }
+        if is_mount_point(&bpffs)
+            && let Err(e) = unmount(&bpffs)
+        {
+            errors.push(format!("{e:#}"));
         }
         if dir.exists()
             && let Err(e) = std::fs::remove_dir_all(&dir)
@@ -359,8 +371,8 @@ impl Lab {
     /// Brings a lab up (cleaning up whatever an earlier one of the same name left).
     pub fn up(opts: &LabOptions) -> Result<Self> {
         Self::dir_of(&opts.name)?;
-        if !(1..=200).contains(&opts.nodes) {
-            bail!("a lab has 1 to 200 nodes");
+        if !(1..=MAX_NODE_INDEX).contains(&opts.nodes) {
+            bail!("a lab has 1 to {MAX_NODE_INDEX} nodes");
         }
         if !matches!(opts.mode.as_str(), "native" | "vxlan" | "auto") {
             bail!("mode must be native, vxlan or auto");
@@ -385,21 +397,11 @@ impl Lab {
             created = create();
         }
         created.with_context(|| format!("creating {}", dir.display()))?;
-        // A bpffs instance of the lab's own for the agents' pins: nothing the machine has pinned
-        // is visible to it, and `down` unmounts it with everything in it.
         let bpffs = lab_bpffs(&dir);
         std::fs::DirBuilder::new().mode(0o700).create(&bpffs)?;
-        let mounted = Command::new("mount")
-            .args(["-t", "bpf", "-o", "mode=0700", "bpf"])
-            .arg(&bpffs)
-            .output()?;
-        if !mounted.status.success() {
+        if let Err(e) = mount_bpffs(&bpffs) {
             let _ = Self::down(&opts.name);
-            bail!(
-                "mounting a bpffs at {}: {}",
-                bpffs.display(),
-                String::from_utf8_lossy(&mounted.stderr).trim()
-            );
+            return Err(e);
         }
         let mut lab = Self {
             state: LabState {
@@ -436,11 +438,11 @@ impl Lab {
                 0,
                 &[&format!("{CLIENT_V4}/24"), &format!("{CLIENT_V6}/64")],
             )?;
-            lab.start_apiserver()?;
             std::fs::write(
                 lab.kubeconfig(),
                 crate::apiserver::kubeconfig(API_ADDR.parse().expect("valid")),
             )?;
+            lab.start_apiserver()?;
             lab.save()?;
             for _ in 0..opts.nodes {
                 lab.add_node()?;
@@ -474,6 +476,10 @@ impl Lab {
             }
             run_ip(&ns.name, &args)?;
         }
+        // No duplicate address detection on the underlay: like the nodad addresses above, the
+        // link-local address is usable at once, so that no neighbour discovery (and no ICMP
+        // error a node sends) waits a second for it on a freshly made lab.
+        ns.sysctl("net.ipv6.conf.eth0.accept_dad", "0");
         run_ip(&ns.name, &["link", "set", "eth0", "up"])?;
         if self.state.segments > 1 {
             run_ip(
@@ -484,87 +490,6 @@ impl Lab {
             run_ip(&ns.name, &["route", "add", "fd00:200::/48", "via", &router])?;
         }
         Ok(ns)
-    }
-
-    fn pid_file(&self, what: &str) -> PathBuf {
-        self.dir.join(format!("{what}.pid"))
-    }
-
-    /// Starts `program` in `ns` as a background process of its own (its own process group, output
-    /// to a log file), and records its pid.
-    fn spawn_daemon(
-        &self,
-        ns: &Netns,
-        what: &str,
-        program: &Path,
-        args: &[String],
-        cgroup: Option<&Path>,
-    ) -> Result<u32> {
-        let log = File::create(self.dir.join("logs").join(format!("{what}.log")))?;
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0);
-        if let Some(cgroup) = cgroup {
-            join_cgroup(&mut cmd, cgroup)?;
-        }
-        let mut child = ns.spawn(&mut cmd);
-        let pid = child.id();
-        // Reap it whenever it ends, if we are still around then, and keep how it ended for
-        // `stop_daemon`.
-        let (exit_tx, exit_rx) = std::sync::mpsc::channel();
-        lock_children().insert(pid, exit_rx);
-        std::thread::spawn(move || {
-            if let Ok(status) = child.wait() {
-                let _ = exit_tx.send(status);
-            }
-        });
-        std::fs::write(self.pid_file(what), pid.to_string())?;
-        Ok(pid)
-    }
-
-    /// Stops a daemon started by `spawn_daemon`: SIGTERM, then SIGKILL if it is still there
-    /// after 5 s. Says how it ended.
-    fn stop_daemon(&self, what: &str) -> Result<DaemonExit> {
-        let path = self.pid_file(what);
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            return Ok(DaemonExit::NotRunning);
-        };
-        let pid: i32 = text.trim().parse().context("pid file")?;
-        let _ = std::fs::remove_file(&path);
-        let exit = u32::try_from(pid).ok().and_then(|p| lock_children().remove(&p));
-        // Only a process still living in one of the lab's namespaces is ours: if the daemon died
-        // earlier, its pid may belong to someone else by now.
-        let inodes = lab_netns_inodes(&self.state.name);
-        if !std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| inodes.contains(&m.ino())) {
-            return Ok(DaemonExit::NotRunning);
-        }
-        // SAFETY: kill(2) on the lab's own process, checked just above.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        if let Some(exit) = exit {
-            // Our own child: its reaper reports the exit status.
-            return Ok(match exit.recv_timeout(Duration::from_secs(5)) {
-                Ok(status) => DaemonExit::Exited(Some(status)),
-                Err(_) => {
-                    // SAFETY: as above; the child is not reaped yet, so the pid is still its own.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                    DaemonExit::Killed
-                }
-            });
-        }
-        let gone = crate::wait_for(Duration::from_secs(5), || {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // Gone, or a zombie waiting to be reaped.
-            (stat.is_empty() || stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z'))).then_some(())
-        });
-        if gone.is_none() {
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            return Ok(DaemonExit::Killed);
-        }
-        Ok(DaemonExit::Exited(None))
     }
 
     pub fn start_apiserver(&self) -> Result<()> {
@@ -579,7 +504,7 @@ impl Lab {
         self.spawn_daemon(&cp, "apiserver", &binary("ferrynet-lab"), &args, None)?;
         let addr: SocketAddr = API_ADDR.parse().expect("valid");
         crate::wait_for(Duration::from_secs(10), || {
-            ferrynet_cni::netns::run_in(cp.fd(), || {
+            ferrynet_kernel::netns::run_in(cp.fd(), || {
                 TcpStream::connect_timeout(&addr, Duration::from_millis(200))
             })
             .ok()
@@ -592,64 +517,56 @@ impl Lab {
         self.stop_daemon("apiserver").map(|_| ())
     }
 
-    /// A request to the API stand-in (from the control-plane namespace).
-    pub fn api(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
-        let cp = self.ns("cp")?;
-        let addr: SocketAddr = API_ADDR.parse().expect("valid");
-        let mut stream =
-            ferrynet_cni::netns::run_in(cp.fd(), || TcpStream::connect_timeout(&addr, Duration::from_secs(3)))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let payload = body.map(Value::to_string).unwrap_or_default();
-        let content_type = if method == "PATCH" {
-            "application/merge-patch+json"
-        } else {
-            "application/json"
-        };
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: {API_ADDR}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
-            payload.len()
-        )?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw)?;
-        let text = String::from_utf8_lossy(&raw);
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| anyhow!("malformed response from the API stand-in"))?;
-        let code: u16 = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| anyhow!("no status code"))?;
-        let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-            dechunk(body)
-        } else {
-            body.to_string()
-        };
-        let value = if body.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&body)?
-        };
-        Ok((code, value))
-    }
-
-    fn api_ok(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
-        let (code, value) = self.api(method, path, body)?;
-        if !(200..300).contains(&code) {
-            bail!("{method} {path}: {code} {}", value["message"].as_str().unwrap_or(""));
+    /// The Node object of `node`, as a kubelet registers it.
+    fn node_object(&self, node: &LabNode) -> Node {
+        let [v4cidr, v6cidr] = node.pod_cidrs();
+        Node {
+            metadata: ObjectMeta {
+                name: Some(node.name.clone()),
+                labels: Some(
+                    [
+                        ("kubernetes.io/hostname".to_string(), node.name.clone()),
+                        ("ferrynet.dev/lab".to_string(), self.state.name.clone()),
+                    ]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(NodeSpec {
+                pod_cidr: Some(v4cidr.clone()),
+                pod_cidrs: Some(vec![v4cidr, v6cidr]),
+                ..Default::default()
+            }),
+            status: Some(NodeStatus {
+                addresses: Some(vec![
+                    NodeAddress {
+                        type_: "InternalIP".into(),
+                        address: node.v4().to_string(),
+                    },
+                    NodeAddress {
+                        type_: "InternalIP".into(),
+                        address: node.v6().to_string(),
+                    },
+                    NodeAddress {
+                        type_: "Hostname".into(),
+                        address: node.name.clone(),
+                    },
+                ]),
+                conditions: Some(vec![NodeCondition {
+                    type_: "Ready".into(),
+                    status: "True".into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
         }
-        Ok(value)
     }
 
     /// Adds a node: namespace on the switch, Node object, and its agent.
     pub fn add_node(&mut self) -> Result<String> {
-        let node = LabNode {
-            name: format!("n{}", self.state.next_node),
-            index: self.state.next_node,
-            segment: (self.state.next_node - 1) % self.state.segments.max(1),
-        };
-        self.state.next_node += 1;
+        let index = self.state.next_node;
+        let node = LabNode::at(index, self.state.segments)?;
+        self.state.next_node = index.saturating_add(1);
         let ns = self.attach_to_switch(
             &node.name,
             &node.name,
@@ -665,18 +582,7 @@ impl Lab {
         }
         let cgroup = self.node_cgroup(&node.name)?;
         std::fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
-        let [v4cidr, v6cidr] = node.pod_cidrs();
-        let object = json!({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": node.name, "labels": {"kubernetes.io/hostname": node.name, "ferrynet.dev/lab": self.state.name}},
-            "spec": {"podCIDR": v4cidr, "podCIDRs": [v4cidr, v6cidr]},
-            "status": {
-                "addresses": [{"type": "InternalIP", "address": node.v4().to_string()}, {"type": "InternalIP", "address": node.v6().to_string()},
-                              {"type": "Hostname", "address": node.name}],
-                "conditions": [{"type": "Ready", "status": "True"}],
-            },
-        });
-        self.api_ok("POST", "/api/v1/nodes", Some(&object))?;
+        self.api()?.create(&self.node_object(&node))?;
         self.state.nodes.push(node.clone());
         self.save()?;
         self.start_agent(&node.name)?;
@@ -700,7 +606,7 @@ impl Lab {
             self.delete_pod(&pod)?;
         }
         self.stop_agent(name)?;
-        self.api_ok("DELETE", &format!("/api/v1/nodes/{name}"), None)?;
+        self.api()?.delete::<Node>(name)?;
         let _ = Command::new("ip")
             .args(["netns", "del", &ns_name(&self.state.name, name)])
             .output();
@@ -800,26 +706,19 @@ impl Lab {
         })?)?)
     }
 
-    /// Waits until every agent has synced: CNI ready, no error, a route set for every peer.
+    /// Waits until every agent has converged: every section that gates readiness healthy, and a
+    /// route set for every peer.
     pub fn wait_converged(&self, timeout: Duration) -> Result<()> {
         let peers = self.state.nodes.len().saturating_sub(1);
         let mut last = String::new();
         let ok = crate::wait_for(timeout, || {
             for node in &self.state.nodes {
                 match self.agent_status(&node.name) {
-                    Ok(s)
-                        if s["cniReady"] == true
-                            && s["lastError"].is_null()
-                            && s["peers"].as_object().is_some_and(|p| p.len() == peers) => {}
                     Ok(s) => {
-                        last = format!(
-                            "{}: cniReady={} peers={} error={}",
-                            node.name,
-                            s["cniReady"],
-                            s["peers"].as_object().map_or(0, |p| p.len()),
-                            s["lastError"]
-                        );
-                        return None;
+                        if let Some(why) = agent_unconverged(&s, peers) {
+                            last = format!("{}: {why}", node.name);
+                            return None;
+                        }
                     }
                     Err(e) => {
                         last = format!("{e:#}");
@@ -830,6 +729,51 @@ impl Lab {
             Some(())
         });
         ok.ok_or_else(|| anyhow!("the agents did not converge within {timeout:?}: {last}"))
+    }
+
+    /// The Pod object of a lab pod, as the scheduler and kubelet leave it: bound to its node,
+    /// running, ready, with its addresses.
+    fn pod_object(&self, pod: &LabPod) -> Pod {
+        let host_ip = self
+            .state
+            .nodes
+            .iter()
+            .find(|n| n.name == pod.node)
+            .map(|n| n.v4().to_string());
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(pod.name.clone()),
+                namespace: Some(api::NAMESPACE.into()),
+                labels: Some(pod.labels.clone()),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(pod.node.clone()),
+                containers: vec![Container {
+                    name: "server".into(),
+                    image: Some("ferrynet-lab/pod-server".into()),
+                    ports: Some(vec![ContainerPort {
+                        name: Some("http".into()),
+                        container_port: i32::from(POD_PORT),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some("Running".into()),
+                host_ip,
+                pod_ip: pod.ips.first().map(ToString::to_string),
+                pod_ips: Some(pod.ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect()),
+                conditions: Some(vec![PodCondition {
+                    type_: "Ready".into(),
+                    status: "True".into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+        }
     }
 
     /// Runs a pod on `node`: a namespace, the node's CNI (as a runtime would run it), a server
@@ -878,6 +822,18 @@ impl Lab {
             .flatten()
             .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
             .collect();
+        let pod = LabPod {
+            name: name.into(),
+            node: node.into(),
+            container_id,
+            ips,
+            labels: labels.clone(),
+            result,
+        };
+        // The pod's processes live in a cgroup of its own under its node's, as kubelet puts
+        // pods under the root of the node's hierarchy.
+        let cgroup = self.pod_cgroup(&pod)?;
+        std::fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         let args = vec![
             "pod-server".into(),
             "--name".into(),
@@ -887,31 +843,14 @@ impl Lab {
             "--port".into(),
             POD_PORT.to_string(),
         ];
-        self.spawn_daemon(&pod_ns, &format!("pod-{name}"), &binary("ferrynet-lab"), &args, None)?;
-        let pod = LabPod {
-            name: name.into(),
-            node: node.into(),
-            container_id,
-            ips: ips.clone(),
-            labels: labels.clone(),
-            result,
-        };
-        let host_ip = self
-            .state
-            .nodes
-            .iter()
-            .find(|n| n.name == node)
-            .map(|n| n.v4().to_string())
-            .unwrap_or_default();
-        let object = json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": "default", "labels": labels},
-            "spec": {"nodeName": node, "containers": [{"name": "server", "image": "ferrynet-lab/pod-server", "ports": [{"containerPort": POD_PORT}]}]},
-            "status": {"phase": "Running", "hostIP": host_ip, "podIP": ips.first().map(ToString::to_string),
-                       "podIPs": ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>(),
-                       "conditions": [{"type": "Ready", "status": "True"}]},
-        });
-        self.api_ok("POST", "/api/v1/namespaces/default/pods", Some(&object))?;
+        self.spawn_daemon(
+            &pod_ns,
+            &format!("pod-{name}"),
+            &binary("ferrynet-lab"),
+            &args,
+            Some(&cgroup),
+        )?;
+        self.api()?.create(&self.pod_object(&pod))?;
         self.state.pods.push(pod.clone());
         self.save()?;
         // Wait until the server answers, so that callers can use the pod at once.
@@ -954,7 +893,8 @@ impl Lab {
             bail!("CNI DEL for {name} failed: {}{}", out.stdout, out.stderr);
         }
         let _ = Command::new("ip").args(["netns", "del", &pod_ns]).output();
-        let _ = self.api("DELETE", &format!("/api/v1/namespaces/default/pods/{name}"), None);
+        let _ = remove_cgroup(&self.pod_cgroup(&pod)?);
+        self.api()?.delete::<Pod>(name)?;
         self.state.pods.retain(|p| p.name != name);
         self.save()?;
         self.sync_endpoint_slices()
@@ -980,103 +920,51 @@ impl Lab {
         selector: &BTreeMap<String, String>,
         ports: &[ServicePort],
         kind: &str,
-    ) -> Result<Value> {
+    ) -> Result<Service> {
         let n = self.state.next_service;
         self.state.next_service += 1;
         let (v4, v6) = (
             format!("10.96.{}.{}", n / 250, n % 250 + 1),
             format!("fd00:96::{:x}", n + 1),
         );
-        let ports: Vec<Value> = ports
-            .iter()
-            .map(|p| json!({"name": format!("p{}", p.port), "port": p.port, "targetPort": p.target_port, "protocol": "TCP"}))
-            .collect();
-        let object = json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": {"type": kind, "selector": selector, "ports": ports, "clusterIP": v4, "clusterIPs": [v4, v6],
-                     "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack"},
-        });
-        let created = self.api_ok("POST", "/api/v1/namespaces/default/services", Some(&object))?;
+        let service = Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(api::NAMESPACE.into()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                type_: Some(kind.into()),
+                selector: Some(selector.clone()),
+                ports: Some(
+                    ports
+                        .iter()
+                        .map(|p| K8sServicePort {
+                            name: Some(format!("p{}", p.port)),
+                            port: i32::from(p.port),
+                            target_port: Some(IntOrString::Int(i32::from(p.target_port))),
+                            protocol: Some("TCP".into()),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                cluster_ip: Some(v4.clone()),
+                cluster_ips: Some(vec![v4, v6]),
+                ip_families: Some(vec!["IPv4".into(), "IPv6".into()]),
+                ip_family_policy: Some("RequireDualStack".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let created = self.api()?.create(&service)?;
         self.save()?;
         self.sync_endpoint_slices()?;
         Ok(created)
     }
 
     pub fn delete_service(&mut self, name: &str) -> Result<()> {
-        self.api_ok("DELETE", &format!("/api/v1/namespaces/default/services/{name}"), None)?;
+        self.api()?.delete::<Service>(name)?;
         self.sync_endpoint_slices()
-    }
-
-    /// The EndpointSlice controller: one slice per Service and family, listing the ready pods the
-    /// Service selects; slices of Services that are gone are deleted.
-    pub fn sync_endpoint_slices(&self) -> Result<()> {
-        let services = self.api_ok("GET", "/api/v1/namespaces/default/services", None)?;
-        let existing = self.api_ok("GET", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices?labelSelector=endpointslice.kubernetes.io%2Fmanaged-by%3Dferrynet-lab", None)?;
-        let mut wanted = Vec::new();
-        for svc in services["items"].as_array().into_iter().flatten() {
-            let name = svc["metadata"]["name"].as_str().unwrap_or_default().to_string();
-            let selector: BTreeMap<String, String> =
-                serde_json::from_value(svc["spec"]["selector"].clone()).unwrap_or_default();
-            if selector.is_empty() {
-                continue;
-            }
-            let pods: Vec<&LabPod> = self
-                .state
-                .pods
-                .iter()
-                .filter(|p| selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
-                .collect();
-            let ports: Vec<Value> = svc["spec"]["ports"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|p| json!({"name": p["name"], "port": p["targetPort"], "protocol": p["protocol"]}))
-                .collect();
-            for (family, v4) in [("IPv4", true), ("IPv6", false)] {
-                let slice_name = format!("{name}-{}", if v4 { "v4" } else { "v6" });
-                let endpoints: Vec<Value> = pods
-                    .iter()
-                    .map(|p| {
-                        json!({"addresses": [p.ip(v4).to_string()], "conditions": {"ready": true, "serving": true, "terminating": false},
-                               "nodeName": p.node, "targetRef": {"kind": "Pod", "namespace": "default", "name": p.name}})
-                    })
-                    .collect();
-                let slice = json!({
-                    "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                    "metadata": {"name": slice_name, "namespace": "default",
-                                 "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "ferrynet-lab"}},
-                    "addressType": family, "endpoints": endpoints, "ports": ports,
-                });
-                let path = format!("/apis/discovery.k8s.io/v1/namespaces/default/endpointslices/{slice_name}");
-                match self.api("GET", &path, None)? {
-                    (200, current) => {
-                        if current["endpoints"] != slice["endpoints"] || current["ports"] != slice["ports"] {
-                            self.api_ok("PUT", &path, Some(&slice))?;
-                        }
-                    }
-                    _ => {
-                        self.api_ok(
-                            "POST",
-                            "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
-                            Some(&slice),
-                        )?;
-                    }
-                }
-                wanted.push(slice_name);
-            }
-        }
-        for slice in existing["items"].as_array().into_iter().flatten() {
-            let name = slice["metadata"]["name"].as_str().unwrap_or_default();
-            if !wanted.iter().any(|w| w == name) {
-                self.api_ok(
-                    "DELETE",
-                    &format!("/apis/discovery.k8s.io/v1/namespaces/default/endpointslices/{name}"),
-                    None,
-                )?;
-            }
-        }
-        Ok(())
     }
 
     /// Runs a command in one of the lab's namespaces, inheriting stdio.
@@ -1085,15 +973,21 @@ impl Lab {
         let (program, args) = argv.split_first().ok_or_else(|| anyhow!("no command"))?;
         let mut cmd = Command::new(program);
         cmd.args(args).env("KUBECONFIG", self.kubeconfig());
-        self.join_node_cgroup(&mut cmd, part)?;
+        self.join_part_cgroup(&mut cmd, part)?;
         let mut child = ns.spawn(&mut cmd);
         Ok(child.wait()?)
     }
 
-    /// A command run on a node runs in the node's cgroup, as the node's own processes do.
-    fn join_node_cgroup(&self, cmd: &mut Command, part: &str) -> Result<()> {
+    /// A command run on a node runs in the node's cgroup, and one run in a pod in the pod's, as
+    /// their own processes do.
+    fn join_part_cgroup(&self, cmd: &mut Command, part: &str) -> Result<()> {
         if self.state.nodes.iter().any(|n| n.name == part) {
             join_cgroup(cmd, &self.node_cgroup(part)?)?;
+        } else if let Some(pod) = part
+            .strip_prefix("pod-")
+            .and_then(|name| self.state.pods.iter().find(|p| p.name == name))
+        {
+            join_cgroup(cmd, &self.pod_cgroup(pod)?)?;
         }
         Ok(())
     }
@@ -1104,7 +998,7 @@ impl Lab {
         let (program, args) = argv.split_first().ok_or_else(|| anyhow!("no command"))?;
         let mut cmd = Command::new(program);
         cmd.args(args).env("KUBECONFIG", self.kubeconfig());
-        self.join_node_cgroup(&mut cmd, part)?;
+        self.join_part_cgroup(&mut cmd, part)?;
         let out = ns.command_output(&mut cmd);
         Ok(format!(
             "{}{}",
@@ -1145,20 +1039,21 @@ impl Lab {
             if self.state.segments == 1 { "" } else { "s" },
             self.kubeconfig().display()
         );
+        let peers = self.state.nodes.len().saturating_sub(1);
         for node in &self.state.nodes {
-            let st = self.agent_status(&node.name).unwrap_or(Value::Null);
+            let agent = match self.agent_status(&node.name) {
+                Ok(st) => match agent_unconverged(&st, peers) {
+                    None => format!("ready, {peers} peers routed"),
+                    Some(why) => format!("NOT ready: {why}"),
+                },
+                Err(e) => format!("no status: {e:#}"),
+            };
             out += &format!(
-                "  node {:<4} segment {} {:<15} podCIDRs {} | agent: cni {} peers {}{}\n",
+                "  node {:<4} segment {} {:<15} podCIDRs {} | agent: {agent}\n",
                 node.name,
                 node.segment,
                 node.v4().to_string(),
                 node.pod_cidrs().join(", "),
-                if st["cniReady"] == true { "ready" } else { "NOT ready" },
-                st["peers"].as_object().map_or(0, |p| p.len()),
-                st["lastError"]
-                    .as_str()
-                    .map(|e| format!(" error: {e}"))
-                    .unwrap_or_default()
             );
         }
         for pod in &self.state.pods {
@@ -1176,212 +1071,17 @@ impl Lab {
     }
 }
 
-/// The lab's namespaces (`fl-<name>-*`; lab names have no dash, so no other lab's match).
-fn lab_namespaces(name: &str) -> Vec<String> {
-    let prefix = format!("fl-{name}-");
-    std::fs::read_dir("/run/netns")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&prefix))
-        .collect()
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn lab_netns_inodes(name: &str) -> Vec<u64> {
-    lab_namespaces(name)
-        .iter()
-        .filter_map(|n| std::fs::metadata(format!("/run/netns/{n}")).ok())
-        .map(|m| m.ino())
-        .collect()
-}
-
-/// Where the machine's cgroup v2 hierarchy is mounted (`/sys/fs/cgroup/unified` on hybrid
-/// systems, `/sys/fs/cgroup` on unified ones).
-pub fn cgroup2_root() -> Result<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    mountinfo
-        .lines()
-        .find_map(|line| {
-            let (mount, fs) = line.split_once(" - ")?;
-            let mount_point = mount.split_whitespace().nth(4)?;
-            (fs.split_whitespace().next() == Some("cgroup2")).then(|| PathBuf::from(mount_point))
-        })
-        .context("no cgroup v2 hierarchy is mounted")
-}
-
-/// The cgroup a lab's node processes live in: under a `ferrynet-lab` cgroup of the lab's own,
-/// never the machine's root cgroup.
-fn lab_cgroup(name: &str) -> Result<PathBuf> {
-    Ok(cgroup2_root()?.join("ferrynet-lab").join(name))
-}
-
-/// Removes an (emptied) cgroup; it goes once its last process has exited, so wait a little.
-fn remove_cgroup(cgroup: &Path) -> Result<()> {
-    let removed = crate::wait_for(Duration::from_secs(5), || std::fs::remove_dir(cgroup).ok());
-    if removed.is_none() && cgroup.exists() {
-        bail!("removing cgroup {}: processes are still in it", cgroup.display());
-    }
-    Ok(())
-}
-
-/// The lab's own bpffs mount point, in its state directory `dir`.
-fn lab_bpffs(dir: &Path) -> PathBuf {
-    dir.join("bpf")
-}
-
-/// Makes `cmd`'s process join `cgroup` before it executes, so that it never runs outside it.
-fn join_cgroup(cmd: &mut Command, cgroup: &Path) -> Result<()> {
-    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
-    // SAFETY: between fork and exec the closure makes only async-signal-safe calls (open,
-    // write, close) and allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-            let error = std::io::Error::last_os_error();
-            libc::close(fd);
-            if written == 1 { Ok(()) } else { Err(error) }
-        });
-    }
-    Ok(())
-}
-
-/// Whether something is mounted at `path`.
-fn is_mount_point(path: &Path) -> bool {
-    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| {
-        info.lines()
-            .any(|line| line.split_whitespace().nth(4).is_some_and(|m| Path::new(m) == path))
-    })
-}
-
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || tail.len() < n {
-            break;
+    #[test]
+    fn node_indexes_past_the_address_plan_are_refused() {
+        let last = LabNode::at(MAX_NODE_INDEX, 3).unwrap();
+        assert_eq!(last.v4(), Ipv4Addr::new(10, 200, 1, 210));
+        assert_eq!(last.pod_cidrs()[0], "10.244.200.0/24");
+        for index in [0, MAX_NODE_INDEX + 1, 246, 255] {
+            assert!(LabNode::at(index, 1).is_err(), "{index}");
         }
-        out.push_str(&tail[..n]);
-        rest = tail[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-/// The server each lab pod runs: every line (or HTTP GET) gets
-/// `pod=<name> node=<node> ip=<address the connection came in on> client=<peer>`.
-pub fn pod_server(name: &str, node: &str, port: u16) -> Result<()> {
-    let listener = TcpListener::bind(("::", port)).or_else(|_| TcpListener::bind(("0.0.0.0", port)))?;
-    for stream in listener.incoming().flatten() {
-        let (name, node) = (name.to_string(), node.to_string());
-        std::thread::spawn(move || {
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-            let peer = stream
-                .peer_addr()
-                .map(|a| a.ip().to_canonical().to_string())
-                .unwrap_or_default();
-            // The pod's own address as the kernel delivered the connection to it: after a
-            // translation, this is the backend, not the address the client dialled.
-            let ip = stream
-                .local_addr()
-                .map(|a| a.ip().to_canonical().to_string())
-                .unwrap_or_default();
-            let Ok(mut writer) = stream.try_clone() else { return };
-            let mut reader = BufReader::new(stream);
-            let answer = format!("pod={name} node={node} ip={ip} client={peer}");
-            let mut line = String::new();
-            while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-                if line.starts_with("GET ") {
-                    let mut header = String::new();
-                    while reader.read_line(&mut header).is_ok_and(|n| n > 2) {
-                        header.clear();
-                    }
-                    let _ = write!(
-                        writer,
-                        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{answer}\n",
-                        answer.len() + 1
-                    );
-                    return;
-                }
-                if writeln!(writer, "{answer}").is_err() {
-                    return;
-                }
-                line.clear();
-            }
-        });
-    }
-    Ok(())
-}
-
-/// A lab that is taken down when dropped, also when a test fails.
-pub struct LabGuard(pub Lab);
-
-impl LabGuard {
-    /// A lab with a name no other test uses, on one underlay segment.
-    pub fn up(nodes: u8, mode: &str) -> Self {
-        Self::up_segmented(nodes, mode, 1)
-    }
-
-    /// A lab with a name no other test uses, its nodes dealt out over `segments` routed L2
-    /// segments.
-    pub fn up_segmented(nodes: u8, mode: &str, segments: u8) -> Self {
-        crate::require_root();
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "t{}x{}",
-            std::process::id() % 100_000,
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        Self(
-            Lab::up(&LabOptions {
-                name,
-                nodes,
-                mode: mode.into(),
-                segments,
-            })
-            .expect("lab up"),
-        )
-    }
-}
-
-impl std::ops::Deref for LabGuard {
-    type Target = Lab;
-    fn deref(&self) -> &Lab {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for LabGuard {
-    fn deref_mut(&mut self) -> &mut Lab {
-        &mut self.0
-    }
-}
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        if let Err(e) = Lab::down(&self.0.state.name) {
-            eprintln!("lab down: {e:#}");
-        }
-    }
-}
-
-/// Waits until `f` returns true (bounded), for the CLI's and tests' convenience.
-pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -97,6 +97,8 @@ pub struct RouteSpec {
     pub table: u32,
     /// The gateway is reachable on `oif` without a covering connected route.
     pub onlink: bool,
+    /// Unicast, or `Unreachable` (ICMP unreachable at once, for addresses nothing holds).
+    pub kind: RouteType,
 }
 
 impl RouteSpec {
@@ -110,6 +112,7 @@ impl RouteSpec {
             protocol,
             table: u32::from(RouteHeader::RT_TABLE_MAIN),
             onlink: false,
+            kind: RouteType::Unicast,
         }
     }
 }
@@ -200,13 +203,13 @@ impl Netlink {
     }
 
     /// Makes one change and waits for the kernel's acknowledgement.
-    pub fn apply(&mut self, change: Change) -> Result<()> {
+    pub fn apply(&mut self, change: NetlinkRequest) -> Result<()> {
         self.ack(&change.op, change.message, change.flags)
     }
 
     /// Makes several changes in one round trip: the kernel processes the messages of one datagram
     /// in order and acknowledges each. Every change is attempted; the first failure is returned.
-    pub fn apply_all(&mut self, changes: Vec<Change>) -> Result<()> {
+    pub fn apply_all(&mut self, changes: Vec<NetlinkRequest>) -> Result<()> {
         self.apply_each(changes)?
             .into_iter()
             .collect::<Result<Vec<()>>>()
@@ -215,7 +218,7 @@ impl Netlink {
 
     /// Like [`Netlink::apply_all`], but returns every change's own result (the outer error is a
     /// failure of the socket itself).
-    pub fn apply_each(&mut self, changes: Vec<Change>) -> Result<Vec<Result<()>>> {
+    pub fn apply_each(&mut self, changes: Vec<NetlinkRequest>) -> Result<Vec<Result<()>>> {
         if changes.is_empty() {
             return Ok(Vec::new());
         }
@@ -450,13 +453,13 @@ impl Netlink {
 /// One change to the kernel's network state, prepared but not yet sent: run it with
 /// [`Netlink::apply`], or together with others in one round trip with [`Netlink::apply_all`].
 #[derive(Debug, Clone)]
-pub struct Change {
+pub struct NetlinkRequest {
     op: String,
     message: RouteNetlinkMessage,
     flags: u16,
 }
 
-impl Change {
+impl NetlinkRequest {
     /// Bring a link up.
     pub fn link_up(index: u32) -> Self {
         let mut msg = LinkMessage::default();
@@ -689,7 +692,7 @@ fn route_message(spec: &RouteSpec) -> RouteMessage {
     msg.header.destination_prefix_length = spec.dst.prefix_len();
     msg.header.protocol = spec.protocol;
     msg.header.scope = spec.scope;
-    msg.header.kind = RouteType::Unicast;
+    msg.header.kind = spec.kind;
     if spec.onlink {
         msg.header.flags = RouteFlags::Onlink;
     }
@@ -809,6 +812,10 @@ pub mod inspect {
                 _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             });
         IpNet::new(addr, route.header.destination_prefix_length).ok()
+    }
+
+    pub fn route_kind(route: &RouteMessage) -> RouteType {
+        route.header.kind
     }
 
     pub fn route_gateway(route: &RouteMessage) -> Option<IpAddr> {

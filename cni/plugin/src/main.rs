@@ -2,8 +2,8 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    ferrynet_ipam::plugin::main(
-        &ferrynet_cni::FerrynetPlugin,
+    ferrynet_cni_protocol::main(
+        &ferrynet_cni::RoutedVethPlugin,
         concat!("ferrynet ", env!("CARGO_PKG_VERSION"), ": routed pod networking (CNI)"),
     )
 }

@@ -1,13 +1,10 @@
 //! Deterministic host-side identities of an attachment, derived from (container ID, ifname) alone,
-//! so that DEL can find everything even when the netns and prevResult are gone.
-use ferrynet_ipam::AttachmentKey;
+//! so that DEL can find everything even when the netns and prevResult are gone, and the agent can
+//! tell a live pod's veth from a vanished one's.
 use sha2::{Digest, Sha256};
 
 /// Prefix of every host-side veth ferrynet creates.
 pub const HOST_VETH_PREFIX: &str = "fnv";
-/// Routing protocol id of the host routes to pods (`ip route show proto 113`), so they can be told
-/// apart from everyone else's.
-pub const ROUTE_PROTOCOL_POD: u8 = 113;
 /// Pods' default gateway: link-local, answered by a permanent neighbour entry (Calico's model).
 pub const GATEWAY_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 1, 1);
 pub const GATEWAY_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
@@ -24,8 +21,9 @@ pub struct HostVeth {
 }
 
 impl HostVeth {
-    pub fn for_key(key: &AttachmentKey) -> Self {
-        let digest = Sha256::digest(format!("{}/{}", key.container_id(), key.ifname()).as_bytes());
+    /// The host veth of attachment (`container_id`, `ifname`).
+    pub fn new(container_id: &str, ifname: &str) -> Self {
+        let digest = Sha256::digest(format!("{container_id}/{ifname}").as_bytes());
         let name = format!(
             "{HOST_VETH_PREFIX}{}",
             digest[..6].iter().map(|b| format!("{b:02x}")).collect::<String>()
@@ -44,8 +42,8 @@ impl HostVeth {
     }
 
     /// The alias stamped on the host veth. GC recognises the network's veths by its prefix.
-    pub fn alias(network: &str, key: &AttachmentKey) -> String {
-        let alias = format!("{}{}/{}", Self::alias_prefix(network), key.container_id(), key.ifname());
+    pub fn alias(network: &str, container_id: &str, ifname: &str) -> String {
+        let alias = format!("{}{container_id}/{ifname}", Self::alias_prefix(network));
         alias.chars().take(255).collect()
     }
 
@@ -64,9 +62,9 @@ mod tests {
 
     #[test]
     fn names_are_deterministic_short_and_distinct() {
-        let a = HostVeth::for_key(&AttachmentKey::new("abc", "eth0").unwrap());
-        let b = HostVeth::for_key(&AttachmentKey::new("abc", "eth1").unwrap());
-        assert_eq!(a, HostVeth::for_key(&AttachmentKey::new("abc", "eth0").unwrap()));
+        let a = HostVeth::new("abc", "eth0");
+        let b = HostVeth::new("abc", "eth1");
+        assert_eq!(a, HostVeth::new("abc", "eth0"));
         assert_ne!(a.name, b.name);
         assert_eq!(a.name.len(), 15);
         assert!(a.name.starts_with(HOST_VETH_PREFIX));
@@ -78,8 +76,8 @@ mod tests {
 
     #[test]
     fn alias_fits_the_kernel_limit() {
-        let key = AttachmentKey::new(&"c".repeat(250), "eth0").unwrap();
-        assert!(HostVeth::alias("net", &key).len() <= 255);
-        assert!(HostVeth::alias("net", &key).starts_with("ferrynet/net/"));
+        let long = "c".repeat(250);
+        assert!(HostVeth::alias("net", &long, "eth0").len() <= 255);
+        assert!(HostVeth::alias("net", &long, "eth0").starts_with("ferrynet/net/"));
     }
 }

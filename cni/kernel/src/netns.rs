@@ -4,8 +4,13 @@
 use std::{
     fs::File,
     io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+    os::fd::{BorrowedFd, OwnedFd},
     path::Path,
+};
+
+use nix::{
+    sched::{CloneFlags, setns},
+    sys::statfs::{FsType, fstatfs},
 };
 
 /// Opens a network namespace handle (a `/run/netns/NAME` bind mount or `/proc/PID/ns/net`).
@@ -17,15 +22,11 @@ pub fn open(path: &Path) -> io::Result<OwnedFd> {
 /// Runs `f` on a new thread that has joined the namespace `ns`, and returns its result. The thread
 /// ends right after, so no thread of ours is ever left in a foreign namespace.
 pub fn run_in<T: Send>(ns: BorrowedFd<'_>, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
-    let raw = ns.as_fd().as_raw_fd();
     std::thread::scope(|scope| {
         scope
             .spawn(move || {
-                // SAFETY: setns on a descriptor borrowed for the duration of the scope; it only
-                // changes this short-lived thread's namespace.
-                if unsafe { libc::setns(raw, libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
+                // Only this short-lived thread changes namespace.
+                setns(ns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
                 f()
             })
             .join()
@@ -33,13 +34,14 @@ pub fn run_in<T: Send>(ns: BorrowedFd<'_>, f: impl FnOnce() -> io::Result<T> + S
     })
 }
 
-/// Whether `fd` refers to a network namespace (as opposed to any other file).
+/// `statfs(2)` `f_type` of the namespace filesystem.
+const NSFS_MAGIC: FsType = FsType(0x6e73_6673);
+
+/// Whether `fd` refers to a network namespace (as opposed to any other file, or a namespace of
+/// another type): it is on nsfs, and a thread can join it as a network namespace (`setns`
+/// checks the type).
 pub fn is_netns(fd: BorrowedFd<'_>) -> bool {
-    // NS_GET_NSTYPE (_IO(0xb7, 0x3)) answers CLONE_NEWNET for a network namespace.
-    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
-    // SAFETY: ioctl with no argument on a descriptor we borrow.
-    let kind = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE as _) };
-    kind == libc::CLONE_NEWNET
+    fstatfs(fd).is_ok_and(|fs| fs.filesystem_type() == NSFS_MAGIC) && run_in(fd, || Ok(())).is_ok()
 }
 
 /// Reads a sysctl of the calling thread's namespace, given as a path under `/proc/sys`

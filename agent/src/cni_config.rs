@@ -1,14 +1,28 @@
-//! What the agent writes for the CNI: the conflist (pure) and its installation (atomic files).
+//! The CNI configuration: the plugin binaries and the conflist the runtime reads. The conflist
+//! is computed from the local node's PodCIDRs and the uplink's MTU (pure), and installed
+//! atomically whenever it changes. The controller task runs a pass when the local node's
+//! projection changes and on every resync (an uplink MTU change has no API event).
 use std::{
     io::Write,
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
 };
 
-use anyhow::{Context, Result};
+use ferrynet_kernel::netlink::Netlink;
 use serde_json::{Value, json};
+use tokio::sync::watch;
+use tracing::info;
 
-use crate::topology::NodeInfo;
+use crate::{
+    node::{
+        routing::{self, UplinkError},
+        topology::{self, NodeInfo, RoutingMode},
+    },
+    status::{StatusHandle, now_unix},
+    watch::NodesView,
+};
 
 /// The CNI plugin binaries the agent installs.
 pub const PLUGINS: [&str; 2] = ["ferrynet", "ferrynet-ipam"];
@@ -59,14 +73,38 @@ pub fn conflist(local: &NodeInfo, network: &str, mtu: u32, ipam_data_dir: &Path)
     }))
 }
 
+/// Why the CNI could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum CniConfigError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("netlink socket: {0}")]
+    Socket(std::io::Error),
+    #[error("uplink: {0}")]
+    Uplink(#[from] UplinkError),
+    #[error("the pass was lost: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    #[error("the nodes' view is gone")]
+    ViewClosed,
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CniConfigError + '_ {
+    move |source| CniConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// Writes `content` to `path` atomically (temporary file in the same directory, then rename),
 /// unless it is already there. Returns whether it wrote.
-pub fn write_if_changed(path: &Path, content: &[u8], mode: u32) -> Result<bool> {
+pub fn write_if_changed(path: &Path, content: &[u8], mode: u32) -> std::io::Result<bool> {
     if std::fs::read(path).is_ok_and(|old| old == content) {
         return Ok(false);
     }
-    let dir = path.parent().context("path has no parent")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = path
+        .parent()
+        .ok_or_else(|| std::io::Error::other("path has no parent"))?;
+    std::fs::create_dir_all(dir)?;
     // A name nobody else uses, opened with O_EXCL: a file or symlink planted in a host
     // directory is never written through.
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -93,17 +131,18 @@ pub fn write_if_changed(path: &Path, content: &[u8], mode: u32) -> Result<bool> 
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.with_context(|| format!("writing {}", path.display()))?;
+    result?;
     Ok(true)
 }
 
 /// Copies the plugin binaries into the runtime's bin dir (atomically, skipping unchanged ones).
-pub fn install_binaries(paths: &CniPaths) -> Result<Vec<String>> {
+pub fn install_binaries(paths: &CniPaths) -> Result<Vec<String>, CniConfigError> {
     let mut installed = Vec::new();
     for plugin in PLUGINS {
         let source = paths.source_dir.join(plugin);
-        let bytes = std::fs::read(&source).with_context(|| format!("reading {}", source.display()))?;
-        if write_if_changed(&paths.bin_dir.join(plugin), &bytes, 0o755)? {
+        let bytes = std::fs::read(&source).map_err(io_error(&source))?;
+        let target = paths.bin_dir.join(plugin);
+        if write_if_changed(&target, &bytes, 0o755).map_err(io_error(&target))? {
             installed.push(plugin.to_string());
         }
     }
@@ -111,24 +150,118 @@ pub fn install_binaries(paths: &CniPaths) -> Result<Vec<String>> {
 }
 
 /// Writes the conflist (readable by the runtime, writable by root only).
-pub fn install_conflist(paths: &CniPaths, conflist: &Value) -> Result<bool> {
+pub fn install_conflist(paths: &CniPaths, conflist: &Value) -> Result<bool, CniConfigError> {
     let mut text = serde_json::to_vec_pretty(conflist).expect("conflist serialises");
     text.push(b'\n');
-    write_if_changed(&paths.conflist(), &text, 0o644)
+    let target = paths.conflist();
+    write_if_changed(&target, &text, 0o644).map_err(io_error(&target))
 }
 
 /// Removes what the install wrote. Missing files are fine.
-pub fn uninstall(paths: &CniPaths) -> Result<()> {
+pub fn uninstall(paths: &CniPaths) -> Result<(), CniConfigError> {
     let mut targets = vec![paths.conflist()];
     targets.extend(PLUGINS.iter().map(|p| paths.bin_dir.join(p)));
     for target in targets {
         match std::fs::remove_file(&target) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", target.display())),
+            Err(e) => return Err(io_error(&target)(e)),
         }
     }
     Ok(())
+}
+
+/// What the CNI configuration controller is configured with.
+#[derive(Debug, Clone)]
+pub struct CniConfigConfig {
+    pub node_name: String,
+    pub paths: CniPaths,
+    pub network: String,
+    pub ipam_data_dir: PathBuf,
+    pub mode: RoutingMode,
+    pub uplink: Option<String>,
+    pub resync: Duration,
+}
+
+/// The pod MTU for `local` on this node: the uplink's, less the overlay's overhead.
+pub fn pod_mtu(uplink_name: Option<&str>, mode: RoutingMode, local: &NodeInfo) -> Result<u32, CniConfigError> {
+    let mut netlink = Netlink::current().map_err(CniConfigError::Socket)?;
+    let uplink = routing::find_uplink(&mut netlink, uplink_name, &local.internal_ips)?;
+    let underlay_v6 = local.internal_ip(true).is_none() && local.internal_ip(false).is_some();
+    Ok(topology::pod_mtu(uplink.mtu, mode, underlay_v6))
+}
+
+/// Keeps the conflist in step with the local node. Runs until its input is gone.
+pub async fn run(
+    cfg: Arc<CniConfigConfig>,
+    mut nodes: watch::Receiver<Arc<NodesView>>,
+    status: StatusHandle,
+) -> Result<(), CniConfigError> {
+    let mut resync = tokio::time::interval(cfg.resync);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    status.update(|s| s.cni_config.details.conflist = cfg.paths.conflist());
+    let mut last_local: Option<NodeInfo> = None;
+    let mut resync_due = true;
+    loop {
+        let view = nodes.borrow_and_update().clone();
+        let local = view.get(&cfg.node_name).cloned();
+        // Other nodes' changes do not concern the conflist.
+        if view.synced && (resync_due || local != last_local) {
+            let pass_cfg = cfg.clone();
+            let pass_local = local.clone();
+            let outcome = tokio::task::spawn_blocking(move || pass(&pass_cfg, pass_local.as_ref())).await?;
+            status.update(|s| {
+                let section = &mut s.cni_config;
+                section.ready = cfg.paths.conflist().exists();
+                match &outcome {
+                    Ok(written) => {
+                        section.last_error = None;
+                        if let Some((cidrs, mtu, changed)) = written {
+                            section.details.pod_cidrs = cidrs.clone();
+                            section.details.pod_mtu = Some(*mtu);
+                            if *changed {
+                                section.last_change_unix = Some(now_unix());
+                            }
+                        }
+                    }
+                    Err(e) => section.last_error = Some(e.to_string()),
+                }
+            });
+            last_local = local;
+        }
+        tokio::select! {
+            changed = nodes.changed() => {
+                changed.map_err(|_| CniConfigError::ViewClosed)?;
+                resync_due = false;
+            }
+            _ = resync.tick() => resync_due = true,
+        }
+    }
+}
+
+/// Installs the conflist for `local`, if it has a PodCIDR. Returns the PodCIDRs and MTU written,
+/// and whether the file changed.
+fn pass(
+    cfg: &CniConfigConfig,
+    local: Option<&NodeInfo>,
+) -> Result<Option<(Vec<ipnet::IpNet>, u32, bool)>, CniConfigError> {
+    let Some(local) = local.filter(|l| !l.pod_cidrs.is_empty()) else {
+        // No PodCIDR yet: no conflist, and the runtime reports the node's network not ready.
+        return Ok(None);
+    };
+    let mtu = pod_mtu(cfg.uplink.as_deref(), cfg.mode, local)?;
+    let Some(list) = conflist(local, &cfg.network, mtu, &cfg.ipam_data_dir) else {
+        return Ok(None);
+    };
+    let changed = install_conflist(&cfg.paths, &list)?;
+    if changed {
+        info!(
+            "wrote {} (podCIDRs {:?}, mtu {mtu})",
+            cfg.paths.conflist().display(),
+            local.pod_cidrs
+        );
+    }
+    Ok(Some((local.pod_cidrs.clone(), mtu, changed)))
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! The `ferrynet` CNI plugin: one veth pair per pod, routed (no bridge), as in design.md §2.
+//! The `ferrynet` plugin's commands: one veth pair per pod, routed (no bridge); the README's
+//! "Pod networking" describes the result.
 //!
 //! Pod side: `CNI_IFNAME` with the pod's /32 and /128, loopback up, a default route via the
 //! link-local gateways 169.254.1.1 and fe80::1, and permanent neighbour entries that resolve both
@@ -9,22 +10,33 @@ use std::{
     os::fd::{AsFd, OwnedFd},
 };
 
-use ferrynet_ipam::{
-    AttachmentKey, ipam_plugin,
-    plugin::{CniError, Command, Invocation, Plugin},
+use ferrynet_cni_protocol::{
+    AttachmentKey, CniError, CniPlugin, Command, Invocation, codes,
+    rscni_types::types::{CNIResult, Interface, IpConfig, Route},
+};
+use ferrynet_ipam::cni_commands;
+use ferrynet_kernel::{
+    ids::{LOOPBACK_IFINDEX, MAIN_TABLE, ROUTE_PROTOCOL_POD},
+    names::{self, GATEWAY_V4, GATEWAY_V6, HostVeth},
+    netlink::{Netlink, NetlinkError, NetlinkRequest, RouteSpec, VethSpec, inspect},
+    netns,
 };
 use ipnet::IpNet;
 use netlink_packet_route::route::{RouteProtocol, RouteScope};
-use rscni_types::types::{CNIResult, Interface, IpConfig, Route};
 
-use crate::{
-    config::{IpamBackend, PluginConfig},
-    names::{self, GATEWAY_V4, GATEWAY_V6, HostVeth, ROUTE_PROTOCOL_POD},
-    netlink::{Change, Netlink, NetlinkError, RouteSpec, VethSpec, inspect},
-    netns,
-};
+use crate::config::{IpamBackend, PluginConfig};
 
-pub struct FerrynetPlugin;
+/// The `ferrynet` plugin: routed L3, one veth pair per pod.
+pub struct RoutedVethPlugin;
+
+/// The host veth of an attachment.
+pub fn host_veth(key: &AttachmentKey) -> HostVeth {
+    HostVeth::new(key.container_id(), key.ifname())
+}
+
+fn host_veth_alias(network: &str, key: &AttachmentKey) -> String {
+    HostVeth::alias(network, key.container_id(), key.ifname())
+}
 
 fn kernel(e: NetlinkError) -> CniError {
     CniError::kernel(e.to_string())
@@ -53,8 +65,6 @@ fn open_pod_netns(inv: &Invocation) -> Result<OwnedFd, CniError> {
     }
     Ok(fd)
 }
-
-const LOOPBACK_IFINDEX: u32 = 1;
 
 fn gateway_for(ip: IpAddr) -> IpAddr {
     if ip.is_ipv4() {
@@ -86,26 +96,18 @@ impl IpamBackend {
     fn add(&self, inv: &Invocation) -> Result<Addresses, CniError> {
         match self {
             Self::Own(config) => {
-                let attachment = ipam_plugin::allocate(inv, config)?;
+                let attachment = cni_commands::allocate(inv, config)?;
                 Ok(Addresses {
                     ips: attachment.ips.iter().map(IpNet::addr).collect(),
                     routes: config.routes.iter().map(|r| r.dst).collect(),
                 })
             }
             Self::Delegated(kind) => {
-                let result = inv.delegate(kind, Command::Add)?.ok_or_else(|| {
-                    CniError::new(
-                        ferrynet_ipam::plugin::codes::DELEGATE,
-                        "IPAM returned no result",
-                        kind.clone(),
-                    )
-                })?;
+                let result = inv
+                    .delegate(kind, Command::Add)?
+                    .ok_or_else(|| CniError::new(codes::DELEGATE, "IPAM returned no result", kind.clone()))?;
                 if result.ips.is_empty() {
-                    return Err(CniError::new(
-                        ferrynet_ipam::plugin::codes::DELEGATE,
-                        "IPAM returned no address",
-                        kind.clone(),
-                    ));
+                    return Err(CniError::new(codes::DELEGATE, "IPAM returned no address", kind.clone()));
                 }
                 Ok(Addresses {
                     ips: result.ips.iter().map(|ip| ip.address.addr()).collect(),
@@ -117,7 +119,7 @@ impl IpamBackend {
 
     fn del(&self, inv: &Invocation) -> Result<(), CniError> {
         match self {
-            Self::Own(config) => ipam_plugin::release(inv, config).map(|_| ()),
+            Self::Own(config) => cni_commands::release(inv, config).map(|_| ()),
             Self::Delegated(kind) => inv.delegate(kind, Command::Del).map(|_| ()),
         }
     }
@@ -130,7 +132,7 @@ impl IpamBackend {
     }
 }
 
-impl Plugin for FerrynetPlugin {
+impl CniPlugin for RoutedVethPlugin {
     fn add(&self, inv: &Invocation) -> Result<CNIResult, CniError> {
         let config = PluginConfig::from_invocation(inv)?;
         let key = inv.key()?;
@@ -138,7 +140,7 @@ impl Plugin for FerrynetPlugin {
         let mut host = Netlink::current().map_err(|e| kernel_io("netlink socket", e))?;
         let mut pod =
             Netlink::in_netns(pod_netns.as_fd()).map_err(|e| kernel_io("netlink socket in the pod netns", e))?;
-        let veth = HostVeth::for_key(&key);
+        let veth = host_veth(&key);
 
         let addresses = config.ipam.add(inv)?;
         let mut veth_created = false;
@@ -178,7 +180,7 @@ impl Plugin for FerrynetPlugin {
 
     fn del(&self, inv: &Invocation) -> Result<(), CniError> {
         let key = inv.key()?;
-        let veth = HostVeth::for_key(&key);
+        let veth = host_veth(&key);
         let mut errors = Vec::new();
         // The host veth goes first (its peer and the host routes go with it), so an address is
         // never free while something still routes to it. This needs no netns and no prevResult.
@@ -211,7 +213,7 @@ impl Plugin for FerrynetPlugin {
             .ok_or_else(|| CniError::invalid_config("CHECK needs prevResult"))?;
         match &config.ipam {
             IpamBackend::Own(ipam) => {
-                ipam_plugin::check(inv, ipam)?;
+                cni_commands::check(inv, ipam)?;
             }
             IpamBackend::Delegated(kind) => {
                 inv.delegate(kind, Command::Check)?;
@@ -221,7 +223,7 @@ impl Plugin for FerrynetPlugin {
         let mut host = Netlink::current().map_err(|e| kernel_io("netlink socket", e))?;
         let mut pod =
             Netlink::in_netns(pod_netns.as_fd()).map_err(|e| kernel_io("netlink socket in the pod netns", e))?;
-        let veth = HostVeth::for_key(&key);
+        let veth = host_veth(&key);
         let ifname = inv.ifname.as_deref().unwrap_or_default();
         let failed = |what: String| Err(CniError::check_failed(what));
 
@@ -328,7 +330,7 @@ impl Plugin for FerrynetPlugin {
             )));
         }
         match &config.ipam {
-            IpamBackend::Own(ipam) => ipam_plugin::status(inv, ipam),
+            IpamBackend::Own(ipam) => cni_commands::status(inv, ipam),
             IpamBackend::Delegated(kind) => inv.delegate(kind, Command::Status).map(|_| ()),
         }
     }
@@ -350,13 +352,13 @@ impl Plugin for FerrynetPlugin {
                 // Every record is written before its veth exists, so the records GC releases
                 // name every veth a killed ADD can have left, alias or not. Those veths go first,
                 // under the store lock, so no address is free while something still routes to it.
-                let mut store = ipam_plugin::lock_store(inv, ipam)?;
+                let mut store = cni_commands::lock_store(inv, ipam)?;
                 for attachment in store.attachments()? {
                     let key = attachment.key()?;
                     // The record names the veth; its alias must agree (as for DEL), so that a
                     // name collision never costs another network's pod its veth.
                     if !keep.contains(&key)
-                        && let Err(e) = delete_own_veth(&mut host, &HostVeth::for_key(&key), &config.network, &key)
+                        && let Err(e) = delete_own_veth(&mut host, &host_veth(&key), &config.network, &key)
                     {
                         errors.push(kernel(e));
                     }
@@ -370,7 +372,7 @@ impl Plugin for FerrynetPlugin {
             }
         }
         // Any other veth of this network's that is not listed (recognised by its alias).
-        let expected: Vec<String> = keep.iter().map(|k| HostVeth::for_key(k).name).collect();
+        let expected: Vec<String> = keep.iter().map(|k| host_veth(k).name).collect();
         let prefix = HostVeth::alias_prefix(&config.network);
         for link in host.links().map_err(kernel)? {
             let ours = inspect::link_alias(&link).is_some_and(|a| a.starts_with(&prefix));
@@ -407,7 +409,7 @@ fn delete_own_veth(
         return Ok(());
     };
     let alias = inspect::link_alias(&link).unwrap_or_default();
-    if !alias.is_empty() && alias != HostVeth::alias(network, key) {
+    if !alias.is_empty() && alias != host_veth_alias(network, key) {
         return Ok(());
     }
     match host.delete_link(link.header.index) {
@@ -420,7 +422,7 @@ fn delete_own_veth(
 fn detect_mtu(host: &mut Netlink) -> u32 {
     let default_oif = [true, false].into_iter().find_map(|v4| {
         host.routes(v4).ok()?.into_iter().find_map(|r| {
-            (inspect::route_dst(&r) == Some(default_route(v4)) && inspect::route_table(&r) == 254)
+            (inspect::route_dst(&r) == Some(default_route(v4)) && inspect::route_table(&r) == MAIN_TABLE)
                 .then(|| inspect::route_oif(&r))
                 .flatten()
         })
@@ -449,7 +451,7 @@ fn wire(
 ) -> Result<CNIResult, CniError> {
     let ifname = inv.ifname.as_deref().unwrap_or_default();
     let mtu = config.mtu.unwrap_or_else(|| detect_mtu(host));
-    let alias = HostVeth::alias(&config.network, key);
+    let alias = host_veth_alias(&config.network, key);
 
     let spec = VethSpec {
         host_name: &veth.name,
@@ -477,14 +479,14 @@ fn wire(
     // The pod side, one batch.
     let pod_mac = veth.pod_mac;
     // Loopback is always ifindex 1 in a network namespace.
-    let mut pod_changes = vec![Change::link_up(LOOPBACK_IFINDEX)];
+    let mut pod_changes = vec![NetlinkRequest::link_up(LOOPBACK_IFINDEX)];
     pod_changes.extend(
         addresses
             .ips
             .iter()
-            .map(|ip| Change::add_address(pod_index, host_prefix(*ip), true)),
+            .map(|ip| NetlinkRequest::add_address(pod_index, host_prefix(*ip), true)),
     );
-    pod_changes.push(Change::link_up(pod_index));
+    pod_changes.push(NetlinkRequest::link_up(pod_index));
     let mut families: Vec<bool> = addresses.ips.iter().map(IpAddr::is_ipv4).collect();
     families.dedup();
     let mut routes = Vec::new();
@@ -494,7 +496,7 @@ fn wire(
         } else {
             IpAddr::V6(GATEWAY_V6)
         };
-        pod_changes.push(Change::permanent_neighbour(pod_index, gateway, veth.mac));
+        pod_changes.push(NetlinkRequest::permanent_neighbour(pod_index, gateway, veth.mac));
         let extra = addresses
             .routes
             .iter()
@@ -506,7 +508,7 @@ fn wire(
                 onlink: true,
                 ..RouteSpec::new(dst, RouteProtocol::Boot)
             };
-            pod_changes.push(Change::replace_route(&spec));
+            pod_changes.push(NetlinkRequest::replace_route(&spec));
             routes.push(Route {
                 dst,
                 gw: Some(gateway),
@@ -526,15 +528,15 @@ fn wire(
     // entries at both ends no packet waits for ARP or NDP. That matters for IPv6: a fresh veth
     // has no link-local address until the kernel's link watcher reports its carrier (up to a
     // second), and without one the host cannot run neighbour discovery.
-    let mut host_changes = vec![Change::alias_and_up(host_index, &alias)];
+    let mut host_changes = vec![NetlinkRequest::alias_and_up(host_index, &alias)];
     for ip in &addresses.ips {
-        host_changes.push(Change::permanent_neighbour(host_index, *ip, pod_mac));
+        host_changes.push(NetlinkRequest::permanent_neighbour(host_index, *ip, pod_mac));
         let spec = RouteSpec {
             oif: Some(host_index),
             scope: RouteScope::Link,
             ..RouteSpec::new(host_prefix(*ip), RouteProtocol::Other(ROUTE_PROTOCOL_POD))
         };
-        host_changes.push(Change::replace_route(&spec));
+        host_changes.push(NetlinkRequest::replace_route(&spec));
     }
     host.apply_all(host_changes).map_err(kernel)?;
 

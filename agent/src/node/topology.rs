@@ -10,6 +10,8 @@ use ipnet::IpNet;
 use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::Time};
 use sha2::{Digest, Sha256};
 
+use crate::warning::{Warning, WarningKind};
+
 /// What the agent needs to know about one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -30,10 +32,13 @@ impl NodeInfo {
 }
 
 /// Reads a Node object, tolerating anything. Returns what could be used, plus warnings.
-pub fn node_info(node: &Node) -> (Option<NodeInfo>, Vec<String>) {
+pub fn node_info(node: &Node) -> (Option<NodeInfo>, Vec<Warning>) {
     let mut warnings = Vec::new();
     let Some(name) = node.metadata.name.clone().filter(|n| !n.is_empty()) else {
-        warnings.push("a node without a name is ignored".to_string());
+        warnings.push(Warning::new(
+            WarningKind::NodeWithoutName,
+            "a node without a name is ignored",
+        ));
         return (None, warnings);
     };
     let spec = node.spec.as_ref();
@@ -45,14 +50,17 @@ pub fn node_info(node: &Node) -> (Option<NodeInfo>, Vec<String>) {
     for raw in raw_cidrs {
         match raw.parse::<IpNet>() {
             Ok(cidr) if cidr.trunc() != cidr => {
-                warnings.push(format!(
-                    "node {name}: podCIDR {raw} has host bits set; using {}",
-                    cidr.trunc()
+                warnings.push(Warning::new(
+                    WarningKind::InvalidPodCidr,
+                    format!("node {name}: podCIDR {raw} has host bits set; using {}", cidr.trunc()),
                 ));
                 push_per_family(&mut pod_cidrs, cidr.trunc(), &name, &mut warnings);
             }
             Ok(cidr) => push_per_family(&mut pod_cidrs, cidr, &name, &mut warnings),
-            Err(_) => warnings.push(format!("node {name}: podCIDR {raw:?} is not a CIDR; ignored")),
+            Err(_) => warnings.push(Warning::new(
+                WarningKind::InvalidPodCidr,
+                format!("node {name}: podCIDR {raw:?} is not a CIDR; ignored"),
+            )),
         }
     }
     let mut internal_ips = Vec::new();
@@ -68,9 +76,9 @@ pub fn node_info(node: &Node) -> (Option<NodeInfo>, Vec<String>) {
         }
         match address.address.parse::<IpAddr>() {
             Ok(ip) if !ip.is_unspecified() && !ip.is_loopback() && !ip.is_multicast() => internal_ips.push(ip),
-            _ => warnings.push(format!(
-                "node {name}: InternalIP {:?} is not usable; ignored",
-                address.address
+            _ => warnings.push(Warning::new(
+                WarningKind::InvalidInternalIp,
+                format!("node {name}: InternalIP {:?} is not usable; ignored", address.address),
             )),
         }
     }
@@ -85,10 +93,11 @@ pub fn node_info(node: &Node) -> (Option<NodeInfo>, Vec<String>) {
     )
 }
 
-fn push_per_family(cidrs: &mut Vec<IpNet>, cidr: IpNet, node: &str, warnings: &mut Vec<String>) {
+fn push_per_family(cidrs: &mut Vec<IpNet>, cidr: IpNet, node: &str, warnings: &mut Vec<Warning>) {
     if cidrs.iter().any(|c| c.addr().is_ipv4() == cidr.addr().is_ipv4()) {
-        warnings.push(format!(
-            "node {node}: a second podCIDR of one family ({cidr}) is ignored"
+        warnings.push(Warning::new(
+            WarningKind::ExtraPodCidr,
+            format!("node {node}: a second podCIDR of one family ({cidr}) is ignored"),
         ));
     } else {
         cidrs.push(cidr);
@@ -138,7 +147,7 @@ pub struct RoutingPlan {
     pub retained: Vec<IpNet>,
     /// This node's VXLAN endpoint, when any peer is reached through VXLAN (or the mode is VXLAN).
     pub vxlan: Option<LocalVtep>,
-    pub warnings: Vec<String>,
+    pub warnings: Vec<Warning>,
 }
 
 /// This node's side of the overlay.
@@ -188,24 +197,28 @@ pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], mode: RoutingMode, conn
 
     for peer in peers {
         if peer.pod_cidrs.is_empty() {
-            plan.warnings
-                .push(format!("node {}: no podCIDR yet; no route", peer.name));
+            plan.warnings.push(Warning::new(
+                WarningKind::PeerWithoutPodCidr,
+                format!("node {}: no podCIDR yet; no route", peer.name),
+            ));
             continue;
         }
         let mut routes = Vec::new();
         for cidr in &peer.pod_cidrs {
             if let Some(why) = unroutable(cidr, local, connected) {
-                plan.warnings
-                    .push(format!("node {}: podCIDR {cidr} {why}; no route", peer.name));
+                plan.warnings.push(Warning::new(
+                    WarningKind::UnroutablePodCidr,
+                    format!("node {}: podCIDR {cidr} {why}; no route", peer.name),
+                ));
                 continue;
             }
             if let Some((_, owner)) = claimed
                 .iter()
                 .find(|(c, _)| c.contains(&cidr.network()) || cidr.contains(&c.network()))
             {
-                plan.warnings.push(format!(
-                    "node {}: podCIDR {cidr} overlaps {owner}'s; no route",
-                    peer.name
+                plan.warnings.push(Warning::new(
+                    WarningKind::PodCidrConflict,
+                    format!("node {}: podCIDR {cidr} overlaps {owner}'s; no route", peer.name),
                 ));
                 continue;
             }
@@ -215,24 +228,31 @@ pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], mode: RoutingMode, conn
             let native_gateway = peer.internal_ip(family).filter(|_| local.internal_ip(family).is_some());
             let on_link = |ip: IpAddr| connected.iter().any(|net| net.contains(&ip));
             let via = match mode {
-                RoutingMode::Native => {
-                    match native_gateway {
-                        Some(gateway) => Via::Native { gateway },
-                        None => {
-                            plan.warnings.push(format!("node {}: no InternalIP of {cidr}'s family for a native route; keeping what is installed", peer.name));
-                            plan.retained.push(*cidr);
-                            continue;
-                        }
+                RoutingMode::Native => match native_gateway {
+                    Some(gateway) => Via::Native { gateway },
+                    None => {
+                        plan.warnings.push(Warning::new(
+                                WarningKind::PeerWithoutAddress,
+                                format!(
+                                    "node {}: no InternalIP of {cidr}'s family for a native route; keeping what is installed",
+                                    peer.name
+                                ),
+                            ));
+                        plan.retained.push(*cidr);
+                        continue;
                     }
-                }
+                },
                 RoutingMode::Auto if native_gateway.is_some_and(on_link) => Via::Native {
                     gateway: native_gateway.expect("checked"),
                 },
                 RoutingMode::Vxlan | RoutingMode::Auto => {
                     let (Some(_), Some(vtep)) = (local_vtep, peer.internal_ip(underlay_v4)) else {
-                        plan.warnings.push(format!(
-                            "node {}: no InternalIP of the underlay's family for VXLAN; keeping what is installed",
-                            peer.name
+                        plan.warnings.push(Warning::new(
+                            WarningKind::PeerWithoutAddress,
+                            format!(
+                                "node {}: no InternalIP of the underlay's family for VXLAN; keeping what is installed",
+                                peer.name
+                            ),
                         ));
                         plan.retained.push(*cidr);
                         // What is installed for it may go through the VXLAN device: keep that.
@@ -266,9 +286,10 @@ pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], mode: RoutingMode, conn
                         .collect(),
                 })
             }
-            None => plan
-                .warnings
-                .push(format!("node {}: no InternalIP, so no VXLAN endpoint", local.name)),
+            None => plan.warnings.push(Warning::new(
+                WarningKind::NoVxlanEndpoint,
+                format!("node {}: no InternalIP, so no VXLAN endpoint", local.name),
+            )),
         }
     }
     plan
@@ -403,7 +424,20 @@ mod tests {
         let n = n.unwrap();
         assert_eq!(n.pod_cidrs, vec![net("10.244.2.0/24")]);
         assert_eq!(n.internal_ips, vec![ip("10.0.0.2")]);
-        assert_eq!(w.len(), 5, "{w:?}");
+        let mut kinds: Vec<WarningKind> = w.iter().map(|w| w.kind).collect();
+        kinds.sort();
+        use WarningKind::*;
+        assert_eq!(
+            kinds,
+            [
+                InvalidPodCidr,
+                InvalidPodCidr,
+                ExtraPodCidr,
+                InvalidInternalIp,
+                InvalidInternalIp
+            ],
+            "{w:?}"
+        );
 
         // The legacy singular podCIDR, and a node with no spec or status at all.
         let mut legacy = node("c", &["10.0.0.3"], &[]);
@@ -515,7 +549,24 @@ mod tests {
             let plan = plan_routes(&local, &nodes, mode, &[net("10.0.0.0/24")]);
             let names: Vec<&str> = plan.peers.keys().map(String::as_str).collect();
             assert_eq!(names, ["a-first"], "{mode:?}: {plan:?}");
-            assert_eq!(plan.warnings.len(), 8, "{mode:?}: {:?}", plan.warnings);
+            let mut kinds: Vec<WarningKind> = plan.warnings.iter().map(|w| w.kind).collect();
+            kinds.sort();
+            use WarningKind::*;
+            assert_eq!(
+                kinds,
+                [
+                    PeerWithoutPodCidr,
+                    PeerWithoutAddress,
+                    PeerWithoutAddress,
+                    UnroutablePodCidr,
+                    UnroutablePodCidr,
+                    UnroutablePodCidr,
+                    PodCidrConflict,
+                    PodCidrConflict
+                ],
+                "{mode:?}: {:?}",
+                plan.warnings
+            );
             // Known but incomplete peers keep what is installed; hostile CIDRs get nothing.
             assert_eq!(
                 plan.retained,
@@ -556,7 +607,8 @@ mod tests {
         newcomer.created = at(1_700_000_000);
         let plan = plan_routes(&local, &[local.clone(), newcomer, old], RoutingMode::Native, &[]);
         assert_eq!(plan.peers.keys().collect::<Vec<_>>(), ["z-established"]);
-        assert!(plan.warnings[0].contains("a-newcomer"), "{:?}", plan.warnings);
+        assert_eq!(plan.warnings[0].kind, WarningKind::PodCidrConflict);
+        assert!(plan.warnings[0].message.contains("a-newcomer"), "{:?}", plan.warnings);
     }
 
     #[test]

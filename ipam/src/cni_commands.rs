@@ -1,16 +1,36 @@
-//! The `ferrynet-ipam` plugin: CNI commands on top of the store. The main `ferrynet` plugin calls
-//! the same functions in-process instead of executing this binary.
+//! The IPAM's CNI commands, on top of the store: what the `ferrynet-ipam` plugin runs, and what
+//! the main `ferrynet` plugin calls in-process instead of executing that binary.
 use std::net::IpAddr;
 
+use ferrynet_cni_protocol::{
+    CniError, CniPlugin, Invocation, codes,
+    rscni_types::types::{CNIResult, IpConfig, Route},
+};
 use ipnet::IpNet;
-use rscni_types::types::{CNIResult, IpConfig, Route};
 use serde_json::Value;
 
 use crate::{
     config::IpamConfig,
-    plugin::{CniError, Invocation, Plugin},
+    error::IpamError,
     store::{AllocationRequest, Attachment, LockedStore, Store},
 };
+
+/// Every IPAM failure as the spec error a runtime sees.
+impl From<IpamError> for CniError {
+    fn from(e: IpamError) -> Self {
+        let details = e.to_string();
+        match e {
+            IpamError::InvalidConfig(_) => Self::invalid_config(details),
+            IpamError::InvalidKey(_) => Self::invalid_env(details),
+            IpamError::Exhausted(_) => Self::new(codes::NO_FREE_ADDRESS, "no free address", details),
+            IpamError::RequestedOutOfRange(_) | IpamError::RequestedInUse { .. } => {
+                Self::new(codes::ADDRESS_UNAVAILABLE, "requested address unavailable", details)
+            }
+            IpamError::LockTimeout(_) => Self::new(codes::TRY_AGAIN_LATER, "try again later", details),
+            IpamError::Io { .. } | IpamError::Corrupt { .. } => Self::new(codes::STORE, "IPAM store failure", details),
+        }
+    }
+}
 
 /// Parses the `ipam` section of an invocation's config.
 pub fn config_of(inv: &Invocation) -> Result<IpamConfig, CniError> {
@@ -165,7 +185,7 @@ pub fn gc(inv: &Invocation, config: &IpamConfig) -> Result<Vec<Attachment>, CniE
     if !report.corrupt.is_empty() {
         let paths: Vec<String> = report.corrupt.iter().map(|p| p.display().to_string()).collect();
         return Err(CniError::new(
-            crate::plugin::codes::STORE,
+            codes::STORE,
             "IPAM store failure",
             format!(
                 "released what was not listed, but kept unreadable records (repair or remove them): {}",
@@ -179,7 +199,7 @@ pub fn gc(inv: &Invocation, config: &IpamConfig) -> Result<Vec<Attachment>, CniE
 /// `ferrynet-ipam` as a CNI plugin.
 pub struct IpamPlugin;
 
-impl Plugin for IpamPlugin {
+impl CniPlugin for IpamPlugin {
     fn add(&self, inv: &Invocation) -> Result<CNIResult, CniError> {
         let config = config_of(inv)?;
         let attachment = allocate(inv, &config)?;

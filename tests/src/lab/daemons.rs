@@ -1,0 +1,152 @@
+//! The lab's long-running processes (agents, the API stand-in, pod servers): started in a
+//! namespace (and cgroup) of the lab's, each in its own process group with its output in a log
+//! file, and stopped as the kubelet stops containers: SIGTERM, then SIGKILL after a grace period.
+use std::{
+    fs::File,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Stdio},
+    sync::{Mutex, MutexGuard, OnceLock, PoisonError, mpsc},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+
+use super::{
+    Lab,
+    kernel_fs::join_cgroup,
+    topology::{in_lab, lab_netns_inodes},
+};
+use crate::netns::Netns;
+
+/// How a daemon the lab stopped ended.
+#[derive(Debug)]
+pub enum DaemonExit {
+    /// It was not running (any more).
+    NotRunning,
+    /// It ended on SIGTERM; with its exit status when this process started it.
+    Exited(Option<ExitStatus>),
+    /// It ignored SIGTERM and was killed.
+    Killed,
+}
+
+/// The exit statuses of the daemons this process started, by pid.
+type ChildExits = std::collections::HashMap<u32, mpsc::Receiver<ExitStatus>>;
+
+fn lock_children() -> MutexGuard<'static, ChildExits> {
+    static CHILDREN: OnceLock<Mutex<ChildExits>> = OnceLock::new();
+    CHILDREN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
+fn signal(pid: i32, signal: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+}
+
+impl Lab {
+    pub(super) fn pid_file(&self, what: &str) -> PathBuf {
+        self.dir.join(format!("{what}.pid"))
+    }
+
+    /// The pid of a daemon the lab started, while its pid file is there.
+    pub fn daemon_pid(&self, what: &str) -> Option<u32> {
+        std::fs::read_to_string(self.pid_file(what)).ok()?.trim().parse().ok()
+    }
+
+    /// Starts `program` in `ns` as a background process of its own (its own process group, output
+    /// to a log file), and records its pid.
+    pub(super) fn spawn_daemon(
+        &self,
+        ns: &Netns,
+        what: &str,
+        program: &Path,
+        args: &[String],
+        cgroup: Option<&Path>,
+    ) -> Result<u32> {
+        let log = File::create(self.dir.join("logs").join(format!("{what}.log")))?;
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0);
+        if let Some(cgroup) = cgroup {
+            join_cgroup(&mut cmd, cgroup)?;
+        }
+        let mut child = ns.spawn(&mut cmd);
+        let pid = child.id();
+        // Reap it whenever it ends, if we are still around then, and keep how it ended for
+        // `stop_daemon`.
+        let (exit_tx, exit_rx) = mpsc::channel();
+        lock_children().insert(pid, exit_rx);
+        std::thread::spawn(move || {
+            if let Ok(status) = child.wait() {
+                let _ = exit_tx.send(status);
+            }
+        });
+        std::fs::write(self.pid_file(what), pid.to_string())?;
+        Ok(pid)
+    }
+
+    /// Stops a daemon started by `spawn_daemon`: SIGTERM, then SIGKILL if it is still there
+    /// after 5 s. Says how it ended.
+    pub(super) fn stop_daemon(&self, what: &str) -> Result<DaemonExit> {
+        let path = self.pid_file(what);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(DaemonExit::NotRunning);
+        };
+        let pid: i32 = text.trim().parse().context("pid file")?;
+        let _ = std::fs::remove_file(&path);
+        let exit = u32::try_from(pid).ok().and_then(|p| lock_children().remove(&p));
+        // Only a process still living in one of the lab's namespaces is ours: if the daemon died
+        // earlier, its pid may belong to someone else by now.
+        if !in_lab(pid, &lab_netns_inodes(&self.state.name)) {
+            return Ok(DaemonExit::NotRunning);
+        }
+        signal(pid, nix::sys::signal::Signal::SIGTERM);
+        if let Some(exit) = exit {
+            // Our own child: its reaper reports the exit status.
+            return Ok(match exit.recv_timeout(Duration::from_secs(5)) {
+                Ok(status) => DaemonExit::Exited(Some(status)),
+                Err(_) => {
+                    // The child is not reaped yet, so the pid is still its own.
+                    signal(pid, nix::sys::signal::Signal::SIGKILL);
+                    DaemonExit::Killed
+                }
+            });
+        }
+        let gone = crate::wait_for(Duration::from_secs(5), || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Gone, or a zombie waiting to be reaped.
+            (stat.is_empty() || stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z'))).then_some(())
+        });
+        if gone.is_none() {
+            signal(pid, nix::sys::signal::Signal::SIGKILL);
+            return Ok(DaemonExit::Killed);
+        }
+        Ok(DaemonExit::Exited(None))
+    }
+
+    /// Kills a daemon at once (SIGKILL), as a crash or an OOM kill would, and waits until it is
+    /// gone.
+    pub fn kill_daemon(&self, what: &str) -> Result<()> {
+        let path = self.pid_file(what);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(());
+        };
+        let pid: i32 = text.trim().parse().context("pid file")?;
+        let _ = std::fs::remove_file(&path);
+        let exit = u32::try_from(pid).ok().and_then(|p| lock_children().remove(&p));
+        if !in_lab(pid, &lab_netns_inodes(&self.state.name)) {
+            return Ok(());
+        }
+        signal(pid, nix::sys::signal::Signal::SIGKILL);
+        if let Some(exit) = exit {
+            exit.recv_timeout(Duration::from_secs(5))
+                .context("the killed daemon was not reaped")?;
+        }
+        Ok(())
+    }
+}
