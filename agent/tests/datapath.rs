@@ -1,11 +1,13 @@
-//! The real kernel program, loaded and attached to a real pod's host veth, counting real traffic.
+//! The real kernel programs: loaded (the verifier runs), pinned, attached to a real pod's host
+//! veth, counting real traffic.
 use std::net::SocketAddr;
 
 use aya::maps::MapType;
-use ferrynet_agent::datapath::{self, Datapath};
+use ferrynet_agent::datapath::{self, Datapath, MapSizes};
 use ferrynet_common::FROM_POD_STATS_MAP;
 use ferrynet_kernel::names::HostVeth;
 use ferrynet_tests::{
+    bpffs::TestBpfFs,
     cni::{Runtime, ferrynet_conflist, result_ip},
     netns::Netns,
     require_root,
@@ -17,6 +19,7 @@ use serde_json::Value;
 #[test]
 fn the_pod_program_loads_attaches_and_counts_what_a_pod_sends() {
     require_root();
+    let bpffs = TestBpfFs::mount();
     let host = Netns::host("host", "192.168.95.1", "fd95::1");
     let state = tempfile::tempdir().unwrap();
     let list = ferrynet_conflist("ebpf", "10.40.0.0/24", None, state.path());
@@ -28,7 +31,7 @@ fn the_pod_program_loads_attaches_and_counts_what_a_pod_sends() {
     let ifindex = host.ip_json(&["link", "show", &veth])[0]["ifindex"].as_u64().unwrap() as u32;
 
     // Loading runs the verifier on the real kernel; a broken kernel build fails here.
-    let mut datapath = Datapath::load().expect("load the eBPF object");
+    let mut datapath = Datapath::load(&bpffs.pin_path("dp"), MapSizes::default()).expect("load the eBPF object");
     // The counters are an LRU map: a pod that goes leaves an entry that new pods push out,
     // instead of new pods going uncounted once the map is full.
     assert_eq!(
@@ -36,9 +39,9 @@ fn the_pod_program_loads_attaches_and_counts_what_a_pod_sends() {
         MapType::LruPerCpuHash
     );
     ferrynet_kernel::netns::run_in(host.fd(), || {
-        datapath.attach_pod_veth(&veth).map_err(std::io::Error::other)
+        datapath.attach_pod_veth(&veth, false).map_err(std::io::Error::other)
     })
-    .expect("attach at TCX ingress");
+    .expect("attach at TCX ingress and egress");
     // IPv6 DAD or MLD from the new veth may be counted already: count from here.
     let before = datapath.from_pod_counters(ifindex).unwrap();
 
@@ -53,9 +56,15 @@ fn the_pod_program_loads_attaches_and_counts_what_a_pod_sends() {
     assert!(packets >= 20, "{before:?} -> {after:?}");
     assert!(bytes >= packets * 40, "{before:?} -> {after:?}");
 
-    // Detached on drop: the pod keeps working without the program.
+    // The links are pinned: dropping the loader keeps them attached and counting.
     drop(datapath);
     assert!(request(&pod, server.addr, "after").is_ok());
+    let pins = datapath::PinLayout::new(&bpffs.pin_path("dp"));
+    assert!(pins.pod_link(&veth, "from").exists() && pins.pod_link(&veth, "to").exists());
+    // Cleanup removes every pin; the veth keeps working without the programs.
+    datapath::cleanup(&bpffs.pin_path("dp")).unwrap();
+    assert!(!pins.root().exists());
+    assert!(request(&pod, server.addr, "after cleanup").is_ok());
 }
 
 #[test]

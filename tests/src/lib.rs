@@ -6,6 +6,7 @@
 //! exactly as a runtime runs them: environment variables, config on stdin, in the host namespace.
 pub mod apiserver;
 pub mod bench;
+pub mod bpffs;
 pub mod cni;
 pub mod lab;
 pub mod netns;

@@ -1,16 +1,400 @@
 //! Types shared by ferrynet's kernel programs (`ferrynet-ebpf`) and userspace (`ferrynet-agent`).
 //!
-//! Everything here is `#[repr(C)]` plain data: the kernel and userspace read the same bytes out of
-//! the same BPF maps, so the layouts must match exactly and must not contain padding holes the
-//! verifier would reject.
+//! Everything here is `#[repr(C)]` plain data with explicit padding: the kernel and userspace read
+//! the same bytes out of the same BPF maps, so the layouts must match exactly and contain no
+//! implicit padding (hash keys are compared byte for byte, and the verifier rejects reads of
+//! uninitialised stack bytes).
+//!
+//! Byte order: addresses and ports are kept exactly as they travel on the wire and as the kernel
+//! hands them to programs (network order), in `u32`s and `u16`s read as memory. Userspace builds
+//! them with [`addr4`], [`addr6`] and [`port`].
+//!
+//! The maps, and how one service update touches only that service's entries:
+//! - [`SERVICES4_MAP`] / [`SERVICES6_MAP`]: (VIP, port, protocol, scope) → [`ServiceValue`]
+//!   (service id, backend count, flags, affinity timeout);
+//! - [`SERVICE_SLOTS_MAP`]: (service id, slot) → backend id, slots `0..count`;
+//! - [`BACKENDS_MAP`]: backend id → [`BackendValue`] (address, port, state);
+//! - [`REV_NAT_MAP`]: service id → [`RevNatValue`] (the VIP and port replies come from);
+//! - [`CT4_MAP`] / [`CT6_MAP`]: per-packet connection tracking (LRU);
+//! - [`AFFINITY4_MAP`] / [`AFFINITY6_MAP`]: sessionAffinity (LRU);
+//! - [`SOCK_BACKEND_MAP`]: socket cookie → backend id, for terminating the sockets of removed
+//!   backends;
+//! - [`SOCK_REVNAT4_MAP`] / [`SOCK_REVNAT6_MAP`]: (socket cookie, backend address, port) → VIP, for
+//!   `recvmsg` and `getpeername`;
+//! - [`DOOMED_BACKENDS_MAP`]: backends whose sockets are being terminated;
+//! - [`SERVICE_CIDRS4_MAP`] / [`SERVICE_CIDRS6_MAP`]: the cluster's Service CIDRs, where an
+//!   address no Service holds is refused;
+//! - [`DATAPATH_CONFIG_MAP`]: [`DatapathConfig`], set at load;
+//! - [`DATAPATH_STATS_MAP`]: per-CPU counters, indexed by [`Stat`].
 #![no_std]
 
-/// Name of the map that counts what each pod sends, keyed by the host-side veth's ifindex.
+/// The schema version of the pinned layout: pins live under `<bpf-pin-path>/v<SCHEMA>/`, so that a
+/// future layout can migrate from this one.
+pub const SCHEMA_VERSION: u32 = 1;
+
+pub const SERVICES4_MAP: &str = "SERVICES4";
+pub const SERVICES6_MAP: &str = "SERVICES6";
+pub const SERVICE_SLOTS_MAP: &str = "SERVICE_SLOTS";
+pub const BACKENDS_MAP: &str = "BACKENDS";
+pub const REV_NAT_MAP: &str = "REV_NAT";
+pub const CT4_MAP: &str = "CT4";
+pub const CT6_MAP: &str = "CT6";
+pub const AFFINITY4_MAP: &str = "AFFINITY4";
+pub const AFFINITY6_MAP: &str = "AFFINITY6";
+pub const SOCK_BACKEND_MAP: &str = "SOCK_BACKEND";
+pub const SOCK_REVNAT4_MAP: &str = "SOCK_REVNAT4";
+pub const SOCK_REVNAT6_MAP: &str = "SOCK_REVNAT6";
+pub const DOOMED_BACKENDS_MAP: &str = "DOOMED_BACKENDS";
+pub const SERVICE_CIDRS4_MAP: &str = "SERVICE_CIDRS4";
+pub const SERVICE_CIDRS6_MAP: &str = "SERVICE_CIDRS6";
+pub const DATAPATH_CONFIG_MAP: &str = "DATAPATH_CONFIG";
+pub const DATAPATH_STATS_MAP: &str = "DATAPATH_STATS";
+/// Packets and bytes each pod sends, keyed by the ifindex of its host-side veth.
 pub const FROM_POD_STATS_MAP: &str = "FROM_POD_STATS";
-/// Name of the TC/TCX program attached at ingress of every pod's host-side veth.
+
+/// Every map the datapath pins, in the order the agent reports them.
+pub const PINNED_MAPS: [&str; 18] = [
+    SERVICES4_MAP,
+    SERVICES6_MAP,
+    SERVICE_SLOTS_MAP,
+    BACKENDS_MAP,
+    REV_NAT_MAP,
+    CT4_MAP,
+    CT6_MAP,
+    AFFINITY4_MAP,
+    AFFINITY6_MAP,
+    SOCK_BACKEND_MAP,
+    SOCK_REVNAT4_MAP,
+    SOCK_REVNAT6_MAP,
+    DOOMED_BACKENDS_MAP,
+    SERVICE_CIDRS4_MAP,
+    SERVICE_CIDRS6_MAP,
+    DATAPATH_CONFIG_MAP,
+    DATAPATH_STATS_MAP,
+    FROM_POD_STATS_MAP,
+];
+
+/// Program names (the functions' names in the object).
+pub const CONNECT4_PROGRAM: &str = "sock4_connect";
+pub const CONNECT6_PROGRAM: &str = "sock6_connect";
+pub const SENDMSG4_PROGRAM: &str = "sock4_sendmsg";
+pub const SENDMSG6_PROGRAM: &str = "sock6_sendmsg";
+pub const RECVMSG4_PROGRAM: &str = "sock4_recvmsg";
+pub const RECVMSG6_PROGRAM: &str = "sock6_recvmsg";
+pub const GETPEERNAME4_PROGRAM: &str = "sock4_getpeername";
+pub const GETPEERNAME6_PROGRAM: &str = "sock6_getpeername";
+/// TC/TCX at ingress of a pod's host veth: everything the pod sends.
 pub const FROM_POD_PROGRAM: &str = "from_pod";
+/// TC/TCX at egress of a pod's host veth: everything sent to the pod.
+pub const TO_POD_PROGRAM: &str = "to_pod";
+/// Socket iterators that terminate sockets connected to removed backends.
+pub const TERMINATE_UDP_PROGRAM: &str = "terminate_udp";
+pub const TERMINATE_TCP_PROGRAM: &str = "terminate_tcp";
+/// The kfunc the socket iterators call.
+pub const SOCK_DESTROY_KFUNC: &str = "bpf_sock_destroy";
+
+/// Default capacities (each is a setting of the agent).
+pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
+pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
+pub const DEFAULT_MAX_SLOTS: u32 = 262_144;
+pub const DEFAULT_MAX_CONNTRACK: u32 = 262_144;
+pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
+pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
+pub const MAX_SERVICE_CIDRS: u32 = 64;
 /// Capacity of the per-pod maps. A node runs a few hundred pods at most; this leaves room.
 pub const MAX_PODS: u32 = 4096;
+/// The most backends one service port can have.
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Which traffic a service entry is for: in-cluster traffic (pods and the node's own processes,
+/// `internalTrafficPolicy`) or traffic from outside the cluster (`externalTrafficPolicy`).
+pub const SCOPE_INTERNAL: u8 = 0;
+pub const SCOPE_EXTERNAL: u8 = 1;
+
+/// The service has `sessionAffinity: ClientIP`.
+pub const SERVICE_F_AFFINITY: u16 = 1 << 0;
+
+/// A backend in use.
+pub const BACKEND_ACTIVE: u8 = 0;
+/// A backend that is terminating: used only when no ready one exists.
+pub const BACKEND_TERMINATING: u8 = 1;
+
+/// `DatapathConfig::flags`: socket LB translates only in the host's network namespace.
+pub const CONFIG_F_HOST_NETNS_ONLY: u32 = 1 << 0;
+/// `DatapathConfig::flags`: the per-packet path translates (off when socket LB covers pods).
+pub const CONFIG_F_PER_PACKET: u32 = 1 << 1;
+/// `DatapathConfig::flags`: socket LB translates at all.
+pub const CONFIG_F_SOCKET_LB: u32 = 1 << 2;
+
+/// The packet mark (in [`MARK_MASK`]) that asks the agent's firewall table to reject a packet
+/// with an ICMP error or a TCP reset: a Service port without endpoints, or an address in the
+/// Service CIDRs that no Service holds.
+pub const MARK_REJECT: u32 = 0x0f00_0000;
+pub const MARK_MASK: u32 = 0x0f00_0000;
+
+/// The source a pod sees when it reaches itself through its own Service (hairpin), so that its
+/// reply comes back through the host veth instead of staying inside the pod: an address no
+/// pod, node or Service has.
+pub const HAIRPIN_V4: [u8; 4] = [169, 254, 7, 1];
+/// IPv6's hairpin source, in the discard-only prefix (RFC 6666), routed by a pod's default route.
+pub const HAIRPIN_V6: [u8; 16] = [0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x07, 0x01];
+
+/// Conntrack idle timeouts: a flow idle this long is new again (and may pick another backend).
+pub const CT_TCP_IDLE_NS: u64 = 6 * 3600 * 1_000_000_000;
+pub const CT_UDP_IDLE_NS: u64 = 120 * 1_000_000_000;
+
+/// An IPv4 address as the datapath keeps it (network order, read as memory).
+pub fn addr4(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+/// An IPv6 address as the datapath keeps it.
+pub fn addr6(octets: [u8; 16]) -> [u32; 4] {
+    let mut out = [0u32; 4];
+    for (i, word) in out.iter_mut().enumerate() {
+        *word = u32::from_ne_bytes([octets[4 * i], octets[4 * i + 1], octets[4 * i + 2], octets[4 * i + 3]]);
+    }
+    out
+}
+
+/// The octets of an IPv6 address kept by the datapath.
+pub fn octets6(addr: [u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (i, word) in addr.iter().enumerate() {
+        out[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    out
+}
+
+/// A port as the datapath keeps it (network order, read as memory).
+pub fn port(host_order: u16) -> u16 {
+    host_order.to_be()
+}
+
+/// Key of [`SERVICES4_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey4 {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+/// Key of [`SERVICES6_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey6 {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+/// Value of the service maps: one service port's entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// The service port's id: keys its slots, its reverse NAT and its affinity.
+    pub id: u32,
+    /// Slots `0..count` hold its backends; 0 means the port is refused.
+    pub count: u16,
+    pub flags: u16,
+    /// `sessionAffinity: ClientIP`'s `timeoutSeconds`.
+    pub affinity_timeout_s: u32,
+    pub _pad: u32,
+}
+
+/// Key of [`SERVICE_SLOTS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub service: u32,
+    pub slot: u32,
+}
+
+/// Value of [`BACKENDS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendValue {
+    /// IPv4 in `addr[0]`.
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+    /// [`BACKEND_ACTIVE`] or [`BACKEND_TERMINATING`].
+    pub state: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of [`REV_NAT_MAP`]: the service address replies must come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatValue {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// Direction of a conntrack entry.
+pub const CT_FORWARD: u8 = 0;
+pub const CT_REPLY: u8 = 1;
+
+/// Key of [`CT4_MAP`]: a packet's tuple as seen at the pod's veth.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey4 {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// [`CT_FORWARD`] (client → service) or [`CT_REPLY`] (backend → client).
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Key of [`CT6_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey6 {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// The entry was made for a pod reaching itself through its Service: the client's address was
+/// replaced with the hairpin address, and the reply must get it back.
+pub const CT_F_HAIRPIN: u32 = 1 << 0;
+
+/// Value of the conntrack maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    pub backend: u32,
+    pub service: u32,
+    /// Last packet (`bpf_ktime_get_ns`).
+    pub last_seen_ns: u64,
+    pub flags: u32,
+    /// For reply entries: the client's original address and port (hairpin).
+    pub client_port: u16,
+    pub _pad: u16,
+    pub client_addr: [u32; 4],
+}
+
+/// Key of [`AFFINITY4_MAP`]: the service and the client (its address for per-packet traffic, its
+/// network namespace cookie's low bits for socket LB).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey4 {
+    pub service: u32,
+    pub client: u32,
+    /// The network namespace cookie for socket LB; 0 for per-packet traffic.
+    pub netns_cookie: u64,
+}
+
+/// Key of [`AFFINITY6_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey6 {
+    pub service: u32,
+    pub client: [u32; 4],
+    pub _pad: u32,
+    pub netns_cookie: u64,
+}
+
+/// Value of the affinity maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub backend: u32,
+    pub _pad: u32,
+    pub last_used_ns: u64,
+}
+
+/// Key of [`SOCK_REVNAT4_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey4 {
+    pub cookie: u64,
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of [`SOCK_REVNAT6_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey6 {
+    pub cookie: u64,
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Value of the socket reverse NAT maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatValue {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub _pad: u16,
+    pub service: u32,
+}
+
+/// Key of the Service CIDR tries (an LPM trie's data part).
+pub type ServiceCidr4 = u32;
+pub type ServiceCidr6 = [u32; 4];
+
+/// The datapath's settings, index 0 of [`DATAPATH_CONFIG_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DatapathConfig {
+    pub flags: u32,
+    pub _pad: u32,
+    /// The node's own network namespace (`SO_NETNS_COOKIE`), for [`CONFIG_F_HOST_NETNS_ONLY`].
+    pub host_netns_cookie: u64,
+    /// The identity of the programs attached (the agent's digest of its kernel object): an agent
+    /// that carries other programs swaps its own into the pinned links.
+    pub programs: u64,
+}
+
+/// Counters in [`DATAPATH_STATS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Connections (and unconnected datagrams) translated at the socket.
+    SockTranslated = 0,
+    /// Socket calls refused: a port without endpoints, or a Service CIDR address nobody holds.
+    SockRefused = 1,
+    /// New flows translated per packet.
+    PacketFlowsTranslated = 2,
+    /// Packets translated per packet (both directions).
+    PacketsTranslated = 3,
+    /// Packets marked for rejection.
+    PacketsRefused = 4,
+    /// A conntrack entry could not be written (the map is full of entries that may not go).
+    ConntrackFull = 5,
+    /// A socket reverse NAT entry could not be written.
+    SockRevNatFull = 6,
+    /// Sockets terminated because their backend was removed.
+    SocketsTerminated = 7,
+    /// A service's slot or backend was missing (an update in progress).
+    BackendMissing = 8,
+    /// An affinity entry could not be written.
+    AffinityFull = 9,
+}
+
+pub const STAT_COUNT: u32 = 10;
 
 /// Packets and bytes seen by a program, per CPU.
 #[repr(C)]
@@ -21,6 +405,54 @@ pub struct TrafficCounters {
 }
 
 #[cfg(feature = "user")]
-// SAFETY: TrafficCounters is repr(C), made only of u64s, so every bit pattern is valid and there
-// is no padding.
-unsafe impl aya::Pod for TrafficCounters {}
+mod user {
+    use super::*;
+
+    macro_rules! pod {
+        ($($t:ty),*) => {
+            // SAFETY: each type is repr(C), made only of integers and integer arrays with
+            // explicit padding fields, so every bit pattern is valid and there are no holes.
+            $(unsafe impl aya::Pod for $t {})*
+        };
+    }
+
+    pod!(
+        ServiceKey4,
+        ServiceKey6,
+        ServiceValue,
+        SlotKey,
+        BackendValue,
+        RevNatValue,
+        CtKey4,
+        CtKey6,
+        CtValue,
+        AffinityKey4,
+        AffinityKey6,
+        AffinityValue,
+        SockRevNatKey4,
+        SockRevNatKey6,
+        SockRevNatValue,
+        DatapathConfig,
+        TrafficCounters
+    );
+}
+
+/// Layouts the kernel and userspace both rely on.
+const _: () = {
+    assert!(core::mem::size_of::<ServiceKey4>() == 8);
+    assert!(core::mem::size_of::<ServiceKey6>() == 20);
+    assert!(core::mem::size_of::<ServiceValue>() == 16);
+    assert!(core::mem::size_of::<SlotKey>() == 8);
+    assert!(core::mem::size_of::<BackendValue>() == 24);
+    assert!(core::mem::size_of::<RevNatValue>() == 20);
+    assert!(core::mem::size_of::<CtKey4>() == 16);
+    assert!(core::mem::size_of::<CtKey6>() == 40);
+    assert!(core::mem::size_of::<CtValue>() == 40);
+    assert!(core::mem::size_of::<AffinityKey4>() == 16);
+    assert!(core::mem::size_of::<AffinityKey6>() == 32);
+    assert!(core::mem::size_of::<AffinityValue>() == 16);
+    assert!(core::mem::size_of::<SockRevNatKey4>() == 16);
+    assert!(core::mem::size_of::<SockRevNatKey6>() == 32);
+    assert!(core::mem::size_of::<SockRevNatValue>() == 24);
+    assert!(core::mem::size_of::<DatapathConfig>() == 24);
+};

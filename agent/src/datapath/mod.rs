@@ -1,0 +1,578 @@
+//! The eBPF datapath: the kernel programs embedded at build time (`build.rs`), loaded with their
+//! maps pinned, and attached through pinned links, so that everything outlives the agent: an agent
+//! restart or upgrade adopts what is pinned, and established connections never notice.
+//!
+//! Everything lives under `<bpf-pin-path>/v<SCHEMA_VERSION>/` ([`PinLayout`]):
+//!
+//! ```text
+//! maps/<MAP>                     every map (created once, reused by every later agent)
+//! programs/from_pod, to_pod      the pod programs, for the CNI to attach to new pods' veths
+//! links/cgroup/<program>         the socket LB programs' links to the cgroup
+//! links/pods/<veth>-from|-to     each pod veth's TCX links
+//! ```
+//!
+//! An upgraded agent loads its programs against the existing maps and swaps them into the
+//! existing links: TCX links are updated in place (atomically); a cgroup link is replaced by a new
+//! one attached before the old one goes, so no connect ever misses translation (two programs
+//! translating in a row do nothing more: the second sees a backend, not a Service).
+pub mod kfunc;
+pub mod pins;
+
+use std::{
+    collections::BTreeSet,
+    fs::File,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, MapData, MapError, MapInfo, PerCpuHashMap},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, Iter, ProgramError, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+};
+use ferrynet_common::*;
+pub use pins::PinLayout;
+
+use crate::warning::ErrorList;
+
+/// The object file `build.rs` produced from `ebpf/ferrynet-ebpf`.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferrynet-programs"));
+
+/// The kernel object, as built (an ELF file), for inspection.
+pub fn object() -> &'static [u8] {
+    PROGRAMS
+}
+
+/// The socket LB programs and their hooks.
+pub const SOCKET_PROGRAMS: [&str; 8] = [
+    CONNECT4_PROGRAM,
+    CONNECT6_PROGRAM,
+    SENDMSG4_PROGRAM,
+    SENDMSG6_PROGRAM,
+    RECVMSG4_PROGRAM,
+    RECVMSG6_PROGRAM,
+    GETPEERNAME4_PROGRAM,
+    GETPEERNAME6_PROGRAM,
+];
+
+/// The pod veth programs, and the hook of each.
+pub const POD_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    (FROM_POD_PROGRAM, TcAttachType::Ingress, "from"),
+    (TO_POD_PROGRAM, TcAttachType::Egress, "to"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program { name: String, source: ProgramError },
+    #[error("eBPF map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("kfunc calls: {0}")]
+    Kfunc(#[from] kfunc::KfuncError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("pinning {path}: {source}")]
+    Pin { path: PathBuf, source: aya::pin::PinError },
+    #[error("link {path}: {source}")]
+    Link { path: PathBuf, source: LinkError },
+    #[error("the kernel's BTF: {0}")]
+    Btf(#[from] aya::BtfError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DatapathError + '_ {
+    move |source| DatapathError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn program_error(name: &str) -> impl FnOnce(ProgramError) -> DatapathError + '_ {
+    move |source| DatapathError::Program {
+        name: name.to_string(),
+        source,
+    }
+}
+
+/// Capacities of the maps, from the agent's settings. They apply when a map is created; a map
+/// adopted from an earlier run keeps its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub slots: u32,
+    pub conntrack: u32,
+    pub affinity: u32,
+    pub sockets: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: DEFAULT_MAX_SERVICES,
+            backends: DEFAULT_MAX_BACKENDS,
+            slots: DEFAULT_MAX_SLOTS,
+            conntrack: DEFAULT_MAX_CONNTRACK,
+            affinity: DEFAULT_MAX_AFFINITY,
+            sockets: DEFAULT_MAX_SOCKETS,
+        }
+    }
+}
+
+impl MapSizes {
+    /// (map, capacity) for every map whose size is a setting.
+    pub fn entries(&self) -> [(&'static str, u32); 12] {
+        [
+            (SERVICES4_MAP, self.services),
+            (SERVICES6_MAP, self.services),
+            (REV_NAT_MAP, self.services),
+            (SERVICE_SLOTS_MAP, self.slots),
+            (BACKENDS_MAP, self.backends),
+            (DOOMED_BACKENDS_MAP, self.backends),
+            (CT4_MAP, self.conntrack),
+            (CT6_MAP, self.conntrack),
+            (AFFINITY4_MAP, self.affinity),
+            (AFFINITY6_MAP, self.affinity),
+            (SOCK_BACKEND_MAP, self.sockets),
+            (SOCK_REVNAT4_MAP, self.sockets),
+        ]
+    }
+}
+
+/// How the datapath translates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TranslationModes {
+    /// Socket LB at all.
+    pub socket_lb: bool,
+    /// Socket LB only in the node's own network namespace (pods keep seeing Service addresses,
+    /// as service meshes need; the per-packet path translates for them).
+    pub host_netns_only: bool,
+    /// The per-packet path on pod veths.
+    pub per_packet: bool,
+}
+
+impl TranslationModes {
+    fn flags(&self) -> u32 {
+        let mut flags = 0;
+        if self.socket_lb {
+            flags |= CONFIG_F_SOCKET_LB;
+        }
+        if self.host_netns_only {
+            flags |= CONFIG_F_HOST_NETNS_ONLY;
+        }
+        if self.per_packet {
+            flags |= CONFIG_F_PER_PACKET;
+        }
+        flags
+    }
+}
+
+/// The loaded kernel programs and their (pinned) maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: PinLayout,
+}
+
+/// What making the hooks match the loaded programs did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct AttachReport {
+    /// Links made.
+    pub attached: usize,
+    /// Links whose program was replaced by the one just loaded (an upgrade).
+    pub upgraded: usize,
+    /// Links already running the loaded program.
+    pub kept: usize,
+}
+
+impl Datapath {
+    /// Loads the kernel object (verifier included), with every map pinned under `pin_root` (the
+    /// agent's `--bpf-pin-path`): maps an earlier run pinned are reused as they are.
+    pub fn load(pin_root: &Path, sizes: MapSizes) -> Result<Self, DatapathError> {
+        let pins = PinLayout::new(pin_root);
+        pins.create()?;
+        let object = kfunc::resolve_all(PROGRAMS, &[SOCK_DESTROY_KFUNC])?;
+        let mut loader = EbpfLoader::new();
+        for name in PINNED_MAPS {
+            loader.map_pin_path(name, pins.map(name));
+        }
+        for (name, size) in sizes.entries() {
+            loader.map_max_entries(name, size.max(1));
+        }
+        loader.map_max_entries(SOCK_REVNAT6_MAP, sizes.sockets.max(1));
+        let mut ebpf = loader.load(&object)?;
+        for name in SOCKET_PROGRAMS {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing(name))?
+                .try_into()
+                .map_err(program_error(name))?;
+            program.load().map_err(program_error(name))?;
+        }
+        for (name, _, _) in POD_PROGRAMS {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing(name))?
+                .try_into()
+                .map_err(program_error(name))?;
+            program.load().map_err(program_error(name))?;
+        }
+        let btf = aya::Btf::from_sys_fs()?;
+        for (name, kind) in [(TERMINATE_UDP_PROGRAM, "udp"), (TERMINATE_TCP_PROGRAM, "tcp")] {
+            let program: &mut Iter = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing(name))?
+                .try_into()
+                .map_err(program_error(name))?;
+            program.load(kind, &btf).map_err(program_error(name))?;
+        }
+        Ok(Self { ebpf, pins })
+    }
+
+    pub fn pins(&self) -> &PinLayout {
+        &self.pins
+    }
+
+    fn config_map(&mut self) -> Result<Array<&mut MapData, DatapathConfig>, DatapathError> {
+        let map = self
+            .ebpf
+            .map_mut(DATAPATH_CONFIG_MAP)
+            .ok_or(DatapathError::Missing(DATAPATH_CONFIG_MAP))?;
+        Array::try_from(map).map_err(|source| DatapathError::Map {
+            name: DATAPATH_CONFIG_MAP,
+            source,
+        })
+    }
+
+    /// The settings the datapath runs with now (an earlier agent's, right after loading).
+    pub fn current_config(&mut self) -> Result<DatapathConfig, DatapathError> {
+        self.config_map()?.get(&0, 0).map_err(|source| DatapathError::Map {
+            name: DATAPATH_CONFIG_MAP,
+            source,
+        })
+    }
+
+    /// Writes the datapath's settings into its config map, with the identity of the programs
+    /// now attached.
+    pub fn configure(
+        &mut self,
+        modes: TranslationModes,
+        host_netns_cookie: u64,
+        programs: u64,
+    ) -> Result<(), DatapathError> {
+        let value = DatapathConfig {
+            flags: modes.flags(),
+            _pad: 0,
+            host_netns_cookie,
+            programs,
+        };
+        self.config_map()?
+            .set(0, value, 0)
+            .map_err(|source| DatapathError::Map {
+                name: DATAPATH_CONFIG_MAP,
+                source,
+            })
+    }
+
+    /// Takes the map called `name` out of the loaded object, for the service controller to own.
+    pub fn take_map(&mut self, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
+        self.ebpf.take_map(name).ok_or(DatapathError::Missing(name))
+    }
+
+    /// Attaches the socket LB programs to `cgroup` through pinned links. Links that exist are
+    /// kept, unless `replace` (the attached programs are not these): then each is replaced
+    /// without a gap.
+    pub fn attach_socket_lb(&mut self, cgroup: &Path, replace: bool) -> Result<AttachReport, DatapathError> {
+        let dir = File::open(cgroup).map_err(io(cgroup))?;
+        let mut report = AttachReport::default();
+        for name in SOCKET_PROGRAMS {
+            let path = self.pins.cgroup_link(name);
+            let existing = pinned_link(&path)?;
+            if existing.is_some() && !replace {
+                report.kept += 1;
+                continue;
+            }
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing(name))?
+                .try_into()
+                .map_err(program_error(name))?;
+            // The new link first, then the old one goes: every connect meets a program.
+            let link_id = program
+                .attach(dir.as_fd(), CgroupAttachMode::Single)
+                .map_err(program_error(name))?;
+            let link: FdLink = program
+                .take_link(link_id)
+                .map_err(program_error(name))?
+                .try_into()
+                .map_err(|source| DatapathError::Link {
+                    path: path.clone(),
+                    source,
+                })?;
+            if let Some(old) = existing {
+                drop(old.unpin().map_err(io(&path))?);
+                report.upgraded += 1;
+            } else {
+                report.attached += 1;
+            }
+            link.pin(&path).map_err(|source| DatapathError::Pin {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(report)
+    }
+
+    /// Pins the pod programs where the CNI finds them, replacing older pins.
+    pub fn pin_pod_programs(&mut self) -> Result<(), DatapathError> {
+        for (name, _, _) in POD_PROGRAMS {
+            let path = self.pins.program(name);
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(io(&path))?;
+            }
+            let program: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing(name))?
+                .try_into()
+                .map_err(program_error(name))?;
+            program.pin(&path).map_err(|source| DatapathError::Pin {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the pod programs to the host veth `veth` (in the calling thread's namespace)
+    /// through pinned TCX links, first on their hooks. Links that exist are kept, unless
+    /// `replace`: then their program is swapped in place, atomically.
+    pub fn attach_pod_veth(&mut self, veth: &str, replace: bool) -> Result<AttachReport, DatapathError> {
+        let mut report = AttachReport::default();
+        for (name, hook, suffix) in POD_PROGRAMS {
+            let path = self.pins.pod_link(veth, suffix);
+            let existing = pinned_link(&path)?;
+            if existing.is_some() && !replace {
+                report.kept += 1;
+                continue;
+            }
+            let program: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing(name))?
+                .try_into()
+                .map_err(program_error(name))?;
+            let link_id = match existing {
+                Some(old) => {
+                    let old: FdLink = old.unpin().map_err(io(&path))?;
+                    let old = SchedClassifierLink::try_from(old).map_err(|source| DatapathError::Link {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    report.upgraded += 1;
+                    program.attach_to_link(old).map_err(program_error(name))?
+                }
+                None => {
+                    report.attached += 1;
+                    program
+                        .attach_with_options(veth, hook, TcAttachOptions::TcxOrder(aya::programs::LinkOrder::first()))
+                        .map_err(program_error(name))?
+                }
+            };
+            let link: FdLink = program
+                .take_link(link_id)
+                .map_err(program_error(name))?
+                .try_into()
+                .map_err(|source| DatapathError::Link {
+                    path: path.clone(),
+                    source,
+                })?;
+            link.pin(&path).map_err(|source| DatapathError::Pin {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(report)
+    }
+
+    /// Runs the socket terminators once in the calling thread's network namespace: every socket
+    /// whose backend is in `DOOMED_BACKENDS` is destroyed.
+    pub fn terminate_sockets_here(&mut self) -> Result<(), DatapathError> {
+        for name in [TERMINATE_UDP_PROGRAM, TERMINATE_TCP_PROGRAM] {
+            let program: &mut Iter = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing(name))?
+                .try_into()
+                .map_err(program_error(name))?;
+            let link_id = program.attach().map_err(program_error(name))?;
+            let link = program.take_link(link_id).map_err(program_error(name))?;
+            let mut file = link.into_file().map_err(|source| DatapathError::Link {
+                path: PathBuf::from(name),
+                source,
+            })?;
+            // Reading the iterator to its end runs the program once per socket.
+            std::io::copy(&mut file, &mut std::io::sink()).map_err(io(Path::new(name)))?;
+        }
+        Ok(())
+    }
+
+    /// What the kernel says about one of the object's maps.
+    pub fn map_info(&self, name: &'static str) -> Result<MapInfo, DatapathError> {
+        let map = self.ebpf.map(name).ok_or(DatapathError::Missing(name))?;
+        map_data(map)
+            .ok_or(DatapathError::Missing(name))?
+            .info()
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// What the pod behind host veth `ifindex` has sent, summed over CPUs.
+    pub fn from_pod_counters(&self, ifindex: u32) -> Result<TrafficCounters, DatapathError> {
+        let map = self
+            .ebpf
+            .map(FROM_POD_STATS_MAP)
+            .ok_or(DatapathError::Missing(FROM_POD_STATS_MAP))?;
+        let stats: PerCpuHashMap<_, u32, TrafficCounters> =
+            PerCpuHashMap::try_from(map).map_err(|source| DatapathError::Map {
+                name: FROM_POD_STATS_MAP,
+                source,
+            })?;
+        match stats.get(&ifindex, 0) {
+            Ok(per_cpu) => Ok(per_cpu
+                .iter()
+                .fold(TrafficCounters::default(), |sum, c| TrafficCounters {
+                    packets: sum.packets + c.packets,
+                    bytes: sum.bytes + c.bytes,
+                })),
+            Err(MapError::KeyNotFound) => Ok(TrafficCounters::default()),
+            Err(source) => Err(DatapathError::Map {
+                name: FROM_POD_STATS_MAP,
+                source,
+            }),
+        }
+    }
+}
+
+/// The map's data, whatever its type.
+fn map_data(map: &aya::maps::Map) -> Option<&MapData> {
+    use aya::maps::Map;
+    Some(match map {
+        Map::Array(d)
+        | Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::PerCpuArray(d)
+        | Map::PerCpuHashMap(d)
+        | Map::PerCpuLruHashMap(d)
+        | Map::LpmTrie(d) => d,
+        _ => return None,
+    })
+}
+
+/// The pinned link at `path`, if there is one.
+fn pinned_link(path: &Path) -> Result<Option<PinnedLink>, DatapathError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    PinnedLink::from_pin(path)
+        .map(Some)
+        .map_err(|source| DatapathError::Link {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// The id of the program a pinned link runs.
+pub fn link_program_id(path: &Path) -> Result<u32, DatapathError> {
+    let link = PinnedLink::from_pin(path).map_err(|source| DatapathError::Link {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // Reading a link's info needs an FdLink; converting keeps the pin.
+    let fd: FdLink = link.into();
+    fd.info()
+        .map(|info| info.program_id())
+        .map_err(|source| DatapathError::Link {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// The identity of the programs this agent carries: a digest of its kernel object and
+/// `revision` (which tests use to stand for an upgraded agent). Stored in the config map, it
+/// tells a restarted agent whether the attached programs are its own.
+pub fn programs_identity(revision: u32) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(PROGRAMS);
+    hasher.update(revision.to_le_bytes());
+    let digest = hasher.finalize();
+    u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+/// Host veths that have pinned links, by name.
+pub fn pinned_pod_veths(pins: &PinLayout) -> BTreeSet<String> {
+    std::fs::read_dir(pins.pod_links())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.rsplit_once('-').map(|(veth, _)| veth.to_string())
+        })
+        .collect()
+}
+
+/// Removes the pinned links of `veth` (whose veth is gone: its links are defunct).
+pub fn unpin_pod_veth(pins: &PinLayout, veth: &str) -> Result<(), ErrorList<DatapathError>> {
+    let mut errors = ErrorList::default();
+    for (_, _, suffix) in POD_PROGRAMS {
+        let path = pins.pod_link(veth, suffix);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => errors.push(io(&path)(e)),
+            _ => {}
+        }
+    }
+    errors.into_result()
+}
+
+/// Removes everything the datapath pinned under `pin_root`: links first (which detaches the
+/// programs from the cgroup and the veths), then programs and maps. Keeps going past failures
+/// and reports them all.
+pub fn cleanup(pin_root: &Path) -> Result<(), ErrorList<DatapathError>> {
+    let mut errors = ErrorList::default();
+    let root = PinLayout::new(pin_root).root().to_path_buf();
+    if !root.exists() {
+        return Ok(());
+    }
+    let remove_tree = |dir: &Path, errors: &mut ErrorList<DatapathError>| {
+        let mut stack = vec![dir.to_path_buf()];
+        let mut dirs = Vec::new();
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(path);
+                } else if let Err(e) = std::fs::remove_file(&path) {
+                    errors.push(io(&path)(e));
+                }
+            }
+            dirs.push(d);
+        }
+        for d in dirs.into_iter().rev() {
+            if let Err(e) = std::fs::remove_dir(&d) {
+                errors.push(io(&d)(e));
+            }
+        }
+    };
+    let pins = PinLayout::new(pin_root);
+    remove_tree(&pins.links(), &mut errors);
+    remove_tree(&root, &mut errors);
+    errors.into_result()
+}

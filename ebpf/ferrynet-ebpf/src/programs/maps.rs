@@ -1,0 +1,55 @@
+//! Every map of the datapath. Capacities here are defaults: the agent sets each from its
+//! settings when it creates the maps (and pins them, so that they outlive it).
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+};
+use ferrynet_common::*;
+
+#[map]
+pub static SERVICES4: HashMap<ServiceKey4, ServiceValue> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+#[map]
+pub static SERVICES6: HashMap<ServiceKey6, ServiceValue> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+#[map]
+pub static SERVICE_SLOTS: HashMap<SlotKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_SLOTS, 0);
+#[map]
+pub static BACKENDS: HashMap<u32, BackendValue> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+#[map]
+pub static REV_NAT: HashMap<u32, RevNatValue> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+#[map]
+pub static CT4: LruHashMap<CtKey4, CtValue> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
+#[map]
+pub static CT6: LruHashMap<CtKey6, CtValue> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
+#[map]
+pub static AFFINITY4: LruHashMap<AffinityKey4, AffinityValue> = LruHashMap::with_max_entries(DEFAULT_MAX_AFFINITY, 0);
+#[map]
+pub static AFFINITY6: LruHashMap<AffinityKey6, AffinityValue> = LruHashMap::with_max_entries(DEFAULT_MAX_AFFINITY, 0);
+#[map]
+pub static SOCK_BACKEND: LruHashMap<u64, u32> = LruHashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+#[map]
+pub static SOCK_REVNAT4: LruHashMap<SockRevNatKey4, SockRevNatValue> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+#[map]
+pub static SOCK_REVNAT6: LruHashMap<SockRevNatKey6, SockRevNatValue> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+#[map]
+pub static DOOMED_BACKENDS: HashMap<u32, u8> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+#[map]
+pub static SERVICE_CIDRS4: LpmTrie<ServiceCidr4, u8> = LpmTrie::with_max_entries(MAX_SERVICE_CIDRS, 0);
+#[map]
+pub static SERVICE_CIDRS6: LpmTrie<ServiceCidr6, u8> = LpmTrie::with_max_entries(MAX_SERVICE_CIDRS, 0);
+#[map]
+pub static DATAPATH_CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+#[map]
+pub static DATAPATH_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+/// What each pod sends, keyed by the ifindex of its host-side veth. An LRU map: a veth that goes
+/// away leaves its entry behind, and the least recently used entries make room for new pods
+/// instead of new pods going uncounted once the map is full.
+#[map]
+pub static FROM_POD_STATS: LruPerCpuHashMap<u32, TrafficCounters> = LruPerCpuHashMap::with_max_entries(MAX_PODS, 0);
+
+/// The datapath's settings.
+#[inline(always)]
+pub fn config() -> DatapathConfig {
+    DATAPATH_CONFIG.get(0).copied().unwrap_or_default()
+}

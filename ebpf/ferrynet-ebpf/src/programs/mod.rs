@@ -1,0 +1,27 @@
+//! The programs themselves (BPF target only).
+//!
+//! - [`sock_lb`]: cgroup `connect`, `sendmsg`, `recvmsg` and `getpeername` hooks: Service
+//!   translation at the socket, nothing per packet afterwards;
+//! - [`pod_path`]: TC/TCX on each pod's host veth: per-packet translation with connection
+//!   tracking, for whatever socket LB did not translate;
+//! - [`terminate`]: socket iterators that destroy the sockets of removed backends;
+//! - [`services`]: the service lookup and backend selection both paths share;
+//! - [`maps`], [`stats`]: the maps, and per-CPU counters.
+mod maps;
+mod pod_path;
+mod pod_stats;
+mod services;
+mod sock_lb;
+mod stats;
+mod terminate;
+
+/// The object's licence, as the kernel reads it: GPL-compatible, which the helpers and kfuncs
+/// the datapath uses require. It matches the crate's `MIT OR GPL-2.0`.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

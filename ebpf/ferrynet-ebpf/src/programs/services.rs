@@ -1,0 +1,183 @@
+//! Service lookup and backend selection, shared by the socket and the per-packet paths.
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use ferrynet_common::*;
+
+use super::{
+    maps::{AFFINITY4, AFFINITY6, BACKENDS, SERVICE_CIDRS4, SERVICE_CIDRS6, SERVICE_SLOTS, SERVICES4, SERVICES6},
+    stats::bump,
+};
+
+/// What a destination is.
+pub enum Destination {
+    /// Not a Service: leave it alone.
+    Other,
+    /// A Service port without endpoints, or a Service CIDR address nobody holds: refuse.
+    Refused,
+    /// A Service port with endpoints.
+    Service(ServiceValue),
+}
+
+#[inline(always)]
+pub fn lookup4(addr: u32, port: u16, proto: u8, scope: u8) -> Destination {
+    let key = ServiceKey4 {
+        addr,
+        port,
+        proto,
+        scope,
+    };
+    // SAFETY: the value is copied out at once.
+    match unsafe { SERVICES4.get(key) } {
+        Some(svc) if svc.count > 0 => Destination::Service(*svc),
+        Some(_) => Destination::Refused,
+        None if in_service_cidrs4(addr) => Destination::Refused,
+        None => Destination::Other,
+    }
+}
+
+#[inline(always)]
+pub fn lookup6(addr: [u32; 4], port: u16, proto: u8, scope: u8) -> Destination {
+    let key = ServiceKey6 {
+        addr,
+        port,
+        proto,
+        scope,
+    };
+    // SAFETY: the value is copied out at once.
+    match unsafe { SERVICES6.get(key) } {
+        Some(svc) if svc.count > 0 => Destination::Service(*svc),
+        Some(_) => Destination::Refused,
+        None if in_service_cidrs6(addr) => Destination::Refused,
+        None => Destination::Other,
+    }
+}
+
+#[inline(always)]
+fn in_service_cidrs4(addr: u32) -> bool {
+    SERVICE_CIDRS4
+        .get(aya_ebpf::maps::lpm_trie::Key::new(32, addr))
+        .is_some()
+}
+
+#[inline(always)]
+fn in_service_cidrs6(addr: [u32; 4]) -> bool {
+    SERVICE_CIDRS6
+        .get(aya_ebpf::maps::lpm_trie::Key::new(128, addr))
+        .is_some()
+}
+
+/// A backend by id.
+#[inline(always)]
+pub fn backend(id: u32) -> Option<BackendValue> {
+    // SAFETY: the value is copied out at once.
+    unsafe { BACKENDS.get(id) }.copied()
+}
+
+/// One of the service's backends, at random.
+#[inline(always)]
+fn pick(svc: &ServiceValue) -> Option<(u32, BackendValue)> {
+    // SAFETY: no preconditions.
+    let random = unsafe { bpf_get_prandom_u32() };
+    let slot = random % u32::from(svc.count);
+    // SAFETY: the value is copied out at once.
+    let id = match unsafe { SERVICE_SLOTS.get(SlotKey { service: svc.id, slot }) } {
+        Some(id) => *id,
+        None => {
+            bump(Stat::BackendMissing);
+            return None;
+        }
+    };
+    match backend(id) {
+        Some(b) => Some((id, b)),
+        None => {
+            bump(Stat::BackendMissing);
+            None
+        }
+    }
+}
+
+#[inline(always)]
+fn fresh(svc: &ServiceValue, last_used_ns: u64, now: u64) -> bool {
+    now.saturating_sub(last_used_ns) < u64::from(svc.affinity_timeout_s) * 1_000_000_000
+}
+
+/// A backend for a new connection of `client` (an IPv4 address, or 0 with a network namespace
+/// cookie for socket LB), honouring `sessionAffinity: ClientIP`.
+#[inline(always)]
+pub fn select4(svc: &ServiceValue, client: u32, netns_cookie: u64) -> Option<(u32, BackendValue)> {
+    if svc.flags & SERVICE_F_AFFINITY == 0 {
+        return pick(svc);
+    }
+    let key = AffinityKey4 {
+        service: svc.id,
+        client,
+        netns_cookie,
+    };
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the value is copied out at once.
+    if let Some(held) = unsafe { AFFINITY4.get(key) }.copied()
+        && fresh(svc, held.last_used_ns, now)
+        && let Some(b) = backend(held.backend)
+    {
+        let _ = AFFINITY4.insert(
+            key,
+            AffinityValue {
+                last_used_ns: now,
+                ..held
+            },
+            0,
+        );
+        return Some((held.backend, b));
+    }
+    let (id, b) = pick(svc)?;
+    let value = AffinityValue {
+        backend: id,
+        _pad: 0,
+        last_used_ns: now,
+    };
+    if AFFINITY4.insert(key, value, 0).is_err() {
+        bump(Stat::AffinityFull);
+    }
+    Some((id, b))
+}
+
+/// [`select4`] for IPv6 clients.
+#[inline(always)]
+pub fn select6(svc: &ServiceValue, client: [u32; 4], netns_cookie: u64) -> Option<(u32, BackendValue)> {
+    if svc.flags & SERVICE_F_AFFINITY == 0 {
+        return pick(svc);
+    }
+    let key = AffinityKey6 {
+        service: svc.id,
+        client,
+        _pad: 0,
+        netns_cookie,
+    };
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the value is copied out at once.
+    if let Some(held) = unsafe { AFFINITY6.get(key) }.copied()
+        && fresh(svc, held.last_used_ns, now)
+        && let Some(b) = backend(held.backend)
+    {
+        let _ = AFFINITY6.insert(
+            key,
+            AffinityValue {
+                last_used_ns: now,
+                ..held
+            },
+            0,
+        );
+        return Some((held.backend, b));
+    }
+    let (id, b) = pick(svc)?;
+    let value = AffinityValue {
+        backend: id,
+        _pad: 0,
+        last_used_ns: now,
+    };
+    if AFFINITY6.insert(key, value, 0).is_err() {
+        bump(Stat::AffinityFull);
+    }
+    Some((id, b))
+}

@@ -1,0 +1,268 @@
+//! Socket-level load balancing: the cgroup `sock_addr` hooks translate a Service address to a
+//! backend when a socket connects (or sends an unconnected datagram), so established flows pay
+//! nothing per packet, and they show the Service address back to the application in
+//! `getpeername` and `recvmsg`.
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use ferrynet_common::*;
+
+use super::{
+    maps::{SOCK_BACKEND, SOCK_REVNAT4, SOCK_REVNAT6, config},
+    services::{Destination, lookup4, lookup6, select4, select6},
+    stats::bump,
+};
+
+/// `connect` and `sendmsg` programs: allow the call (with whatever they rewrote).
+const ALLOW: i32 = 1;
+/// `connect` and `sendmsg` programs: refuse the call, with the error set by `bpf_set_retval`.
+const REFUSE: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+/// Whether socket LB applies to this socket at all.
+#[inline(always)]
+fn applies(ctx: &SockAddrContext) -> bool {
+    let cfg = config();
+    if cfg.flags & CONFIG_F_SOCKET_LB == 0 {
+        return false;
+    }
+    // Service meshes want the Service address inside pods: translate only in the node's own
+    // network namespace then.
+    // SAFETY: a sock_addr context.
+    cfg.flags & CONFIG_F_HOST_NETNS_ONLY == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == cfg.host_netns_cookie
+}
+
+#[inline(always)]
+fn protocol(ctx: &SockAddrContext) -> u8 {
+    // SAFETY: reading a field of the kernel's context.
+    unsafe { read_volatile(addr_of!((*ctx.sock_addr).protocol)) as u8 }
+}
+
+#[inline(always)]
+fn refuse() -> i32 {
+    bump(Stat::SockRefused);
+    // SAFETY: allowed in connect and sendmsg programs; the call fails with this error.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    REFUSE
+}
+
+#[inline(always)]
+fn translate4(ctx: &SockAddrContext, connecting: bool) -> i32 {
+    if !applies(ctx) {
+        return ALLOW;
+    }
+    let proto = protocol(ctx);
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return ALLOW;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: reading fields of the kernel's context.
+    let (addr, port) = unsafe {
+        (
+            read_volatile(addr_of!((*sa).user_ip4)),
+            read_volatile(addr_of!((*sa).user_port)) as u16,
+        )
+    };
+    let svc = match lookup4(addr, port, proto, SCOPE_INTERNAL) {
+        Destination::Other => return ALLOW,
+        Destination::Refused => return refuse(),
+        Destination::Service(svc) => svc,
+    };
+    // SAFETY: a sock_addr context.
+    let (cookie, netns) = unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), bpf_get_netns_cookie(ctx.as_ptr())) };
+    let Some((id, backend)) = select4(&svc, 0, netns) else {
+        // An update in progress left no backend to pick: as if there were none.
+        return refuse();
+    };
+    // SAFETY: writing the fields the hook lets programs rewrite, in full 4-byte stores.
+    unsafe {
+        write_volatile(addr_of_mut!((*sa).user_ip4), backend.addr[0]);
+        write_volatile(addr_of_mut!((*sa).user_port), u32::from(backend.port));
+    }
+    // A connected socket keeps its backend: it is terminated if the backend goes. Unconnected
+    // datagrams pick a backend each time.
+    if connecting {
+        let _ = SOCK_BACKEND.insert(cookie, id, 0);
+    }
+    let key = SockRevNatKey4 {
+        cookie,
+        addr: backend.addr[0],
+        port: backend.port,
+        _pad: 0,
+    };
+    let value = SockRevNatValue {
+        addr: [addr, 0, 0, 0],
+        port,
+        _pad: 0,
+        service: svc.id,
+    };
+    if SOCK_REVNAT4.insert(key, value, 0).is_err() {
+        bump(Stat::SockRevNatFull);
+    }
+    bump(Stat::SockTranslated);
+    ALLOW
+}
+
+#[inline(always)]
+fn translate6(ctx: &SockAddrContext, connecting: bool) -> i32 {
+    if !applies(ctx) {
+        return ALLOW;
+    }
+    let proto = protocol(ctx);
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return ALLOW;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: reading fields of the kernel's context, one 4-byte word at a time.
+    let (addr, port) = unsafe {
+        (
+            [
+                read_volatile(addr_of!((*sa).user_ip6[0])),
+                read_volatile(addr_of!((*sa).user_ip6[1])),
+                read_volatile(addr_of!((*sa).user_ip6[2])),
+                read_volatile(addr_of!((*sa).user_ip6[3])),
+            ],
+            read_volatile(addr_of!((*sa).user_port)) as u16,
+        )
+    };
+    let svc = match lookup6(addr, port, proto, SCOPE_INTERNAL) {
+        Destination::Other => return ALLOW,
+        Destination::Refused => return refuse(),
+        Destination::Service(svc) => svc,
+    };
+    // SAFETY: a sock_addr context.
+    let (cookie, netns) = unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), bpf_get_netns_cookie(ctx.as_ptr())) };
+    let Some((id, backend)) = select6(&svc, [0; 4], netns) else {
+        return refuse();
+    };
+    // SAFETY: as in `translate4`, one 4-byte word at a time.
+    unsafe {
+        write_volatile(addr_of_mut!((*sa).user_ip6[0]), backend.addr[0]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[1]), backend.addr[1]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[2]), backend.addr[2]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[3]), backend.addr[3]);
+        write_volatile(addr_of_mut!((*sa).user_port), u32::from(backend.port));
+    }
+    if connecting {
+        let _ = SOCK_BACKEND.insert(cookie, id, 0);
+    }
+    let key = SockRevNatKey6 {
+        cookie,
+        addr: backend.addr,
+        port: backend.port,
+        _pad: [0; 6],
+    };
+    let value = SockRevNatValue {
+        addr,
+        port,
+        _pad: 0,
+        service: svc.id,
+    };
+    if SOCK_REVNAT6.insert(key, value, 0).is_err() {
+        bump(Stat::SockRevNatFull);
+    }
+    bump(Stat::SockTranslated);
+    ALLOW
+}
+
+/// Shows the Service address in place of the backend's (`getpeername`, `recvmsg`).
+#[inline(always)]
+fn reverse4(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: a sock_addr context; reading its fields.
+    let key = unsafe {
+        SockRevNatKey4 {
+            cookie: bpf_get_socket_cookie(ctx.as_ptr()),
+            addr: read_volatile(addr_of!((*sa).user_ip4)),
+            port: read_volatile(addr_of!((*sa).user_port)) as u16,
+            _pad: 0,
+        }
+    };
+    // SAFETY: the value is copied out at once.
+    if let Some(vip) = unsafe { SOCK_REVNAT4.get(key) }.copied() {
+        // SAFETY: writing the fields the hook lets programs rewrite.
+        unsafe {
+            write_volatile(addr_of_mut!((*sa).user_ip4), vip.addr[0]);
+            write_volatile(addr_of_mut!((*sa).user_port), u32::from(vip.port));
+        }
+    }
+}
+
+#[inline(always)]
+fn reverse6(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: a sock_addr context; reading its fields.
+    let key = unsafe {
+        SockRevNatKey6 {
+            cookie: bpf_get_socket_cookie(ctx.as_ptr()),
+            addr: [
+                read_volatile(addr_of!((*sa).user_ip6[0])),
+                read_volatile(addr_of!((*sa).user_ip6[1])),
+                read_volatile(addr_of!((*sa).user_ip6[2])),
+                read_volatile(addr_of!((*sa).user_ip6[3])),
+            ],
+            port: read_volatile(addr_of!((*sa).user_port)) as u16,
+            _pad: [0; 6],
+        }
+    };
+    // SAFETY: the value is copied out at once.
+    if let Some(vip) = unsafe { SOCK_REVNAT6.get(key) }.copied() {
+        // SAFETY: writing the fields the hook lets programs rewrite.
+        unsafe {
+            write_volatile(addr_of_mut!((*sa).user_ip6[0]), vip.addr[0]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[1]), vip.addr[1]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[2]), vip.addr[2]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[3]), vip.addr[3]);
+            write_volatile(addr_of_mut!((*sa).user_port), u32::from(vip.port));
+        }
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sock4_connect(ctx: SockAddrContext) -> i32 {
+    translate4(&ctx, true)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sock6_connect(ctx: SockAddrContext) -> i32 {
+    translate6(&ctx, true)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock4_sendmsg(ctx: SockAddrContext) -> i32 {
+    translate4(&ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock6_sendmsg(ctx: SockAddrContext) -> i32 {
+    translate6(&ctx, false)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock4_recvmsg(ctx: SockAddrContext) -> i32 {
+    reverse4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock6_recvmsg(ctx: SockAddrContext) -> i32 {
+    reverse6(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock4_getpeername(ctx: SockAddrContext) -> i32 {
+    reverse4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock6_getpeername(ctx: SockAddrContext) -> i32 {
+    reverse6(&ctx);
+    ALLOW
+}
