@@ -20,7 +20,11 @@ use crate::{
         controller::{self as node_controller, NodeNetworkingConfig, NodeNetworkingError},
         topology,
     },
-    services::controller::{self as services_controller, ServicesConfig},
+    services::{
+        controller::{self as services_controller, ServicesConfig},
+        http::Health,
+        metrics::ServiceMetrics,
+    },
     status::{SectionName, StatusHandle},
     supervisor::Supervisor,
     warning::ErrorList,
@@ -75,6 +79,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let status = StatusHandle::new(&cfg.node_name);
     let writer = tokio::spawn(status.clone().write_changes(cfg.state_dir.clone()));
     let client = watch::client(cfg.kubeconfig.as_ref()).await?;
+    let service_client = client.clone();
     let (nodes_tx, nodes_rx) = tokio::sync::watch::channel(Arc::new(NodesView::default()));
 
     let mut supervisor = Supervisor::new(status.clone());
@@ -101,9 +106,23 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         supervisor.spawn(SectionName::IpamGc, move || ipam_gc::run(cfg.clone(), status.clone()));
     }
     {
-        let (cfg, status) = (Arc::new(cfg.services.clone()), status.clone());
+        let (cfg, nodes, status, client) = (
+            Arc::new(cfg.services.clone()),
+            nodes_rx.clone(),
+            status.clone(),
+            service_client,
+        );
+        let metrics = Arc::new(ServiceMetrics::default());
+        let health = Arc::new(Health::new(cfg.resync.max(Duration::from_secs(30)) * 2));
         supervisor.spawn(SectionName::Services, move || {
-            services_controller::run(cfg.clone(), status.clone())
+            services_controller::run(
+                cfg.clone(),
+                client.clone(),
+                nodes.clone(),
+                status.clone(),
+                metrics.clone(),
+                health.clone(),
+            )
         });
     }
     info!("agent for node {} started", cfg.node_name);
@@ -138,7 +157,13 @@ pub async fn install_cni(cfg: &AgentConfig, wait: Duration) -> Result<(), AgentE
                     let cni = cfg.cni.clone();
                     let conflist = tokio::task::spawn_blocking(move || {
                         let mtu = cni_config::pod_mtu(cni.uplink.as_deref(), cni.mode, &local)?;
-                        Ok::<_, CniConfigError>(cni_config::conflist(&local, &cni.network, mtu, &cni.ipam_data_dir))
+                        Ok::<_, CniConfigError>(cni_config::conflist(
+                            &local,
+                            &cni.network,
+                            mtu,
+                            &cni.ipam_data_dir,
+                            cni.datapath_pins.as_deref(),
+                        ))
                     })
                     .await
                     .map_err(CniConfigError::from)??;
@@ -163,6 +188,20 @@ pub async fn install_cni(cfg: &AgentConfig, wait: Duration) -> Result<(), AgentE
     }
 }
 
+/// Removes everything service translation made (links, programs, maps and their pins, the
+/// notes), reporting each failure: `ferrynet-agent cleanup`.
+pub fn cleanup(cfg: &AgentConfig) -> Result<(), ErrorList<UninstallError>> {
+    let mut errors = ErrorList::default();
+    if let Err(e) = crate::datapath::cleanup(&cfg.services.bpf_pin_path) {
+        errors.push(UninstallError::Datapath(e));
+    }
+    match std::fs::remove_dir_all(crate::services::notes::dir(&cfg.state_dir)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => errors.push(UninstallError::Status(e)),
+        _ => {}
+    }
+    errors.into_result()
+}
+
 /// One failure of an uninstall.
 #[derive(Debug, thiserror::Error)]
 pub enum UninstallError {
@@ -172,13 +211,18 @@ pub enum UninstallError {
     NodeNetworking(#[from] ErrorList<NodeNetworkingError>),
     #[error("status file: {0}")]
     Status(std::io::Error),
+    #[error("service datapath: {0}")]
+    Datapath(ErrorList<crate::datapath::DatapathError>),
 }
 
 /// Removes what the agent installed: conflist and binaries, its routes, VXLAN device and
-/// firewall table, and its status. Pod veths and IPAM state are left to the pods' own DELs.
-/// Keeps going past failures and reports them all.
+/// firewall table, the service datapath, and its status. Pod veths and IPAM state are left to
+/// the pods' own DELs. Keeps going past failures and reports them all.
 pub fn uninstall(cfg: &AgentConfig) -> Result<(), ErrorList<UninstallError>> {
     let mut errors = ErrorList::default();
+    if let Err(e) = cleanup(cfg) {
+        errors.0.extend(e.0);
+    }
     if let Err(e) = cni_config::uninstall(&cfg.cni.paths) {
         errors.push(e);
     }

@@ -48,7 +48,13 @@ impl CniPaths {
 
 /// The conflist for a node: its PodCIDRs as IPAM ranges, and the MTU. `None` while the node has
 /// no PodCIDR (the node is then not ready for pods, and the runtime says so).
-pub fn conflist(local: &NodeInfo, network: &str, mtu: u32, ipam_data_dir: &Path) -> Option<Value> {
+pub fn conflist(
+    local: &NodeInfo,
+    network: &str,
+    mtu: u32,
+    ipam_data_dir: &Path,
+    datapath_pins: Option<&Path>,
+) -> Option<Value> {
     if local.pod_cidrs.is_empty() {
         return None;
     }
@@ -61,15 +67,20 @@ pub fn conflist(local: &NodeInfo, network: &str, mtu: u32, ipam_data_dir: &Path)
     // STATUS and GC). Older ones (containerd 1.6/1.7, podman 4) read only `cniVersion`, and must
     // find one they can parse the result of. The list is ferrynet alone, so no chained plugin
     // limits it.
+    let mut plugin = json!({
+        "type": "ferrynet",
+        "mtu": mtu,
+        "ipam": {"type": "ferrynet-ipam", "ranges": ranges, "dataDir": ipam_data_dir},
+    });
+    // With the per-packet service path on, new pods' veths get its pinned programs at ADD.
+    if let Some(pins) = datapath_pins {
+        plugin["datapath"] = json!({ "pinPath": pins });
+    }
     Some(json!({
         "cniVersion": "1.0.0",
         "cniVersions": ["0.4.0", "1.0.0", "1.1.0"],
         "name": network,
-        "plugins": [{
-            "type": "ferrynet",
-            "mtu": mtu,
-            "ipam": {"type": "ferrynet-ipam", "ranges": ranges, "dataDir": ipam_data_dir},
-        }],
+        "plugins": [plugin],
     }))
 }
 
@@ -181,6 +192,8 @@ pub struct CniConfigConfig {
     pub mode: RoutingMode,
     pub uplink: Option<String>,
     pub resync: Duration,
+    /// The service datapath's pin path, when new pods' veths get its programs at ADD.
+    pub datapath_pins: Option<PathBuf>,
 }
 
 /// The pod MTU for `local` on this node: the uplink's, less the overlay's overhead.
@@ -250,7 +263,13 @@ fn pass(
         return Ok(None);
     };
     let mtu = pod_mtu(cfg.uplink.as_deref(), cfg.mode, local)?;
-    let Some(list) = conflist(local, &cfg.network, mtu, &cfg.ipam_data_dir) else {
+    let Some(list) = conflist(
+        local,
+        &cfg.network,
+        mtu,
+        &cfg.ipam_data_dir,
+        cfg.datapath_pins.as_deref(),
+    ) else {
         return Ok(None);
     };
     let changed = install_conflist(&cfg.paths, &list)?;
@@ -274,6 +293,7 @@ mod tests {
             created: None,
             internal_ips: vec!["10.0.0.1".parse().unwrap()],
             pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            zone: None,
         }
     }
 
@@ -284,6 +304,7 @@ mod tests {
             "ferrynet",
             1450,
             Path::new("/var/lib/ferrynet/ipam"),
+            None,
         )
         .unwrap();
         assert_eq!(c["plugins"][0]["mtu"], 1450);
@@ -296,7 +317,20 @@ mod tests {
         assert_eq!(c["cniVersions"], json!(["0.4.0", "1.0.0", "1.1.0"]));
         // The conflist is valid ferrynet IPAM config.
         ferrynet_ipam::IpamConfig::from_value(&c["plugins"][0]["ipam"]).unwrap();
-        assert!(conflist(&node(&[]), "ferrynet", 1450, Path::new("/x")).is_none());
+        assert!(conflist(&node(&[]), "ferrynet", 1450, Path::new("/x"), None).is_none());
+        assert!(c["plugins"][0].get("datapath").is_none());
+        let with = conflist(
+            &node(&["10.244.1.0/24"]),
+            "ferrynet",
+            1450,
+            Path::new("/x"),
+            Some(Path::new("/sys/fs/bpf/ferrynet")),
+        )
+        .unwrap();
+        assert_eq!(
+            with["plugins"][0]["datapath"],
+            json!({"pinPath": "/sys/fs/bpf/ferrynet"})
+        );
     }
 
     #[test]
@@ -321,10 +355,10 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o755);
-        let c = conflist(&node(&["10.244.1.0/24"]), "ferrynet", 1400, Path::new("/d")).unwrap();
+        let c = conflist(&node(&["10.244.1.0/24"]), "ferrynet", 1400, Path::new("/d"), None).unwrap();
         assert!(install_conflist(&paths, &c).unwrap());
         assert!(!install_conflist(&paths, &c).unwrap());
-        let changed = conflist(&node(&["10.244.1.0/24"]), "ferrynet", 1350, Path::new("/d")).unwrap();
+        let changed = conflist(&node(&["10.244.1.0/24"]), "ferrynet", 1350, Path::new("/d"), None).unwrap();
         assert!(
             install_conflist(&paths, &changed).unwrap(),
             "an MTU change rewrites the conflist"

@@ -1,11 +1,13 @@
 //! `ferrynet-agent`: runs as a DaemonSet on every node.
 //!
 //! - `run` (the default): installs the CNI, keeps the conflist in step with the node's PodCIDRs,
-//!   routes to every other node's pods, masquerades pod egress, and garbage-collects IPAM.
+//!   routes to every other node's pods, masquerades pod egress, garbage-collects IPAM, and
+//!   translates Services in eBPF (the kube-proxy replacement).
 //! - `install-cni`: the init container's job: binaries and conflist, then exit.
 //! - `uninstall`: removes what the agent installed.
-//! - `status`: shows the node, its PodCIDRs, its routes to peers and CNI readiness (`--ready` as a
-//!   readiness probe).
+//! - `cleanup`: removes the service datapath (links, programs, maps, pins).
+//! - `status`: shows the node, its controllers and readiness (`--ready` as a readiness probe).
+//! - `services`, `explain`: how this node translates Services, read from the pinned maps.
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
@@ -13,9 +15,10 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 use ferrynet_agent::{
     agent::{self, AgentConfig},
     cni_config::{CniConfigConfig, CniPaths},
+    datapath::{MapSizes, TranslationModes},
     ipam_gc::IpamGcConfig,
     node::{controller::NodeNetworkingConfig, topology::RoutingMode, vxlan::VxlanSettings},
-    services::controller::ServicesConfig,
+    services::{cli, controller::ServicesConfig},
     status,
 };
 use ipnet::IpNet;
@@ -39,8 +42,23 @@ enum Command {
         #[arg(long, default_value = "300")]
         wait_seconds: u64,
     },
-    /// Remove the conflist, the binaries, the agent's routes, VXLAN device and nftables table.
+    /// Remove the conflist, the binaries, the agent's routes, VXLAN device, firewall table and
+    /// service datapath.
     Uninstall,
+    /// Remove every program, link, map and pin of the service datapath (service translation
+    /// stops; pods keep their addresses and routes).
+    Cleanup,
+    /// List the Service frontends this node translates, from the pinned maps.
+    Services,
+    /// Say how this node translates a Service address: which Service, which backends in which
+    /// state, the policy and affinity in force, and why an endpoint is excluded.
+    Explain {
+        /// `ADDRESS:PORT` or `[IPv6]:PORT`, with `/tcp` (the default) or `/udp`.
+        target: String,
+        /// A client address, to say where its next connection goes.
+        #[arg(long)]
+        from: Option<std::net::IpAddr>,
+    },
     /// Show what the agent last did on this node.
     Status {
         #[arg(long)]
@@ -111,9 +129,63 @@ struct Options {
     /// allocation but no veth yet).
     #[arg(long, env = "FERRYNET_IPAM_GC_GRACE_SECONDS", default_value = "60")]
     ipam_gc_grace_seconds: u64,
+    /// Translate Services (the kube-proxy replacement). Off: no service datapath, and one an
+    /// earlier run left is removed.
+    #[arg(long, env = "FERRYNET_SERVICE_PROXY", default_value = "true", action = ArgAction::Set)]
+    service_proxy: bool,
+    /// Translate at the socket (connect, sendmsg) in the cgroup at --cgroup-path.
+    #[arg(long, env = "FERRYNET_SOCKET_LB", default_value = "true", action = ArgAction::Set)]
+    socket_lb: bool,
+    /// Socket LB only in the node's own network namespace: pods keep seeing Service addresses
+    /// (as service meshes need), and the per-packet path translates their traffic.
+    #[arg(long, env = "FERRYNET_SOCKET_LB_HOST_NETNS_ONLY", default_value = "false", action = ArgAction::Set)]
+    socket_lb_host_netns_only: bool,
+    /// Translate per packet on pod veths, for whatever socket LB did not translate.
+    #[arg(long, env = "FERRYNET_PER_PACKET_LB", default_value = "true", action = ArgAction::Set)]
+    per_packet_lb: bool,
+    /// Services labelled service.kubernetes.io/service-proxy-name with another value are left
+    /// to that proxy.
+    #[arg(long, env = "FERRYNET_SERVICE_PROXY_NAME", default_value = "ferrynet")]
+    service_proxy_name: String,
+    /// The cluster's Service CIDRs: an address there that no Service holds is refused.
+    #[arg(long = "service-cidrs", env = "FERRYNET_SERVICE_CIDRS", value_delimiter = ',', value_parser = optional_cidr)]
+    service_cidrs: Vec<Option<IpNet>>,
+    /// Capacities of the datapath's maps (used when they are created).
+    #[arg(long, env = "FERRYNET_MAX_SERVICES", default_value_t = ferrynet_common::DEFAULT_MAX_SERVICES)]
+    max_services: u32,
+    #[arg(long, env = "FERRYNET_MAX_BACKENDS", default_value_t = ferrynet_common::DEFAULT_MAX_BACKENDS)]
+    max_backends: u32,
+    #[arg(long, env = "FERRYNET_MAX_SERVICE_SLOTS", default_value_t = ferrynet_common::DEFAULT_MAX_SLOTS)]
+    max_service_slots: u32,
+    #[arg(long, env = "FERRYNET_MAX_CONNTRACK", default_value_t = ferrynet_common::DEFAULT_MAX_CONNTRACK)]
+    max_conntrack: u32,
+    #[arg(long, env = "FERRYNET_MAX_AFFINITY", default_value_t = ferrynet_common::DEFAULT_MAX_AFFINITY)]
+    max_affinity: u32,
+    #[arg(long, env = "FERRYNET_MAX_SOCKETS", default_value_t = ferrynet_common::DEFAULT_MAX_SOCKETS)]
+    max_sockets: u32,
+    /// /healthz's port, on the node's InternalIP (0: off).
+    #[arg(long, env = "FERRYNET_HEALTHZ_PORT", default_value = "10256")]
+    healthz_port: u16,
+    /// Where /metrics listens (empty: off).
+    #[arg(long, env = "FERRYNET_METRICS_BIND_ADDRESS", default_value = "127.0.0.1:10249")]
+    metrics_bind_address: String,
+    /// Stands for the datapath programs' version (tests use it to play an upgrade).
+    #[arg(long, env = "FERRYNET_DATAPATH_REVISION", default_value = "0", hide = true)]
+    datapath_revision: u32,
     /// Log filter (tracing's env-filter syntax).
     #[arg(long, env = "FERRYNET_LOG", default_value = "info")]
     log: String,
+}
+
+/// A socket address, or nothing for an empty value.
+fn optional_socket(s: &str) -> Result<Option<std::net::SocketAddr>> {
+    match s.trim() {
+        "" => Ok(None),
+        addr => addr
+            .parse()
+            .map(Some)
+            .with_context(|| format!("--metrics-bind-address {addr:?}")),
+    }
 }
 
 /// A CIDR, or nothing for an empty value (an empty setting means "not set").
@@ -172,6 +244,7 @@ impl Options {
                 mode: self.routing_mode,
                 uplink: self.uplink.clone(),
                 resync,
+                datapath_pins: (self.service_proxy && self.per_packet_lb).then(|| self.bpf_pin_path.clone()),
             },
             ipam_gc: IpamGcConfig {
                 data_dir: self.ipam_data_dir.clone(),
@@ -180,10 +253,32 @@ impl Options {
                 grace: Duration::from_secs(self.ipam_gc_grace_seconds),
             },
             services: ServicesConfig {
-                enabled: false,
+                enabled: self.service_proxy,
+                node_name: node_name.clone(),
                 bpf_pin_path: self.bpf_pin_path.clone(),
                 cgroup_path: self.cgroup_path.clone(),
+                modes: TranslationModes {
+                    socket_lb: self.socket_lb,
+                    host_netns_only: self.socket_lb_host_netns_only,
+                    per_packet: self.per_packet_lb,
+                },
+                proxy_name: self.service_proxy_name.clone(),
+                service_cidrs: self.service_cidrs.iter().flatten().copied().collect(),
+                sizes: MapSizes {
+                    services: self.max_services,
+                    backends: self.max_backends,
+                    slots: self.max_service_slots,
+                    conntrack: self.max_conntrack,
+                    affinity: self.max_affinity,
+                    sockets: self.max_sockets,
+                },
+                healthz_port: self.healthz_port,
+                metrics_addr: optional_socket(&self.metrics_bind_address)?,
+                state_dir: self.state_dir.clone(),
+                ipam_data_dir: self.ipam_data_dir.clone(),
+                network: self.network.clone(),
                 resync,
+                datapath_revision: self.datapath_revision,
             },
             node_name,
         })
@@ -217,8 +312,19 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             &cli.options.config()?,
             Duration::from_secs(wait_seconds),
         ))?,
-        // Uninstall acts on what is installed here, whoever the node is.
+        // Uninstall and cleanup act on what is installed here, whoever the node is.
         Command::Uninstall => agent::uninstall(&cli.options.config_for(String::new())?)?,
+        Command::Cleanup => agent::cleanup(&cli.options.config_for(String::new())?)?,
+        Command::Services => {
+            let listed = cli::list(&cli.options.bpf_pin_path, &cli.options.state_dir)?;
+            print!("{}", cli::render_list(&listed));
+        }
+        Command::Explain { target, from } => {
+            print!(
+                "{}",
+                cli::explain(&cli.options.bpf_pin_path, &cli.options.state_dir, &target, from)?
+            );
+        }
         Command::Status { json, ready } => {
             let st = status::read(&cli.options.state_dir);
             if ready {

@@ -108,6 +108,13 @@ pub struct ServicesDetails {
     pub bpf_pin_path: Option<PathBuf>,
     /// The cgroup v2 directory the socket programs attach to, once checked.
     pub cgroup_path: Option<PathBuf>,
+    pub socket_lb: bool,
+    pub host_netns_only: bool,
+    pub per_packet: bool,
+    /// Services, frontends and backends in the datapath.
+    pub services: usize,
+    pub frontends: usize,
+    pub backends: usize,
 }
 
 /// Everything the agent reports.
@@ -379,7 +386,20 @@ pub fn render(s: &AgentStatus) -> String {
     out += &format!("ipam gc:    {}\n", health(g.running, true, &g.last_error));
     let sv = &s.services;
     if sv.details.enabled {
-        out += &format!("services:   {}\n", health(sv.running, sv.ready, &sv.last_error));
+        out += &format!(
+            "services:   {}, {} services, {} frontends, {} backends (socket LB {}{}, per-packet {})\n",
+            health(sv.running, sv.ready, &sv.last_error),
+            sv.details.services,
+            sv.details.frontends,
+            sv.details.backends,
+            if sv.details.socket_lb { "on" } else { "off" },
+            if sv.details.host_netns_only {
+                " in the node's namespace only"
+            } else {
+                ""
+            },
+            if sv.details.per_packet { "on" } else { "off" },
+        );
     } else {
         out += "services:   off (--service-proxy=false)\n";
     }

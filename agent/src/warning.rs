@@ -39,6 +39,16 @@ pub enum WarningKind {
     CgroupPath,
     /// An IPAM record that cannot be read (kept, and reported).
     IpamCorruptRecord,
+    /// A Service object that cannot be (fully) translated: no usable ClusterIP, bad ports.
+    HostileService,
+    /// An EndpointSlice endpoint that cannot be used: a garbage or wrong-family address.
+    HostileEndpoint,
+    /// A Service port of a protocol ferrynet does not translate (SCTP).
+    UnsupportedProtocol,
+    /// A datapath map is full: some entries could not be written.
+    MapFull,
+    /// The datapath could not be loaded, attached or written.
+    Datapath,
 }
 
 /// One problem, with the object it is about.

@@ -72,6 +72,7 @@ pub fn request_of(inv: &Invocation) -> Result<AllocationRequest, CniError> {
         requested,
         pod_namespace: inv.args.pod_namespace().map(str::to_string),
         pod_name: inv.args.pod_name().map(str::to_string),
+        netns: inv.netns.as_ref().map(|p| p.display().to_string()),
     })
 }
 

@@ -73,6 +73,10 @@ pub struct Attachment {
     pub pod_namespace: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_name: Option<String>,
+    /// The pod's network namespace (`CNI_NETNS`) when the attachment was made: the agent finds
+    /// the pods' sockets through it (to terminate those connected to removed backends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 impl Attachment {
@@ -89,6 +93,8 @@ pub struct AllocationRequest {
     pub requested: Vec<IpAddr>,
     pub pod_namespace: Option<String>,
     pub pod_name: Option<String>,
+    /// `CNI_NETNS`.
+    pub netns: Option<String>,
 }
 
 /// What GC did.
@@ -255,6 +261,9 @@ impl LockedStore {
     ) -> Result<Attachment> {
         if let Some(mut existing) = self.get(key)? {
             existing.created_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            if request.netns.is_some() {
+                existing.netns = request.netns.clone();
+            }
             let json = serde_json::to_vec(&existing).expect("attachment serialises");
             fsutil::write_atomic(&self.record_path(key), |f: &mut File| f.write_all(&json))?;
             return Ok(existing);
@@ -315,6 +324,7 @@ impl LockedStore {
                 created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
                 pod_namespace: request.pod_namespace.clone(),
                 pod_name: request.pod_name.clone(),
+                netns: request.netns.clone(),
             };
             let json = serde_json::to_vec(&attachment).expect("attachment serialises");
             fsutil::write_atomic(&self.record_path(key), |f: &mut File| f.write_all(&json))?;

@@ -114,6 +114,8 @@ pub struct Settings {
     pub bookmark_interval: Duration,
     /// Where objects are persisted (none: memory only).
     pub data_file: Option<PathBuf>,
+    /// The Service CIDRs ClusterIPs are allocated from, one per family.
+    pub service_cidrs: (ipnet::Ipv4Net, ipnet::Ipv6Net),
 }
 
 impl Default for Settings {
@@ -122,7 +124,27 @@ impl Default for Settings {
             history: 10_000,
             bookmark_interval: Duration::from_secs(15),
             data_file: None,
+            service_cidrs: (
+                "10.96.0.0/16".parse().expect("valid"),
+                "fd00:96::/108".parse().expect("valid"),
+            ),
         }
+    }
+}
+
+/// The ClusterIPs in use, and where the next search starts, per family.
+#[derive(Debug, Default)]
+struct ClusterIps {
+    used: std::collections::BTreeSet<std::net::IpAddr>,
+}
+
+impl ClusterIps {
+    /// The lowest free address of `cidr` (past its network address and the first host, which
+    /// the real API server keeps for the `kubernetes` Service).
+    fn allocate(&mut self, cidr: ipnet::IpNet) -> Option<std::net::IpAddr> {
+        let free = cidr.hosts().skip(1).find(|ip| !self.used.contains(ip))?;
+        self.used.insert(free);
+        Some(free)
     }
 }
 
@@ -143,6 +165,7 @@ struct Inner {
     /// The oldest resourceVersion a watch can resume from.
     horizon: u64,
     uid_counter: u64,
+    cluster_ips: ClusterIps,
 }
 
 #[derive(Clone)]
@@ -162,6 +185,7 @@ impl ApiServer {
             history: VecDeque::new(),
             horizon: 1,
             uid_counter: 0,
+            cluster_ips: ClusterIps::default(),
         };
         match settings.data_file.as_ref().filter(|p| p.exists()) {
             Some(path) => {
@@ -178,6 +202,13 @@ impl ApiServer {
                 }
                 // Watches from before the restart cannot resume: history starts now.
                 inner.horizon = inner.rv;
+                for object in inner.objects.values() {
+                    if object["kind"] == "Service" {
+                        for ip in cluster_ips_of(object) {
+                            inner.cluster_ips.used.insert(ip);
+                        }
+                    }
+                }
             }
             None => {
                 for ns in ["default", "kube-system"] {
@@ -244,6 +275,114 @@ impl ApiServer {
         let _ = self.changes.send(change);
         object
     }
+}
+
+/// The addresses in a Service's `clusterIPs`.
+fn cluster_ips_of(object: &Value) -> Vec<std::net::IpAddr> {
+    object["spec"]["clusterIPs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip.as_str()?.parse().ok())
+        .collect()
+}
+
+const SERVICE: usize = 2;
+const POD: usize = 3;
+
+/// What the real API server does to a new Service: its ClusterIPs are allocated (both families
+/// for dual stack), or the requested ones checked and taken; `ipFamilies` follow.
+fn allocate_cluster_ips(inner: &mut Inner, settings: &Settings, object: &mut Value) -> Result<(), Box<Response>> {
+    let spec = &mut object["spec"];
+    if !spec.is_object() {
+        *spec = json!({});
+    }
+    if spec["type"] == "ExternalName" {
+        return Ok(());
+    }
+    let requested: Vec<String> = match spec["clusterIPs"].as_array() {
+        Some(list) if !list.is_empty() => list.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+        _ => spec["clusterIP"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .into_iter()
+            .collect(),
+    };
+    if requested.first().is_some_and(|ip| ip == "None") {
+        spec["clusterIP"] = json!("None");
+        spec["clusterIPs"] = json!(["None"]);
+        return Ok(());
+    }
+    let policy = spec["ipFamilyPolicy"].as_str().unwrap_or("SingleStack").to_string();
+    let mut families: Vec<String> = spec["ipFamilies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f.as_str().map(str::to_string))
+        .collect();
+    if families.is_empty() {
+        families = requested
+            .iter()
+            .filter_map(|ip| ip.parse::<std::net::IpAddr>().ok())
+            .map(|ip| if ip.is_ipv4() { "IPv4" } else { "IPv6" }.to_string())
+            .collect();
+    }
+    if families.is_empty() {
+        families.push("IPv4".into());
+    }
+    if policy != "SingleStack" && families.len() == 1 {
+        families.push(if families[0] == "IPv4" { "IPv6" } else { "IPv4" }.into());
+    }
+    let invalid = |message: String| Box::new(status_error(422, "Invalid", message));
+    let mut ips = Vec::new();
+    for (i, family) in families.iter().enumerate() {
+        let cidr: ipnet::IpNet = if family == "IPv4" {
+            settings.service_cidrs.0.into()
+        } else {
+            settings.service_cidrs.1.into()
+        };
+        match requested.get(i) {
+            Some(raw) => {
+                let ip: std::net::IpAddr = raw.parse().map_err(|_| {
+                    invalid(format!(
+                        "spec.clusterIPs[{i}]: Invalid value: {raw:?}: must be a valid IP address"
+                    ))
+                })?;
+                if !cidr.contains(&ip) {
+                    return Err(invalid(format!(
+                        "spec.clusterIPs[{i}]: Invalid value: {raw:?}: the provided IP is not in the valid range. The range of valid IPs is {cidr}"
+                    )));
+                }
+                if inner.cluster_ips.used.contains(&ip) {
+                    return Err(invalid(format!(
+                        "spec.clusterIPs[{i}]: Invalid value: {raw:?}: provided IP is already allocated"
+                    )));
+                }
+                ips.push(ip);
+            }
+            None => {
+                let ip = inner
+                    .cluster_ips
+                    .allocate(cidr)
+                    .ok_or_else(|| invalid(format!("no free ClusterIP left in {cidr}")))?;
+                inner.cluster_ips.used.remove(&ip);
+                ips.push(ip);
+            }
+        }
+    }
+    for ip in &ips {
+        inner.cluster_ips.used.insert(*ip);
+    }
+    let texts: Vec<String> = ips.iter().map(ToString::to_string).collect();
+    spec["clusterIP"] = json!(texts[0]);
+    spec["clusterIPs"] = json!(texts);
+    spec["ipFamilies"] = json!(families);
+    spec["ipFamilyPolicy"] = json!(policy);
+    if spec["type"].is_null() {
+        spec["type"] = json!("ClusterIP");
+    }
+    Ok(())
 }
 
 fn key_of(kind: usize, object: &Value) -> Key {
@@ -614,7 +753,7 @@ async fn handle(
         Method::POST if target.name.is_none() => create(&server, &target, &body),
         Method::PUT if target.name.is_some() => replace(&server, &target, &body),
         Method::PATCH if target.name.is_some() => patch(&server, &target, &headers, &body),
-        Method::DELETE if target.name.is_some() => delete(&server, &target),
+        Method::DELETE if target.name.is_some() => delete(&server, &target, &q, &body),
         _ => status_error(405, "MethodNotAllowed", format!("{method} is not supported on {path}")),
     }
 }
@@ -786,6 +925,11 @@ fn create(server: &ApiServer, target: &Target, body: &[u8]) -> Response {
         let name = object["metadata"]["name"].as_str().unwrap_or("").to_string();
         return status_error(409, "AlreadyExists", format!("{} \"{name}\" already exists", k.plural));
     }
+    if target.kind == SERVICE
+        && let Err(refused) = allocate_cluster_ips(&mut inner, &server.settings, &mut object)
+    {
+        return *refused;
+    }
     inner.uid_counter += 1;
     object["apiVersion"] = json!(k.api_version());
     object["kind"] = json!(k.kind);
@@ -828,8 +972,30 @@ fn replace(server: &ApiServer, target: &Target, body: &[u8]) -> Response {
         updated = new;
         updated["apiVersion"] = current["apiVersion"].clone();
         updated["kind"] = current["kind"].clone();
-        for field in ["uid", "creationTimestamp", "namespace", "name"] {
+        for field in [
+            "uid",
+            "creationTimestamp",
+            "namespace",
+            "name",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+        ] {
             updated["metadata"][field] = current["metadata"][field].clone();
+        }
+        // A Service's ClusterIPs are immutable: kept when the update leaves them out.
+        if target.kind == SERVICE {
+            for field in ["clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"] {
+                let given = &updated["spec"][field];
+                if given.is_null() || given == &json!("") {
+                    updated["spec"][field] = current["spec"][field].clone();
+                } else if *given != current["spec"][field] && field.starts_with("cluster") {
+                    return status_error(
+                        422,
+                        "Invalid",
+                        format!("spec.{field}: Invalid value: field is immutable"),
+                    );
+                }
+            }
         }
         if updated.get("spec") != current.get("spec") {
             updated["metadata"]["generation"] = json!(current["metadata"]["generation"].as_u64().unwrap_or(1) + 1);
@@ -907,16 +1073,44 @@ fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-fn delete(server: &ApiServer, target: &Target) -> Response {
+/// A delete's grace period: from the query, else the body's DeleteOptions.
+fn grace_period(q: &BTreeMap<String, String>, body: &[u8]) -> Option<u64> {
+    q.get("gracePeriodSeconds")
+        .and_then(|g| g.parse().ok())
+        .or_else(|| serde_json::from_slice::<Value>(body).ok()?["gracePeriodSeconds"].as_u64())
+}
+
+fn delete(server: &ApiServer, target: &Target, q: &BTreeMap<String, String>, body: &[u8]) -> Response {
     let mut inner = server.inner.lock().expect("lock");
     let key = (
         target.kind,
         target.namespace.clone().unwrap_or_default(),
         target.name.clone().unwrap_or_default(),
     );
-    let Some(object) = inner.objects.get(&key).cloned() else {
+    let Some(mut object) = inner.objects.get(&key).cloned() else {
         return not_found(target);
     };
+    // A pod is deleted gracefully, as the real API server does: it gets a deletionTimestamp and
+    // stays (terminating) until its kubelet deletes it with a grace period of 0.
+    if target.kind == POD {
+        let grace = grace_period(q, body)
+            .or_else(|| object["spec"]["terminationGracePeriodSeconds"].as_u64())
+            .unwrap_or(30);
+        if grace > 0 {
+            if object["metadata"]["deletionTimestamp"].is_null() {
+                object["metadata"]["deletionTimestamp"] = json!(rfc3339_now());
+                object["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+                let stored = server.commit(&mut inner, target.kind, "MODIFIED", object);
+                return json_response(StatusCode::OK, stored);
+            }
+            return json_response(StatusCode::OK, object);
+        }
+    }
+    if target.kind == SERVICE {
+        for ip in cluster_ips_of(&object) {
+            inner.cluster_ips.used.remove(&ip);
+        }
+    }
     let deleted = server.commit(&mut inner, target.kind, "DELETED", object);
     json_response(StatusCode::OK, deleted)
 }

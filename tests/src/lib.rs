@@ -11,6 +11,7 @@ pub mod cni;
 pub mod lab;
 pub mod netns;
 pub mod packets;
+pub mod probe;
 pub mod tcp;
 
 use std::{

@@ -16,7 +16,6 @@
 //! one attached before the old one goes, so no connect ever misses translation (two programs
 //! translating in a row do nothing more: the second sees a backend, not a Service).
 pub mod kfunc;
-pub mod pins;
 
 use std::{
     collections::BTreeSet,
@@ -35,7 +34,7 @@ use aya::{
     },
 };
 use ferrynet_common::*;
-pub use pins::PinLayout;
+pub use ferrynet_kernel::pins::PinLayout;
 
 use crate::warning::ErrorList;
 
@@ -196,7 +195,8 @@ impl Datapath {
     /// agent's `--bpf-pin-path`): maps an earlier run pinned are reused as they are.
     pub fn load(pin_root: &Path, sizes: MapSizes) -> Result<Self, DatapathError> {
         let pins = PinLayout::new(pin_root);
-        pins.create()?;
+        pins.create()
+            .map_err(|(path, source)| DatapathError::Io { path, source })?;
         let object = kfunc::resolve_all(PROGRAMS, &[SOCK_DESTROY_KFUNC])?;
         let mut loader = EbpfLoader::new();
         for name in PINNED_MAPS {
@@ -330,6 +330,93 @@ impl Datapath {
         Ok(report)
     }
 
+    /// Removes the socket LB links (socket LB turned off): their programs detach.
+    pub fn detach_socket_lb(&mut self) -> Result<(), ErrorList<DatapathError>> {
+        let mut errors = ErrorList::default();
+        for name in SOCKET_PROGRAMS {
+            let path = self.pins.cgroup_link(name);
+            match pinned_link(&path) {
+                Ok(Some(link)) => {
+                    if let Err(e) = link.unpin() {
+                        errors.push(io(&path)(e));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => errors.push(e),
+            }
+        }
+        errors.into_result()
+    }
+
+    /// Writes the cluster's Service CIDRs (replacing what the tries held).
+    pub fn set_service_cidrs(&mut self, cidrs: &[ipnet::IpNet]) -> Result<(), DatapathError> {
+        use aya::maps::lpm_trie::{Key, LpmTrie};
+        let map_err = |name: &'static str| move |source| DatapathError::Map { name, source };
+        {
+            let map = self
+                .ebpf
+                .map_mut(SERVICE_CIDRS4_MAP)
+                .ok_or(DatapathError::Missing(SERVICE_CIDRS4_MAP))?;
+            let mut trie: LpmTrie<&mut MapData, u32, u8> =
+                LpmTrie::try_from(map).map_err(map_err(SERVICE_CIDRS4_MAP))?;
+            let old: Vec<Key<u32>> = trie.keys().filter_map(Result::ok).collect();
+            for key in old {
+                let _ = trie.remove(&key);
+            }
+            for cidr in cidrs {
+                if let ipnet::IpNet::V4(v4) = cidr {
+                    let key = Key::new(u32::from(v4.prefix_len()), addr4(v4.network().octets()));
+                    trie.insert(&key, 1, 0).map_err(map_err(SERVICE_CIDRS4_MAP))?;
+                }
+            }
+        }
+        let map = self
+            .ebpf
+            .map_mut(SERVICE_CIDRS6_MAP)
+            .ok_or(DatapathError::Missing(SERVICE_CIDRS6_MAP))?;
+        let mut trie: LpmTrie<&mut MapData, [u32; 4], u8> =
+            LpmTrie::try_from(map).map_err(map_err(SERVICE_CIDRS6_MAP))?;
+        let old: Vec<Key<[u32; 4]>> = trie.keys().filter_map(Result::ok).collect();
+        for key in old {
+            let _ = trie.remove(&key);
+        }
+        for cidr in cidrs {
+            if let ipnet::IpNet::V6(v6) = cidr {
+                let key = Key::new(u32::from(v6.prefix_len()), addr6(v6.network().octets()));
+                trie.insert(&key, 1, 0).map_err(map_err(SERVICE_CIDRS6_MAP))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What the kernel programs counted, summed over CPUs.
+    pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+        let map = self
+            .ebpf
+            .map(DATAPATH_STATS_MAP)
+            .ok_or(DatapathError::Missing(DATAPATH_STATS_MAP))?;
+        let stats: aya::maps::PerCpuArray<_, u64> =
+            aya::maps::PerCpuArray::try_from(map).map_err(|source| DatapathError::Map {
+                name: DATAPATH_STATS_MAP,
+                source,
+            })?;
+        let mut out = Vec::new();
+        for (i, name) in STAT_NAMES.iter().enumerate() {
+            let total = stats
+                .get(&(i as u32), 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0);
+            out.push((*name, total));
+        }
+        Ok(out)
+    }
+
+    /// (map, entries, capacity) of every pinned map, counted from the pins (so it works for maps
+    /// the service controller owns too).
+    pub fn map_fill(&self) -> Vec<(&'static str, u64, u64)> {
+        map_fill(&self.pins)
+    }
+
     /// Pins the pod programs where the CNI finds them, replacing older pins.
     pub fn pin_pod_programs(&mut self) -> Result<(), DatapathError> {
         for (name, _, _) in POD_PROGRAMS {
@@ -458,6 +545,65 @@ impl Datapath {
             }),
         }
     }
+}
+
+/// Names of the kernel programs' counters, by [`Stat`] index.
+pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
+    "sock_translated",
+    "sock_refused",
+    "packet_flows_translated",
+    "packets_translated",
+    "packets_refused",
+    "conntrack_full",
+    "sock_revnat_full",
+    "sockets_terminated",
+    "backend_missing",
+    "affinity_full",
+];
+
+/// (map, entries, capacity) of the maps pinned under `pins`. Entries are counted by walking
+/// each map's keys, so the cost grows with what the maps hold.
+pub fn map_fill(pins: &PinLayout) -> Vec<(&'static str, u64, u64)> {
+    use aya::maps::{HashMap, Map, lpm_trie::LpmTrie};
+    let mut out = Vec::new();
+    for name in PINNED_MAPS {
+        let Ok(data) = MapData::from_pin(pins.map(name)) else {
+            continue;
+        };
+        let Ok(info) = data.info() else { continue };
+        let capacity = u64::from(info.max_entries());
+        let Ok(map) = Map::from_map_data(data) else {
+            continue;
+        };
+        macro_rules! count {
+            ($k:ty, $v:ty) => {
+                HashMap::<_, $k, $v>::try_from(map).map_or(0, |m| m.keys().count() as u64)
+            };
+        }
+        let entries = match name {
+            SERVICES4_MAP => count!(ServiceKey4, ServiceValue),
+            SERVICES6_MAP => count!(ServiceKey6, ServiceValue),
+            SERVICE_SLOTS_MAP => count!(SlotKey, u32),
+            BACKENDS_MAP => count!(u32, BackendValue),
+            REV_NAT_MAP => count!(u32, RevNatValue),
+            CT4_MAP => count!(CtKey4, CtValue),
+            CT6_MAP => count!(CtKey6, CtValue),
+            AFFINITY4_MAP => count!(AffinityKey4, AffinityValue),
+            AFFINITY6_MAP => count!(AffinityKey6, AffinityValue),
+            SOCK_BACKEND_MAP => count!(u64, u32),
+            SOCK_REVNAT4_MAP => count!(SockRevNatKey4, SockRevNatValue),
+            SOCK_REVNAT6_MAP => count!(SockRevNatKey6, SockRevNatValue),
+            DOOMED_BACKENDS_MAP => count!(u32, u8),
+            SERVICE_CIDRS4_MAP => LpmTrie::<_, u32, u8>::try_from(map).map_or(0, |m| m.keys().count() as u64),
+            SERVICE_CIDRS6_MAP => LpmTrie::<_, [u32; 4], u8>::try_from(map).map_or(0, |m| m.keys().count() as u64),
+            FROM_POD_STATS_MAP => {
+                PerCpuHashMap::<_, u32, TrafficCounters>::try_from(map).map_or(0, |m| m.keys().count() as u64)
+            }
+            _ => continue,
+        };
+        out.push((name, entries, capacity));
+    }
+    out
 }
 
 /// The map's data, whatever its type.

@@ -6,7 +6,10 @@
 //!   addresses, so nothing else that can reach the port can inject traffic into the pod network;
 //! - **pod source check**: a packet arriving from a pod's host veth must carry a source address
 //!   that is routed back through that veth (strict reverse-path filtering), so a pod cannot spoof
-//!   another's address.
+//!   another's address;
+//! - **refused Service traffic**: a packet the per-packet service path marked (a Service port
+//!   without endpoints, a Service CIDR address nobody holds) is rejected with a TCP reset or an
+//!   ICMP port unreachable, as kube-proxy's nftables mode does.
 //!
 //! The desired table ([`desired`]) and the table read back from the kernel ([`observe`]) have the
 //! same shape, [`TableState`]; [`diff`] (pure) says whether to replace it. Replacing runs one
@@ -86,6 +89,12 @@ const POD_SOURCE: Chain = Chain {
     hook: "prerouting",
     priority: -300,
 };
+const SERVICE_REJECT: Chain = Chain {
+    name: "service_reject",
+    kind: "filter",
+    hook: "forward",
+    priority: 0,
+};
 
 /// A set: its element type, whether it holds intervals, and its elements.
 struct SetSpec {
@@ -104,7 +113,7 @@ struct Layout {
 /// Sets, chains and rules of the table `spec` asks for.
 fn layout(spec: &FirewallSpec) -> Layout {
     let mut sets = BTreeMap::new();
-    let mut chains: Vec<&'static Chain> = vec![&VXLAN_INPUT, &POD_SOURCE];
+    let mut chains: Vec<&'static Chain> = vec![&VXLAN_INPUT, &POD_SOURCE, &SERVICE_REJECT];
     let mut rules = Vec::new();
     let element = |net: &IpNet| {
         if net.prefix_len() == net.max_prefix_len() {
@@ -173,6 +182,21 @@ fn layout(spec: &FirewallSpec) -> Layout {
         chain: POD_SOURCE.name,
         text: format!("iifname \"{POD_VETHS}\" fib saddr . iif oif missing counter drop"),
         comment: "spoofed pod source",
+    });
+    let mark = format!(
+        "meta mark & {:#010x} == {:#010x}",
+        ferrynet_common::MARK_MASK,
+        ferrynet_common::MARK_REJECT
+    );
+    rules.push(Rule {
+        chain: SERVICE_REJECT.name,
+        text: format!("{mark} meta l4proto tcp counter reject with tcp reset"),
+        comment: "refused service (tcp)",
+    });
+    rules.push(Rule {
+        chain: SERVICE_REJECT.name,
+        text: format!("{mark} counter reject with icmpx port-unreachable"),
+        comment: "refused service",
     });
     Layout { sets, chains, rules }
 }
@@ -437,12 +461,15 @@ mod tests {
             {"chain": {"family": "inet", "table": "ferrynet", "name": "egress", "handle": 5, "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}},
             {"chain": {"family": "inet", "table": "ferrynet", "name": "vxlan_input", "handle": 6, "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}},
             {"chain": {"family": "inet", "table": "ferrynet", "name": "pod_source", "handle": 7, "type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept"}},
+            {"chain": {"family": "inet", "table": "ferrynet", "name": "service_reject", "handle": 14, "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}},
             {"rule": {"family": "inet", "table": "ferrynet", "chain": "egress", "handle": 8, "comment": "pod egress", "expr": []}},
             {"rule": {"family": "inet", "table": "ferrynet", "chain": "egress", "handle": 9, "comment": "pod egress", "expr": []}},
             {"rule": {"family": "inet", "table": "ferrynet", "chain": "vxlan_input", "handle": 10, "comment": "vxlan from unknown peers", "expr": []}},
             {"rule": {"family": "inet", "table": "ferrynet", "chain": "vxlan_input", "handle": 11, "comment": "vxlan from unknown peers", "expr": []}},
             {"rule": {"family": "inet", "table": "ferrynet", "chain": "pod_source", "handle": 12, "comment": "pod link-local source", "expr": []}},
-            {"rule": {"family": "inet", "table": "ferrynet", "chain": "pod_source", "handle": 13, "comment": "spoofed pod source", "expr": []}}
+            {"rule": {"family": "inet", "table": "ferrynet", "chain": "pod_source", "handle": 13, "comment": "spoofed pod source", "expr": []}},
+            {"rule": {"family": "inet", "table": "ferrynet", "chain": "service_reject", "handle": 15, "comment": "refused service (tcp)", "expr": []}},
+            {"rule": {"family": "inet", "table": "ferrynet", "chain": "service_reject", "handle": 16, "comment": "refused service", "expr": []}}
         ]})
     }
 

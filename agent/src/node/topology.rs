@@ -22,6 +22,8 @@ pub struct NodeInfo {
     pub internal_ips: Vec<IpAddr>,
     /// At most one per family, as Kubernetes allows.
     pub pod_cidrs: Vec<IpNet>,
+    /// Its `topology.kubernetes.io/zone` label (for topology hints).
+    pub zone: Option<String>,
 }
 
 impl NodeInfo {
@@ -88,6 +90,12 @@ pub fn node_info(node: &Node) -> (Option<NodeInfo>, Vec<Warning>) {
             created: node.metadata.creation_timestamp.clone(),
             internal_ips,
             pod_cidrs,
+            zone: node
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("topology.kubernetes.io/zone"))
+                .cloned(),
         }),
         warnings,
     )

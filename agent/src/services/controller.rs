@@ -1,11 +1,46 @@
-//! The service controller. It checks, at every resync, that the datapath's kernel filesystems are
-//! usable, and says so in its status section.
-use std::{path::PathBuf, sync::Arc, time::Duration};
+//! The service controller: Services and EndpointSlices in, the datapath's maps out.
+//!
+//! It loads the datapath (adopting what an earlier agent pinned), attaches it, and then follows
+//! the API: each Service or EndpointSlice event marks its Service dirty; dirty Services are
+//! processed in batches (a burst is coalesced, and a steady stream still gets a batch at least
+//! every few milliseconds, so nothing starves). For each, the pure [`table::service_entries`]
+//! gives the desired entries, the pure [`diff::diff`] compares them with what the maps hold for
+//! that Service, and [`maps::ServiceMaps::apply`] writes only that. After a (re)list of either
+//! kind, everything is compared, which also removes Services deleted while the agent was away.
+//!
+//! With `--service-proxy=false` it removes any datapath an earlier run left, and idles.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
+use futures::StreamExt;
+use ipnet::IpNet;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt, watcher},
+};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::{
+    diff::{self, AppliedFrontend, FrontendOp},
+    http::{self, Health},
+    maps::{BatchOutcome, MapHandles, ServiceMaps},
+    metrics::{DatapathCounters, ServiceMetrics},
+    notes,
+    table::{self, Frontend, NodeContext, PortEntry, ServiceRef},
+};
 use crate::{
+    datapath::{self, Datapath, DatapathError, MapSizes, TranslationModes},
     kernel_paths,
-    status::StatusHandle,
+    status::{StatusHandle, now_unix},
     warning::{Warning, WarningKind},
+    watch::NodesView,
 };
 
 /// What the service controller is configured with.
@@ -13,44 +48,706 @@ use crate::{
 pub struct ServicesConfig {
     /// `--service-proxy`: translate Services at all.
     pub enabled: bool,
+    pub node_name: String,
     /// The bpffs directory the datapath pins its maps, programs and links in.
     pub bpf_pin_path: PathBuf,
     /// The cgroup v2 directory the socket programs attach to.
     pub cgroup_path: PathBuf,
+    pub modes: TranslationModes,
+    /// Services labelled `service.kubernetes.io/service-proxy-name` with another name are left
+    /// to that proxy.
+    pub proxy_name: String,
+    /// The cluster's Service CIDRs: an address there that no Service holds is refused.
+    pub service_cidrs: Vec<IpNet>,
+    pub sizes: MapSizes,
+    /// `/healthz`'s port, on the node's address (0: off).
+    pub healthz_port: u16,
+    /// Where `/metrics` listens (none: off).
+    pub metrics_addr: Option<SocketAddr>,
+    pub state_dir: PathBuf,
+    /// The IPAM store (its records name the pods' network namespaces).
+    pub ipam_data_dir: PathBuf,
+    pub network: String,
     pub resync: Duration,
+    /// Stands for the programs' version in their identity (tests use it for an upgrade).
+    pub datapath_revision: u32,
 }
 
-/// Why the service controller stopped.
+/// Why the service controller stopped (the supervisor restarts it).
 #[derive(Debug, thiserror::Error)]
-pub enum ServicesError {}
+pub enum ServicesError {
+    #[error(transparent)]
+    KernelPath(#[from] kernel_paths::KernelPathError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("datapath: {0}")]
+    Datapaths(crate::warning::ErrorList<DatapathError>),
+    #[error("service maps: {0}")]
+    Maps(#[from] super::maps::ServiceMapError),
+    #[error("the host network namespace's cookie: {0}")]
+    NetnsCookie(std::io::Error),
+    #[error("netlink: {0}")]
+    Netlink(String),
+    #[error("the {0} watch ended")]
+    WatchEnded(&'static str),
+    #[error("the nodes' view is gone")]
+    ViewClosed,
+    #[error("a datapath task was lost: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// How long events may settle before a batch, and the longest a batch waits while events keep
+/// coming.
+const BATCH_QUIET: Duration = Duration::from_millis(2);
+const BATCH_AT_MOST: Duration = Duration::from_millis(20);
+/// How often pod veths without the pod programs are looked for.
+const VETH_SCAN: Duration = Duration::from_secs(2);
+/// The annotation the EndpointSlice controller stamps with the time of the change a slice
+/// reflects (kube-proxy measures network programming latency from it).
+const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// Runs until aborted.
-pub async fn run(cfg: Arc<ServicesConfig>, status: StatusHandle) -> Result<(), ServicesError> {
-    let mut resync = tokio::time::interval(cfg.resync);
-    loop {
-        resync.tick().await;
-        let mut warnings = Vec::new();
-        let pin_path = match kernel_paths::prepare_pin_path(&cfg.bpf_pin_path) {
-            Ok(()) => Some(cfg.bpf_pin_path.clone()),
-            Err(e) => {
-                warnings.push(Warning::new(WarningKind::BpfPinPath, e.to_string()));
-                None
+pub async fn run(
+    cfg: Arc<ServicesConfig>,
+    client: Client,
+    nodes: watch::Receiver<Arc<NodesView>>,
+    status: StatusHandle,
+    metrics: Arc<ServiceMetrics>,
+    health: Arc<Health>,
+) -> Result<(), ServicesError> {
+    if !cfg.enabled {
+        return run_disabled(&cfg, &status).await;
+    }
+    status.update(|s| {
+        s.services.details.enabled = true;
+        s.services.ready = false;
+    });
+    kernel_paths::prepare_pin_path(&cfg.bpf_pin_path)?;
+    kernel_paths::check_cgroup2(&cfg.cgroup_path)?;
+    let setup_cfg = cfg.clone();
+    let (datapath, maps, report) = tokio::task::spawn_blocking(move || set_up(&setup_cfg)).await??;
+    info!(
+        "service datapath loaded and attached ({} links made, {} upgraded, {} kept)",
+        report.attached, report.upgraded, report.kept
+    );
+    status.update(|s| {
+        let d = &mut s.services.details;
+        d.bpf_pin_path = Some(cfg.bpf_pin_path.clone());
+        d.cgroup_path = Some(cfg.cgroup_path.clone());
+        d.socket_lb = cfg.modes.socket_lb;
+        d.host_netns_only = cfg.modes.host_netns_only;
+        d.per_packet = cfg.modes.per_packet;
+    });
+    let mut servers = tokio::task::JoinSet::new();
+    if let Some(addr) = cfg.metrics_addr {
+        servers.spawn(http::serve_metrics(addr, metrics.clone()));
+    }
+    let mut controller = Controller {
+        cfg: cfg.clone(),
+        datapath,
+        maps,
+        services: HashMap::new(),
+        slices: HashMap::new(),
+        slice_owner: HashMap::new(),
+        service_frontends: HashMap::new(),
+        frontend_owner: HashMap::new(),
+        dirty: BTreeSet::new(),
+        triggers: HashMap::new(),
+        node: NodeContext {
+            name: cfg.node_name.clone(),
+            zone: None,
+            proxy_name: cfg.proxy_name.clone(),
+        },
+        warnings: BTreeMap::new(),
+        metrics,
+        health: health.clone(),
+        status: status.clone(),
+        synced: false,
+        full_sync_due: true,
+    };
+    controller.run(client, nodes, servers).await
+}
+
+/// Removes a datapath an earlier run left (pins, links, programs, maps), and idles.
+async fn run_disabled(cfg: &ServicesConfig, status: &StatusHandle) -> Result<(), ServicesError> {
+    let pin_path = cfg.bpf_pin_path.clone();
+    let removed = tokio::task::spawn_blocking(move || datapath::cleanup(&pin_path)).await?;
+    status.update(|s| {
+        let section = &mut s.services;
+        section.details.enabled = false;
+        section.ready = true;
+        match &removed {
+            Ok(()) => section.last_error = None,
+            Err(e) => section.last_error = Some(format!("removing an earlier datapath: {e}")),
+        }
+    });
+    removed.map_err(ServicesError::Datapaths)?;
+    info!("service translation is off (--service-proxy=false); no datapath is loaded");
+    std::future::pending().await
+}
+
+/// The host network namespace's cookie (`SO_NETNS_COOKIE`), for host-namespace-only socket LB.
+fn host_netns_cookie() -> Result<u64, std::io::Error> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt with a buffer of the size it is told, on a socket we own. nix has no
+    // wrapper for SO_NETNS_COOKIE.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Loads, adopts and attaches the datapath (blocking).
+fn set_up(cfg: &ServicesConfig) -> Result<(Datapath, ServiceMaps, datapath::AttachReport), ServicesError> {
+    let mut dp = Datapath::load(&cfg.bpf_pin_path, cfg.sizes)?;
+    let identity = datapath::programs_identity(cfg.datapath_revision);
+    // The programs in the pinned links are this agent's unless an earlier (other) agent's config
+    // says otherwise: then every link gets this agent's programs.
+    let replace = dp.current_config()?.programs != identity;
+    let mut report = datapath::AttachReport::default();
+    if cfg.modes.socket_lb {
+        let r = dp.attach_socket_lb(&cfg.cgroup_path, replace)?;
+        report.attached += r.attached;
+        report.upgraded += r.upgraded;
+        report.kept += r.kept;
+    } else {
+        dp.detach_socket_lb().map_err(ServicesError::Datapaths)?;
+    }
+    dp.pin_pod_programs()?;
+    for veth in host_veths()? {
+        let r = dp.attach_pod_veth(&veth, replace)?;
+        report.attached += r.attached;
+        report.upgraded += r.upgraded;
+        report.kept += r.kept;
+    }
+    dp.set_service_cidrs(&cfg.service_cidrs)?;
+    dp.configure(
+        cfg.modes,
+        host_netns_cookie().map_err(ServicesError::NetnsCookie)?,
+        identity,
+    )?;
+    let handles = MapHandles::new(|name| dp.take_map(name).ok())?;
+    let maps = ServiceMaps::adopt(handles, cfg.sizes.services, cfg.sizes.backends)?;
+    Ok((dp, maps, report))
+}
+
+/// The pod host veths in this namespace (the node's).
+fn host_veths() -> Result<Vec<String>, ServicesError> {
+    let mut netlink =
+        ferrynet_kernel::netlink::Netlink::current().map_err(|e| ServicesError::Netlink(e.to_string()))?;
+    Ok(netlink
+        .links()
+        .map_err(|e| ServicesError::Netlink(e.to_string()))?
+        .iter()
+        .filter_map(|l| ferrynet_kernel::netlink::inspect::link_name(l).map(str::to_string))
+        .filter(|n| n.starts_with(ferrynet_kernel::names::HOST_VETH_PREFIX))
+        .collect())
+}
+
+struct Controller {
+    cfg: Arc<ServicesConfig>,
+    datapath: Datapath,
+    maps: ServiceMaps,
+    services: HashMap<ServiceRef, Arc<Service>>,
+    /// Slices by Service, then by slice name.
+    slices: HashMap<ServiceRef, BTreeMap<String, Arc<EndpointSlice>>>,
+    /// Which Service each slice (namespace, name) belongs to.
+    slice_owner: HashMap<(String, String), ServiceRef>,
+    /// The frontends each Service has in the maps.
+    service_frontends: HashMap<ServiceRef, BTreeSet<Frontend>>,
+    frontend_owner: HashMap<Frontend, ServiceRef>,
+    dirty: BTreeSet<ServiceRef>,
+    /// The earliest EndpointSlice change not yet in the maps, by Service.
+    triggers: HashMap<ServiceRef, k8s_openapi::jiff::Timestamp>,
+    node: NodeContext,
+    warnings: BTreeMap<ServiceRef, Vec<Warning>>,
+    metrics: Arc<ServiceMetrics>,
+    health: Arc<Health>,
+    status: StatusHandle,
+    /// Both kinds have been listed.
+    synced: bool,
+    full_sync_due: bool,
+}
+
+/// A watch of one kind, with its list state.
+struct Listing<K> {
+    building: Option<Vec<K>>,
+    listed: bool,
+}
+
+impl<K> Default for Listing<K> {
+    fn default() -> Self {
+        Self {
+            building: None,
+            listed: false,
+        }
+    }
+}
+
+impl Controller {
+    async fn run(
+        &mut self,
+        client: Client,
+        mut nodes: watch::Receiver<Arc<NodesView>>,
+        mut servers: tokio::task::JoinSet<Result<(), http::ListenError>>,
+    ) -> Result<(), ServicesError> {
+        let services = watcher(Api::<Service>::all(client.clone()), watcher::Config::default()).default_backoff();
+        let slices = watcher(Api::<EndpointSlice>::all(client), watcher::Config::default()).default_backoff();
+        let mut services = std::pin::pin!(services);
+        let mut slices = std::pin::pin!(slices);
+        let mut service_list: Listing<Service> = Listing::default();
+        let mut slice_list: Listing<EndpointSlice> = Listing::default();
+        let mut veth_scan = tokio::time::interval(VETH_SCAN);
+        veth_scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut resync = tokio::time::interval(self.cfg.resync);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut healthz_started = false;
+        let mut first_dirty: Option<Instant> = None;
+        let mut last_event = Instant::now();
+        self.update_zone(&nodes.borrow_and_update());
+        loop {
+            // /healthz listens on the node's own address, once the node is known.
+            let node_ip = nodes
+                .borrow()
+                .get(&self.cfg.node_name)
+                .and_then(|n| n.internal_ips.first().copied());
+            if !healthz_started
+                && self.cfg.healthz_port != 0
+                && let Some(ip) = node_ip
+            {
+                servers.spawn(http::serve_healthz(
+                    SocketAddr::new(ip, self.cfg.healthz_port),
+                    self.health.clone(),
+                ));
+                healthz_started = true;
             }
-        };
-        let cgroup = match kernel_paths::check_cgroup2(&cfg.cgroup_path) {
-            Ok(()) => Some(cfg.cgroup_path.clone()),
-            Err(e) => {
-                warnings.push(Warning::new(WarningKind::CgroupPath, e.to_string()));
-                None
+            let batch_due = first_dirty.map(|first| {
+                let quiet = last_event + BATCH_QUIET;
+                let latest = first + BATCH_AT_MOST;
+                quiet.min(latest)
+            });
+            let sleep_until = batch_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                event = services.next() => {
+                    let event = event.ok_or(ServicesError::WatchEnded("services"))?;
+                    match event {
+                        Ok(event) => self.on_service_event(event, &mut service_list),
+                        Err(e) => warn!("watching services (retrying with backoff, keeping the datapath): {e}"),
+                    }
+                    last_event = Instant::now();
+                }
+                event = slices.next() => {
+                    let event = event.ok_or(ServicesError::WatchEnded("endpointslices"))?;
+                    match event {
+                        Ok(event) => self.on_slice_event(event, &mut slice_list),
+                        Err(e) => warn!("watching endpointslices (retrying with backoff, keeping the datapath): {e}"),
+                    }
+                    last_event = Instant::now();
+                }
+                changed = nodes.changed() => {
+                    changed.map_err(|_| ServicesError::ViewClosed)?;
+                    let view = nodes.borrow_and_update().clone();
+                    self.update_zone(&view);
+                }
+                _ = veth_scan.tick() => {
+                    tokio::task::block_in_place(|| self.scan_veths());
+                }
+                _ = resync.tick() => {
+                    tokio::task::block_in_place(|| self.refresh_datapath_counters());
+                }
+                Some(ended) = servers.join_next() => {
+                    match ended {
+                        Ok(Err(e)) => warn!("{e}"),
+                        Ok(Ok(())) => {}
+                        Err(e) => warn!("an HTTP endpoint ended: {e}"),
+                    }
+                }
+                _ = tokio::time::sleep_until(sleep_until.into()), if batch_due.is_some() => {}
             }
+            self.synced = service_list.listed && slice_list.listed;
+            if !self.synced {
+                continue;
+            }
+            if !self.dirty.is_empty() || self.full_sync_due {
+                let now = Instant::now();
+                let first = *first_dirty.get_or_insert(now);
+                let due = self.full_sync_due || now >= (last_event + BATCH_QUIET).min(first + BATCH_AT_MOST);
+                if due {
+                    tokio::task::block_in_place(|| self.process());
+                    first_dirty = None;
+                }
+            }
+        }
+    }
+
+    fn update_zone(&mut self, view: &NodesView) {
+        let zone = view.get(&self.cfg.node_name).and_then(|n| n.zone.clone());
+        if zone != self.node.zone {
+            self.node.zone = zone;
+            // Topology hints are read against the zone: every Service may change.
+            self.full_sync_due = true;
+        }
+    }
+
+    fn mark(&mut self, svc: ServiceRef) {
+        self.health.queued();
+        self.dirty.insert(svc);
+    }
+
+    fn on_service_event(&mut self, event: watcher::Event<Service>, listing: &mut Listing<Service>) {
+        let key = |s: &Service| ServiceRef {
+            namespace: s.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: s.metadata.name.clone().unwrap_or_default(),
         };
-        status.update(|s| {
+        match event {
+            watcher::Event::Init => listing.building = Some(Vec::new()),
+            watcher::Event::InitApply(s) => listing.building.get_or_insert_with(Vec::new).push(s),
+            watcher::Event::InitDone => {
+                let listed = listing.building.take().unwrap_or_default();
+                self.services = listed.into_iter().map(|s| (key(&s), Arc::new(s))).collect();
+                listing.listed = true;
+                // A relist may hide deletions: compare everything.
+                self.full_sync_due = true;
+                self.health.queued();
+            }
+            watcher::Event::Apply(s) => {
+                let k = key(&s);
+                self.services.insert(k.clone(), Arc::new(s));
+                self.mark(k);
+            }
+            watcher::Event::Delete(s) => {
+                let k = key(&s);
+                self.services.remove(&k);
+                self.mark(k);
+            }
+        }
+    }
+
+    fn on_slice_event(&mut self, event: watcher::Event<EndpointSlice>, listing: &mut Listing<EndpointSlice>) {
+        match event {
+            watcher::Event::Init => listing.building = Some(Vec::new()),
+            watcher::Event::InitApply(s) => listing.building.get_or_insert_with(Vec::new).push(s),
+            watcher::Event::InitDone => {
+                let listed = listing.building.take().unwrap_or_default();
+                self.slices.clear();
+                self.slice_owner.clear();
+                for slice in listed {
+                    self.put_slice(slice);
+                }
+                listing.listed = true;
+                self.full_sync_due = true;
+                self.health.queued();
+            }
+            watcher::Event::Apply(slice) => {
+                if let Some(svc) = self.put_slice(slice) {
+                    self.mark(svc);
+                }
+            }
+            watcher::Event::Delete(slice) => {
+                let id = (
+                    slice.metadata.namespace.clone().unwrap_or_default(),
+                    slice.metadata.name.clone().unwrap_or_default(),
+                );
+                if let Some(owner) = self.slice_owner.remove(&id) {
+                    if let Some(slices) = self.slices.get_mut(&owner) {
+                        slices.remove(&id.1);
+                    }
+                    self.note_trigger(&owner, &slice);
+                    self.mark(owner);
+                }
+            }
+        }
+    }
+
+    /// Files a slice under its Service; returns the Services whose endpoints changed.
+    fn put_slice(&mut self, slice: EndpointSlice) -> Option<ServiceRef> {
+        let id = (
+            slice.metadata.namespace.clone().unwrap_or_default(),
+            slice.metadata.name.clone().unwrap_or_default(),
+        );
+        let owner = table::slice_service(&slice);
+        if let Some(previous) = self.slice_owner.get(&id).cloned()
+            && Some(&previous) != owner.as_ref()
+        {
+            if let Some(slices) = self.slices.get_mut(&previous) {
+                slices.remove(&id.1);
+            }
+            self.mark(previous);
+        }
+        let owner = owner?;
+        self.note_trigger(&owner, &slice);
+        self.slice_owner.insert(id.clone(), owner.clone());
+        self.slices
+            .entry(owner.clone())
+            .or_default()
+            .insert(id.1, Arc::new(slice));
+        Some(owner)
+    }
+
+    fn note_trigger(&mut self, owner: &ServiceRef, slice: &EndpointSlice) {
+        let Some(at) = slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TRIGGER_TIME))
+            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        else {
+            return;
+        };
+        let earliest = self.triggers.entry(owner.clone()).or_insert(at);
+        if at < *earliest {
+            *earliest = at;
+        }
+    }
+
+    /// The desired entries of `svc` (none if it is gone or not translated).
+    fn desired(&mut self, svc: &ServiceRef) -> Vec<PortEntry> {
+        let Some(service) = self.services.get(svc) else {
+            self.warnings.remove(svc);
+            return Vec::new();
+        };
+        let slices: Vec<Arc<EndpointSlice>> = self
+            .slices
+            .get(svc)
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default();
+        let mut out = table::service_entries(service, &slices, &self.node);
+        // A frontend another Service holds stays that Service's (the API server never gives one
+        // address to two Services; a stand-in or a bug might).
+        out.entries.retain(|e| match self.frontend_owner.get(&e.frontend) {
+            Some(owner) if owner != svc => {
+                out.warnings.push(Warning::new(
+                    WarningKind::HostileService,
+                    format!("service {svc}: {} belongs to service {owner}; left out", e.frontend),
+                ));
+                false
+            }
+            _ => true,
+        });
+        if out.warnings.is_empty() {
+            self.warnings.remove(svc);
+        } else {
+            self.warnings.insert(svc.clone(), out.warnings);
+        }
+        out.entries
+    }
+
+    /// One batch: the dirty Services (or everything, after a list), diffed and applied.
+    fn process(&mut self) {
+        let started = Instant::now();
+        let full = std::mem::take(&mut self.full_sync_due);
+        let dirty: Vec<ServiceRef> = if full {
+            self.dirty.clear();
+            let mut all: BTreeSet<ServiceRef> = self.services.keys().cloned().collect();
+            all.extend(self.service_frontends.keys().cloned());
+            all.into_iter().collect()
+        } else {
+            std::mem::take(&mut self.dirty).into_iter().collect()
+        };
+        let mut ops: Vec<FrontendOp> = Vec::new();
+        if full {
+            // Against everything the maps hold: frontends of Services that are gone (deleted
+            // while the agent was away, too) are deleted.
+            self.frontend_owner.clear();
+            self.service_frontends.clear();
+            let mut desired = Vec::new();
+            for svc in &dirty {
+                for entry in self.desired(svc) {
+                    if self.frontend_owner.contains_key(&entry.frontend) {
+                        continue;
+                    }
+                    self.frontend_owner.insert(entry.frontend, svc.clone());
+                    desired.push(entry);
+                }
+            }
+            ops = diff::diff(self.maps.frontends(), &desired);
+            for entry in &desired {
+                self.service_frontends
+                    .entry(entry.service.clone())
+                    .or_default()
+                    .insert(entry.frontend);
+            }
+        } else {
+            for svc in &dirty {
+                let desired = self.desired(svc);
+                let held = self.service_frontends.get(svc).cloned().unwrap_or_default();
+                let current: BTreeMap<Frontend, AppliedFrontend> = self.maps.frontends_of(held.iter());
+                ops.extend(diff::diff(&current, &desired));
+                for frontend in &held {
+                    self.frontend_owner.remove(frontend);
+                }
+                let now_held: BTreeSet<Frontend> = desired.iter().map(|e| e.frontend).collect();
+                for frontend in &now_held {
+                    self.frontend_owner.insert(*frontend, svc.clone());
+                }
+                if now_held.is_empty() {
+                    self.service_frontends.remove(svc);
+                } else {
+                    self.service_frontends.insert(svc.clone(), now_held);
+                }
+            }
+        }
+        let outcome = self.maps.apply(&ops);
+        self.finish(outcome, &dirty, started);
+    }
+
+    /// Records what a batch did; terminates the sockets of removed backends and purges their
+    /// flows; updates notes, metrics, health and status.
+    fn finish(&mut self, outcome: BatchOutcome, processed: &[ServiceRef], started: Instant) {
+        let notes_dir = notes::dir(&self.cfg.state_dir);
+        for (id, entry) in &outcome.written {
+            if let Err(e) = notes::write(&notes_dir, *id, entry) {
+                warn!("writing service notes: {e}");
+            }
+        }
+        for id in &outcome.removed_frontends {
+            notes::remove(&notes_dir, *id);
+        }
+        let mut errors: Vec<String> = outcome.errors.0.iter().map(ToString::to_string).collect();
+        if !outcome.removed_backends.is_empty() || !outcome.removed_frontends.is_empty() {
+            if let Err(e) = self.maps.doom(&outcome.removed_backends) {
+                errors.push(e.to_string());
+            }
+            if !outcome.removed_backends.is_empty() {
+                for failure in self.terminate_sockets() {
+                    errors.push(failure);
+                }
+                self.metrics.sockets_terminated_runs.add(1);
+            }
+            match self
+                .maps
+                .finish_removals(&outcome.removed_backends, &outcome.removed_frontends)
+            {
+                Ok(purged) => self.metrics.conntrack_purged.add(purged as u64),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        let elapsed = started.elapsed();
+        let now = k8s_openapi::jiff::Timestamp::now();
+        for svc in processed {
+            if let Some(trigger) = self.triggers.remove(svc)
+                && let Ok(span) = now.duration_since(trigger).try_into()
+            {
+                self.metrics.network_programming.observe(span);
+            }
+        }
+        self.metrics.sync_duration.observe(elapsed);
+        self.metrics.syncs.add(1);
+        self.metrics.map_writes.add(outcome.writes as u64);
+        self.metrics.last_sync_unix.set(now_unix());
+        self.metrics.services.set(self.service_frontends.len() as u64);
+        self.metrics.frontends.set(self.maps.frontends().len() as u64);
+        self.metrics.backends.set(self.maps.backend_count() as u64);
+        if !errors.is_empty() {
+            self.metrics.errors.add(errors.len() as u64);
+            warn!("service datapath: {}", errors.join("; "));
+        } else {
+            self.health.updated();
+        }
+        let warnings: Vec<Warning> = self.warnings.values().flatten().cloned().collect();
+        let (services, frontends, backends) = (
+            self.service_frontends.len(),
+            self.maps.frontends().len(),
+            self.maps.backend_count(),
+        );
+        self.status.update(|s| {
             let section = &mut s.services;
-            section.ready = true;
+            section.ready = errors.is_empty();
+            section.last_error = (!errors.is_empty()).then(|| errors.join("; "));
             section.warnings = warnings;
-            section.details.enabled = false;
-            section.details.bpf_pin_path = pin_path;
-            section.details.cgroup_path = cgroup;
+            section.details.services = services;
+            section.details.frontends = frontends;
+            section.details.backends = backends;
+            if outcome.writes > 0 {
+                section.last_change_unix = Some(now_unix());
+            }
         });
     }
+
+    /// Runs the socket terminators in the node's namespace and in every pod's: sockets
+    /// connected to a removed backend are destroyed. Returns the failures.
+    fn terminate_sockets(&mut self) -> Vec<String> {
+        let mut failures = Vec::new();
+        if let Err(e) = self.datapath.terminate_sockets_here() {
+            failures.push(format!("terminating sockets on the node: {e}"));
+        }
+        for netns in pod_netns_paths(&self.cfg.ipam_data_dir, &self.cfg.network) {
+            let Ok(fd) = ferrynet_kernel::netns::open(&netns) else {
+                continue;
+            };
+            let datapath = &mut self.datapath;
+            let result = ferrynet_kernel::netns::run_in(std::os::fd::AsFd::as_fd(&fd), || {
+                datapath.terminate_sockets_here().map_err(std::io::Error::other)
+            });
+            if let Err(e) = result {
+                failures.push(format!("terminating sockets in {}: {e}", netns.display()));
+            }
+        }
+        failures
+    }
+
+    /// Attaches the pod programs to veths that lack them; forgets the links of veths that are gone.
+    fn scan_veths(&mut self) {
+        let Ok(veths) = host_veths() else {
+            return;
+        };
+        let present: BTreeSet<String> = veths.iter().cloned().collect();
+        for veth in &veths {
+            if let Err(e) = self.datapath.attach_pod_veth(veth, false) {
+                warn!("attaching the pod programs to {veth}: {e}");
+            }
+        }
+        for veth in datapath::pinned_pod_veths(self.datapath.pins()) {
+            if !present.contains(&veth)
+                && let Err(e) = datapath::unpin_pod_veth(self.datapath.pins(), &veth)
+            {
+                warn!("removing the links of {veth}: {e}");
+            }
+        }
+    }
+
+    fn refresh_datapath_counters(&mut self) {
+        let counters = DatapathCounters {
+            stats: self.datapath.stats().unwrap_or_default(),
+            fill: self.datapath.map_fill(),
+        };
+        if let Ok(mut slot) = self.metrics.datapath.lock() {
+            *slot = counters;
+        }
+    }
+}
+
+/// The network namespaces of this node's pods, as their IPAM records name them.
+fn pod_netns_paths(data_dir: &Path, network: &str) -> Vec<PathBuf> {
+    let Ok(store) = ferrynet_ipam::Store::open(data_dir, network) else {
+        return Vec::new();
+    };
+    let Ok(locked) = store.lock() else {
+        return Vec::new();
+    };
+    let mut paths: Vec<PathBuf> = locked
+        .attachments_lenient()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|a| a.netns.map(PathBuf::from))
+        .collect();
+    paths.sort();
+    paths.dedup();
+    paths
+}
+
+/// Whether `ip` is inside any of `cidrs`.
+pub fn in_cidrs(ip: IpAddr, cidrs: &[IpNet]) -> bool {
+    cidrs.iter().any(|c| c.contains(&ip))
 }

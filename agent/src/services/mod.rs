@@ -1,5 +1,16 @@
-//! Service translation, the kube-proxy replacement: the controller's slot in the agent.
+//! Service translation, the kube-proxy replacement.
 //!
-//! For now the controller prepares and checks what the eBPF datapath hangs off (the bpffs pin
-//! directory and the cgroup v2 directory) and reports it; translation itself is the next step.
+//! - [`table`]: Services and EndpointSlices → the entries this node needs (pure);
+//! - [`diff`]: those entries against what the maps hold → operations (pure);
+//! - [`maps`]: the maps, their mirror, and the applier;
+//! - [`controller`]: the task that follows the API and drives the three;
+//! - [`http`], [`metrics`]: `/healthz` and `/metrics`;
+//! - [`notes`], [`cli`]: what `ferrynet-agent services` and `explain` show.
+pub mod cli;
 pub mod controller;
+pub mod diff;
+pub mod http;
+pub mod maps;
+pub mod metrics;
+pub mod notes;
+pub mod table;

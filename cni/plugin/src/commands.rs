@@ -167,6 +167,9 @@ impl CniPlugin for RoutedVethPlugin {
                 if veth_created && let Err(e) = host.delete_link_by_name(&veth.name) {
                     undo_failures.push(e.to_string());
                 }
+                if let Some(pins) = &config.datapath_pins {
+                    crate::pod_datapath::forget(pins, &veth.name);
+                }
                 if let Err(e) = config.ipam.del(inv) {
                     undo_failures.push(e.to_string());
                 }
@@ -194,6 +197,9 @@ impl CniPlugin for RoutedVethPlugin {
         }
         match PluginConfig::from_invocation(inv) {
             Ok(config) => {
+                if let Some(pins) = &config.datapath_pins {
+                    crate::pod_datapath::forget(pins, &veth.name);
+                }
                 if let Err(e) = config.ipam.del(inv) {
                     errors.push(e);
                 }
@@ -476,6 +482,11 @@ fn wire(
         Err(e) => return Err(kernel(e)),
     };
     *veth_created = true;
+    // The service datapath's pod programs go on the host veth before the pod's interface comes
+    // up, so that the pod's very first packet is translated.
+    if let Some(pins) = &config.datapath_pins {
+        crate::pod_datapath::attach(pins, &veth.name).map_err(CniError::kernel)?;
+    }
     // The pod side, one batch.
     let pod_mac = veth.pod_mac;
     // Loopback is always ifindex 1 in a network namespace.

@@ -16,6 +16,14 @@ use serde::Deserialize;
 struct RawConfig {
     #[serde(default)]
     mtu: Option<u32>,
+    #[serde(default)]
+    datapath: Option<RawDatapath>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawDatapath {
+    pin_path: std::path::PathBuf,
 }
 
 /// Where addresses come from.
@@ -32,6 +40,9 @@ pub struct PluginConfig {
     pub network: String,
     pub mtu: Option<u32>,
     pub ipam: IpamBackend,
+    /// Where the agent pins the service datapath (`{"datapath": {"pinPath": ...}}`): its pod
+    /// programs are attached to each new pod's veth, when they are there.
+    pub datapath_pins: Option<std::path::PathBuf>,
 }
 
 impl PluginConfig {
@@ -50,10 +61,21 @@ impl PluginConfig {
                 return Err(CniError::invalid_config(format!("mtu {mtu} is outside {min}..=65535")));
             }
         }
+        let datapath_pins = match raw.datapath {
+            Some(d) if !d.pin_path.is_absolute() => {
+                return Err(CniError::invalid_config(format!(
+                    "datapath.pinPath {} is not an absolute path",
+                    d.pin_path.display()
+                )));
+            }
+            Some(d) => Some(d.pin_path),
+            None => None,
+        };
         Ok(Self {
             network: inv.config.name.clone(),
             mtu: raw.mtu,
             ipam,
+            datapath_pins,
         })
     }
 }

@@ -109,6 +109,12 @@ enum Command {
         #[arg(long)]
         data: Option<PathBuf>,
     },
+    /// (internal) A client, for running inside a pod or node: one request, a connected UDP
+    /// client, or a steady load.
+    Probe {
+        #[command(subcommand)]
+        probe: Probe,
+    },
     /// (internal) A pod's server.
     PodServer {
         #[arg(long)]
@@ -117,6 +123,41 @@ enum Command {
         node: String,
         #[arg(long, default_value = "8080")]
         port: u16,
+        /// The pod's addresses (its UDP server answers on each).
+        #[arg(long = "ip")]
+        ips: Vec<std::net::IpAddr>,
+    },
+}
+
+#[derive(Subcommand)]
+enum Probe {
+    /// One request (a line over TCP, or a datagram); prints the answer.
+    Request {
+        to: SocketAddr,
+        #[arg(long)]
+        udp: bool,
+        #[arg(long, default_value = "3")]
+        timeout_seconds: u64,
+    },
+    /// A connected UDP socket sending a datagram every interval, logging each answer or error.
+    ConnectedUdp {
+        to: SocketAddr,
+        #[arg(long)]
+        seconds: f64,
+        #[arg(long, default_value = "100")]
+        interval_ms: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// New TCP connections back to back until the stop file exists; counts failures.
+    Load {
+        to: SocketAddr,
+        #[arg(long)]
+        stop: PathBuf,
+        #[arg(long, default_value = "300")]
+        max_seconds: u64,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -159,7 +200,37 @@ fn run(cli: Cli) -> Result<()> {
                 Ok(())
             });
         }
-        Command::PodServer { name, node, port } => return lab::pod_server(&name, &node, port),
+        Command::PodServer { name, node, port, ips } => return lab::pod_server(&name, &node, port, &ips),
+        Command::Probe { probe } => {
+            use ferrynet_tests::probe;
+            return match probe {
+                Probe::Request {
+                    to,
+                    udp,
+                    timeout_seconds,
+                } => {
+                    println!("{}", probe::request(to, udp, Duration::from_secs(timeout_seconds))?);
+                    Ok(())
+                }
+                Probe::ConnectedUdp {
+                    to,
+                    seconds,
+                    interval_ms,
+                    out,
+                } => probe::connected_udp(
+                    to,
+                    Duration::from_secs_f64(seconds),
+                    Duration::from_millis(interval_ms),
+                    &out,
+                ),
+                Probe::Load {
+                    to,
+                    stop,
+                    max_seconds,
+                    out,
+                } => probe::load(to, &stop, Duration::from_secs(max_seconds), &out),
+            };
+        }
         _ => {}
     }
     ferrynet_tests::require_root();
@@ -236,7 +307,9 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", Lab::open(&cli.name)?.kubectl(&args)?);
         }
         Command::Demo { mode, segments, keep } => demo(&cli.name, &mode, segments, keep)?,
-        Command::Apiserver { .. } | Command::PodServer { .. } => unreachable!("handled above"),
+        Command::Apiserver { .. } | Command::PodServer { .. } | Command::Probe { .. } => {
+            unreachable!("handled above")
+        }
     }
     Ok(())
 }

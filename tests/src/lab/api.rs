@@ -155,11 +155,22 @@ impl LabApi {
         })
     }
 
-    /// Deletes an object; one that is already gone is fine.
+    /// Deletes an object at once (a grace period of 0, as a kubelet finishes a pod's deletion);
+    /// one that is already gone is fine.
     pub fn delete<K: LabObject>(&self, name: &str) -> Result<()> {
+        self.delete_with_grace::<K>(name, 0)
+    }
+
+    /// Deletes an object with a grace period: a pod then stays, terminating, until it is deleted
+    /// at once.
+    pub fn delete_with_grace<K: LabObject>(&self, name: &str, grace_seconds: u32) -> Result<()> {
         let name = name.to_string();
+        let params = DeleteParams {
+            grace_period_seconds: Some(grace_seconds),
+            ..Default::default()
+        };
         self.call(move |client| async move {
-            match api_for::<K>(client).delete(&name, &DeleteParams::default()).await {
+            match api_for::<K>(client).delete(&name, &params).await {
                 Ok(_) => Ok(()),
                 Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
                 Err(e) => Err(e).with_context(|| format!("deleting {} {name}", K::kind(&()))),

@@ -20,6 +20,8 @@ use super::{Lab, api::LabApi};
 pub const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 pub const MANAGER: &str = "ferrynet-lab";
 pub const SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// The annotation with the time of the change a slice reflects.
+pub const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// Whether `pod` matches every label of `selector`.
 fn selects(selector: &BTreeMap<String, String>, pod: &Pod) -> bool {
@@ -179,16 +181,28 @@ impl Lab {
         let pods: Vec<Pod> = api.list(None)?;
         let existing: Vec<EndpointSlice> = api.list(Some(&format!("{MANAGED_BY}={MANAGER}")))?;
         let wanted = desired_slices(&services, &pods);
+        // The time of the change a slice reflects, as the real controller stamps it (kube-proxy
+        // measures network programming latency from it).
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let stamped = |slice: &EndpointSlice| {
+            let mut slice = slice.clone();
+            slice
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(TRIGGER_TIME.to_string(), now.clone());
+            slice
+        };
         for slice in &wanted {
             match existing.iter().find(|e| e.name_any() == slice.name_any()) {
                 Some(current) if current.endpoints == slice.endpoints && current.ports == slice.ports => {}
                 Some(current) => {
-                    let mut updated = slice.clone();
+                    let mut updated = stamped(slice);
                     updated.metadata.resource_version = current.metadata.resource_version.clone();
                     api.replace(&updated)?;
                 }
                 None => {
-                    api.create(slice)?;
+                    api.create(&stamped(slice))?;
                 }
             }
         }

@@ -185,7 +185,6 @@ pub struct LabState {
     pub nodes: Vec<LabNode>,
     pub pods: Vec<LabPod>,
     pub next_node: u8,
-    pub next_service: u16,
 }
 
 /// A lab, opened from its state directory.
@@ -411,7 +410,6 @@ impl Lab {
                 nodes: Vec::new(),
                 pods: Vec::new(),
                 next_node: 1,
-                next_service: 1,
             },
             dir,
         };
@@ -834,7 +832,7 @@ impl Lab {
         // pods under the root of the node's hierarchy.
         let cgroup = self.pod_cgroup(&pod)?;
         std::fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
-        let args = vec![
+        let mut args = vec![
             "pod-server".into(),
             "--name".into(),
             name.into(),
@@ -843,6 +841,10 @@ impl Lab {
             "--port".into(),
             POD_PORT.to_string(),
         ];
+        for ip in &pod.ips {
+            args.push("--ip".into());
+            args.push(ip.to_string());
+        }
         self.spawn_daemon(
             &pod_ns,
             &format!("pod-{name}"),
@@ -913,7 +915,8 @@ impl Lab {
         Ok(crate::tcp::request(&self.pod_ns(pod)?, to, "hello")?)
     }
 
-    /// Creates a Service (ClusterIP, dual stack) selecting pods by labels.
+    /// Creates a Service (ClusterIP, dual stack, TCP) selecting pods by labels; the API
+    /// stand-in allocates its ClusterIPs, as the real API server does.
     pub fn create_service(
         &mut self,
         name: &str,
@@ -921,45 +924,52 @@ impl Lab {
         ports: &[ServicePort],
         kind: &str,
     ) -> Result<Service> {
-        let n = self.state.next_service;
-        self.state.next_service += 1;
-        let (v4, v6) = (
-            format!("10.96.{}.{}", n / 250, n % 250 + 1),
-            format!("fd00:96::{:x}", n + 1),
-        );
-        let service = Service {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some(api::NAMESPACE.into()),
-                ..Default::default()
-            },
-            spec: Some(ServiceSpec {
-                type_: Some(kind.into()),
-                selector: Some(selector.clone()),
-                ports: Some(
-                    ports
-                        .iter()
-                        .map(|p| K8sServicePort {
-                            name: Some(format!("p{}", p.port)),
-                            port: i32::from(p.port),
-                            target_port: Some(IntOrString::Int(i32::from(p.target_port))),
-                            protocol: Some("TCP".into()),
-                            ..Default::default()
-                        })
-                        .collect(),
-                ),
-                cluster_ip: Some(v4.clone()),
-                cluster_ips: Some(vec![v4, v6]),
-                ip_families: Some(vec!["IPv4".into(), "IPv6".into()]),
-                ip_family_policy: Some("RequireDualStack".into()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let created = self.api()?.create(&service)?;
-        self.save()?;
+        let mut service = service_object(name, selector, ports);
+        service.spec.as_mut().expect("has a spec").type_ = Some(kind.into());
+        self.create_service_object(&service)
+    }
+
+    /// Creates any Service, and writes its EndpointSlices.
+    pub fn create_service_object(&mut self, service: &Service) -> Result<Service> {
+        let created = self.api()?.create(service)?;
         self.sync_endpoint_slices()?;
         Ok(created)
+    }
+
+    /// A Service's ClusterIP of one family.
+    pub fn cluster_ip(&self, service: &str, v4: bool) -> Result<IpAddr> {
+        let svc: Service = self
+            .api()?
+            .get(service)?
+            .ok_or_else(|| anyhow!("no service {service}"))?;
+        svc.spec
+            .and_then(|s| s.cluster_ips)
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip.parse::<IpAddr>().ok())
+            .find(|ip| ip.is_ipv4() == v4)
+            .ok_or_else(|| anyhow!("service {service} has no ClusterIP of that family"))
+    }
+
+    /// Makes a pod ready or not (its Ready condition, as its kubelet reports it), and updates the
+    /// EndpointSlices.
+    pub fn set_pod_ready(&self, name: &str, ready: bool) -> Result<()> {
+        let api = self.api()?;
+        let mut pod: Pod = api.get(name)?.ok_or_else(|| anyhow!("no pod {name}"))?;
+        if let Some(conditions) = pod.status.as_mut().and_then(|s| s.conditions.as_mut()) {
+            for c in conditions.iter_mut().filter(|c| c.type_ == "Ready") {
+                c.status = if ready { "True" } else { "False" }.into();
+            }
+        }
+        api.replace_status(&pod)?;
+        self.sync_endpoint_slices()
+    }
+
+    /// Starts a pod's graceful deletion, as `kubectl delete pod` does: it is terminating (still
+    /// serving, no longer ready) until [`Lab::delete_pod`] finishes it.
+    pub fn terminate_pod(&self, name: &str) -> Result<()> {
+        self.api()?.delete_with_grace::<Pod>(name, 30)?;
+        self.sync_endpoint_slices()
     }
 
     pub fn delete_service(&mut self, name: &str) -> Result<()> {
@@ -1005,6 +1015,53 @@ impl Lab {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         ))
+    }
+
+    /// One request from inside `part` (a node, or `pod-<name>`), as a process of its own in that
+    /// namespace and cgroup: socket LB sees it as it sees the part's own processes. Returns the
+    /// answer (with `peer=<address the socket says it talks to>`), or the error.
+    pub fn probe(&self, part: &str, to: SocketAddr, udp: bool) -> Result<String> {
+        let ns = self.ns(part)?;
+        let mut cmd = Command::new(binary("ferrynet-lab"));
+        cmd.args(["probe", "request", &to.to_string(), "--timeout-seconds", "2"]);
+        if udp {
+            cmd.arg("--udp");
+        }
+        self.join_part_cgroup(&mut cmd, part)?;
+        let out = ns.command_output(&mut cmd);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            bail!("{}", String::from_utf8_lossy(&out.stderr).trim())
+        }
+    }
+
+    /// Starts `argv` in the background inside `part` (its namespace and cgroup), as daemon
+    /// `what` (stopped by [`Lab::stop`], killed by `down`).
+    pub fn spawn_in(&self, part: &str, what: &str, argv: &[String]) -> Result<u32> {
+        let ns = self.ns(part)?;
+        let (program, args) = argv.split_first().ok_or_else(|| anyhow!("no command"))?;
+        let cgroup = if self.state.nodes.iter().any(|n| n.name == part) {
+            Some(self.node_cgroup(part)?)
+        } else if let Some(pod) = part
+            .strip_prefix("pod-")
+            .and_then(|name| self.state.pods.iter().find(|p| p.name == name))
+        {
+            Some(self.pod_cgroup(pod)?)
+        } else {
+            None
+        };
+        self.spawn_daemon(&ns, what, Path::new(program), args, cgroup.as_deref())
+    }
+
+    /// Stops a daemon started by [`Lab::spawn_in`] (SIGTERM, then SIGKILL).
+    pub fn stop(&self, what: &str) -> Result<()> {
+        self.stop_daemon(what).map(|_| ())
+    }
+
+    /// Kills `node`'s agent at once (SIGKILL), as a crash or an OOM kill would.
+    pub fn kill_agent(&self, node: &str) -> Result<()> {
+        self.kill_daemon(&format!("agent-{node}"))
     }
 
     /// kubectl against the lab's API stand-in (run from the client namespace).
@@ -1068,6 +1125,37 @@ impl Lab {
             );
         }
         out
+    }
+}
+
+/// A ClusterIP Service (dual stack, TCP) selecting pods by labels; ports are named `p<port>`.
+pub fn service_object(name: &str, selector: &BTreeMap<String, String>, ports: &[ServicePort]) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(api::NAMESPACE.into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector.clone()),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|p| K8sServicePort {
+                        name: Some(format!("p{}", p.port)),
+                        port: i32::from(p.port),
+                        target_port: Some(IntOrString::Int(i32::from(p.target_port))),
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ip_families: Some(vec!["IPv4".into(), "IPv6".into()]),
+            ip_family_policy: Some("RequireDualStack".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 

@@ -1,15 +1,26 @@
 //! The server each lab pod runs, so that tests and the demo can see who answered.
 use std::{
     io::{BufRead, BufReader, Write},
-    net::TcpListener,
+    net::{IpAddr, TcpListener, UdpSocket},
     time::Duration,
 };
 
 use anyhow::Result;
 
-/// The server each lab pod runs: every line (or HTTP GET) gets
-/// `pod=<name> node=<node> ip=<address the connection came in on> client=<peer>`.
-pub fn pod_server(name: &str, node: &str, port: u16) -> Result<()> {
+/// The server each lab pod runs: every line (or HTTP GET) on TCP, and every datagram on UDP (on
+/// each of `ips`), gets `pod=<name> node=<node> ip=<address it came in on> client=<peer>`.
+pub fn pod_server(name: &str, node: &str, port: u16, ips: &[IpAddr]) -> Result<()> {
+    for ip in ips {
+        let socket = UdpSocket::bind((*ip, port))?;
+        let (name, node, ip) = (name.to_string(), node.to_string(), *ip);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                let answer = format!("pod={name} node={node} ip={ip} client={}", peer.ip().to_canonical());
+                let _ = socket.send_to(answer.as_bytes(), peer);
+            }
+        });
+    }
     let listener = TcpListener::bind(("::", port)).or_else(|_| TcpListener::bind(("0.0.0.0", port)))?;
     for stream in listener.incoming().flatten() {
         let (name, node) = (name.to_string(), node.to_string());

@@ -1,12 +1,11 @@
-//! Where the datapath pins what it makes, under the agent's `--bpf-pin-path`.
+//! Where the service datapath pins what it makes, under the agent's `--bpf-pin-path`: the agent
+//! pins there, and the CNI attaches the pinned pod programs to new pods' veths from there.
 use std::{
     os::unix::fs::DirBuilderExt,
     path::{Path, PathBuf},
 };
 
 use ferrynet_common::SCHEMA_VERSION;
-
-use super::DatapathError;
 
 /// The pinned layout, versioned: `<pin root>/v<SCHEMA_VERSION>/{maps,programs,links}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,8 +59,8 @@ impl PinLayout {
         self.pod_links().join(format!("{veth}-{hook}"))
     }
 
-    /// Makes the directories (owner only).
-    pub fn create(&self) -> Result<(), DatapathError> {
+    /// Makes the directories (owner only). Says which one could not be made, if any.
+    pub fn create(&self) -> Result<(), (PathBuf, std::io::Error)> {
         for dir in [
             self.maps(),
             self.programs(),
@@ -72,7 +71,7 @@ impl PinLayout {
                 .recursive(true)
                 .mode(0o700)
                 .create(&dir)
-                .map_err(|source| DatapathError::Io { path: dir, source })?;
+                .map_err(|e| (dir.clone(), e))?;
         }
         Ok(())
     }

@@ -1,0 +1,730 @@
+//! The service maps, and the small applier that writes [`FrontendOp`]s into them.
+//!
+//! [`ServiceMaps`] owns typed handles on the pinned maps and a mirror of what they hold (the
+//! frontends, the backend table, the ids in use), read back from the maps when the agent starts
+//! (so a restarted agent adopts what is there) and kept in step with every write afterwards. Each
+//! operation touches only its own frontend's entries, in an order that never lets a connection
+//! see a half-written frontend: backends before slots, slots before the service entry's count,
+//! and the service entry first when a frontend goes.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use ferrynet_common::*;
+
+use super::{
+    diff::{AppliedFrontend, FrontendOp},
+    table::{Backend, BackendState, Frontend, PortEntry, Protocol, Scope},
+};
+use crate::warning::ErrorList;
+
+/// Why a map could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceMapError {
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: MapError },
+    #[error("map {0} is full")]
+    Full(&'static str),
+    #[error("no free {0} id left")]
+    NoId(&'static str),
+    #[error("the datapath has no map {0}")]
+    Missing(&'static str),
+}
+
+fn map_error(map: &'static str) -> impl Fn(MapError) -> ServiceMapError {
+    move |source| match &source {
+        MapError::SyscallError(e)
+            if matches!(
+                e.io_error.raw_os_error(),
+                Some(libc::E2BIG | libc::ENOMEM | libc::ENOSPC)
+            ) =>
+        {
+            ServiceMapError::Full(map)
+        }
+        _ => ServiceMapError::Map { map, source },
+    }
+}
+
+/// Ids in use, handing out the smallest free one.
+#[derive(Debug, Clone, Default)]
+pub struct IdAllocator {
+    used: BTreeSet<u32>,
+    limit: u32,
+}
+
+impl IdAllocator {
+    pub fn new(limit: u32) -> Self {
+        Self {
+            used: BTreeSet::new(),
+            limit,
+        }
+    }
+
+    pub fn mark(&mut self, id: u32) {
+        self.used.insert(id);
+    }
+
+    pub fn allocate(&mut self, what: &'static str) -> Result<u32, ServiceMapError> {
+        let mut candidate = 1;
+        for id in &self.used {
+            if *id > candidate {
+                break;
+            }
+            candidate = id + 1;
+        }
+        if candidate > self.limit {
+            return Err(ServiceMapError::NoId(what));
+        }
+        self.used.insert(candidate);
+        Ok(candidate)
+    }
+
+    pub fn free(&mut self, id: u32) {
+        self.used.remove(&id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.used.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.used.is_empty()
+    }
+}
+
+/// Typed handles on the maps the control plane writes.
+pub struct MapHandles {
+    pub services4: HashMap<MapData, ServiceKey4, ServiceValue>,
+    pub services6: HashMap<MapData, ServiceKey6, ServiceValue>,
+    pub slots: HashMap<MapData, SlotKey, u32>,
+    pub backends: HashMap<MapData, u32, BackendValue>,
+    pub rev_nat: HashMap<MapData, u32, RevNatValue>,
+    pub ct4: HashMap<MapData, CtKey4, CtValue>,
+    pub ct6: HashMap<MapData, CtKey6, CtValue>,
+    pub affinity4: HashMap<MapData, AffinityKey4, AffinityValue>,
+    pub affinity6: HashMap<MapData, AffinityKey6, AffinityValue>,
+    pub doomed: HashMap<MapData, u32, u8>,
+}
+
+impl MapHandles {
+    /// Typed handles on maps taken out of the loaded object, by name.
+    pub fn new(mut take: impl FnMut(&'static str) -> Option<Map>) -> Result<Self, ServiceMapError> {
+        macro_rules! typed {
+            ($name:expr) => {{
+                let map = take($name).ok_or(ServiceMapError::Missing($name))?;
+                HashMap::try_from(map).map_err(map_error($name))?
+            }};
+        }
+        Ok(Self {
+            services4: typed!(SERVICES4_MAP),
+            services6: typed!(SERVICES6_MAP),
+            slots: typed!(SERVICE_SLOTS_MAP),
+            backends: typed!(BACKENDS_MAP),
+            rev_nat: typed!(REV_NAT_MAP),
+            ct4: typed!(CT4_MAP),
+            ct6: typed!(CT6_MAP),
+            affinity4: typed!(AFFINITY4_MAP),
+            affinity6: typed!(AFFINITY6_MAP),
+            doomed: typed!(DOOMED_BACKENDS_MAP),
+        })
+    }
+}
+
+/// An address as the datapath keeps it: IPv4 in the first word.
+pub fn datapath_addr(ip: IpAddr) -> [u32; 4] {
+    match ip {
+        IpAddr::V4(v4) => [addr4(v4.octets()), 0, 0, 0],
+        IpAddr::V6(v6) => addr6(v6.octets()),
+    }
+}
+
+/// The address the datapath keeps in `words`, of `family` 4 or 6.
+pub fn ip_of(words: [u32; 4], family: u8) -> IpAddr {
+    if family == 4 {
+        IpAddr::from(words[0].to_ne_bytes())
+    } else {
+        IpAddr::from(octets6(words))
+    }
+}
+
+fn backend_value(backend: &Backend, state: BackendState) -> BackendValue {
+    BackendValue {
+        addr: datapath_addr(backend.addr),
+        port: port(backend.port),
+        proto: backend.protocol.number(),
+        family: if backend.addr.is_ipv4() { 4 } else { 6 },
+        state: match state {
+            BackendState::Active => BACKEND_ACTIVE,
+            BackendState::Terminating => BACKEND_TERMINATING,
+        },
+        _pad: [0; 3],
+    }
+}
+
+fn backend_of(value: &BackendValue) -> Option<(Backend, BackendState)> {
+    let protocol = Protocol::from_number(value.proto)?;
+    let state = if value.state == BACKEND_TERMINATING {
+        BackendState::Terminating
+    } else {
+        BackendState::Active
+    };
+    Some((
+        Backend {
+            addr: ip_of(value.addr, value.family),
+            port: u16::from_be(value.port),
+            protocol,
+        },
+        state,
+    ))
+}
+
+fn service_value(id: u32, count: usize, affinity: Option<u32>) -> ServiceValue {
+    ServiceValue {
+        id,
+        count: count as u16,
+        flags: if affinity.is_some() { SERVICE_F_AFFINITY } else { 0 },
+        affinity_timeout_s: affinity.unwrap_or(0),
+        _pad: 0,
+    }
+}
+
+/// What one batch of operations did, and what it leaves to be finished.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// Map entries written or deleted.
+    pub writes: usize,
+    /// Backends no frontend uses any more: their sockets, conntrack and affinity entries must go
+    /// before their ids are reused ([`ServiceMaps::finish_removals`]).
+    pub removed_backends: BTreeMap<u32, Backend>,
+    /// Frontend ids that went: their conntrack and affinity entries go with them.
+    pub removed_frontends: BTreeSet<u32>,
+    /// Frontends written, for the notes the CLI reads (id, entry).
+    pub written: Vec<(u32, PortEntry)>,
+    pub errors: ErrorList<ServiceMapError>,
+}
+
+/// The maps and their mirror.
+pub struct ServiceMaps {
+    maps: MapHandles,
+    frontends: BTreeMap<Frontend, AppliedFrontend>,
+    backend_ids: BTreeMap<Backend, u32>,
+    backend_states: BTreeMap<Backend, BackendState>,
+    /// How many frontends reference each backend (in a slot or retained).
+    refs: BTreeMap<Backend, usize>,
+    frontend_ids: IdAllocator,
+    backend_id_pool: IdAllocator,
+    /// Backends the maps hold that no frontend was seen to use when adopting.
+    orphans: BTreeSet<Backend>,
+}
+
+impl ServiceMaps {
+    /// Adopts what the maps hold (an earlier agent's work, or nothing).
+    pub fn adopt(maps: MapHandles, max_services: u32, max_backends: u32) -> Result<Self, ServiceMapError> {
+        let mut this = Self {
+            maps,
+            frontends: BTreeMap::new(),
+            backend_ids: BTreeMap::new(),
+            backend_states: BTreeMap::new(),
+            refs: BTreeMap::new(),
+            frontend_ids: IdAllocator::new(max_services),
+            backend_id_pool: IdAllocator::new(max_backends),
+            orphans: BTreeSet::new(),
+        };
+        let mut by_id: BTreeMap<u32, Backend> = BTreeMap::new();
+        for item in this.maps.backends.iter() {
+            let (id, value) = item.map_err(map_error(BACKENDS_MAP))?;
+            if let Some((backend, state)) = backend_of(&value) {
+                by_id.insert(id, backend);
+                this.backend_ids.insert(backend, id);
+                this.backend_states.insert(backend, state);
+                this.backend_id_pool.mark(id);
+            }
+        }
+        let mut entries: Vec<(Frontend, ServiceValue)> = Vec::new();
+        for item in this.maps.services4.iter() {
+            let (key, value) = item.map_err(map_error(SERVICES4_MAP))?;
+            if let Some(protocol) = Protocol::from_number(key.proto) {
+                entries.push((
+                    Frontend {
+                        addr: IpAddr::from(key.addr.to_ne_bytes()),
+                        port: u16::from_be(key.port),
+                        protocol,
+                        scope: Scope::from_number(key.scope),
+                    },
+                    value,
+                ));
+            }
+        }
+        for item in this.maps.services6.iter() {
+            let (key, value) = item.map_err(map_error(SERVICES6_MAP))?;
+            if let Some(protocol) = Protocol::from_number(key.proto) {
+                entries.push((
+                    Frontend {
+                        addr: IpAddr::from(octets6(key.addr)),
+                        port: u16::from_be(key.port),
+                        protocol,
+                        scope: Scope::from_number(key.scope),
+                    },
+                    value,
+                ));
+            }
+        }
+        let mut used: BTreeSet<Backend> = BTreeSet::new();
+        for (frontend, value) in entries {
+            this.frontend_ids.mark(value.id);
+            let mut slots = Vec::new();
+            for slot in 0..u32::from(value.count) {
+                if let Ok(id) = this.maps.slots.get(
+                    &SlotKey {
+                        service: value.id,
+                        slot,
+                    },
+                    0,
+                ) && let Some(backend) = by_id.get(&id)
+                {
+                    slots.push(*backend);
+                }
+            }
+            used.extend(slots.iter().copied());
+            let states = slots
+                .iter()
+                .map(|b| (*b, this.backend_states.get(b).copied().unwrap_or(BackendState::Active)))
+                .collect();
+            this.frontends.insert(
+                frontend,
+                AppliedFrontend {
+                    id: value.id,
+                    slots,
+                    states,
+                    retained: BTreeSet::new(),
+                    affinity_timeout_s: (value.flags & SERVICE_F_AFFINITY != 0).then_some(value.affinity_timeout_s),
+                },
+            );
+        }
+        this.orphans = this.backend_ids.keys().filter(|b| !used.contains(b)).copied().collect();
+        this.refs = this.reference_counts();
+        Ok(this)
+    }
+
+    /// Every frontend the maps hold.
+    pub fn frontends(&self) -> &BTreeMap<Frontend, AppliedFrontend> {
+        &self.frontends
+    }
+
+    /// The frontends among `keys` that the maps hold.
+    pub fn frontends_of<'a>(
+        &self,
+        keys: impl IntoIterator<Item = &'a Frontend>,
+    ) -> BTreeMap<Frontend, AppliedFrontend> {
+        keys.into_iter()
+            .filter_map(|k| Some((*k, self.frontends.get(k)?.clone())))
+            .collect()
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.backend_ids.len()
+    }
+
+    /// Counts references from scratch (at adoption; afterwards they are kept incrementally).
+    fn reference_counts(&self) -> BTreeMap<Backend, usize> {
+        let mut counts: BTreeMap<Backend, usize> = BTreeMap::new();
+        for applied in self.frontends.values() {
+            for backend in applied.referenced() {
+                *counts.entry(*backend).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    /// The backend's id, creating (or updating the state of) its entry.
+    fn ensure_backend(
+        &mut self,
+        backend: &Backend,
+        state: BackendState,
+        out: &mut BatchOutcome,
+    ) -> Result<u32, ServiceMapError> {
+        self.orphans.remove(backend);
+        if let Some(id) = self.backend_ids.get(backend).copied() {
+            if self.backend_states.get(backend) != Some(&state) {
+                self.maps
+                    .backends
+                    .insert(id, backend_value(backend, state), 0)
+                    .map_err(map_error(BACKENDS_MAP))?;
+                self.backend_states.insert(*backend, state);
+                out.writes += 1;
+            }
+            return Ok(id);
+        }
+        let id = self.backend_id_pool.allocate("backend")?;
+        if let Err(e) = self.maps.backends.insert(id, backend_value(backend, state), 0) {
+            self.backend_id_pool.free(id);
+            return Err(map_error(BACKENDS_MAP)(e));
+        }
+        self.backend_ids.insert(*backend, id);
+        self.backend_states.insert(*backend, state);
+        out.writes += 1;
+        Ok(id)
+    }
+
+    fn write_service(&mut self, frontend: &Frontend, value: ServiceValue) -> Result<(), ServiceMapError> {
+        match frontend.addr {
+            IpAddr::V4(v4) => self
+                .maps
+                .services4
+                .insert(
+                    ServiceKey4 {
+                        addr: addr4(v4.octets()),
+                        port: port(frontend.port),
+                        proto: frontend.protocol.number(),
+                        scope: frontend.scope.number(),
+                    },
+                    value,
+                    0,
+                )
+                .map_err(map_error(SERVICES4_MAP)),
+            IpAddr::V6(v6) => self
+                .maps
+                .services6
+                .insert(
+                    ServiceKey6 {
+                        addr: addr6(v6.octets()),
+                        port: port(frontend.port),
+                        proto: frontend.protocol.number(),
+                        scope: frontend.scope.number(),
+                    },
+                    value,
+                    0,
+                )
+                .map_err(map_error(SERVICES6_MAP)),
+        }
+    }
+
+    fn delete_service(&mut self, frontend: &Frontend) -> Result<(), ServiceMapError> {
+        let result = match frontend.addr {
+            IpAddr::V4(v4) => self.maps.services4.remove(&ServiceKey4 {
+                addr: addr4(v4.octets()),
+                port: port(frontend.port),
+                proto: frontend.protocol.number(),
+                scope: frontend.scope.number(),
+            }),
+            IpAddr::V6(v6) => self.maps.services6.remove(&ServiceKey6 {
+                addr: addr6(v6.octets()),
+                port: port(frontend.port),
+                proto: frontend.protocol.number(),
+                scope: frontend.scope.number(),
+            }),
+        };
+        match result {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_error(SERVICES4_MAP)(e)),
+        }
+    }
+
+    fn write_slot(&mut self, service: u32, slot: u32, backend: u32) -> Result<(), ServiceMapError> {
+        self.maps
+            .slots
+            .insert(SlotKey { service, slot }, backend, 0)
+            .map_err(map_error(SERVICE_SLOTS_MAP))
+    }
+
+    fn delete_slot(&mut self, service: u32, slot: u32) -> Result<(), ServiceMapError> {
+        match self.maps.slots.remove(&SlotKey { service, slot }) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_error(SERVICE_SLOTS_MAP)(e)),
+        }
+    }
+
+    fn create(
+        &mut self,
+        entry: &PortEntry,
+        out: &mut BatchOutcome,
+        touched: &mut BTreeSet<Backend>,
+    ) -> Result<u32, ServiceMapError> {
+        let id = self.frontend_ids.allocate("service")?;
+        let result = (|| {
+            let mut slots = Vec::new();
+            for (backend, state) in &entry.backends {
+                slots.push(self.ensure_backend(backend, *state, out)?);
+            }
+            for backend in &entry.retained {
+                self.ensure_backend(backend, BackendState::Terminating, out)?;
+            }
+            for (slot, backend) in slots.iter().enumerate() {
+                self.write_slot(id, slot as u32, *backend)?;
+                out.writes += 1;
+            }
+            let vip = RevNatValue {
+                addr: datapath_addr(entry.frontend.addr),
+                port: port(entry.frontend.port),
+                family: if entry.frontend.addr.is_ipv4() { 4 } else { 6 },
+                _pad: 0,
+            };
+            self.maps.rev_nat.insert(id, vip, 0).map_err(map_error(REV_NAT_MAP))?;
+            // The service entry last: once it is visible, its slots are complete.
+            self.write_service(
+                &entry.frontend,
+                service_value(id, slots.len(), entry.affinity_timeout_s),
+            )?;
+            out.writes += 2;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            self.frontend_ids.free(id);
+            return Err(e);
+        }
+        self.set_frontend(
+            entry.frontend,
+            Some(AppliedFrontend {
+                id,
+                slots: entry.backends.keys().copied().collect(),
+                states: entry.backends.clone(),
+                retained: entry.retained.clone(),
+                affinity_timeout_s: entry.affinity_timeout_s,
+            }),
+            touched,
+        );
+        Ok(id)
+    }
+
+    fn reference(&mut self, applied: &AppliedFrontend, touched: &mut BTreeSet<Backend>) {
+        for backend in applied.referenced() {
+            *self.refs.entry(*backend).or_default() += 1;
+            touched.insert(*backend);
+        }
+    }
+
+    fn unreference(&mut self, applied: &AppliedFrontend, touched: &mut BTreeSet<Backend>) {
+        for backend in applied.referenced() {
+            if let Some(n) = self.refs.get_mut(backend) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.refs.remove(backend);
+                }
+            }
+            touched.insert(*backend);
+        }
+    }
+
+    /// Replaces what the mirror holds for `frontend`, keeping the reference counts.
+    fn set_frontend(&mut self, frontend: Frontend, applied: Option<AppliedFrontend>, touched: &mut BTreeSet<Backend>) {
+        if let Some(old) = self.frontends.remove(&frontend) {
+            self.unreference(&old, touched);
+        }
+        if let Some(new) = applied {
+            self.reference(&new, touched);
+            self.frontends.insert(frontend, new);
+        }
+    }
+
+    /// Applies one batch of operations. Every operation is attempted; failures are collected.
+    /// Backends no frontend uses any more are reported, not yet deleted. Costs what the
+    /// operations touch, whatever the number of frontends.
+    pub fn apply(&mut self, ops: &[FrontendOp]) -> BatchOutcome {
+        let mut out = BatchOutcome::default();
+        let mut touched: BTreeSet<Backend> = std::mem::take(&mut self.orphans);
+        for op in ops {
+            let result = match op {
+                FrontendOp::Create(entry) => self
+                    .create(entry, &mut out, &mut touched)
+                    .map(|id| out.written.push((id, entry.clone()))),
+                FrontendOp::Update { old, new, slots } => {
+                    let id = old.id;
+                    (|| {
+                        for (backend, state) in &new.backends {
+                            self.ensure_backend(backend, *state, &mut out)?;
+                        }
+                        for backend in &new.retained {
+                            self.ensure_backend(backend, BackendState::Terminating, &mut out)?;
+                        }
+                        for (slot, backend) in &slots.writes {
+                            let backend_id = self.backend_ids[backend];
+                            self.write_slot(id, *slot, backend_id)?;
+                            out.writes += 1;
+                        }
+                        let value = service_value(id, slots.slots.len(), new.affinity_timeout_s);
+                        self.write_service(&new.frontend, value)?;
+                        out.writes += 1;
+                        for slot in &slots.deletes {
+                            self.delete_slot(id, *slot)?;
+                            out.writes += 1;
+                        }
+                        self.set_frontend(
+                            new.frontend,
+                            Some(AppliedFrontend {
+                                id,
+                                slots: slots.slots.clone(),
+                                states: new.backends.clone(),
+                                retained: new.retained.clone(),
+                                affinity_timeout_s: new.affinity_timeout_s,
+                            }),
+                            &mut touched,
+                        );
+                        out.written.push((id, new.clone()));
+                        Ok(())
+                    })()
+                }
+                FrontendOp::Delete(frontend, old) => (|| {
+                    // No new connections first; then its slots and reverse NAT.
+                    self.delete_service(frontend)?;
+                    for slot in 0..old.slots.len() as u32 {
+                        self.delete_slot(old.id, slot)?;
+                    }
+                    match self.maps.rev_nat.remove(&old.id) {
+                        Ok(()) | Err(MapError::KeyNotFound) => {}
+                        Err(e) => return Err(map_error(REV_NAT_MAP)(e)),
+                    }
+                    out.writes += old.slots.len() + 2;
+                    self.set_frontend(*frontend, None, &mut touched);
+                    out.removed_frontends.insert(old.id);
+                    Ok(())
+                })(),
+            };
+            if let Err(e) = result {
+                out.errors.push(e);
+            }
+        }
+        // Backends the batch touched (or adopted unused) that nothing references any more.
+        for backend in touched {
+            if !self.refs.contains_key(&backend)
+                && let Some(id) = self.backend_ids.get(&backend)
+            {
+                out.removed_backends.insert(*id, backend);
+            }
+        }
+        out
+    }
+
+    /// Marks backends whose sockets are to be terminated (the socket iterators read this).
+    pub fn doom(&mut self, backends: &BTreeMap<u32, Backend>) -> Result<(), ErrorList<ServiceMapError>> {
+        let mut errors = ErrorList::default();
+        for id in backends.keys() {
+            if let Err(e) = self.maps.doomed.insert(*id, 1, 0) {
+                errors.push(map_error(DOOMED_BACKENDS_MAP)(e));
+            }
+        }
+        errors.into_result()
+    }
+
+    /// Finishes removals once the sockets are terminated: the conntrack and affinity entries of
+    /// removed backends and frontends go (so that neither a flow nor a client sticks to them),
+    /// then the backends' entries; only then may their ids be reused.
+    pub fn finish_removals(
+        &mut self,
+        backends: &BTreeMap<u32, Backend>,
+        frontends: &BTreeSet<u32>,
+    ) -> Result<usize, ErrorList<ServiceMapError>> {
+        let mut errors = ErrorList::default();
+        let mut purged = 0;
+        if !backends.is_empty() || !frontends.is_empty() {
+            let gone = |backend: u32, service: u32| backends.contains_key(&backend) || frontends.contains(&service);
+            let ct4: Vec<CtKey4> = self
+                .maps
+                .ct4
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, v)| gone(v.backend, v.service))
+                .map(|(k, _)| k)
+                .collect();
+            for key in ct4 {
+                if self.maps.ct4.remove(&key).is_ok() {
+                    purged += 1;
+                }
+            }
+            let ct6: Vec<CtKey6> = self
+                .maps
+                .ct6
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, v)| gone(v.backend, v.service))
+                .map(|(k, _)| k)
+                .collect();
+            for key in ct6 {
+                if self.maps.ct6.remove(&key).is_ok() {
+                    purged += 1;
+                }
+            }
+            let aff4: Vec<AffinityKey4> = self
+                .maps
+                .affinity4
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, v)| gone(v.backend, k.service))
+                .map(|(k, _)| k)
+                .collect();
+            for key in aff4 {
+                if self.maps.affinity4.remove(&key).is_ok() {
+                    purged += 1;
+                }
+            }
+            let aff6: Vec<AffinityKey6> = self
+                .maps
+                .affinity6
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, v)| gone(v.backend, k.service))
+                .map(|(k, _)| k)
+                .collect();
+            for key in aff6 {
+                if self.maps.affinity6.remove(&key).is_ok() {
+                    purged += 1;
+                }
+            }
+        }
+        for (id, backend) in backends {
+            // A backend that a later batch took up again keeps its entry.
+            if self.refs.contains_key(backend) {
+                let _ = self.maps.doomed.remove(id);
+                continue;
+            }
+            for result in [self.maps.backends.remove(id), self.maps.doomed.remove(id)] {
+                match result {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => errors.push(map_error(BACKENDS_MAP)(e)),
+                }
+            }
+            self.backend_ids.remove(backend);
+            self.backend_states.remove(backend);
+            self.backend_id_pool.free(*id);
+        }
+        for id in frontends {
+            self.frontend_ids.free(*id);
+        }
+        errors.into_result().map(|()| purged)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_the_smallest_free_ones_and_bounded() {
+        let mut ids = IdAllocator::new(3);
+        assert_eq!(ids.allocate("x").unwrap(), 1);
+        assert_eq!(ids.allocate("x").unwrap(), 2);
+        ids.mark(3);
+        assert!(matches!(ids.allocate("x"), Err(ServiceMapError::NoId("x"))));
+        ids.free(1);
+        assert_eq!(ids.allocate("x").unwrap(), 1);
+        assert_eq!(ids.len(), 3);
+    }
+
+    #[test]
+    fn addresses_round_trip_through_the_datapaths_layout() {
+        for ip in ["10.96.0.10", "fd00:96::a", "255.255.255.255", "::1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_of(datapath_addr(ip), if ip.is_ipv4() { 4 } else { 6 }), ip);
+        }
+        let b = Backend {
+            addr: "10.244.1.2".parse().unwrap(),
+            port: 8080,
+            protocol: Protocol::Udp,
+        };
+        let value = backend_value(&b, BackendState::Terminating);
+        assert_eq!(backend_of(&value), Some((b, BackendState::Terminating)));
+        // On the wire, the port's bytes are big-endian.
+        assert_eq!(value.port.to_ne_bytes(), 8080u16.to_be_bytes());
+    }
+}

@@ -1,0 +1,99 @@
+//! Clients the lab runs *inside* a pod or node (as processes in its network namespace and
+//! cgroup, so that socket-level load balancing sees them as it sees a pod's own processes):
+//! single requests over TCP or UDP, a connected UDP client that keeps its socket, and a steady
+//! load that counts every failure.
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// One request: a line over a new TCP connection, or one datagram; returns the answer.
+pub fn request(to: SocketAddr, udp: bool, timeout: Duration) -> Result<String> {
+    if udp {
+        let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+        let socket = UdpSocket::bind(any)?;
+        socket.set_read_timeout(Some(timeout))?;
+        socket.send_to(b"hello\n", to)?;
+        let mut buf = [0u8; 2048];
+        let (n, from) = socket.recv_from(&mut buf)?;
+        // `from` is what recvmsg says the answer came from: the Service address, not the
+        // backend's, when the datapath translates.
+        return Ok(format!("{} peer={from}", String::from_utf8_lossy(&buf[..n]).trim_end()));
+    }
+    let mut stream = TcpStream::connect_timeout(&to, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(b"hello\n")?;
+    let mut answer = String::new();
+    BufReader::new(&mut stream).read_line(&mut answer)?;
+    if answer.is_empty() {
+        bail!("the connection closed without an answer");
+    }
+    // What getpeername says the connection goes to.
+    Ok(format!("{} peer={}", answer.trim_end(), stream.peer_addr()?))
+}
+
+/// What [`connected_udp`] saw: each line is `<seconds since start> ok <answer>` or
+/// `<seconds> error <error>`.
+pub fn connected_udp(to: SocketAddr, duration: Duration, interval: Duration, out: &Path) -> Result<()> {
+    let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+    let mut socket = UdpSocket::bind(any)?;
+    socket.connect(to)?;
+    socket.set_read_timeout(Some(Duration::from_millis(300)))?;
+    let mut log = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let started = Instant::now();
+    let mut buf = [0u8; 2048];
+    while started.elapsed() < duration {
+        let at = started.elapsed().as_secs_f64();
+        let result = socket.send(b"hello\n").and_then(|_| socket.recv(&mut buf));
+        match result {
+            Ok(n) => writeln!(log, "{at:.3} ok {}", String::from_utf8_lossy(&buf[..n]).trim_end())?,
+            Err(e) => {
+                writeln!(log, "{at:.3} error {e}")?;
+                // A socket the datapath aborted must be made anew, as DNS clients do: connecting
+                // again picks a live backend.
+                if e.raw_os_error() == Some(libc::ECONNABORTED) || e.raw_os_error() == Some(libc::ECONNREFUSED) {
+                    socket = UdpSocket::bind(any)?;
+                    socket.connect(to)?;
+                    socket.set_read_timeout(Some(Duration::from_millis(300)))?;
+                }
+            }
+        }
+        log.flush()?;
+        std::thread::sleep(interval);
+    }
+    Ok(())
+}
+
+/// A steady load: a new TCP connection per request, back to back, until `stop` exists (or
+/// `max` passes). Writes `<ok> <failed>` and then every failure, one per line, to `out`.
+pub fn load(to: SocketAddr, stop: &Path, max: Duration, out: &Path) -> Result<()> {
+    let started = Instant::now();
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut failures = Vec::new();
+    while !stop.exists() && started.elapsed() < max {
+        match request(to, false, Duration::from_secs(2)) {
+            Ok(answer) if answer.starts_with("pod=") => ok += 1,
+            Ok(other) => {
+                failed += 1;
+                failures.push(format!(
+                    "{:.3} unexpected answer {other:?}",
+                    started.elapsed().as_secs_f64()
+                ));
+            }
+            Err(e) => {
+                failed += 1;
+                failures.push(format!("{:.3} {e:#}", started.elapsed().as_secs_f64()));
+            }
+        }
+        // Progress for whoever waits on it.
+        if (ok + failed) % 20 == 0 {
+            std::fs::write(out, format!("{ok} {failed}\n{}", failures.join("\n")))?;
+        }
+    }
+    std::fs::write(out, format!("{ok} {failed}\n{}", failures.join("\n")))?;
+    Ok(())
+}
