@@ -36,8 +36,7 @@ pub fn request(to: SocketAddr, udp: bool, timeout: Duration) -> Result<String> {
     Ok(format!("{} peer={}", answer.trim_end(), stream.peer_addr()?))
 }
 
-/// What [`connected_udp`] saw: each line is `<seconds since start> ok <answer>` or
-/// `<seconds> error <error>`.
+/// What [`connected_udp`] saw: each line is `<unix ms> ok <answer>` or `<unix ms> error <error>`.
 pub fn connected_udp(to: SocketAddr, duration: Duration, interval: Duration, out: &Path) -> Result<()> {
     let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
     let mut socket = UdpSocket::bind(any)?;
@@ -47,15 +46,18 @@ pub fn connected_udp(to: SocketAddr, duration: Duration, interval: Duration, out
     let started = Instant::now();
     let mut buf = [0u8; 2048];
     while started.elapsed() < duration {
-        let at = started.elapsed().as_secs_f64();
         let result = socket.send(b"hello\n").and_then(|_| socket.recv(&mut buf));
+        let at = unix_ms();
         match result {
-            Ok(n) => writeln!(log, "{at:.3} ok {}", String::from_utf8_lossy(&buf[..n]).trim_end())?,
+            Ok(n) => writeln!(log, "{at} ok {}", String::from_utf8_lossy(&buf[..n]).trim_end())?,
             Err(e) => {
-                writeln!(log, "{at:.3} error {e}")?;
+                writeln!(log, "{at} error {e}")?;
                 // A socket the datapath aborted must be made anew, as DNS clients do: connecting
                 // again picks a live backend.
-                if e.raw_os_error() == Some(libc::ECONNABORTED) || e.raw_os_error() == Some(libc::ECONNREFUSED) {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ECONNABORTED | libc::ECONNREFUSED | libc::EDESTADDRREQ)
+                ) {
                     socket = UdpSocket::bind(any)?;
                     socket.connect(to)?;
                     socket.set_read_timeout(Some(Duration::from_millis(300)))?;
@@ -66,6 +68,13 @@ pub fn connected_udp(to: SocketAddr, duration: Duration, interval: Duration, out
         std::thread::sleep(interval);
     }
     Ok(())
+}
+
+/// Milliseconds since the epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A steady load: a new TCP connection per request, back to back, until `stop` exists (or

@@ -710,7 +710,8 @@ fn each_agent_has_its_own_pin_path_and_cgroup_and_down_removes_them() {
     assert!(
         eventually(Duration::from_secs(20), || lab.agent_status("n2").is_ok_and(|s| {
             s["services"]["details"]["bpfPinPath"].is_null()
-                && s["services"]["warnings"].to_string().contains("is not on a bpffs")
+                && s["services"]["lastError"].to_string().contains("is not on a bpffs")
+                && s["services"]["ready"] == false
                 && s["cniConfig"]["ready"] == true
         })),
         "{:?}",

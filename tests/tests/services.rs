@@ -379,3 +379,521 @@ fn services_listing(lab: &Lab, node: &str) -> String {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Waits until `node`'s pinned maps give `frontend` exactly `backends` (by address).
+#[track_caller]
+fn wait_backends(lab: &Lab, node: &str, frontend: &str, backends: &[std::net::IpAddr]) {
+    let mut last = String::new();
+    let ok = eventually(Duration::from_secs(20), || {
+        last = services_listing(lab, node);
+        let Some(line) = last.lines().find(|l| l.starts_with(frontend)) else {
+            return backends.is_empty();
+        };
+        let listed = line.matches(':').count();
+        backends.iter().all(|b| line.contains(&format!("{b}:")))
+            && !line.contains("terminating")
+            && listed >= backends.len()
+            && line.split(", ").count() == backends.len()
+    });
+    assert!(ok, "{frontend} on {node} never had exactly {backends:?}:\n{last}");
+}
+
+/// A dnsmasq in pod `pod` answering `demo.test` with `answer`.
+fn start_dnsmasq(lab: &Lab, pod: &str, answer: &str) {
+    let pid_file = lab.dir().join(format!("dnsmasq-{pod}.pid")).display().to_string();
+    lab.spawn_in(
+        &format!("pod-{pod}"),
+        &format!("dnsmasq-{pod}"),
+        &[
+            "/usr/sbin/dnsmasq".into(),
+            "--keep-in-foreground".into(),
+            "--conf-file=/dev/null".into(),
+            "--no-resolv".into(),
+            "--no-hosts".into(),
+            format!("--pid-file={pid_file}"),
+            format!("--address=/demo.test/{answer}"),
+            "--port=53".into(),
+        ],
+    )
+    .unwrap();
+}
+
+/// `dig` from `part` for demo.test at `server`: the answer, if any.
+fn dig(lab: &Lab, part: &str, server: std::net::IpAddr) -> String {
+    lab.exec_capture(
+        part,
+        &[
+            "dig".into(),
+            format!("@{server}"),
+            "demo.test".into(),
+            "+short".into(),
+            "+time=1".into(),
+            "+tries=1".into(),
+        ],
+    )
+    .unwrap_or_default()
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn dns_over_a_udp_clusterip_keeps_answering_when_its_backend_is_replaced() {
+    let mut lab = LabGuard::up(2, "native");
+    lab.run_pod("dns-1", "n1", &labels(&[("app", "dns")])).unwrap();
+    start_dnsmasq(&lab, "dns-1", "10.1.2.3");
+    lab.run_pod("client", "n2", &BTreeMap::new()).unwrap();
+    lab.create_service_object(&service(
+        "dns",
+        "dns",
+        vec![
+            port("dns", "UDP", 53, IntOrString::Int(53)),
+            port("dns-tcp", "TCP", 53, IntOrString::Int(53)),
+        ],
+    ))
+    .unwrap();
+    let vip = lab.cluster_ip("dns", true).unwrap();
+    for part in ["pod-client", "n2"] {
+        assert!(
+            eventually(Duration::from_secs(20), || dig(&lab, part, vip) == "10.1.2.3"),
+            "{part}: {}",
+            dig(&lab, part, vip)
+        );
+    }
+    // The backend is replaced: the new one first, then the old one goes (gracefully).
+    lab.run_pod("dns-2", "n2", &labels(&[("app", "dns")])).unwrap();
+    start_dnsmasq(&lab, "dns-2", "10.1.2.4");
+    lab.terminate_pod("dns-1").unwrap();
+    let dns2 = lab.pod("dns-2").unwrap().ip(true);
+    wait_backends(&lab, "n2", &format!("{vip}:53/udp"), &[dns2]);
+    lab.delete_pod("dns-1").unwrap();
+    for part in ["pod-client", "n2"] {
+        for _ in 0..5 {
+            assert_eq!(dig(&lab, part, vip), "10.1.2.4", "{part}");
+        }
+    }
+}
+
+/// The `connected-udp` client's log: (unix ms, answering pod or the error).
+fn connected_log(path: &std::path::Path) -> Vec<(u64, Result<String, String>)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ' ');
+            let at: u64 = parts.next()?.parse().ok()?;
+            let kind = parts.next()?;
+            let rest = parts.next().unwrap_or_default();
+            Some((
+                at,
+                if kind == "ok" {
+                    Ok(answered_by(rest))
+                } else {
+                    Err(rest.to_string())
+                },
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn a_connected_udp_socket_leaves_a_removed_backend_within_a_second() {
+    let mut lab = LabGuard::up(2, "native");
+    lab.run_pod("u1", "n1", &labels(&[("app", "udp")])).unwrap();
+    lab.run_pod("client", "n1", &BTreeMap::new()).unwrap();
+    lab.create_service_object(&service(
+        "udp",
+        "udp",
+        vec![port("p", "UDP", 9000, IntOrString::Int(i32::from(POD_PORT)))],
+    ))
+    .unwrap();
+    let to = SocketAddr::new(lab.cluster_ip("udp", true).unwrap(), 9000);
+    assert_eq!(answers(&lab, "pod-client", to, true, 1), ["u1".to_string()].into());
+    // Long-lived connected UDP sockets, as DNS clients keep: in a pod and on the node.
+    let clients = [("pod-client", "udp-pod"), ("n1", "udp-node")];
+    for (part, what) in clients {
+        let out = lab.dir().join(format!("{what}.log"));
+        lab.spawn_in(
+            part,
+            what,
+            &[
+                binary("ferrynet-lab").display().to_string(),
+                "probe".into(),
+                "connected-udp".into(),
+                to.to_string(),
+                "--seconds".into(),
+                "30".into(),
+                "--interval-ms".into(),
+                "50".into(),
+                "--out".into(),
+                out.display().to_string(),
+            ],
+        )
+        .unwrap();
+    }
+    let dir = lab.dir().to_path_buf();
+    let log = |what: &str| connected_log(&dir.join(format!("{what}.log")));
+    for (_, what) in clients {
+        assert!(
+            eventually(Duration::from_secs(10), || log(what)
+                .iter()
+                .filter(|(_, r)| r.as_deref() == Ok("u1"))
+                .count()
+                >= 3),
+            "{what}: {:?}",
+            log(what)
+        );
+    }
+    // Another backend joins: the connected sockets stay where they are.
+    lab.run_pod("u2", "n2", &labels(&[("app", "udp")])).unwrap();
+    // The first backend leaves the Service while its server still runs: only the datapath can
+    // move the sockets (nothing else would ever stop u1 from answering).
+    let removed_at = ferrynet_tests::probe::unix_ms();
+    lab.set_pod_ready("u1", false).unwrap();
+    for (_, what) in clients {
+        assert!(
+            eventually(Duration::from_secs(10), || log(what)
+                .iter()
+                .any(|(at, r)| *at > removed_at && r.as_deref() == Ok("u2"))),
+            "{what} never reached u2: {:?}",
+            log(what)
+        );
+        let entries = log(what);
+        let moved = entries
+            .iter()
+            .find(|(at, r)| *at > removed_at && r.as_deref() == Ok("u2"))
+            .unwrap()
+            .0;
+        assert!(moved - removed_at < 1_000, "{what} took {} ms", moved - removed_at);
+        // It was the datapath that aborted the socket (a destroyed UDP socket reports the abort,
+        // and is no longer connected), and nothing reached u1 afterwards.
+        assert!(
+            entries.iter().any(|(at, r)| *at > removed_at
+                && r.as_ref()
+                    .is_err_and(|e| e.contains("abort") || e.contains("Destination address required"))),
+            "{what}: {entries:?}"
+        );
+        assert!(
+            !entries.iter().any(|(at, r)| *at > moved && r.as_deref() == Ok("u1")),
+            "{what}: {entries:?}"
+        );
+    }
+}
+
+#[test]
+fn no_request_fails_while_backends_roll_and_the_agent_is_killed_and_upgraded() {
+    let mut lab = LabGuard::up(2, "native");
+    for (pod, node) in [("b1", "n1"), ("b2", "n2"), ("b3", "n2")] {
+        lab.run_pod(pod, node, &labels(&[("app", "roll")])).unwrap();
+    }
+    lab.run_pod("client", "n1", &BTreeMap::new()).unwrap();
+    lab.create_service_object(&service(
+        "roll",
+        "roll",
+        vec![port("p", "TCP", 80, IntOrString::Int(i32::from(POD_PORT)))],
+    ))
+    .unwrap();
+    let vip = lab.cluster_ip("roll", true).unwrap();
+    let to = SocketAddr::new(vip, 80);
+    let frontend = format!("{to}/tcp");
+    answers(&lab, "pod-client", to, false, 1);
+    let (stop, out) = (lab.dir().join("load.stop"), lab.dir().join("load.out"));
+    lab.spawn_in(
+        "pod-client",
+        "load",
+        &[
+            binary("ferrynet-lab").display().to_string(),
+            "probe".into(),
+            "load".into(),
+            to.to_string(),
+            "--stop".into(),
+            stop.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ],
+    )
+    .unwrap();
+    let progress = || -> (u64, u64) {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        let mut first = text.lines().next().unwrap_or("0 0").split_whitespace();
+        let ok = first.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let failed = first.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        (ok, failed)
+    };
+    // Waits until the load has made `more` successful requests beyond `from`.
+    let advance = |more: u64| {
+        let from = progress().0;
+        assert!(
+            eventually(Duration::from_secs(30), || progress().0 >= from + more),
+            "the load stalled: {:?}",
+            progress()
+        );
+    };
+    advance(50);
+
+    // Graceful scale-down: b3 terminates (out of the slots while ready ones exist), then goes.
+    let ip = |lab: &Lab, pod: &str| lab.pod(pod).unwrap().ip(true);
+    lab.terminate_pod("b3").unwrap();
+    wait_backends(&lab, "n1", &frontend, &[ip(&lab, "b1"), ip(&lab, "b2")]);
+    lab.delete_pod("b3").unwrap();
+    advance(50);
+
+    // A rolling replacement of every backend: a new one ready, an old one terminating, gone.
+    for (old, new, node) in [("b1", "c1", "n1"), ("b2", "c2", "n2")] {
+        lab.run_pod(new, node, &labels(&[("app", "roll")])).unwrap();
+        lab.terminate_pod(old).unwrap();
+        let mut live: Vec<_> = lab
+            .state
+            .pods
+            .iter()
+            .filter(|p| p.labels.get("app").map(String::as_str) == Some("roll") && p.name != old)
+            .map(|p| p.ip(true))
+            .collect();
+        live.sort();
+        wait_backends(&lab, "n1", &frontend, &live);
+        lab.delete_pod(old).unwrap();
+        advance(50);
+    }
+
+    // The client's node's agent is killed outright, and comes back: the pinned datapath goes on
+    // translating meanwhile, and the new agent adopts it.
+    lab.kill_agent("n1").unwrap();
+    advance(50);
+    lab.start_agent("n1").unwrap();
+    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    advance(50);
+
+    // An upgrade: an agent whose programs differ replaces the attached ones, keeping the maps.
+    let link = lab.node_pin_path("n1").join("v1/links/cgroup/sock4_connect");
+    let before = ferrynet_agent_link_program(&lab, &link);
+    lab.stop_agent("n1").unwrap();
+    lab.start_agent_with("n1", &["--datapath-revision", "1"]).unwrap();
+    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || ferrynet_agent_link_program(&lab, &link)
+            != before),
+        "the upgraded agent's programs are not attached"
+    );
+    advance(50);
+
+    std::fs::write(&stop, "").unwrap();
+    assert!(eventually(Duration::from_secs(10), || lab
+        .daemon_pid("load")
+        .is_none_or(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z"))));
+    let text = std::fs::read_to_string(&out).unwrap();
+    let (ok, failed) = progress();
+    assert!(ok > 300, "{text}");
+    assert_eq!(failed, 0, "failed requests:\n{text}");
+}
+
+/// The id of the program the pinned link at `path` runs (bpftool's view of the link).
+fn ferrynet_agent_link_program(lab: &Lab, path: &std::path::Path) -> u64 {
+    let _ = lab;
+    let out = Command::new("bpftool")
+        .args(["link", "show", "pinned"])
+        .arg(path)
+        .arg("-j")
+        .output()
+        .unwrap();
+    let link: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    link["prog_id"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn cleanup_and_service_proxy_off_leave_no_program_link_map_or_pin() {
+    let mut lab = LabGuard::up(1, "native");
+    lab.run_pod("b", "n1", &labels(&[("app", "gone")])).unwrap();
+    lab.create_service_object(&service(
+        "gone",
+        "gone",
+        vec![port("p", "TCP", 80, IntOrString::Int(i32::from(POD_PORT)))],
+    ))
+    .unwrap();
+    let vip = lab.cluster_ip("gone", true).unwrap();
+    answers(&lab, "n1", SocketAddr::new(vip, 80), false, 1);
+    let pins = lab.node_pin_path("n1");
+    let cgroup = lab.node_cgroup("n1").unwrap();
+    let veth = ferrynet_tests::cni::host_veth_of(&lab.pod("b").unwrap().container_id);
+    let attached = || -> Vec<u64> {
+        // Program ids attached to the node's cgroup and to the pod's veth, as the kernel says.
+        let mut ids = Vec::new();
+        let out = Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(&cgroup)
+            .arg("-j")
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        ids.extend(v.as_array().into_iter().flatten().filter_map(|p| p["id"].as_u64()));
+        // TCX attachments on the pod's host veth (the kernel's own list, queried in the node's
+        // namespace).
+        let node = lab.node_ns("n1").unwrap();
+        for hook in [
+            aya::programs::TcAttachType::Ingress,
+            aya::programs::TcAttachType::Egress,
+        ] {
+            let tcx = ferrynet_kernel::netns::run_in(node.fd(), || {
+                aya::programs::SchedClassifier::query_tcx(&veth, hook).map_err(std::io::Error::other)
+            });
+            if let Ok((_, programs)) = tcx {
+                ids.extend(programs.iter().map(|p| u64::from(p.id())));
+            }
+        }
+        ids
+    };
+    let programs = attached();
+    assert_eq!(programs.len(), 10, "8 socket hooks and 2 veth hooks: {programs:?}");
+    let loaded = |id: u64| {
+        Command::new("bpftool")
+            .args(["prog", "show", "id", &id.to_string()])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let pinned = || -> usize { walk(&pins) };
+
+    // With the agent down, `cleanup` removes everything the datapath made.
+    lab.stop_agent("n1").unwrap();
+    let out = lab.node_ns("n1").unwrap().command_output(
+        Command::new(binary("ferrynet-agent"))
+            .args(lab.agent_args("n1"))
+            .arg("cleanup"),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(pinned(), 0);
+    assert!(attached().is_empty(), "{:?}", attached());
+    assert!(
+        eventually(Duration::from_secs(10), || !programs.iter().any(|id| loaded(*id))),
+        "programs still loaded"
+    );
+    // Translation stopped; the pod's own address still works.
+    assert!(lab.probe("n1", SocketAddr::new(vip, 80), false).is_err());
+    assert!(
+        lab.probe("n1", SocketAddr::new(lab.pod("b").unwrap().ip(true), POD_PORT), false)
+            .is_ok()
+    );
+
+    // Back on: everything is there again.
+    lab.start_agent("n1").unwrap();
+    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    answers(&lab, "n1", SocketAddr::new(vip, 80), false, 1);
+    let programs = attached();
+    assert_eq!(programs.len(), 10);
+    // While the agent is down, the Service is deleted: back up, the agent removes its entries.
+    lab.stop_agent("n1").unwrap();
+    lab.api().unwrap().delete::<Service>("gone").unwrap();
+    lab.start_agent("n1").unwrap();
+    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || !services_listing(&lab, "n1")
+            .contains(&vip.to_string())),
+        "{}",
+        services_listing(&lab, "n1")
+    );
+
+    // Restarted with --service-proxy=false, the agent removes the datapath an earlier run left.
+    lab.stop_agent("n1").unwrap();
+    lab.start_agent_with("n1", &["--service-proxy", "false"]).unwrap();
+    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || pinned() == 0 && attached().is_empty()),
+        "{} pins, {:?}",
+        pinned(),
+        attached()
+    );
+    assert!(eventually(Duration::from_secs(10), || !programs
+        .iter()
+        .any(|id| loaded(*id))));
+    assert!(
+        lab.probe("n1", SocketAddr::new(lab.pod("b").unwrap().ip(true), POD_PORT), false)
+            .is_ok()
+    );
+}
+
+/// How many pins (files) are under `dir`.
+fn walk(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+#[test]
+fn a_udp_flow_translated_per_packet_moves_off_a_removed_backend_within_a_second() {
+    let mut lab = LabGuard::up(1, "native");
+    lab.stop_agent("n1").unwrap();
+    lab.start_agent_with("n1", &["--socket-lb", "false"]).unwrap();
+    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    lab.run_pod("u1", "n1", &labels(&[("app", "udp")])).unwrap();
+    lab.run_pod("client", "n1", &BTreeMap::new()).unwrap();
+    lab.create_service_object(&service(
+        "udp",
+        "udp",
+        vec![port("p", "UDP", 9000, IntOrString::Int(i32::from(POD_PORT)))],
+    ))
+    .unwrap();
+    let to = SocketAddr::new(lab.cluster_ip("udp", true).unwrap(), 9000);
+    assert_eq!(answers(&lab, "pod-client", to, true, 1), ["u1".to_string()].into());
+    // One flow (one source port), tracked per packet, pinned to u1 by its conntrack entry.
+    let out = lab.dir().join("flow.log");
+    lab.spawn_in(
+        "pod-client",
+        "flow",
+        &[
+            binary("ferrynet-lab").display().to_string(),
+            "probe".into(),
+            "connected-udp".into(),
+            to.to_string(),
+            "--seconds".into(),
+            "30".into(),
+            "--interval-ms".into(),
+            "50".into(),
+            "--out".into(),
+            out.display().to_string(),
+        ],
+    )
+    .unwrap();
+    let log = || connected_log(&out);
+    assert!(eventually(Duration::from_secs(10), || log()
+        .iter()
+        .filter(|(_, r)| r.as_deref() == Ok("u1"))
+        .count()
+        >= 3));
+    lab.run_pod("u2", "n1", &labels(&[("app", "udp")])).unwrap();
+    let removed_at = ferrynet_tests::probe::unix_ms();
+    lab.set_pod_ready("u1", false).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || log()
+            .iter()
+            .any(|(at, r)| *at > removed_at && r.as_deref() == Ok("u2"))),
+        "{:?}",
+        log()
+    );
+    let entries = log();
+    let moved = entries
+        .iter()
+        .find(|(at, r)| *at > removed_at && r.as_deref() == Ok("u2"))
+        .unwrap()
+        .0;
+    assert!(
+        moved - removed_at < 1_000,
+        "took {} ms: {entries:?}",
+        moved - removed_at
+    );
+    // The same socket, the same flow: its stale conntrack entry went with the backend.
+    assert!(
+        !entries.iter().any(|(at, r)| *at > moved && r.as_deref() == Ok("u1")),
+        "{entries:?}"
+    );
+}

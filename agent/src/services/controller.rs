@@ -704,7 +704,11 @@ impl Controller {
         };
         let present: BTreeSet<String> = veths.iter().cloned().collect();
         for veth in &veths {
-            if let Err(e) = self.datapath.attach_pod_veth(veth, false) {
+            // The CNI attaches to new veths itself; one it is attaching right now shows here too,
+            // and whichever comes second finds the other's link (and its pin) in place.
+            if let Err(e) = self.datapath.attach_pod_veth(veth, false)
+                && !self.datapath.pins().pod_link(veth, "from").exists()
+            {
                 warn!("attaching the pod programs to {veth}: {e}");
             }
         }

@@ -27,9 +27,13 @@ pub fn attach(pin_root: &Path, veth: &str) -> Result<bool, String> {
         let link_path = pins.pod_link(veth, suffix);
         // A link of an earlier veth of the same name (a repeated ADD) is defunct: replaced.
         let _ = std::fs::remove_file(&link_path);
-        let id = classifier
-            .attach_with_options(veth, hook, TcAttachOptions::TcxOrder(LinkOrder::first()))
-            .map_err(|e| format!("attaching {program} to {veth}: {e}"))?;
+        let id = match classifier.attach_with_options(veth, hook, TcAttachOptions::TcxOrder(LinkOrder::first())) {
+            Ok(id) => id,
+            // The agent, which also attaches to veths it finds without the programs, got there
+            // first: its link is pinned, and the veth is covered.
+            Err(_) if link_path.exists() => continue,
+            Err(e) => return Err(format!("attaching {program} to {veth}: {e}")),
+        };
         let link: FdLink = classifier
             .take_link(id)
             .map_err(|e| format!("{program} on {veth}: {e}"))?

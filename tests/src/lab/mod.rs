@@ -197,7 +197,13 @@ pub struct Lab {
 /// readiness healthy, and a route set for `peers` other nodes.
 pub fn agent_unconverged(status: &Value, peers: usize) -> Option<String> {
     let mut why = Vec::new();
-    for section in ["watches", "nodeNetworking", "cniConfig"] {
+    // The service section counts when the agent translates Services: a lab is up when a
+    // Service created next works, not only when pods can be set up.
+    let services_on = status["services"]["details"]["enabled"] == true;
+    let sections = ["watches", "nodeNetworking", "cniConfig"]
+        .into_iter()
+        .chain(services_on.then_some("services"));
+    for section in sections {
         let s = &status[section];
         if s["running"] != true || s["ready"] != true || !s["lastError"].is_null() {
             why.push(format!(
@@ -704,7 +710,8 @@ impl Lab {
         })?)?)
     }
 
-    /// Waits until every agent has converged: every section that gates readiness healthy, and a
+    /// Waits until every agent has converged: every section that gates readiness healthy (and the
+    /// service section when the agent translates Services), and a
     /// route set for every peer.
     pub fn wait_converged(&self, timeout: Duration) -> Result<()> {
         let peers = self.state.nodes.len().saturating_sub(1);
