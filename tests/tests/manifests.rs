@@ -70,8 +70,9 @@ fn rbac_is_least_privilege() {
 }
 
 #[test]
-fn the_daemonset_runs_everywhere_on_the_host_network_with_one_capability() {
+fn the_daemonset_runs_everywhere_on_the_host_network_with_justified_capabilities() {
     let docs = documents("daemonset.yaml");
+    let text = std::fs::read_to_string(manifests().join("daemonset.yaml")).unwrap();
     let ds: DaemonSet = typed(&docs[0]);
     let pod = ds.spec.unwrap().template.spec.unwrap();
     assert_eq!(pod.host_network, Some(true));
@@ -85,12 +86,23 @@ fn the_daemonset_runs_everywhere_on_the_host_network_with_one_capability() {
     let init = &pod.init_containers.unwrap()[0];
     assert_eq!(init.command.as_ref().unwrap()[1], "install-cni");
     let agent = &pod.containers[0];
+    // The init container copies files and needs no capability; the agent needs exactly these,
+    // each justified in the manifest's header.
+    let added = |c: &k8s_openapi::api::core::v1::Container| {
+        let caps = c.security_context.as_ref().unwrap().capabilities.clone().unwrap();
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]), "{}", c.name);
+        caps.add.unwrap_or_default()
+    };
+    assert!(added(init).is_empty(), "{:?}", added(init));
+    assert_eq!(added(agent), ["NET_ADMIN", "BPF", "PERFMON", "SYS_ADMIN"]);
+    let header: String = text.lines().take_while(|l| l.starts_with('#')).collect();
+    for cap in added(agent) {
+        assert!(header.contains(&format!("#   {cap} ")), "{cap} is not justified");
+    }
     for c in [init, agent] {
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.privileged, Some(false));
-        let caps = sc.capabilities.as_ref().unwrap();
-        assert_eq!(caps.drop.as_ref().unwrap(), &["ALL"]);
-        assert_eq!(caps.add.as_ref().unwrap(), &["NET_ADMIN"]);
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
         let mounts: BTreeSet<String> = c
             .volume_mounts
             .as_ref()
@@ -128,16 +140,30 @@ fn the_daemonset_runs_everywhere_on_the_host_network_with_one_capability() {
     }
     // The agent's writable /proc/sys/net is the host's, where the agent looks for it; the init
     // container does without.
-    let mount = |c: &k8s_openapi::api::core::v1::Container| {
+    let mount = |c: &k8s_openapi::api::core::v1::Container, name: &str| {
         c.volume_mounts
             .as_ref()
             .unwrap()
             .iter()
-            .find(|m| m.name == "proc-sys-net")
+            .find(|m| m.name == name)
             .map(|m| (m.mount_path.clone(), m.read_only))
     };
-    assert_eq!(mount(agent), Some(("/host/proc/sys/net".to_string(), None)));
-    assert_eq!(mount(init), None);
+    assert_eq!(
+        mount(agent, "proc-sys-net"),
+        Some(("/host/proc/sys/net".to_string(), None))
+    );
+    assert_eq!(mount(init, "proc-sys-net"), None);
+    // Pods' network namespaces, where the runtime names them, read-only, and following the
+    // runtime's later mounts: the agent enters them to close sockets to removed backends.
+    assert_eq!(mount(agent, "netns"), Some(("/run/netns".to_string(), Some(true))));
+    let netns = agent
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "netns")
+        .unwrap();
+    assert_eq!(netns.mount_propagation.as_deref(), Some("HostToContainer"));
     assert_eq!(
         env_value(agent, "FERRYNET_PROC_SYS_NET").as_deref(),
         Some("/host/proc/sys/net")
@@ -168,6 +194,7 @@ fn the_daemonset_runs_everywhere_on_the_host_network_with_one_capability() {
                 "/var/lib/ferrynet",
                 "/sys/fs/bpf",
                 "/sys/fs/cgroup",
+                "/run/netns",
                 "/proc/sys/net"
             ]
             .map(String::from)
