@@ -14,14 +14,16 @@
 //! - create, replace (the object, or its `status` subresource), merge-patch and delete, with
 //!   `resourceVersion` conflicts (409) and Status objects for every error.
 //!
-//! Objects are persisted to a file after every change (when given one), so a restart keeps them,
-//! as etcd would. History is not persisted: clients that resume across a restart get 410 and
+//! Objects are persisted to a file (when given one) behind every change, so a restart keeps them,
+//! as etcd would: a writer thread rewrites the file whenever something changed since its last
+//! write, so a burst of changes costs a write per write's duration, not one per change, and
+//! [`ApiServer::flush`] (run on SIGTERM) waits for the last one. History is not persisted: clients that resume across a restart get 410 and
 //! list again, which is what real clients do after a long disconnect.
 use std::{
     collections::{BTreeMap, VecDeque},
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, Condvar, Mutex, Weak},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -142,7 +144,23 @@ impl ClusterIps {
     /// The lowest free address of `cidr` (past its network address and the first host, which
     /// the real API server keeps for the `kubernetes` Service).
     fn allocate(&mut self, cidr: ipnet::IpNet) -> Option<std::net::IpAddr> {
-        let free = cidr.hosts().skip(1).find(|ip| !self.used.contains(ip))?;
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        let next = |ip: IpAddr| match ip {
+            IpAddr::V4(v4) => u32::from(v4).checked_add(1).map(|n| IpAddr::V4(Ipv4Addr::from(n))),
+            IpAddr::V6(v6) => u128::from(v6).checked_add(1).map(|n| IpAddr::V6(Ipv6Addr::from(n))),
+        };
+        // Walk the taken addresses in order from the first candidate: the first gap is free.
+        let mut free = cidr.hosts().nth(1)?;
+        for taken in self.used.range(free..) {
+            if *taken != free {
+                break;
+            }
+            free = next(free)?;
+        }
+        let last = cidr.hosts().next_back()?;
+        if free > last {
+            return None;
+        }
         self.used.insert(free);
         Some(free)
     }
@@ -173,6 +191,73 @@ pub struct ApiServer {
     inner: Arc<Mutex<Inner>>,
     changes: broadcast::Sender<Change>,
     settings: Arc<Settings>,
+    persister: Option<Arc<Persister>>,
+}
+
+/// The data file's writer: `dirty` says objects changed since the last snapshot was taken.
+struct Persister {
+    path: PathBuf,
+    state: Mutex<PersistState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct PersistState {
+    dirty: bool,
+    writing: bool,
+}
+
+impl Persister {
+    fn mark_dirty(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).dirty = true;
+        self.changed.notify_all();
+    }
+
+    /// The writer thread: snapshots under the lock, writes outside it, until the server is gone.
+    fn run(self: Arc<Self>, inner: Weak<Mutex<Inner>>) {
+        loop {
+            {
+                let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                while !state.dirty {
+                    let (next, _) = self
+                        .changed
+                        .wait_timeout(state, Duration::from_secs(1))
+                        .unwrap_or_else(|e| e.into_inner());
+                    state = next;
+                    if !state.dirty && inner.strong_count() == 0 {
+                        return;
+                    }
+                }
+                state.dirty = false;
+                state.writing = true;
+            }
+            let snapshot = inner.upgrade().map(|inner| {
+                let inner = inner.lock().unwrap_or_else(|e| e.into_inner());
+                let objects: Vec<Value> = inner.objects.values().cloned().collect();
+                (inner.rv, inner.uid_counter, objects)
+            });
+            if let Some((rv, uid_counter, objects)) = snapshot {
+                let data = json!({"resourceVersion": rv, "uidCounter": uid_counter, "objects": objects});
+                let tmp = self.path.with_extension("tmp");
+                if let Err(e) = std::fs::write(&tmp, data.to_string()).and_then(|()| std::fs::rename(&tmp, &self.path))
+                {
+                    eprintln!("apiserver: could not persist to {}: {e}", self.path.display());
+                }
+            }
+            self.state.lock().unwrap_or_else(|e| e.into_inner()).writing = false;
+            self.changed.notify_all();
+        }
+    }
+
+    /// Waits (up to `timeout`) until every change made so far is in the file.
+    fn flush(&self, timeout: Duration) -> bool {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, timeout, |s| s.dirty || s.writing)
+            .unwrap_or_else(|e| e.into_inner());
+        !state.dirty && !state.writing
+    }
 }
 
 impl ApiServer {
@@ -220,11 +305,29 @@ impl ApiServer {
                 }
             }
         }
+        let inner = Arc::new(Mutex::new(inner));
+        let persister = settings.data_file.clone().map(|path| {
+            let persister = Arc::new(Persister {
+                path,
+                state: Mutex::default(),
+                changed: Condvar::new(),
+            });
+            let writer = persister.clone();
+            let weak = Arc::downgrade(&inner);
+            std::thread::spawn(move || writer.run(weak));
+            persister
+        });
         Ok(Self {
-            inner: Arc::new(Mutex::new(inner)),
+            inner,
             changes,
             settings: Arc::new(settings),
+            persister,
         })
+    }
+
+    /// Waits until every change so far is in the data file (true), or 10 s have passed (false).
+    pub fn flush(&self) -> bool {
+        self.persister.as_ref().is_none_or(|p| p.flush(Duration::from_secs(10)))
     }
 
     /// The axum app serving the API.
@@ -237,16 +340,9 @@ impl ApiServer {
         axum::serve(listener, self.router()).await
     }
 
-    fn persist(&self, inner: &Inner) {
-        let Some(path) = &self.settings.data_file else { return };
-        let objects: Vec<&Value> = inner.objects.values().collect();
-        let data = json!({"resourceVersion": inner.rv, "uidCounter": inner.uid_counter, "objects": objects});
-        let tmp = path.with_extension("tmp");
-        if std::fs::write(&tmp, data.to_string())
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .is_err()
-        {
-            eprintln!("apiserver: could not persist to {}", path.display());
+    fn persist(&self) {
+        if let Some(persister) = &self.persister {
+            persister.mark_dirty();
         }
     }
 
@@ -271,7 +367,7 @@ impl ApiServer {
             let dropped = inner.history.pop_front().expect("non-empty");
             inner.horizon = dropped.rv;
         }
-        self.persist(inner);
+        self.persist();
         let _ = self.changes.send(change);
         object
     }

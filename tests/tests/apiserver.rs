@@ -22,8 +22,15 @@ use kube::{
 /// Starts a stand-in inside `ns` on a fixed or free port, on a runtime of its own: dropping the
 /// runtime stops it the way a process exit would, every connection included.
 fn start(ns: &Netns, settings: Settings, port: u16) -> (SocketAddr, tokio::runtime::Runtime) {
+    let (addr, rt, _) = start_server(ns, settings, port);
+    (addr, rt)
+}
+
+/// [`start`], also handing back the server (to flush its data file before a restart).
+fn start_server(ns: &Netns, settings: Settings, port: u16) -> (SocketAddr, tokio::runtime::Runtime, ApiServer) {
     let rt = ns.runtime();
     let server = ApiServer::new(settings).unwrap();
+    let handle = server.clone();
     let listener = rt
         .block_on(rt.spawn(async move { tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap() }))
         .unwrap();
@@ -31,7 +38,7 @@ fn start(ns: &Netns, settings: Settings, port: u16) -> (SocketAddr, tokio::runti
     rt.spawn(async move {
         let _ = server.serve(listener).await;
     });
-    (addr, rt)
+    (addr, rt, handle)
 }
 
 async fn client(addr: SocketAddr) -> Client {
@@ -307,7 +314,7 @@ fn the_watcher_recovers_when_the_stand_in_restarts() {
         data_file: Some(dir.path().join("objects.json")),
         ..Default::default()
     };
-    let (addr, server) = start(&ns, settings.clone(), 0);
+    let (addr, server, api) = start_server(&ns, settings.clone(), 0);
     let (reader, writer) = reflector::store::<Node>();
     let ready = reader.clone();
     // The reflector runs on the test runtime (whose threads are in the namespace), not the server's.
@@ -330,7 +337,9 @@ fn the_watcher_recovers_when_the_stand_in_restarts() {
     .unwrap();
     assert_eq!(reader.state().len(), 1);
 
-    // Down, and back on the same address with the same data: the watcher reconnects by itself.
+    // Down (as the lab stops it: the data file brought up to date first), and back on the same
+    // address with the same data: the watcher reconnects by itself.
+    assert!(api.flush());
     server.shutdown_background();
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
@@ -340,7 +349,7 @@ fn the_watcher_recovers_when_the_stand_in_restarts() {
     );
     // While it is away, the objects change through another instance on the same data: the
     // history the watcher would resume from is gone.
-    let (away_addr, away) = start(&ns, settings.clone(), 0);
+    let (away_addr, away, away_api) = start_server(&ns, settings.clone(), 0);
     rt.block_on(rt.spawn(async move {
         let nodes: Api<Node> = Api::all(client(away_addr).await);
         nodes.delete("before", &DeleteParams::default()).await.unwrap();
@@ -352,6 +361,7 @@ fn the_watcher_recovers_when_the_stand_in_restarts() {
         }
     }))
     .unwrap();
+    assert!(away_api.flush());
     away.shutdown_background();
     let (_addr2, _server2) = start(&ns, settings, addr.port());
     rt.block_on(rt.spawn(async move {

@@ -196,7 +196,17 @@ fn run(cli: Cli) -> Result<()> {
                 })?;
                 let listener = tokio::net::TcpListener::bind(listen).await?;
                 eprintln!("API stand-in (not Kubernetes) serving on http://{listen}");
-                server.serve(listener).await?;
+                // SIGTERM (the lab's stop) ends it once every change is in the data file.
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                let persisted = server.clone();
+                tokio::select! {
+                    served = server.serve(listener) => served?,
+                    _ = term.recv() => {
+                        if !persisted.flush() {
+                            anyhow::bail!("the data file could not be brought up to date within 10 s");
+                        }
+                    }
+                }
                 Ok(())
             });
         }
