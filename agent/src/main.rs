@@ -140,7 +140,8 @@ struct Options {
     /// (as service meshes need), and the per-packet path translates their traffic.
     #[arg(long, env = "FERRYNET_SOCKET_LB_HOST_NETNS_ONLY", default_value = "false", action = ArgAction::Set)]
     socket_lb_host_netns_only: bool,
-    /// Translate per packet on pod veths, for whatever socket LB did not translate.
+    /// Translate per packet on pod veths, for whatever socket LB did not: with socket LB off or
+    /// restricted to the node's namespace (with socket LB everywhere, nothing is left for it).
     #[arg(long, env = "FERRYNET_PER_PACKET_LB", default_value = "true", action = ArgAction::Set)]
     per_packet_lb: bool,
     /// Services labelled service.kubernetes.io/service-proxy-name with another value are left
@@ -285,7 +286,20 @@ impl Options {
     }
 }
 
+/// One malloc arena for the whole process. glibc gives each thread that allocates an arena of its
+/// own (up to 8 per CPU), and memory freed in one arena is not reused by the others: the
+/// agent's few threads would otherwise each keep the high-water mark of the lists they parsed.
+/// Its allocations are not hot enough for one arena's lock to matter.
+fn one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: called first thing in main, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 fn main() -> ExitCode {
+    one_malloc_arena();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.options.log).unwrap_or_else(|_| "info".into()))

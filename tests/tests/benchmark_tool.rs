@@ -53,3 +53,41 @@ fn net_benchmark_reports_all_three_paths() {
         assert!(report.contains(path), "missing {path:?} in:\n{report}");
     }
 }
+
+#[test]
+fn services_benchmark_reports_every_mode_and_the_control_plane() {
+    let chart = tempfile::NamedTempFile::new().unwrap();
+    let report = bench(&[
+        "services",
+        "--scales",
+        "3,6",
+        "--connections",
+        "20",
+        "--rounds",
+        "1",
+        "--changes",
+        "3",
+        "--chart",
+        chart.path().to_str().unwrap(),
+    ]);
+    for mode in [
+        "ferrynet, socket LB",
+        "ferrynet, per-packet only",
+        "kube-proxy iptables (legacy)",
+        "kube-proxy iptables (nft backend)",
+        "kube-proxy nftables",
+    ] {
+        // A ratio row for the mode, and a measurement at each scale.
+        assert!(report.contains(&format!("| {mode} | ")), "no row for {mode}:\n{report}");
+        for scale in ["3", "6"] {
+            assert!(
+                report.contains(&format!("| {scale} | {mode} | ")),
+                "no measurement of {mode} at {scale}:\n{report}"
+            );
+        }
+    }
+    assert!(report.contains("## Control plane at 6 Services"), "{report}");
+    assert!(report.contains("single endpoint change"), "{report}");
+    let svg = std::fs::read_to_string(chart.path()).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 5, "{svg}");
+}

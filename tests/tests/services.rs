@@ -104,6 +104,42 @@ fn two_backends() -> LabGuard {
     lab
 }
 
+/// One request line from `local_port` in `pod`'s namespace to `to`, with the answer. The port is
+/// bound with SO_REUSEADDR, so that it can be taken again while the last connection from it is in
+/// TIME_WAIT; connecting gives up after 3 s.
+fn request_from_port(lab: &Lab, pod: &str, local_port: u16, to: SocketAddr) -> std::io::Result<String> {
+    use std::{
+        io::{BufRead, BufReader, Write},
+        net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    };
+
+    use nix::sys::{
+        socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket, sockopt},
+        time::TimeVal,
+    };
+    let ns = lab.pod_ns(pod).map_err(std::io::Error::other)?;
+    let stream = ferrynet_kernel::netns::run_in(ns.fd(), || {
+        use std::os::fd::AsRawFd;
+        let (family, any) = if to.is_ipv4() {
+            (AddressFamily::Inet, IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        } else {
+            (AddressFamily::Inet6, IpAddr::V6(Ipv6Addr::UNSPECIFIED))
+        };
+        let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        // A blocking connect gives up after the send timeout.
+        setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(3, 0))?;
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(SocketAddr::new(any, local_port)))?;
+        connect(fd.as_raw_fd(), &SockaddrStorage::from(to))?;
+        Ok(std::net::TcpStream::from(fd))
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    (&stream).write_all(b"hello\n")?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer)?;
+    Ok(answer.trim_end().to_string())
+}
+
 #[track_caller]
 fn assert_reaches_both(lab: &Lab, part: &str) {
     let both: BTreeSet<String> = ["web-1", "web-2"].map(String::from).into();
@@ -170,6 +206,20 @@ fn the_per_packet_path_translates_what_socket_lb_does_not() {
         "the per-packet path did the translating"
     );
     assert_eq!(datapath_counter(&lab, "n1", "sock_translated"), 0);
+
+    // A pod that reached a backend through the Service, then reaches that backend directly from
+    // the same source port, talks to the backend's own address: the finished Service flow's
+    // translation must not be applied to the new connection's replies.
+    for (v4, local_port) in [(true, 40123), (false, 40124)] {
+        let vip = SocketAddr::new(lab.cluster_ip("web", v4).unwrap(), 80);
+        let through_service = request_from_port(&lab, "client", local_port, vip)
+            .unwrap_or_else(|e| panic!("client:{local_port} -> {vip}: {e}"));
+        let backend = answered_by(&through_service);
+        let direct = SocketAddr::new(lab.pod(&backend).unwrap().ip(v4), POD_PORT);
+        let again = request_from_port(&lab, "client", local_port, direct)
+            .unwrap_or_else(|e| panic!("client:{local_port} -> {direct} after the Service flow on that port: {e}"));
+        assert_eq!(answered_by(&again), backend, "{again}");
+    }
 
     // Socket LB in the node's namespace only (as service meshes need): pods are translated per
     // packet, the node's own processes at the socket.

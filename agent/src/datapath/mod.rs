@@ -158,6 +158,14 @@ pub struct TranslationModes {
 }
 
 impl TranslationModes {
+    /// Whether the per-packet path translates: only for what socket LB leaves to it (socket LB
+    /// off, or restricted to the node's namespace). With socket LB for every namespace, pods'
+    /// connections already go to backends, and the pod programs only count what pods send,
+    /// so established flows pay no per-packet lookups.
+    pub fn per_packet_translates(&self) -> bool {
+        self.per_packet && (!self.socket_lb || self.host_netns_only)
+    }
+
     fn flags(&self) -> u32 {
         let mut flags = 0;
         if self.socket_lb {
@@ -166,7 +174,7 @@ impl TranslationModes {
         if self.host_netns_only {
             flags |= CONFIG_F_HOST_NETNS_ONLY;
         }
-        if self.per_packet {
+        if self.per_packet_translates() {
             flags |= CONFIG_F_PER_PACKET;
         }
         flags
@@ -413,8 +421,10 @@ impl Datapath {
 
     /// (map, entries, capacity) of every pinned map, counted from the pins (so it works for maps
     /// the service controller owns too).
-    pub fn map_fill(&self) -> Vec<(&'static str, u64, u64)> {
-        map_fill(&self.pins)
+    /// (map, entries, capacity); `known` gives the entries of maps whose content the caller
+    /// mirrors, which are then not walked.
+    pub fn map_fill(&self, known: &[(&'static str, u64)]) -> Vec<(&'static str, u64, u64)> {
+        map_fill(&self.pins, known)
     }
 
     /// Pins the pod programs where the CNI finds them, replacing older pins.
@@ -562,8 +572,9 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
 ];
 
 /// (map, entries, capacity) of the maps pinned under `pins`. Entries are counted by walking
-/// each map's keys, so the cost grows with what the maps hold.
-pub fn map_fill(pins: &PinLayout) -> Vec<(&'static str, u64, u64)> {
+/// each map's keys (one system call per entry), except for the maps in `known`, whose entries
+/// the caller already knows.
+pub fn map_fill(pins: &PinLayout, known: &[(&'static str, u64)]) -> Vec<(&'static str, u64, u64)> {
     use aya::maps::{HashMap, Map, lpm_trie::LpmTrie};
     let mut out = Vec::new();
     for name in PINNED_MAPS {
@@ -572,6 +583,10 @@ pub fn map_fill(pins: &PinLayout) -> Vec<(&'static str, u64, u64)> {
         };
         let Ok(info) = data.info() else { continue };
         let capacity = u64::from(info.max_entries());
+        if let Some((_, entries)) = known.iter().find(|(k, _)| *k == name) {
+            out.push((name, *entries, capacity));
+            continue;
+        }
         let Ok(map) = Map::from_map_data(data) else {
             continue;
         };

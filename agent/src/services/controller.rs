@@ -31,7 +31,7 @@ use super::{
     diff::{self, AppliedFrontend, FrontendOp},
     http::{self, Health},
     maps::{BatchOutcome, MapHandles, ServiceMaps},
-    metrics::{DatapathCounters, ServiceMetrics},
+    metrics::ServiceMetrics,
     notes,
     table::{self, Frontend, NodeContext, PortEntry, ServiceRef},
 };
@@ -98,6 +98,9 @@ pub enum ServicesError {
 
 /// How long events may settle before a batch, and the longest a batch waits while events keep
 /// coming.
+/// How often the maps' fill is counted: counting the conntrack and socket maps walks them, one
+/// system call per entry, which is too much to do every resync on a busy node.
+const FILL_PERIOD: Duration = Duration::from_secs(60);
 const BATCH_QUIET: Duration = Duration::from_millis(2);
 const BATCH_AT_MOST: Duration = Duration::from_millis(20);
 /// How often pod veths without the pod programs are looked for.
@@ -136,7 +139,7 @@ pub async fn run(
         d.cgroup_path = Some(cfg.cgroup_path.clone());
         d.socket_lb = cfg.modes.socket_lb;
         d.host_netns_only = cfg.modes.host_netns_only;
-        d.per_packet = cfg.modes.per_packet;
+        d.per_packet = cfg.modes.per_packet_translates();
     });
     let mut servers = tokio::task::JoinSet::new();
     if let Some(addr) = cfg.metrics_addr {
@@ -163,6 +166,7 @@ pub async fn run(
         health: health.clone(),
         status: status.clone(),
         synced: false,
+        fill_refreshed: None,
         full_sync_due: true,
     };
     controller.run(client, nodes, servers).await
@@ -277,6 +281,8 @@ struct Controller {
     status: StatusHandle,
     /// Both kinds have been listed.
     synced: bool,
+    /// When the maps' fill was last counted.
+    fill_refreshed: Option<Instant>,
     full_sync_due: bool,
 }
 
@@ -412,7 +418,7 @@ impl Controller {
         };
         match event {
             watcher::Event::Init => listing.building = Some(Vec::new()),
-            watcher::Event::InitApply(s) => listing.building.get_or_insert_with(Vec::new).push(s),
+            watcher::Event::InitApply(s) => listing.building.get_or_insert_with(Vec::new).push(slim_service(s)),
             watcher::Event::InitDone => {
                 let listed = listing.building.take().unwrap_or_default();
                 self.services = listed.into_iter().map(|s| (key(&s), Arc::new(s))).collect();
@@ -423,7 +429,7 @@ impl Controller {
             }
             watcher::Event::Apply(s) => {
                 let k = key(&s);
-                self.services.insert(k.clone(), Arc::new(s));
+                self.services.insert(k.clone(), Arc::new(slim_service(s)));
                 self.mark(k);
             }
             watcher::Event::Delete(s) => {
@@ -437,7 +443,7 @@ impl Controller {
     fn on_slice_event(&mut self, event: watcher::Event<EndpointSlice>, listing: &mut Listing<EndpointSlice>) {
         match event {
             watcher::Event::Init => listing.building = Some(Vec::new()),
-            watcher::Event::InitApply(s) => listing.building.get_or_insert_with(Vec::new).push(s),
+            watcher::Event::InitApply(s) => listing.building.get_or_insert_with(Vec::new).push(slim_slice(s)),
             watcher::Event::InitDone => {
                 let listed = listing.building.take().unwrap_or_default();
                 self.slices.clear();
@@ -450,7 +456,7 @@ impl Controller {
                 self.health.queued();
             }
             watcher::Event::Apply(slice) => {
-                if let Some(svc) = self.put_slice(slice) {
+                if let Some(svc) = self.put_slice(slim_slice(slice)) {
                     self.mark(svc);
                 }
             }
@@ -600,6 +606,9 @@ impl Controller {
         }
         let outcome = self.maps.apply(&ops);
         self.finish(outcome, &dirty, started);
+        if full {
+            release_freed_memory();
+        }
     }
 
     /// Records what a batch did; terminates the sockets of removed backends and purges their
@@ -721,14 +730,78 @@ impl Controller {
         }
     }
 
+    /// The kernel's counters at every resync; the maps' fill less often (see [`FILL_PERIOD`]),
+    /// from the mirror for the maps the agent writes and by walking the others.
     fn refresh_datapath_counters(&mut self) {
-        let counters = DatapathCounters {
-            stats: self.datapath.stats().unwrap_or_default(),
-            fill: self.datapath.map_fill(),
+        let stats = self.datapath.stats().unwrap_or_default();
+        let fill_due = self.fill_refreshed.is_none_or(|at| at.elapsed() >= FILL_PERIOD);
+        let fill = if fill_due {
+            self.fill_refreshed = Some(Instant::now());
+            let frontends = self.maps.frontends();
+            let v4 = frontends.keys().filter(|f| f.addr.is_ipv4()).count() as u64;
+            let slots: u64 = frontends.values().map(|a| a.slots.len() as u64).sum();
+            let known = [
+                (ferrynet_common::SERVICES4_MAP, v4),
+                (ferrynet_common::SERVICES6_MAP, frontends.len() as u64 - v4),
+                (ferrynet_common::REV_NAT_MAP, frontends.len() as u64),
+                (ferrynet_common::SERVICE_SLOTS_MAP, slots),
+                (ferrynet_common::BACKENDS_MAP, self.maps.backend_count() as u64),
+            ];
+            Some(self.datapath.map_fill(&known))
+        } else {
+            None
         };
         if let Ok(mut slot) = self.metrics.datapath.lock() {
-            *slot = counters;
+            slot.stats = stats;
+            if let Some(fill) = fill {
+                slot.fill = fill;
+            }
         }
+    }
+}
+
+/// Drops the metadata the service table never reads (`managedFields`, server-side apply's
+/// bookkeeping, is often larger than the object itself; kube-proxy's informers drop it too).
+fn slim_metadata(meta: &mut kube::api::ObjectMeta) {
+    meta.managed_fields = None;
+    meta.uid = None;
+    meta.resource_version = None;
+    meta.creation_timestamp = None;
+    meta.generation = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.generate_name = None;
+}
+
+/// What the agent keeps of a Service: what the service table reads.
+fn slim_service(mut service: Service) -> Service {
+    slim_metadata(&mut service.metadata);
+    service
+}
+
+/// What the agent keeps of an EndpointSlice: what the service table reads; of the annotations
+/// only the change time that network programming latency is measured from.
+fn slim_slice(mut slice: EndpointSlice) -> EndpointSlice {
+    slim_metadata(&mut slice.metadata);
+    if let Some(annotations) = slice.metadata.annotations.as_mut() {
+        annotations.retain(|k, _| k == TRIGGER_TIME);
+    }
+    for endpoint in &mut slice.endpoints {
+        endpoint.target_ref = None;
+        endpoint.hostname = None;
+        endpoint.deprecated_topology = None;
+    }
+    slice
+}
+
+/// After a full sync (the first, or a relist), the list's objects and their JSON have been
+/// freed: give that memory back to the system rather than keep it in the allocator's arenas,
+/// so the agent's resident size follows what it holds, not the largest list it ever parsed.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks glibc's own arenas; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

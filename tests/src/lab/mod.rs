@@ -1009,14 +1009,20 @@ impl Lab {
         Ok(())
     }
 
-    /// Runs a command in one of the lab's namespaces and returns what it printed.
-    pub fn exec_capture(&self, part: &str, argv: &[String]) -> Result<String> {
+    /// Runs a command in one of the lab's namespaces (and its cgroup) to its end, and returns
+    /// how it ended and what it printed.
+    pub fn exec_output(&self, part: &str, argv: &[String]) -> Result<std::process::Output> {
         let ns = self.ns(part)?;
         let (program, args) = argv.split_first().ok_or_else(|| anyhow!("no command"))?;
         let mut cmd = Command::new(program);
         cmd.args(args).env("KUBECONFIG", self.kubeconfig());
         self.join_part_cgroup(&mut cmd, part)?;
-        let out = ns.command_output(&mut cmd);
+        Ok(ns.command_output(&mut cmd))
+    }
+
+    /// Runs a command in one of the lab's namespaces and returns what it printed.
+    pub fn exec_capture(&self, part: &str, argv: &[String]) -> Result<String> {
+        let out = self.exec_output(part, argv)?;
         Ok(format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),

@@ -4,9 +4,12 @@
 //! - `from_pod` (ingress of the host veth: everything the pod sends): a packet to a Service
 //!   address is DNATed to a backend, its flow recorded in the conntrack map; a packet to a
 //!   Service port without endpoints (or to a Service CIDR address nobody holds) is marked for the
-//!   agent's firewall table to reject. Anything else pays one map lookup and goes on untouched.
+//!   agent's firewall table to reject. Anything else pays one map lookup and goes on untouched;
+//!   a TCP SYN pays one more, to forget a finished Service flow whose translated tuple the new
+//!   connection reuses (a pod that reached a backend through its Service, then reaches it
+//!   directly from the same port, must not get the Service's address on the replies).
 //! - `to_pod` (egress: everything sent to the pod): a backend's reply gets the Service address
-//!   back.
+//!   back, while its flow is not idle past the conntrack limit.
 //! - Hairpin: a pod reaching itself through its Service sees the hairpin address as the source,
 //!   so that its reply comes back out through the veth, where it is translated and sent back in.
 use aya_ebpf::{
@@ -192,6 +195,75 @@ fn refuse(ctx: &TcContext) -> i32 {
     NEXT
 }
 
+/// Whether a TCP segment opens a connection (SYN without ACK).
+#[inline(always)]
+fn is_tcp_syn<A>(ctx: &TcContext, t: &Tuple<A>) -> bool {
+    t.proto == PROTO_TCP && ctx.load::<u8>(t.l4 + 13).is_ok_and(|flags| flags & 0x12 == 0x02)
+}
+
+/// A new connection from the pod to a non-Service destination: if an earlier Service flow was
+/// translated to exactly this tuple, that flow is over (one tuple, one connection), so its
+/// entries go and the replies stay untranslated.
+#[inline(always)]
+fn forget_reused_tuple4(t: &Tuple<u32>) {
+    let reply = CtKey4 {
+        saddr: t.daddr,
+        daddr: t.saddr,
+        sport: t.dport,
+        dport: t.sport,
+        proto: t.proto,
+        direction: CT_REPLY,
+        _pad: [0; 2],
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(entry) = (unsafe { CT4.get(reply) }).copied() else {
+        return;
+    };
+    // SAFETY: the value is copied out at once.
+    if let Some(vip) = unsafe { REV_NAT.get(entry.service) }.copied() {
+        let _ = CT4.remove(CtKey4 {
+            saddr: t.saddr,
+            daddr: vip.addr[0],
+            sport: t.sport,
+            dport: vip.port,
+            proto: t.proto,
+            direction: CT_FORWARD,
+            _pad: [0; 2],
+        });
+    }
+    let _ = CT4.remove(reply);
+}
+
+#[inline(always)]
+fn forget_reused_tuple6(t: &Tuple<[u32; 4]>) {
+    let reply = CtKey6 {
+        saddr: t.daddr,
+        daddr: t.saddr,
+        sport: t.dport,
+        dport: t.sport,
+        proto: t.proto,
+        direction: CT_REPLY,
+        _pad: [0; 2],
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(entry) = (unsafe { CT6.get(reply) }).copied() else {
+        return;
+    };
+    // SAFETY: the value is copied out at once.
+    if let Some(vip) = unsafe { REV_NAT.get(entry.service) }.copied() {
+        let _ = CT6.remove(CtKey6 {
+            saddr: t.saddr,
+            daddr: vip.addr,
+            sport: t.sport,
+            dport: vip.port,
+            proto: t.proto,
+            direction: CT_FORWARD,
+            _pad: [0; 2],
+        });
+    }
+    let _ = CT6.remove(reply);
+}
+
 #[classifier]
 pub fn from_pod(mut ctx: TcContext) -> i32 {
     pod_stats::count(&ctx);
@@ -246,7 +318,12 @@ fn from_pod4(ctx: &mut TcContext) -> Option<i32> {
         return Some(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32);
     }
     let svc = match lookup4(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
-        Destination::Other => return None,
+        Destination::Other => {
+            if is_tcp_syn(ctx, &t) {
+                forget_reused_tuple4(&t);
+            }
+            return None;
+        }
         Destination::Refused => return Some(refuse(ctx)),
         Destination::Service(svc) => svc,
     };
@@ -259,9 +336,10 @@ fn from_pod4(ctx: &mut TcContext) -> Option<i32> {
         direction: CT_FORWARD,
         _pad: [0; 2],
     };
+    let forward_entry = CT4.get_ptr_mut(key);
     // SAFETY: the value is copied out at once.
-    let known = unsafe { CT4.get(key) }
-        .copied()
+    let known = forward_entry
+        .map(|entry| unsafe { *entry })
         .filter(|e| now.saturating_sub(e.last_seen_ns) < idle_limit(t.proto) && e.service == svc.id)
         .and_then(|e| Some((e.backend, backend(e.backend)?)));
     let new_flow = known.is_none();
@@ -282,9 +360,7 @@ fn from_pod4(ctx: &mut TcContext) -> Option<i32> {
         _pad: 0,
         client_addr: [t.saddr, 0, 0, 0],
     };
-    if CT4.insert(key, value, 0).is_err() {
-        bump(Stat::ConntrackFull);
-    }
+
     // The reply's tuple, as the backend sends it.
     let reply = CtKey4 {
         saddr: b.addr[0],
@@ -299,8 +375,30 @@ fn from_pod4(ctx: &mut TcContext) -> Option<i32> {
         flags: if is_hairpin { CT_F_HAIRPIN } else { 0 },
         ..value
     };
-    if CT4.insert(reply, reply_value, 0).is_err() {
-        bump(Stat::ConntrackFull);
+    match (new_flow, forward_entry) {
+        // A known flow: both entries are refreshed in place, so that a packet of an established
+        // flow allocates nothing (an insert into an LRU map takes a fresh element each time).
+        (false, Some(forward)) => {
+            // SAFETY: the pointer is to this map's value for `key`, valid during this program.
+            unsafe { (*forward).last_seen_ns = now };
+            match CT4.get_ptr_mut(reply) {
+                // SAFETY: as above, for `reply`.
+                Some(entry) => unsafe { (*entry).last_seen_ns = now },
+                None => {
+                    if CT4.insert(reply, reply_value, 0).is_err() {
+                        bump(Stat::ConntrackFull);
+                    }
+                }
+            }
+        }
+        _ => {
+            if CT4.insert(key, value, 0).is_err() {
+                bump(Stat::ConntrackFull);
+            }
+            if CT4.insert(reply, reply_value, 0).is_err() {
+                bump(Stat::ConntrackFull);
+            }
+        }
     }
     rewrite_addr4(ctx, &t, 16, t.daddr, b.addr[0])?;
     rewrite_port(ctx, &t, 2, t.dport, b.port)?;
@@ -330,6 +428,12 @@ fn to_pod4(ctx: &mut TcContext) -> Option<i32> {
     // SAFETY: the value is copied out at once.
     let entry = unsafe { CT4.get(key) }.copied()?;
     if entry.flags & CT_F_HAIRPIN != 0 {
+        return None;
+    }
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(entry.last_seen_ns) >= idle_limit(t.proto) {
+        let _ = CT4.remove(key);
         return None;
     }
     // SAFETY: the value is copied out at once.
@@ -368,7 +472,12 @@ fn from_pod6(ctx: &mut TcContext) -> Option<i32> {
         return Some(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32);
     }
     let svc = match lookup6(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
-        Destination::Other => return None,
+        Destination::Other => {
+            if is_tcp_syn(ctx, &t) {
+                forget_reused_tuple6(&t);
+            }
+            return None;
+        }
         Destination::Refused => return Some(refuse(ctx)),
         Destination::Service(svc) => svc,
     };
@@ -381,9 +490,10 @@ fn from_pod6(ctx: &mut TcContext) -> Option<i32> {
         direction: CT_FORWARD,
         _pad: [0; 2],
     };
+    let forward_entry = CT6.get_ptr_mut(key);
     // SAFETY: the value is copied out at once.
-    let known = unsafe { CT6.get(key) }
-        .copied()
+    let known = forward_entry
+        .map(|entry| unsafe { *entry })
         .filter(|e| now.saturating_sub(e.last_seen_ns) < idle_limit(t.proto) && e.service == svc.id)
         .and_then(|e| Some((e.backend, backend(e.backend)?)));
     let new_flow = known.is_none();
@@ -404,9 +514,7 @@ fn from_pod6(ctx: &mut TcContext) -> Option<i32> {
         _pad: 0,
         client_addr: t.saddr,
     };
-    if CT6.insert(key, value, 0).is_err() {
-        bump(Stat::ConntrackFull);
-    }
+
     let reply = CtKey6 {
         saddr: b.addr,
         daddr: if is_hairpin { hairpin } else { t.saddr },
@@ -420,8 +528,30 @@ fn from_pod6(ctx: &mut TcContext) -> Option<i32> {
         flags: if is_hairpin { CT_F_HAIRPIN } else { 0 },
         ..value
     };
-    if CT6.insert(reply, reply_value, 0).is_err() {
-        bump(Stat::ConntrackFull);
+    match (new_flow, forward_entry) {
+        // A known flow: both entries are refreshed in place, so that a packet of an established
+        // flow allocates nothing (an insert into an LRU map takes a fresh element each time).
+        (false, Some(forward)) => {
+            // SAFETY: the pointer is to this map's value for `key`, valid during this program.
+            unsafe { (*forward).last_seen_ns = now };
+            match CT6.get_ptr_mut(reply) {
+                // SAFETY: as above, for `reply`.
+                Some(entry) => unsafe { (*entry).last_seen_ns = now },
+                None => {
+                    if CT6.insert(reply, reply_value, 0).is_err() {
+                        bump(Stat::ConntrackFull);
+                    }
+                }
+            }
+        }
+        _ => {
+            if CT6.insert(key, value, 0).is_err() {
+                bump(Stat::ConntrackFull);
+            }
+            if CT6.insert(reply, reply_value, 0).is_err() {
+                bump(Stat::ConntrackFull);
+            }
+        }
     }
     rewrite_addr6(ctx, &t, 24, t.daddr, b.addr)?;
     rewrite_port(ctx, &t, 2, t.dport, b.port)?;
@@ -451,6 +581,12 @@ fn to_pod6(ctx: &mut TcContext) -> Option<i32> {
     // SAFETY: the value is copied out at once.
     let entry = unsafe { CT6.get(key) }.copied()?;
     if entry.flags & CT_F_HAIRPIN != 0 {
+        return None;
+    }
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(entry.last_seen_ns) >= idle_limit(t.proto) {
+        let _ = CT6.remove(key);
         return None;
     }
     // SAFETY: the value is copied out at once.

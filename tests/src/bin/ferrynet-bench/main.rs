@@ -5,6 +5,14 @@
 //!   sequentially and with 32 invocations at a time.
 //! - `ipam`: one ADD plus DEL of `ferrynet-ipam` against `host-local`, in an empty, a half-full
 //!   and a nearly full /16.
+//! - `net`: pod-to-pod throughput and latency on the lab's three paths.
+//! - `services`: new connections to a Service through ferrynet's socket LB and per-packet path
+//!   against kube-proxy's iptables and nftables modes and direct pod-IP traffic, at several
+//!   numbers of Services; and the control plane at the largest ([`services`]).
+mod chart;
+mod kube_proxy;
+mod services;
+
 use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
@@ -48,10 +56,49 @@ fn main() -> Result<()> {
             let requests = flag("--requests").map(|v| v.parse()).transpose()?.unwrap_or(10_000);
             net::run(seconds, rounds, requests)?
         }
+        Some("services") => {
+            let scales = flag("--scales")
+                .unwrap_or_else(|| "100,1000,10000".into())
+                .split(',')
+                .map(|v| v.trim().parse().with_context(|| format!("--scales: {v:?}")))
+                .collect::<Result<Vec<usize>>>()?;
+            let chart = flag("--chart")
+                .map(PathBuf::from)
+                .or_else(|| out.as_ref().map(|o| o.with_extension("svg")));
+            let modes = flag("--modes")
+                .map(|v| v.split(',').map(services::Mode::named).collect::<Result<Vec<_>>>())
+                .transpose()?;
+            services::run(&services::Options {
+                scales,
+                modes,
+                connections: flag("--connections").map(|v| v.parse()).transpose()?.unwrap_or(400),
+                rounds: flag("--rounds").map(|v| v.parse()).transpose()?.unwrap_or(12),
+                changes: flag("--changes").map(|v| v.parse()).transpose()?.unwrap_or(100),
+                chart,
+            })?
+        }
+        // The services benchmark's server and client, run inside the lab's pods.
+        Some("crr-server") => {
+            let port = flag("--port").context("--port")?.parse()?;
+            services::crr_server(port)?;
+            return Ok(());
+        }
+        Some("crr-client") => {
+            let to = flag("--to")
+                .context("--to")?
+                .split(',')
+                .map(|t| t.parse().with_context(|| format!("--to: {t:?}")))
+                .collect::<Result<Vec<std::net::SocketAddr>>>()?;
+            let connections = flag("--connections").context("--connections")?.parse()?;
+            let warmup = flag("--warmup").map(|v| v.parse()).transpose()?.unwrap_or(0);
+            services::crr_client(&to, connections, warmup)?;
+            return Ok(());
+        }
         _ => bail!(
             "usage: ferrynet-bench cni [--ops N] [--concurrency C] [--out FILE]\n       \
              ferrynet-bench ipam [--samples N] [--prefix LEN] [--out FILE]\n       \
-             ferrynet-bench net [--seconds S] [--rounds R] [--requests N] [--out FILE]"
+             ferrynet-bench net [--seconds S] [--rounds R] [--requests N] [--out FILE]\n       \
+             ferrynet-bench services [--scales N,N,..] [--connections N] [--rounds R] [--changes N] [--modes M,M,..] [--out FILE] [--chart FILE]"
         ),
     };
     print!("{report}");
