@@ -441,6 +441,64 @@ fn bad_input_gets_spec_shaped_errors() {
     node.assert_released("waits");
 }
 
+/// A pod namespace that is the plugin's own (the host's) is refused before anything changes:
+/// accepted, it would move the host's default route onto a pod interface.
+#[test]
+fn the_hosts_own_namespace_is_refused_as_a_pod_namespace() {
+    let node = test_node("10.16.0.0/29", None);
+    let routes_before = node.host.ip(&["route", "show", "table", "all"]);
+    let links_before = node.host.links();
+    let out = node.run(&Env::new("ADD").container("own", Some(Path::new("/proc/self/ns/net")), "eth0"));
+    assert_eq!(out.code(), Some(4), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.json()["details"]
+            .as_str()
+            .unwrap()
+            .contains("own network namespace"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(node.host.ip(&["route", "show", "table", "all"]), routes_before);
+    assert_eq!(node.host.links(), links_before);
+    node.assert_released("own");
+}
+
+/// A FIFO as CNI_NETNS gets code 4 at once; it must not block the plugin in `open`. (Should the
+/// plugin block anyway, a writer opening the FIFO after 5 s releases it, so the test ends and
+/// fails on the time taken.)
+#[test]
+fn a_fifo_as_the_pod_namespace_is_refused_at_once() {
+    let node = test_node("10.17.0.0/29", None);
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("netns");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            if done_rx.recv_timeout(std::time::Duration::from_secs(5)).is_err() {
+                // A writer unblocks a reader stuck in open (non-blocking: with no reader, this
+                // fails at once instead of waiting).
+                use std::os::unix::fs::OpenOptionsExt;
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&fifo);
+            }
+        })
+    };
+    let out = node.run(&Env::new("ADD").container("fifo", Some(&fifo), "eth0"));
+    let _ = done_tx.send(());
+    watchdog.join().unwrap();
+    assert_eq!(out.code(), Some(4), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.elapsed < std::time::Duration::from_secs(3),
+        "the plugin blocked on the FIFO for {:?}",
+        out.elapsed
+    );
+    node.assert_released("fifo");
+}
+
 #[test]
 fn garbage_never_makes_the_plugins_panic() {
     require_root();

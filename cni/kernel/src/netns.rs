@@ -2,9 +2,12 @@
 //! exactly as long as it takes to open a socket there: sockets stay bound to the namespace they
 //! were created in, so all later work happens from the calling thread without `setns`.
 use std::{
-    fs::File,
+    fs::{File, OpenOptions},
     io,
-    os::fd::{BorrowedFd, OwnedFd},
+    os::{
+        fd::{BorrowedFd, OwnedFd},
+        unix::fs::{MetadataExt, OpenOptionsExt},
+    },
     path::Path,
 };
 
@@ -14,9 +17,22 @@ use nix::{
 };
 
 /// Opens a network namespace handle (a `/run/netns/NAME` bind mount or `/proc/PID/ns/net`).
+///
+/// Opened non-blocking: a FIFO (or any other special file) at `path` must not hang the caller in
+/// `open`; the caller then finds it is no namespace ([`is_netns`]).
 pub fn open(path: &Path) -> io::Result<OwnedFd> {
-    let file = File::open(path)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
     Ok(OwnedFd::from(file))
+}
+
+/// Whether `fd` is the network namespace the calling thread is in (same nsfs inode).
+pub fn is_current_netns(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let current = std::fs::metadata("/proc/thread-self/ns/net")?;
+    let other = File::from(fd.try_clone_to_owned()?).metadata()?;
+    Ok((current.dev(), current.ino()) == (other.dev(), other.ino()))
 }
 
 /// Runs `f` on a new thread that has joined the namespace `ns`, and returns its result. The thread

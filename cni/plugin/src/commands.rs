@@ -46,8 +46,8 @@ fn kernel_io(what: &str, e: std::io::Error) -> CniError {
     CniError::kernel(format!("{what}: {e}"))
 }
 
-/// Opens the pod's netns: a missing one means the container is gone (code 3), anything that is
-/// not a network namespace is a bad CNI_NETNS (code 4).
+/// Opens the pod's netns: a missing one means the container is gone (code 3); anything that is
+/// not a network namespace, or is the plugin's own, is a bad CNI_NETNS (code 4).
 fn open_pod_netns(inv: &Invocation) -> Result<OwnedFd, CniError> {
     let path = inv
         .netns
@@ -60,6 +60,16 @@ fn open_pod_netns(inv: &Invocation) -> Result<OwnedFd, CniError> {
     if !netns::is_netns(fd.as_fd()) {
         return Err(CniError::invalid_env(format!(
             "{} is not a network namespace",
+            path.display()
+        )));
+    }
+    // The runtime runs the plugin in the host's namespace: a "pod" namespace that is that same
+    // namespace would put the pod's interface, address and default route on the host.
+    if netns::is_current_netns(fd.as_fd())
+        .map_err(|e| CniError::invalid_env(format!("cannot compare {} with this namespace: {e}", path.display())))?
+    {
+        return Err(CniError::invalid_env(format!(
+            "{} is the plugin's own network namespace, not a pod's",
             path.display()
         )));
     }
