@@ -524,6 +524,28 @@ fn dns_over_a_udp_clusterip_keeps_answering_when_its_backend_is_replaced() {
 }
 
 /// The `connected-udp` client's log: (unix ms, answering pod or the error).
+/// Starts a long-lived connected UDP client in `part` (as daemon `what`): a request every 50 ms
+/// for 30 s to `to`, each answer or error logged to `out`.
+fn start_connected_udp(lab: &Lab, part: &str, what: &str, to: SocketAddr, out: &std::path::Path) {
+    lab.spawn_in(
+        part,
+        what,
+        &[
+            binary("ferrynet-lab").display().to_string(),
+            "probe".into(),
+            "connected-udp".into(),
+            to.to_string(),
+            "--seconds".into(),
+            "30".into(),
+            "--interval-ms".into(),
+            "50".into(),
+            "--out".into(),
+            out.display().to_string(),
+        ],
+    )
+    .unwrap();
+}
+
 fn connected_log(path: &std::path::Path) -> Vec<(u64, Result<String, String>)> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -562,23 +584,7 @@ fn a_connected_udp_socket_leaves_a_removed_backend_within_a_second() {
     let clients = [("pod-client", "udp-pod"), ("n1", "udp-node")];
     for (part, what) in clients {
         let out = lab.dir().join(format!("{what}.log"));
-        lab.spawn_in(
-            part,
-            what,
-            &[
-                binary("ferrynet-lab").display().to_string(),
-                "probe".into(),
-                "connected-udp".into(),
-                to.to_string(),
-                "--seconds".into(),
-                "30".into(),
-                "--interval-ms".into(),
-                "50".into(),
-                "--out".into(),
-                out.display().to_string(),
-            ],
-        )
-        .unwrap();
+        start_connected_udp(&lab, part, what, to, &out);
     }
     let dir = lab.dir().to_path_buf();
     let log = |what: &str| connected_log(&dir.join(format!("{what}.log")));
@@ -897,23 +903,7 @@ fn a_udp_flow_translated_per_packet_moves_off_a_removed_backend_within_a_second(
     assert_eq!(answers(&lab, "pod-client", to, true, 1), ["u1".to_string()].into());
     // One flow (one source port), tracked per packet, pinned to u1 by its conntrack entry.
     let out = lab.dir().join("flow.log");
-    lab.spawn_in(
-        "pod-client",
-        "flow",
-        &[
-            binary("ferrynet-lab").display().to_string(),
-            "probe".into(),
-            "connected-udp".into(),
-            to.to_string(),
-            "--seconds".into(),
-            "30".into(),
-            "--interval-ms".into(),
-            "50".into(),
-            "--out".into(),
-            out.display().to_string(),
-        ],
-    )
-    .unwrap();
+    start_connected_udp(&lab, "pod-client", "flow", to, &out);
     let log = || connected_log(&out);
     assert!(eventually(Duration::from_secs(10), || log()
         .iter()
