@@ -25,6 +25,9 @@ pub enum WarningKind {
     UnroutablePodCidr,
     /// Two nodes claim overlapping podCIDRs.
     PodCidrConflict,
+    /// A peer's InternalIP that cannot be a peer's: this node's own, inside a PodCIDR or the
+    /// cluster CIDRs, or another node's.
+    ImpossiblePeerAddress,
     /// The local node has no address for a VXLAN endpoint.
     NoVxlanEndpoint,
     /// Someone else's route has the destination of one of ours.

@@ -18,6 +18,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use std::os::unix::fs::OpenOptionsExt;
+
 use memmap2::MmapMut;
 
 use crate::{
@@ -88,9 +90,16 @@ impl Bitmap {
     /// Maps an existing bitmap, whatever range it was written for (the header says).
     /// `Ok(None)` means there is no usable bitmap at `path`: absent, or not a whole bitmap file.
     pub fn open(path: &Path) -> Result<Option<Self>> {
-        let file = match OpenOptions::new().read(true).write(true).open(path) {
+        // A symlink is not a bitmap the store wrote: mapping it would write into whatever it
+        // points at. It counts as absent, and rebuilding replaces the link itself.
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+        {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound || fsutil::is_symlink_refusal(&e) => return Ok(None),
             Err(e) => return Err(IpamError::io(path, e)),
         };
         // SAFETY: the file is only ever modified through mappings like this one, by processes that

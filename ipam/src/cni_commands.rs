@@ -27,7 +27,9 @@ impl From<IpamError> for CniError {
                 Self::new(codes::ADDRESS_UNAVAILABLE, "requested address unavailable", details)
             }
             IpamError::LockTimeout(_) => Self::new(codes::TRY_AGAIN_LATER, "try again later", details),
-            IpamError::Io { .. } | IpamError::Corrupt { .. } => Self::new(codes::STORE, "IPAM store failure", details),
+            IpamError::Io { .. } | IpamError::Corrupt { .. } | IpamError::UnsafeStore { .. } => {
+                Self::new(codes::STORE, "IPAM store failure", details)
+            }
         }
     }
 }

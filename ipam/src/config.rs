@@ -35,6 +35,24 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/ferrynet/ipam";
 /// beyond any kubelet's `maxPods`, and it keeps each range's index at 128 KiB.
 pub const MAX_RANGE_ADDRESSES: u64 = 1 << 20;
 
+/// The most `routes` an `ipam` section may list. Each is a route in every pod's namespace, written
+/// on every ADD: a thousand already means the config is generated wrongly, not a real network.
+pub const MAX_ROUTES: usize = 1024;
+
+/// Blocks no pod address may come from: "this network", loopback, link-local (the pods' gateways
+/// are 169.254.1.1 and fe80::1), multicast and broadcast. A range touching one is refused.
+pub const SPECIAL_PURPOSE: [&str; 9] = [
+    "0.0.0.0/8",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "224.0.0.0/4",
+    "255.255.255.255/32",
+    "::/128",
+    "::1/128",
+    "fe80::/10",
+    "ff00::/8",
+];
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawIpamConfig {
@@ -177,11 +195,25 @@ impl RawIpamConfig {
             }
         }
 
+        if self.routes.len() > MAX_ROUTES {
+            return Err(IpamError::InvalidConfig(format!(
+                "{} routes configured; at most {MAX_ROUTES} are allowed",
+                self.routes.len()
+            )));
+        }
         let routes = self
             .routes
             .into_iter()
             .map(|r| {
                 let dst = parse_net(&r.dst, "route dst")?;
+                // The kernel refuses a destination with host bits; say so here, as code 7,
+                // rather than fail half-way through wiring the pod.
+                if dst.trunc() != dst {
+                    return Err(IpamError::InvalidConfig(format!(
+                        "route dst {dst} has host bits set (the network is {})",
+                        dst.trunc()
+                    )));
+                }
                 let gw = r.gw.as_deref().map(|g| parse_ip(g, "route gw")).transpose()?;
                 if let Some(gw) = gw
                     && gw.is_ipv4() != dst.addr().is_ipv4()
@@ -198,6 +230,13 @@ impl RawIpamConfig {
         if !data_dir.is_absolute() {
             return Err(IpamError::InvalidConfig(format!(
                 "dataDir {} must be an absolute path",
+                data_dir.display()
+            )));
+        }
+        // `..` would let a config name a store outside the directory it appears to name.
+        if data_dir.components().any(|c| c == std::path::Component::ParentDir) {
+            return Err(IpamError::InvalidConfig(format!(
+                "dataDir {} must not contain `..`",
                 data_dir.display()
             )));
         }
@@ -265,6 +304,11 @@ impl RawRange {
         } else {
             end
         };
+        if let Some(block) = special_purpose_overlap(start, end) {
+            return Err(IpamError::InvalidConfig(format!(
+                "range {start}-{end} of subnet {subnet} overlaps the special-purpose block {block}: pods cannot use those addresses"
+            )));
+        }
         Ok(Range {
             subnet,
             start,
@@ -344,6 +388,14 @@ impl std::fmt::Display for Range {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} ({}-{})", self.subnet, self.start, self.end)
     }
+}
+
+/// The special-purpose block that the addresses `start..=end` touch, if any.
+fn special_purpose_overlap(start: IpAddr, end: IpAddr) -> Option<IpNet> {
+    SPECIAL_PURPOSE
+        .iter()
+        .map(|b| b.parse::<IpNet>().expect("valid block"))
+        .find(|block| block.addr().is_ipv4() == start.is_ipv4() && block.network() <= end && start <= block.broadcast())
 }
 
 fn parse_net(s: &str, what: &str) -> Result<IpNet> {
@@ -496,11 +548,72 @@ mod tests {
                 "other family",
             ),
             (json!({"ranges": "nope"}), "invalid type"),
+            (
+                json!({"ranges": [[{"subnet": "10.0.0.0/24"}]], "routes": [{"dst": "10.1.2.3/24"}]}),
+                "host bits",
+            ),
+            (
+                json!({"ranges": [[{"subnet": "10.0.0.0/24"}]], "dataDir": "/var/lib/../../etc"}),
+                "`..`",
+            ),
         ];
         for (cfg, needle) in cases {
             let err = parse(cfg.clone()).expect_err(&cfg.to_string()).to_string();
             assert!(err.contains(needle), "{cfg}: {err}");
         }
+    }
+
+    #[test]
+    fn special_purpose_ranges_are_refused() {
+        for subnet in [
+            "0.0.0.0/8",
+            "0.0.0.0/0",
+            "127.0.0.0/24",
+            "169.254.1.0/24",
+            "169.254.0.0/16",
+            "224.0.0.0/24",
+            "239.1.0.0/16",
+            "255.255.255.255/32",
+            "255.255.255.254/31",
+            "::/128",
+            "::1/128",
+            "::/64",
+            "fe80::/64",
+            "ff02::/64",
+        ] {
+            let err = parse(json!({"ranges": [[{"subnet": subnet}]]}))
+                .expect_err(subnet)
+                .to_string();
+            assert!(err.contains("special-purpose"), "{subnet}: {err}");
+        }
+        // Neighbours of the blocks are fine, and so is a subnet whose allocatable part (capped at
+        // MAX_RANGE_ADDRESSES from its start) stays clear of them.
+        for subnet in [
+            "1.0.0.0/24",
+            "126.255.255.0/24",
+            "169.253.0.0/16",
+            "223.255.0.0/16",
+            "fd00::/64",
+            "fe00::/64",
+            "2001:db8::/32",
+        ] {
+            parse(json!({"ranges": [[{"subnet": subnet}]]})).unwrap_or_else(|e| panic!("{subnet}: {e}"));
+        }
+    }
+
+    #[test]
+    fn at_most_max_routes_are_allowed() {
+        let routes = |n: usize| -> Vec<serde_json::Value> {
+            (0..n)
+                .map(|i| json!({"dst": format!("10.{}.{}.0/24", 100 + i / 256, i % 256)}))
+                .collect()
+        };
+        let ok = parse(json!({"ranges": [[{"subnet": "10.0.0.0/24"}]], "routes": routes(MAX_ROUTES)})).unwrap();
+        assert_eq!(ok.routes.len(), MAX_ROUTES);
+        let err = parse(json!({"ranges": [[{"subnet": "10.0.0.0/24"}]], "routes": routes(MAX_ROUTES + 1)}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at most 1024"), "{err}");
     }
 
     #[test]

@@ -19,6 +19,10 @@ pub enum IpamError {
     Io { path: PathBuf, source: io::Error },
     #[error("corrupt store file {path}: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    /// The store's directories or files are not what the store made: a symlink, or writable or
+    /// owned by someone else. Using them would let that someone redirect the store's writes.
+    #[error("refusing the IPAM store: {path} {reason}")]
+    UnsafeStore { path: PathBuf, reason: String },
 }
 
 impl From<ferrynet_cni_protocol::InvalidAttachmentKey> for IpamError {

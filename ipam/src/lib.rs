@@ -14,4 +14,4 @@ pub mod store;
 pub use config::{IpamConfig, IpamRoute, Range, RangeSet};
 pub use error::{IpamError, Result};
 pub use ferrynet_cni_protocol::AttachmentKey;
-pub use store::{AllocationRequest, Attachment, GcReport, LockedStore, Store};
+pub use store::{AllocationRequest, Attachment, AttachmentLock, GcReport, LockedStore, Store};

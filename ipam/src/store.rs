@@ -8,7 +8,14 @@
 //!                             the allocations belong to and the ranges the indexes cover
 //!   attachments/<cid>:<if>    one JSON record per (container ID, ifname): the source of truth
 //!   ranges/<start>-<end>      one bitmap index per configured range (see `bitmap`)
+//!   inflight/<cid>:<if>       flock'd for the whole of one ADD, DEL or CHECK of that attachment
 //! ```
+//!
+//! The store trusts nothing it did not make. Every lock takes the directories through
+//! `fsutil::verify_private_dir`: a directory that is a symlink, belongs to another user or is
+//! writable by anyone else is refused (so nobody else can swap entries for symlinks), and files
+//! are opened without following symlinks. The data dir itself may not be writable by everyone
+//! unless it is sticky.
 //!
 //! Safety rules, each relied on by a test:
 //! - Every operation holds the lock, so many plugin processes can run at once.
@@ -51,11 +58,31 @@ const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 /// names the full key.
 fn record_file_name(key: &AttachmentKey) -> String {
     let name = format!("{}:{}", key.container_id(), key.ifname());
-    if name.len() <= 240 {
+    if name.len() <= MAX_PLAIN_NAME {
         name
     } else {
         let digest = Sha256::digest(name.as_bytes());
         format!("sha256-{}", hex(&digest))
+    }
+}
+
+/// File names up to this long are used as they are; longer ones (the spec bounds neither
+/// container IDs nor network names, the file system allows 255 bytes) become a digest.
+const MAX_PLAIN_NAME: usize = 240;
+
+/// The key a record (or in-flight lock) file is named after, when the name is not a digest.
+fn key_of_file_name(name: &str) -> Option<AttachmentKey> {
+    let (container_id, ifname) = name.split_once(':')?;
+    AttachmentKey::new(container_id, ifname).ok()
+}
+
+/// The store directory's name for `network`: the name itself, or a digest of a name too long
+/// for a file name.
+fn network_dir_name(network: &str) -> String {
+    if network.len() <= MAX_PLAIN_NAME {
+        network.to_string()
+    } else {
+        format!("sha256-{}", hex(&Sha256::digest(network.as_bytes())))
     }
 }
 
@@ -104,9 +131,13 @@ pub struct GcReport {
     pub released: Vec<Attachment>,
     /// Index bits that no record backed (leaks from killed processes), now cleared.
     pub leaked_addresses_recovered: u64,
-    /// Records that could not be read. They are kept (their addresses may be live), and while any
-    /// exists leaked bits are not recovered: GC cannot tell them from these records' addresses.
+    /// Records that could not be read and belong to attachments in the keep set (or whose file
+    /// name does not say whose they are). They are kept (their addresses may be live), and while
+    /// any exists leaked bits are not recovered: GC cannot tell them from these records' addresses.
     pub corrupt: Vec<PathBuf>,
+    /// Unreadable records of attachments not in the keep set (their file name says whose they
+    /// are): removed like any released record, their addresses recovered by the index rebuild.
+    pub removed_corrupt: Vec<PathBuf>,
 }
 
 /// Free capacity of one range set, for STATUS.
@@ -132,9 +163,45 @@ impl Store {
             )));
         }
         Ok(Self {
-            dir: data_dir.join(network),
+            dir: data_dir.join(network_dir_name(network)),
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
         })
+    }
+
+    /// Makes sure the store directory (and the data dir above it) are safe to use, creating the
+    /// store directory if needed.
+    fn prepare_dir(&self) -> Result<()> {
+        if let Some(data_dir) = self.dir.parent() {
+            fsutil::verify_data_dir(data_dir)?;
+        }
+        fsutil::ensure_private_dir(&self.dir)
+    }
+
+    /// Serialises every operation on one attachment for its whole length: an ADD and a DEL of
+    /// the same (container ID, ifname) never interleave, even when a runtime runs them at once
+    /// (the spec forbids it, kubelet restarts and runtime bugs do it anyway). Interleaved, the DEL
+    /// could release the address between the ADD's allocation and its routes, and the address
+    /// would be free while still routed.
+    ///
+    /// The lock is a file in `inflight/`, taken before the store lock and held across the
+    /// kernel work. DEL removes it with [`AttachmentLock::remove`]; GC removes leftovers.
+    pub fn lock_attachment(&self, key: &AttachmentKey) -> Result<AttachmentLock> {
+        self.prepare_dir()?;
+        let dir = self.dir.join(INFLIGHT_DIR);
+        fsutil::ensure_private_dir(&dir)?;
+        let path = dir.join(record_file_name(key));
+        let deadline = std::time::Instant::now() + self.lock_timeout;
+        // Bounded: each round either returns or saw the file removed by a DEL that held it.
+        loop {
+            let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+            let lock = FileLock::acquire(&path, remaining)?;
+            if lock.is_current()? {
+                return Ok(AttachmentLock { lock });
+            }
+            if remaining.is_zero() {
+                return Err(IpamError::LockTimeout(self.lock_timeout));
+            }
+        }
     }
 
     pub fn with_lock_timeout(mut self, timeout: Duration) -> Self {
@@ -149,14 +216,8 @@ impl Store {
     /// Takes the store lock (creating the store on first use). Reclaims a previous boot's
     /// allocations first, if any.
     pub fn lock(&self) -> Result<LockedStore> {
-        let path = self.dir.join("lock");
-        let lock = match FileLock::acquire(&path, self.lock_timeout) {
-            Err(IpamError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                fsutil::create_private_dir(&self.dir)?;
-                FileLock::acquire(&path, self.lock_timeout)?
-            }
-            other => other?,
-        };
+        self.prepare_dir()?;
+        let lock = FileLock::acquire(&self.dir.join("lock"), self.lock_timeout)?;
         let state = lock.read_content()?;
         let mut lines = state.lines();
         let recorded_boot = lines.next().unwrap_or("").to_string();
@@ -164,6 +225,7 @@ impl Store {
         let mut locked = LockedStore {
             attachments_dir: self.dir.join("attachments"),
             ranges_dir: self.dir.join("ranges"),
+            inflight_dir: self.dir.join(INFLIGHT_DIR),
             boot_id: current_boot_id()?,
             indexed_ranges,
             reclaimed_after_reboot: Vec::new(),
@@ -172,7 +234,26 @@ impl Store {
         if recorded_boot != locked.boot_id {
             locked.reclaim_previous_boot()?;
         }
+        fsutil::verify_private_dir(&locked.attachments_dir)?;
+        fsutil::verify_private_dir(&locked.ranges_dir)?;
         Ok(locked)
+    }
+}
+
+/// Where the per-attachment operation locks live, inside a store directory.
+const INFLIGHT_DIR: &str = "inflight";
+
+/// One attachment's operation lock (see [`Store::lock_attachment`]), released when dropped.
+#[derive(Debug)]
+pub struct AttachmentLock {
+    lock: FileLock,
+}
+
+impl AttachmentLock {
+    /// Removes the lock file and lets go: for the end of a DEL, after which the attachment has
+    /// nothing left to protect. A waiting ADD then starts over on a fresh file.
+    pub fn remove(self) -> Result<()> {
+        self.lock.remove()
     }
 }
 
@@ -180,6 +261,7 @@ impl Store {
 pub struct LockedStore {
     attachments_dir: PathBuf,
     ranges_dir: PathBuf,
+    inflight_dir: PathBuf,
     boot_id: String,
     /// The ranges whose bitmaps exist, as recorded in the lock file (sorted keys, comma-joined).
     indexed_ranges: String,
@@ -198,8 +280,8 @@ impl LockedStore {
     fn reclaim_previous_boot(&mut self) -> Result<()> {
         // Also the first use of a store: its subdirectories are made here, under the lock, so
         // that no other process can see the store half-made.
-        fsutil::create_private_dir(&self.attachments_dir)?;
-        fsutil::create_private_dir(&self.ranges_dir)?;
+        fsutil::ensure_private_dir(&self.attachments_dir)?;
+        fsutil::ensure_private_dir(&self.ranges_dir)?;
         let records = self.read_all_lenient()?;
         for (path, _) in &records {
             fsutil::remove_if_exists(path)?;
@@ -222,23 +304,14 @@ impl LockedStore {
 
     /// The allocation of `key`, if there is one.
     pub fn get(&self, key: &AttachmentKey) -> Result<Option<Attachment>> {
-        let path = self.record_path(key);
-        match std::fs::read(&path) {
-            Ok(bytes) => parse_record(&path, &bytes).map(Some),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(IpamError::io(&path, e)),
-        }
+        read_record(&self.record_path(key))
     }
 
     /// Every allocation in the store.
     pub fn attachments(&self) -> Result<Vec<Attachment>> {
         let mut all = Vec::new();
         for path in self.record_paths()? {
-            match std::fs::read(&path) {
-                Ok(bytes) => all.push(parse_record(&path, &bytes)?),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(IpamError::io(&path, e)),
-            }
+            all.extend(read_record(&path)?);
         }
         Ok(all)
     }
@@ -339,9 +412,21 @@ impl LockedStore {
     }
 
     /// Releases `key`'s allocation. Releasing something that is not allocated is not an error.
+    ///
+    /// An unreadable record is removed too, and `Ok(None)` returned: DEL must always be able to
+    /// finish, or the runtime retries it forever. Its addresses are unknown, so every index is
+    /// then rebuilt from the remaining records (unless another record is unreadable as well; then
+    /// they stay taken until GC can rebuild).
     pub fn release(&mut self, key: &AttachmentKey) -> Result<Option<Attachment>> {
-        let Some(attachment) = self.get(key)? else {
-            return Ok(None);
+        let attachment = match self.get(key) {
+            Ok(Some(attachment)) => attachment,
+            Ok(None) => return Ok(None),
+            Err(IpamError::Corrupt { .. }) => {
+                fsutil::remove_if_exists(&self.record_path(key))?;
+                self.rebuild_indexes_if_readable()?;
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
         };
         // Record first, bits second: a kill in between leaks, it never duplicates.
         fsutil::remove_if_exists(&self.record_path(key))?;
@@ -356,16 +441,44 @@ impl LockedStore {
         Ok(Some(attachment))
     }
 
+    /// Rebuilds every index from the records, when all of them can be read. Returns how many
+    /// addresses were freed.
+    fn rebuild_indexes_if_readable(&mut self) -> Result<u64> {
+        let records = self.read_all_lenient()?;
+        if records.iter().any(|(_, a)| a.is_none()) {
+            return Ok(0);
+        }
+        let held: Vec<IpAddr> = records
+            .iter()
+            .flat_map(|(_, a)| a.iter().flat_map(|a| a.ips.iter().map(IpNet::addr)))
+            .collect();
+        let mut freed = 0;
+        for bitmap in self.existing_bitmaps()? {
+            let before = bitmap.count_set();
+            freed += before.saturating_sub(bitmap.rebuild(held.iter().copied())?.count_set());
+        }
+        Ok(freed)
+    }
+
     /// Releases every attachment for which `keep` is false, then rebuilds every index exactly from
     /// the remaining records. That recovers addresses leaked by processes killed mid-operation.
     pub fn gc(&mut self, keep: impl Fn(&AttachmentKey) -> bool) -> Result<GcReport> {
         let mut report = GcReport::default();
+        self.remove_idle_inflight_locks()?;
         self.remove_files_in(&self.attachments_dir.clone(), |n| n.starts_with(TMP_PREFIX))?;
         self.remove_files_in(&self.ranges_dir.clone(), |n| n.starts_with(TMP_PREFIX))?;
         let mut live = Vec::new();
         for (path, attachment) in self.read_all_lenient()? {
             let Some(attachment) = attachment else {
-                report.corrupt.push(path);
+                // Whose it is, the file name still says (unless it is a digest).
+                let owner = path.file_name().and_then(|n| n.to_str()).and_then(key_of_file_name);
+                match owner {
+                    Some(key) if !keep(&key) => {
+                        fsutil::remove_if_exists(&path)?;
+                        report.removed_corrupt.push(path);
+                    }
+                    _ => report.corrupt.push(path),
+                }
                 continue;
             };
             let key = attachment.key()?;
@@ -399,6 +512,29 @@ impl LockedStore {
             }
         }
         Ok(report)
+    }
+
+    /// Removes the in-flight lock files of attachments that have no record, skipping any that an
+    /// operation holds right now: what DELs that were killed (or never came) left behind.
+    fn remove_idle_inflight_locks(&self) -> Result<()> {
+        let entries = match std::fs::read_dir(&self.inflight_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(IpamError::io(&self.inflight_dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| IpamError::io(&self.inflight_dir, e))?;
+            if self.attachments_dir.join(entry.file_name()).exists() {
+                continue;
+            }
+            match FileLock::try_acquire(&entry.path()) {
+                Ok(Some(lock)) if lock.is_current()? => lock.remove()?,
+                // Held by an operation in progress, or not a lock file the store made.
+                Ok(_) | Err(IpamError::UnsafeStore { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Free addresses per range set (reserved addresses excluded), for STATUS.
@@ -516,7 +652,7 @@ impl LockedStore {
             .record_paths()?
             .into_iter()
             .map(|path| {
-                let parsed = std::fs::read(&path).ok().and_then(|b| parse_record(&path, &b).ok());
+                let parsed = read_record(&path).ok().flatten();
                 (path, parsed)
             })
             .collect())
@@ -544,6 +680,20 @@ fn next_free_in_set(set: &RangeSet, bitmaps: &[Bitmap]) -> Option<(usize, u64)> 
                 .next_free(bitmap.cursor(), |offset| range.is_reserved(range.addr_at(offset)))
                 .map(|offset| (i, offset))
         })
+}
+
+/// One record: `None` if there is none, `Corrupt` if it cannot be read as one (a symlink, which
+/// the store never writes, included).
+fn read_record(path: &Path) -> Result<Option<Attachment>> {
+    match fsutil::read_nofollow(path) {
+        Ok(bytes) => parse_record(path, &bytes).map(Some),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) if fsutil::is_symlink_refusal(&e) => Err(IpamError::Corrupt {
+            path: path.into(),
+            reason: "is a symbolic link".into(),
+        }),
+        Err(e) => Err(IpamError::io(path, e)),
+    }
 }
 
 fn parse_record(path: &Path, bytes: &[u8]) -> Result<Attachment> {
@@ -840,7 +990,27 @@ mod tests {
     }
 
     #[test]
-    fn gc_keeps_going_past_a_corrupt_record_and_keeps_it() {
+    fn gc_keeps_going_past_a_corrupt_record_and_keeps_it_while_it_is_listed() {
+        let (_d, store) = store();
+        let s = sets(json!([[{"subnet": "10.0.0.0/24"}]]));
+        let mut st = store.lock().unwrap();
+        for i in 0..3 {
+            st.allocate(&key(i), &s, &AllocationRequest::default()).unwrap();
+        }
+        let bad = store.dir().join("attachments").join("c1:eth0");
+        std::fs::write(&bad, b"garbage").unwrap();
+        let report = st.gc(|k| k.container_id() != "c2").unwrap();
+        assert_eq!(report.corrupt, vec![bad.clone()]);
+        assert!(report.removed_corrupt.is_empty());
+        let released: Vec<&str> = report.released.iter().map(|a| a.container_id.as_str()).collect();
+        assert_eq!(released, ["c2"]);
+        assert!(bad.exists(), "a listed attachment's record may be live: GC keeps it");
+        // c1's address stays taken (its record may be live), c2's is free again.
+        assert_eq!(st.usage(&s).unwrap()[0].free, 253 - 2);
+    }
+
+    #[test]
+    fn gc_removes_an_unreadable_record_of_an_attachment_not_listed_and_frees_everything() {
         let (_d, store) = store();
         let s = sets(json!([[{"subnet": "10.0.0.0/24"}]]));
         let mut st = store.lock().unwrap();
@@ -850,18 +1020,159 @@ mod tests {
         let bad = store.dir().join("attachments").join("c1:eth0");
         std::fs::write(&bad, b"garbage").unwrap();
         let report = st.gc(|k| k.container_id() == "c0").unwrap();
-        assert_eq!(report.corrupt, vec![bad.clone()]);
+        assert!(report.corrupt.is_empty(), "{report:?}");
+        assert_eq!(report.removed_corrupt, vec![bad.clone()]);
+        assert!(!bad.exists());
+        // With no unreadable record left, the rebuild frees c1's address too.
+        assert_eq!(st.usage(&s).unwrap()[0].free, 253 - 1);
+        assert_eq!(st.attachments().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn releasing_an_unreadable_record_removes_it_and_frees_its_address() {
+        let (_d, store) = store();
+        let s = sets(json!([[{"subnet": "10.0.0.0/30"}]])); // one usable address besides the gateway
+        let mut st = store.lock().unwrap();
+        let first = st.allocate(&key(1), &s, &AllocationRequest::default()).unwrap();
+        let record = store.dir().join("attachments").join("c1:eth0");
+        std::fs::write(&record, b"{not json").unwrap();
+        assert!(matches!(st.get(&key(1)), Err(IpamError::Corrupt { .. })));
+        assert_eq!(st.release(&key(1)).unwrap(), None);
+        assert!(!record.exists());
+        // The range's only address is free again, and goes to the next pod.
+        let next = st.allocate(&key(2), &s, &AllocationRequest::default()).unwrap();
+        assert_eq!(next.ips, first.ips);
+        // A record that is a symlink counts as unreadable, and only the link goes.
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(outside.path(), serde_json::to_vec(&next).unwrap()).unwrap();
+        let link = store.dir().join("attachments").join("c3:eth0");
+        std::os::unix::fs::symlink(outside.path(), &link).unwrap();
+        assert!(matches!(st.get(&key(3)), Err(IpamError::Corrupt { .. })));
+        assert_eq!(st.release(&key(3)).unwrap(), None);
+        assert!(!link.exists() && outside.path().exists());
+    }
+
+    #[test]
+    fn symlinks_and_foreign_writable_directories_in_the_store_are_refused() {
+        use std::os::unix::fs::{PermissionsExt, symlink};
+        let s = sets(json!([[{"subnet": "10.0.0.0/24"}]]));
+        // The lock file, the ranges directory and the attachments directory as symlinks.
+        for entry in ["lock", "ranges", "attachments"] {
+            let (dir, store) = store();
+            store
+                .lock()
+                .unwrap()
+                .allocate(&key(1), &s, &AllocationRequest::default())
+                .unwrap();
+            let victim = dir.path().join("victim");
+            std::fs::create_dir(&victim).unwrap();
+            std::fs::write(victim.join("precious"), b"keep me").unwrap();
+            let path = store.dir().join(entry);
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).unwrap();
+                symlink(&victim, &path).unwrap();
+            } else {
+                std::fs::remove_file(&path).unwrap();
+                symlink(victim.join("precious"), &path).unwrap();
+            }
+            let err = store
+                .lock()
+                .err()
+                .unwrap_or_else(|| panic!("{entry}: a symlink was accepted"));
+            assert!(matches!(err, IpamError::UnsafeStore { .. }), "{entry}: {err}");
+            assert!(err.to_string().contains("symbolic link"), "{entry}: {err}");
+            assert_eq!(std::fs::read(victim.join("precious")).unwrap(), b"keep me", "{entry}");
+            assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 1, "{entry}");
+        }
+        // A bitmap that is a symlink is never mapped: it is replaced by a real one.
+        let (dir, bitmap_store) = store();
+        let store = bitmap_store;
+        store
+            .lock()
+            .unwrap()
+            .allocate(&key(1), &s, &AllocationRequest::default())
+            .unwrap();
+        let bitmap = std::fs::read_dir(store.dir().join("ranges"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let target = dir.path().join("target");
+        std::fs::write(&target, std::fs::read(&bitmap).unwrap()).unwrap();
+        std::fs::remove_file(&bitmap).unwrap();
+        symlink(&target, &bitmap).unwrap();
+        let before = std::fs::read(&target).unwrap();
+        store
+            .lock()
+            .unwrap()
+            .allocate(&key(2), &s, &AllocationRequest::default())
+            .unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), before, "the link's target was written");
+        assert!(!std::fs::symlink_metadata(&bitmap).unwrap().file_type().is_symlink());
+        // A store directory others may write is refused; one they may only read is tightened.
+        let (_d, store) = self::store();
+        store.lock().unwrap();
+        std::fs::set_permissions(store.dir(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = store.lock().err().expect("a world-writable store was accepted");
+        assert!(err.to_string().contains("writable by group or others"), "{err}");
+        std::fs::set_permissions(store.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        store.lock().unwrap();
         assert_eq!(
-            report
-                .released
-                .iter()
-                .map(|a| a.container_id.as_str())
-                .collect::<Vec<_>>(),
-            ["c2"]
+            std::fs::metadata(store.dir()).unwrap().permissions().mode() & 0o777,
+            0o700
         );
-        assert!(bad.exists(), "a record GC cannot read is not GC's to delete");
-        // c1's address stays taken (its record may be live), c2's is free again.
-        assert_eq!(st.usage(&s).unwrap()[0].free, 253 - 2);
+    }
+
+    #[test]
+    fn operations_on_one_attachment_are_serialised_and_del_leaves_no_lock_file() {
+        let (_d, store) = store();
+        let store = store.with_lock_timeout(Duration::from_millis(200));
+        let held = store.lock_attachment(&key(1)).unwrap();
+        // Another attachment is not held up; the same one is, until the holder is done.
+        drop(store.lock_attachment(&key(2)).unwrap());
+        let err = store.lock_attachment(&key(1)).unwrap_err();
+        assert!(matches!(err, IpamError::LockTimeout(_)), "{err}");
+        let store = store.with_lock_timeout(Duration::from_secs(10));
+        let waiter = std::thread::spawn({
+            let store = store.clone();
+            move || store.lock_attachment(&key(1)).map(|_| ())
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        held.remove().unwrap();
+        waiter.join().unwrap().unwrap();
+        let inflight = store.dir().join(INFLIGHT_DIR);
+        assert!(inflight.join("c1:eth0").exists(), "the waiter made a fresh lock file");
+        // GC removes lock files of attachments without a record, unless one is held.
+        let held = store.lock_attachment(&key(3)).unwrap();
+        store.lock().unwrap().gc(|_| true).unwrap();
+        assert!(!inflight.join("c1:eth0").exists() && !inflight.join("c2:eth0").exists());
+        assert!(inflight.join("c3:eth0").exists(), "a held lock is not GC's");
+        held.remove().unwrap();
+        assert_eq!(std::fs::read_dir(&inflight).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn long_network_names_use_a_digest_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let network = "n".repeat(300);
+        let store = Store::open(dir.path(), &network).unwrap();
+        let s = sets(json!([[{"subnet": "10.0.0.0/24"}]]));
+        store
+            .lock()
+            .unwrap()
+            .allocate(&key(1), &s, &AllocationRequest::default())
+            .unwrap();
+        assert!(
+            store
+                .dir()
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("sha256-")
+        );
+        assert_ne!(store.dir(), Store::open(dir.path(), &"m".repeat(300)).unwrap().dir());
     }
 
     #[test]

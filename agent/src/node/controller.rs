@@ -67,6 +67,8 @@ pub enum NodeNetworkingError {
 /// What one pass found and did.
 #[derive(Debug, Default)]
 struct PassOutcome {
+    /// The plan this pass made, for the next one (`RoutingInputs::previous`).
+    plan: Option<topology::RoutingPlan>,
     ready: bool,
     details: NodeNetworkingDetails,
     warnings: Vec<Warning>,
@@ -81,11 +83,17 @@ pub async fn run(
 ) -> Result<(), NodeNetworkingError> {
     let mut resync = tokio::time::interval(cfg.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Who held which PodCIDR and address in the last pass: conflicts are decided by it.
+    let mut previous = Arc::new(topology::RoutingPlan::default());
     loop {
         let view = nodes.borrow_and_update().clone();
         if view.synced {
             let pass_cfg = cfg.clone();
-            let outcome = tokio::task::spawn_blocking(move || pass(&pass_cfg, &view)).await?;
+            let last = previous.clone();
+            let mut outcome = tokio::task::spawn_blocking(move || pass(&pass_cfg, &view, &last)).await?;
+            if let Some(plan) = outcome.plan.take() {
+                previous = Arc::new(plan);
+            }
             let changed = outcome.details.last_changes.total() > 0;
             if changed {
                 info!("node networking: applied {:?}", outcome.details.last_changes);
@@ -112,7 +120,7 @@ pub async fn run(
 }
 
 /// One pass, blocking (netlink and nft). Never panics on what the API server says.
-fn pass(cfg: &NodeNetworkingConfig, view: &NodesView) -> PassOutcome {
+fn pass(cfg: &NodeNetworkingConfig, view: &NodesView, previous: &topology::RoutingPlan) -> PassOutcome {
     let mut out = PassOutcome {
         details: NodeNetworkingDetails {
             mode: Some(cfg.mode),
@@ -155,7 +163,25 @@ fn pass(cfg: &NodeNetworkingConfig, view: &NodesView) -> PassOutcome {
             .push(Warning::new(WarningKind::ForwardingOff, e.to_string())),
     }
 
-    let plan = topology::plan_routes(local, &view.nodes, cfg.mode, &uplink.connected);
+    let local_addresses: Vec<IpAddr> = match netlink.addresses(None) {
+        Ok(addresses) => addresses.into_iter().map(|(_, a)| a.addr()).collect(),
+        Err(e) => {
+            // Without them a peer could be routed through this node's own address: change nothing.
+            out.errors.push(e);
+            return out;
+        }
+    };
+    let plan = topology::plan_routes(
+        local,
+        &view.nodes,
+        topology::RoutingInputs {
+            mode: cfg.mode,
+            connected: &uplink.connected,
+            local_addresses: &local_addresses,
+            cluster_cidrs: &cfg.cluster_cidrs,
+            previous,
+        },
+    );
     out.warnings.extend(plan.warnings.iter().cloned());
 
     // The VXLAN device first: routes through it need its index.
@@ -231,6 +257,7 @@ fn pass(cfg: &NodeNetworkingConfig, view: &NodesView) -> PassOutcome {
     out.details.vxlan = plan.vxlan.clone();
     out.details.masquerade = masquerade;
     out.details.last_changes = counts;
+    out.plan = Some(plan);
     out
 }
 

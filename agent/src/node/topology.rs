@@ -155,7 +155,46 @@ pub struct RoutingPlan {
     pub retained: Vec<IpNet>,
     /// This node's VXLAN endpoint, when any peer is reached through VXLAN (or the mode is VXLAN).
     pub vxlan: Option<LocalVtep>,
+    /// Claims refused because they took what another node held: carried from pass to pass
+    /// (through `RoutingInputs::previous`) for as long as the claim stands.
+    pub disputes: Vec<Dispute>,
     pub warnings: Vec<Warning>,
+}
+
+/// A node claiming a PodCIDR (or an InternalIP) that another node held when the claim appeared.
+/// Kubernetes never gives one CIDR to two nodes, so the later claim is the suspect one: it never
+/// wins, not even after the holder is gone for a while (a deleted and re-created Node must get its
+/// CIDR back), until the claimant stops making it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Dispute {
+    pub claimant: String,
+    pub claim: DisputedClaim,
+    /// Who held it when the dispute began.
+    pub holder: String,
+}
+
+/// What a dispute is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind", content = "value")]
+pub enum DisputedClaim {
+    PodCidr(IpNet),
+    Address(IpAddr),
+}
+
+/// Everything besides the Node objects that decides the routes.
+#[derive(Debug, Clone, Copy)]
+pub struct RoutingInputs<'a> {
+    pub mode: RoutingMode,
+    /// The subnets of the local uplink: which peers share an L2 segment with us (for `Auto`),
+    /// and what a pod CIDR must never cover.
+    pub connected: &'a [IpNet],
+    /// Every address this node holds, on any interface: never a peer's.
+    pub local_addresses: &'a [IpAddr],
+    /// The cluster's pod CIDRs, when configured: never a node's underlay address.
+    pub cluster_cidrs: &'a [IpNet],
+    /// The previous pass's plan: who held what, and the standing disputes.
+    pub previous: &'a RoutingPlan,
 }
 
 /// This node's side of the overlay.
@@ -188,22 +227,45 @@ pub fn vtep_mac(ip: IpAddr) -> [u8; 6] {
 
 /// Computes the routes `local` needs to reach every other node's pods.
 ///
-/// `connected` lists the subnets of the local uplink (which peers share an L2 segment with us,
-/// for `Auto`; and what a pod CIDR must never cover). A peer PodCIDR is refused, with a warning,
-/// when it is too broad or special-purpose, covers the underlay or this node's address, or
-/// collides with a CIDR already claimed: this node's, or an older node's (routing a CIDR to two
-/// places is never right, and a newcomer must not take over an established peer's route).
-pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], mode: RoutingMode, connected: &[IpNet]) -> RoutingPlan {
+/// A peer PodCIDR is refused, with a warning, when it is too broad or special-purpose, covers the
+/// underlay or this node's address, or collides with this node's. A peer address is refused when
+/// it cannot be a peer's: one of this node's own, inside a PodCIDR or the cluster CIDRs.
+///
+/// Two peers claiming overlapping PodCIDRs (or one InternalIP) is never right: Kubernetes never
+/// assigns them so. While it lasts, the claim stays with the node the previous pass routed it to,
+/// the other claim becomes a [`Dispute`] that never wins while it stands, and every pass warns.
+/// When no claimant held it before, nobody gets it, and what is installed is kept.
+pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], inputs: RoutingInputs<'_>) -> RoutingPlan {
+    let RoutingInputs {
+        mode,
+        connected,
+        previous,
+        ..
+    } = inputs;
     let mut plan = RoutingPlan::default();
     let underlay_v4 = local.internal_ip(true).is_some() || local.internal_ip(false).is_none();
     let local_vtep = local.internal_ip(underlay_v4);
-    let mut claimed: Vec<(IpNet, String)> = local.pod_cidrs.iter().map(|c| (*c, local.name.clone())).collect();
     let mut peers: Vec<&NodeInfo> = nodes.iter().filter(|n| n.name != local.name).collect();
-    // Oldest first (nodes without a creation time last), then by name.
+    // Oldest first (nodes without a creation time last), then by name: a stable order for the
+    // warnings. Who wins a conflict does not depend on it.
     peers.sort_by(|a, b| (a.created.is_none(), &a.created, &a.name).cmp(&(b.created.is_none(), &b.created, &b.name)));
     let mut uses_vxlan = mode == RoutingMode::Vxlan;
+    // The claims that count: a PodCIDR that could never be routed (a /0, one covering the
+    // underlay) neither contests another node's nor makes an address "a pod's".
+    let claims: BTreeMap<&str, Vec<IpNet>> = nodes
+        .iter()
+        .map(|n| {
+            let valid = n
+                .pod_cidrs
+                .iter()
+                .filter(|c| n.name == local.name || unroutable(c, local, connected).is_none())
+                .copied()
+                .collect();
+            (n.name.as_str(), valid)
+        })
+        .collect();
 
-    for peer in peers {
+    for peer in &peers {
         if peer.pod_cidrs.is_empty() {
             plan.warnings.push(Warning::new(
                 WarningKind::PeerWithoutPodCidr,
@@ -211,6 +273,15 @@ pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], mode: RoutingMode, conn
             ));
             continue;
         }
+        let addresses = match peer_addresses(peer, &claims, &peers, inputs, &mut plan) {
+            PeerAddresses::Usable(addresses) => addresses,
+            PeerAddresses::Refused => continue,
+            PeerAddresses::Contested => {
+                plan.retained.extend(&peer.pod_cidrs);
+                continue;
+            }
+        };
+        let internal_ip = |v4: bool| addresses.iter().copied().find(|ip| ip.is_ipv4() == v4);
         let mut routes = Vec::new();
         for cidr in &peer.pod_cidrs {
             if let Some(why) = unroutable(cidr, local, connected) {
@@ -220,20 +291,58 @@ pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], mode: RoutingMode, conn
                 ));
                 continue;
             }
-            if let Some((_, owner)) = claimed
-                .iter()
-                .find(|(c, _)| c.contains(&cidr.network()) || cidr.contains(&c.network()))
-            {
+            if let Some(mine) = local.pod_cidrs.iter().find(|c| overlaps(c, cidr)) {
                 plan.warnings.push(Warning::new(
                     WarningKind::PodCidrConflict,
-                    format!("node {}: podCIDR {cidr} overlaps {owner}'s; no route", peer.name),
+                    format!(
+                        "node {}: podCIDR {cidr} overlaps this node's {mine}; no route",
+                        peer.name
+                    ),
                 ));
                 continue;
             }
-            claimed.push((*cidr, peer.name.clone()));
+            match contest(peer, *cidr, &peers, &claims, previous) {
+                Contest::Uncontested => {}
+                Contest::Held { rivals } => plan.warnings.push(Warning::new(
+                    WarningKind::PodCidrConflict,
+                    format!(
+                        "node {}: podCIDR {cidr} is also claimed by {}; it stays routed to {}",
+                        peer.name,
+                        rivals.join(", "),
+                        peer.name
+                    ),
+                )),
+                Contest::Disputed { holder } => {
+                    plan.warnings.push(Warning::new(
+                        WarningKind::PodCidrConflict,
+                        format!(
+                            "node {}: podCIDR {cidr} was {holder}'s when {} claimed it too; no route to {} while it does",
+                            peer.name, peer.name, peer.name
+                        ),
+                    ));
+                    plan.disputes.push(Dispute {
+                        claimant: peer.name.clone(),
+                        claim: DisputedClaim::PodCidr(*cidr),
+                        holder,
+                    });
+                    continue;
+                }
+                Contest::Unheld { rivals } => {
+                    plan.warnings.push(Warning::new(
+                        WarningKind::PodCidrConflict,
+                        format!(
+                            "node {}: podCIDR {cidr} is also claimed by {}, and neither held it before; keeping what is installed",
+                            peer.name,
+                            rivals.join(", ")
+                        ),
+                    ));
+                    plan.retained.push(*cidr);
+                    continue;
+                }
+            }
             // A native route needs an underlay of the CIDR's family at both ends.
             let family = cidr.addr().is_ipv4();
-            let native_gateway = peer.internal_ip(family).filter(|_| local.internal_ip(family).is_some());
+            let native_gateway = internal_ip(family).filter(|_| local.internal_ip(family).is_some());
             let on_link = |ip: IpAddr| connected.iter().any(|net| net.contains(&ip));
             let via = match mode {
                 RoutingMode::Native => match native_gateway {
@@ -254,7 +363,7 @@ pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], mode: RoutingMode, conn
                     gateway: native_gateway.expect("checked"),
                 },
                 RoutingMode::Vxlan | RoutingMode::Auto => {
-                    let (Some(_), Some(vtep)) = (local_vtep, peer.internal_ip(underlay_v4)) else {
+                    let (Some(_), Some(vtep)) = (local_vtep, internal_ip(underlay_v4)) else {
                         plan.warnings.push(Warning::new(
                             WarningKind::PeerWithoutAddress,
                             format!(
@@ -281,6 +390,10 @@ pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], mode: RoutingMode, conn
             plan.peers.insert(peer.name.clone(), routes);
         }
     }
+    plan.retained.sort();
+    plan.retained.dedup();
+    plan.disputes.sort();
+    plan.disputes.dedup();
     if uses_vxlan {
         match local_vtep {
             Some(ip) => {
@@ -301,6 +414,177 @@ pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], mode: RoutingMode, conn
         }
     }
     plan
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Who else claims `cidr`, and who wins.
+enum Contest {
+    Uncontested,
+    /// `peer` held it in the previous pass and keeps it.
+    Held {
+        rivals: Vec<String>,
+    },
+    /// Someone else held it (or a standing dispute says so): `peer` does not get it.
+    Disputed {
+        holder: String,
+    },
+    /// Nobody among the claimants held it before.
+    Unheld {
+        rivals: Vec<String>,
+    },
+}
+
+fn contest(
+    peer: &NodeInfo,
+    cidr: IpNet,
+    peers: &[&NodeInfo],
+    claims: &BTreeMap<&str, Vec<IpNet>>,
+    previous: &RoutingPlan,
+) -> Contest {
+    let standing = |name: &str, claim: &IpNet| {
+        previous
+            .disputes
+            .iter()
+            .find(|d| d.claimant == name && d.claim == DisputedClaim::PodCidr(*claim))
+    };
+    if let Some(dispute) = standing(&peer.name, &cidr) {
+        return Contest::Disputed {
+            holder: dispute.holder.clone(),
+        };
+    }
+    // Rivals with a standing dispute of their own claim do not count: they never win.
+    let rivals: Vec<String> = peers
+        .iter()
+        .filter(|other| other.name != peer.name)
+        .filter(|other| {
+            claims
+                .get(other.name.as_str())
+                .into_iter()
+                .flatten()
+                .any(|c| overlaps(c, &cidr) && standing(&other.name, c).is_none())
+        })
+        .map(|other| other.name.clone())
+        .collect();
+    if rivals.is_empty() {
+        return Contest::Uncontested;
+    }
+    let holder = previous
+        .peers
+        .iter()
+        .find(|(_, routes)| routes.iter().any(|r| overlaps(&r.cidr, &cidr)))
+        .map(|(name, _)| name.clone());
+    match holder {
+        Some(holder) if holder == peer.name => Contest::Held { rivals },
+        Some(holder) if rivals.contains(&holder) => Contest::Disputed { holder },
+        _ => Contest::Unheld { rivals },
+    }
+}
+
+/// What a peer's InternalIPs allow.
+enum PeerAddresses {
+    Usable(Vec<IpAddr>),
+    /// Every address it has is impossible (or taken): no route, nothing kept.
+    Refused,
+    /// It shares an address with another node and neither held it: keep what is installed.
+    Contested,
+}
+
+/// The peer's InternalIPs that can be a peer's: not one of this node's own addresses, not inside
+/// a PodCIDR or the cluster CIDRs, and not another node's (unless the previous pass routed
+/// through it to this peer).
+fn peer_addresses(
+    peer: &NodeInfo,
+    claims: &BTreeMap<&str, Vec<IpNet>>,
+    peers: &[&NodeInfo],
+    inputs: RoutingInputs<'_>,
+    plan: &mut RoutingPlan,
+) -> PeerAddresses {
+    let previous = inputs.previous;
+    let routed_via = |name: &str, ip: IpAddr| {
+        previous.peers.get(name).is_some_and(|routes| {
+            routes.iter().any(|r| match r.via {
+                Via::Native { gateway } => gateway == ip,
+                Via::Vxlan { vtep, .. } => vtep == ip,
+            })
+        })
+    };
+    let mut usable = Vec::new();
+    let mut contested = false;
+    for &ip in &peer.internal_ips {
+        let refuse = |why: String, plan: &mut RoutingPlan| {
+            plan.warnings.push(Warning::new(
+                WarningKind::ImpossiblePeerAddress,
+                format!("node {}: InternalIP {ip} {why}; not used", peer.name),
+            ));
+        };
+        if inputs.local_addresses.contains(&ip) {
+            refuse("is this node's own address".into(), plan);
+            continue;
+        }
+        if let Some((owner, _)) = claims.iter().find(|(_, cidrs)| cidrs.iter().any(|c| c.contains(&ip))) {
+            refuse(format!("is inside node {owner}'s podCIDR"), plan);
+            continue;
+        }
+        if let Some(cidr) = inputs.cluster_cidrs.iter().find(|c| c.contains(&ip)) {
+            refuse(format!("is inside the cluster CIDR {cidr}"), plan);
+            continue;
+        }
+        let standing = previous
+            .disputes
+            .iter()
+            .find(|d| d.claimant == peer.name && d.claim == DisputedClaim::Address(ip));
+        let sharers: Vec<&str> = peers
+            .iter()
+            .filter(|other| other.name != peer.name && other.internal_ips.contains(&ip))
+            .filter(|other| {
+                !previous
+                    .disputes
+                    .iter()
+                    .any(|d| d.claimant == other.name && d.claim == DisputedClaim::Address(ip))
+            })
+            .map(|other| other.name.as_str())
+            .collect();
+        let holder = match standing {
+            Some(dispute) => Some(dispute.holder.clone()),
+            None if sharers.is_empty() || routed_via(&peer.name, ip) => None,
+            None => sharers.iter().find(|s| routed_via(s, ip)).map(|s| s.to_string()),
+        };
+        if let Some(holder) = holder {
+            refuse(format!("was node {holder}'s address first"), plan);
+            plan.disputes.push(Dispute {
+                claimant: peer.name.clone(),
+                claim: DisputedClaim::Address(ip),
+                holder,
+            });
+            continue;
+        }
+        if !sharers.is_empty() && !routed_via(&peer.name, ip) {
+            plan.warnings.push(Warning::new(
+                WarningKind::ImpossiblePeerAddress,
+                format!(
+                    "node {}: InternalIP {ip} is also node {}'s, and neither was routed through it; keeping what is installed",
+                    peer.name,
+                    sharers.join(", ")
+                ),
+            ));
+            contested = true;
+            continue;
+        }
+        usable.push(ip);
+    }
+    if !usable.is_empty() {
+        PeerAddresses::Usable(usable)
+    } else if contested {
+        PeerAddresses::Contested
+    } else if peer.internal_ips.is_empty() {
+        // Incomplete rather than hostile: the routing below warns and keeps what is installed.
+        PeerAddresses::Usable(Vec::new())
+    } else {
+        PeerAddresses::Refused
+    }
 }
 
 /// Why a peer PodCIDR must not be routed, if it must not.
@@ -410,6 +694,36 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A first pass: nothing held before, no other local addresses, no cluster CIDRs.
+    fn first_pass(local: &NodeInfo, nodes: &[NodeInfo], mode: RoutingMode, connected: &[IpNet]) -> RoutingPlan {
+        plan_routes(
+            local,
+            nodes,
+            RoutingInputs {
+                mode,
+                connected,
+                local_addresses: &local.internal_ips,
+                cluster_cidrs: &[],
+                previous: &RoutingPlan::default(),
+            },
+        )
+    }
+
+    /// A pass after `previous`, as the controller runs them.
+    fn next(local: &NodeInfo, nodes: &[NodeInfo], previous: &RoutingPlan) -> RoutingPlan {
+        plan_routes(
+            local,
+            nodes,
+            RoutingInputs {
+                mode: RoutingMode::Native,
+                connected: &[],
+                local_addresses: &local.internal_ips,
+                cluster_cidrs: &[],
+                previous,
+            },
+        )
+    }
+
     #[test]
     fn reads_nodes_and_tolerates_hostile_ones() {
         let (n, w) = node_info(&node(
@@ -470,7 +784,7 @@ mod tests {
             info("n2", &["10.0.0.2"], &["10.244.2.0/24"]),
             info("n3", &["10.0.0.3"], &["10.244.3.0/24"]),
         ];
-        let plan = plan_routes(&local, &nodes, RoutingMode::Native, &[]);
+        let plan = first_pass(&local, &nodes, RoutingMode::Native, &[]);
         assert_eq!(
             plan.peers["n2"],
             vec![PeerRoute {
@@ -492,7 +806,7 @@ mod tests {
             local.clone(),
             info("n2", &["10.0.0.2"], &["10.244.2.0/24", "fd00:244:2::/64"]),
         ];
-        let plan = plan_routes(&local, &nodes, RoutingMode::Vxlan, &[]);
+        let plan = first_pass(&local, &nodes, RoutingMode::Vxlan, &[]);
         let mac = vtep_mac(ip("10.0.0.2"));
         assert_eq!(
             plan.peers["n2"],
@@ -529,12 +843,12 @@ mod tests {
             info("near", &["10.0.0.2"], &["10.244.2.0/24"]),
             info("far", &["192.168.7.9"], &["10.244.3.0/24"]),
         ];
-        let plan = plan_routes(&local, &nodes, RoutingMode::Auto, &[net("10.0.0.0/24")]);
+        let plan = first_pass(&local, &nodes, RoutingMode::Auto, &[net("10.0.0.0/24")]);
         assert!(matches!(plan.peers["near"][0].via, Via::Native { .. }));
         assert!(matches!(plan.peers["far"][0].via, Via::Vxlan { .. }));
         assert!(plan.vxlan.is_some());
         // All on one segment: no VXLAN endpoint at all.
-        let plan = plan_routes(&local, &nodes[..2], RoutingMode::Auto, &[net("10.0.0.0/24")]);
+        let plan = first_pass(&local, &nodes[..2], RoutingMode::Auto, &[net("10.0.0.0/24")]);
         assert!(plan.vxlan.is_none());
     }
 
@@ -554,9 +868,9 @@ mod tests {
             info("loopback", &["10.0.0.11"], &["127.0.0.0/8"]),
         ];
         for mode in [RoutingMode::Native, RoutingMode::Vxlan, RoutingMode::Auto] {
-            let plan = plan_routes(&local, &nodes, mode, &[net("10.0.0.0/24")]);
-            let names: Vec<&str> = plan.peers.keys().map(String::as_str).collect();
-            assert_eq!(names, ["a-first"], "{mode:?}: {plan:?}");
+            let plan = first_pass(&local, &nodes, mode, &[net("10.0.0.0/24")]);
+            // a-first and b-duplicate claim one CIDR and neither held it: neither gets it.
+            assert!(plan.peers.is_empty(), "{mode:?}: {plan:?}");
             let mut kinds: Vec<WarningKind> = plan.warnings.iter().map(|w| w.kind).collect();
             kinds.sort();
             use WarningKind::*;
@@ -569,16 +883,19 @@ mod tests {
                     UnroutablePodCidr,
                     UnroutablePodCidr,
                     UnroutablePodCidr,
+                    // steals-mine, and both claimants of 10.244.6.0/24.
+                    PodCidrConflict,
                     PodCidrConflict,
                     PodCidrConflict
                 ],
                 "{mode:?}: {:?}",
                 plan.warnings
             );
-            // Known but incomplete peers keep what is installed; hostile CIDRs get nothing.
+            // Known but incomplete peers keep what is installed, and so does a contested CIDR
+            // nobody held; hostile CIDRs get nothing.
             assert_eq!(
                 plan.retained,
-                vec![net("10.244.4.0/24"), net("fd00:244:8::/64")],
+                vec![net("10.244.4.0/24"), net("10.244.6.0/24"), net("fd00:244:8::/64")],
                 "{mode:?}"
             );
             let masq = cluster_cidrs(&[], &local, &plan);
@@ -590,13 +907,13 @@ mod tests {
         // An IPv6-only cluster routes natively over IPv6, and VXLAN uses an IPv6 underlay.
         let v6 = info("m1", &["fd00::1"], &["fd00:244:1::/64"]);
         let nodes = vec![v6.clone(), info("m2", &["fd00::2"], &["fd00:244:2::/64"])];
-        let plan = plan_routes(&v6, &nodes, RoutingMode::Native, &[]);
+        let plan = first_pass(&v6, &nodes, RoutingMode::Native, &[]);
         assert_eq!(plan.peers["m2"][0].via, Via::Native { gateway: ip("fd00::2") });
-        let plan = plan_routes(&v6, &nodes, RoutingMode::Vxlan, &[]);
+        let plan = first_pass(&v6, &nodes, RoutingMode::Vxlan, &[]);
         assert_eq!(plan.vxlan.unwrap().local, ip("fd00::1"));
         // A local node without addresses can still route natively, but gets no VXLAN endpoint.
         let lonely = info("x", &[], &["10.244.9.0/24"]);
-        let plan = plan_routes(
+        let plan = first_pass(
             &lonely,
             &[lonely.clone(), info("y", &["10.0.0.2"], &["10.244.2.0/24"])],
             RoutingMode::Vxlan,
@@ -606,17 +923,127 @@ mod tests {
     }
 
     #[test]
-    fn the_older_node_keeps_a_contested_cidr() {
-        let local = info("n1", &["10.0.0.1"], &["10.244.1.0/24"]);
+    fn a_contested_cidr_stays_with_its_holder_through_delete_and_recreate() {
+        let local = info("n1", &["10.200.0.11"], &["10.244.1.0/24"]);
         let at = |secs: i64| Some(Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap()));
-        let mut old = info("z-established", &["10.0.0.2"], &["10.244.2.0/24"]);
-        old.created = at(1_600_000_000);
-        let mut newcomer = info("a-newcomer", &["10.0.0.3"], &["10.244.2.0/24"]);
-        newcomer.created = at(1_700_000_000);
-        let plan = plan_routes(&local, &[local.clone(), newcomer, old], RoutingMode::Native, &[]);
-        assert_eq!(plan.peers.keys().collect::<Vec<_>>(), ["z-established"]);
-        assert_eq!(plan.warnings[0].kind, WarningKind::PodCidrConflict);
-        assert!(plan.warnings[0].message.contains("a-newcomer"), "{:?}", plan.warnings);
+        let mut n2 = info("n2", &["10.200.0.12"], &["10.244.2.0/24"]);
+        n2.created = at(1_700_000_000);
+        let mut h_dup = info("h-dup", &["10.200.0.66"], &["10.244.2.0/24"]);
+        h_dup.created = at(1_700_000_100);
+        let routed_to = |plan: &RoutingPlan| -> Vec<String> {
+            plan.peers
+                .iter()
+                .filter(|(_, r)| r.iter().any(|r| r.cidr == net("10.244.2.0/24")))
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        let conflict_warned = |plan: &RoutingPlan| {
+            plan.warnings
+                .iter()
+                .any(|w| w.kind == WarningKind::PodCidrConflict && w.message.contains("h-dup"))
+        };
+        // n2 holds it; h-dup appears and is refused.
+        let p1 = next(&local, &[local.clone(), n2.clone()], &RoutingPlan::default());
+        assert_eq!(routed_to(&p1), ["n2"]);
+        let p2 = next(&local, &[local.clone(), n2.clone(), h_dup.clone()], &p1);
+        assert_eq!(routed_to(&p2), ["n2"]);
+        assert!(conflict_warned(&p2), "{:?}", p2.warnings);
+        // `kubectl delete node n2`: h-dup is alone, but its claim stays disputed.
+        let p3 = next(&local, &[local.clone(), h_dup.clone()], &p2);
+        assert!(routed_to(&p3).is_empty(), "{:?}", p3.peers);
+        assert!(conflict_warned(&p3));
+        // n2 re-created from its JSON, now younger than h-dup: it gets its CIDR back.
+        let mut n2_again = n2.clone();
+        n2_again.created = at(1_700_000_200);
+        let p4 = next(&local, &[local.clone(), h_dup.clone(), n2_again.clone()], &p3);
+        assert_eq!(routed_to(&p4), ["n2"]);
+        assert!(conflict_warned(&p4));
+        // n2's podCIDRs patched to garbage: it keeps nothing new, and h-dup still gets nothing.
+        let mut n2_garbage = n2_again.clone();
+        n2_garbage.pod_cidrs = vec![];
+        let p5 = next(&local, &[local.clone(), h_dup.clone(), n2_garbage], &p4);
+        assert!(routed_to(&p5).is_empty());
+        assert!(conflict_warned(&p5));
+        // The conflict ends when h-dup stops claiming: the warnings stop, n2 is routed again.
+        let mut h_fixed = h_dup.clone();
+        h_fixed.pod_cidrs = vec![net("10.244.9.0/24")];
+        let p6 = next(&local, &[local.clone(), h_fixed, n2_again], &p5);
+        assert_eq!(routed_to(&p6), ["n2"]);
+        assert!(!conflict_warned(&p6) && p6.disputes.is_empty(), "{:?}", p6.warnings);
+        assert_eq!(p6.peers["h-dup"][0].cidr, net("10.244.9.0/24"));
+    }
+
+    #[test]
+    fn two_claimants_that_never_held_it_both_wait_and_what_is_installed_stays() {
+        let local = info("n1", &["10.0.0.1"], &["10.244.1.0/24"]);
+        let a = info("a", &["10.0.0.2"], &["10.244.2.0/24"]);
+        let b = info("b", &["10.0.0.3"], &["10.244.2.0/25"]);
+        let plan = next(&local, &[local.clone(), a, b], &RoutingPlan::default());
+        assert!(plan.peers.is_empty());
+        assert_eq!(plan.retained, vec![net("10.244.2.0/24"), net("10.244.2.0/25")]);
+        assert_eq!(
+            plan.warnings
+                .iter()
+                .filter(|w| w.kind == WarningKind::PodCidrConflict)
+                .count(),
+            2
+        );
+    }
+
+    #[test]
+    fn peers_with_impossible_addresses_are_refused_with_warnings() {
+        let local = info("n1", &["10.200.0.11"], &["10.244.1.0/24"]);
+        let nodes = vec![
+            local.clone(),
+            info("n2", &["10.200.0.12"], &["10.244.2.0/24"]),
+            // This node's own address, another of its addresses, a pod's address, an address
+            // inside the cluster CIDRs, and n2's address.
+            info("mine", &["10.200.0.11"], &["10.244.40.0/24"]),
+            info("my-other", &["192.168.50.1"], &["10.244.41.0/24"]),
+            info("in-pods", &["10.244.2.17"], &["10.244.42.0/24"]),
+            info("in-cluster", &["10.250.0.1"], &["10.244.43.0/24"]),
+            info("copies-n2", &["10.200.0.12"], &["10.244.44.0/24"]),
+        ];
+        let local_addresses = [ip("10.200.0.11"), ip("192.168.50.1")];
+        let cluster = [net("10.244.0.0/16"), net("10.250.0.0/16")];
+        let empty = RoutingPlan::default();
+        for mode in [RoutingMode::Native, RoutingMode::Vxlan] {
+            let inputs = RoutingInputs {
+                mode,
+                connected: &[],
+                local_addresses: &local_addresses,
+                cluster_cidrs: &cluster,
+                previous: &empty,
+            };
+            let first = plan_routes(&local, &nodes[..2], inputs);
+            let plan = plan_routes(
+                &local,
+                &nodes,
+                RoutingInputs {
+                    previous: &first,
+                    ..inputs
+                },
+            );
+            assert_eq!(plan.peers.keys().collect::<Vec<_>>(), ["n2"], "{mode:?}: {plan:?}");
+            assert!(plan.retained.is_empty(), "{mode:?}: {:?}", plan.retained);
+            let warned: Vec<&str> = plan
+                .warnings
+                .iter()
+                .filter(|w| w.kind == WarningKind::ImpossiblePeerAddress)
+                .map(|w| w.message.as_str())
+                .collect();
+            assert_eq!(warned.len(), 5, "{mode:?}: {warned:?}");
+            for name in ["mine", "my-other", "in-pods", "in-cluster", "copies-n2"] {
+                assert!(
+                    warned.iter().any(|m| m.starts_with(&format!("node {name}:"))),
+                    "{mode:?}: no warning for {name}: {warned:?}"
+                );
+            }
+            assert!(plan.routes().all(|r| match r.via {
+                Via::Native { gateway } => gateway == ip("10.200.0.12"),
+                Via::Vxlan { vtep, .. } => vtep == ip("10.200.0.12"),
+            }));
+        }
     }
 
     #[test]
@@ -630,7 +1057,7 @@ mod tests {
             info("b", &["10.0.0.2", "fd01::2"], &["10.244.1.0/24", "fd00::/64"]),
             info("evil", &["10.0.0.3"], &["0.0.0.0/0"]),
         ];
-        let plan = plan_routes(&a, &nodes, RoutingMode::Native, &[]);
+        let plan = first_pass(&a, &nodes, RoutingMode::Native, &[]);
         // The hostile /0 does not make it into the masquerade set.
         assert_eq!(
             cluster_cidrs(&[], &a, &plan),

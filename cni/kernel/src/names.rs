@@ -41,15 +41,45 @@ impl HostVeth {
         }
     }
 
-    /// The alias stamped on the host veth. GC recognises the network's veths by its prefix.
+    /// The alias stamped on the host veth, `ferrynet/<network>/<container ID>/<ifname>`. GC
+    /// recognises the network's veths by its prefix, DEL its own veth by the whole alias.
+    ///
+    /// The spec bounds neither network names nor container IDs, the kernel bounds aliases: a part
+    /// that would make the alias too long is replaced by a digest of it. That keeps the alias
+    /// deterministic (DEL and GC compute the same one) and distinct per attachment.
     pub fn alias(network: &str, container_id: &str, ifname: &str) -> String {
-        let alias = format!("{}{container_id}/{ifname}", Self::alias_prefix(network));
-        alias.chars().take(255).collect()
+        let prefix = Self::alias_prefix(network);
+        let alias = format!("{prefix}{container_id}/{ifname}");
+        if alias.len() <= MAX_ALIAS_LEN {
+            alias
+        } else {
+            format!("{prefix}{}/{ifname}", digest_name(container_id))
+        }
     }
 
     pub fn alias_prefix(network: &str) -> String {
-        format!("ferrynet/{network}/")
+        if network.len() <= MAX_ALIAS_NETWORK_LEN {
+            format!("ferrynet/{network}/")
+        } else {
+            format!("ferrynet/{}/", digest_name(network))
+        }
     }
+}
+
+/// The longest alias the kernel takes: it keeps 255 bytes, and the NUL that netlink sends after
+/// the string counts against them.
+pub const MAX_ALIAS_LEN: usize = 254;
+/// Network names longer than this appear in aliases as a digest (so a prefix never fills the
+/// alias by itself).
+const MAX_ALIAS_NETWORK_LEN: usize = 128;
+
+/// `sha256-` and the first 128 bits of the name's SHA-256, in hex.
+fn digest_name(name: &str) -> String {
+    let digest = Sha256::digest(name.as_bytes());
+    format!(
+        "sha256-{}",
+        digest[..16].iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {
@@ -75,9 +105,28 @@ mod tests {
     }
 
     #[test]
-    fn alias_fits_the_kernel_limit() {
-        let long = "c".repeat(250);
-        assert!(HostVeth::alias("net", &long, "eth0").len() <= 255);
-        assert!(HostVeth::alias("net", &long, "eth0").starts_with("ferrynet/net/"));
+    fn alias_fits_the_kernel_limit_and_stays_distinct() {
+        let short = HostVeth::alias("net", "abc", "eth0");
+        assert_eq!(short, "ferrynet/net/abc/eth0");
+        for (network, cid) in [
+            ("net".to_string(), "c".repeat(238)),
+            ("net".to_string(), "c".repeat(10_000)),
+            ("n".repeat(176), "c".repeat(64)),
+            ("n".repeat(5_000), "c".repeat(5_000)),
+        ] {
+            let alias = HostVeth::alias(&network, &cid, "fifteen-chars-x");
+            assert!(alias.len() <= MAX_ALIAS_LEN, "{} bytes", alias.len());
+            assert!(alias.starts_with(&HostVeth::alias_prefix(&network)));
+            assert!(alias.ends_with("/fifteen-chars-x"));
+            let other = HostVeth::alias(&network, &format!("{cid}d"), "fifteen-chars-x");
+            assert_ne!(alias, other, "two containers, one alias");
+            assert_eq!(alias, HostVeth::alias(&network, &cid, "fifteen-chars-x"));
+        }
+        // A long network name is digested in the prefix too, so GC's prefix still tells networks
+        // apart.
+        assert_ne!(
+            HostVeth::alias_prefix(&"n".repeat(300)),
+            HostVeth::alias_prefix(&"m".repeat(300))
+        );
     }
 }

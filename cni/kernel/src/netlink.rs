@@ -60,6 +60,20 @@ impl NetlinkError {
 
 pub type Result<T> = std::result::Result<T, NetlinkError>;
 
+/// The most changes [`Netlink::apply_each`] sends in one datagram.
+pub const MAX_BATCH: usize = 64;
+
+/// Names a batch of operations for an error message: the first few and a count, so that a
+/// failure of a large batch never turns into a huge message.
+fn summarize_ops(ops: &[String]) -> String {
+    const SHOWN: usize = 3;
+    let head = ops.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    match ops.len().saturating_sub(SHOWN) {
+        0 => head,
+        more => format!("{head} and {more} more"),
+    }
+}
+
 /// What a host-side veth and its pod-side peer look like at creation.
 #[derive(Debug, Clone)]
 pub struct VethSpec<'a> {
@@ -218,10 +232,22 @@ impl Netlink {
 
     /// Like [`Netlink::apply_all`], but returns every change's own result (the outer error is a
     /// failure of the socket itself).
+    ///
+    /// Changes go in datagrams of at most [`MAX_BATCH`] messages: every acknowledgement occupies
+    /// the socket's receive buffer until it is read, and a few hundred at once overflow it
+    /// (ENOBUFS), losing acknowledgements.
     pub fn apply_each(&mut self, changes: Vec<NetlinkRequest>) -> Result<Vec<Result<()>>> {
-        if changes.is_empty() {
-            return Ok(Vec::new());
+        let mut results = Vec::with_capacity(changes.len());
+        let mut changes = changes.into_iter().peekable();
+        while changes.peek().is_some() {
+            let batch: Vec<NetlinkRequest> = changes.by_ref().take(MAX_BATCH).collect();
+            results.extend(self.apply_batch(batch)?);
         }
+        Ok(results)
+    }
+
+    /// One datagram of changes, and their acknowledgements.
+    fn apply_batch(&mut self, changes: Vec<NetlinkRequest>) -> Result<Vec<Result<()>>> {
         let first_sequence = self.sequence.wrapping_add(1);
         let mut ops = Vec::with_capacity(changes.len());
         let mut out = Vec::new();
@@ -237,7 +263,7 @@ impl Netlink {
             packet.serialize(&mut out[at..]);
             ops.push(change.op);
         }
-        let batch_op = || ops.join(", ");
+        let batch_op = || summarize_ops(&ops);
         self.socket
             .send(&out, 0)
             .map_err(|e| NetlinkError::new(batch_op(), e))?;
@@ -872,5 +898,21 @@ pub mod inspect {
 
     pub fn neighbour_flags(n: &NeighbourMessage) -> NeighbourFlags {
         n.header.flags
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_batch_is_named_by_its_first_operations_and_a_count() {
+        let ops: Vec<String> = (0..10_000).map(|i| format!("replace route {i}")).collect();
+        let summary = summarize_ops(&ops);
+        assert_eq!(
+            summary,
+            "replace route 0, replace route 1, replace route 2 and 9997 more"
+        );
+        assert_eq!(summarize_ops(&ops[..2]), "replace route 0, replace route 1");
     }
 }

@@ -14,7 +14,7 @@ use ferrynet_cni_protocol::{
     AttachmentKey, CniError, CniPlugin, Command, Invocation, codes,
     rscni_types::types::{CNIResult, Interface, IpConfig, Route},
 };
-use ferrynet_ipam::cni_commands;
+use ferrynet_ipam::{AttachmentLock, Store, cni_commands};
 use ferrynet_kernel::{
     ids::{LOOPBACK_IFINDEX, MAIN_TABLE, ROUTE_PROTOCOL_POD},
     names::{self, GATEWAY_V4, GATEWAY_V6, HostVeth},
@@ -28,6 +28,10 @@ use crate::config::{IpamBackend, PluginConfig};
 
 /// The `ferrynet` plugin: routed L3, one veth pair per pod.
 pub struct RoutedVethPlugin;
+
+/// Where the operation locks of attachments live when another plugin manages addresses (with
+/// ferrynet's IPAM they live in its store). Under /run: they mean nothing after a reboot.
+pub const DELEGATED_LOCK_DIR: &str = "/run/ferrynet/attachments";
 
 /// The host veth of an attachment.
 pub fn host_veth(key: &AttachmentKey) -> HostVeth {
@@ -134,6 +138,16 @@ impl IpamBackend {
         }
     }
 
+    /// Takes the attachment's operation lock (see `Store::lock_attachment`): in the store with
+    /// our own IPAM, under [`DELEGATED_LOCK_DIR`] otherwise.
+    fn lock_attachment(&self, network: &str, key: &AttachmentKey) -> Result<AttachmentLock, CniError> {
+        let store = match self {
+            Self::Own(config) => Store::open(&config.data_dir, network)?.with_lock_timeout(config.lock_timeout),
+            Self::Delegated(_) => Store::open(std::path::Path::new(DELEGATED_LOCK_DIR), network)?,
+        };
+        Ok(store.lock_attachment(key)?)
+    }
+
     fn has_ipv6(&self) -> bool {
         match self {
             Self::Own(config) => config.range_sets.iter().any(|s| !s.is_ipv4()),
@@ -147,6 +161,9 @@ impl CniPlugin for RoutedVethPlugin {
         let config = PluginConfig::from_invocation(inv)?;
         let key = inv.key()?;
         let pod_netns = open_pod_netns(inv)?;
+        // Held to the end: no DEL of this attachment runs until the pod is fully wired or fully
+        // rolled back.
+        let _operation = config.ipam.lock_attachment(&config.network, &key)?;
         let mut host = Netlink::current().map_err(|e| kernel_io("netlink socket", e))?;
         let mut pod =
             Netlink::in_netns(pod_netns.as_fd()).map_err(|e| kernel_io("netlink socket in the pod netns", e))?;
@@ -195,6 +212,22 @@ impl CniPlugin for RoutedVethPlugin {
         let key = inv.key()?;
         let veth = host_veth(&key);
         let mut errors = Vec::new();
+        let config = PluginConfig::from_invocation(inv);
+        // Waits for an ADD of this attachment that is still running (its rollback or its last
+        // route), so that what this DEL removes is everything that ADD made.
+        let operation = match &config {
+            Ok(config) => match config.ipam.lock_attachment(&config.network, &key) {
+                Ok(lock) => Some(lock),
+                // Busy: the runtime retries later, and then finds the ADD finished.
+                Err(e) if e.code == codes::TRY_AGAIN_LATER => return Err(e),
+                // Anything else (an unsafe store) is reported, after removing what can be.
+                Err(e) => {
+                    errors.push(e);
+                    None
+                }
+            },
+            Err(_) => None,
+        };
         // The host veth goes first (its peer and the host routes go with it), so an address is
         // never free while something still routes to it. This needs no netns and no prevResult.
         match Netlink::current() {
@@ -205,7 +238,7 @@ impl CniPlugin for RoutedVethPlugin {
             }
             Err(e) => errors.push(kernel_io("netlink socket", e)),
         }
-        match PluginConfig::from_invocation(inv) {
+        match config {
             Ok(config) => {
                 if let Some(pins) = &config.datapath_pins {
                     crate::pod_datapath::forget(pins, &veth.name);
@@ -215,6 +248,14 @@ impl CniPlugin for RoutedVethPlugin {
                 }
             }
             Err(e) => errors.push(e),
+        }
+        // The lock file goes only when everything else did: a DEL that is retried must still
+        // exclude a concurrent ADD.
+        if errors.is_empty()
+            && let Some(operation) = operation
+            && let Err(e) = operation.remove()
+        {
+            errors.push(e.into());
         }
         combine(errors)
     }
@@ -227,6 +268,7 @@ impl CniPlugin for RoutedVethPlugin {
             .prev_result
             .as_ref()
             .ok_or_else(|| CniError::invalid_config("CHECK needs prevResult"))?;
+        let _operation = config.ipam.lock_attachment(&config.network, &key)?;
         match &config.ipam {
             IpamBackend::Own(ipam) => {
                 cni_commands::check(inv, ipam)?;
@@ -369,7 +411,9 @@ impl CniPlugin for RoutedVethPlugin {
                 // name every veth a killed ADD can have left, alias or not. Those veths go first,
                 // under the store lock, so no address is free while something still routes to it.
                 let mut store = cni_commands::lock_store(inv, ipam)?;
-                for attachment in store.attachments()? {
+                // Unreadable records are skipped here: their veths still go (below, by alias),
+                // and `gc` removes their records or reports them.
+                for attachment in store.attachments_lenient()? {
                     let key = attachment.key()?;
                     // The record names the veth; its alias must agree (as for DEL), so that a
                     // name collision never costs another network's pod its veth.
@@ -379,7 +423,18 @@ impl CniPlugin for RoutedVethPlugin {
                         errors.push(kernel(e));
                     }
                 }
-                store.gc(|key| keep.contains(key))?;
+                let report = store.gc(|key| keep.contains(key))?;
+                if !report.corrupt.is_empty() {
+                    let paths: Vec<String> = report.corrupt.iter().map(|p| p.display().to_string()).collect();
+                    errors.push(CniError::new(
+                        codes::STORE,
+                        "IPAM store failure",
+                        format!(
+                            "released what was not listed, but kept unreadable records of listed attachments (repair or remove them): {}",
+                            paths.join(", ")
+                        ),
+                    ));
+                }
             }
             IpamBackend::Delegated(kind) => {
                 if let Err(e) = inv.delegate(kind, Command::Gc) {

@@ -24,6 +24,11 @@ impl CniArgs {
             let (k, v) = part
                 .split_once('=')
                 .ok_or_else(|| CniError::invalid_env(format!("CNI_ARGS entry {part:?} is not KEY=VALUE")))?;
+            // A key given twice is ambiguous (which IP= or pod name is meant?): refuse it rather
+            // than silently take one.
+            if pairs.iter().any(|(seen, _): &(String, String)| seen == k) {
+                return Err(CniError::invalid_env(format!("CNI_ARGS gives {k:?} more than once")));
+            }
             pairs.push((k.to_string(), v.to_string()));
         }
         let args = Self { pairs };
@@ -52,5 +57,33 @@ impl CniArgs {
 
     pub fn pod_name(&self) -> Option<&str> {
         self.get("K8S_POD_NAME").filter(|v| !v.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_are_read_and_unknown_keys_need_ignore_unknown() {
+        let args = CniArgs::parse("K8S_POD_NAMESPACE=default;K8S_POD_NAME=web;IP=10.0.0.5").unwrap();
+        assert_eq!(args.pod_namespace(), Some("default"));
+        assert_eq!(args.get("IP"), Some("10.0.0.5"));
+        assert!(CniArgs::parse("FOO=1").is_err());
+        assert_eq!(CniArgs::parse("IgnoreUnknown=1;FOO=1").unwrap().get("FOO"), Some("1"));
+        assert!(CniArgs::parse("novalue").is_err());
+    }
+
+    #[test]
+    fn a_key_given_twice_is_an_error() {
+        for raw in [
+            "IP=10.0.0.5;IP=10.0.0.6",
+            "K8S_POD_NAME=a;K8S_POD_NAME=a",
+            "IgnoreUnknown=1;X=1;X=2",
+        ] {
+            let err = CniArgs::parse(raw).unwrap_err();
+            assert_eq!(err.code, crate::codes::INVALID_ENV, "{raw}");
+            assert!(err.details.contains("more than once"), "{raw}: {}", err.details);
+        }
     }
 }

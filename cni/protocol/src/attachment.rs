@@ -34,7 +34,9 @@ impl AttachmentKey {
             && ifname.len() <= 15
             && ifname != "."
             && ifname != ".."
-            && !ifname.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
+            && !ifname
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
         if !if_ok {
             return Err(InvalidAttachmentKey(format!("interface name {ifname:?} is not valid")));
         }
@@ -56,5 +58,33 @@ impl AttachmentKey {
 impl std::fmt::Display for AttachmentKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.container_id, self.ifname)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names_follow_the_kernels_rules_and_carry_no_control_characters() {
+        for ok in ["eth0", "net1", "a", "x-y_z.1", "fifteen-chars-x"] {
+            AttachmentKey::new("c1", ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "sixteen-chars-xx",
+            "a/b",
+            "a:b",
+            "a b",
+            "a\tb",
+            "eth0\n",
+            "eth\u{1b}[31m",
+            "e\u{7f}",
+            "\u{0}",
+        ] {
+            assert!(AttachmentKey::new("c1", bad).is_err(), "{bad:?} was accepted");
+        }
     }
 }

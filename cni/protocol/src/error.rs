@@ -82,6 +82,8 @@ impl CniError {
         )
     }
 
+    /// The error as the spec's JSON. `details` is cut to [`MAX_DETAILS_LEN`] bytes (on a
+    /// character boundary, marked): a runtime logs it, and no failure should flood a log.
     pub fn to_json(&self, version: SpecVersion) -> String {
         #[derive(Serialize)]
         #[serde(rename_all = "camelCase")]
@@ -95,14 +97,50 @@ impl CniError {
             cni_version: version.to_string(),
             code: self.code,
             msg: &self.msg,
-            details: &self.details,
+            details: &bounded_details(&self.details),
         })
         .expect("error serialises")
     }
 }
 
+/// The most bytes of `details` an error prints.
+pub const MAX_DETAILS_LEN: usize = 4096;
+
+fn bounded_details(details: &str) -> std::borrow::Cow<'_, str> {
+    if details.len() <= MAX_DETAILS_LEN {
+        return details.into();
+    }
+    let mut cut = MAX_DETAILS_LEN;
+    while !details.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}... ({} more bytes)", &details[..cut], details.len() - cut).into()
+}
+
 impl std::fmt::Display for CniError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} (code {}): {}", self.msg, self.code, self.details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn details_are_bounded_on_a_character_boundary() {
+        let long = "é".repeat(10_000);
+        let json: serde_json::Value =
+            serde_json::from_str(&CniError::kernel(long).to_json(crate::version::CURRENT_VERSION)).unwrap();
+        let details = json["details"].as_str().unwrap();
+        assert!(details.len() <= MAX_DETAILS_LEN + 40, "{}", details.len());
+        assert!(
+            details.ends_with("(15904 more bytes)"),
+            "{}",
+            &details[details.len() - 30..]
+        );
+        let short: serde_json::Value =
+            serde_json::from_str(&CniError::kernel("short").to_json(crate::version::CURRENT_VERSION)).unwrap();
+        assert_eq!(short["details"], "short");
     }
 }

@@ -24,6 +24,6 @@ pub mod version;
 pub use args::CniArgs;
 pub use attachment::{AttachmentKey, InvalidAttachmentKey, is_valid_name};
 pub use dispatch::{CniPlugin, dispatch, main};
-pub use error::{CniError, codes};
+pub use error::{CniError, MAX_DETAILS_LEN, codes};
 pub use invocation::{Command, Environment, Invocation, ProcessEnv, run_plugin};
 pub use rscni_types;
