@@ -77,6 +77,15 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
 
     let status = StatusHandle::new(&cfg.node_name);
+    // Who held which PodCIDR, as the last run recorded it: a PodCIDR conflict that began before
+    // this restart is still decided for the node that held it then.
+    if let Ok(last) = crate::status::read(&cfg.state_dir) {
+        let held = last.node_networking.details;
+        status.update(|s| {
+            s.node_networking.details.peers = held.peers;
+            s.node_networking.details.disputes = held.disputes;
+        });
+    }
     let writer = tokio::spawn(status.clone().write_changes(cfg.state_dir.clone()));
     let client = watch::client(cfg.kubeconfig.as_ref()).await?;
     let service_client = client.clone();

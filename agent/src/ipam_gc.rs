@@ -65,6 +65,9 @@ pub fn collect(data_dir: &std::path::Path, network: &str, grace: Duration) -> Re
             keep.insert(key);
         }
     }
+    // A record that cannot be read may be a live pod's: kept (and reported), never released on
+    // a guess.
+    keep.extend(locked.unreadable_records()?.into_iter().filter_map(|(_, key)| key));
     let report = locked.gc(|key| keep.contains(key))?;
     Ok(Collection {
         released: report.released,

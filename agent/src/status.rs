@@ -60,6 +60,10 @@ pub struct NodeNetworkingDetails {
     pub vxlan: Option<LocalVtep>,
     /// The cluster CIDRs masqueraded on egress, when masquerade is on.
     pub masquerade: Option<Vec<IpNet>>,
+    /// Claims refused because another node held what they claim (see `topology::Dispute`).
+    /// With `peers`, what the next pass decides conflicts by, also after a restart.
+    #[serde(default)]
+    pub disputes: Vec<crate::node::topology::Dispute>,
     /// Changes the last pass that changed anything made, by kind.
     pub last_changes: NodeNetworkingCounts,
 }

@@ -72,9 +72,9 @@ pub fn verify_private_dir(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Checks the directory the stores live in: an existing one that everyone may write without the
-/// sticky bit would let anyone replace a store directory. (Being a symlink is fine here: the data
-/// dir is the operator's choice.)
+/// Checks the directory the stores live in: an existing one that group or others may write
+/// without the sticky bit would let them replace a store directory. (Being a symlink is fine
+/// here: the data dir is the operator's choice.)
 pub fn verify_data_dir(path: &Path) -> Result<()> {
     let meta = match std::fs::metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -87,11 +87,11 @@ pub fn verify_data_dir(path: &Path) -> Result<()> {
         });
     }
     let mode = meta.mode();
-    if mode & 0o002 != 0 && mode & libc::S_ISVTX == 0 {
+    if mode & 0o022 != 0 && mode & libc::S_ISVTX == 0 {
         return Err(IpamError::UnsafeStore {
             path: path.into(),
             reason: format!(
-                "is writable by everyone without the sticky bit (mode {:04o})",
+                "is writable by group or others without the sticky bit (mode {:04o})",
                 mode & 0o7777
             ),
         });
@@ -369,8 +369,10 @@ mod tests {
         );
         let world = dir.path().join("world");
         std::fs::create_dir(&world).unwrap();
-        std::fs::set_permissions(&world, Permissions::from_mode(0o777)).unwrap();
-        assert!(verify_data_dir(&world).is_err());
+        for loose in [0o777, 0o775] {
+            std::fs::set_permissions(&world, Permissions::from_mode(loose)).unwrap();
+            assert!(verify_data_dir(&world).is_err(), "{loose:o}");
+        }
         std::fs::set_permissions(&world, Permissions::from_mode(0o1777)).unwrap();
         verify_data_dir(&world).unwrap();
     }

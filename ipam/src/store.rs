@@ -322,6 +322,20 @@ impl LockedStore {
         Ok(self.read_all_lenient()?.into_iter().filter_map(|(_, a)| a).collect())
     }
 
+    /// The records that cannot be read, with the attachment each file name says it belongs to
+    /// (none for a digest name).
+    pub fn unreadable_records(&self) -> Result<Vec<(PathBuf, Option<AttachmentKey>)>> {
+        Ok(self
+            .read_all_lenient()?
+            .into_iter()
+            .filter(|(_, a)| a.is_none())
+            .map(|(path, _)| {
+                let key = path.file_name().and_then(|n| n.to_str()).and_then(key_of_file_name);
+                (path, key)
+            })
+            .collect())
+    }
+
     /// Allocates one address from every range set for `key`. A repeated call for the same key
     /// returns the existing allocation, with its time refreshed: a repeated ADD is about to
     /// replace the attachment's veth, and until it has, the record must look as young as a new
@@ -517,6 +531,10 @@ impl LockedStore {
     /// Removes the in-flight lock files of attachments that have no record, skipping any that an
     /// operation holds right now: what DELs that were killed (or never came) left behind.
     fn remove_idle_inflight_locks(&self) -> Result<()> {
+        match std::fs::symlink_metadata(&self.inflight_dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            _ => fsutil::verify_private_dir(&self.inflight_dir)?,
+        }
         let entries = match std::fs::read_dir(&self.inflight_dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),

@@ -83,8 +83,15 @@ pub async fn run(
 ) -> Result<(), NodeNetworkingError> {
     let mut resync = tokio::time::interval(cfg.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Who held which PodCIDR and address in the last pass: conflicts are decided by it.
-    let mut previous = Arc::new(topology::RoutingPlan::default());
+    // Who held which PodCIDR and address in the last pass: conflicts are decided by it. A
+    // restarted controller (or agent: `agent::run` seeds the status from the file the last run
+    // wrote) starts from what the last pass recorded.
+    let recorded = status.snapshot().node_networking.details;
+    let mut previous = Arc::new(topology::RoutingPlan {
+        peers: recorded.peers,
+        disputes: recorded.disputes,
+        ..Default::default()
+    });
     loop {
         let view = nodes.borrow_and_update().clone();
         if view.synced {
@@ -254,6 +261,7 @@ fn pass(cfg: &NodeNetworkingConfig, view: &NodesView, previous: &topology::Routi
     out.ready = out.errors.is_empty();
     out.details.uplink = Some(uplink);
     out.details.peers = plan.peers.clone();
+    out.details.disputes = plan.disputes.clone();
     out.details.vxlan = plan.vxlan.clone();
     out.details.masquerade = masquerade;
     out.details.last_changes = counts;

@@ -273,11 +273,13 @@ pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], inputs: RoutingInputs<'
             ));
             continue;
         }
-        let addresses = match peer_addresses(peer, &claims, &peers, inputs, &mut plan) {
+        let addresses = match peer_addresses(peer, &local.name, &claims, &peers, inputs, &mut plan) {
             PeerAddresses::Usable(addresses) => addresses,
             PeerAddresses::Refused => continue,
             PeerAddresses::Contested => {
-                plan.retained.extend(&peer.pod_cidrs);
+                // Only CIDRs that could be routed at all: a hostile /0 is never kept.
+                plan.retained
+                    .extend(claims.get(peer.name.as_str()).into_iter().flatten());
                 continue;
             }
         };
@@ -300,6 +302,40 @@ pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], inputs: RoutingInputs<'
                     ),
                 ));
                 continue;
+            }
+            // A PodCIDR that contains another node's address: the address's claim stands if the
+            // previous pass routed through it; the CIDR's if the previous pass routed it; with
+            // neither, what is installed is kept.
+            if let Some(other) = nodes
+                .iter()
+                .find(|n| n.name != peer.name && n.internal_ips.iter().any(|ip| cidr.contains(ip)))
+            {
+                let address = other
+                    .internal_ips
+                    .iter()
+                    .copied()
+                    .find(|ip| cidr.contains(ip))
+                    .expect("found");
+                let address_held = other.name == local.name || held_address(previous, &other.name, address);
+                if address_held || !held_cidr(previous, &peer.name, cidr) {
+                    plan.warnings.push(Warning::new(
+                        WarningKind::UnroutablePodCidr,
+                        format!(
+                            "node {}: podCIDR {cidr} contains node {}'s address {address}; {}",
+                            peer.name,
+                            other.name,
+                            if address_held {
+                                "no route"
+                            } else {
+                                "keeping what is installed"
+                            }
+                        ),
+                    ));
+                    if !address_held {
+                        plan.retained.push(*cidr);
+                    }
+                    continue;
+                }
             }
             match contest(peer, *cidr, &peers, &claims, previous) {
                 Contest::Uncontested => {}
@@ -390,6 +426,10 @@ pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], inputs: RoutingInputs<'
             plan.peers.insert(peer.name.clone(), routes);
         }
     }
+    // What is kept may go through the VXLAN device: keep the device too.
+    if mode != RoutingMode::Native && !plan.retained.is_empty() {
+        uses_vxlan = true;
+    }
     plan.retained.sort();
     plan.retained.dedup();
     plan.disputes.sort();
@@ -418,6 +458,24 @@ pub fn plan_routes(local: &NodeInfo, nodes: &[NodeInfo], inputs: RoutingInputs<'
 
 fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Whether the previous pass routed a CIDR overlapping `cidr` to node `name`.
+fn held_cidr(previous: &RoutingPlan, name: &str, cidr: &IpNet) -> bool {
+    previous
+        .peers
+        .get(name)
+        .is_some_and(|routes| routes.iter().any(|r| overlaps(&r.cidr, cidr)))
+}
+
+/// Whether the previous pass routed to node `name` through its address `ip`.
+fn held_address(previous: &RoutingPlan, name: &str, ip: IpAddr) -> bool {
+    previous.peers.get(name).is_some_and(|routes| {
+        routes.iter().any(|r| match r.via {
+            Via::Native { gateway } => gateway == ip,
+            Via::Vxlan { vtep, .. } => vtep == ip,
+        })
+    })
 }
 
 /// Who else claims `cidr`, and who wins.
@@ -497,20 +555,14 @@ enum PeerAddresses {
 /// through it to this peer).
 fn peer_addresses(
     peer: &NodeInfo,
+    local_name: &str,
     claims: &BTreeMap<&str, Vec<IpNet>>,
     peers: &[&NodeInfo],
     inputs: RoutingInputs<'_>,
     plan: &mut RoutingPlan,
 ) -> PeerAddresses {
     let previous = inputs.previous;
-    let routed_via = |name: &str, ip: IpAddr| {
-        previous.peers.get(name).is_some_and(|routes| {
-            routes.iter().any(|r| match r.via {
-                Via::Native { gateway } => gateway == ip,
-                Via::Vxlan { vtep, .. } => vtep == ip,
-            })
-        })
-    };
+    let routed_via = |name: &str, ip: IpAddr| held_address(previous, name, ip);
     let mut usable = Vec::new();
     let mut contested = false;
     for &ip in &peer.internal_ips {
@@ -524,18 +576,42 @@ fn peer_addresses(
             refuse("is this node's own address".into(), plan);
             continue;
         }
-        if let Some((owner, _)) = claims.iter().find(|(_, cidrs)| cidrs.iter().any(|c| c.contains(&ip))) {
-            refuse(format!("is inside node {owner}'s podCIDR"), plan);
-            continue;
-        }
         if let Some(cidr) = inputs.cluster_cidrs.iter().find(|c| c.contains(&ip)) {
             refuse(format!("is inside the cluster CIDR {cidr}"), plan);
             continue;
         }
+        // Inside another node's PodCIDR: one of the two claims is wrong. This node's own CIDRs
+        // are certain; between peers, the claim the previous pass used stands, and when it used
+        // neither, neither is used (the CIDR's side is decided in `plan_routes`).
+        let mut inside = claims
+            .iter()
+            .filter(|(owner, _)| **owner != peer.name)
+            .filter_map(|(owner, cidrs)| cidrs.iter().find(|c| c.contains(&ip)).map(|c| (*owner, c)));
+        if let Some((owner, cidr)) = inside.next() {
+            let cidr_held = owner == local_name || held_cidr(previous, owner, cidr);
+            if cidr_held {
+                refuse(format!("is inside node {owner}'s podCIDR {cidr}"), plan);
+                continue;
+            }
+            if !routed_via(&peer.name, ip) {
+                plan.warnings.push(Warning::new(
+                    WarningKind::ImpossiblePeerAddress,
+                    format!(
+                        "node {}: InternalIP {ip} is inside node {owner}'s podCIDR {cidr}, and neither was routed before; keeping what is installed",
+                        peer.name
+                    ),
+                ));
+                contested = true;
+                continue;
+            }
+        }
+        // An address dispute lasts while its holder still has the address: a machine that got a
+        // dead node's address is not refused forever.
+        let holds = |name: &str| peers.iter().any(|n| n.name == name && n.internal_ips.contains(&ip));
         let standing = previous
             .disputes
             .iter()
-            .find(|d| d.claimant == peer.name && d.claim == DisputedClaim::Address(ip));
+            .find(|d| d.claimant == peer.name && d.claim == DisputedClaim::Address(ip) && holds(&d.holder));
         let sharers: Vec<&str> = peers
             .iter()
             .filter(|other| other.name != peer.name && other.internal_ips.contains(&ip))
@@ -543,7 +619,7 @@ fn peer_addresses(
                 !previous
                     .disputes
                     .iter()
-                    .any(|d| d.claimant == other.name && d.claim == DisputedClaim::Address(ip))
+                    .any(|d| d.claimant == other.name && d.claim == DisputedClaim::Address(ip) && holds(&d.holder))
             })
             .map(|other| other.name.as_str())
             .collect();
@@ -1044,6 +1120,83 @@ mod tests {
                 Via::Vxlan { vtep, .. } => vtep == ip("10.200.0.12"),
             }));
         }
+    }
+
+    #[test]
+    fn a_hostile_cidr_over_a_peers_address_never_cuts_the_peer_off() {
+        // n2 lives on another subnet (reached through VXLAN); y claims the subnet as its PodCIDR.
+        let local = info("n1", &["10.200.0.11"], &["10.244.1.0/24"]);
+        let n2 = info("n2", &["10.201.0.12"], &["10.244.2.0/24"]);
+        let y = info("y", &["10.200.0.99"], &["10.201.0.0/24"]);
+        let vxlan = |previous: &RoutingPlan, nodes: &[NodeInfo]| {
+            plan_routes(
+                &local,
+                nodes,
+                RoutingInputs {
+                    mode: RoutingMode::Vxlan,
+                    connected: &[net("10.200.0.0/24")],
+                    local_addresses: &local.internal_ips,
+                    cluster_cidrs: &[],
+                    previous,
+                },
+            )
+        };
+        // n2 was routed first: it stays, y's CIDR is refused, pass after pass.
+        let p1 = vxlan(&RoutingPlan::default(), &[local.clone(), n2.clone()]);
+        let p2 = vxlan(&p1, &[local.clone(), n2.clone(), y.clone()]);
+        let p3 = vxlan(&p2, &[local.clone(), n2.clone(), y.clone()]);
+        for plan in [&p2, &p3] {
+            assert_eq!(plan.peers.keys().collect::<Vec<_>>(), ["n2"], "{plan:?}");
+            assert!(plan.retained.is_empty());
+            assert!(
+                plan.warnings
+                    .iter()
+                    .any(|w| w.kind == WarningKind::UnroutablePodCidr && w.message.contains("node y:")),
+                "{:?}",
+                plan.warnings
+            );
+        }
+        // Neither routed before (a fresh node): neither is used, what is installed stays.
+        let fresh = vxlan(&RoutingPlan::default(), &[local.clone(), n2.clone(), y.clone()]);
+        assert!(fresh.peers.is_empty(), "{:?}", fresh.peers);
+        assert_eq!(fresh.retained, vec![net("10.201.0.0/24"), net("10.244.2.0/24")]);
+        let again = vxlan(&fresh, &[local.clone(), n2, y]);
+        assert_eq!(again.peers, fresh.peers);
+        assert_eq!(again.retained, fresh.retained);
+    }
+
+    #[test]
+    fn a_contested_peer_keeps_only_cidrs_that_could_be_routed() {
+        let local = info("n1", &["10.0.0.1"], &["10.244.1.0/24"]);
+        // Two nodes with one address, neither routed before; one also claims a /0.
+        let a = info("a", &["10.0.0.2"], &["10.244.2.0/24"]);
+        let mut b = info("b", &["10.0.0.2"], &["10.244.3.0/24"]);
+        b.pod_cidrs.push(net("::/0"));
+        let plan = first_pass(
+            &local,
+            &[local.clone(), a, b],
+            RoutingMode::Native,
+            &[net("10.0.0.0/24")],
+        );
+        assert!(plan.peers.is_empty());
+        assert_eq!(plan.retained, vec![net("10.244.2.0/24"), net("10.244.3.0/24")]);
+        let masq = cluster_cidrs(&[], &local, &plan);
+        assert!(!masq.iter().any(|c| c.prefix_len() == 0), "{masq:?}");
+    }
+
+    #[test]
+    fn an_address_dispute_ends_when_its_holder_gives_the_address_up() {
+        let local = info("n1", &["10.0.0.1"], &["10.244.1.0/24"]);
+        let old = info("old", &["10.0.0.7"], &["10.244.7.0/24"]);
+        let replacement = info("replacement", &["10.0.0.7"], &["10.244.8.0/24"]);
+        let p1 = next(&local, &[local.clone(), old.clone()], &RoutingPlan::default());
+        let p2 = next(&local, &[local.clone(), old.clone(), replacement.clone()], &p1);
+        assert_eq!(p2.peers.keys().collect::<Vec<_>>(), ["old"]);
+        assert_eq!(p2.disputes.len(), 1, "{:?}", p2.disputes);
+        // The dead node's object is deleted: the replacement gets routed.
+        let p3 = next(&local, &[local.clone(), replacement.clone()], &p2);
+        assert_eq!(p3.peers.keys().collect::<Vec<_>>(), ["replacement"]);
+        assert!(p3.disputes.is_empty());
     }
 
     #[test]

@@ -220,11 +220,9 @@ impl CniPlugin for RoutedVethPlugin {
                 Ok(lock) => Some(lock),
                 // Busy: the runtime retries later, and then finds the ADD finished.
                 Err(e) if e.code == codes::TRY_AGAIN_LATER => return Err(e),
-                // Anything else (an unsafe store) is reported, after removing what can be.
-                Err(e) => {
-                    errors.push(e);
-                    None
-                }
+                // No lock file could be made (a full disk, an unsafe store): DEL still removes
+                // what it can. An unsafe store is reported by the IPAM step below.
+                Err(_) => None,
             },
             Err(_) => None,
         };
@@ -411,10 +409,15 @@ impl CniPlugin for RoutedVethPlugin {
                 // name every veth a killed ADD can have left, alias or not. Those veths go first,
                 // under the store lock, so no address is free while something still routes to it.
                 let mut store = cni_commands::lock_store(inv, ipam)?;
-                // Unreadable records are skipped here: their veths still go (below, by alias),
-                // and `gc` removes their records or reports them.
-                for attachment in store.attachments_lenient()? {
-                    let key = attachment.key()?;
+                // Unreadable records whose file name says whose they are count too: `gc`
+                // removes those that are not listed, and their veths must go first.
+                let unreadable = store.unreadable_records()?.into_iter().filter_map(|(_, key)| key);
+                let readable = store
+                    .attachments_lenient()?
+                    .iter()
+                    .map(|a| a.key())
+                    .collect::<Result<Vec<_>, _>>()?;
+                for key in readable.into_iter().chain(unreadable) {
                     // The record names the veth; its alias must agree (as for DEL), so that a
                     // name collision never costs another network's pod its veth.
                     if !keep.contains(&key)
