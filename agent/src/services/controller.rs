@@ -264,12 +264,14 @@ struct Controller {
     datapath: Datapath,
     maps: ServiceMaps,
     services: HashMap<ServiceRef, Arc<Service>>,
-    /// Slices by Service, then by slice name.
-    slices: HashMap<ServiceRef, BTreeMap<String, Arc<EndpointSlice>>>,
+    /// Slices by Service (a Service has few: a list, where a map would allocate a whole node for
+    /// each Service's one or two).
+    slices: HashMap<ServiceRef, Vec<Arc<EndpointSlice>>>,
     /// Which Service each slice (namespace, name) belongs to.
     slice_owner: HashMap<(String, String), ServiceRef>,
     /// The frontends each Service has in the maps.
-    service_frontends: HashMap<ServiceRef, BTreeSet<Frontend>>,
+    /// (Sorted lists, not sets: a Service has a handful.)
+    service_frontends: HashMap<ServiceRef, Vec<Frontend>>,
     frontend_owner: HashMap<Frontend, ServiceRef>,
     dirty: BTreeSet<ServiceRef>,
     /// The earliest EndpointSlice change not yet in the maps, by Service.
@@ -466,9 +468,7 @@ impl Controller {
                     slice.metadata.name.clone().unwrap_or_default(),
                 );
                 if let Some(owner) = self.slice_owner.remove(&id) {
-                    if let Some(slices) = self.slices.get_mut(&owner) {
-                        slices.remove(&id.1);
-                    }
+                    self.remove_slice(&owner, &id.1);
                     self.note_trigger(&owner, &slice);
                     self.mark(owner);
                 }
@@ -486,19 +486,30 @@ impl Controller {
         if let Some(previous) = self.slice_owner.get(&id).cloned()
             && Some(&previous) != owner.as_ref()
         {
-            if let Some(slices) = self.slices.get_mut(&previous) {
-                slices.remove(&id.1);
-            }
+            self.remove_slice(&previous, &id.1);
             self.mark(previous);
         }
         let owner = owner?;
         self.note_trigger(&owner, &slice);
+        // Labels and annotations have been read (the owner, the change time): the table needs
+        // neither, and each map costs a whole allocation node per slice.
+        let mut slice = slice;
+        slice.metadata.labels = None;
+        slice.metadata.annotations = None;
         self.slice_owner.insert(id.clone(), owner.clone());
-        self.slices
-            .entry(owner.clone())
-            .or_default()
-            .insert(id.1, Arc::new(slice));
+        self.remove_slice(&owner, &id.1);
+        self.slices.entry(owner.clone()).or_default().push(Arc::new(slice));
         Some(owner)
+    }
+
+    /// Forgets the slice called `name` of Service `owner`.
+    fn remove_slice(&mut self, owner: &ServiceRef, name: &str) {
+        if let Some(slices) = self.slices.get_mut(owner) {
+            slices.retain(|s| s.metadata.name.as_deref() != Some(name));
+            if slices.is_empty() {
+                self.slices.remove(owner);
+            }
+        }
     }
 
     fn note_trigger(&mut self, owner: &ServiceRef, slice: &EndpointSlice) {
@@ -523,12 +534,8 @@ impl Controller {
             self.warnings.remove(svc);
             return Vec::new();
         };
-        let slices: Vec<Arc<EndpointSlice>> = self
-            .slices
-            .get(svc)
-            .map(|s| s.values().cloned().collect())
-            .unwrap_or_default();
-        let mut out = table::service_entries(service, &slices, &self.node);
+        let slices: &[Arc<EndpointSlice>] = self.slices.get(svc).map_or(&[], Vec::as_slice);
+        let mut out = table::service_entries(service, slices, &self.node);
         // A frontend another Service holds stays that Service's (the API server never gives one
         // address to two Services; a stand-in or a bug might).
         out.entries.retain(|e| match self.frontend_owner.get(&e.frontend) {
@@ -579,10 +586,10 @@ impl Controller {
             }
             ops = diff::diff(self.maps.frontends(), &desired);
             for entry in &desired {
-                self.service_frontends
-                    .entry(entry.service.clone())
-                    .or_default()
-                    .insert(entry.frontend);
+                let held = self.service_frontends.entry(entry.service.clone()).or_default();
+                if let Err(at) = held.binary_search(&entry.frontend) {
+                    held.insert(at, entry.frontend);
+                }
             }
         } else {
             for svc in &dirty {
@@ -593,7 +600,9 @@ impl Controller {
                 for frontend in &held {
                     self.frontend_owner.remove(frontend);
                 }
-                let now_held: BTreeSet<Frontend> = desired.iter().map(|e| e.frontend).collect();
+                let mut now_held: Vec<Frontend> = desired.iter().map(|e| e.frontend).collect();
+                now_held.sort();
+                now_held.dedup();
                 for frontend in &now_held {
                     self.frontend_owner.insert(*frontend, svc.clone());
                 }
@@ -773,9 +782,26 @@ fn slim_metadata(meta: &mut kube::api::ObjectMeta) {
     meta.generate_name = None;
 }
 
-/// What the agent keeps of a Service: what the service table reads.
+/// What the agent keeps of a Service: what the service table reads. Each label or annotation
+/// map, and the selector, would cost a whole allocation node per Service.
 fn slim_service(mut service: Service) -> Service {
     slim_metadata(&mut service.metadata);
+    service.metadata.annotations = None;
+    if let Some(labels) = service.metadata.labels.as_mut() {
+        labels.retain(|k, _| k == table::SERVICE_PROXY_NAME_LABEL);
+        if labels.is_empty() {
+            service.metadata.labels = None;
+        }
+    }
+    service.status = None;
+    if let Some(spec) = service.spec.as_mut() {
+        spec.selector = None;
+        spec.ip_families = None;
+        spec.ip_family_policy = None;
+        for port in spec.ports.iter_mut().flatten() {
+            port.app_protocol = None;
+        }
+    }
     service
 }
 
