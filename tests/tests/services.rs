@@ -373,6 +373,23 @@ fn internal_traffic_policy_local_service_cidrs_and_services_left_alone() {
     spec.ip_families = None;
     spec.ip_family_policy = None;
     lab.create_service_object(&external).unwrap();
+    // `explain` says why: the policy, the backend it keeps and the one it leaves out.
+    let explained = agent_cli(&lab, "n1", &["explain", &to.to_string()]);
+    let (l1, l2) = (
+        lab.pod("l1").unwrap().ip(true).to_string(),
+        lab.pod("l2").unwrap().ip(true).to_string(),
+    );
+    assert!(explained.contains("is service default/local"), "{explained}");
+    assert!(explained.contains("traffic policy: Local"), "{explained}");
+    let line = |ip: &str| {
+        explained
+            .lines()
+            .find(|l| l.contains(&format!("{ip}:")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(line(&l1).contains("ready"), "{explained}");
+    assert!(line(&l2).contains("excluded"), "{explained}");
     let other_vip = SocketAddr::new(lab.cluster_ip("other", true).unwrap(), 80);
     let listed = services_listing(&lab, "n1");
     assert!(listed.contains(&to.to_string()), "{listed}");
@@ -414,18 +431,18 @@ fn eventually_err(lab: &Lab, part: &str, to: SocketAddr) -> String {
 
 /// `ferrynet-agent services` on `node`, reading the pinned maps.
 fn services_listing(lab: &Lab, node: &str) -> String {
+    agent_cli(lab, node, &["services"])
+}
+
+/// `ferrynet-agent <args>` on `node`, with the node agent's pin path and state dir.
+fn agent_cli(lab: &Lab, node: &str, args: &[&str]) -> String {
     let pins = lab.node_pin_path(node).display().to_string();
     let state = lab.dir().join("nodes").join(node).join("agent").display().to_string();
-    let out = lab
-        .node_ns(node)
-        .unwrap()
-        .command_output(Command::new(binary("ferrynet-agent")).args([
-            "--bpf-pin-path",
-            &pins,
-            "--state-dir",
-            &state,
-            "services",
-        ]));
+    let out = lab.node_ns(node).unwrap().command_output(
+        Command::new(binary("ferrynet-agent"))
+            .args(["--bpf-pin-path", &pins, "--state-dir", &state])
+            .args(args),
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -182,7 +182,9 @@ pub struct PortEntry {
     pub service: ServiceRef,
     /// The service port's name ("" when unnamed).
     pub port_name: String,
-    /// The backends connections are spread over (none: the port is refused).
+    /// The backends connections are spread over (none: the port is refused). In JSON a list
+    /// of `[backend, state]` pairs: an object's keys can only be strings.
+    #[serde(with = "pairs")]
     pub backends: BTreeMap<Backend, BackendState>,
     /// Endpoints that exist but are not picked for new connections (terminating ones while ready
     /// ones exist, or excluded by policy): their established flows go on.
@@ -190,6 +192,26 @@ pub struct PortEntry {
     /// `sessionAffinity: ClientIP`'s timeout.
     pub affinity_timeout_s: Option<u32>,
     pub notes: PortNotes,
+}
+
+/// A map with structured keys, serialised as a list of `[key, value]` pairs.
+mod pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer, K: Serialize, V: Serialize>(
+        map: &BTreeMap<K, V>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, K: Deserialize<'de> + Ord, V: Deserialize<'de>>(
+        deserializer: D,
+    ) -> Result<BTreeMap<K, V>, D::Error> {
+        Ok(Vec::<(K, V)>::deserialize(deserializer)?.into_iter().collect())
+    }
 }
 
 /// How the backends were chosen, for `ferrynet-agent explain`.
@@ -701,6 +723,28 @@ mod tests {
 
     fn addrs(entry: &PortEntry) -> Vec<String> {
         entry.backends.keys().map(ToString::to_string).collect()
+    }
+
+    /// `explain` reads what the controller wrote: every entry must survive the notes file.
+    #[test]
+    fn entries_round_trip_through_the_notes_files() {
+        let svc = service(&["10.96.0.10"], &[("http", 80, "TCP")]);
+        let mut terminating = ep("10.244.1.3", "n1");
+        terminating.ready = Some(false);
+        terminating.serving = Some(true);
+        terminating.terminating = Some(true);
+        let slices = [slice(
+            "a",
+            "IPv4",
+            &[("http", 8080, "TCP")],
+            &[ep("10.244.1.2", "n1"), ep("10.244.2.2", "n2"), terminating],
+        )];
+        let out = service_entries(&svc, &slices, &node("n1", None));
+        let entry = &out.entries[0];
+        assert_eq!(entry.backends.len(), 2);
+        let dir = tempfile::tempdir().unwrap();
+        crate::services::notes::write(dir.path(), 7, entry).expect("notes are written");
+        assert_eq!(crate::services::notes::read(dir.path(), 7).as_ref(), Some(entry));
     }
 
     #[test]
