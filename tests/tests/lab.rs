@@ -750,8 +750,27 @@ fn install_cni_then_uninstall_put_in_and_take_out_what_the_agent_owns() {
     for p in ["ferrynet", "ferrynet-ipam"] {
         assert!(dir.join("cni-bin").join(p).exists(), "{p}");
     }
-    // Uninstall: the conflist, the binaries, the agent's routes, VXLAN device and firewall table.
+    // Uninstall: the conflist, the binaries, the agent's routes, VXLAN device, firewall table,
+    // and the rule and table that deliver refused Service traffic to the firewall.
     assert!(!agent_routes(&lab, "n1").is_empty());
+    let refusal = || -> Vec<String> {
+        ["-4", "-6"]
+            .into_iter()
+            .flat_map(|family| {
+                let rules = n1.exec("ip", &[family, "rule", "show", "table", "2114"]);
+                let routes = n1.exec("ip", &[family, "route", "show", "table", "2114"]);
+                [rules, routes]
+            })
+            .flat_map(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let installed = refusal();
+    assert_eq!(installed.len(), 4, "a rule and a local route per family: {installed:?}");
     let out = agent_cli(&lab, "n1", &["uninstall"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!dir.join("cni-conf/05-ferrynet.conflist").exists());
@@ -760,6 +779,7 @@ fn install_cni_then_uninstall_put_in_and_take_out_what_the_agent_owns() {
     assert!(!n1.links().contains(&"ferrynet.vxlan".to_string()));
     let nft = n1.exec("nft", &["list", "tables"]);
     assert!(String::from_utf8_lossy(&nft.stdout).trim().is_empty());
+    assert!(refusal().is_empty(), "{:?}", refusal());
     // Without a conflist the node is not ready, and the readiness probe says so.
     let ready = agent_cli(&lab, "n1", &["status", "--ready"]);
     assert!(!ready.status.success());

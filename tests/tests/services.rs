@@ -272,7 +272,8 @@ fn hairpin_named_ports_multiple_ports_and_ports_without_endpoints() {
             "refused at once, not after a timeout"
         );
     }
-    // The same per packet (socket LB off).
+    // The same per packet (socket LB off). The node has no default route: a refused packet
+    // must reach the reject without one.
     lab.stop_agent("n1").unwrap();
     lab.start_agent_with("n1", &["--socket-lb", "false"]).unwrap();
     lab.wait_converged(Duration::from_secs(30)).unwrap();
@@ -283,10 +284,20 @@ fn hairpin_named_ports_multiple_ports_and_ports_without_endpoints() {
                 answers(&lab, "pod-self", SocketAddr::new(vip, p), false, 3),
                 ["self".to_string()].into()
             );
+            // Translated per packet, not by a socket LB link left behind: the pod sees its own
+            // connection come from the hairpin address.
+            let answer = lab.probe("pod-self", SocketAddr::new(vip, p), false).unwrap();
+            let hairpin = if v4 { "169.254.7.1" } else { "100::701" };
+            assert!(answer.contains(&format!("client={hairpin} ")), "{answer}");
         }
         let empty = SocketAddr::new(lab.cluster_ip("empty", v4).unwrap(), 80);
+        let started = std::time::Instant::now();
         let err = lab.probe("pod-self", empty, false).unwrap_err().to_string();
         assert!(err.contains("refused"), "{empty}: {err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "refused at once, not after a timeout"
+        );
     }
 }
 

@@ -18,6 +18,7 @@ use tracing::info;
 use crate::{
     node::{
         nftables::{self, FirewallOp, FirewallSpec, NftError},
+        refusal,
         routing::{self, UplinkError},
         topology::{self, RoutingMode},
         vxlan::{self, DeviceOp, VxlanSettings},
@@ -163,7 +164,8 @@ fn pass(cfg: &NodeNetworkingConfig, view: &NodesView, previous: &topology::Routi
         }
     };
     let mut counts = NodeNetworkingCounts::default();
-    match enable_forwarding(&cfg.proc_sys_net, local.pod_cidrs.iter().any(|c| c.addr().is_ipv6())) {
+    let ipv6 = local.pod_cidrs.iter().any(|c| c.addr().is_ipv6());
+    match enable_forwarding(&cfg.proc_sys_net, ipv6) {
         Ok(written) => counts.sysctls = written,
         Err(e) => out
             .warnings
@@ -245,6 +247,7 @@ fn pass(cfg: &NodeNetworkingConfig, view: &NodesView, previous: &topology::Routi
         vxlan_port: cfg.vxlan.port,
         vxlan_peers: vxlan_peers(view, &cfg.node_name),
     };
+    let firewall_errors = out.errors.0.len();
     match nftables::observe() {
         Ok(observed) => {
             let op = nftables::diff(observed.as_ref(), &firewall);
@@ -256,6 +259,14 @@ fn pass(cfg: &NodeNetworkingConfig, view: &NodesView, previous: &topology::Routi
             }
         }
         Err(e) => out.errors.push(e),
+    }
+    // Only with the firewall in place: the rule delivers marked packets locally, and only the
+    // firewall's reject keeps them from the node's own sockets.
+    if out.errors.0.len() == firewall_errors {
+        match refusal::converge(&mut netlink, ipv6) {
+            Ok(n) => counts.routes += n,
+            Err(e) => out.errors.push(NodeNetworkingError::Netlinks(e)),
+        }
     }
 
     out.ready = out.errors.is_empty();
@@ -299,8 +310,8 @@ pub fn enable_forwarding(proc_sys_net: &Path, ipv6: bool) -> Result<usize, NodeN
     Ok(written)
 }
 
-/// Removes everything node networking owns in the kernel: the VXLAN device, the agent's routes
-/// and its firewall table. Keeps going past failures and reports them all.
+/// Removes everything node networking owns in the kernel: the VXLAN device, the agent's routes,
+/// the refusal rule and table, and its firewall table. Keeps going past failures and reports them all.
 pub fn teardown() -> Result<(), ErrorList<NodeNetworkingError>> {
     let mut errors = ErrorList::default();
     match Netlink::current() {
@@ -313,6 +324,17 @@ pub fn teardown() -> Result<(), ErrorList<NodeNetworkingError>> {
                     }
                 }
                 Err(e) => errors.push(e),
+            }
+            for ipv4 in [true, false] {
+                match refusal::observe(&mut netlink, ipv4) {
+                    Ok(observed) => {
+                        if let Err(e) = refusal::apply(&mut netlink, &refusal::diff(&observed, ipv4, false)) {
+                            errors.push(NodeNetworkingError::Netlinks(e));
+                        }
+                    }
+                    Err(e) if !ipv4 && e.errno() == Some(libc::EAFNOSUPPORT) => {}
+                    Err(e) => errors.push(NodeNetworkingError::Netlink(e)),
+                }
             }
             match routing::observe(&mut netlink) {
                 Ok(observed) => {

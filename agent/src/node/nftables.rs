@@ -8,8 +8,9 @@
 //!   that is routed back through that veth (strict reverse-path filtering), so a pod cannot spoof
 //!   another's address;
 //! - **refused Service traffic**: a packet the per-packet service path marked (a Service port
-//!   without endpoints, a Service CIDR address nobody holds) is rejected with a TCP reset or an
-//!   ICMP port unreachable, as kube-proxy's nftables mode does.
+//!   without endpoints, a Service CIDR address nobody holds) is delivered locally by a policy
+//!   rule (`node::refusal`) and rejected here, before any socket, with a TCP reset or an ICMP
+//!   port unreachable, as kube-proxy's nftables mode does.
 //!
 //! The desired table ([`desired`]) and the table read back from the kernel ([`observe`]) have the
 //! same shape, [`TableState`]; [`diff`] (pure) says whether to replace it. Replacing runs one
@@ -89,10 +90,11 @@ const POD_SOURCE: Chain = Chain {
     hook: "prerouting",
     priority: -300,
 };
+/// On `input`: marked packets are delivered locally by the refusal rule (see `node::refusal`).
 const SERVICE_REJECT: Chain = Chain {
     name: "service_reject",
     kind: "filter",
-    hook: "forward",
+    hook: "input",
     priority: 0,
 };
 
@@ -461,7 +463,7 @@ mod tests {
             {"chain": {"family": "inet", "table": "ferrynet", "name": "egress", "handle": 5, "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}},
             {"chain": {"family": "inet", "table": "ferrynet", "name": "vxlan_input", "handle": 6, "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}},
             {"chain": {"family": "inet", "table": "ferrynet", "name": "pod_source", "handle": 7, "type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept"}},
-            {"chain": {"family": "inet", "table": "ferrynet", "name": "service_reject", "handle": 14, "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}},
+            {"chain": {"family": "inet", "table": "ferrynet", "name": "service_reject", "handle": 14, "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}},
             {"rule": {"family": "inet", "table": "ferrynet", "chain": "egress", "handle": 8, "comment": "pod egress", "expr": []}},
             {"rule": {"family": "inet", "table": "ferrynet", "chain": "egress", "handle": 9, "comment": "pod egress", "expr": []}},
             {"rule": {"family": "inet", "table": "ferrynet", "chain": "vxlan_input", "handle": 10, "comment": "vxlan from unknown peers", "expr": []}},

@@ -11,3 +11,9 @@ pub const ROUTE_PROTOCOL_AGENT: u8 = 114;
 pub const MAIN_TABLE: u32 = 254;
 /// The `ifindex` of loopback in every network namespace.
 pub const LOOPBACK_IFINDEX: u32 = 1;
+/// The routing table that delivers refused Service traffic locally, where the agent's firewall
+/// rejects it (see the agent's `node::refusal`).
+pub const REFUSAL_TABLE: u32 = 2114;
+/// The priority of the rule that sends refused Service traffic to [`REFUSAL_TABLE`]: before the
+/// main table (32766), after the local one (0).
+pub const REFUSAL_RULE_PRIORITY: u32 = 114;

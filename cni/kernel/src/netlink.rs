@@ -21,6 +21,7 @@ use netlink_packet_route::{
     route::{
         RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
     },
+    rule::{RuleAction, RuleAttribute, RuleMessage},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -129,6 +130,18 @@ impl RouteSpec {
             kind: RouteType::Unicast,
         }
     }
+}
+
+/// A policy routing rule: packets whose mark matches `fwmark` under `fwmask` look up `table`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleSpec {
+    pub ipv4: bool,
+    pub priority: u32,
+    pub fwmark: u32,
+    pub fwmask: u32,
+    pub table: u32,
+    /// Who made it (`ip rule show proto N`), as for routes.
+    pub protocol: RouteProtocol,
 }
 
 pub struct Netlink {
@@ -439,6 +452,24 @@ impl Netlink {
             .collect())
     }
 
+    /// Every policy routing rule of one family.
+    pub fn rules(&mut self, ipv4: bool) -> Result<Vec<RuleMessage>> {
+        let mut msg = RuleMessage::default();
+        msg.header.family = if ipv4 {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let replies = self.request("dump rules", RouteNetlinkMessage::GetRule(msg), NLM_F_DUMP)?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRule(r) => Some(r),
+                _ => None,
+            })
+            .collect())
+    }
+
     // ---- neighbours ----
 
     /// Forwarding entries (`bridge fdb`) of a device: (MAC, destination) pairs.
@@ -622,6 +653,24 @@ impl NetlinkRequest {
         }
     }
 
+    /// Add a policy routing rule; fails with EEXIST if an identical one exists.
+    pub fn add_rule(spec: &RuleSpec) -> Self {
+        Self {
+            op: format!("add rule {}", rule_text(spec)),
+            message: RouteNetlinkMessage::NewRule(rule_message(spec)),
+            flags: NLM_F_CREATE | NLM_F_EXCL,
+        }
+    }
+
+    /// Delete the policy routing rule that matches the spec in every field.
+    pub fn delete_rule(spec: &RuleSpec) -> Self {
+        Self {
+            op: format!("delete rule {}", rule_text(spec)),
+            message: RouteNetlinkMessage::DelRule(rule_message(spec)),
+            flags: 0,
+        }
+    }
+
     /// Add (or replace) a forwarding entry: frames for `mac` go to the VXLAN peer `dst`.
     pub fn fdb_entry(index: u32, mac: [u8; 6], dst: IpAddr) -> Self {
         let mut msg = NeighbourMessage::default();
@@ -737,6 +786,36 @@ fn route_message(spec: &RouteSpec) -> RouteMessage {
     if let Some(oif) = spec.oif {
         msg.attributes.push(RouteAttribute::Oif(oif));
     }
+    msg
+}
+
+fn rule_text(spec: &RuleSpec) -> String {
+    format!(
+        "{} pref {} fwmark {:#x}/{:#x} lookup {}",
+        if spec.ipv4 { "inet" } else { "inet6" },
+        spec.priority,
+        spec.fwmark,
+        spec.fwmask,
+        spec.table
+    )
+}
+
+fn rule_message(spec: &RuleSpec) -> RuleMessage {
+    let mut msg = RuleMessage::default();
+    msg.header.family = if spec.ipv4 {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    msg.header.action = RuleAction::ToTable;
+    msg.header.table = u8::try_from(spec.table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+    msg.attributes.extend([
+        RuleAttribute::Priority(spec.priority),
+        RuleAttribute::FwMark(spec.fwmark),
+        RuleAttribute::FwMask(spec.fwmask),
+        RuleAttribute::Table(spec.table),
+        RuleAttribute::Protocol(spec.protocol),
+    ]);
     msg
 }
 
@@ -868,6 +947,29 @@ pub mod inspect {
                 _ => None,
             })
             .unwrap_or(u32::from(route.header.table))
+    }
+
+    /// A rule's fields as a [`RuleSpec`] (a missing mark or mask reads as 0).
+    pub fn rule_spec(rule: &RuleMessage) -> RuleSpec {
+        let mut spec = RuleSpec {
+            ipv4: rule.header.family == AddressFamily::Inet,
+            priority: 0,
+            fwmark: 0,
+            fwmask: 0,
+            table: u32::from(rule.header.table),
+            protocol: RouteProtocol::Unspec,
+        };
+        for attribute in &rule.attributes {
+            match attribute {
+                RuleAttribute::Priority(p) => spec.priority = *p,
+                RuleAttribute::FwMark(m) => spec.fwmark = *m,
+                RuleAttribute::FwMask(m) => spec.fwmask = *m,
+                RuleAttribute::Table(t) => spec.table = *t,
+                RuleAttribute::Protocol(p) => spec.protocol = *p,
+                _ => {}
+            }
+        }
+        spec
     }
 
     pub fn neighbour_ip(n: &NeighbourMessage) -> Option<IpAddr> {

@@ -719,6 +719,11 @@ impl Lab {
         let ok = crate::wait_for(timeout, || {
             for node in &self.state.nodes {
                 match self.agent_status(&node.name) {
+                    // Right after a restart, the file is still the stopped agent's.
+                    Ok(s) if s["pid"].as_u64() != self.agent_pid(&node.name).map(u64::from) => {
+                        last = format!("{}: the status is an earlier agent process's", node.name);
+                        return None;
+                    }
                     Ok(s) => {
                         if let Some(why) = agent_unconverged(&s, peers) {
                             last = format!("{}: {why}", node.name);

@@ -185,6 +185,19 @@ fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
+/// Sends a packet back out to the pod it came from: the Ethernet addresses swap (the pod sent
+/// it to the host veth's MAC; it must come back to its own, or the pod drops it as another
+/// host's), then the packet goes to the egress of the veth it came in on.
+#[inline(always)]
+fn bounce_to_pod(ctx: &mut TcContext) -> Option<i32> {
+    let dst = ctx.load::<[u8; 6]>(0).ok()?;
+    let src = ctx.load::<[u8; 6]>(6).ok()?;
+    ctx.store(0, &src, 0).ok()?;
+    ctx.store(6, &dst, 0).ok()?;
+    // SAFETY: redirecting to the egress of the veth the packet came in on.
+    Some(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32)
+}
+
 /// Marks a packet for the firewall table to reject, and lets it go on.
 #[inline(always)]
 fn refuse(ctx: &TcContext) -> i32 {
@@ -314,8 +327,7 @@ fn from_pod4(ctx: &mut TcContext) -> Option<i32> {
         rewrite_addr4(ctx, &t, 16, t.daddr, entry.client_addr[0])?;
         rewrite_port(ctx, &t, 2, t.dport, entry.client_port)?;
         bump(Stat::PacketsTranslated);
-        // SAFETY: redirecting to the egress of the veth the packet came in on.
-        return Some(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32);
+        return bounce_to_pod(ctx);
     }
     let svc = match lookup4(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
         Destination::Other => {
@@ -408,8 +420,7 @@ fn from_pod4(ctx: &mut TcContext) -> Option<i32> {
     bump(Stat::PacketsTranslated);
     if is_hairpin {
         rewrite_addr4(ctx, &t, 12, t.saddr, hairpin)?;
-        // SAFETY: redirecting to the egress of the veth the packet came in on.
-        return Some(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32);
+        return bounce_to_pod(ctx);
     }
     Some(TC_ACT_OK)
 }
@@ -468,8 +479,7 @@ fn from_pod6(ctx: &mut TcContext) -> Option<i32> {
         rewrite_addr6(ctx, &t, 24, t.daddr, entry.client_addr)?;
         rewrite_port(ctx, &t, 2, t.dport, entry.client_port)?;
         bump(Stat::PacketsTranslated);
-        // SAFETY: redirecting to the egress of the veth the packet came in on.
-        return Some(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32);
+        return bounce_to_pod(ctx);
     }
     let svc = match lookup6(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
         Destination::Other => {
@@ -561,8 +571,7 @@ fn from_pod6(ctx: &mut TcContext) -> Option<i32> {
     bump(Stat::PacketsTranslated);
     if is_hairpin {
         rewrite_addr6(ctx, &t, 8, t.saddr, hairpin)?;
-        // SAFETY: redirecting to the egress of the veth the packet came in on.
-        return Some(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32);
+        return bounce_to_pod(ctx);
     }
     Some(TC_ACT_OK)
 }
