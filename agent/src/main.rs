@@ -151,6 +151,18 @@ struct Options {
     /// The cluster's Service CIDRs: an address there that no Service holds is refused.
     #[arg(long = "service-cidrs", env = "FERRYNET_SERVICE_CIDRS", value_delimiter = ',', value_parser = optional_cidr)]
     service_cidrs: Vec<Option<IpNet>>,
+    /// The node addresses NodePorts answer on, as CIDRs (kube-proxy's flag). Empty: every
+    /// address of the node but loopback and link-local ones.
+    #[arg(long = "nodeport-addresses", env = "FERRYNET_NODEPORT_ADDRESSES", value_delimiter = ',', value_parser = optional_cidr)]
+    nodeport_addresses: Vec<Option<IpNet>>,
+    /// The interfaces external traffic (NodePorts) is translated on. Empty: those that hold the
+    /// node's InternalIPs.
+    #[arg(
+        long = "nodeport-interfaces",
+        env = "FERRYNET_NODEPORT_INTERFACES",
+        value_delimiter = ','
+    )]
+    nodeport_interfaces: Vec<String>,
     /// Capacities of the datapath's maps (used when they are created).
     #[arg(long, env = "FERRYNET_MAX_SERVICES", default_value_t = ferrynet_common::DEFAULT_MAX_SERVICES)]
     max_services: u32,
@@ -280,6 +292,13 @@ impl Options {
                 network: self.network.clone(),
                 resync,
                 datapath_revision: self.datapath_revision,
+                nodeport_addresses: self.nodeport_addresses.iter().flatten().copied().collect(),
+                nodeport_interfaces: self
+                    .nodeport_interfaces
+                    .iter()
+                    .filter(|i| !i.is_empty())
+                    .cloned()
+                    .collect(),
             },
             node_name,
         })

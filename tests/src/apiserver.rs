@@ -118,6 +118,8 @@ pub struct Settings {
     pub data_file: Option<PathBuf>,
     /// The Service CIDRs ClusterIPs are allocated from, one per family.
     pub service_cidrs: (ipnet::Ipv4Net, ipnet::Ipv6Net),
+    /// The NodePort range (`--service-node-port-range`).
+    pub node_ports: std::ops::RangeInclusive<u16>,
 }
 
 impl Default for Settings {
@@ -130,6 +132,7 @@ impl Default for Settings {
                 "10.96.0.0/16".parse().expect("valid"),
                 "fd00:96::/108".parse().expect("valid"),
             ),
+            node_ports: 30000..=32767,
         }
     }
 }
@@ -184,6 +187,23 @@ struct Inner {
     horizon: u64,
     uid_counter: u64,
     cluster_ips: ClusterIps,
+    /// The NodePorts and health check NodePorts in use, by any Service.
+    node_ports: std::collections::BTreeSet<u16>,
+}
+
+impl Inner {
+    /// No objects, at the first resourceVersion.
+    fn empty() -> Self {
+        Self {
+            rv: 1,
+            objects: BTreeMap::new(),
+            history: VecDeque::new(),
+            horizon: 1,
+            uid_counter: 0,
+            cluster_ips: ClusterIps::default(),
+            node_ports: std::collections::BTreeSet::new(),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -264,14 +284,7 @@ impl ApiServer {
     /// A server with the `default` and `kube-system` namespaces, or what `data_file` holds.
     pub fn new(settings: Settings) -> anyhow::Result<Self> {
         let (changes, _) = broadcast::channel(4096);
-        let mut inner = Inner {
-            rv: 1,
-            objects: BTreeMap::new(),
-            history: VecDeque::new(),
-            horizon: 1,
-            uid_counter: 0,
-            cluster_ips: ClusterIps::default(),
-        };
+        let mut inner = Inner::empty();
         match settings.data_file.as_ref().filter(|p| p.exists()) {
             Some(path) => {
                 let saved: Value = serde_json::from_slice(&std::fs::read(path)?)?;
@@ -292,6 +305,7 @@ impl ApiServer {
                         for ip in cluster_ips_of(object) {
                             inner.cluster_ips.used.insert(ip);
                         }
+                        inner.node_ports.extend(node_ports_of(object));
                     }
                 }
             }
@@ -478,6 +492,143 @@ fn allocate_cluster_ips(inner: &mut Inner, settings: &Settings, object: &mut Val
     if spec["type"].is_null() {
         spec["type"] = json!("ClusterIP");
     }
+    Ok(())
+}
+
+/// Every NodePort a stored Service holds: its ports' and its health check's.
+fn node_ports_of(object: &Value) -> std::collections::BTreeSet<u16> {
+    let spec = &object["spec"];
+    spec["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| &p["nodePort"])
+        .chain([&spec["healthCheckNodePort"]])
+        .filter_map(|v| u16::try_from(v.as_u64()?).ok())
+        .filter(|p| *p != 0)
+        .collect()
+}
+
+/// What the real API server does with a Service's NodePorts, on create (`old` none) and update:
+/// a NodePort or LoadBalancer Service (unless `allocateLoadBalancerNodePorts: false`) gets one per
+/// port, a requested one honoured when it is in the range and free, an update that leaves one out
+/// keeping the port's earlier one; a LoadBalancer Service with `externalTrafficPolicy: Local`
+/// gets a `healthCheckNodePort` the same way. A ClusterIP Service may have none. On success the
+/// Service's old ports are released and its new ones taken.
+fn settle_node_ports(
+    inner: &mut Inner,
+    settings: &Settings,
+    old: Option<&Value>,
+    object: &mut Value,
+) -> Result<(), Box<Response>> {
+    let invalid = |message: String| Box::new(status_error(422, "Invalid", message));
+    let spec = &mut object["spec"];
+    let kind = spec["type"].as_str().unwrap_or("ClusterIP").to_string();
+    let load_balancer = kind == "LoadBalancer";
+    let allocates = kind == "NodePort" || (load_balancer && spec["allocateLoadBalancerNodePorts"] != json!(false));
+    let held: std::collections::BTreeSet<u16> = old.map(node_ports_of).unwrap_or_default();
+    // Taken by other Services.
+    let others: std::collections::BTreeSet<u16> = inner.node_ports.difference(&held).copied().collect();
+    let range = settings.node_ports.clone();
+    let mut taken: std::collections::BTreeSet<u16> = std::collections::BTreeSet::new();
+    let check = |field: String, port: i64, taken: &mut std::collections::BTreeSet<u16>, shared: bool| {
+        let number = u16::try_from(port).ok().filter(|p| range.contains(p)).ok_or_else(|| {
+            invalid(format!(
+                "{field}: Invalid value: {port}: provided port is not in the valid range. The range of valid ports is {}-{}",
+                range.start(),
+                range.end()
+            ))
+        })?;
+        if others.contains(&number) || (!shared && taken.contains(&number)) {
+            return Err(invalid(format!(
+                "{field}: Invalid value: {port}: provided port is already allocated"
+            )));
+        }
+        taken.insert(number);
+        Ok(number)
+    };
+    let earlier = |port: &Value| -> Option<i64> {
+        old?["spec"]["ports"]
+            .as_array()?
+            .iter()
+            .find(|o| o["port"] == port["port"] && o["protocol"] == port["protocol"])?["nodePort"]
+            .as_i64()
+            .filter(|p| *p != 0)
+    };
+    let mut wanted: Vec<Option<i64>> = Vec::new();
+    for (i, port) in spec["ports"].as_array().into_iter().flatten().enumerate() {
+        let mut given = port["nodePort"].as_i64().filter(|p| *p != 0);
+        // A Service turned into a ClusterIP one loses the NodePorts it had.
+        if given.is_some() && given == earlier(port) && !(kind == "NodePort" || load_balancer) {
+            given = None;
+        }
+        if given.is_some() && !(kind == "NodePort" || load_balancer) {
+            return Err(invalid(format!(
+                "spec.ports[{i}].nodePort: Forbidden: may not be used when `type` is '{kind}'"
+            )));
+        }
+        wanted.push(given.or_else(|| allocates.then(|| earlier(port)).flatten()));
+    }
+    // Requested ports first, so that an allocated one never takes a port asked for later. One
+    // port number may serve two protocols of one Service (as for DNS on TCP and UDP).
+    let mut numbers: Vec<Option<u16>> = Vec::new();
+    let mut by_protocol: std::collections::BTreeSet<(u16, String)> = std::collections::BTreeSet::new();
+    for (i, port) in spec["ports"].as_array().into_iter().flatten().enumerate() {
+        let Some(requested) = wanted[i] else {
+            numbers.push(None);
+            continue;
+        };
+        let protocol = port["protocol"].as_str().unwrap_or("TCP").to_string();
+        let shared =
+            u16::try_from(requested).is_ok_and(|n| taken.contains(&n) && !by_protocol.contains(&(n, protocol.clone())));
+        let n = check(format!("spec.ports[{i}].nodePort"), requested, &mut taken, shared)?;
+        by_protocol.insert((n, protocol));
+        numbers.push(Some(n));
+    }
+    let mut free = range.clone().filter(|p| !others.contains(p));
+    let mut next_free = |taken: &mut std::collections::BTreeSet<u16>| -> Result<u16, Box<Response>> {
+        let n = free
+            .find(|p| !taken.contains(p))
+            .ok_or_else(|| invalid(format!("no free NodePort left in {}-{}", range.start(), range.end())))?;
+        taken.insert(n);
+        Ok(n)
+    };
+    if let Some(ports) = spec["ports"].as_array_mut() {
+        for (i, port) in ports.iter_mut().enumerate() {
+            match numbers[i] {
+                Some(n) => port["nodePort"] = json!(n),
+                None if allocates => port["nodePort"] = json!(next_free(&mut taken)?),
+                None => {
+                    if let Some(map) = port.as_object_mut() {
+                        map.remove("nodePort");
+                    }
+                }
+            }
+        }
+    }
+    let local = spec["externalTrafficPolicy"] == "Local";
+    let health = spec["healthCheckNodePort"]
+        .as_i64()
+        .filter(|p| *p != 0)
+        // Left over from before a change of type or policy: dropped, as the API server does.
+        .filter(|p| load_balancer && local || Some(*p) != old.and_then(|o| o["spec"]["healthCheckNodePort"].as_i64()));
+    if load_balancer && local {
+        let requested = health.or_else(|| old?["spec"]["healthCheckNodePort"].as_i64().filter(|p| *p != 0));
+        let n = match requested {
+            Some(port) => check("spec.healthCheckNodePort".into(), port, &mut taken, false)?,
+            None => next_free(&mut taken)?,
+        };
+        spec["healthCheckNodePort"] = json!(n);
+    } else if health.is_some() {
+        return Err(invalid(
+            "spec.healthCheckNodePort: Invalid value: may only be set when `type` is 'LoadBalancer' and `externalTrafficPolicy` is 'Local'"
+                .into(),
+        ));
+    } else if let Some(map) = spec.as_object_mut() {
+        map.remove("healthCheckNodePort");
+    }
+    inner.node_ports = others;
+    inner.node_ports.extend(taken);
     Ok(())
 }
 
@@ -838,6 +989,19 @@ async fn handle(
         );
     };
     let q = query(&uri);
+    // Bodies are JSON only. A client that sends protobuf (kubectl's typed commands, such as
+    // `create service`) is told so with 415, which makes client-go send JSON instead, as it does
+    // with a real API server that cannot decode its content type.
+    if matches!(method, Method::POST | Method::PUT)
+        && let Some(kind) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
+        && !kind.starts_with("application/json")
+    {
+        return status_error(
+            415,
+            "UnsupportedMediaType",
+            format!("the API stand-in takes JSON bodies only, not {kind:?}"),
+        );
+    }
     match method {
         Method::GET
             if target.name.is_none() && matches!(q.get("watch").map(String::as_str), Some("true") | Some("1")) =>
@@ -1021,10 +1185,17 @@ fn create(server: &ApiServer, target: &Target, body: &[u8]) -> Response {
         let name = object["metadata"]["name"].as_str().unwrap_or("").to_string();
         return status_error(409, "AlreadyExists", format!("{} \"{name}\" already exists", k.plural));
     }
-    if target.kind == SERVICE
-        && let Err(refused) = allocate_cluster_ips(&mut inner, &server.settings, &mut object)
-    {
-        return *refused;
+    if target.kind == SERVICE {
+        if let Err(refused) = allocate_cluster_ips(&mut inner, &server.settings, &mut object) {
+            return *refused;
+        }
+        if let Err(refused) = settle_node_ports(&mut inner, &server.settings, None, &mut object) {
+            // The ClusterIPs were taken first: a refused NodePort gives them back.
+            for ip in cluster_ips_of(&object) {
+                inner.cluster_ips.used.remove(&ip);
+            }
+            return *refused;
+        }
     }
     inner.uid_counter += 1;
     object["apiVersion"] = json!(k.api_version());
@@ -1093,6 +1264,11 @@ fn replace(server: &ApiServer, target: &Target, body: &[u8]) -> Response {
                 }
             }
         }
+        if target.kind == SERVICE
+            && let Err(refused) = settle_node_ports(&mut inner, &server.settings, Some(&current), &mut updated)
+        {
+            return *refused;
+        }
         if updated.get("spec") != current.get("spec") {
             updated["metadata"]["generation"] = json!(current["metadata"]["generation"].as_u64().unwrap_or(1) + 1);
         } else {
@@ -1144,6 +1320,12 @@ fn patch(server: &ApiServer, target: &Target, headers: &HeaderMap, body: &[u8]) 
     merge_patch(&mut object, &patch);
     for field in ["uid", "creationTimestamp", "namespace", "name"] {
         object["metadata"][field] = inner.objects[&key]["metadata"][field].clone();
+    }
+    if target.kind == SERVICE && !target.status {
+        let current = inner.objects[&key].clone();
+        if let Err(refused) = settle_node_ports(&mut inner, &server.settings, Some(&current), &mut object) {
+            return *refused;
+        }
     }
     let stored = server.commit(&mut inner, target.kind, "MODIFIED", object);
     json_response(StatusCode::OK, stored)
@@ -1205,6 +1387,9 @@ fn delete(server: &ApiServer, target: &Target, q: &BTreeMap<String, String>, bod
     if target.kind == SERVICE {
         for ip in cluster_ips_of(&object) {
             inner.cluster_ips.used.remove(&ip);
+        }
+        for port in node_ports_of(&object) {
+            inner.node_ports.remove(&port);
         }
     }
     let deleted = server.commit(&mut inner, target.kind, "DELETED", object);
@@ -1383,6 +1568,86 @@ mod tests {
         let uri: Uri = "/api/v1/nodes?labelSelector=app%3D%C3%A9&watch=%é".parse().unwrap();
         let q = query(&uri);
         assert_eq!(q["labelSelector"], "app=é");
+    }
+
+    fn settle(inner: &mut Inner, old: Option<&Value>, mut new: Value) -> Result<Value, String> {
+        let settings = Settings {
+            node_ports: 30000..=30004,
+            ..Settings::default()
+        };
+        settle_node_ports(inner, &settings, old, &mut new)
+            .map(|()| new)
+            .map_err(|r| format!("{}", r.status()))
+    }
+
+    #[test]
+    fn node_ports_are_kept_across_updates_shared_by_protocols_and_released_on_a_type_change() {
+        let mut inner = Inner::empty();
+        let dns = json!({"spec": {"type": "NodePort", "ports": [
+            {"port": 53, "protocol": "UDP", "nodePort": 30002},
+            {"port": 53, "protocol": "TCP", "nodePort": 30002},
+            {"port": 80, "protocol": "TCP"}]}});
+        let stored = settle(&mut inner, None, dns).unwrap();
+        // The requested port is not handed out before it is taken.
+        assert_eq!(stored["spec"]["ports"][2]["nodePort"], 30000);
+        assert_eq!(inner.node_ports, [30000, 30002].into());
+        // The same number twice for one protocol is refused.
+        let twice = json!({"spec": {"type": "NodePort", "ports": [
+            {"port": 1, "nodePort": 30003}, {"port": 2, "nodePort": 30003}]}});
+        assert_eq!(settle(&mut inner, None, twice).unwrap_err(), "422 Unprocessable Entity");
+        assert_eq!(inner.node_ports, [30000, 30002].into(), "a refusal takes nothing");
+        // An update that leaves the NodePorts out keeps them.
+        let mut update = stored.clone();
+        for port in update["spec"]["ports"].as_array_mut().unwrap() {
+            port.as_object_mut().unwrap().remove("nodePort");
+        }
+        let kept = settle(&mut inner, Some(&stored), update).unwrap();
+        assert_eq!(kept["spec"]["ports"], stored["spec"]["ports"]);
+        // Turned into a ClusterIP Service, it gives them all back.
+        let mut clusterip = kept.clone();
+        clusterip["spec"]["type"] = json!("ClusterIP");
+        let plain = settle(&mut inner, Some(&kept), clusterip).unwrap();
+        assert!(plain["spec"]["ports"][0].get("nodePort").is_none(), "{plain}");
+        assert!(inner.node_ports.is_empty());
+        // A ClusterIP Service may not ask for one.
+        let asks = json!({"spec": {"ports": [{"port": 1, "nodePort": 30001}]}});
+        assert_eq!(settle(&mut inner, None, asks).unwrap_err(), "422 Unprocessable Entity");
+    }
+
+    #[test]
+    fn load_balancers_get_node_ports_unless_told_not_to_and_a_health_check_port_when_local() {
+        let mut inner = Inner::empty();
+        let none = json!({"spec": {"type": "LoadBalancer", "allocateLoadBalancerNodePorts": false,
+            "ports": [{"port": 80}]}});
+        let stored = settle(&mut inner, None, none).unwrap();
+        assert!(stored["spec"]["ports"][0].get("nodePort").is_none());
+        assert!(stored["spec"].get("healthCheckNodePort").is_none());
+        let local = json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+            "ports": [{"port": 80}]}});
+        let stored = settle(&mut inner, None, local).unwrap();
+        assert_eq!(stored["spec"]["ports"][0]["nodePort"], 30000);
+        assert_eq!(stored["spec"]["healthCheckNodePort"], 30001);
+        // Back to Cluster: the health check port goes.
+        let mut cluster = stored.clone();
+        cluster["spec"]["externalTrafficPolicy"] = json!("Cluster");
+        let after = settle(&mut inner, Some(&stored), cluster).unwrap();
+        assert!(after["spec"].get("healthCheckNodePort").is_none(), "{after}");
+        assert_eq!(inner.node_ports, [30000].into());
+        // The range runs out: refused, not wrapped.
+        for _ in 0..4 {
+            let _ = settle(
+                &mut inner,
+                None,
+                json!({"spec": {"type": "NodePort", "ports": [{"port": 1}]}}),
+            );
+        }
+        assert_eq!(inner.node_ports.len(), 5);
+        let full = settle(
+            &mut inner,
+            None,
+            json!({"spec": {"type": "NodePort", "ports": [{"port": 1}]}}),
+        );
+        assert_eq!(full.unwrap_err(), "422 Unprocessable Entity");
     }
 
     #[test]

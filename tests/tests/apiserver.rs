@@ -450,4 +450,65 @@ fn kubectl_gets_lists_creates_and_deletes_through_the_stand_in() {
     assert!(ok && !out.contains("kn1"), "{out}");
     let (ok, out) = run(&["get", "service", "shop"]);
     assert!(!ok && out.contains("NotFound"), "{out}");
+
+    // NodePorts, as the real API server hands them out: allocated in 30000-32767, a requested
+    // one honoured when free, a taken or out-of-range one refused, released with the Service.
+    let node_port = |name: &str| -> u16 {
+        let (ok, out) = run(&["get", "svc", name, "-o", "jsonpath={.spec.ports[0].nodePort}"]);
+        assert!(ok, "{out}");
+        out.trim().parse().unwrap_or_else(|_| panic!("{name}: {out:?}"))
+    };
+    // (kubectl's `create service` sends protobuf, which the stand-in refuses with 415: the
+    // Services come from manifests.)
+    let (ok, out) = run(&["create", "service", "nodeport", "np", "--tcp=80:8080"]);
+    assert!(!ok && out.contains("JSON bodies only"), "{out}");
+    let node_port_service = |name: &str, node_port: Option<u32>| -> (bool, String) {
+        let file = home.path().join(format!("{name}.yaml"));
+        let requested = node_port.map(|p| format!(", nodePort: {p}")).unwrap_or_default();
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  type: NodePort\n  selector: {{app: np}}\n  ports: [{{port: 80, targetPort: 8080{requested}}}]\n"
+            ),
+        )
+        .unwrap();
+        run(&["create", "-f", file.to_str().unwrap()])
+    };
+    let (ok, out) = node_port_service("np", None);
+    assert!(ok, "{out}");
+    let first = node_port("np");
+    assert!((30000..=32767).contains(&first), "{first}");
+    let (ok, out) = node_port_service("np2", Some(u32::from(first)));
+    assert!(!ok && out.contains("provided port is already allocated"), "{out}");
+    let (ok, out) = node_port_service("np2", Some(29999));
+    assert!(!ok && out.contains("not in the valid range"), "{out}");
+    let (ok, out) = node_port_service("np2", Some(31234));
+    assert!(ok, "{out}");
+    assert_eq!(node_port("np2"), 31234);
+    let lb = home.path().join("lb.yaml");
+    std::fs::write(
+        &lb,
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: lb\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  selector: {app: lb}\n  ports: [{port: 53, protocol: UDP}, {port: 53, protocol: TCP}]\n",
+    )
+    .unwrap();
+    let (ok, out) = run(&["create", "-f", lb.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let (ok, out) = run(&[
+        "get",
+        "svc",
+        "lb",
+        "-o",
+        "jsonpath={.spec.ports[*].nodePort} {.spec.healthCheckNodePort}",
+    ]);
+    assert!(ok, "{out}");
+    let ports: Vec<u16> = out.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    assert_eq!(ports.len(), 3, "{out}");
+    let unique: std::collections::BTreeSet<u16> = ports.iter().copied().chain([first, 31234]).collect();
+    assert_eq!(unique.len(), 5, "every NodePort distinct: {out}");
+    // Deleting a Service frees its NodePort.
+    let (ok, out) = run(&["delete", "service", "np"]);
+    assert!(ok, "{out}");
+    let (ok, out) = node_port_service("np3", Some(u32::from(first)));
+    assert!(ok, "{out}");
+    assert_eq!(node_port("np3"), first);
 }

@@ -814,12 +814,14 @@ fn cleanup_and_service_proxy_off_leave_no_program_link_map_or_pin() {
         // TCX attachments on the pod's host veth (the kernel's own list, queried in the node's
         // namespace).
         let node = lab.node_ns("n1").unwrap();
-        for hook in [
-            aya::programs::TcAttachType::Ingress,
-            aya::programs::TcAttachType::Egress,
+        // And on the node's uplink (its InternalIP's interface), for NodePorts.
+        for (iface, hook) in [
+            (veth.as_str(), aya::programs::TcAttachType::Ingress),
+            (veth.as_str(), aya::programs::TcAttachType::Egress),
+            ("eth0", aya::programs::TcAttachType::Ingress),
         ] {
             let tcx = ferrynet_kernel::netns::run_in(node.fd(), || {
-                aya::programs::SchedClassifier::query_tcx(&veth, hook).map_err(std::io::Error::other)
+                aya::programs::SchedClassifier::query_tcx(iface, hook).map_err(std::io::Error::other)
             });
             if let Ok((_, programs)) = tcx {
                 ids.extend(programs.iter().map(|p| u64::from(p.id())));
@@ -827,8 +829,14 @@ fn cleanup_and_service_proxy_off_leave_no_program_link_map_or_pin() {
         }
         ids
     };
+    // The uplink is attached at the agent's first scan of the node's addresses.
+    eventually(Duration::from_secs(10), || attached().len() == 11);
     let programs = attached();
-    assert_eq!(programs.len(), 10, "8 socket hooks and 2 veth hooks: {programs:?}");
+    assert_eq!(
+        programs.len(),
+        11,
+        "8 socket hooks, 2 veth hooks and the uplink's: {programs:?}"
+    );
     let loaded = |id: u64| {
         Command::new("bpftool")
             .args(["prog", "show", "id", &id.to_string()])
@@ -864,8 +872,9 @@ fn cleanup_and_service_proxy_off_leave_no_program_link_map_or_pin() {
     lab.start_agent("n1").unwrap();
     lab.wait_converged(Duration::from_secs(30)).unwrap();
     answers(&lab, "n1", SocketAddr::new(vip, 80), false, 1);
+    eventually(Duration::from_secs(10), || attached().len() == 11);
     let programs = attached();
-    assert_eq!(programs.len(), 10);
+    assert_eq!(programs.len(), 11);
     // While the agent is down, the Service is deleted: back up, the agent removes its entries.
     lab.stop_agent("n1").unwrap();
     lab.api().unwrap().delete::<Service>("gone").unwrap();
@@ -964,4 +973,200 @@ fn a_udp_flow_translated_per_packet_moves_off_a_removed_backend_within_a_second(
         !entries.iter().any(|(at, r)| *at > moved && r.as_deref() == Ok("u1")),
         "{entries:?}"
     );
+}
+
+/// The NodePorts the API stand-in gave `service`'s ports, in order.
+fn node_ports(lab: &Lab, service: &str) -> Vec<u16> {
+    let svc: Service = lab.api().unwrap().get(service).unwrap().unwrap();
+    svc.spec
+        .unwrap()
+        .ports
+        .unwrap()
+        .iter()
+        .map(|p| p.node_port.and_then(|n| u16::try_from(n).ok()).expect("a NodePort"))
+        .collect()
+}
+
+/// The address a pod's server saw the request come from (`client=<ip>` or `client=<ip:port>`).
+fn seen_client(answer: &str) -> String {
+    let raw = answer
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("client="))
+        .unwrap_or_default();
+    match raw.parse::<SocketAddr>() {
+        Ok(addr) => addr.ip().to_string(),
+        Err(_) => raw.to_string(),
+    }
+}
+
+#[test]
+fn node_ports_answer_from_outside_on_every_node_over_both_families_and_protocols() {
+    let mut lab = LabGuard::up(2, "native");
+    lab.run_pod("np", "n1", &labels(&[("app", "np")])).unwrap();
+    let mut svc = service(
+        "np",
+        "np",
+        vec![
+            port("tcp", "TCP", 80, IntOrString::Int(i32::from(POD_PORT))),
+            port("udp", "UDP", 80, IntOrString::Int(i32::from(POD_PORT))),
+        ],
+    );
+    svc.spec.as_mut().unwrap().type_ = Some("NodePort".into());
+    lab.create_service_object(&svc).unwrap();
+    let ports = node_ports(&lab, "np");
+    let client = |v4: bool| -> String {
+        if v4 {
+            ferrynet_tests::lab::CLIENT_V4.to_string()
+        } else {
+            ferrynet_tests::lab::CLIENT_V6.to_string()
+        }
+    };
+    let nodes: Vec<(String, [std::net::IpAddr; 2])> = lab
+        .state
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), [n.v4().into(), n.v6().into()]))
+        .collect();
+    for (node, addresses) in &nodes {
+        for address in addresses {
+            for (udp, node_port) in [(false, ports[0]), (true, ports[1])] {
+                let to = SocketAddr::new(*address, node_port);
+                // From the external client; the reply comes from the address it sent to.
+                assert_eq!(answers(&lab, "client", to, udp, 3), ["np".to_string()].into());
+                let answer = lab.probe("client", to, udp).unwrap();
+                // The backend is on n1: entering there, it sees the client; entering n2, the
+                // flow is SNATed to n2's address so that the reply comes back through n2.
+                let want = if node == "n1" {
+                    client(address.is_ipv4())
+                } else {
+                    address.to_string()
+                };
+                assert_eq!(seen_client(&answer), want, "{node} {to} udp={udp}: {answer}");
+            }
+        }
+    }
+
+    // A LoadBalancer with externalTrafficPolicy: Local: the client's address reaches the
+    // backend, and a node without a local endpoint drops (a timeout, not a refusal).
+    lab.api()
+        .unwrap()
+        .merge_patch::<Service>(
+            "np",
+            serde_json::json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local"}}),
+        )
+        .unwrap();
+    assert_eq!(node_ports(&lab, "np"), ports, "NodePorts stay with the Service");
+    for (node, addresses) in &nodes {
+        for address in addresses {
+            let to = SocketAddr::new(*address, ports[0]);
+            if node == "n1" {
+                let answer = lab.probe("client", to, false).unwrap();
+                assert_eq!(seen_client(&answer), client(address.is_ipv4()), "{answer}");
+            } else {
+                let mut last = String::new();
+                let dropped = eventually(Duration::from_secs(20), || {
+                    last = lab
+                        .probe("client", to, false)
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default();
+                    last.contains("timed out")
+                });
+                assert!(dropped, "{to}: {last}");
+            }
+        }
+    }
+    // The health check port answers as kube-proxy's: 200 with the local endpoint count where
+    // there are local endpoints, 503 elsewhere; it follows scale-up and scale-down.
+    let svc: Service = lab.api().unwrap().get("np").unwrap().unwrap();
+    let check_port = svc.spec.unwrap().health_check_node_port.expect("a health check port");
+    expect_health(&lab, "n1", check_port, "200", 1);
+    expect_health(&lab, "n2", check_port, "503", 0);
+    lab.run_pod("np2", "n2", &labels(&[("app", "np")])).unwrap();
+    lab.sync_endpoint_slices().unwrap();
+    expect_health(&lab, "n2", check_port, "200", 1);
+    lab.delete_pod("np").unwrap();
+    expect_health(&lab, "n1", check_port, "503", 0);
+
+    // Counted: the flows the uplink program translated (the metrics refresh every resync).
+    assert!(eventually(Duration::from_secs(20), || datapath_counter(
+        &lab,
+        "n1",
+        "external_flows_translated"
+    ) > 0));
+}
+
+#[test]
+fn load_balancer_ips_and_external_ips_answer_where_they_arrive_and_short_circuit_for_pods() {
+    let mut lab = LabGuard::up(2, "native");
+    lab.run_pod("lb", "n1", &labels(&[("app", "lb")])).unwrap();
+    lab.run_pod("client", "n2", &BTreeMap::new()).unwrap();
+    let mut svc = service(
+        "lb",
+        "lb",
+        vec![port("tcp", "TCP", 80, IntOrString::Int(i32::from(POD_PORT)))],
+    );
+    let external: [std::net::IpAddr; 2] = ["10.210.1.1".parse().unwrap(), "fd00:210::1:1".parse().unwrap()];
+    let balanced: [std::net::IpAddr; 2] = ["10.210.0.1".parse().unwrap(), "fd00:210::1".parse().unwrap()];
+    let spec = svc.spec.as_mut().unwrap();
+    spec.type_ = Some("LoadBalancer".into());
+    spec.external_ips = Some(external.iter().map(ToString::to_string).collect());
+    lab.create_service_object(&svc).unwrap();
+    // The load balancer sends its IPs to n2 (the backend is on n1: SNATed to n2's address), the
+    // network routes the externalIPs to n1 (local: the client's address is kept).
+    lab.expose_load_balancer("lb", &balanced, &["n2"]).unwrap();
+    lab.route_from_client(&external, &["n1"]).unwrap();
+    let n2 = lab.state.nodes.iter().find(|n| n.name == "n2").unwrap().clone();
+    for (ip, seen) in [
+        (balanced[0], n2.v4().to_string()),
+        (balanced[1], n2.v6().to_string()),
+        (external[0], ferrynet_tests::lab::CLIENT_V4.to_string()),
+        (external[1], ferrynet_tests::lab::CLIENT_V6.to_string()),
+    ] {
+        let to = SocketAddr::new(ip, 80);
+        assert_eq!(answers(&lab, "client", to, false, 3), ["lb".to_string()].into());
+        let answer = lab.probe("client", to, false).unwrap();
+        assert_eq!(seen_client(&answer), seen, "{to}: {answer}");
+        // Pods reach the same addresses without leaving the node (socket LB short-circuits).
+        assert_eq!(answers(&lab, "pod-client", to, false, 3), ["lb".to_string()].into());
+    }
+}
+
+/// The status code and JSON body of `node`'s health check port `port`, from the external client.
+fn health_check(lab: &Lab, node: &str, port: i32) -> (String, serde_json::Value) {
+    let ip = lab.state.nodes.iter().find(|n| n.name == node).unwrap().v4();
+    let out = lab
+        .exec_output(
+            "client",
+            &[
+                "curl".into(),
+                "-s".into(),
+                "-m".into(),
+                "2".into(),
+                "-w".into(),
+                "\n%{http_code}".into(),
+                format!("http://{ip}:{port}/healthz"),
+            ],
+        )
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.to_string(), serde_json::from_str(body).unwrap_or_default())
+}
+
+/// Waits until `node`'s health check port answers `code` with `local` local endpoints, as
+/// kube-proxy's does.
+#[track_caller]
+fn expect_health(lab: &Lab, node: &str, port: i32, code: &str, local: u64) {
+    let mut last = Default::default();
+    let ok = eventually(Duration::from_secs(20), || {
+        last = health_check(lab, node, port);
+        last.0 == code && last.1["localEndpoints"] == local
+    });
+    assert!(ok, "{node}: {last:?}");
+    assert_eq!(
+        last.1["service"],
+        serde_json::json!({"namespace": "default", "name": "np"})
+    );
+    assert_eq!(last.1["serviceProxyHealthy"], true);
 }

@@ -223,7 +223,11 @@ impl Datapath {
                 .map_err(program_error(name))?;
             program.load().map_err(program_error(name))?;
         }
-        for (name, _, _) in POD_PROGRAMS {
+        let tc_programs = POD_PROGRAMS
+            .iter()
+            .map(|(name, _, _)| *name)
+            .chain([FROM_UPLINK_PROGRAM]);
+        for name in tc_programs {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::Missing(name))?
@@ -274,8 +278,11 @@ impl Datapath {
         host_netns_cookie: u64,
         programs: u64,
     ) -> Result<(), DatapathError> {
+        // External flows keep their translation across a restart: the flag stays until the
+        // agent has read its maps back and says otherwise.
+        let external = self.current_config()?.flags & CONFIG_F_EXTERNAL;
         let value = DatapathConfig {
-            flags: modes.flags(),
+            flags: modes.flags() | external,
             _pad: 0,
             host_netns_cookie,
             programs,
@@ -455,48 +462,172 @@ impl Datapath {
         let mut report = AttachReport::default();
         for (name, hook, suffix) in POD_PROGRAMS {
             let path = self.pins.pod_link(veth, suffix);
-            let existing = pinned_link(&path)?;
-            if existing.is_some() && !replace {
-                report.kept += 1;
-                continue;
-            }
-            let program: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Missing(name))?
-                .try_into()
-                .map_err(program_error(name))?;
-            let link_id = match existing {
-                Some(old) => {
-                    let old: FdLink = old.unpin().map_err(io(&path))?;
-                    let old = SchedClassifierLink::try_from(old).map_err(|source| DatapathError::Link {
-                        path: path.clone(),
-                        source,
-                    })?;
-                    report.upgraded += 1;
-                    program.attach_to_link(old).map_err(program_error(name))?
-                }
-                None => {
-                    report.attached += 1;
-                    program
-                        .attach_with_options(veth, hook, TcAttachOptions::TcxOrder(aya::programs::LinkOrder::first()))
-                        .map_err(program_error(name))?
-                }
-            };
-            let link: FdLink = program
-                .take_link(link_id)
-                .map_err(program_error(name))?
-                .try_into()
-                .map_err(|source| DatapathError::Link {
-                    path: path.clone(),
-                    source,
-                })?;
-            link.pin(&path).map_err(|source| DatapathError::Pin {
-                path: path.clone(),
-                source,
-            })?;
+            self.attach_tcx(name, hook, veth, &path, replace, &mut report)?;
         }
         Ok(report)
+    }
+
+    /// Attaches the uplink program to the ingress of `uplink` (interface `ifindex`), as
+    /// [`Self::attach_pod_veth`] does.
+    pub fn attach_uplink(&mut self, uplink: &str, ifindex: u32, replace: bool) -> Result<AttachReport, DatapathError> {
+        let mut report = AttachReport::default();
+        let path = self.pins.uplink_link(ifindex);
+        self.attach_tcx(
+            FROM_UPLINK_PROGRAM,
+            TcAttachType::Ingress,
+            uplink,
+            &path,
+            replace,
+            &mut report,
+        )?;
+        Ok(report)
+    }
+
+    /// Attaches the TC program `name` to `hook` of `iface` through a TCX link pinned at `path`.
+    fn attach_tcx(
+        &mut self,
+        name: &'static str,
+        hook: TcAttachType,
+        iface: &str,
+        path: &Path,
+        replace: bool,
+        report: &mut AttachReport,
+    ) -> Result<(), DatapathError> {
+        let existing = pinned_link(path)?;
+        if existing.is_some() && !replace {
+            report.kept += 1;
+            return Ok(());
+        }
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::Missing(name))?
+            .try_into()
+            .map_err(program_error(name))?;
+        let link_id = match existing {
+            Some(old) => {
+                let old: FdLink = old.unpin().map_err(io(path))?;
+                let old = SchedClassifierLink::try_from(old).map_err(|source| DatapathError::Link {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                report.upgraded += 1;
+                program.attach_to_link(old).map_err(program_error(name))?
+            }
+            None => {
+                report.attached += 1;
+                program
+                    .attach_with_options(
+                        iface,
+                        hook,
+                        TcAttachOptions::TcxOrder(aya::programs::LinkOrder::first()),
+                    )
+                    .map_err(program_error(name))?
+            }
+        };
+        let link: FdLink = program
+            .take_link(link_id)
+            .map_err(program_error(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Link {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        link.pin(path).map_err(|source| DatapathError::Pin {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(())
+    }
+
+    /// Makes the node address maps hold exactly `addresses` (the addresses NodePorts answer on).
+    /// Returns how many entries changed.
+    pub fn set_node_addresses(&mut self, addresses: &BTreeSet<std::net::IpAddr>) -> Result<usize, DatapathError> {
+        let v4 = addresses.iter().filter_map(|a| match a {
+            std::net::IpAddr::V4(v4) => Some(addr4(v4.octets())),
+            std::net::IpAddr::V6(_) => None,
+        });
+        let changed = self.set_exactly(NODE_ADDRS4_MAP, v4.collect())?;
+        let v6 = addresses.iter().filter_map(|a| match a {
+            std::net::IpAddr::V6(v6) => Some(addr6(v6.octets())),
+            std::net::IpAddr::V4(_) => None,
+        });
+        Ok(changed + self.set_exactly(NODE_ADDRS6_MAP, v6.collect())?)
+    }
+
+    /// Makes the set-like hash map `name` (key → 1) hold exactly `want`; returns the changes.
+    fn set_exactly<K: aya::Pod + Ord>(
+        &mut self,
+        name: &'static str,
+        want: BTreeSet<K>,
+    ) -> Result<usize, DatapathError> {
+        let map_err = |source| DatapathError::Map { name, source };
+        let map = self.ebpf.map_mut(name).ok_or(DatapathError::Missing(name))?;
+        let mut set: aya::maps::HashMap<&mut MapData, K, u8> = aya::maps::HashMap::try_from(map).map_err(map_err)?;
+        let have: BTreeSet<K> = set.keys().filter_map(Result::ok).collect();
+        let mut changed = 0;
+        for gone in have.difference(&want) {
+            set.remove(gone).map_err(map_err)?;
+            changed += 1;
+        }
+        for new in want.difference(&have) {
+            set.insert(new, 1, 0).map_err(map_err)?;
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
+    /// Writes the addresses flows to externalIPs and load balancer IPs are SNATed to (the node's
+    /// InternalIPs, the first of each family).
+    pub fn set_snat_addresses(&mut self, internal_ips: &[std::net::IpAddr]) -> Result<(), DatapathError> {
+        let map = self
+            .ebpf
+            .map_mut(SNAT_ADDRS_MAP)
+            .ok_or(DatapathError::Missing(SNAT_ADDRS_MAP))?;
+        let mut array: Array<&mut MapData, NodeAddress> =
+            Array::try_from(map).map_err(|source| DatapathError::Map {
+                name: SNAT_ADDRS_MAP,
+                source,
+            })?;
+        let v4 = internal_ips.iter().find_map(|ip| match ip {
+            std::net::IpAddr::V4(v4) => Some([addr4(v4.octets()), 0, 0, 0]),
+            std::net::IpAddr::V6(_) => None,
+        });
+        let v6 = internal_ips.iter().find_map(|ip| match ip {
+            std::net::IpAddr::V6(v6) => Some(addr6(v6.octets())),
+            std::net::IpAddr::V4(_) => None,
+        });
+        for (index, value) in [(0, v4), (1, v6)] {
+            let value = value.unwrap_or_default();
+            if array.get(&index, 0).ok() != Some(value) {
+                array.set(index, value, 0).map_err(|source| DatapathError::Map {
+                    name: SNAT_ADDRS_MAP,
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns the pod programs' check for replies of external flows on or off (on while any
+    /// NodePort is programmed, so that without one a pod's packet pays nothing for it).
+    pub fn set_external(&mut self, on: bool) -> Result<(), DatapathError> {
+        let mut config = self.current_config()?;
+        let flags = if on {
+            config.flags | CONFIG_F_EXTERNAL
+        } else {
+            config.flags & !CONFIG_F_EXTERNAL
+        };
+        if flags == config.flags {
+            return Ok(());
+        }
+        config.flags = flags;
+        self.config_map()?
+            .set(0, config, 0)
+            .map_err(|source| DatapathError::Map {
+                name: DATAPATH_CONFIG_MAP,
+                source,
+            })
     }
 
     /// Runs the socket terminators once in the calling thread's network namespace: every socket
@@ -569,6 +700,10 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "sockets_terminated",
     "backend_missing",
     "affinity_full",
+    "fib_failed",
+    "snat_ports_exhausted",
+    "external_flows_translated",
+    "external_dropped",
 ];
 
 /// (map, entries, capacity) of the maps pinned under `pins`. Entries are counted by walking
@@ -609,6 +744,8 @@ pub fn map_fill(pins: &PinLayout, known: &[(&'static str, u64)]) -> Vec<(&'stati
             SOCK_REVNAT4_MAP => count!(SockRevNatKey4, SockRevNatValue),
             SOCK_REVNAT6_MAP => count!(SockRevNatKey6, SockRevNatValue),
             DOOMED_BACKENDS_MAP => count!(u32, u8),
+            NODE_ADDRS4_MAP => count!(u32, u8),
+            NODE_ADDRS6_MAP => count!([u32; 4], u8),
             SERVICE_CIDRS4_MAP => LpmTrie::<_, u32, u8>::try_from(map).map_or(0, |m| m.keys().count() as u64),
             SERVICE_CIDRS6_MAP => LpmTrie::<_, [u32; 4], u8>::try_from(map).map_or(0, |m| m.keys().count() as u64),
             FROM_POD_STATS_MAP => {
@@ -688,6 +825,25 @@ pub fn pinned_pod_veths(pins: &PinLayout) -> BTreeSet<String> {
             name.rsplit_once('-').map(|(veth, _)| veth.to_string())
         })
         .collect()
+}
+
+/// Uplinks that have a pinned link, by interface index.
+pub fn pinned_uplinks(pins: &PinLayout) -> BTreeSet<u32> {
+    std::fs::read_dir(pins.uplink_links())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Removes the pinned link of uplink `ifindex` (no longer an uplink, or gone): it detaches.
+pub fn unpin_uplink(pins: &PinLayout, ifindex: u32) -> Result<(), DatapathError> {
+    let path = pins.uplink_link(ifindex);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&path)(e)),
+        _ => Ok(()),
+    }
 }
 
 /// Removes the pinned links of `veth` (whose veth is gone: its links are defunct).

@@ -29,10 +29,11 @@ use tracing::{info, warn};
 
 use super::{
     diff::{self, AppliedFrontend, FrontendOp},
+    health_check,
     http::{self, Health},
     maps::{BatchOutcome, MapHandles, ServiceMaps},
     metrics::ServiceMetrics,
-    notes,
+    nodeport, notes,
     table::{self, Frontend, NodeContext, PortEntry, ServiceRef},
 };
 use crate::{
@@ -71,6 +72,12 @@ pub struct ServicesConfig {
     pub resync: Duration,
     /// Stands for the programs' version in their identity (tests use it for an upgrade).
     pub datapath_revision: u32,
+    /// `--nodeport-addresses`: the node addresses NodePorts answer on (empty: all but loopback
+    /// and link-local).
+    pub nodeport_addresses: Vec<IpNet>,
+    /// `--nodeport-interfaces`: where the uplink program attaches (empty: the interfaces that
+    /// hold the node's InternalIPs).
+    pub nodeport_interfaces: Vec<String>,
 }
 
 /// Why the service controller stopped (the supervisor restarts it).
@@ -161,6 +168,9 @@ pub async fn run(
             zone: None,
             proxy_name: cfg.proxy_name.clone(),
         },
+        internal_ips: Vec::new(),
+        health_checks: BTreeMap::new(),
+        health_servers: health_check::HealthCheckServers::default(),
         warnings: BTreeMap::new(),
         metrics,
         health: health.clone(),
@@ -235,6 +245,17 @@ fn set_up(cfg: &ServicesConfig) -> Result<(Datapath, ServiceMaps, datapath::Atta
         report.upgraded += r.upgraded;
         report.kept += r.kept;
     }
+    // Uplinks an earlier run attached to get this agent's program at once (new ones come with
+    // the first scan, once the node's addresses are known).
+    if replace {
+        let links = links_by_index()?;
+        for index in datapath::pinned_uplinks(dp.pins()) {
+            if let Some(name) = links.get(&index) {
+                let r = dp.attach_uplink(name, index, true)?;
+                report.upgraded += r.upgraded;
+            }
+        }
+    }
     dp.set_service_cidrs(&cfg.service_cidrs)?;
     dp.configure(
         cfg.modes,
@@ -246,15 +267,27 @@ fn set_up(cfg: &ServicesConfig) -> Result<(Datapath, ServiceMaps, datapath::Atta
     Ok((dp, maps, report))
 }
 
-/// The pod host veths in this namespace (the node's).
-fn host_veths() -> Result<Vec<String>, ServicesError> {
+/// Every interface of this namespace (the node's), by index.
+fn links_by_index() -> Result<BTreeMap<u32, String>, ServicesError> {
     let mut netlink =
         ferrynet_kernel::netlink::Netlink::current().map_err(|e| ServicesError::Netlink(e.to_string()))?;
     Ok(netlink
         .links()
         .map_err(|e| ServicesError::Netlink(e.to_string()))?
         .iter()
-        .filter_map(|l| ferrynet_kernel::netlink::inspect::link_name(l).map(str::to_string))
+        .filter_map(|l| {
+            Some((
+                l.header.index,
+                ferrynet_kernel::netlink::inspect::link_name(l)?.to_string(),
+            ))
+        })
+        .collect())
+}
+
+/// The pod host veths in this namespace (the node's).
+fn host_veths() -> Result<Vec<String>, ServicesError> {
+    Ok(links_by_index()?
+        .into_values()
         .filter(|n| n.starts_with(ferrynet_kernel::names::HOST_VETH_PREFIX))
         .collect())
 }
@@ -277,6 +310,12 @@ struct Controller {
     /// The earliest EndpointSlice change not yet in the maps, by Service.
     triggers: HashMap<ServiceRef, k8s_openapi::jiff::Timestamp>,
     node: NodeContext,
+    /// This node's InternalIPs (the uplinks are the interfaces that hold them; health check
+    /// ports listen on them).
+    internal_ips: Vec<IpAddr>,
+    /// The health check port each Service needs, with its local endpoint count.
+    health_checks: BTreeMap<ServiceRef, (u16, health_check::HealthCheck)>,
+    health_servers: health_check::HealthCheckServers,
     warnings: BTreeMap<ServiceRef, Vec<Warning>>,
     metrics: Arc<ServiceMetrics>,
     health: Arc<Health>,
@@ -369,7 +408,10 @@ impl Controller {
                     self.update_zone(&view);
                 }
                 _ = veth_scan.tick() => {
-                    tokio::task::block_in_place(|| self.scan_veths());
+                    tokio::task::block_in_place(|| {
+                        self.scan_veths();
+                        self.scan_nodeports();
+                    });
                 }
                 _ = resync.tick() => {
                     tokio::task::block_in_place(|| self.refresh_datapath_counters());
@@ -400,6 +442,14 @@ impl Controller {
     }
 
     fn update_zone(&mut self, view: &NodesView) {
+        if let Some(local) = view.get(&self.cfg.node_name)
+            && local.internal_ips != self.internal_ips
+        {
+            self.internal_ips = local.internal_ips.clone();
+            // Servers listen on the InternalIPs: started again on the new ones.
+            self.health_servers = health_check::HealthCheckServers::default();
+            self.sync_health_checks();
+        }
         let zone = view.get(&self.cfg.node_name).and_then(|n| n.zone.clone());
         if zone != self.node.zone {
             self.node.zone = zone;
@@ -532,9 +582,14 @@ impl Controller {
     fn desired(&mut self, svc: &ServiceRef) -> Vec<PortEntry> {
         let Some(service) = self.services.get(svc) else {
             self.warnings.remove(svc);
+            self.health_checks.remove(svc);
             return Vec::new();
         };
         let slices: &[Arc<EndpointSlice>] = self.slices.get(svc).map_or(&[], Vec::as_slice);
+        match health_check::wanted(svc, service, slices, &self.node.name) {
+            Some(check) => self.health_checks.insert(svc.clone(), check),
+            None => self.health_checks.remove(svc),
+        };
         let mut out = table::service_entries(service, slices, &self.node);
         // A frontend another Service holds stays that Service's (the API server never gives one
         // address to two Services; a stand-in or a bug might).
@@ -614,6 +669,15 @@ impl Controller {
             }
         }
         let outcome = self.maps.apply(&ops);
+        self.sync_health_checks();
+        // Pods' packets check for external flows' replies only while a NodePort exists.
+        let external = self.maps.frontends().keys().any(|f| f.scope == table::Scope::External);
+        if let Err(e) = self.datapath.set_external(external) {
+            warn!(
+                "turning the external reply check {}: {e}",
+                if external { "on" } else { "off" }
+            );
+        }
         self.finish(outcome, &dirty, started);
         if full {
             release_freed_memory();
@@ -739,6 +803,48 @@ impl Controller {
         }
     }
 
+    /// Starts, updates and stops the `healthCheckNodePort` servers. Two Services on one port
+    /// (which the API server never allows): the first by name serves it.
+    fn sync_health_checks(&mut self) {
+        let mut by_port: BTreeMap<u16, health_check::HealthCheck> = BTreeMap::new();
+        for (port, check) in self.health_checks.values() {
+            by_port.entry(*port).or_insert_with(|| check.clone());
+        }
+        self.health_servers.sync(&by_port, &self.internal_ips, &self.health);
+    }
+
+    /// Keeps the node address maps and the uplinks' program in step with the node's addresses
+    /// and interfaces (an address added after start answers NodePorts within a scan).
+    fn scan_nodeports(&mut self) {
+        let Ok(mut netlink) = ferrynet_kernel::netlink::Netlink::current() else {
+            return;
+        };
+        let (Ok(addresses), Ok(links)) = (netlink.addresses(None), links_by_index()) else {
+            return;
+        };
+        let wanted = nodeport::addresses(&addresses, &self.cfg.nodeport_addresses);
+        if let Err(e) = self.datapath.set_node_addresses(&wanted) {
+            warn!("writing the node's NodePort addresses: {e}");
+        }
+        if let Err(e) = self.datapath.set_snat_addresses(&self.internal_ips) {
+            warn!("writing the node's SNAT addresses: {e}");
+        }
+        let links: Vec<(u32, String)> = links.into_iter().collect();
+        let uplinks = nodeport::uplinks(&addresses, &links, &self.internal_ips, &self.cfg.nodeport_interfaces);
+        for (index, name) in &uplinks {
+            if let Err(e) = self.datapath.attach_uplink(name, *index, false) {
+                warn!("attaching the uplink program to {name}: {e}");
+            }
+        }
+        for index in datapath::pinned_uplinks(self.datapath.pins()) {
+            if !uplinks.contains_key(&index)
+                && let Err(e) = datapath::unpin_uplink(self.datapath.pins(), index)
+            {
+                warn!("detaching the uplink program from interface {index}: {e}");
+            }
+        }
+    }
+
     /// The kernel's counters at every resync; the maps' fill less often (see [`FILL_PERIOD`]),
     /// from the mirror for the maps the agent writes and by walking the others.
     fn refresh_datapath_counters(&mut self) {
@@ -793,7 +899,24 @@ fn slim_service(mut service: Service) -> Service {
             service.metadata.labels = None;
         }
     }
-    service.status = None;
+    // Of the status only the load balancer's ingress addresses (and their ipMode) matter.
+    service.status = service.status.take().and_then(|status| {
+        let ingress: Vec<_> = status
+            .load_balancer
+            .and_then(|lb| lb.ingress)
+            .into_iter()
+            .flatten()
+            .map(|i| k8s_openapi::api::core::v1::LoadBalancerIngress {
+                ip: i.ip,
+                ip_mode: i.ip_mode,
+                ..Default::default()
+            })
+            .collect();
+        (!ingress.is_empty()).then(|| k8s_openapi::api::core::v1::ServiceStatus {
+            load_balancer: Some(k8s_openapi::api::core::v1::LoadBalancerStatus { ingress: Some(ingress) }),
+            ..Default::default()
+        })
+    });
     if let Some(spec) = service.spec.as_mut() {
         spec.selector = None;
         spec.ip_families = None;

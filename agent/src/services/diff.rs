@@ -18,6 +18,10 @@ pub struct AppliedFrontend {
     /// Backends kept in the backend table for established flows, though in no slot.
     pub retained: BTreeSet<Backend>,
     pub affinity_timeout_s: Option<u32>,
+    /// [`PortEntry::drop_when_empty`].
+    pub drop_when_empty: bool,
+    /// Its backends the backend table marks as on this node.
+    pub local: BTreeSet<Backend>,
 }
 
 impl AppliedFrontend {
@@ -103,7 +107,9 @@ pub fn diff(current: &BTreeMap<Frontend, AppliedFrontend>, desired: &[PortEntry]
                 let same = old.slots.iter().copied().collect::<BTreeSet<_>>() == backends
                     && old.states == entry.backends
                     && old.retained == entry.retained
-                    && old.affinity_timeout_s == entry.affinity_timeout_s;
+                    && old.affinity_timeout_s == entry.affinity_timeout_s
+                    && old.drop_when_empty == entry.drop_when_empty
+                    && old.local == entry.local_backends;
                 if !same {
                     ops.push(FrontendOp::Update {
                         old: old.clone(),
@@ -156,6 +162,8 @@ mod tests {
             backends: backends.iter().map(|n| (b(*n), BackendState::Active)).collect(),
             retained: BTreeSet::new(),
             affinity_timeout_s: None,
+            local_backends: BTreeSet::new(),
+            drop_when_empty: false,
             notes: PortNotes::default(),
         }
     }
@@ -167,6 +175,8 @@ mod tests {
             states: slots.iter().map(|n| (b(*n), BackendState::Active)).collect(),
             retained: BTreeSet::new(),
             affinity_timeout_s: None,
+            drop_when_empty: false,
+            local: BTreeSet::new(),
         }
     }
 
@@ -257,5 +267,14 @@ mod tests {
         let mut sticky = entry(1, &[1, 2]);
         sticky.affinity_timeout_s = Some(30);
         assert_eq!(diff(&current, &[sticky]).len(), 1);
+        // So is a change of the drop policy, or of which backends are on this node (maps an
+        // earlier agent wrote without the mark get it, in place).
+        let mut dropping = entry(1, &[1, 2]);
+        dropping.drop_when_empty = true;
+        assert_eq!(diff(&current, &[dropping]).len(), 1);
+        let mut local = entry(1, &[1, 2]);
+        local.local_backends.insert(b(1));
+        let ops = diff(&current, &[local]);
+        assert!(matches!(&ops[0], FrontendOp::Update { slots, .. } if slots.writes.is_empty()));
     }
 }

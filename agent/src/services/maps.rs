@@ -149,7 +149,7 @@ pub fn ip_of(words: [u32; 4], family: u8) -> IpAddr {
     }
 }
 
-fn backend_value(backend: &Backend, state: BackendState) -> BackendValue {
+fn backend_value(backend: &Backend, state: BackendState, local: bool) -> BackendValue {
     BackendValue {
         addr: datapath_addr(backend.addr),
         port: port(backend.port),
@@ -159,7 +159,8 @@ fn backend_value(backend: &Backend, state: BackendState) -> BackendValue {
             BackendState::Active => BACKEND_ACTIVE,
             BackendState::Terminating => BACKEND_TERMINATING,
         },
-        _pad: [0; 3],
+        flags: if local { BACKEND_F_LOCAL } else { 0 },
+        _pad: [0; 2],
     }
 }
 
@@ -180,11 +181,18 @@ fn backend_of(value: &BackendValue) -> Option<(Backend, BackendState)> {
     ))
 }
 
-fn service_value(id: u32, count: usize, affinity: Option<u32>) -> ServiceValue {
+fn service_value(id: u32, count: usize, affinity: Option<u32>, drop_when_empty: bool) -> ServiceValue {
+    let mut flags = 0;
+    if affinity.is_some() {
+        flags |= SERVICE_F_AFFINITY;
+    }
+    if drop_when_empty {
+        flags |= SERVICE_F_DROP_EMPTY;
+    }
     ServiceValue {
         id,
         count: count as u16,
-        flags: if affinity.is_some() { SERVICE_F_AFFINITY } else { 0 },
+        flags,
         affinity_timeout_s: affinity.unwrap_or(0),
         _pad: 0,
     }
@@ -211,6 +219,8 @@ pub struct ServiceMaps {
     frontends: BTreeMap<Frontend, AppliedFrontend>,
     backend_ids: BTreeMap<Backend, u32>,
     backend_states: BTreeMap<Backend, BackendState>,
+    /// Backends the backend table marks as on this node.
+    backend_local: BTreeSet<Backend>,
     /// How many frontends reference each backend (in a slot or retained).
     refs: BTreeMap<Backend, usize>,
     frontend_ids: IdAllocator,
@@ -227,6 +237,7 @@ impl ServiceMaps {
             frontends: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
             backend_states: BTreeMap::new(),
+            backend_local: BTreeSet::new(),
             refs: BTreeMap::new(),
             frontend_ids: IdAllocator::new(max_services),
             backend_id_pool: IdAllocator::new(max_backends),
@@ -239,6 +250,9 @@ impl ServiceMaps {
                 by_id.insert(id, backend);
                 this.backend_ids.insert(backend, id);
                 this.backend_states.insert(backend, state);
+                if value.flags & BACKEND_F_LOCAL != 0 {
+                    this.backend_local.insert(backend);
+                }
                 this.backend_id_pool.mark(id);
             }
         }
@@ -292,6 +306,11 @@ impl ServiceMaps {
                 .iter()
                 .map(|b| (*b, this.backend_states.get(b).copied().unwrap_or(BackendState::Active)))
                 .collect();
+            let local = slots
+                .iter()
+                .filter(|b| this.backend_local.contains(b))
+                .copied()
+                .collect();
             this.frontends.insert(
                 frontend,
                 AppliedFrontend {
@@ -300,6 +319,8 @@ impl ServiceMaps {
                     states,
                     retained: BTreeSet::new(),
                     affinity_timeout_s: (value.flags & SERVICE_F_AFFINITY != 0).then_some(value.affinity_timeout_s),
+                    drop_when_empty: value.flags & SERVICE_F_DROP_EMPTY != 0,
+                    local,
                 },
             );
         }
@@ -343,29 +364,41 @@ impl ServiceMaps {
         &mut self,
         backend: &Backend,
         state: BackendState,
+        local: bool,
         out: &mut BatchOutcome,
     ) -> Result<u32, ServiceMapError> {
         self.orphans.remove(backend);
         if let Some(id) = self.backend_ids.get(backend).copied() {
-            if self.backend_states.get(backend) != Some(&state) {
+            // Rewritten in place (same id): its established flows go on.
+            if self.backend_states.get(backend) != Some(&state) || self.backend_local.contains(backend) != local {
                 self.maps
                     .backends
-                    .insert(id, backend_value(backend, state), 0)
+                    .insert(id, backend_value(backend, state, local), 0)
                     .map_err(map_error(BACKENDS_MAP))?;
                 self.backend_states.insert(*backend, state);
+                self.set_local(backend, local);
                 out.writes += 1;
             }
             return Ok(id);
         }
         let id = self.backend_id_pool.allocate("backend")?;
-        if let Err(e) = self.maps.backends.insert(id, backend_value(backend, state), 0) {
+        if let Err(e) = self.maps.backends.insert(id, backend_value(backend, state, local), 0) {
             self.backend_id_pool.free(id);
             return Err(map_error(BACKENDS_MAP)(e));
         }
         self.backend_ids.insert(*backend, id);
         self.backend_states.insert(*backend, state);
+        self.set_local(backend, local);
         out.writes += 1;
         Ok(id)
+    }
+
+    fn set_local(&mut self, backend: &Backend, local: bool) {
+        if local {
+            self.backend_local.insert(*backend);
+        } else {
+            self.backend_local.remove(backend);
+        }
     }
 
     fn write_service(&mut self, frontend: &Frontend, value: ServiceValue) -> Result<(), ServiceMapError> {
@@ -446,10 +479,12 @@ impl ServiceMaps {
         let result = (|| {
             let mut slots = Vec::new();
             for (backend, state) in &entry.backends {
-                slots.push(self.ensure_backend(backend, *state, out)?);
+                let local = entry.local_backends.contains(backend);
+                slots.push(self.ensure_backend(backend, *state, local, out)?);
             }
             for backend in &entry.retained {
-                self.ensure_backend(backend, BackendState::Terminating, out)?;
+                let local = entry.local_backends.contains(backend);
+                self.ensure_backend(backend, BackendState::Terminating, local, out)?;
             }
             for (slot, backend) in slots.iter().enumerate() {
                 self.write_slot(id, slot as u32, *backend)?;
@@ -465,7 +500,7 @@ impl ServiceMaps {
             // The service entry last: once it is visible, its slots are complete.
             self.write_service(
                 &entry.frontend,
-                service_value(id, slots.len(), entry.affinity_timeout_s),
+                service_value(id, slots.len(), entry.affinity_timeout_s, entry.drop_when_empty),
             )?;
             out.writes += 2;
             Ok(())
@@ -482,6 +517,8 @@ impl ServiceMaps {
                 states: entry.backends.clone(),
                 retained: entry.retained.clone(),
                 affinity_timeout_s: entry.affinity_timeout_s,
+                drop_when_empty: entry.drop_when_empty,
+                local: entry.local_backends.clone(),
             }),
             touched,
         );
@@ -533,17 +570,19 @@ impl ServiceMaps {
                     let id = old.id;
                     (|| {
                         for (backend, state) in &new.backends {
-                            self.ensure_backend(backend, *state, &mut out)?;
+                            let local = new.local_backends.contains(backend);
+                            self.ensure_backend(backend, *state, local, &mut out)?;
                         }
                         for backend in &new.retained {
-                            self.ensure_backend(backend, BackendState::Terminating, &mut out)?;
+                            let local = new.local_backends.contains(backend);
+                            self.ensure_backend(backend, BackendState::Terminating, local, &mut out)?;
                         }
                         for (slot, backend) in &slots.writes {
                             let backend_id = self.backend_ids[backend];
                             self.write_slot(id, *slot, backend_id)?;
                             out.writes += 1;
                         }
-                        let value = service_value(id, slots.slots.len(), new.affinity_timeout_s);
+                        let value = service_value(id, slots.slots.len(), new.affinity_timeout_s, new.drop_when_empty);
                         self.write_service(&new.frontend, value)?;
                         out.writes += 1;
                         for slot in &slots.deletes {
@@ -558,6 +597,8 @@ impl ServiceMaps {
                                 states: new.backends.clone(),
                                 retained: new.retained.clone(),
                                 affinity_timeout_s: new.affinity_timeout_s,
+                                drop_when_empty: new.drop_when_empty,
+                                local: new.local_backends.clone(),
                             }),
                             &mut touched,
                         );
@@ -686,6 +727,7 @@ impl ServiceMaps {
             }
             self.backend_ids.remove(backend);
             self.backend_states.remove(backend);
+            self.backend_local.remove(backend);
             self.backend_id_pool.free(*id);
         }
         for id in frontends {
@@ -722,8 +764,10 @@ mod tests {
             port: 8080,
             protocol: Protocol::Udp,
         };
-        let value = backend_value(&b, BackendState::Terminating);
+        let value = backend_value(&b, BackendState::Terminating, true);
         assert_eq!(backend_of(&value), Some((b, BackendState::Terminating)));
+        assert_eq!(value.flags, BACKEND_F_LOCAL);
+        assert_eq!(backend_value(&b, BackendState::Active, false).flags, 0);
         // On the wire, the port's bytes are big-endian.
         assert_eq!(value.port.to_ne_bytes(), 8080u16.to_be_bytes());
     }

@@ -3,14 +3,18 @@
 //! - [`table`]: Services and EndpointSlices → the entries this node needs (pure);
 //! - [`diff`]: those entries against what the maps hold → operations (pure);
 //! - [`maps`]: the maps, their mirror, and the applier;
+//! - [`nodeport`]: the addresses and interfaces NodePorts answer on (pure);
 //! - [`controller`]: the task that follows the API and drives the three;
 //! - [`http`], [`metrics`]: `/healthz` and `/metrics`;
+//! - [`health_check`]: the `healthCheckNodePort` servers;
 //! - [`notes`], [`cli`]: what `ferrynet-agent services` and `explain` show.
 pub mod cli;
 pub mod controller;
 pub mod diff;
+pub mod health_check;
 pub mod http;
 pub mod maps;
 pub mod metrics;
+pub mod nodeport;
 pub mod notes;
 pub mod table;

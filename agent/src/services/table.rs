@@ -191,6 +191,14 @@ pub struct PortEntry {
     pub retained: BTreeSet<Backend>,
     /// `sessionAffinity: ClientIP`'s timeout.
     pub affinity_timeout_s: Option<u32>,
+    /// The backends (picked or retained) that run on this node: external traffic reaches them
+    /// without SNAT.
+    #[serde(default)]
+    pub local_backends: BTreeSet<Backend>,
+    /// Without backends, drop rather than refuse (`externalTrafficPolicy: Local`: a load
+    /// balancer's health check steers around this node).
+    #[serde(default)]
+    pub drop_when_empty: bool,
     pub notes: PortNotes,
 }
 
@@ -329,6 +337,10 @@ pub fn service_entries(service: &Service, slices: &[Arc<EndpointSlice>], node: &
         return out;
     }
     let local_policy = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    // NodePorts: NodePort and LoadBalancer Services (a LoadBalancer one may have none).
+    let node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+    let external_ips = external_addresses(service, &svc_ref, &cluster_ips, &mut out.warnings);
     let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
         let timeout = spec
             .session_affinity_config
@@ -376,23 +388,117 @@ pub fn service_entries(service: &Service, slices: &[Arc<EndpointSlice>], node: &
             ));
             continue;
         }
-        for ip in &cluster_ips {
-            let endpoints = endpoints_of(&svc_ref, slices, *ip, &port_name, protocol, node, &mut out.warnings);
-            let mut entry = choose(
-                Frontend {
-                    addr: *ip,
-                    port: number,
-                    protocol,
-                    scope: Scope::Internal,
-                },
-                &endpoints,
-                local_policy,
-                node,
-            );
+        // One entry of this port: `frontend`'s backends under a Local (or Cluster) policy.
+        let entry = |frontend: Frontend, endpoints: &[EndpointView<'_>], local: bool, drop_when_empty: bool| {
+            let mut entry = choose(frontend, endpoints, local, node);
             entry.service = svc_ref.clone();
             entry.port_name = port_name.clone();
             entry.affinity_timeout_s = affinity;
-            out.entries.push(entry);
+            entry.drop_when_empty = drop_when_empty;
+            entry
+        };
+        for ip in &cluster_ips {
+            let endpoints = endpoints_of(&svc_ref, slices, *ip, &port_name, protocol, node, &mut out.warnings);
+            let frontend = Frontend {
+                addr: *ip,
+                port: number,
+                protocol,
+                scope: Scope::Internal,
+            };
+            out.entries.push(entry(frontend, &endpoints, local_policy, false));
+        }
+        // externalIPs and load balancer IPs: translated where they arrive from outside
+        // (externalTrafficPolicy), and short-circuited for pods and the node's own processes,
+        // which get every endpoint (as kube-proxy does, whatever the external policy).
+        for ip in &external_ips {
+            let endpoints = endpoints_of(&svc_ref, slices, *ip, &port_name, protocol, node, &mut Vec::new());
+            for (scope, local) in [(Scope::External, external_local), (Scope::Internal, false)] {
+                let frontend = Frontend {
+                    addr: *ip,
+                    port: number,
+                    protocol,
+                    scope,
+                };
+                out.entries.push(entry(frontend, &endpoints, local, local));
+            }
+        }
+        let node_port = match port.node_port {
+            Some(n) if node_ports && n != 0 => match u16::try_from(n) {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    out.warnings.push(warn(
+                        WarningKind::HostileService,
+                        format!("service {svc_ref}: nodePort {n} is out of range; left out"),
+                    ));
+                    None
+                }
+            },
+            _ => None,
+        };
+        // A NodePort answers on the node's addresses of each family the Service has: the
+        // datapath keys it by the unspecified address and checks the destination is the node's.
+        for (ip, node_port) in cluster_ips.iter().filter_map(|ip| Some((ip, node_port?))) {
+            let endpoints = endpoints_of(&svc_ref, slices, *ip, &port_name, protocol, node, &mut Vec::new());
+            let any: IpAddr = if ip.is_ipv4() {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            };
+            let frontend = Frontend {
+                addr: any,
+                port: node_port,
+                protocol,
+                scope: Scope::External,
+            };
+            out.entries
+                .push(entry(frontend, &endpoints, external_local, external_local));
+        }
+    }
+    out
+}
+
+/// A Service's `externalIPs` and its load balancer's ingress IPs (those not in `ipMode: Proxy`,
+/// which the load balancer must see), of the Service's families, each once (pure).
+fn external_addresses(
+    service: &Service,
+    svc: &ServiceRef,
+    cluster_ips: &[IpAddr],
+    warnings: &mut Vec<Warning>,
+) -> Vec<IpAddr> {
+    let spec = service.spec.as_ref();
+    let external = spec
+        .and_then(|s| s.external_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .cloned();
+    let balanced = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|_| matches!(spec.and_then(|s| s.type_.as_deref()), Some("LoadBalancer")))
+        .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|i| i.ip.clone());
+    let mut out: Vec<IpAddr> = Vec::new();
+    for raw in external.chain(balanced) {
+        match raw.parse::<IpAddr>() {
+            Ok(ip)
+                if !ip.is_unspecified()
+                    && !ip.is_loopback()
+                    && !ip.is_multicast()
+                    && cluster_ips.iter().any(|c| c.is_ipv4() == ip.is_ipv4())
+                    && !cluster_ips.contains(&ip) =>
+            {
+                if !out.contains(&ip) {
+                    out.push(ip);
+                }
+            }
+            _ => warnings.push(warn(
+                WarningKind::HostileService,
+                format!("service {svc}: external address {raw:?} is not usable for its families; left out"),
+            )),
         }
     }
     out
@@ -577,11 +683,17 @@ fn choose(frontend: Frontend, endpoints: &[EndpointView<'_>], local_policy: bool
         }
     }
     // Endpoints that are not picked but still serve keep their established flows.
-    let retained = endpoints
+    let retained: BTreeSet<Backend> = endpoints
         .iter()
         .filter(|e| e.serving || e.ready)
         .map(backend)
         .filter(|b| !backends.contains_key(b))
+        .collect();
+    let local_backends = endpoints
+        .iter()
+        .filter(|e| e.local)
+        .map(backend)
+        .filter(|b| backends.contains_key(b) || retained.contains(b))
         .collect();
     PortEntry {
         frontend,
@@ -593,6 +705,8 @@ fn choose(frontend: Frontend, endpoints: &[EndpointView<'_>], local_policy: bool
         backends,
         retained,
         affinity_timeout_s: None,
+        local_backends,
+        drop_when_empty: false,
         notes: PortNotes {
             traffic_policy: if local_policy { "Local" } else { "Cluster" }.into(),
             topology: topology.map(str::to_string),
@@ -723,6 +837,116 @@ mod tests {
 
     fn addrs(entry: &PortEntry) -> Vec<String> {
         entry.backends.keys().map(ToString::to_string).collect()
+    }
+
+    fn node_port_service(kind: &str, external: Option<&str>, node_ports: &[i32]) -> Service {
+        let mut svc = service(
+            &["10.96.0.10", "fd00:96::10"],
+            &[("http", 80, "TCP"), ("dns", 53, "UDP")],
+        );
+        let spec = svc.spec.as_mut().unwrap();
+        spec.type_ = Some(kind.into());
+        spec.external_traffic_policy = external.map(str::to_string);
+        for (port, node_port) in spec.ports.iter_mut().flatten().zip(node_ports) {
+            port.node_port = Some(*node_port);
+        }
+        svc
+    }
+
+    fn external(out: &ServiceEntries) -> Vec<&PortEntry> {
+        out.entries
+            .iter()
+            .filter(|e| e.frontend.scope == Scope::External)
+            .collect()
+    }
+
+    #[test]
+    fn node_ports_answer_on_every_node_address_of_each_family_with_the_external_policy() {
+        let slices = [
+            slice(
+                "v4",
+                "IPv4",
+                &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
+                &[ep("10.244.1.2", "n1"), ep("10.244.2.2", "n2")],
+            ),
+            slice("v6", "IPv6", &[("http", 8080, "TCP")], &[ep("fd00:244:2::2", "n2")]),
+        ];
+        // Cluster: every endpoint, the local one marked local; both families; both ports.
+        let out = service_entries(
+            &node_port_service("NodePort", None, &[30080, 30053]),
+            &slices,
+            &node("n1", None),
+        );
+        let ext = external(&out);
+        assert_eq!(ext.len(), 4, "{ext:#?}");
+        let http4 = ext
+            .iter()
+            .find(|e| e.frontend.port == 30080 && e.frontend.addr.is_ipv4())
+            .unwrap();
+        assert!(http4.frontend.addr.is_unspecified());
+        assert_eq!(http4.frontend.protocol, Protocol::Tcp);
+        assert_eq!(addrs(http4), ["10.244.1.2:8080", "10.244.2.2:8080"]);
+        let local: Vec<String> = http4.local_backends.iter().map(ToString::to_string).collect();
+        assert_eq!(local, ["10.244.1.2:8080"]);
+        assert!(!http4.drop_when_empty);
+        let dns6 = ext
+            .iter()
+            .find(|e| e.frontend.port == 30053 && e.frontend.addr.is_ipv6())
+            .unwrap();
+        assert!(dns6.backends.is_empty(), "no IPv6 endpoint has the dns port");
+        // The ClusterIP entries are still there, internal.
+        assert_eq!(out.entries.len(), 8);
+
+        // Local: this node's endpoints only, and drop (not refuse) when there are none.
+        let out = service_entries(
+            &node_port_service("LoadBalancer", Some("Local"), &[30080, 30053]),
+            &slices,
+            &node("n1", None),
+        );
+        let ext = external(&out);
+        let http4 = ext
+            .iter()
+            .find(|e| e.frontend.port == 30080 && e.frontend.addr.is_ipv4())
+            .unwrap();
+        assert_eq!(addrs(http4), ["10.244.1.2:8080"]);
+        assert_eq!(http4.notes.traffic_policy, "Local");
+        let http6 = ext
+            .iter()
+            .find(|e| e.frontend.port == 30080 && e.frontend.addr.is_ipv6())
+            .unwrap();
+        assert!(http6.backends.is_empty() && http6.drop_when_empty);
+        // The internal entries keep the internal policy (Cluster).
+        let internal4 = out
+            .entries
+            .iter()
+            .find(|e| e.frontend.scope == Scope::Internal && e.frontend.port == 80 && e.frontend.addr.is_ipv4())
+            .unwrap();
+        assert_eq!(internal4.backends.len(), 2);
+    }
+
+    #[test]
+    fn node_ports_of_clusterip_services_and_hostile_node_ports_are_left_out() {
+        let slices = [slice("v4", "IPv4", &[("http", 8080, "TCP")], &[ep("10.244.1.2", "n1")])];
+        // A ClusterIP Service with a nodePort (the API refuses it; a stale object may carry one).
+        let out = service_entries(
+            &node_port_service("ClusterIP", None, &[30080]),
+            &slices,
+            &node("n1", None),
+        );
+        assert!(external(&out).is_empty());
+        // Out of range: warned about and left out; the ClusterIP entries stay.
+        let out = service_entries(
+            &node_port_service("NodePort", None, &[70000, 0]),
+            &slices,
+            &node("n1", None),
+        );
+        assert!(external(&out).is_empty());
+        assert!(
+            out.warnings.iter().any(|w| w.message.contains("nodePort 70000")),
+            "{:?}",
+            out.warnings
+        );
+        assert_eq!(out.entries.len(), 4);
     }
 
     /// `explain` reads what the controller wrote: every entry must survive the notes file.

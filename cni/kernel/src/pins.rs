@@ -59,6 +59,16 @@ impl PinLayout {
         self.pod_links().join(format!("{veth}-{hook}"))
     }
 
+    pub fn uplink_links(&self) -> PathBuf {
+        self.links().join("uplinks")
+    }
+
+    /// The link of an uplink's ingress hook, by interface index (interface names may hold dots,
+    /// which bpffs refuses).
+    pub fn uplink_link(&self, ifindex: u32) -> PathBuf {
+        self.uplink_links().join(ifindex.to_string())
+    }
+
     /// Makes the directories (owner only). Says which one could not be made, if any.
     pub fn create(&self) -> Result<(), (PathBuf, std::io::Error)> {
         for dir in [
@@ -66,6 +76,7 @@ impl PinLayout {
             self.programs(),
             self.links().join("cgroup"),
             self.pod_links(),
+            self.uplink_links(),
         ] {
             std::fs::DirBuilder::new()
                 .recursive(true)

@@ -24,6 +24,7 @@
 //! - [`DOOMED_BACKENDS_MAP`]: backends whose sockets are being terminated;
 //! - [`SERVICE_CIDRS4_MAP`] / [`SERVICE_CIDRS6_MAP`]: the cluster's Service CIDRs, where an
 //!   address no Service holds is refused;
+//! - [`NODE_ADDRS4_MAP`] / [`NODE_ADDRS6_MAP`]: the node's addresses NodePorts answer on;
 //! - [`DATAPATH_CONFIG_MAP`]: [`DatapathConfig`], set at load;
 //! - [`DATAPATH_STATS_MAP`]: per-CPU counters, indexed by [`Stat`].
 #![no_std]
@@ -51,9 +52,14 @@ pub const DATAPATH_CONFIG_MAP: &str = "DATAPATH_CONFIG";
 pub const DATAPATH_STATS_MAP: &str = "DATAPATH_STATS";
 /// Packets and bytes each pod sends, keyed by the ifindex of its host-side veth.
 pub const FROM_POD_STATS_MAP: &str = "FROM_POD_STATS";
+pub const NODE_ADDRS4_MAP: &str = "NODE_ADDRS4";
+pub const NODE_ADDRS6_MAP: &str = "NODE_ADDRS6";
+/// The node's InternalIPs, as [`NodeAddress`]es (index 0 IPv4, 1 IPv6): where flows to an
+/// externalIP or load balancer IP are SNATed to when their backend is on another node.
+pub const SNAT_ADDRS_MAP: &str = "SNAT_ADDRS";
 
 /// Every map the datapath pins, in the order the agent reports them.
-pub const PINNED_MAPS: [&str; 18] = [
+pub const PINNED_MAPS: [&str; 21] = [
     SERVICES4_MAP,
     SERVICES6_MAP,
     SERVICE_SLOTS_MAP,
@@ -72,6 +78,9 @@ pub const PINNED_MAPS: [&str; 18] = [
     DATAPATH_CONFIG_MAP,
     DATAPATH_STATS_MAP,
     FROM_POD_STATS_MAP,
+    NODE_ADDRS4_MAP,
+    NODE_ADDRS6_MAP,
+    SNAT_ADDRS_MAP,
 ];
 
 /// Program names (the functions' names in the object).
@@ -87,6 +96,9 @@ pub const GETPEERNAME6_PROGRAM: &str = "sock6_getpeername";
 pub const FROM_POD_PROGRAM: &str = "from_pod";
 /// TC/TCX at egress of a pod's host veth: everything sent to the pod.
 pub const TO_POD_PROGRAM: &str = "to_pod";
+/// TC/TCX at ingress of the node's uplinks: NodePort traffic from outside, and the replies of
+/// flows sent to other nodes' backends.
+pub const FROM_UPLINK_PROGRAM: &str = "from_uplink";
 /// Socket iterators that terminate sockets connected to removed backends.
 pub const TERMINATE_UDP_PROGRAM: &str = "terminate_udp";
 pub const TERMINATE_TCP_PROGRAM: &str = "terminate_tcp";
@@ -101,6 +113,8 @@ pub const DEFAULT_MAX_CONNTRACK: u32 = 262_144;
 pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
 pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
 pub const MAX_SERVICE_CIDRS: u32 = 64;
+/// Capacity of the node address maps.
+pub const MAX_NODE_ADDRS: u32 = 1024;
 /// Capacity of the per-pod maps. A node runs a few hundred pods at most; this leaves room.
 pub const MAX_PODS: u32 = 4096;
 /// The most backends one service port can have.
@@ -121,6 +135,12 @@ pub const SERVICE_F_AFFINITY: u16 = 1 << 0;
 pub const BACKEND_ACTIVE: u8 = 0;
 /// A backend that is terminating: used only when no ready one exists.
 pub const BACKEND_TERMINATING: u8 = 1;
+/// `BackendValue::flags`: the backend runs on this node (no SNAT for external traffic to it).
+pub const BACKEND_F_LOCAL: u8 = 1 << 0;
+
+/// `ServiceValue::flags`: without backends, drop instead of refusing (`externalTrafficPolicy:
+/// Local` on a node without local endpoints, so that a load balancer's health check steers away).
+pub const SERVICE_F_DROP_EMPTY: u16 = 1 << 1;
 
 /// `DatapathConfig::flags`: socket LB translates only in the host's network namespace.
 pub const CONFIG_F_HOST_NETNS_ONLY: u32 = 1 << 0;
@@ -128,6 +148,17 @@ pub const CONFIG_F_HOST_NETNS_ONLY: u32 = 1 << 0;
 pub const CONFIG_F_PER_PACKET: u32 = 1 << 1;
 /// `DatapathConfig::flags`: socket LB translates at all.
 pub const CONFIG_F_SOCKET_LB: u32 = 1 << 2;
+/// `DatapathConfig::flags`: external frontends (NodePorts) exist, so pods' replies may belong to
+/// external flows (without any, a pod's packet pays no lookup for them).
+pub const CONFIG_F_EXTERNAL: u32 = 1 << 3;
+
+/// The source ports a flow to another node's backend is SNATed to: above Linux's default
+/// ephemeral range (32768-60999), so they never collide with the node's own connections.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
+/// A closed TCP flow's entries stay this long (for the last ACK and retransmitted FINs), then
+/// its SNAT port is free again.
+pub const CT_CLOSED_NS: u64 = 10 * 1_000_000_000;
 
 /// The packet mark (in [`MARK_MASK`]) that asks the agent's firewall table to reject a packet
 /// with an ICMP error or a TCP reset: a Service port without endpoints, or an address in the
@@ -228,7 +259,9 @@ pub struct BackendValue {
     pub family: u8,
     /// [`BACKEND_ACTIVE`] or [`BACKEND_TERMINATING`].
     pub state: u8,
-    pub _pad: [u8; 3],
+    /// [`BACKEND_F_LOCAL`].
+    pub flags: u8,
+    pub _pad: [u8; 2],
 }
 
 /// Value of [`REV_NAT_MAP`]: the service address replies must come from.
@@ -244,6 +277,13 @@ pub struct RevNatValue {
 /// Direction of a conntrack entry.
 pub const CT_FORWARD: u8 = 0;
 pub const CT_REPLY: u8 = 1;
+/// A packet arriving at the node's uplink: an external client's (client → node address:NodePort,
+/// translated to a backend), or a reply of a flow SNATed to another node's backend (backend →
+/// node address:SNAT port, translated back to the client).
+pub const CT_EXT_IN: u8 = 2;
+/// A local backend's reply to an external client, at its pod's veth: the source becomes the
+/// node address and NodePort the client sent to.
+pub const CT_EXT_OUT: u8 = 3;
 
 /// Key of [`CT4_MAP`]: a packet's tuple as seen at the pod's veth.
 #[repr(C)]
@@ -275,6 +315,11 @@ pub struct CtKey6 {
 /// The entry was made for a pod reaching itself through its Service: the client's address was
 /// replaced with the hairpin address, and the reply must get it back.
 pub const CT_F_HAIRPIN: u32 = 1 << 0;
+/// A [`CT_EXT_IN`] entry for a reply from another node's backend: `client_addr`/`client_port`
+/// are the external client's, and the source becomes the node address and NodePort.
+pub const CT_F_SNAT_REPLY: u32 = 1 << 1;
+/// A TCP flow that saw a FIN or RST: its entries expire after [`CT_CLOSED_NS`].
+pub const CT_F_CLOSED: u32 = 1 << 2;
 
 /// Value of the conntrack maps.
 #[repr(C)]
@@ -285,7 +330,9 @@ pub struct CtValue {
     /// Last packet (`bpf_ktime_get_ns`).
     pub last_seen_ns: u64,
     pub flags: u32,
-    /// For reply entries: the client's original address and port (hairpin).
+    /// For reply entries: the client's original address and port (hairpin, SNAT replies). For
+    /// [`CT_EXT_IN`] client entries: the SNAT address and port (port 0: not SNATed). For
+    /// [`CT_EXT_OUT`] entries: the address the client sent to, in `client_addr`.
     pub client_port: u16,
     pub _pad: u16,
     pub client_addr: [u32; 4],
@@ -351,6 +398,9 @@ pub struct SockRevNatValue {
     pub service: u32,
 }
 
+/// Value of [`SNAT_ADDRS_MAP`]: an address (IPv4 in `addr[0]`); all zero: none.
+pub type NodeAddress = [u32; 4];
+
 /// Key of the Service CIDR tries (an LPM trie's data part).
 pub type ServiceCidr4 = u32;
 pub type ServiceCidr6 = [u32; 4];
@@ -392,9 +442,17 @@ pub enum Stat {
     BackendMissing = 8,
     /// An affinity entry could not be written.
     AffinityFull = 9,
+    /// A translated packet had no route to send it on (dropped).
+    FibFailed = 10,
+    /// No free SNAT port for a flow to another node's backend (dropped).
+    SnatPortsExhausted = 11,
+    /// External flows translated (NodePort).
+    ExternalFlowsTranslated = 12,
+    /// External packets dropped: `externalTrafficPolicy: Local` without a local endpoint.
+    ExternalDropped = 13,
 }
 
-pub const STAT_COUNT: u32 = 10;
+pub const STAT_COUNT: u32 = 14;
 
 /// Packets and bytes seen by a program, per CPU.
 #[repr(C)]

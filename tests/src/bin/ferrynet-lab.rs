@@ -84,6 +84,17 @@ enum Command {
         #[arg(long = "type", default_value = "ClusterIP")]
         kind: String,
     },
+    /// Play the cloud's load balancer: give a Service load balancer IPs (its status), and route
+    /// them from the external client's namespace to nodes (several: ECMP).
+    ExposeLoadBalancer {
+        service: String,
+        /// A load balancer IP, repeatable.
+        #[arg(long = "ip", required = true)]
+        ips: Vec<std::net::IpAddr>,
+        /// A node to route the IPs to, repeatable (on the external client's segment).
+        #[arg(long = "node", required = true)]
+        nodes: Vec<String>,
+    },
     /// Delete a Service (and its EndpointSlices).
     DeleteService { service: String },
     /// kubectl against the lab (run from the external client's namespace).
@@ -308,8 +319,33 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|(port, target_port)| ServicePort { port, target_port })
                 .collect();
             let svc = lab.create_service(&service, &selector.into_iter().collect(), &ports, &kind)?;
-            let ips = svc.spec.and_then(|s| s.cluster_ips).unwrap_or_default();
-            println!("service {service}: clusterIPs {}", ips.join(", "));
+            let spec = svc.spec.unwrap_or_default();
+            let ips = spec.cluster_ips.unwrap_or_default();
+            let node_ports: Vec<String> = spec
+                .ports
+                .into_iter()
+                .flatten()
+                .filter_map(|p| Some(format!("{}->{}", p.port, p.node_port?)))
+                .collect();
+            if node_ports.is_empty() {
+                println!("service {service}: clusterIPs {}", ips.join(", "));
+            } else {
+                println!(
+                    "service {service}: clusterIPs {}, nodePorts {}",
+                    ips.join(", "),
+                    node_ports.join(", ")
+                );
+            }
+        }
+        Command::ExposeLoadBalancer { service, ips, nodes } => {
+            let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+            Lab::open(&cli.name)?.expose_load_balancer(&service, &ips, &nodes)?;
+            let ips: Vec<String> = ips.iter().map(ToString::to_string).collect();
+            println!(
+                "service {service}: load balancer {} via {}",
+                ips.join(", "),
+                nodes.join(", ")
+            );
         }
         Command::DeleteService { service } => Lab::open(&cli.name)?.delete_service(&service)?,
         Command::Kubectl { args } => {

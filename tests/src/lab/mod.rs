@@ -948,6 +948,80 @@ impl Lab {
         Ok(created)
     }
 
+    /// Plays the cloud's load balancer controller: `service`'s status gets `ips` as its load
+    /// balancer's ingress, and the external client routes each of them to `nodes`, one route
+    /// through several nodes being ECMP, spread by the flows' ports.
+    pub fn expose_load_balancer(&self, service: &str, ips: &[IpAddr], nodes: &[&str]) -> Result<()> {
+        use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+        let api = self.api()?;
+        let mut svc: Service = api.get(service)?.ok_or_else(|| anyhow!("no service {service}"))?;
+        svc.status = Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(
+                    ips.iter()
+                        .map(|ip| LoadBalancerIngress {
+                            ip: Some(ip.to_string()),
+                            ip_mode: Some("VIP".into()),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+            }),
+            ..Default::default()
+        });
+        api.replace_status(&svc)?;
+        self.route_from_client(ips, nodes)
+    }
+
+    /// Routes `ips` from the external client's namespace to `nodes` (several: ECMP, spread by
+    /// the flows' ports), as the network in front of a cluster routes load balancer IPs and
+    /// externalIPs.
+    pub fn route_from_client(&self, ips: &[IpAddr], nodes: &[&str]) -> Result<()> {
+        let client = self.ns("client")?;
+        for ip in ips {
+            let mut gateways = Vec::new();
+            for name in nodes {
+                let node = self
+                    .state
+                    .nodes
+                    .iter()
+                    .find(|n| n.name == *name)
+                    .ok_or_else(|| anyhow!("no node {name}"))?;
+                if node.segment != 0 {
+                    bail!("node {name} is not on the external client's segment");
+                }
+                gateways.push(if ip.is_ipv4() {
+                    node.v4().to_string()
+                } else {
+                    node.v6().to_string()
+                });
+            }
+            let (family, prefix, hash) = if ip.is_ipv4() {
+                ("-4", 32, "net.ipv4.fib_multipath_hash_policy")
+            } else {
+                ("-6", 128, "net.ipv6.fib_multipath_hash_policy")
+            };
+            // Hash on ports too, so that one client's flows spread over the nodes.
+            client.sysctl(hash, "1");
+            let dst = format!("{ip}/{prefix}");
+            let mut args = vec![family, "route", "replace", dst.as_str()];
+            match gateways.as_slice() {
+                [] => bail!("no node to route {ip} to"),
+                [one] => args.extend(["via", one.as_str()]),
+                many => {
+                    for gateway in many {
+                        args.extend(["nexthop", "via", gateway.as_str()]);
+                    }
+                }
+            }
+            let out = client.exec("ip", &args);
+            if !out.status.success() {
+                bail!("routing {ip}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        Ok(())
+    }
+
     /// A Service's ClusterIP of one family.
     pub fn cluster_ip(&self, service: &str, v4: bool) -> Result<IpAddr> {
         let svc: Service = self

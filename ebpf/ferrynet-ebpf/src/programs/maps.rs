@@ -38,6 +38,13 @@ pub static DOOMED_BACKENDS: HashMap<u32, u8> = HashMap::with_max_entries(DEFAULT
 pub static SERVICE_CIDRS4: LpmTrie<ServiceCidr4, u8> = LpmTrie::with_max_entries(MAX_SERVICE_CIDRS, 0);
 #[map]
 pub static SERVICE_CIDRS6: LpmTrie<ServiceCidr6, u8> = LpmTrie::with_max_entries(MAX_SERVICE_CIDRS, 0);
+/// The node's addresses NodePorts answer on (the agent keeps them current).
+#[map]
+pub static NODE_ADDRS4: HashMap<u32, u8> = HashMap::with_max_entries(MAX_NODE_ADDRS, 0);
+#[map]
+pub static NODE_ADDRS6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(MAX_NODE_ADDRS, 0);
+#[map]
+pub static SNAT_ADDRS: Array<NodeAddress> = Array::with_max_entries(2, 0);
 #[map]
 pub static DATAPATH_CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 #[map]

@@ -4,10 +4,14 @@
 //!   translation at the socket, nothing per packet afterwards;
 //! - [`pod_path`]: TC/TCX on each pod's host veth: per-packet translation with connection
 //!   tracking, for whatever socket LB did not translate;
+//! - [`external`]: TC/TCX on the node's uplinks: NodePorts, with SNAT to other nodes' backends;
 //! - [`terminate`]: socket iterators that destroy the sockets of removed backends;
+//! - [`packet`]: parsing and rewriting packets, for the TC programs;
 //! - [`services`]: the service lookup and backend selection both paths share;
 //! - [`maps`], [`stats`]: the maps, and per-CPU counters.
+mod external;
 mod maps;
+mod packet;
 mod pod_path;
 mod pod_stats;
 mod services;

@@ -12,201 +12,17 @@
 //!   back, while its flow is not idle past the conntrack limit.
 //! - Hairpin: a pod reaching itself through its Service sees the hairpin address as the source,
 //!   so that its reply comes back out through the veth, where it is translated and sent back in.
-use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK},
-    helpers::{bpf_ktime_get_ns, bpf_redirect},
-    macros::classifier,
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext};
 use ferrynet_common::*;
 
 use super::{
+    external::{reply_to_external4, reply_to_external6},
     maps::{CT4, CT6, REV_NAT, config},
+    packet::*,
     pod_stats,
     services::{Destination, backend, lookup4, lookup6, select4, select6},
     stats::bump,
 };
-
-/// TCX: go on to the next program on the hook, then the stack.
-const NEXT: i32 = -1;
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-
-/// A packet's addresses, ports and where its checksums are.
-struct Tuple<A> {
-    saddr: A,
-    daddr: A,
-    sport: u16,
-    dport: u16,
-    proto: u8,
-    /// Offset of the L4 header.
-    l4: usize,
-    /// Offset of the L4 checksum.
-    csum: usize,
-}
-
-#[inline(always)]
-fn ethertype(ctx: &TcContext) -> Option<u16> {
-    ctx.load::<u16>(12).ok().map(u16::from_be)
-}
-
-#[inline(always)]
-fn l4_offsets(ctx: &TcContext, l4: usize, proto: u8) -> Option<(u16, u16, usize)> {
-    let csum = match proto {
-        PROTO_TCP => l4 + 16,
-        PROTO_UDP => l4 + 6,
-        _ => return None,
-    };
-    let sport = ctx.load::<u16>(l4).ok()?;
-    let dport = ctx.load::<u16>(l4 + 2).ok()?;
-    Some((sport, dport, csum))
-}
-
-#[inline(always)]
-fn parse4(ctx: &TcContext) -> Option<Tuple<u32>> {
-    let ip = ETH_HLEN;
-    let vihl = ctx.load::<u8>(ip).ok()?;
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if ihl < 20 {
-        return None;
-    }
-    // Non-first fragments carry no ports: left alone.
-    let frag = u16::from_be(ctx.load::<u16>(ip + 6).ok()?);
-    if frag & 0x1fff != 0 {
-        return None;
-    }
-    let proto = ctx.load::<u8>(ip + 9).ok()?;
-    let saddr = ctx.load::<u32>(ip + 12).ok()?;
-    let daddr = ctx.load::<u32>(ip + 16).ok()?;
-    let l4 = ip + ihl;
-    let (sport, dport, csum) = l4_offsets(ctx, l4, proto)?;
-    Some(Tuple {
-        saddr,
-        daddr,
-        sport,
-        dport,
-        proto,
-        l4,
-        csum,
-    })
-}
-
-#[inline(always)]
-fn load6(ctx: &TcContext, offset: usize) -> Option<[u32; 4]> {
-    Some([
-        ctx.load::<u32>(offset).ok()?,
-        ctx.load::<u32>(offset + 4).ok()?,
-        ctx.load::<u32>(offset + 8).ok()?,
-        ctx.load::<u32>(offset + 12).ok()?,
-    ])
-}
-
-#[inline(always)]
-fn parse6(ctx: &TcContext) -> Option<Tuple<[u32; 4]>> {
-    let ip = ETH_HLEN;
-    // Extension headers are not followed: such packets are left alone.
-    let proto = ctx.load::<u8>(ip + 6).ok()?;
-    let saddr = load6(ctx, ip + 8)?;
-    let daddr = load6(ctx, ip + 24)?;
-    let l4 = ip + 40;
-    let (sport, dport, csum) = l4_offsets(ctx, l4, proto)?;
-    Some(Tuple {
-        saddr,
-        daddr,
-        sport,
-        dport,
-        proto,
-        l4,
-        csum,
-    })
-}
-
-/// Flags of an L4 checksum update: UDP's zero checksum means "none" and must stay zero.
-#[inline(always)]
-fn l4_flags(proto: u8) -> u64 {
-    if proto == PROTO_UDP {
-        u64::from(BPF_F_MARK_MANGLED_0)
-    } else {
-        0
-    }
-}
-
-/// Rewrites an IPv4 address at `offset` (source 12 or destination 16, from the IP header) and
-/// its checksums.
-#[inline(always)]
-fn rewrite_addr4(ctx: &mut TcContext, t: &Tuple<u32>, offset: usize, from: u32, to: u32) -> Option<()> {
-    ctx.l4_csum_replace(
-        t.csum,
-        u64::from(from),
-        u64::from(to),
-        u64::from(BPF_F_PSEUDO_HDR) | l4_flags(t.proto) | 4,
-    )
-    .ok()?;
-    ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(from), u64::from(to), 4)
-        .ok()?;
-    ctx.store(ETH_HLEN + offset, &to, 0).ok()
-}
-
-#[inline(always)]
-fn rewrite_addr6(ctx: &mut TcContext, t: &Tuple<[u32; 4]>, offset: usize, from: [u32; 4], to: [u32; 4]) -> Option<()> {
-    let flags = u64::from(BPF_F_PSEUDO_HDR) | l4_flags(t.proto) | 4;
-    ctx.l4_csum_replace(t.csum, u64::from(from[0]), u64::from(to[0]), flags)
-        .ok()?;
-    ctx.l4_csum_replace(t.csum, u64::from(from[1]), u64::from(to[1]), flags)
-        .ok()?;
-    ctx.l4_csum_replace(t.csum, u64::from(from[2]), u64::from(to[2]), flags)
-        .ok()?;
-    ctx.l4_csum_replace(t.csum, u64::from(from[3]), u64::from(to[3]), flags)
-        .ok()?;
-    ctx.store(ETH_HLEN + offset, &to, 0).ok()
-}
-
-/// Rewrites the port at `offset` from the L4 header (0 source, 2 destination).
-#[inline(always)]
-fn rewrite_port<A>(ctx: &mut TcContext, t: &Tuple<A>, offset: usize, from: u16, to: u16) -> Option<()> {
-    ctx.l4_csum_replace(t.csum, u64::from(from), u64::from(to), l4_flags(t.proto) | 2)
-        .ok()?;
-    ctx.store(t.l4 + offset, &to, 0).ok()
-}
-
-#[inline(always)]
-fn idle_limit(proto: u8) -> u64 {
-    if proto == PROTO_TCP {
-        CT_TCP_IDLE_NS
-    } else {
-        CT_UDP_IDLE_NS
-    }
-}
-
-#[inline(always)]
-fn ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: `skb` points at the kernel's __sk_buff for this invocation.
-    unsafe { (*ctx.skb.skb).ifindex }
-}
-
-/// Sends a packet back out to the pod it came from: the Ethernet addresses swap (the pod sent
-/// it to the host veth's MAC; it must come back to its own, or the pod drops it as another
-/// host's), then the packet goes to the egress of the veth it came in on.
-#[inline(always)]
-fn bounce_to_pod(ctx: &mut TcContext) -> Option<i32> {
-    let dst = ctx.load::<[u8; 6]>(0).ok()?;
-    let src = ctx.load::<[u8; 6]>(6).ok()?;
-    ctx.store(0, &src, 0).ok()?;
-    ctx.store(6, &dst, 0).ok()?;
-    // SAFETY: redirecting to the egress of the veth the packet came in on.
-    Some(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32)
-}
-
-/// Marks a packet for the firewall table to reject, and lets it go on.
-#[inline(always)]
-fn refuse(ctx: &TcContext) -> i32 {
-    // SAFETY: `skb` points at the kernel's __sk_buff for this invocation.
-    let mark = unsafe { (*ctx.skb.skb).mark };
-    ctx.set_mark((mark & !MARK_MASK) | MARK_REJECT);
-    bump(Stat::PacketsRefused);
-    NEXT
-}
 
 /// Whether a TCP segment opens a connection (SYN without ACK).
 #[inline(always)]
@@ -280,12 +96,13 @@ fn forget_reused_tuple6(t: &Tuple<[u32; 4]>) {
 #[classifier]
 pub fn from_pod(mut ctx: TcContext) -> i32 {
     pod_stats::count(&ctx);
-    if config().flags & CONFIG_F_PER_PACKET == 0 {
+    let flags = config().flags;
+    if flags & (CONFIG_F_PER_PACKET | CONFIG_F_EXTERNAL) == 0 {
         return NEXT;
     }
     match ethertype(&ctx) {
-        Some(ETH_P_IP) => from_pod4(&mut ctx).unwrap_or(NEXT),
-        Some(ETH_P_IPV6) => from_pod6(&mut ctx).unwrap_or(NEXT),
+        Some(ETH_P_IP) => from_pod4(&mut ctx, flags).unwrap_or(NEXT),
+        Some(ETH_P_IPV6) => from_pod6(&mut ctx, flags).unwrap_or(NEXT),
         _ => NEXT,
     }
 }
@@ -302,8 +119,12 @@ pub fn to_pod(mut ctx: TcContext) -> i32 {
     }
 }
 
-fn from_pod4(ctx: &mut TcContext) -> Option<i32> {
+fn from_pod4(ctx: &mut TcContext, flags: u32) -> Option<i32> {
     let t = parse4(ctx)?;
+    if flags & CONFIG_F_PER_PACKET == 0 {
+        // Socket LB translates this pod's Service traffic: only external flows' replies here.
+        return reply_to_external4(ctx, &t);
+    }
     let hairpin = addr4(HAIRPIN_V4);
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -331,6 +152,11 @@ fn from_pod4(ctx: &mut TcContext) -> Option<i32> {
     }
     let svc = match lookup4(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
         Destination::Other => {
+            if flags & CONFIG_F_EXTERNAL != 0
+                && let Some(verdict) = reply_to_external4(ctx, &t)
+            {
+                return Some(verdict);
+            }
             if is_tcp_syn(ctx, &t) {
                 forget_reused_tuple4(&t);
             }
@@ -455,8 +281,12 @@ fn to_pod4(ctx: &mut TcContext) -> Option<i32> {
     Some(NEXT)
 }
 
-fn from_pod6(ctx: &mut TcContext) -> Option<i32> {
+fn from_pod6(ctx: &mut TcContext, flags: u32) -> Option<i32> {
     let t = parse6(ctx)?;
+    if flags & CONFIG_F_PER_PACKET == 0 {
+        // Socket LB translates this pod's Service traffic: only external flows' replies here.
+        return reply_to_external6(ctx, &t);
+    }
     let hairpin = addr6(HAIRPIN_V6);
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -483,6 +313,11 @@ fn from_pod6(ctx: &mut TcContext) -> Option<i32> {
     }
     let svc = match lookup6(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
         Destination::Other => {
+            if flags & CONFIG_F_EXTERNAL != 0
+                && let Some(verdict) = reply_to_external6(ctx, &t)
+            {
+                return Some(verdict);
+            }
             if is_tcp_syn(ctx, &t) {
                 forget_reused_tuple6(&t);
             }

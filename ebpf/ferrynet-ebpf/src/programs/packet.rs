@@ -1,0 +1,291 @@
+//! Packet parsing and rewriting shared by the TC programs: a packet's tuple, address and port
+//! rewrites with their checksums, and sending a packet on without the stack.
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, bpf_fib_lookup as FibParams, bpf_redir_neigh},
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use ferrynet_common::*;
+
+use super::stats::bump;
+
+/// TCX: go on to the next program on the hook, then the stack.
+pub const NEXT: i32 = -1;
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+
+/// A packet's addresses, ports and where its checksums are.
+pub struct Tuple<A> {
+    pub saddr: A,
+    pub daddr: A,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// Offset of the L4 header.
+    pub l4: usize,
+    /// Offset of the L4 checksum.
+    pub csum: usize,
+}
+
+#[inline(always)]
+pub fn ethertype(ctx: &TcContext) -> Option<u16> {
+    ctx.load::<u16>(12).ok().map(u16::from_be)
+}
+
+#[inline(always)]
+pub fn l4_offsets(ctx: &TcContext, l4: usize, proto: u8) -> Option<(u16, u16, usize)> {
+    let csum = match proto {
+        PROTO_TCP => l4 + 16,
+        PROTO_UDP => l4 + 6,
+        _ => return None,
+    };
+    let sport = ctx.load::<u16>(l4).ok()?;
+    let dport = ctx.load::<u16>(l4 + 2).ok()?;
+    Some((sport, dport, csum))
+}
+
+#[inline(always)]
+pub fn parse4(ctx: &TcContext) -> Option<Tuple<u32>> {
+    let ip = ETH_HLEN;
+    let vihl = ctx.load::<u8>(ip).ok()?;
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if ihl < 20 {
+        return None;
+    }
+    // Non-first fragments carry no ports: left alone.
+    let frag = u16::from_be(ctx.load::<u16>(ip + 6).ok()?);
+    if frag & 0x1fff != 0 {
+        return None;
+    }
+    let proto = ctx.load::<u8>(ip + 9).ok()?;
+    let saddr = ctx.load::<u32>(ip + 12).ok()?;
+    let daddr = ctx.load::<u32>(ip + 16).ok()?;
+    let l4 = ip + ihl;
+    let (sport, dport, csum) = l4_offsets(ctx, l4, proto)?;
+    Some(Tuple {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        proto,
+        l4,
+        csum,
+    })
+}
+
+#[inline(always)]
+pub fn load6(ctx: &TcContext, offset: usize) -> Option<[u32; 4]> {
+    Some([
+        ctx.load::<u32>(offset).ok()?,
+        ctx.load::<u32>(offset + 4).ok()?,
+        ctx.load::<u32>(offset + 8).ok()?,
+        ctx.load::<u32>(offset + 12).ok()?,
+    ])
+}
+
+#[inline(always)]
+pub fn parse6(ctx: &TcContext) -> Option<Tuple<[u32; 4]>> {
+    let ip = ETH_HLEN;
+    // Extension headers are not followed: such packets are left alone.
+    let proto = ctx.load::<u8>(ip + 6).ok()?;
+    let saddr = load6(ctx, ip + 8)?;
+    let daddr = load6(ctx, ip + 24)?;
+    let l4 = ip + 40;
+    let (sport, dport, csum) = l4_offsets(ctx, l4, proto)?;
+    Some(Tuple {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        proto,
+        l4,
+        csum,
+    })
+}
+
+/// Flags of an L4 checksum update: UDP's zero checksum means "none" and must stay zero.
+#[inline(always)]
+pub fn l4_flags(proto: u8) -> u64 {
+    if proto == PROTO_UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    }
+}
+
+/// Rewrites an IPv4 address at `offset` (source 12 or destination 16, from the IP header) and
+/// its checksums.
+#[inline(always)]
+pub fn rewrite_addr4(ctx: &mut TcContext, t: &Tuple<u32>, offset: usize, from: u32, to: u32) -> Option<()> {
+    ctx.l4_csum_replace(
+        t.csum,
+        u64::from(from),
+        u64::from(to),
+        u64::from(BPF_F_PSEUDO_HDR) | l4_flags(t.proto) | 4,
+    )
+    .ok()?;
+    ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(from), u64::from(to), 4)
+        .ok()?;
+    ctx.store(ETH_HLEN + offset, &to, 0).ok()
+}
+
+#[inline(always)]
+pub fn rewrite_addr6(
+    ctx: &mut TcContext,
+    t: &Tuple<[u32; 4]>,
+    offset: usize,
+    from: [u32; 4],
+    to: [u32; 4],
+) -> Option<()> {
+    let flags = u64::from(BPF_F_PSEUDO_HDR) | l4_flags(t.proto) | 4;
+    ctx.l4_csum_replace(t.csum, u64::from(from[0]), u64::from(to[0]), flags)
+        .ok()?;
+    ctx.l4_csum_replace(t.csum, u64::from(from[1]), u64::from(to[1]), flags)
+        .ok()?;
+    ctx.l4_csum_replace(t.csum, u64::from(from[2]), u64::from(to[2]), flags)
+        .ok()?;
+    ctx.l4_csum_replace(t.csum, u64::from(from[3]), u64::from(to[3]), flags)
+        .ok()?;
+    ctx.store(ETH_HLEN + offset, &to, 0).ok()
+}
+
+/// Rewrites the port at `offset` from the L4 header (0 source, 2 destination).
+#[inline(always)]
+pub fn rewrite_port<A>(ctx: &mut TcContext, t: &Tuple<A>, offset: usize, from: u16, to: u16) -> Option<()> {
+    ctx.l4_csum_replace(t.csum, u64::from(from), u64::from(to), l4_flags(t.proto) | 2)
+        .ok()?;
+    ctx.store(t.l4 + offset, &to, 0).ok()
+}
+
+#[inline(always)]
+pub fn idle_limit(proto: u8) -> u64 {
+    if proto == PROTO_TCP {
+        CT_TCP_IDLE_NS
+    } else {
+        CT_UDP_IDLE_NS
+    }
+}
+
+#[inline(always)]
+pub fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` points at the kernel's __sk_buff for this invocation.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// Sends a packet back out to the pod it came from: the Ethernet addresses swap (the pod sent
+/// it to the host veth's MAC; it must come back to its own, or the pod drops it as another
+/// host's), then the packet goes to the egress of the veth it came in on.
+#[inline(always)]
+pub fn bounce_to_pod(ctx: &mut TcContext) -> Option<i32> {
+    let dst = ctx.load::<[u8; 6]>(0).ok()?;
+    let src = ctx.load::<[u8; 6]>(6).ok()?;
+    ctx.store(0, &src, 0).ok()?;
+    ctx.store(6, &dst, 0).ok()?;
+    // SAFETY: redirecting to the egress of the veth the packet came in on.
+    Some(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32)
+}
+
+/// Marks a packet for the firewall table to reject, and lets it go on.
+#[inline(always)]
+pub fn refuse(ctx: &TcContext) -> i32 {
+    // SAFETY: `skb` points at the kernel's __sk_buff for this invocation.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark((mark & !MARK_MASK) | MARK_REJECT);
+    bump(Stat::PacketsRefused);
+    NEXT
+}
+
+/// Whether a conntrack entry has expired: idle past its protocol's limit, or closed (TCP FIN or
+/// RST seen) for longer than [`CT_CLOSED_NS`].
+#[inline(always)]
+pub fn expired(entry: &CtValue, now: u64, proto: u8) -> bool {
+    let limit = if entry.flags & CT_F_CLOSED != 0 {
+        CT_CLOSED_NS
+    } else {
+        idle_limit(proto)
+    };
+    now.saturating_sub(entry.last_seen_ns) >= limit
+}
+
+/// Whether a TCP segment ends its connection (FIN or RST).
+#[inline(always)]
+pub fn is_tcp_end<A>(ctx: &TcContext, t: &Tuple<A>) -> bool {
+    t.proto == PROTO_TCP && ctx.load::<u8>(t.l4 + 13).is_ok_and(|flags| flags & 0x05 != 0)
+}
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const FIB_SUCCESS: i64 = 0;
+const FIB_NO_NEIGH: i64 = 7;
+
+/// Sends a rewritten packet straight to its next hop, as the kernel's FIB says, without the
+/// stack: the packet's source may be one of the node's own addresses, which the stack would
+/// drop as a martian on a forwarded packet. A next hop whose neighbour is not resolved yet is
+/// resolved by the kernel (`bpf_redirect_neigh`). No route: dropped.
+#[inline(always)]
+fn fib_redirect(ctx: &mut TcContext, params: &mut FibParams, ipv4: bool) -> i32 {
+    params.ifindex = ifindex(ctx);
+    // SAFETY: `params` is a valid, initialised lookup on the stack.
+    let ret = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            params as *mut FibParams,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if ret == FIB_SUCCESS {
+        if ctx.store(0, &params.dmac, 0).is_err() || ctx.store(6, &params.smac, 0).is_err() {
+            return TC_ACT_SHOT;
+        }
+        // SAFETY: the interface the FIB chose.
+        return unsafe { bpf_redirect(params.ifindex, 0) } as i32;
+    }
+    if ret == FIB_NO_NEIGH {
+        // SAFETY: both union members were written by the lookup (the next hop's address).
+        let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+        if ipv4 {
+            nh.nh_family = u32::from(AF_INET);
+            nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
+        } else {
+            nh.nh_family = u32::from(AF_INET6);
+            nh.__bindgen_anon_1.ipv6_nh = unsafe { params.__bindgen_anon_4.ipv6_dst };
+        }
+        // SAFETY: `nh` lives on the stack for the call.
+        return unsafe {
+            bpf_redirect_neigh(
+                params.ifindex,
+                &mut nh as *mut bpf_redir_neigh,
+                core::mem::size_of::<bpf_redir_neigh>() as i32,
+                0,
+            )
+        } as i32;
+    }
+    bump(Stat::FibFailed);
+    TC_ACT_SHOT
+}
+
+/// [`fib_redirect`] for an IPv4 packet, addressed as `t` says (after its rewrites).
+#[inline(always)]
+pub fn fib_redirect4(ctx: &mut TcContext, saddr: u32, daddr: u32, t: &Tuple<u32>) -> i32 {
+    // SAFETY: an all-zero lookup is valid; the fields it needs are set below.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = t.proto;
+    params.__bindgen_anon_3.ipv4_src = saddr;
+    params.__bindgen_anon_4.ipv4_dst = daddr;
+    fib_redirect(ctx, &mut params, true)
+}
+
+/// [`fib_redirect`] for an IPv6 packet.
+#[inline(always)]
+pub fn fib_redirect6(ctx: &mut TcContext, saddr: [u32; 4], daddr: [u32; 4], t: &Tuple<[u32; 4]>) -> i32 {
+    // SAFETY: as above.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET6;
+    params.l4_protocol = t.proto;
+    params.__bindgen_anon_3.ipv6_src = saddr;
+    params.__bindgen_anon_4.ipv6_dst = daddr;
+    fib_redirect(ctx, &mut params, false)
+}
