@@ -665,24 +665,50 @@ fn a_connected_udp_socket_leaves_a_removed_backend_within_a_second() {
 
 #[test]
 fn no_request_fails_while_backends_roll_and_the_agent_is_killed_and_upgraded() {
+    let mut lab = rolling_backends("ClusterIP");
+    lab.run_pod("client", "n1", &BTreeMap::new()).unwrap();
+    let vip = lab.cluster_ip("roll", true).unwrap();
+    steady_load_through_rolls_and_agent_restarts(&mut lab, "pod-client", SocketAddr::new(vip, 80));
+}
+
+#[test]
+fn no_node_port_request_fails_while_backends_roll_and_the_agent_is_killed_and_upgraded() {
+    // From outside, into n1: a local backend there (no SNAT) and remote ones on n2 (SNAT).
+    let mut lab = rolling_backends("NodePort");
+    let node_port = node_ports(&lab, "roll")[0];
+    let n1 = lab.state.nodes.iter().find(|n| n.name == "n1").unwrap().v4();
+    steady_load_through_rolls_and_agent_restarts(&mut lab, "client", SocketAddr::new(n1.into(), node_port));
+}
+
+/// Two nodes, backends b1 (n1), b2 and b3 (n2), and a Service `roll` of `kind` selecting them.
+fn rolling_backends(kind: &str) -> LabGuard {
     let mut lab = LabGuard::up(2, "native");
     for (pod, node) in [("b1", "n1"), ("b2", "n2"), ("b3", "n2")] {
         lab.run_pod(pod, node, &labels(&[("app", "roll")])).unwrap();
     }
-    lab.run_pod("client", "n1", &BTreeMap::new()).unwrap();
-    lab.create_service_object(&service(
+    let mut svc = service(
         "roll",
         "roll",
         vec![port("p", "TCP", 80, IntOrString::Int(i32::from(POD_PORT)))],
-    ))
-    .unwrap();
-    let vip = lab.cluster_ip("roll", true).unwrap();
-    let to = SocketAddr::new(vip, 80);
-    let frontend = format!("{to}/tcp");
-    answers(&lab, "pod-client", to, false, 1);
+    );
+    svc.spec.as_mut().unwrap().type_ = Some(kind.into());
+    lab.create_service_object(&svc).unwrap();
+    lab
+}
+
+/// Steady load from `client` to `to` (a frontend n1 translates), while the backends scale down
+/// gracefully and are all replaced, and n1's agent is killed and restarted, then upgraded: not
+/// one request may fail.
+fn steady_load_through_rolls_and_agent_restarts(lab: &mut LabGuard, client: &str, to: SocketAddr) {
+    let frontend = if to.ip() == lab.cluster_ip("roll", true).unwrap() {
+        format!("{to}/tcp")
+    } else {
+        format!("0.0.0.0:{}/tcp", to.port())
+    };
+    answers(lab, client, to, false, 1);
     let (stop, out) = (lab.dir().join("load.stop"), lab.dir().join("load.out"));
     lab.spawn_in(
-        "pod-client",
+        client,
         "load",
         &[
             binary("ferrynet-lab").display().to_string(),
@@ -717,7 +743,7 @@ fn no_request_fails_while_backends_roll_and_the_agent_is_killed_and_upgraded() {
     // Graceful scale-down: b3 terminates (out of the slots while ready ones exist), then goes.
     let ip = |lab: &Lab, pod: &str| lab.pod(pod).unwrap().ip(true);
     lab.terminate_pod("b3").unwrap();
-    wait_backends(&lab, "n1", &frontend, &[ip(&lab, "b1"), ip(&lab, "b2")]);
+    wait_backends(lab, "n1", &frontend, &[ip(lab, "b1"), ip(lab, "b2")]);
     lab.delete_pod("b3").unwrap();
     advance(50);
 
@@ -733,7 +759,7 @@ fn no_request_fails_while_backends_roll_and_the_agent_is_killed_and_upgraded() {
             .map(|p| p.ip(true))
             .collect();
         live.sort();
-        wait_backends(&lab, "n1", &frontend, &live);
+        wait_backends(lab, "n1", &frontend, &live);
         lab.delete_pod(old).unwrap();
         advance(50);
     }
@@ -748,12 +774,12 @@ fn no_request_fails_while_backends_roll_and_the_agent_is_killed_and_upgraded() {
 
     // An upgrade: an agent whose programs differ replaces the attached ones, keeping the maps.
     let link = lab.node_pin_path("n1").join("v1/links/cgroup/sock4_connect");
-    let before = ferrynet_agent_link_program(&lab, &link);
+    let before = ferrynet_agent_link_program(lab, &link);
     lab.stop_agent("n1").unwrap();
     lab.start_agent_with("n1", &["--datapath-revision", "1"]).unwrap();
     lab.wait_converged(Duration::from_secs(30)).unwrap();
     assert!(
-        eventually(Duration::from_secs(20), || ferrynet_agent_link_program(&lab, &link)
+        eventually(Duration::from_secs(20), || ferrynet_agent_link_program(lab, &link)
             != before),
         "the upgraded agent's programs are not attached"
     );
@@ -1046,6 +1072,29 @@ fn node_ports_answer_from_outside_on_every_node_over_both_families_and_protocols
         }
     }
 
+    // The nodes themselves reach every node's NodePorts (socket LB), as with kube-proxy.
+    for (_, addresses) in &nodes {
+        for address in addresses {
+            for (udp, node_port) in [(false, ports[0]), (true, ports[1])] {
+                let to = SocketAddr::new(*address, node_port);
+                assert_eq!(answers(&lab, "n2", to, udp, 2), ["np".to_string()].into(), "n2 -> {to}");
+            }
+        }
+    }
+
+    // An address added to a node after its agent started answers too, once the agent's next
+    // scan has seen it.
+    let added: std::net::IpAddr = "10.200.0.111".parse().unwrap();
+    let out = lab
+        .node_ns("n1")
+        .unwrap()
+        .exec("ip", &["addr", "add", "10.200.0.111/24", "dev", "eth0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        answers(&lab, "client", SocketAddr::new(added, ports[0]), false, 3),
+        ["np".to_string()].into()
+    );
+
     // A LoadBalancer with externalTrafficPolicy: Local: the client's address reaches the
     // backend, and a node without a local endpoint drops (a timeout, not a refusal).
     lab.api()
@@ -1063,16 +1112,7 @@ fn node_ports_answer_from_outside_on_every_node_over_both_families_and_protocols
                 let answer = lab.probe("client", to, false).unwrap();
                 assert_eq!(seen_client(&answer), client(address.is_ipv4()), "{answer}");
             } else {
-                let mut last = String::new();
-                let dropped = eventually(Duration::from_secs(20), || {
-                    last = lab
-                        .probe("client", to, false)
-                        .err()
-                        .map(|e| e.to_string())
-                        .unwrap_or_default();
-                    last.contains("timed out")
-                });
-                assert!(dropped, "{to}: {last}");
+                assert_dropped(&lab, to);
             }
         }
     }
@@ -1130,6 +1170,36 @@ fn load_balancer_ips_and_external_ips_answer_where_they_arrive_and_short_circuit
         // Pods reach the same addresses without leaving the node (socket LB short-circuits).
         assert_eq!(answers(&lab, "pod-client", to, false, 3), ["lb".to_string()].into());
     }
+
+    // loadBalancerSourceRanges: the client's address is in them, then it is not (dropped).
+    let mut guarded = service(
+        "guarded",
+        "lb",
+        vec![port("tcp", "TCP", 80, IntOrString::Int(i32::from(POD_PORT)))],
+    );
+    let spec = guarded.spec.as_mut().unwrap();
+    spec.type_ = Some("LoadBalancer".into());
+    spec.load_balancer_source_ranges = Some(vec!["10.200.0.250/32".into(), "fd00:200::250/128".into()]);
+    lab.create_service_object(&guarded).unwrap();
+    let guarded_ips: [std::net::IpAddr; 2] = ["10.210.0.2".parse().unwrap(), "fd00:210::2".parse().unwrap()];
+    lab.expose_load_balancer("guarded", &guarded_ips, &["n1"]).unwrap();
+    for ip in guarded_ips {
+        assert_eq!(
+            answers(&lab, "client", SocketAddr::new(ip, 80), false, 3),
+            ["lb".to_string()].into()
+        );
+    }
+    lab.api()
+        .unwrap()
+        .merge_patch::<Service>(
+            "guarded",
+            serde_json::json!({"spec": {"loadBalancerSourceRanges": ["192.0.2.0/24", "2001:db8::/64"]}}),
+        )
+        .unwrap();
+    for ip in guarded_ips {
+        let to = SocketAddr::new(ip, 80);
+        assert_dropped(&lab, to);
+    }
 }
 
 /// The status code and JSON body of `node`'s health check port `port`, from the external client.
@@ -1169,4 +1239,19 @@ fn expect_health(lab: &Lab, node: &str, port: i32, code: &str, local: u64) {
         serde_json::json!({"namespace": "default", "name": "np"})
     );
     assert_eq!(last.1["serviceProxyHealthy"], true);
+}
+
+/// Waits until TCP from the external client to `to` times out: dropped, not refused.
+#[track_caller]
+fn assert_dropped(lab: &Lab, to: SocketAddr) {
+    let mut last = String::new();
+    let dropped = eventually(Duration::from_secs(20), || {
+        last = lab
+            .probe("client", to, false)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        last.contains("timed out")
+    });
+    assert!(dropped, "{to}: {last}");
 }

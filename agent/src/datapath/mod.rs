@@ -748,6 +748,12 @@ pub fn map_fill(pins: &PinLayout, known: &[(&'static str, u64)]) -> Vec<(&'stati
             NODE_ADDRS6_MAP => count!([u32; 4], u8),
             SERVICE_CIDRS4_MAP => LpmTrie::<_, u32, u8>::try_from(map).map_or(0, |m| m.keys().count() as u64),
             SERVICE_CIDRS6_MAP => LpmTrie::<_, [u32; 4], u8>::try_from(map).map_or(0, |m| m.keys().count() as u64),
+            SOURCE_RANGES4_MAP => {
+                LpmTrie::<_, SourceRangeKey4, u8>::try_from(map).map_or(0, |m| m.keys().count() as u64)
+            }
+            SOURCE_RANGES6_MAP => {
+                LpmTrie::<_, SourceRangeKey6, u8>::try_from(map).map_or(0, |m| m.keys().count() as u64)
+            }
             FROM_POD_STATS_MAP => {
                 PerCpuHashMap::<_, u32, TrafficCounters>::try_from(map).map_or(0, |m| m.keys().count() as u64)
             }

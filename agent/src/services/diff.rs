@@ -22,6 +22,8 @@ pub struct AppliedFrontend {
     pub drop_when_empty: bool,
     /// Its backends the backend table marks as on this node.
     pub local: BTreeSet<Backend>,
+    /// [`PortEntry::source_ranges`].
+    pub source_ranges: Option<BTreeSet<ipnet::IpNet>>,
 }
 
 impl AppliedFrontend {
@@ -38,7 +40,8 @@ pub enum FrontendOp {
     Create(PortEntry),
     /// A frontend whose backends, states or affinity changed.
     Update {
-        old: AppliedFrontend,
+        // Boxed: the frontend as the maps hold it is the largest part of an op.
+        old: Box<AppliedFrontend>,
         new: PortEntry,
         slots: SlotPlan,
     },
@@ -109,10 +112,11 @@ pub fn diff(current: &BTreeMap<Frontend, AppliedFrontend>, desired: &[PortEntry]
                     && old.retained == entry.retained
                     && old.affinity_timeout_s == entry.affinity_timeout_s
                     && old.drop_when_empty == entry.drop_when_empty
-                    && old.local == entry.local_backends;
+                    && old.local == entry.local_backends
+                    && old.source_ranges == entry.source_ranges;
                 if !same {
                     ops.push(FrontendOp::Update {
-                        old: old.clone(),
+                        old: Box::new(old.clone()),
                         new: entry.clone(),
                         slots: plan_slots(&old.slots, &backends),
                     });
@@ -163,6 +167,7 @@ mod tests {
             retained: BTreeSet::new(),
             affinity_timeout_s: None,
             local_backends: BTreeSet::new(),
+            source_ranges: None,
             drop_when_empty: false,
             notes: PortNotes::default(),
         }
@@ -177,6 +182,7 @@ mod tests {
             affinity_timeout_s: None,
             drop_when_empty: false,
             local: BTreeSet::new(),
+            source_ranges: None,
         }
     }
 
@@ -272,6 +278,9 @@ mod tests {
         let mut dropping = entry(1, &[1, 2]);
         dropping.drop_when_empty = true;
         assert_eq!(diff(&current, &[dropping]).len(), 1);
+        let mut guarded = entry(1, &[1, 2]);
+        guarded.source_ranges = Some(BTreeSet::new());
+        assert_eq!(diff(&current, &[guarded]).len(), 1);
         let mut local = entry(1, &[1, 2]);
         local.local_backends.insert(b(1));
         let ops = diff(&current, &[local]);

@@ -11,8 +11,12 @@ use std::{
     net::IpAddr,
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{
+    HashMap, Map, MapData, MapError,
+    lpm_trie::{Key, LpmTrie},
+};
 use ferrynet_common::*;
+use ipnet::IpNet;
 
 use super::{
     diff::{AppliedFrontend, FrontendOp},
@@ -106,6 +110,8 @@ pub struct MapHandles {
     pub affinity4: HashMap<MapData, AffinityKey4, AffinityValue>,
     pub affinity6: HashMap<MapData, AffinityKey6, AffinityValue>,
     pub doomed: HashMap<MapData, u32, u8>,
+    pub source_ranges4: LpmTrie<MapData, SourceRangeKey4, u8>,
+    pub source_ranges6: LpmTrie<MapData, SourceRangeKey6, u8>,
 }
 
 impl MapHandles {
@@ -115,6 +121,12 @@ impl MapHandles {
             ($name:expr) => {{
                 let map = take($name).ok_or(ServiceMapError::Missing($name))?;
                 HashMap::try_from(map).map_err(map_error($name))?
+            }};
+        }
+        macro_rules! trie {
+            ($name:expr) => {{
+                let map = take($name).ok_or(ServiceMapError::Missing($name))?;
+                LpmTrie::try_from(map).map_err(map_error($name))?
             }};
         }
         Ok(Self {
@@ -128,6 +140,8 @@ impl MapHandles {
             affinity4: typed!(AFFINITY4_MAP),
             affinity6: typed!(AFFINITY6_MAP),
             doomed: typed!(DOOMED_BACKENDS_MAP),
+            source_ranges4: trie!(SOURCE_RANGES4_MAP),
+            source_ranges6: trie!(SOURCE_RANGES6_MAP),
         })
     }
 }
@@ -181,8 +195,38 @@ fn backend_of(value: &BackendValue) -> Option<(Backend, BackendState)> {
     ))
 }
 
-fn service_value(id: u32, count: usize, affinity: Option<u32>, drop_when_empty: bool) -> ServiceValue {
+/// A source range's key: the frontend id (32 bits, matched whole), then the prefix.
+fn range_key4(id: u32, net: &ipnet::Ipv4Net) -> Key<SourceRangeKey4> {
+    Key::new(
+        32 + u32::from(net.prefix_len()),
+        SourceRangeKey4 {
+            service: id,
+            addr: addr4(net.network().octets()),
+        },
+    )
+}
+
+fn range_key6(id: u32, net: &ipnet::Ipv6Net) -> Key<SourceRangeKey6> {
+    Key::new(
+        32 + u32::from(net.prefix_len()),
+        SourceRangeKey6 {
+            service: id,
+            addr: addr6(net.network().octets()),
+        },
+    )
+}
+
+fn service_value(
+    id: u32,
+    count: usize,
+    affinity: Option<u32>,
+    drop_when_empty: bool,
+    restricted: bool,
+) -> ServiceValue {
     let mut flags = 0;
+    if restricted {
+        flags |= SERVICE_F_SOURCE_RANGES;
+    }
     if affinity.is_some() {
         flags |= SERVICE_F_AFFINITY;
     }
@@ -286,6 +330,7 @@ impl ServiceMaps {
             }
         }
         let mut used: BTreeSet<Backend> = BTreeSet::new();
+        let mut ranges = this.read_ranges();
         for (frontend, value) in entries {
             this.frontend_ids.mark(value.id);
             let mut slots = Vec::new();
@@ -321,8 +366,17 @@ impl ServiceMaps {
                     affinity_timeout_s: (value.flags & SERVICE_F_AFFINITY != 0).then_some(value.affinity_timeout_s),
                     drop_when_empty: value.flags & SERVICE_F_DROP_EMPTY != 0,
                     local,
+                    source_ranges: (value.flags & SERVICE_F_SOURCE_RANGES != 0)
+                        .then(|| ranges.remove(&value.id).unwrap_or_default()),
                 },
             );
+        }
+        // What is left belongs to no restricted frontend (a run that stopped half-way): it must
+        // not open a future frontend with the same id to its sources.
+        for (id, stray) in ranges {
+            for net in &stray {
+                let _ = this.delete_range(id, net);
+            }
         }
         this.orphans = this.backend_ids.keys().filter(|b| !used.contains(b)).copied().collect();
         this.refs = this.reference_counts();
@@ -469,6 +523,52 @@ impl ServiceMaps {
         }
     }
 
+    fn write_range(&mut self, id: u32, net: &IpNet) -> Result<(), ServiceMapError> {
+        match net {
+            IpNet::V4(v4) => self
+                .maps
+                .source_ranges4
+                .insert(&range_key4(id, v4), 1, 0)
+                .map_err(map_error(SOURCE_RANGES4_MAP)),
+            IpNet::V6(v6) => self
+                .maps
+                .source_ranges6
+                .insert(&range_key6(id, v6), 1, 0)
+                .map_err(map_error(SOURCE_RANGES6_MAP)),
+        }
+    }
+
+    fn delete_range(&mut self, id: u32, net: &IpNet) -> Result<(), ServiceMapError> {
+        let result = match net {
+            IpNet::V4(v4) => self.maps.source_ranges4.remove(&range_key4(id, v4)),
+            IpNet::V6(v6) => self.maps.source_ranges6.remove(&range_key6(id, v6)),
+        };
+        match result {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_error(SOURCE_RANGES4_MAP)(e)),
+        }
+    }
+
+    /// The source ranges the tries hold, by frontend id.
+    fn read_ranges(&self) -> BTreeMap<u32, BTreeSet<IpNet>> {
+        let mut out: BTreeMap<u32, BTreeSet<IpNet>> = BTreeMap::new();
+        for key in self.maps.source_ranges4.keys().filter_map(Result::ok) {
+            let data = key.data();
+            let prefix = key.prefix_len().saturating_sub(32).min(32) as u8;
+            if let Ok(net) = ipnet::Ipv4Net::new(data.addr.to_ne_bytes().into(), prefix) {
+                out.entry(data.service).or_default().insert(net.into());
+            }
+        }
+        for key in self.maps.source_ranges6.keys().filter_map(Result::ok) {
+            let data = key.data();
+            let prefix = key.prefix_len().saturating_sub(32).min(128) as u8;
+            if let Ok(net) = ipnet::Ipv6Net::new(octets6(data.addr).into(), prefix) {
+                out.entry(data.service).or_default().insert(net.into());
+            }
+        }
+        out
+    }
+
     fn create(
         &mut self,
         entry: &PortEntry,
@@ -497,10 +597,20 @@ impl ServiceMaps {
                 _pad: 0,
             };
             self.maps.rev_nat.insert(id, vip, 0).map_err(map_error(REV_NAT_MAP))?;
+            for net in entry.source_ranges.iter().flatten() {
+                self.write_range(id, net)?;
+                out.writes += 1;
+            }
             // The service entry last: once it is visible, its slots are complete.
             self.write_service(
                 &entry.frontend,
-                service_value(id, slots.len(), entry.affinity_timeout_s, entry.drop_when_empty),
+                service_value(
+                    id,
+                    slots.len(),
+                    entry.affinity_timeout_s,
+                    entry.drop_when_empty,
+                    entry.source_ranges.is_some(),
+                ),
             )?;
             out.writes += 2;
             Ok(())
@@ -519,6 +629,7 @@ impl ServiceMaps {
                 affinity_timeout_s: entry.affinity_timeout_s,
                 drop_when_empty: entry.drop_when_empty,
                 local: entry.local_backends.clone(),
+                source_ranges: entry.source_ranges.clone(),
             }),
             touched,
         );
@@ -582,9 +693,27 @@ impl ServiceMaps {
                             self.write_slot(id, *slot, backend_id)?;
                             out.writes += 1;
                         }
-                        let value = service_value(id, slots.slots.len(), new.affinity_timeout_s, new.drop_when_empty);
+                        // New ranges before the entry that turns them on; gone ones after.
+                        let empty = BTreeSet::new();
+                        let old_ranges = old.source_ranges.as_ref().unwrap_or(&empty);
+                        let new_ranges = new.source_ranges.as_ref().unwrap_or(&empty);
+                        for net in new_ranges.difference(old_ranges) {
+                            self.write_range(id, net)?;
+                            out.writes += 1;
+                        }
+                        let value = service_value(
+                            id,
+                            slots.slots.len(),
+                            new.affinity_timeout_s,
+                            new.drop_when_empty,
+                            new.source_ranges.is_some(),
+                        );
                         self.write_service(&new.frontend, value)?;
                         out.writes += 1;
+                        for net in old_ranges.difference(new_ranges) {
+                            self.delete_range(id, net)?;
+                            out.writes += 1;
+                        }
                         for slot in &slots.deletes {
                             self.delete_slot(id, *slot)?;
                             out.writes += 1;
@@ -599,6 +728,7 @@ impl ServiceMaps {
                                 affinity_timeout_s: new.affinity_timeout_s,
                                 drop_when_empty: new.drop_when_empty,
                                 local: new.local_backends.clone(),
+                                source_ranges: new.source_ranges.clone(),
                             }),
                             &mut touched,
                         );
@@ -615,6 +745,10 @@ impl ServiceMaps {
                     match self.maps.rev_nat.remove(&old.id) {
                         Ok(()) | Err(MapError::KeyNotFound) => {}
                         Err(e) => return Err(map_error(REV_NAT_MAP)(e)),
+                    }
+                    for net in old.source_ranges.iter().flatten() {
+                        self.delete_range(old.id, net)?;
+                        out.writes += 1;
                     }
                     out.writes += old.slots.len() + 2;
                     self.set_frontend(*frontend, None, &mut touched);

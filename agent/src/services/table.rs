@@ -20,6 +20,7 @@ use std::{
     sync::Arc,
 };
 
+use ipnet::IpNet;
 use k8s_openapi::api::{
     core::v1::Service,
     discovery::v1::{Endpoint, EndpointSlice},
@@ -195,6 +196,10 @@ pub struct PortEntry {
     /// without SNAT.
     #[serde(default)]
     pub local_backends: BTreeSet<Backend>,
+    /// `loadBalancerSourceRanges` of a load balancer IP's external entry: only these sources may
+    /// open flows (an empty set: none may). None: any source.
+    #[serde(default)]
+    pub source_ranges: Option<BTreeSet<IpNet>>,
     /// Without backends, drop rather than refuse (`externalTrafficPolicy: Local`: a load
     /// balancer's health check steers around this node).
     #[serde(default)]
@@ -341,6 +346,7 @@ pub fn service_entries(service: &Service, slices: &[Arc<EndpointSlice>], node: &
     // NodePorts: NodePort and LoadBalancer Services (a LoadBalancer one may have none).
     let node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
     let external_ips = external_addresses(service, &svc_ref, &cluster_ips, &mut out.warnings);
+    let source_ranges = source_ranges(spec, &svc_ref, &mut out.warnings);
     let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
         let timeout = spec
             .session_affinity_config
@@ -410,7 +416,7 @@ pub fn service_entries(service: &Service, slices: &[Arc<EndpointSlice>], node: &
         // externalIPs and load balancer IPs: translated where they arrive from outside
         // (externalTrafficPolicy), and short-circuited for pods and the node's own processes,
         // which get every endpoint (as kube-proxy does, whatever the external policy).
-        for ip in &external_ips {
+        for (ip, balanced) in &external_ips {
             let endpoints = endpoints_of(&svc_ref, slices, *ip, &port_name, protocol, node, &mut Vec::new());
             for (scope, local) in [(Scope::External, external_local), (Scope::Internal, false)] {
                 let frontend = Frontend {
@@ -419,7 +425,17 @@ pub fn service_entries(service: &Service, slices: &[Arc<EndpointSlice>], node: &
                     protocol,
                     scope,
                 };
-                out.entries.push(entry(frontend, &endpoints, local, local));
+                let mut e = entry(frontend, &endpoints, local, local);
+                // Source ranges restrict what arrives at a load balancer IP from outside.
+                if *balanced && scope == Scope::External {
+                    e.source_ranges = source_ranges.as_ref().map(|r| {
+                        r.iter()
+                            .filter(|n| n.addr().is_ipv4() == ip.is_ipv4())
+                            .copied()
+                            .collect()
+                    });
+                }
+                out.entries.push(e);
             }
         }
         let node_port = match port.node_port {
@@ -452,6 +468,13 @@ pub fn service_entries(service: &Service, slices: &[Arc<EndpointSlice>], node: &
             };
             out.entries
                 .push(entry(frontend, &endpoints, external_local, external_local));
+            // The node itself and its pods reach the NodePort too (at the socket): every
+            // endpoint, as kube-proxy short-circuits them, whatever the external policy.
+            let internal = Frontend {
+                scope: Scope::Internal,
+                ..frontend
+            };
+            out.entries.push(entry(internal, &endpoints, false, false));
         }
     }
     out
@@ -464,13 +487,13 @@ fn external_addresses(
     svc: &ServiceRef,
     cluster_ips: &[IpAddr],
     warnings: &mut Vec<Warning>,
-) -> Vec<IpAddr> {
+) -> Vec<(IpAddr, bool)> {
     let spec = service.spec.as_ref();
     let external = spec
         .and_then(|s| s.external_ips.as_ref())
         .into_iter()
         .flatten()
-        .cloned();
+        .map(|ip| (ip.clone(), false));
     let balanced = service
         .status
         .as_ref()
@@ -480,9 +503,9 @@ fn external_addresses(
         .flatten()
         .filter(|_| matches!(spec.and_then(|s| s.type_.as_deref()), Some("LoadBalancer")))
         .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
-        .filter_map(|i| i.ip.clone());
-    let mut out: Vec<IpAddr> = Vec::new();
-    for raw in external.chain(balanced) {
+        .filter_map(|i| Some((i.ip.clone()?, true)));
+    let mut out: Vec<(IpAddr, bool)> = Vec::new();
+    for (raw, is_balanced) in external.chain(balanced) {
         match raw.parse::<IpAddr>() {
             Ok(ip)
                 if !ip.is_unspecified()
@@ -491,8 +514,10 @@ fn external_addresses(
                     && cluster_ips.iter().any(|c| c.is_ipv4() == ip.is_ipv4())
                     && !cluster_ips.contains(&ip) =>
             {
-                if !out.contains(&ip) {
-                    out.push(ip);
+                match out.iter_mut().find(|(known, _)| *known == ip) {
+                    // An address that is both: the load balancer's (its source ranges apply).
+                    Some(known) => known.1 |= is_balanced,
+                    None => out.push((ip, is_balanced)),
                 }
             }
             _ => warnings.push(warn(
@@ -502,6 +527,29 @@ fn external_addresses(
         }
     }
     out
+}
+
+/// `loadBalancerSourceRanges`, when set (pure). An entry that is not a CIDR is left out with a
+/// warning; the rest still restrict, so that a typo never opens the Service to everyone.
+fn source_ranges(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    svc: &ServiceRef,
+    warnings: &mut Vec<Warning>,
+) -> Option<BTreeSet<IpNet>> {
+    let raw = spec.load_balancer_source_ranges.as_ref().filter(|r| !r.is_empty())?;
+    let mut out = BTreeSet::new();
+    for range in raw {
+        match range.trim().parse::<IpNet>() {
+            Ok(net) => {
+                out.insert(net.trunc());
+            }
+            Err(_) => warnings.push(warn(
+                WarningKind::HostileService,
+                format!("service {svc}: loadBalancerSourceRanges entry {range:?} is not a CIDR; left out"),
+            )),
+        }
+    }
+    Some(out)
 }
 
 /// The endpoints of one service port and family, across the Service's slices.
@@ -706,6 +754,7 @@ fn choose(frontend: Frontend, endpoints: &[EndpointView<'_>], local_policy: bool
         retained,
         affinity_timeout_s: None,
         local_backends,
+        source_ranges: None,
         drop_when_empty: false,
         notes: PortNotes {
             traffic_policy: if local_policy { "Local" } else { "Cluster" }.into(),
@@ -894,8 +943,17 @@ mod tests {
             .find(|e| e.frontend.port == 30053 && e.frontend.addr.is_ipv6())
             .unwrap();
         assert!(dns6.backends.is_empty(), "no IPv6 endpoint has the dns port");
-        // The ClusterIP entries are still there, internal.
-        assert_eq!(out.entries.len(), 8);
+        // The ClusterIP entries are still there, and each NodePort has an in-cluster entry for
+        // the node and its pods, with every endpoint.
+        assert_eq!(out.entries.len(), 12);
+        let inside = out
+            .entries
+            .iter()
+            .find(|e| {
+                e.frontend.scope == Scope::Internal && e.frontend.addr.is_unspecified() && e.frontend.port == 30080
+            })
+            .unwrap();
+        assert_eq!(inside.backends.len(), 2);
 
         // Local: this node's endpoints only, and drop (not refuse) when there are none.
         let out = service_entries(
@@ -947,6 +1005,68 @@ mod tests {
             out.warnings
         );
         assert_eq!(out.entries.len(), 4);
+    }
+
+    #[test]
+    fn load_balancer_ips_and_external_ips_get_both_scopes_and_source_ranges_restrict_the_balanced() {
+        use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+        let slices = [slice("v4", "IPv4", &[("http", 8080, "TCP")], &[ep("10.244.1.2", "n1")])];
+        let mut svc = node_port_service("LoadBalancer", None, &[30080, 30053]);
+        let spec = svc.spec.as_mut().unwrap();
+        spec.external_ips = Some(vec!["10.210.1.1".into(), "10.96.0.10".into(), "garbage".into()]);
+        spec.load_balancer_source_ranges = Some(vec!["10.200.0.0/24".into(), "bogus".into(), "fd00:200::/64".into()]);
+        let ingress = |ip: &str, mode: Option<&str>| LoadBalancerIngress {
+            ip: Some(ip.into()),
+            ip_mode: mode.map(str::to_string),
+            ..Default::default()
+        };
+        svc.status = Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![
+                    ingress("10.210.0.1", Some("VIP")),
+                    ingress("fd00:210::1", None),
+                    ingress("10.210.0.9", Some("Proxy")),
+                ]),
+            }),
+            ..Default::default()
+        });
+        let out = service_entries(&svc, &slices, &node("n1", None));
+        let find = |addr: &str, scope: Scope| {
+            let addr: IpAddr = addr.parse().unwrap();
+            out.entries
+                .iter()
+                .find(|e| e.frontend.addr == addr && e.frontend.port == 80 && e.frontend.scope == scope)
+        };
+        let balanced = find("10.210.0.1", Scope::External).unwrap();
+        let want: BTreeSet<IpNet> = ["10.200.0.0/24".parse().unwrap()].into();
+        assert_eq!(balanced.source_ranges.as_ref(), Some(&want));
+        assert_eq!(addrs(balanced), ["10.244.1.2:8080"]);
+        let balanced6 = find("fd00:210::1", Scope::External).unwrap();
+        let want6: BTreeSet<IpNet> = ["fd00:200::/64".parse().unwrap()].into();
+        assert_eq!(balanced6.source_ranges.as_ref(), Some(&want6));
+        // In-cluster entries, and externalIPs, are not restricted.
+        assert!(find("10.210.0.1", Scope::Internal).unwrap().source_ranges.is_none());
+        assert!(find("10.210.1.1", Scope::External).unwrap().source_ranges.is_none());
+        assert!(find("10.210.1.1", Scope::Internal).is_some());
+        // ipMode: Proxy is left to the load balancer; a ClusterIP as an externalIP, or garbage, is
+        // left out; so is a range that is not a CIDR, with a warning.
+        assert!(find("10.210.0.9", Scope::External).is_none());
+        assert!(find("10.96.0.10", Scope::External).is_none());
+        for needle in ["\"garbage\"", "\"bogus\"", "\"10.96.0.10\""] {
+            assert!(
+                out.warnings.iter().any(|w| w.message.contains(needle)),
+                "{needle}: {:?}",
+                out.warnings
+            );
+        }
+        // allocateLoadBalancerNodePorts: false leaves the ports without NodePorts: no wildcard.
+        let mut without = svc.clone();
+        for port in without.spec.as_mut().unwrap().ports.iter_mut().flatten() {
+            port.node_port = None;
+        }
+        let out = service_entries(&without, &slices, &node("n1", None));
+        assert!(out.entries.iter().all(|e| !e.frontend.addr.is_unspecified()));
+        assert!(out.entries.iter().any(|e| e.frontend.scope == Scope::External));
     }
 
     /// `explain` reads what the controller wrote: every entry must survive the notes file.

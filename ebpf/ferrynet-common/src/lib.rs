@@ -57,9 +57,13 @@ pub const NODE_ADDRS6_MAP: &str = "NODE_ADDRS6";
 /// The node's InternalIPs, as [`NodeAddress`]es (index 0 IPv4, 1 IPv6): where flows to an
 /// externalIP or load balancer IP are SNATed to when their backend is on another node.
 pub const SNAT_ADDRS_MAP: &str = "SNAT_ADDRS";
+/// `loadBalancerSourceRanges`: (frontend id, source prefix) → 1, LPM tries keyed by
+/// [`SourceRangeKey4`] / [`SourceRangeKey6`].
+pub const SOURCE_RANGES4_MAP: &str = "SOURCE_RANGES4";
+pub const SOURCE_RANGES6_MAP: &str = "SOURCE_RANGES6";
 
 /// Every map the datapath pins, in the order the agent reports them.
-pub const PINNED_MAPS: [&str; 21] = [
+pub const PINNED_MAPS: [&str; 23] = [
     SERVICES4_MAP,
     SERVICES6_MAP,
     SERVICE_SLOTS_MAP,
@@ -81,6 +85,8 @@ pub const PINNED_MAPS: [&str; 21] = [
     NODE_ADDRS4_MAP,
     NODE_ADDRS6_MAP,
     SNAT_ADDRS_MAP,
+    SOURCE_RANGES4_MAP,
+    SOURCE_RANGES6_MAP,
 ];
 
 /// Program names (the functions' names in the object).
@@ -115,6 +121,8 @@ pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
 pub const MAX_SERVICE_CIDRS: u32 = 64;
 /// Capacity of the node address maps.
 pub const MAX_NODE_ADDRS: u32 = 1024;
+/// Capacity of each source range trie.
+pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// Capacity of the per-pod maps. A node runs a few hundred pods at most; this leaves room.
 pub const MAX_PODS: u32 = 4096;
 /// The most backends one service port can have.
@@ -141,6 +149,9 @@ pub const BACKEND_F_LOCAL: u8 = 1 << 0;
 /// `ServiceValue::flags`: without backends, drop instead of refusing (`externalTrafficPolicy:
 /// Local` on a node without local endpoints, so that a load balancer's health check steers away).
 pub const SERVICE_F_DROP_EMPTY: u16 = 1 << 1;
+/// `ServiceValue::flags`: only sources in the frontend's entries of the source range tries may
+/// open flows (`loadBalancerSourceRanges`); others are dropped.
+pub const SERVICE_F_SOURCE_RANGES: u16 = 1 << 2;
 
 /// `DatapathConfig::flags`: socket LB translates only in the host's network namespace.
 pub const CONFIG_F_HOST_NETNS_ONLY: u32 = 1 << 0;
@@ -401,6 +412,23 @@ pub struct SockRevNatValue {
 /// Value of [`SNAT_ADDRS_MAP`]: an address (IPv4 in `addr[0]`); all zero: none.
 pub type NodeAddress = [u32; 4];
 
+/// The data of a [`SOURCE_RANGES4_MAP`] key: its prefix length is 32 (the frontend id, matched
+/// whole) plus the source prefix's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey4 {
+    pub service: u32,
+    pub addr: u32,
+}
+
+/// The data of a [`SOURCE_RANGES6_MAP`] key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey6 {
+    pub service: u32,
+    pub addr: [u32; 4],
+}
+
 /// Key of the Service CIDR tries (an LPM trie's data part).
 pub type ServiceCidr4 = u32;
 pub type ServiceCidr6 = [u32; 4];
@@ -448,7 +476,8 @@ pub enum Stat {
     SnatPortsExhausted = 11,
     /// External flows translated (NodePort).
     ExternalFlowsTranslated = 12,
-    /// External packets dropped: `externalTrafficPolicy: Local` without a local endpoint.
+    /// External packets dropped: `externalTrafficPolicy: Local` without a local endpoint, or a
+    /// source outside `loadBalancerSourceRanges`.
     ExternalDropped = 13,
 }
 
@@ -491,7 +520,9 @@ mod user {
         SockRevNatKey6,
         SockRevNatValue,
         DatapathConfig,
-        TrafficCounters
+        TrafficCounters,
+        SourceRangeKey4,
+        SourceRangeKey6
     );
 }
 
@@ -513,4 +544,6 @@ const _: () = {
     assert!(core::mem::size_of::<SockRevNatKey6>() == 32);
     assert!(core::mem::size_of::<SockRevNatValue>() == 24);
     assert!(core::mem::size_of::<DatapathConfig>() == 24);
+    assert!(core::mem::size_of::<SourceRangeKey4>() == 8);
+    assert!(core::mem::size_of::<SourceRangeKey6>() == 20);
 };

@@ -26,9 +26,9 @@ use aya_ebpf::{
 use ferrynet_common::*;
 
 use super::{
-    maps::{CT4, CT6, NODE_ADDRS4, NODE_ADDRS6, REV_NAT, SERVICES4, SERVICES6, SNAT_ADDRS, config},
+    maps::{CT4, CT6, REV_NAT, SERVICES4, SERVICES6, SNAT_ADDRS, SOURCE_RANGES4, SOURCE_RANGES6, config},
     packet::*,
-    services::{backend, select4, select6},
+    services::{backend, node_port4, node_port6, select4, select6},
     stats::bump,
 };
 
@@ -75,31 +75,6 @@ fn close6(key: CtKey6) {
     }
 }
 
-/// A NodePort's entry, when `port` is one (one lookup: most packets stop here).
-#[inline(always)]
-fn node_port4(port: u16, proto: u8) -> Option<ServiceValue> {
-    let key = ServiceKey4 {
-        addr: 0,
-        port,
-        proto,
-        scope: SCOPE_EXTERNAL,
-    };
-    // SAFETY: the value is copied out at once.
-    unsafe { SERVICES4.get(key) }.copied()
-}
-
-#[inline(always)]
-fn node_port6(port: u16, proto: u8) -> Option<ServiceValue> {
-    let key = ServiceKey6 {
-        addr: [0; 4],
-        port,
-        proto,
-        scope: SCOPE_EXTERNAL,
-    };
-    // SAFETY: the value is copied out at once.
-    unsafe { SERVICES6.get(key) }.copied()
-}
-
 /// An externalIP's or load balancer IP's entry for external traffic, when `addr`:`port` is one.
 #[inline(always)]
 fn external_ip4(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
@@ -123,6 +98,29 @@ fn external_ip6(addr: [u32; 4], port: u16, proto: u8) -> Option<ServiceValue> {
     };
     // SAFETY: the value is copied out at once.
     unsafe { SERVICES6.get(key) }.copied()
+}
+
+/// Whether `addr` may open a flow to frontend `service` (`loadBalancerSourceRanges`).
+#[inline(always)]
+fn source_allowed4(svc: &ServiceValue, addr: u32) -> bool {
+    svc.flags & SERVICE_F_SOURCE_RANGES == 0
+        || SOURCE_RANGES4
+            .get(aya_ebpf::maps::lpm_trie::Key::new(
+                64,
+                SourceRangeKey4 { service: svc.id, addr },
+            ))
+            .is_some()
+}
+
+#[inline(always)]
+fn source_allowed6(svc: &ServiceValue, addr: [u32; 4]) -> bool {
+    svc.flags & SERVICE_F_SOURCE_RANGES == 0
+        || SOURCE_RANGES6
+            .get(aya_ebpf::maps::lpm_trie::Key::new(
+                160,
+                SourceRangeKey6 { service: svc.id, addr },
+            ))
+            .is_some()
 }
 
 /// A NodePort without backends: dropped under `externalTrafficPolicy: Local`, refused otherwise.
@@ -272,11 +270,14 @@ fn from_uplink4(ctx: &mut TcContext) -> Option<i32> {
         }
     }
     // A new flow, if it is for a NodePort on one of the node's addresses.
-    // SAFETY: only presence matters.
-    let (svc, node_port) = match node_port4(t.dport, t.proto) {
-        Some(svc) if unsafe { NODE_ADDRS4.get(t.daddr) }.is_some() => (svc, true),
-        _ => (external_ip4(t.daddr, t.dport, t.proto)?, false),
+    let (svc, node_port) = match node_port4(t.daddr, t.dport, t.proto, SCOPE_EXTERNAL) {
+        Some(svc) => (svc, true),
+        None => (external_ip4(t.daddr, t.dport, t.proto)?, false),
     };
+    if !source_allowed4(&svc, t.saddr) {
+        bump(Stat::ExternalDropped);
+        return Some(TC_ACT_SHOT);
+    }
     if svc.count == 0 {
         return Some(no_backends(ctx, &svc));
     }
@@ -423,11 +424,14 @@ fn from_uplink6(ctx: &mut TcContext) -> Option<i32> {
             return Some(fib_redirect6(ctx, snat_addr, b.addr, &t));
         }
     }
-    // SAFETY: only presence matters.
-    let (svc, node_port) = match node_port6(t.dport, t.proto) {
-        Some(svc) if unsafe { NODE_ADDRS6.get(t.daddr) }.is_some() => (svc, true),
-        _ => (external_ip6(t.daddr, t.dport, t.proto)?, false),
+    let (svc, node_port) = match node_port6(t.daddr, t.dport, t.proto, SCOPE_EXTERNAL) {
+        Some(svc) => (svc, true),
+        None => (external_ip6(t.daddr, t.dport, t.proto)?, false),
     };
+    if !source_allowed6(&svc, t.saddr) {
+        bump(Stat::ExternalDropped);
+        return Some(TC_ACT_SHOT);
+    }
     if svc.count == 0 {
         return Some(no_backends(ctx, &svc));
     }

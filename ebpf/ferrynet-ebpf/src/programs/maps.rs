@@ -44,6 +44,10 @@ pub static NODE_ADDRS4: HashMap<u32, u8> = HashMap::with_max_entries(MAX_NODE_AD
 #[map]
 pub static NODE_ADDRS6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(MAX_NODE_ADDRS, 0);
 #[map]
+pub static SOURCE_RANGES4: LpmTrie<SourceRangeKey4, u8> = LpmTrie::with_max_entries(MAX_SOURCE_RANGES, 0);
+#[map]
+pub static SOURCE_RANGES6: LpmTrie<SourceRangeKey6, u8> = LpmTrie::with_max_entries(MAX_SOURCE_RANGES, 0);
+#[map]
 pub static SNAT_ADDRS: Array<NodeAddress> = Array::with_max_entries(2, 0);
 #[map]
 pub static DATAPATH_CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);

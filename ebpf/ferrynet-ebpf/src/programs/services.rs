@@ -3,7 +3,10 @@ use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use ferrynet_common::*;
 
 use super::{
-    maps::{AFFINITY4, AFFINITY6, BACKENDS, SERVICE_CIDRS4, SERVICE_CIDRS6, SERVICE_SLOTS, SERVICES4, SERVICES6},
+    maps::{
+        AFFINITY4, AFFINITY6, BACKENDS, NODE_ADDRS4, NODE_ADDRS6, SERVICE_CIDRS4, SERVICE_CIDRS6, SERVICE_SLOTS,
+        SERVICES4, SERVICES6,
+    },
     stats::bump,
 };
 
@@ -49,6 +52,38 @@ pub fn lookup6(addr: [u32; 4], port: u16, proto: u8, scope: u8) -> Destination {
         None if in_service_cidrs6(addr) => Destination::Refused,
         None => Destination::Other,
     }
+}
+
+/// The entry of `scope` of NodePort `port`, when `addr` is one of the node's addresses NodePorts
+/// answer on (the NodePort lookup comes first: most packets stop there).
+#[inline(always)]
+pub fn node_port4(addr: u32, port: u16, proto: u8, scope: u8) -> Option<ServiceValue> {
+    let key = ServiceKey4 {
+        addr: 0,
+        port,
+        proto,
+        scope,
+    };
+    // SAFETY: the value is copied out at once.
+    let svc = unsafe { SERVICES4.get(key) }.copied()?;
+    // SAFETY: only presence matters.
+    unsafe { NODE_ADDRS4.get(addr) }?;
+    Some(svc)
+}
+
+#[inline(always)]
+pub fn node_port6(addr: [u32; 4], port: u16, proto: u8, scope: u8) -> Option<ServiceValue> {
+    let key = ServiceKey6 {
+        addr: [0; 4],
+        port,
+        proto,
+        scope,
+    };
+    // SAFETY: the value is copied out at once.
+    let svc = unsafe { SERVICES6.get(key) }.copied()?;
+    // SAFETY: only presence matters.
+    unsafe { NODE_ADDRS6.get(addr) }?;
+    Some(svc)
 }
 
 #[inline(always)]
