@@ -178,6 +178,7 @@ pub async fn run(
         synced: false,
         fill_refreshed: None,
         full_sync_due: true,
+        external_on: None,
     };
     controller.run(client, nodes, servers).await
 }
@@ -325,6 +326,8 @@ struct Controller {
     /// When the maps' fill was last counted.
     fill_refreshed: Option<Instant>,
     full_sync_due: bool,
+    /// What the datapath's external reply check was last set to (none: not yet this run).
+    external_on: Option<bool>,
 }
 
 /// A watch of one kind, with its list state.
@@ -672,11 +675,15 @@ impl Controller {
         self.sync_health_checks();
         // Pods' packets check for external flows' replies only while a NodePort exists.
         let external = self.maps.frontends().keys().any(|f| f.scope == table::Scope::External);
-        if let Err(e) = self.datapath.set_external(external) {
-            warn!(
-                "turning the external reply check {}: {e}",
-                if external { "on" } else { "off" }
-            );
+        // Written only when it changes: one map write per change, not per batch.
+        if self.external_on != Some(external) {
+            match self.datapath.set_external(external) {
+                Ok(()) => self.external_on = Some(external),
+                Err(e) => warn!(
+                    "turning the external reply check {}: {e}",
+                    if external { "on" } else { "off" }
+                ),
+            }
         }
         self.finish(outcome, &dirty, started);
         if full {
