@@ -18,7 +18,7 @@ use ferrynet_agent::{
     datapath::{MapSizes, TranslationModes},
     ipam_gc::IpamGcConfig,
     node::{controller::NodeNetworkingConfig, topology::RoutingMode, vxlan::VxlanSettings},
-    services::{cli, controller::ServicesConfig},
+    services::{cli, controller::ServicesConfig, maglev, table::LoadBalancing},
     status,
 };
 use ipnet::IpNet;
@@ -163,6 +163,20 @@ struct Options {
         value_delimiter = ','
     )]
     nodeport_interfaces: Vec<String>,
+    /// How external traffic (NodePorts, load balancer IPs, externalIPs) picks a backend for a
+    /// new flow: `random`, or `maglev` (consistent hashing: every node picks the same backend
+    /// for a flow, and a backend change moves few flows). A Service's `ferrynet.io/lb-algorithm`
+    /// annotation overrides it.
+    #[arg(long, env = "FERRYNET_LOAD_BALANCING", default_value = "random", value_parser = ["random", "maglev"])]
+    load_balancing: String,
+    /// The size of each Maglev table: a prime from 251 to 131071. At least 100 times the
+    /// backends of the largest Service keeps every backend's share within a percent.
+    #[arg(long, env = "FERRYNET_MAGLEV_TABLE_SIZE", default_value_t = ferrynet_common::DEFAULT_MAGLEV_TABLE_SIZE, value_parser = maglev_table_size)]
+    maglev_table_size: u32,
+    /// How many frontends may balance by Maglev at once (each table takes 4 KiB per 1024
+    /// entries, allocated when it is written).
+    #[arg(long, env = "FERRYNET_MAX_MAGLEV_SERVICES", default_value_t = ferrynet_common::DEFAULT_MAX_MAGLEV_SERVICES)]
+    max_maglev_services: u32,
     /// Capacities of the datapath's maps (used when they are created).
     #[arg(long, env = "FERRYNET_MAX_SERVICES", default_value_t = ferrynet_common::DEFAULT_MAX_SERVICES)]
     max_services: u32,
@@ -198,6 +212,20 @@ fn optional_socket(s: &str) -> Result<Option<std::net::SocketAddr>> {
             .parse()
             .map(Some)
             .with_context(|| format!("--metrics-bind-address {addr:?}")),
+    }
+}
+
+/// `--maglev-table-size`: a prime within the datapath's bounds.
+fn maglev_table_size(s: &str) -> Result<u32, String> {
+    let size: u32 = s.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if maglev::valid_table_size(size) {
+        Ok(size)
+    } else {
+        Err(format!(
+            "{size} is not a prime from {} to {}",
+            ferrynet_common::MIN_MAGLEV_TABLE_SIZE,
+            ferrynet_common::MAX_MAGLEV_TABLE_SIZE
+        ))
     }
 }
 
@@ -284,6 +312,8 @@ impl Options {
                     conntrack: self.max_conntrack,
                     affinity: self.max_affinity,
                     sockets: self.max_sockets,
+                    maglev_services: self.max_maglev_services,
+                    maglev_table_size: self.maglev_table_size,
                 },
                 healthz_port: self.healthz_port,
                 metrics_addr: optional_socket(&self.metrics_bind_address)?,
@@ -299,6 +329,10 @@ impl Options {
                     .filter(|i| !i.is_empty())
                     .cloned()
                     .collect(),
+                load_balancing: LoadBalancing {
+                    maglev_by_default: self.load_balancing == "maglev",
+                    maglev_table_size: self.maglev_table_size,
+                },
             },
             node_name,
         })

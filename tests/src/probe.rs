@@ -36,6 +36,57 @@ pub fn request(to: SocketAddr, udp: bool, timeout: Duration) -> Result<String> {
     Ok(format!("{} peer={}", answer.trim_end(), stream.peer_addr()?))
 }
 
+/// One TCP request from each source port of `ports` in turn, each connection ended with a reset
+/// (SO_LINGER 0), so that the next round may reuse the same tuple at once: the same flows, asked
+/// again, show which backend each lands on. One line per port: `<port> <answer>`, or
+/// `<port> error <error>`.
+pub fn flows(to: SocketAddr, ports: std::ops::RangeInclusive<u16>, timeout: Duration) -> Result<Vec<String>> {
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage, sockopt};
+    let one = |port: u16| -> Result<String> {
+        let family = if to.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+        socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        // connect() gives up after the send timeout, as connect_timeout would.
+        let limit = nix::sys::time::TimeVal::new(timeout.as_secs() as i64, timeout.subsec_micros() as i64);
+        socket::setsockopt(&fd, sockopt::SendTimeout, &limit)?;
+        socket::setsockopt(&fd, sockopt::ReceiveTimeout, &limit)?;
+        let local: SocketAddr = if to.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, port).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, port).into()
+        };
+        socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(local))?;
+        socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(to))
+            .with_context(|| format!("connecting from port {port}"))?;
+        let mut stream = TcpStream::from(fd);
+        stream.write_all(b"hello\n")?;
+        let mut answer = String::new();
+        BufReader::new(&mut stream).read_line(&mut answer)?;
+        socket::setsockopt(
+            &stream,
+            sockopt::Linger,
+            &libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            },
+        )?;
+        if answer.is_empty() {
+            bail!("the connection closed without an answer");
+        }
+        Ok(answer.trim_end().to_string())
+    };
+    Ok(ports
+        .map(|port| match one(port) {
+            Ok(answer) => format!("{port} {answer}"),
+            Err(e) => format!("{port} error {e:#}"),
+        })
+        .collect())
+}
+
 /// What [`connected_udp`] saw: each line is `<unix ms> ok <answer>` or `<unix ms> error <error>`.
 pub fn connected_udp(to: SocketAddr, duration: Duration, interval: Duration, out: &Path) -> Result<()> {
     let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;

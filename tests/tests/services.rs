@@ -1202,6 +1202,106 @@ fn load_balancer_ips_and_external_ips_answer_where_they_arrive_and_short_circuit
     }
 }
 
+/// The source ports of the flows the Maglev test follows.
+const FLOW_PORTS: std::ops::RangeInclusive<u16> = 42_000..=42_127;
+
+/// The backend each flow of [`FLOW_PORTS`] from the external client to `to` lands on.
+fn flows_to(lab: &Lab, to: SocketAddr) -> BTreeMap<u16, String> {
+    let flows = lab.flows("client", to, FLOW_PORTS).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(flows.len(), FLOW_PORTS.len(), "{to}: every flow answers");
+    flows
+}
+
+#[test]
+fn maglev_sends_a_flow_to_one_backend_through_every_node_and_a_removed_backend_moves_only_its_flows() {
+    let mut lab = LabGuard::up(2, "native");
+    for (pod, node) in [("m1", "n1"), ("m2", "n1"), ("m3", "n2"), ("m4", "n2")] {
+        lab.run_pod(pod, node, &labels(&[("app", "m")])).unwrap();
+    }
+    // Two Services over the same pods: one balanced by Maglev (its annotation), and one at
+    // random, the control that shows the comparison below can fail.
+    let hashed: [std::net::IpAddr; 2] = ["10.210.0.11".parse().unwrap(), "fd00:210::11".parse().unwrap()];
+    let random: [std::net::IpAddr; 2] = ["10.210.0.12".parse().unwrap(), "fd00:210::12".parse().unwrap()];
+    for (name, algorithm, ips) in [("hashed", "maglev", &hashed), ("random", "random", &random)] {
+        let mut svc = service(
+            name,
+            "m",
+            vec![port("tcp", "TCP", 80, IntOrString::Int(i32::from(POD_PORT)))],
+        );
+        svc.metadata.annotations = Some([("ferrynet.io/lb-algorithm".to_string(), algorithm.to_string())].into());
+        svc.spec.as_mut().unwrap().type_ = Some("LoadBalancer".into());
+        lab.create_service_object(&svc).unwrap();
+        lab.expose_load_balancer(name, ips, &["n1"]).unwrap();
+    }
+    let explained = agent_cli(&lab, "n1", &["explain", &format!("{}:80", hashed[0])]);
+    assert!(
+        explained.contains("load balancing: Maglev, a table of 16381 entries"),
+        "{explained}"
+    );
+
+    let mut before: BTreeMap<std::net::IpAddr, BTreeMap<u16, String>> = BTreeMap::new();
+    for (hashed_ip, random_ip) in hashed.into_iter().zip(random) {
+        let (to, control) = (SocketAddr::new(hashed_ip, 80), SocketAddr::new(random_ip, 80));
+        answers(&lab, "client", to, false, 1);
+        answers(&lab, "client", control, false, 1);
+        // The same flows entering n1, then n2 (where the load balancer's route moved), then both
+        // (ECMP, spread by ports): the backends on each node are local to one and SNATed from
+        // the other, and each node computed its own table.
+        let through_n1 = flows_to(&lab, to);
+        let control_n1 = flows_to(&lab, control);
+        lab.route_from_client(&[hashed_ip, random_ip], &["n2"]).unwrap();
+        let through_n2 = flows_to(&lab, to);
+        let control_n2 = flows_to(&lab, control);
+        lab.route_from_client(&[hashed_ip, random_ip], &["n1", "n2"]).unwrap();
+        let through_both = flows_to(&lab, to);
+        let spread: BTreeSet<&String> = through_n1.values().collect();
+        assert_eq!(
+            spread.len(),
+            4,
+            "{to}: the flows spread over every backend: {through_n1:?}"
+        );
+        assert_eq!(
+            through_n1, through_n2,
+            "{to}: a flow lands on one backend whichever node it enters"
+        );
+        assert_eq!(through_n1, through_both, "{to}: also when ECMP spreads the flows");
+        let differ = control_n1.iter().filter(|(p, b)| control_n2[*p] != **b).count();
+        assert!(
+            differ > 0,
+            "{control}: random picks gave every flow the same backend through both nodes"
+        );
+        before.insert(hashed_ip, through_n1);
+    }
+
+    // One backend of four goes: its flows move to the others, and the others' flows stay.
+    lab.delete_pod("m2").unwrap();
+    for ip in hashed {
+        let to = SocketAddr::new(ip, 80);
+        let mut after = BTreeMap::new();
+        let settled = eventually(Duration::from_secs(20), || {
+            after = lab.flows("client", to, FLOW_PORTS).unwrap_or_default();
+            after.len() == FLOW_PORTS.len() && after.values().all(|b| b != "m2")
+        });
+        assert!(settled, "{to}: the flows never left the removed backend: {after:?}");
+        let old = &before[&ip];
+        let orphaned = old.values().filter(|b| *b == "m2").count();
+        let kept: Vec<u16> = old.iter().filter(|(_, b)| *b != "m2").map(|(p, _)| *p).collect();
+        let moved = kept.iter().filter(|p| after[*p] != old[*p]).count();
+        eprintln!(
+            "maglev {to}: {orphaned} of {} flows were on the removed backend and moved; {moved} of the other {} moved ({:.1}%)",
+            old.len(),
+            kept.len(),
+            100.0 * moved as f64 / kept.len() as f64
+        );
+        assert!(orphaned > 0, "{to}: some flows were on m2: {old:?}");
+        assert!(
+            moved * 20 <= kept.len(),
+            "{to}: {moved} of {} flows of kept backends moved",
+            kept.len()
+        );
+    }
+}
+
 /// The status code and JSON body of `node`'s health check port `port`, from the external client.
 fn health_check(lab: &Lab, node: &str, port: i32) -> (String, serde_json::Value) {
     let ip = lab.state.nodes.iter().find(|n| n.name == node).unwrap().v4();

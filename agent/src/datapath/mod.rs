@@ -110,6 +110,10 @@ pub struct MapSizes {
     pub conntrack: u32,
     pub affinity: u32,
     pub sockets: u32,
+    /// Frontends that may balance by Maglev at once.
+    pub maglev_services: u32,
+    /// The Maglev tables' size (how many map entries each takes).
+    pub maglev_table_size: u32,
 }
 
 impl Default for MapSizes {
@@ -121,13 +125,15 @@ impl Default for MapSizes {
             conntrack: DEFAULT_MAX_CONNTRACK,
             affinity: DEFAULT_MAX_AFFINITY,
             sockets: DEFAULT_MAX_SOCKETS,
+            maglev_services: DEFAULT_MAX_MAGLEV_SERVICES,
+            maglev_table_size: DEFAULT_MAGLEV_TABLE_SIZE,
         }
     }
 }
 
 impl MapSizes {
     /// (map, capacity) for every map whose size is a setting.
-    pub fn entries(&self) -> [(&'static str, u32); 12] {
+    pub fn entries(&self) -> [(&'static str, u32); 13] {
         [
             (SERVICES4_MAP, self.services),
             (SERVICES6_MAP, self.services),
@@ -141,6 +147,11 @@ impl MapSizes {
             (AFFINITY6_MAP, self.affinity),
             (SOCK_BACKEND_MAP, self.sockets),
             (SOCK_REVNAT4_MAP, self.sockets),
+            (
+                MAGLEV_MAP,
+                self.maglev_services
+                    .saturating_mul(self.maglev_table_size.div_ceil(MAGLEV_CHUNK)),
+            ),
         ]
     }
 }

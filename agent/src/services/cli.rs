@@ -33,6 +33,8 @@ pub struct Listed {
     pub id: u32,
     pub backends: Vec<(Backend, BackendState)>,
     pub affinity_timeout_s: Option<u32>,
+    /// The size of its Maglev table, when new flows pick their backend by Maglev.
+    pub maglev: Option<u32>,
     pub notes: Option<PortEntry>,
 }
 
@@ -45,6 +47,8 @@ struct Pinned {
     affinity6: HashMap<MapData, AffinityKey6, AffinityValue>,
     cidrs4: LpmTrie<MapData, u32, u8>,
     cidrs6: LpmTrie<MapData, [u32; 4], u8>,
+    node_addrs4: HashMap<MapData, u32, u8>,
+    node_addrs6: HashMap<MapData, [u32; 4], u8>,
 }
 
 fn open<T: TryFrom<Map, Error = MapError>>(pins: &PinLayout, name: &str) -> Result<T, CliError> {
@@ -69,7 +73,57 @@ impl Pinned {
             affinity6: open(&pins, AFFINITY6_MAP)?,
             cidrs4: open(&pins, SERVICE_CIDRS4_MAP)?,
             cidrs6: open(&pins, SERVICE_CIDRS6_MAP)?,
+            node_addrs4: open(&pins, NODE_ADDRS4_MAP)?,
+            node_addrs6: open(&pins, NODE_ADDRS6_MAP)?,
         })
+    }
+
+    /// The entry of `scope` for `addr`:`port`: its own, or a NodePort's (keyed by the unspecified
+    /// address) when `addr` is one of the addresses NodePorts answer on. With the frontend it is.
+    fn entry(&self, addr: IpAddr, port: u16, protocol: Protocol, scope: Scope) -> Option<(Frontend, ServiceValue)> {
+        let get = |addr: IpAddr| {
+            let value = match addr {
+                IpAddr::V4(v4) => self.services4.get(
+                    &ServiceKey4 {
+                        addr: addr4(v4.octets()),
+                        port: ferrynet_common::port(port),
+                        proto: protocol.number(),
+                        scope: scope.number(),
+                    },
+                    0,
+                ),
+                IpAddr::V6(v6) => self.services6.get(
+                    &ServiceKey6 {
+                        addr: addr6(v6.octets()),
+                        port: ferrynet_common::port(port),
+                        proto: protocol.number(),
+                        scope: scope.number(),
+                    },
+                    0,
+                ),
+            };
+            let frontend = Frontend {
+                addr,
+                port,
+                protocol,
+                scope,
+            };
+            value.ok().map(|v| (frontend, v))
+        };
+        if let Some(found) = get(addr) {
+            return Some(found);
+        }
+        let (node_address, any) = match addr {
+            IpAddr::V4(v4) => (
+                self.node_addrs4.get(&addr4(v4.octets()), 0).is_ok(),
+                IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
+            ),
+            IpAddr::V6(v6) => (
+                self.node_addrs6.get(&addr6(v6.octets()), 0).is_ok(),
+                IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+            ),
+        };
+        if node_address { get(any) } else { None }
     }
 
     fn backend(&self, id: u32) -> Option<(Backend, BackendState)> {
@@ -108,6 +162,7 @@ impl Pinned {
             id: value.id,
             backends,
             affinity_timeout_s: (value.flags & SERVICE_F_AFFINITY != 0).then_some(value.affinity_timeout_s),
+            maglev: (value.maglev_size != 0).then_some(value.maglev_size),
             notes: notes::read(notes_dir, value.id),
         }
     }
@@ -197,34 +252,17 @@ pub fn explain(pin_root: &Path, state_dir: &Path, target: &str, from: Option<IpA
     let (addr, port, protocol) = parse_target(target)?;
     let maps = Pinned::open(pin_root)?;
     let notes_dir = notes::dir(state_dir);
-    let frontend = Frontend {
+    // As asked (the entries of a NodePort are keyed by the unspecified address).
+    let asked = Frontend {
         addr,
         port,
         protocol,
         scope: Scope::Internal,
     };
-    let value = match addr {
-        IpAddr::V4(v4) => maps.services4.get(
-            &ServiceKey4 {
-                addr: addr4(v4.octets()),
-                port: ferrynet_common::port(port),
-                proto: protocol.number(),
-                scope: SCOPE_INTERNAL,
-            },
-            0,
-        ),
-        IpAddr::V6(v6) => maps.services6.get(
-            &ServiceKey6 {
-                addr: addr6(v6.octets()),
-                port: ferrynet_common::port(port),
-                proto: protocol.number(),
-                scope: SCOPE_INTERNAL,
-            },
-            0,
-        ),
-    };
+    let internal = maps.entry(addr, port, protocol, Scope::Internal);
+    let external = maps.entry(addr, port, protocol, Scope::External);
     let mut out = String::new();
-    let Ok(value) = value else {
+    let Some((frontend, value)) = internal else {
         let in_cidrs = match addr {
             IpAddr::V4(v4) => maps
                 .cidrs4
@@ -235,7 +273,7 @@ pub fn explain(pin_root: &Path, state_dir: &Path, target: &str, from: Option<IpA
                 .get(&aya::maps::lpm_trie::Key::new(128, addr6(v6.octets())), 0)
                 .is_ok(),
         };
-        out += &format!("{frontend}: no Service on this node has it.\n");
+        out += &format!("{asked}: no Service on this node has it.\n");
         out += if in_cidrs {
             "It is inside the Service CIDRs (--service-cidrs), so it is refused: ECONNREFUSED at connect, an ICMP error or a TCP reset per packet.\n"
         } else {
@@ -244,37 +282,23 @@ pub fn explain(pin_root: &Path, state_dir: &Path, target: &str, from: Option<IpA
         return Ok(out);
     };
     let listed = maps.listed(frontend, &value, &notes_dir);
+    let node_port = if frontend.addr.is_unspecified() {
+        " (a NodePort on this node's addresses)"
+    } else {
+        ""
+    };
     out += &format!(
-        "{frontend} is service {} (frontend id {})\n",
+        "{asked} is service {}{node_port} (frontend id {})\n",
         service_name(&listed),
         listed.id
     );
-    if let Some(notes) = &listed.notes {
-        out += &format!("  traffic policy: {}\n", notes.notes.traffic_policy);
-        if let Some(topology) = &notes.notes.topology {
-            out += &format!("  topology hints in force: {topology}\n");
-        }
-    }
-    match listed.affinity_timeout_s {
-        Some(t) => out += &format!("  session affinity: ClientIP, {t} s\n"),
-        None => out += "  session affinity: none (a backend at random per connection)\n",
-    }
-    if listed.backends.is_empty() {
-        out += "  backends: none, so connections are refused at once (ECONNREFUSED, an ICMP error or a TCP reset)\n";
-    } else {
-        out += &format!("  backends ({}):\n", listed.backends.len());
-        for (b, s) in &listed.backends {
-            let state = match s {
-                BackendState::Active => "ready",
-                BackendState::Terminating => "serving, terminating (no ready endpoint is left)",
-            };
-            out += &format!("    {b:<28} {state}\n");
-        }
-    }
-    if let Some(notes) = &listed.notes {
-        for (b, why) in &notes.notes.excluded {
-            out += &format!("    {b:<28} excluded: {}\n", why.describe());
-        }
+    out += &describe(&listed, "  ");
+    // What arrives from outside (NodePorts, externalIPs, load balancer IPs) has an entry of
+    // its own: the external traffic policy, source ranges, Maglev.
+    if let Some((ext_frontend, ext_value)) = external {
+        let ext = maps.listed(ext_frontend, &ext_value, &notes_dir);
+        out += &format!("  from outside the cluster (frontend id {}):\n", ext.id);
+        out += &describe(&ext, "    ");
     }
     if let Some(client) = from {
         let held = match client {
@@ -317,6 +341,50 @@ pub fn explain(pin_root: &Path, state_dir: &Path, target: &str, from: Option<IpA
         }
     }
     Ok(out)
+}
+
+/// One entry's policy and backends, each line indented by `indent`.
+fn describe(listed: &Listed, indent: &str) -> String {
+    let mut out = String::new();
+    if let Some(notes) = &listed.notes {
+        out += &format!("{indent}traffic policy: {}\n", notes.notes.traffic_policy);
+        if let Some(topology) = &notes.notes.topology {
+            out += &format!("{indent}topology hints in force: {topology}\n");
+        }
+    }
+    let per_connection = match listed.maglev {
+        Some(size) => {
+            out += &format!(
+                "{indent}load balancing: Maglev, a table of {size} entries (a flow's backend is the same on every node)\n"
+            );
+            "by Maglev"
+        }
+        None => "at random",
+    };
+    match listed.affinity_timeout_s {
+        Some(t) => out += &format!("{indent}session affinity: ClientIP, {t} s\n"),
+        None => out += &format!("{indent}session affinity: none (a backend {per_connection} per connection)\n"),
+    }
+    if listed.backends.is_empty() {
+        out += &format!(
+            "{indent}backends: none, so connections are refused at once (ECONNREFUSED, an ICMP error or a TCP reset)\n"
+        );
+    } else {
+        out += &format!("{indent}backends ({}):\n", listed.backends.len());
+        for (b, s) in &listed.backends {
+            let state = match s {
+                BackendState::Active => "ready",
+                BackendState::Terminating => "serving, terminating (no ready endpoint is left)",
+            };
+            out += &format!("{indent}  {b:<28} {state}\n");
+        }
+    }
+    if let Some(notes) = &listed.notes {
+        for (b, why) in &notes.notes.excluded {
+            out += &format!("{indent}  {b:<28} excluded: {}\n", why.describe());
+        }
+    }
+    out
 }
 
 /// Frontends grouped by service, for summaries.

@@ -78,6 +78,8 @@ pub struct ServicesConfig {
     /// `--nodeport-interfaces`: where the uplink program attaches (empty: the interfaces that
     /// hold the node's InternalIPs).
     pub nodeport_interfaces: Vec<String>,
+    /// `--load-balancing` and `--maglev-table-size`.
+    pub load_balancing: super::table::LoadBalancing,
 }
 
 /// Why the service controller stopped (the supervisor restarts it).
@@ -167,6 +169,7 @@ pub async fn run(
             name: cfg.node_name.clone(),
             zone: None,
             proxy_name: cfg.proxy_name.clone(),
+            load_balancing: cfg.load_balancing,
         },
         internal_ips: Vec::new(),
         health_checks: BTreeMap::new(),
@@ -899,7 +902,13 @@ fn slim_metadata(meta: &mut kube::api::ObjectMeta) {
 /// map, and the selector, would cost a whole allocation node per Service.
 fn slim_service(mut service: Service) -> Service {
     slim_metadata(&mut service.metadata);
-    service.metadata.annotations = None;
+    // Of the annotations only the one that picks the load balancing.
+    if let Some(annotations) = service.metadata.annotations.as_mut() {
+        annotations.retain(|k, _| k == table::LB_ALGORITHM_ANNOTATION);
+        if annotations.is_empty() {
+            service.metadata.annotations = None;
+        }
+    }
     if let Some(labels) = service.metadata.labels.as_mut() {
         labels.retain(|k, _| k == table::SERVICE_PROXY_NAME_LABEL);
         if labels.is_empty() {

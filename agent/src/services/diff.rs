@@ -24,6 +24,8 @@ pub struct AppliedFrontend {
     pub local: BTreeSet<Backend>,
     /// [`PortEntry::source_ranges`].
     pub source_ranges: Option<BTreeSet<ipnet::IpNet>>,
+    /// [`PortEntry::maglev`]: the size of its Maglev table.
+    pub maglev: Option<u32>,
 }
 
 impl AppliedFrontend {
@@ -113,7 +115,8 @@ pub fn diff(current: &BTreeMap<Frontend, AppliedFrontend>, desired: &[PortEntry]
                     && old.affinity_timeout_s == entry.affinity_timeout_s
                     && old.drop_when_empty == entry.drop_when_empty
                     && old.local == entry.local_backends
-                    && old.source_ranges == entry.source_ranges;
+                    && old.source_ranges == entry.source_ranges
+                    && old.maglev == entry.maglev;
                 if !same {
                     ops.push(FrontendOp::Update {
                         old: Box::new(old.clone()),
@@ -169,6 +172,7 @@ mod tests {
             local_backends: BTreeSet::new(),
             source_ranges: None,
             drop_when_empty: false,
+            maglev: None,
             notes: PortNotes::default(),
         }
     }
@@ -183,6 +187,7 @@ mod tests {
             drop_when_empty: false,
             local: BTreeSet::new(),
             source_ranges: None,
+            maglev: None,
         }
     }
 
@@ -285,5 +290,20 @@ mod tests {
         local.local_backends.insert(b(1));
         let ops = diff(&current, &[local]);
         assert!(matches!(&ops[0], FrontendOp::Update { slots, .. } if slots.writes.is_empty()));
+        // And of the load balancing (Maglev on, or another table size).
+        let mut consistent = entry(1, &[1, 2]);
+        consistent.maglev = Some(251);
+        assert_eq!(diff(&current, &[consistent.clone()]).len(), 1);
+        let hashed: BTreeMap<Frontend, AppliedFrontend> = [(
+            frontend(1),
+            AppliedFrontend {
+                maglev: Some(251),
+                ..applied(1, &[1, 2])
+            },
+        )]
+        .into();
+        assert!(diff(&hashed, &[consistent.clone()]).is_empty());
+        consistent.maglev = Some(257);
+        assert_eq!(diff(&hashed, &[consistent]).len(), 1);
     }
 }

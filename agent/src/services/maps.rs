@@ -112,6 +112,7 @@ pub struct MapHandles {
     pub doomed: HashMap<MapData, u32, u8>,
     pub source_ranges4: LpmTrie<MapData, SourceRangeKey4, u8>,
     pub source_ranges6: LpmTrie<MapData, SourceRangeKey6, u8>,
+    pub maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
 }
 
 impl MapHandles {
@@ -142,6 +143,7 @@ impl MapHandles {
             doomed: typed!(DOOMED_BACKENDS_MAP),
             source_ranges4: trie!(SOURCE_RANGES4_MAP),
             source_ranges6: trie!(SOURCE_RANGES6_MAP),
+            maglev: typed!(MAGLEV_MAP),
         })
     }
 }
@@ -222,6 +224,7 @@ fn service_value(
     affinity: Option<u32>,
     drop_when_empty: bool,
     restricted: bool,
+    maglev: Option<u32>,
 ) -> ServiceValue {
     let mut flags = 0;
     if restricted {
@@ -238,9 +241,12 @@ fn service_value(
         count: count as u16,
         flags,
         affinity_timeout_s: affinity.unwrap_or(0),
-        _pad: 0,
+        maglev_size: maglev.unwrap_or(0),
     }
 }
+
+/// Maglev tables computed in one batch, by backend set and size.
+type MaglevCache = BTreeMap<(Vec<Backend>, u32), Vec<u32>>;
 
 /// What one batch of operations did, and what it leaves to be finished.
 #[derive(Debug, Default)]
@@ -331,6 +337,7 @@ impl ServiceMaps {
         }
         let mut used: BTreeSet<Backend> = BTreeSet::new();
         let mut ranges = this.read_ranges();
+        let mut tables = this.read_maglev_chunks();
         for (frontend, value) in entries {
             this.frontend_ids.mark(value.id);
             let mut slots = Vec::new();
@@ -368,14 +375,28 @@ impl ServiceMaps {
                     local,
                     source_ranges: (value.flags & SERVICE_F_SOURCE_RANGES != 0)
                         .then(|| ranges.remove(&value.id).unwrap_or_default()),
+                    maglev: (value.maglev_size != 0).then_some(value.maglev_size),
                 },
             );
+            // A Maglev frontend's chunks are its own; a table of its size has no more.
+            if value.maglev_size != 0
+                && let Some(chunks) = tables.get_mut(&value.id)
+            {
+                chunks.retain(|c| *c >= value.maglev_size.div_ceil(MAGLEV_CHUNK));
+            }
         }
         // What is left belongs to no restricted frontend (a run that stopped half-way): it must
         // not open a future frontend with the same id to its sources.
         for (id, stray) in ranges {
             for net in &stray {
                 let _ = this.delete_range(id, net);
+            }
+        }
+        // Chunks no Maglev frontend reads (a frontend that went while no agent ran, or a smaller
+        // table than before) would be memory held for nothing.
+        for (id, chunks) in tables {
+            for chunk in chunks {
+                let _ = this.maps.maglev.remove(&MaglevKey { service: id, chunk });
             }
         }
         this.orphans = this.backend_ids.keys().filter(|b| !used.contains(b)).copied().collect();
@@ -549,6 +570,72 @@ impl ServiceMaps {
         }
     }
 
+    /// The Maglev chunks the map holds, by frontend id.
+    fn read_maglev_chunks(&self) -> BTreeMap<u32, BTreeSet<u32>> {
+        let mut out: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+        for key in self.maps.maglev.keys().filter_map(Result::ok) {
+            out.entry(key.service).or_default().insert(key.chunk);
+        }
+        out
+    }
+
+    /// Writes frontend `id`'s Maglev table for `backends` (whose ids the backend table holds).
+    /// Each chunk is replaced whole, so a reader sees the old or the new one, and either names
+    /// backends that exist until the batch's removals are finished.
+    fn write_maglev(
+        &mut self,
+        id: u32,
+        backends: &BTreeMap<Backend, BackendState>,
+        size: u32,
+        cache: &mut MaglevCache,
+    ) -> Result<usize, ServiceMapError> {
+        let set: Vec<Backend> = backends.keys().copied().collect();
+        if set.is_empty() {
+            // Nothing to pick: the datapath stops at the empty count first.
+            return Ok(0);
+        }
+        let table = cache
+            .entry((set.clone(), size))
+            .or_insert_with(|| super::maglev::table(&set, size));
+        let ids: Vec<u32> = set
+            .iter()
+            .map(|b| self.backend_ids.get(b).copied().unwrap_or(0))
+            .collect();
+        let mut writes = 0;
+        for (chunk, entries) in table.chunks(MAGLEV_CHUNK as usize).enumerate() {
+            let mut value: MaglevChunk = [0; MAGLEV_CHUNK as usize];
+            for (slot, index) in value.iter_mut().zip(entries) {
+                *slot = ids[*index as usize];
+            }
+            self.maps
+                .maglev
+                .insert(
+                    MaglevKey {
+                        service: id,
+                        chunk: chunk as u32,
+                    },
+                    value,
+                    0,
+                )
+                .map_err(map_error(MAGLEV_MAP))?;
+            writes += 1;
+        }
+        Ok(writes)
+    }
+
+    /// Deletes frontend `id`'s Maglev chunks from `from` on (0: the whole table of `size`).
+    fn delete_maglev(&mut self, id: u32, size: u32, from: u32) -> Result<usize, ServiceMapError> {
+        let mut writes = 0;
+        for chunk in from..size.div_ceil(MAGLEV_CHUNK) {
+            match self.maps.maglev.remove(&MaglevKey { service: id, chunk }) {
+                Ok(()) => writes += 1,
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_error(MAGLEV_MAP)(e)),
+            }
+        }
+        Ok(writes)
+    }
+
     /// The source ranges the tries hold, by frontend id.
     fn read_ranges(&self) -> BTreeMap<u32, BTreeSet<IpNet>> {
         let mut out: BTreeMap<u32, BTreeSet<IpNet>> = BTreeMap::new();
@@ -574,6 +661,7 @@ impl ServiceMaps {
         entry: &PortEntry,
         out: &mut BatchOutcome,
         touched: &mut BTreeSet<Backend>,
+        cache: &mut MaglevCache,
     ) -> Result<u32, ServiceMapError> {
         let id = self.frontend_ids.allocate("service")?;
         let result = (|| {
@@ -601,6 +689,9 @@ impl ServiceMaps {
                 self.write_range(id, net)?;
                 out.writes += 1;
             }
+            if let Some(size) = entry.maglev {
+                out.writes += self.write_maglev(id, &entry.backends, size, cache)?;
+            }
             // The service entry last: once it is visible, its slots are complete.
             self.write_service(
                 &entry.frontend,
@@ -610,12 +701,17 @@ impl ServiceMaps {
                     entry.affinity_timeout_s,
                     entry.drop_when_empty,
                     entry.source_ranges.is_some(),
+                    entry.maglev,
                 ),
             )?;
             out.writes += 2;
             Ok(())
         })();
         if let Err(e) = result {
+            // Chunks written before the failure would be held by an id that is free again.
+            if let Some(size) = entry.maglev {
+                let _ = self.delete_maglev(id, size, 0);
+            }
             self.frontend_ids.free(id);
             return Err(e);
         }
@@ -630,6 +726,7 @@ impl ServiceMaps {
                 drop_when_empty: entry.drop_when_empty,
                 local: entry.local_backends.clone(),
                 source_ranges: entry.source_ranges.clone(),
+                maglev: entry.maglev,
             }),
             touched,
         );
@@ -672,10 +769,13 @@ impl ServiceMaps {
     pub fn apply(&mut self, ops: &[FrontendOp]) -> BatchOutcome {
         let mut out = BatchOutcome::default();
         let mut touched: BTreeSet<Backend> = std::mem::take(&mut self.orphans);
+        // Frontends of one Service port (its NodePort, load balancer IPs, externalIPs) share
+        // their backends: one Maglev table each batch serves them all.
+        let mut cache = MaglevCache::new();
         for op in ops {
             let result = match op {
                 FrontendOp::Create(entry) => self
-                    .create(entry, &mut out, &mut touched)
+                    .create(entry, &mut out, &mut touched, &mut cache)
                     .map(|id| out.written.push((id, entry.clone()))),
                 FrontendOp::Update { old, new, slots } => {
                     let id = old.id;
@@ -701,15 +801,30 @@ impl ServiceMaps {
                             self.write_range(id, net)?;
                             out.writes += 1;
                         }
+                        // The table before the entry that turns it on (or names its size).
+                        let backends_changed = old.slots.iter().copied().collect::<BTreeSet<_>>()
+                            != new.backends.keys().copied().collect::<BTreeSet<_>>();
+                        if let Some(size) = new.maglev
+                            && (backends_changed || old.maglev != new.maglev)
+                        {
+                            out.writes += self.write_maglev(id, &new.backends, size, &mut cache)?;
+                        }
                         let value = service_value(
                             id,
                             slots.slots.len(),
                             new.affinity_timeout_s,
                             new.drop_when_empty,
                             new.source_ranges.is_some(),
+                            new.maglev,
                         );
                         self.write_service(&new.frontend, value)?;
                         out.writes += 1;
+                        // Chunks the entry no longer reads: all when it stopped using Maglev,
+                        // those past a smaller table's end.
+                        if let Some(old_size) = old.maglev {
+                            let keep = new.maglev.map_or(0, |size| size.div_ceil(MAGLEV_CHUNK));
+                            out.writes += self.delete_maglev(id, old_size, keep)?;
+                        }
                         for net in old_ranges.difference(new_ranges) {
                             self.delete_range(id, net)?;
                             out.writes += 1;
@@ -729,6 +844,7 @@ impl ServiceMaps {
                                 drop_when_empty: new.drop_when_empty,
                                 local: new.local_backends.clone(),
                                 source_ranges: new.source_ranges.clone(),
+                                maglev: new.maglev,
                             }),
                             &mut touched,
                         );
@@ -749,6 +865,9 @@ impl ServiceMaps {
                     for net in old.source_ranges.iter().flatten() {
                         self.delete_range(old.id, net)?;
                         out.writes += 1;
+                    }
+                    if let Some(size) = old.maglev {
+                        out.writes += self.delete_maglev(old.id, size, 0)?;
                     }
                     out.writes += old.slots.len() + 2;
                     self.set_frontend(*frontend, None, &mut touched);

@@ -13,6 +13,7 @@ pub mod controller;
 pub mod diff;
 pub mod health_check;
 pub mod http;
+pub mod maglev;
 pub mod maps;
 pub mod metrics;
 pub mod nodeport;

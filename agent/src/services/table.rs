@@ -8,6 +8,8 @@
 //! - topology hints (`forNodes`, `forZones`), used only when every ready endpoint has them and
 //!   one is for this node (or zone); otherwise every endpoint;
 //! - `sessionAffinity: ClientIP` with its `timeoutSeconds`;
+//! - external frontends balance by Maglev when the agent's `--load-balancing` says so or the
+//!   Service's `ferrynet.io/lb-algorithm` annotation does (`maglev` or `random`);
 //! - headless and ExternalName Services, and Services another proxy owns (the
 //!   `service.kubernetes.io/service-proxy-name` label), are not translated; SCTP ports are
 //!   reported as unsupported and left out, never half-programmed.
@@ -36,6 +38,9 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// kube-proxy's default for `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
+/// The annotation that picks a Service's load balancing for external traffic: `maglev` or
+/// `random`, overriding the agent's `--load-balancing`.
+pub const LB_ALGORITHM_ANNOTATION: &str = "ferrynet.io/lb-algorithm";
 
 /// A Service, by namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -204,6 +209,10 @@ pub struct PortEntry {
     /// balancer's health check steers around this node).
     #[serde(default)]
     pub drop_when_empty: bool,
+    /// The size of the Maglev table new flows pick their backend from (external frontends of
+    /// Services balanced by Maglev). None: at random.
+    #[serde(default)]
+    pub maglev: Option<u32>,
     pub notes: PortNotes,
 }
 
@@ -247,6 +256,25 @@ pub struct NodeContext {
     pub zone: Option<String>,
     /// The proxy name Services may hand themselves to with the service-proxy-name label.
     pub proxy_name: String,
+    pub load_balancing: LoadBalancing,
+}
+
+/// How external frontends pick a backend for a new flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadBalancing {
+    /// Maglev for Services without the annotation (`--load-balancing=maglev`).
+    pub maglev_by_default: bool,
+    /// The Maglev table's size (a prime, `--maglev-table-size`).
+    pub maglev_table_size: u32,
+}
+
+impl Default for LoadBalancing {
+    fn default() -> Self {
+        Self {
+            maglev_by_default: false,
+            maglev_table_size: ferrynet_common::DEFAULT_MAGLEV_TABLE_SIZE,
+        }
+    }
 }
 
 /// What one Service comes to on this node.
@@ -347,6 +375,7 @@ pub fn service_entries(service: &Service, slices: &[Arc<EndpointSlice>], node: &
     let node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
     let external_ips = external_addresses(service, &svc_ref, &cluster_ips, &mut out.warnings);
     let source_ranges = source_ranges(spec, &svc_ref, &mut out.warnings);
+    let maglev = maglev_for(service, &svc_ref, node.load_balancing, &mut out.warnings);
     let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
         let timeout = spec
             .session_affinity_config
@@ -401,6 +430,9 @@ pub fn service_entries(service: &Service, slices: &[Arc<EndpointSlice>], node: &
             entry.port_name = port_name.clone();
             entry.affinity_timeout_s = affinity;
             entry.drop_when_empty = drop_when_empty;
+            // Consistent hashing is for traffic several nodes may share (through a load balancer
+            // or ECMP); in-cluster traffic is translated once, at its own node.
+            entry.maglev = maglev.filter(|_| frontend.scope == Scope::External);
             entry
         };
         for ip in &cluster_ips {
@@ -478,6 +510,31 @@ pub fn service_entries(service: &Service, slices: &[Arc<EndpointSlice>], node: &
         }
     }
     out
+}
+
+/// The Maglev table size for the Service's external frontends, or None for random picks: its
+/// annotation if it has a valid one, else the agent's default (pure).
+fn maglev_for(service: &Service, svc: &ServiceRef, lb: LoadBalancing, warnings: &mut Vec<Warning>) -> Option<u32> {
+    let annotation = service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION));
+    let maglev = match annotation.map(|v| v.trim()) {
+        None => lb.maglev_by_default,
+        Some("maglev") => true,
+        Some("random") => false,
+        Some(other) => {
+            warnings.push(warn(
+                WarningKind::HostileService,
+                format!(
+                    "service {svc}: {LB_ALGORITHM_ANNOTATION} {other:?} is neither \"maglev\" nor \"random\"; the agent's default is used"
+                ),
+            ));
+            lb.maglev_by_default
+        }
+    };
+    maglev.then_some(lb.maglev_table_size)
 }
 
 /// A Service's `externalIPs` and its load balancer's ingress IPs (those not in `ipMode: Proxy`,
@@ -756,6 +813,7 @@ fn choose(frontend: Frontend, endpoints: &[EndpointView<'_>], local_policy: bool
         local_backends,
         source_ranges: None,
         drop_when_empty: false,
+        maglev: None,
         notes: PortNotes {
             traffic_policy: if local_policy { "Local" } else { "Cluster" }.into(),
             topology: topology.map(str::to_string),
@@ -790,6 +848,7 @@ mod tests {
             name: name.into(),
             zone: zone.map(str::to_string),
             proxy_name: "ferrynet".into(),
+            load_balancing: LoadBalancing::default(),
         }
     }
 
@@ -1067,6 +1126,49 @@ mod tests {
         let out = service_entries(&without, &slices, &node("n1", None));
         assert!(out.entries.iter().all(|e| !e.frontend.addr.is_unspecified()));
         assert!(out.entries.iter().any(|e| e.frontend.scope == Scope::External));
+    }
+
+    #[test]
+    fn maglev_balances_external_frontends_by_flag_or_annotation_and_never_in_cluster_ones() {
+        let slices = [slice("v4", "IPv4", &[("http", 8080, "TCP")], &[ep("10.244.1.2", "n1")])];
+        let maglev_sizes = |svc: &Service, by_default: bool| {
+            let mut ctx = node("n1", None);
+            ctx.load_balancing = LoadBalancing {
+                maglev_by_default: by_default,
+                maglev_table_size: 251,
+            };
+            let out = service_entries(svc, &slices, &ctx);
+            let external: BTreeSet<Option<u32>> = external(&out).iter().map(|e| e.maglev).collect();
+            let internal: BTreeSet<Option<u32>> = out
+                .entries
+                .iter()
+                .filter(|e| e.frontend.scope == Scope::Internal)
+                .map(|e| e.maglev)
+                .collect();
+            assert_eq!(internal, [None].into(), "in-cluster entries never use Maglev");
+            (external, out.warnings)
+        };
+        let mut svc = node_port_service("NodePort", None, &[30080]);
+        // The agent's default decides without the annotation.
+        assert_eq!(maglev_sizes(&svc, false).0, [None].into());
+        assert_eq!(maglev_sizes(&svc, true).0, [Some(251)].into());
+        // The annotation overrides it both ways.
+        for (value, expected) in [("maglev", Some(251)), ("random", None)] {
+            svc.metadata.annotations = Some([(LB_ALGORITHM_ANNOTATION.to_string(), value.to_string())].into());
+            for by_default in [false, true] {
+                let (external, warnings) = maglev_sizes(&svc, by_default);
+                assert_eq!(external, [expected].into(), "{value} over default {by_default}");
+                assert!(warnings.is_empty());
+            }
+        }
+        // Garbage: a warning, and the default.
+        svc.metadata.annotations = Some([(LB_ALGORITHM_ANNOTATION.to_string(), "round-robin".to_string())].into());
+        let (external, warnings) = maglev_sizes(&svc, true);
+        assert_eq!(external, [Some(251)].into());
+        assert!(
+            warnings.iter().any(|w| w.message.contains("round-robin")),
+            "{warnings:?}"
+        );
     }
 
     /// `explain` reads what the controller wrote: every entry must survive the notes file.

@@ -25,6 +25,8 @@
 //! - [`SERVICE_CIDRS4_MAP`] / [`SERVICE_CIDRS6_MAP`]: the cluster's Service CIDRs, where an
 //!   address no Service holds is refused;
 //! - [`NODE_ADDRS4_MAP`] / [`NODE_ADDRS6_MAP`]: the node's addresses NodePorts answer on;
+//! - [`MAGLEV_MAP`]: (frontend id, chunk) → a chunk of the frontend's Maglev lookup table
+//!   (backend ids), for frontends that balance external flows by consistent hashing;
 //! - [`DATAPATH_CONFIG_MAP`]: [`DatapathConfig`], set at load;
 //! - [`DATAPATH_STATS_MAP`]: per-CPU counters, indexed by [`Stat`].
 #![no_std]
@@ -61,9 +63,11 @@ pub const SNAT_ADDRS_MAP: &str = "SNAT_ADDRS";
 /// [`SourceRangeKey4`] / [`SourceRangeKey6`].
 pub const SOURCE_RANGES4_MAP: &str = "SOURCE_RANGES4";
 pub const SOURCE_RANGES6_MAP: &str = "SOURCE_RANGES6";
+/// Maglev lookup tables, in chunks of [`MAGLEV_CHUNK`] backend ids keyed by [`MaglevKey`].
+pub const MAGLEV_MAP: &str = "MAGLEV";
 
 /// Every map the datapath pins, in the order the agent reports them.
-pub const PINNED_MAPS: [&str; 23] = [
+pub const PINNED_MAPS: [&str; 24] = [
     SERVICES4_MAP,
     SERVICES6_MAP,
     SERVICE_SLOTS_MAP,
@@ -87,6 +91,7 @@ pub const PINNED_MAPS: [&str; 23] = [
     SNAT_ADDRS_MAP,
     SOURCE_RANGES4_MAP,
     SOURCE_RANGES6_MAP,
+    MAGLEV_MAP,
 ];
 
 /// Program names (the functions' names in the object).
@@ -127,6 +132,18 @@ pub const MAX_SOURCE_RANGES: u32 = 16_384;
 pub const MAX_PODS: u32 = 4096;
 /// The most backends one service port can have.
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
+/// How many frontends may balance by Maglev at once, by default (each table takes
+/// `ceil(size / MAGLEV_CHUNK)` entries of the Maglev map, allocated only when written).
+pub const DEFAULT_MAX_MAGLEV_SERVICES: u32 = 8192;
+/// Backend ids per entry of the Maglev map (4 KiB values): a table of any size is a handful of
+/// entries, and a lookup is one of them.
+pub const MAGLEV_CHUNK: u32 = 1024;
+/// Maglev's default table size, as Cilium's: a prime well above 100 × the backends of a
+/// large Service, so that every backend gets its share within a percent.
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16_381;
+/// The bounds of a Maglev table's size (a prime).
+pub const MIN_MAGLEV_TABLE_SIZE: u32 = 251;
+pub const MAX_MAGLEV_TABLE_SIZE: u32 = 131_071;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -152,6 +169,34 @@ pub const SERVICE_F_DROP_EMPTY: u16 = 1 << 1;
 /// `ServiceValue::flags`: only sources in the frontend's entries of the source range tries may
 /// open flows (`loadBalancerSourceRanges`); others are dropped.
 pub const SERVICE_F_SOURCE_RANGES: u16 = 1 << 2;
+
+/// The hash of an external flow that picks its entry of a Maglev table: the client's address and
+/// port, the frontend's port and the protocol. The frontend's address is left out on purpose:
+/// a NodePort flow must pick the same backend whichever node address it arrives at, and nodes
+/// behind one load balancer IP see the same one anyway. The same on every node (no seed), so
+/// that nodes sharing a flow through ECMP agree on its backend.
+#[inline(always)]
+pub fn flow_hash(saddr: &[u32; 4], sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h = 0x9e37_79b9u32 ^ u32::from(proto);
+    h = mix(h, saddr[0]);
+    h = mix(h, saddr[1]);
+    h = mix(h, saddr[2]);
+    h = mix(h, saddr[3]);
+    h = mix(h, (u32::from(sport) << 16) | u32::from(dport));
+    // MurmurHash3's finalizer: every input bit reaches every output bit.
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// One MurmurHash3 round.
+#[inline(always)]
+fn mix(h: u32, word: u32) -> u32 {
+    let k = word.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
 
 /// `DatapathConfig::flags`: socket LB translates only in the host's network namespace.
 pub const CONFIG_F_HOST_NETNS_ONLY: u32 = 1 << 0;
@@ -247,7 +292,8 @@ pub struct ServiceValue {
     pub flags: u16,
     /// `sessionAffinity: ClientIP`'s `timeoutSeconds`.
     pub affinity_timeout_s: u32,
-    pub _pad: u32,
+    /// The size of its Maglev table in [`MAGLEV_MAP`]; 0: backends are picked at random.
+    pub maglev_size: u32,
 }
 
 /// Key of [`SERVICE_SLOTS_MAP`].
@@ -409,6 +455,17 @@ pub struct SockRevNatValue {
     pub service: u32,
 }
 
+/// Key of [`MAGLEV_MAP`]: entry `i` of a frontend's table is in chunk `i / MAGLEV_CHUNK`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MaglevKey {
+    pub service: u32,
+    pub chunk: u32,
+}
+
+/// Value of [`MAGLEV_MAP`]: backend ids (0: none).
+pub type MaglevChunk = [u32; MAGLEV_CHUNK as usize];
+
 /// Value of [`SNAT_ADDRS_MAP`]: an address (IPv4 in `addr[0]`); all zero: none.
 pub type NodeAddress = [u32; 4];
 
@@ -522,7 +579,8 @@ mod user {
         DatapathConfig,
         TrafficCounters,
         SourceRangeKey4,
-        SourceRangeKey6
+        SourceRangeKey6,
+        MaglevKey
     );
 }
 
@@ -546,4 +604,32 @@ const _: () = {
     assert!(core::mem::size_of::<DatapathConfig>() == 24);
     assert!(core::mem::size_of::<SourceRangeKey4>() == 8);
     assert!(core::mem::size_of::<SourceRangeKey6>() == 20);
+    assert!(core::mem::size_of::<MaglevKey>() == 8);
+    assert!(core::mem::size_of::<MaglevChunk>() == 4096);
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flow_hash_is_fixed_and_spreads_ports() {
+        // Fixed across builds and machines: nodes running different versions must agree.
+        let client = addr6([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(flow_hash(&client, 40000, 80, PROTO_TCP), 964_660_571);
+        assert_ne!(
+            flow_hash(&client, 40000, 80, PROTO_TCP),
+            flow_hash(&client, 40000, 80, PROTO_UDP)
+        );
+        assert_ne!(
+            flow_hash(&client, 40000, 80, PROTO_TCP),
+            flow_hash(&client, 40001, 80, PROTO_TCP)
+        );
+        // Consecutive source ports land evenly on a small table.
+        let mut buckets = [0u32; 4];
+        for sport in 40_000..44_000u16 {
+            buckets[(flow_hash(&client, sport, 80, PROTO_TCP) % 4) as usize] += 1;
+        }
+        assert!(buckets.iter().all(|n| (900..1100).contains(n)), "{buckets:?}");
+    }
+}

@@ -150,6 +150,15 @@ enum Probe {
         #[arg(long, default_value = "3")]
         timeout_seconds: u64,
     },
+    /// One TCP request from each source port of a range (`FIRST-LAST`), each connection reset
+    /// at its end; prints `<port> <answer>` per port.
+    Flows {
+        to: SocketAddr,
+        #[arg(long, value_parser = parse_port_range)]
+        source_ports: (u16, u16),
+        #[arg(long, default_value = "2")]
+        timeout_seconds: u64,
+    },
     /// A connected UDP socket sending a datagram every interval, logging each answer or error.
     ConnectedUdp {
         to: SocketAddr,
@@ -176,6 +185,16 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("{s:?} is not key=value"))
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (first, last) = s.split_once('-').unwrap_or((s, s));
+    let first: u16 = first.parse().map_err(|_| format!("bad port {first}"))?;
+    let last: u16 = last.parse().map_err(|_| format!("bad port {last}"))?;
+    if first == 0 || last < first {
+        return Err(format!("{s:?} is not a range FIRST-LAST of ports"));
+    }
+    Ok((first, last))
 }
 
 fn parse_port(s: &str) -> Result<(u16, u16), String> {
@@ -231,6 +250,16 @@ fn run(cli: Cli) -> Result<()> {
                     timeout_seconds,
                 } => {
                     println!("{}", probe::request(to, udp, Duration::from_secs(timeout_seconds))?);
+                    Ok(())
+                }
+                Probe::Flows {
+                    to,
+                    source_ports: (first, last),
+                    timeout_seconds,
+                } => {
+                    for line in probe::flows(to, first..=last, Duration::from_secs(timeout_seconds))? {
+                        println!("{line}");
+                    }
                     Ok(())
                 }
                 Probe::ConnectedUdp {

@@ -1128,6 +1128,41 @@ impl Lab {
         }
     }
 
+    /// One TCP request from each source port of `ports` from `part` (the same flows each call:
+    /// every connection is reset at its end, so its tuple is free again at once): the pod that
+    /// answered each, by source port. Any failed request fails the call.
+    pub fn flows(
+        &self,
+        part: &str,
+        to: SocketAddr,
+        ports: std::ops::RangeInclusive<u16>,
+    ) -> Result<BTreeMap<u16, String>> {
+        let ns = self.ns(part)?;
+        let mut cmd = Command::new(binary("ferrynet-lab"));
+        cmd.args([
+            "probe",
+            "flows",
+            &to.to_string(),
+            "--source-ports",
+            &format!("{}-{}", ports.start(), ports.end()),
+        ]);
+        self.join_part_cgroup(&mut cmd, part)?;
+        let out = ns.command_output(&mut cmd);
+        if !out.status.success() {
+            bail!("flows to {to}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let mut answered = BTreeMap::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let (port, answer) = line.split_once(' ').ok_or_else(|| anyhow!("flows: {line:?}"))?;
+            let pod = answer
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("pod="))
+                .ok_or_else(|| anyhow!("flow from port {port} to {to}: {answer}"))?;
+            answered.insert(port.parse()?, pod.to_string());
+        }
+        Ok(answered)
+    }
+
     /// Starts `argv` in the background inside `part` (its namespace and cgroup), as daemon
     /// `what` (stopped by [`Lab::stop`], killed by `down`).
     pub fn spawn_in(&self, part: &str, what: &str, argv: &[String]) -> Result<u32> {

@@ -75,6 +75,14 @@ fn close6(key: CtKey6) {
     }
 }
 
+/// A client's SYN on a flow that closed: a new connection reusing the tuple (a client that
+/// reset its last one, or reuses ports quickly), balanced afresh as the stack's conntrack
+/// would, instead of pinned to the closed flow's backend (which may have gone since).
+#[inline(always)]
+fn reopens<A>(ctx: &TcContext, t: &Tuple<A>, e: &CtValue) -> bool {
+    e.flags & CT_F_CLOSED != 0 && e.flags & CT_F_SNAT_REPLY == 0 && is_tcp_syn(ctx, t)
+}
+
 /// An externalIP's or load balancer IP's entry for external traffic, when `addr`:`port` is one.
 #[inline(always)]
 fn external_ip4(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
@@ -210,7 +218,7 @@ fn from_uplink4(ctx: &mut TcContext) -> Option<i32> {
     if let Some(entry) = CT4.get_ptr_mut(key) {
         // SAFETY: copied out at once.
         let e = unsafe { *entry };
-        if !expired(&e, now, t.proto) {
+        if !expired(&e, now, t.proto) && !reopens(ctx, &t, &e) {
             let closing = is_tcp_end(ctx, &t);
             touch(entry, now, closing);
             if e.flags & CT_F_SNAT_REPLY != 0 {
@@ -281,7 +289,12 @@ fn from_uplink4(ctx: &mut TcContext) -> Option<i32> {
     if svc.count == 0 {
         return Some(no_backends(ctx, &svc));
     }
-    let Some((id, b)) = select4(&svc, t.saddr, 0) else {
+    let Some((id, b)) = select4(
+        &svc,
+        t.saddr,
+        0,
+        flow_hash(&[t.saddr, 0, 0, 0], t.sport, t.dport, t.proto),
+    ) else {
         return Some(no_backends(ctx, &svc));
     };
     let mut value = CtValue {
@@ -370,7 +383,7 @@ fn from_uplink6(ctx: &mut TcContext) -> Option<i32> {
     if let Some(entry) = CT6.get_ptr_mut(key) {
         // SAFETY: copied out at once.
         let e = unsafe { *entry };
-        if !expired(&e, now, t.proto) {
+        if !expired(&e, now, t.proto) && !reopens(ctx, &t, &e) {
             let closing = is_tcp_end(ctx, &t);
             touch(entry, now, closing);
             if e.flags & CT_F_SNAT_REPLY != 0 {
@@ -435,7 +448,7 @@ fn from_uplink6(ctx: &mut TcContext) -> Option<i32> {
     if svc.count == 0 {
         return Some(no_backends(ctx, &svc));
     }
-    let Some((id, b)) = select6(&svc, t.saddr, 0) else {
+    let Some((id, b)) = select6(&svc, t.saddr, 0, flow_hash(&t.saddr, t.sport, t.dport, t.proto)) else {
         return Some(no_backends(ctx, &svc));
     };
     let mut value = CtValue {

@@ -1,6 +1,7 @@
 //! Every map of the datapath. Capacities here are defaults: the agent sets each from its
 //! settings when it creates the maps (and pins them, so that they outlive it).
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
@@ -47,6 +48,12 @@ pub static NODE_ADDRS6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(MAX_NO
 pub static SOURCE_RANGES4: LpmTrie<SourceRangeKey4, u8> = LpmTrie::with_max_entries(MAX_SOURCE_RANGES, 0);
 #[map]
 pub static SOURCE_RANGES6: LpmTrie<SourceRangeKey6, u8> = LpmTrie::with_max_entries(MAX_SOURCE_RANGES, 0);
+/// Maglev tables: allocated as they are written (4 KiB each), not all up front.
+#[map]
+pub static MAGLEV: HashMap<MaglevKey, MaglevChunk> = HashMap::with_max_entries(
+    DEFAULT_MAX_MAGLEV_SERVICES * DEFAULT_MAGLEV_TABLE_SIZE.div_ceil(MAGLEV_CHUNK),
+    BPF_F_NO_PREALLOC,
+);
 #[map]
 pub static SNAT_ADDRS: Array<NodeAddress> = Array::with_max_entries(2, 0);
 #[map]

@@ -183,7 +183,7 @@ fn from_pod4(ctx: &mut TcContext, flags: u32) -> Option<i32> {
     let new_flow = known.is_none();
     let (id, b) = match known {
         Some(found) => found,
-        None => match select4(&svc, t.saddr, 0) {
+        None => match select4(&svc, t.saddr, 0, 0) {
             Some(found) => found,
             None => return Some(refuse(ctx)),
         },
@@ -344,7 +344,7 @@ fn from_pod6(ctx: &mut TcContext, flags: u32) -> Option<i32> {
     let new_flow = known.is_none();
     let (id, b) = match known {
         Some(found) => found,
-        None => match select6(&svc, t.saddr, 0) {
+        None => match select6(&svc, t.saddr, 0, 0) {
             Some(found) => found,
             None => return Some(refuse(ctx)),
         },

@@ -4,8 +4,8 @@ use ferrynet_common::*;
 
 use super::{
     maps::{
-        AFFINITY4, AFFINITY6, BACKENDS, NODE_ADDRS4, NODE_ADDRS6, SERVICE_CIDRS4, SERVICE_CIDRS6, SERVICE_SLOTS,
-        SERVICES4, SERVICES6,
+        AFFINITY4, AFFINITY6, BACKENDS, MAGLEV, NODE_ADDRS4, NODE_ADDRS6, SERVICE_CIDRS4, SERVICE_CIDRS6,
+        SERVICE_SLOTS, SERVICES4, SERVICES6,
     },
     stats::bump,
 };
@@ -107,9 +107,15 @@ pub fn backend(id: u32) -> Option<BackendValue> {
     unsafe { BACKENDS.get(id) }.copied()
 }
 
-/// One of the service's backends, at random.
+/// One of the service's backends: the one its Maglev table gives `flow` (a [`flow_hash`]),
+/// when it has one, else one at random.
 #[inline(always)]
-fn pick(svc: &ServiceValue) -> Option<(u32, BackendValue)> {
+fn pick(svc: &ServiceValue, flow: u32) -> Option<(u32, BackendValue)> {
+    if svc.maglev_size != 0
+        && let Some(chosen) = maglev(svc, flow)
+    {
+        return Some(chosen);
+    }
     // SAFETY: no preconditions.
     let random = unsafe { bpf_get_prandom_u32() };
     let slot = random % u32::from(svc.count);
@@ -130,17 +136,38 @@ fn pick(svc: &ServiceValue) -> Option<(u32, BackendValue)> {
     }
 }
 
+/// The backend `flow` maps to in the frontend's Maglev table: one lookup. None while the table
+/// is missing or names a backend that is gone (an update in progress): the caller picks at
+/// random, as for any frontend.
+#[inline(always)]
+fn maglev(svc: &ServiceValue, flow: u32) -> Option<(u32, BackendValue)> {
+    let entry = flow % svc.maglev_size;
+    let key = MaglevKey {
+        service: svc.id,
+        chunk: entry / MAGLEV_CHUNK,
+    };
+    let chunk = MAGLEV.get_ptr(key)?;
+    // SAFETY: `chunk` points at a map value of MAGLEV_CHUNK ids, valid while this program runs;
+    // the index is masked into it (MAGLEV_CHUNK is a power of two).
+    let id = unsafe { (*chunk)[(entry & (MAGLEV_CHUNK - 1)) as usize] };
+    if id == 0 {
+        return None;
+    }
+    Some((id, backend(id)?))
+}
+
 #[inline(always)]
 fn fresh(svc: &ServiceValue, last_used_ns: u64, now: u64) -> bool {
     now.saturating_sub(last_used_ns) < u64::from(svc.affinity_timeout_s) * 1_000_000_000
 }
 
 /// A backend for a new connection of `client` (an IPv4 address, or 0 with a network namespace
-/// cookie for socket LB), honouring `sessionAffinity: ClientIP`.
+/// cookie for socket LB), honouring `sessionAffinity: ClientIP`; `flow` is its [`flow_hash`]
+/// (used by Maglev frontends only, which are external ones).
 #[inline(always)]
-pub fn select4(svc: &ServiceValue, client: u32, netns_cookie: u64) -> Option<(u32, BackendValue)> {
+pub fn select4(svc: &ServiceValue, client: u32, netns_cookie: u64, flow: u32) -> Option<(u32, BackendValue)> {
     if svc.flags & SERVICE_F_AFFINITY == 0 {
-        return pick(svc);
+        return pick(svc, flow);
     }
     let key = AffinityKey4 {
         service: svc.id,
@@ -164,7 +191,7 @@ pub fn select4(svc: &ServiceValue, client: u32, netns_cookie: u64) -> Option<(u3
         );
         return Some((held.backend, b));
     }
-    let (id, b) = pick(svc)?;
+    let (id, b) = pick(svc, flow)?;
     let value = AffinityValue {
         backend: id,
         _pad: 0,
@@ -178,9 +205,9 @@ pub fn select4(svc: &ServiceValue, client: u32, netns_cookie: u64) -> Option<(u3
 
 /// [`select4`] for IPv6 clients.
 #[inline(always)]
-pub fn select6(svc: &ServiceValue, client: [u32; 4], netns_cookie: u64) -> Option<(u32, BackendValue)> {
+pub fn select6(svc: &ServiceValue, client: [u32; 4], netns_cookie: u64, flow: u32) -> Option<(u32, BackendValue)> {
     if svc.flags & SERVICE_F_AFFINITY == 0 {
-        return pick(svc);
+        return pick(svc, flow);
     }
     let key = AffinityKey6 {
         service: svc.id,
@@ -205,7 +232,7 @@ pub fn select6(svc: &ServiceValue, client: [u32; 4], netns_cookie: u64) -> Optio
         );
         return Some((held.backend, b));
     }
-    let (id, b) = pick(svc)?;
+    let (id, b) = pick(svc, flow)?;
     let value = AffinityValue {
         backend: id,
         _pad: 0,

@@ -83,7 +83,7 @@ fn translate4(ctx: &SockAddrContext, connecting: bool) -> i32 {
     };
     // SAFETY: a sock_addr context.
     let (cookie, netns) = unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), bpf_get_netns_cookie(ctx.as_ptr())) };
-    let Some((id, backend)) = select4(&svc, 0, netns) else {
+    let Some((id, backend)) = select4(&svc, 0, netns, 0) else {
         // An update in progress left no backend to pick: as if there were none.
         return refuse();
     };
@@ -152,7 +152,7 @@ fn translate6(ctx: &SockAddrContext, connecting: bool) -> i32 {
     };
     // SAFETY: a sock_addr context.
     let (cookie, netns) = unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), bpf_get_netns_cookie(ctx.as_ptr())) };
-    let Some((id, backend)) = select6(&svc, [0; 4], netns) else {
+    let Some((id, backend)) = select6(&svc, [0; 4], netns, 0) else {
         return refuse();
     };
     // SAFETY: as in `translate4`, one 4-byte word at a time.
