@@ -177,6 +177,10 @@ struct Options {
     /// entries, allocated when it is written).
     #[arg(long, env = "FERRYNET_MAX_MAGLEV_SERVICES", default_value_t = ferrynet_common::DEFAULT_MAX_MAGLEV_SERVICES)]
     max_maglev_services: u32,
+    /// How often the metrics' map fill gauges (ferrynet_map_entries, ferrynet_map_full) are
+    /// counted: counting the conntrack and socket maps walks them.
+    #[arg(long, env = "FERRYNET_MAP_FILL_SECONDS", default_value = "60")]
+    map_fill_seconds: u64,
     /// Capacities of the datapath's maps (used when they are created).
     #[arg(long, env = "FERRYNET_MAX_SERVICES", default_value_t = ferrynet_common::DEFAULT_MAX_SERVICES)]
     max_services: u32,
@@ -333,6 +337,7 @@ impl Options {
                     maglev_by_default: self.load_balancing == "maglev",
                     maglev_table_size: self.maglev_table_size,
                 },
+                map_fill_period: Duration::from_secs(self.map_fill_seconds.max(1)),
             },
             node_name,
         })

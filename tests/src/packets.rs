@@ -33,47 +33,57 @@ fn udp_header(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     udp
 }
 
-/// An IPv4 UDP packet (header included), with correct checksums.
-pub fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut udp = udp_header(sport, dport, payload);
+/// An IPv4 packet of protocol `proto` around `l4` (a UDP or TCP header and payload), with
+/// correct checksums: the L4 one at `csum_at` within `l4`.
+fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, mut l4: Vec<u8>, csum_at: usize) -> Vec<u8> {
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&src.octets());
     pseudo.extend_from_slice(&dst.octets());
-    pseudo.extend_from_slice(&[0, 17]);
-    pseudo.extend_from_slice(&(udp.len() as u16).to_be_bytes());
-    pseudo.extend_from_slice(&udp);
+    pseudo.extend_from_slice(&[0, proto]);
+    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(&l4);
     let sum = checksum(&pseudo, 0);
-    udp[6..8].copy_from_slice(&(if sum == 0 { 0xffff } else { sum }).to_be_bytes());
-    let total = (20 + udp.len()) as u16;
+    // 0 means "no checksum" to UDP; one's complement has two zeros.
+    l4[csum_at..csum_at + 2].copy_from_slice(&(if sum == 0 { 0xffff } else { sum }).to_be_bytes());
+    let total = (20 + l4.len()) as u16;
     let mut ip = vec![0x45, 0];
     ip.extend_from_slice(&total.to_be_bytes());
-    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
     ip.extend_from_slice(&src.octets());
     ip.extend_from_slice(&dst.octets());
     let sum = checksum(&ip, 0);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    ip.extend_from_slice(&udp);
+    ip.extend_from_slice(&l4);
     ip
+}
+
+/// An IPv6 packet of protocol `proto` around `l4`, with a correct L4 checksum at `csum_at`.
+fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, mut l4: Vec<u8>, csum_at: usize) -> Vec<u8> {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, proto]);
+    pseudo.extend_from_slice(&l4);
+    let sum = checksum(&pseudo, 0);
+    l4[csum_at..csum_at + 2].copy_from_slice(&(if sum == 0 { 0xffff } else { sum }).to_be_bytes());
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    ip.extend_from_slice(&[proto, 64]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    ip.extend_from_slice(&l4);
+    ip
+}
+
+/// An IPv4 UDP packet (header included), with correct checksums.
+pub fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    ipv4_packet(src, dst, 17, udp_header(sport, dport, payload), 6)
 }
 
 /// An IPv6 UDP packet (header included), with a correct UDP checksum.
 pub fn ipv6_udp(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut udp = udp_header(sport, dport, payload);
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&src.octets());
-    pseudo.extend_from_slice(&dst.octets());
-    pseudo.extend_from_slice(&(udp.len() as u32).to_be_bytes());
-    pseudo.extend_from_slice(&[0, 0, 0, 17]);
-    pseudo.extend_from_slice(&udp);
-    let sum = checksum(&pseudo, 0);
-    udp[6..8].copy_from_slice(&(if sum == 0 { 0xffff } else { sum }).to_be_bytes());
-    let mut ip = vec![0x60, 0, 0, 0];
-    ip.extend_from_slice(&(udp.len() as u16).to_be_bytes());
-    ip.extend_from_slice(&[17, 64]);
-    ip.extend_from_slice(&src.octets());
-    ip.extend_from_slice(&dst.octets());
-    ip.extend_from_slice(&udp);
-    ip
+    ipv6_packet(src, dst, 17, udp_header(sport, dport, payload), 6)
 }
 
 /// A UDP packet of either family.
@@ -81,6 +91,22 @@ pub fn ip_udp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, payload: &[u8]) 
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => ipv4_udp(s, d, sport, dport, payload),
         (IpAddr::V6(s), IpAddr::V6(d)) => ipv6_udp(s, d, sport, dport, payload),
+        _ => panic!("{src} and {dst} are of different families"),
+    }
+}
+
+/// A TCP SYN (a connection's first segment, as a flood sends it) of either family.
+pub fn ip_tcp_syn(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
+    let mut tcp = Vec::with_capacity(20);
+    tcp.extend_from_slice(&sport.to_be_bytes());
+    tcp.extend_from_slice(&dport.to_be_bytes());
+    tcp.extend_from_slice(&u32::from(sport).wrapping_mul(2_654_435_761).to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 0]);
+    // Header length 5 words; SYN; a common window; checksum and urgent pointer 0.
+    tcp.extend_from_slice(&[5 << 4, 0x02, 0xfa, 0xf0, 0, 0, 0, 0]);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ipv4_packet(s, d, 6, tcp, 16),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ipv6_packet(s, d, 6, tcp, 16),
         _ => panic!("{src} and {dst} are of different families"),
     }
 }
@@ -101,33 +127,38 @@ pub fn vxlan_payload(vni: u32, dst_mac: [u8; 6], src_mac: [u8; 6], inner: &[u8])
 /// Sends `packet` (an IP packet, header included, with whatever source it says) from a raw socket
 /// in `ns`, as only a process with CAP_NET_RAW can.
 pub fn send_raw(ns: &Netns, packet: &[u8]) -> io::Result<()> {
-    let packet = packet.to_vec();
-    ferrynet_kernel::netns::run_in(ns.fd(), move || {
-        let v6 = packet[0] >> 4 == 6;
+    let v6 = packet[0] >> 4 == 6;
+    RawSender::open(ns, v6)?.send(packet)
+}
+
+/// A raw socket in a namespace, for sending many hand-made packets of one family.
+pub struct RawSender {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl RawSender {
+    pub fn open(ns: &Netns, v6: bool) -> io::Result<Self> {
         let family = if v6 { AddressFamily::Inet6 } else { AddressFamily::Inet };
-        // IPPROTO_RAW: the packet carries its own IP header.
-        let fd = socket(family, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::Raw)?;
-        if v6 {
+        // IPPROTO_RAW: the packets carry their own IP header.
+        let fd = ferrynet_kernel::netns::run_in(ns.fd(), move || {
+            socket(family, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::Raw).map_err(io::Error::from)
+        })?;
+        Ok(Self { fd })
+    }
+
+    pub fn send(&self, packet: &[u8]) -> io::Result<()> {
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&self.fd);
+        if packet[0] >> 4 == 6 {
             let dst: [u8; 16] = packet[24..40].try_into().expect("IPv6 header");
             let to = SockaddrIn6::from(std::net::SocketAddrV6::new(Ipv6Addr::from(dst), 0, 0, 0));
-            sendto(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                &packet,
-                &to,
-                nix::sys::socket::MsgFlags::empty(),
-            )?;
+            sendto(raw, packet, &to, nix::sys::socket::MsgFlags::empty())?;
         } else {
             let dst: [u8; 4] = packet[16..20].try_into().expect("IPv4 header");
             let to = SockaddrIn::from(std::net::SocketAddrV4::new(Ipv4Addr::from(dst), 0));
-            sendto(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                &packet,
-                &to,
-                nix::sys::socket::MsgFlags::empty(),
-            )?;
+            sendto(raw, packet, &to, nix::sys::socket::MsgFlags::empty())?;
         }
         Ok(())
-    })
+    }
 }
 
 /// A UDP socket bound in `ns`, to see what arrives.

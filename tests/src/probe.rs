@@ -4,7 +4,7 @@
 //! load that counts every failure.
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     path::Path,
     time::{Duration, Instant},
 };
@@ -36,39 +36,43 @@ pub fn request(to: SocketAddr, udp: bool, timeout: Duration) -> Result<String> {
     Ok(format!("{} peer={}", answer.trim_end(), stream.peer_addr()?))
 }
 
+/// A TCP connection to `to` from local port `port` (bound with SO_REUSEADDR, so that a port
+/// whose last connection is in TIME_WAIT can be taken again); connecting gives up after
+/// `timeout`, and reads time out after it too.
+pub fn connect_from_port(to: SocketAddr, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage, sockopt};
+    let (family, any) = if to.is_ipv4() {
+        (AddressFamily::Inet, IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    } else {
+        (AddressFamily::Inet6, IpAddr::V6(Ipv6Addr::UNSPECIFIED))
+    };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    // A blocking connect gives up after the send timeout.
+    let limit = nix::sys::time::TimeVal::new(timeout.as_secs() as i64, timeout.subsec_micros() as i64);
+    socket::setsockopt(&fd, sockopt::SendTimeout, &limit)?;
+    socket::setsockopt(&fd, sockopt::ReceiveTimeout, &limit)?;
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(SocketAddr::new(any, port)))?;
+    socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(to))?;
+    Ok(TcpStream::from(fd))
+}
+
 /// One TCP request from each source port of `ports` in turn, each connection ended with a reset
 /// (SO_LINGER 0), so that the next round may reuse the same tuple at once: the same flows, asked
 /// again, show which backend each lands on. One line per port: `<port> <answer>`, or
 /// `<port> error <error>`.
-pub fn flows(to: SocketAddr, ports: std::ops::RangeInclusive<u16>, timeout: Duration) -> Result<Vec<String>> {
-    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage, sockopt};
+pub fn flows(to: SocketAddr, ports: std::ops::RangeInclusive<u16>, timeout: Duration) -> Vec<String> {
     let one = |port: u16| -> Result<String> {
-        let family = if to.is_ipv4() {
-            AddressFamily::Inet
-        } else {
-            AddressFamily::Inet6
-        };
-        let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-        socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-        // connect() gives up after the send timeout, as connect_timeout would.
-        let limit = nix::sys::time::TimeVal::new(timeout.as_secs() as i64, timeout.subsec_micros() as i64);
-        socket::setsockopt(&fd, sockopt::SendTimeout, &limit)?;
-        socket::setsockopt(&fd, sockopt::ReceiveTimeout, &limit)?;
-        let local: SocketAddr = if to.is_ipv4() {
-            (std::net::Ipv4Addr::UNSPECIFIED, port).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, port).into()
-        };
-        socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(local))?;
-        socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(to))
-            .with_context(|| format!("connecting from port {port}"))?;
-        let mut stream = TcpStream::from(fd);
+        let mut stream =
+            connect_from_port(to, port, timeout).with_context(|| format!("connecting from port {port}"))?;
         stream.write_all(b"hello\n")?;
         let mut answer = String::new();
         BufReader::new(&mut stream).read_line(&mut answer)?;
-        socket::setsockopt(
+        nix::sys::socket::setsockopt(
             &stream,
-            sockopt::Linger,
+            nix::sys::socket::sockopt::Linger,
             &libc::linger {
                 l_onoff: 1,
                 l_linger: 0,
@@ -79,12 +83,12 @@ pub fn flows(to: SocketAddr, ports: std::ops::RangeInclusive<u16>, timeout: Dura
         }
         Ok(answer.trim_end().to_string())
     };
-    Ok(ports
+    ports
         .map(|port| match one(port) {
             Ok(answer) => format!("{port} {answer}"),
             Err(e) => format!("{port} error {e:#}"),
         })
-        .collect())
+        .collect()
 }
 
 /// What [`connected_udp`] saw: each line is `<unix ms> ok <answer>` or `<unix ms> error <error>`.

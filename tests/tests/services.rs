@@ -104,36 +104,14 @@ fn two_backends() -> LabGuard {
     lab
 }
 
-/// One request line from `local_port` in `pod`'s namespace to `to`, with the answer. The port is
-/// bound with SO_REUSEADDR, so that it can be taken again while the last connection from it is in
-/// TIME_WAIT; connecting gives up after 3 s.
+/// One request line from `local_port` in `pod`'s namespace to `to`, with the answer (the port
+/// may be taken again while its last connection is in TIME_WAIT; connecting gives up after 3 s).
 fn request_from_port(lab: &Lab, pod: &str, local_port: u16, to: SocketAddr) -> std::io::Result<String> {
-    use std::{
-        io::{BufRead, BufReader, Write},
-        net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    };
-
-    use nix::sys::{
-        socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket, sockopt},
-        time::TimeVal,
-    };
+    use std::io::{BufRead, BufReader, Write};
     let ns = lab.pod_ns(pod).map_err(std::io::Error::other)?;
     let stream = ferrynet_kernel::netns::run_in(ns.fd(), || {
-        use std::os::fd::AsRawFd;
-        let (family, any) = if to.is_ipv4() {
-            (AddressFamily::Inet, IpAddr::V4(Ipv4Addr::UNSPECIFIED))
-        } else {
-            (AddressFamily::Inet6, IpAddr::V6(Ipv6Addr::UNSPECIFIED))
-        };
-        let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-        // A blocking connect gives up after the send timeout.
-        setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(3, 0))?;
-        bind(fd.as_raw_fd(), &SockaddrStorage::from(SocketAddr::new(any, local_port)))?;
-        connect(fd.as_raw_fd(), &SockaddrStorage::from(to))?;
-        Ok(std::net::TcpStream::from(fd))
+        ferrynet_tests::probe::connect_from_port(to, local_port, Duration::from_secs(3))
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
     (&stream).write_all(b"hello\n")?;
     let mut answer = String::new();
     BufReader::new(&stream).read_line(&mut answer)?;
@@ -179,7 +157,7 @@ fn a_clusterip_reaches_its_backends_from_pods_and_nodes_over_both_families_and_p
 
 #[test]
 fn the_per_packet_path_translates_what_socket_lb_does_not() {
-    let lab = two_backends();
+    let mut lab = two_backends();
     for node in ["n1", "n2"] {
         lab.stop_agent(node).unwrap();
         lab.start_agent_with(node, &["--socket-lb", "false"]).unwrap();
@@ -220,6 +198,42 @@ fn the_per_packet_path_translates_what_socket_lb_does_not() {
             .unwrap_or_else(|e| panic!("client:{local_port} -> {direct} after the Service flow on that port: {e}"));
         assert_eq!(answered_by(&again), backend, "{again}");
     }
+
+    // NodePorts from a pod, per packet: on its own node's addresses (the pod program translates
+    // them as a ClusterIP, replies coming from the address the pod sent to) and on another
+    // node's (that node's uplink program does), both families, both backends.
+    let mut node_port = service(
+        "web-np",
+        "web",
+        vec![port("http", "TCP", 80, IntOrString::Int(i32::from(POD_PORT)))],
+    );
+    node_port.spec.as_mut().unwrap().type_ = Some("NodePort".into());
+    lab.create_service_object(&node_port).unwrap();
+    let np = node_ports(&lab, "web-np")[0];
+    let both: BTreeSet<String> = ["web-1", "web-2"].map(String::from).into();
+    let flows_before = datapath_counter(&lab, "n1", "packet_flows_translated");
+    for node in lab.state.nodes.clone() {
+        for addr in [std::net::IpAddr::from(node.v4()), node.v6().into()] {
+            let to = SocketAddr::new(addr, np);
+            let mut seen = BTreeSet::new();
+            for _ in 0..6 {
+                seen.extend(answers(&lab, "pod-client", to, false, 8));
+                if seen == both {
+                    break;
+                }
+            }
+            assert_eq!(seen, both, "pod-client -> {to} ({})", node.name);
+        }
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || datapath_counter(
+            &lab,
+            "n1",
+            "packet_flows_translated"
+        ) > flows_before),
+        "the pod program translated the NodePort on its own node"
+    );
+    assert_eq!(datapath_counter(&lab, "n1", "sock_translated"), 0);
 
     // Socket LB in the node's namespace only (as service meshes need): pods are translated per
     // packet, the node's own processes at the socket.
@@ -1300,6 +1314,113 @@ fn maglev_sends_a_flow_to_one_backend_through_every_node_and_a_removed_backend_m
             kept.len()
         );
     }
+}
+
+/// A metric of the agent on `node` with exactly these labels, from its /metrics.
+fn metric_value(lab: &Lab, node: &str, series: &str) -> Option<f64> {
+    let text = lab
+        .exec_capture(
+            node,
+            &["curl".into(), "-s".into(), "http://127.0.0.1:10249/metrics".into()],
+        )
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// One request line over an open connection; the pod that answered.
+fn ask(stream: &std::net::TcpStream) -> std::io::Result<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut writer = stream;
+    writer.write_all(b"hello\n")?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer)?;
+    Ok(answered_by(&answer))
+}
+
+#[test]
+fn a_syn_flood_from_one_source_turns_conntrack_over_without_evicting_established_flows() {
+    const CONNTRACK: u32 = 4096;
+    let mut lab = LabGuard::up(1, "native");
+    // A small conntrack table, and its fill counted every second for the metrics. The agent
+    // starts from nothing, since maps keep the size they were made with.
+    lab.stop_agent("n1").unwrap();
+    agent_cli(&lab, "n1", &["cleanup"]);
+    lab.start_agent_with(
+        "n1",
+        &["--max-conntrack", &CONNTRACK.to_string(), "--map-fill-seconds", "1"],
+    )
+    .unwrap();
+    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    for pod in ["f1", "f2"] {
+        lab.run_pod(pod, "n1", &labels(&[("app", "f")])).unwrap();
+    }
+    let mut svc = service(
+        "flood",
+        "f",
+        vec![port("tcp", "TCP", 80, IntOrString::Int(i32::from(POD_PORT)))],
+    );
+    svc.spec.as_mut().unwrap().type_ = Some("NodePort".into());
+    lab.create_service_object(&svc).unwrap();
+    let node = lab.state.nodes[0].clone();
+    let to = SocketAddr::new(node.v4().into(), node_ports(&lab, "flood")[0]);
+    answers(&lab, "client", to, false, 1);
+
+    // Established connections from the external client, each on the backend it was given; a
+    // lost conntrack entry would send its next segment to a backend picked afresh (a reset half
+    // the time) or let the backend's reply out untranslated.
+    let client = lab.ns("client").unwrap();
+    let established: Vec<(std::net::TcpStream, String)> = (0..16)
+        .map(|i| {
+            let stream = ferrynet_kernel::netns::run_in(client.fd(), || {
+                std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))
+            })
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let backend = ask(&stream).unwrap();
+            (stream, backend)
+        })
+        .collect();
+    let spread: BTreeSet<&String> = established.iter().map(|(_, b)| b).collect();
+    assert_eq!(spread.len(), 2, "the connections use both backends");
+
+    // One source floods SYNs from every port: six times the table's capacity in entries (each
+    // flow to a local backend takes two). The established connections keep talking meanwhile,
+    // as live flows do, so LRU order keeps them.
+    let attacker: std::net::IpAddr = "10.200.0.77".parse().unwrap();
+    let raw = ferrynet_tests::packets::RawSender::open(&client, false).unwrap();
+    let flood_flows = 3 * CONNTRACK as usize;
+    for (i, sport) in (1024u16..).take(flood_flows).enumerate() {
+        raw.send(&ferrynet_tests::packets::ip_tcp_syn(
+            attacker,
+            to.ip(),
+            sport,
+            to.port(),
+        ))
+        .unwrap();
+        if i % 400 == 399 {
+            for (n, (stream, backend)) in established.iter().enumerate() {
+                let answer = ask(stream).unwrap_or_else(|e| panic!("connection {n} after {i} SYNs: {e}"));
+                assert_eq!(&answer, backend, "connection {n} after {i} SYNs changed backend");
+            }
+        }
+    }
+    for (n, (stream, backend)) in established.iter().enumerate() {
+        let answer = ask(stream).unwrap_or_else(|e| panic!("connection {n} after the flood: {e}"));
+        assert_eq!(&answer, backend, "connection {n} after the flood changed backend");
+    }
+    // The flood did fill the table, and the metrics say so.
+    let mut fill = (None, None);
+    let full = eventually(Duration::from_secs(20), || {
+        fill = (
+            metric_value(&lab, "n1", "ferrynet_map_entries{map=\"CT4\"}"),
+            metric_value(&lab, "n1", "ferrynet_map_full{map=\"CT4\"}"),
+        );
+        fill.1 == Some(1.0)
+    });
+    assert!(full, "CT4 never showed full in the metrics: (entries, full) = {fill:?}");
+    // New connections still work while it is full (they take the least recently used entries).
+    assert!(!answers(&lab, "client", to, false, 4).is_empty());
 }
 
 /// The status code and JSON body of `node`'s health check port `port`, from the external client.

@@ -80,6 +80,10 @@ pub struct ServicesConfig {
     pub nodeport_interfaces: Vec<String>,
     /// `--load-balancing` and `--maglev-table-size`.
     pub load_balancing: super::table::LoadBalancing,
+    /// How often the maps' fill is counted for the metrics (`--map-fill-seconds`): counting the
+    /// conntrack and socket maps walks them, one system call per entry, which is too much to do
+    /// every resync on a busy node.
+    pub map_fill_period: Duration,
 }
 
 /// Why the service controller stopped (the supervisor restarts it).
@@ -107,9 +111,6 @@ pub enum ServicesError {
 
 /// How long events may settle before a batch, and the longest a batch waits while events keep
 /// coming.
-/// How often the maps' fill is counted: counting the conntrack and socket maps walks them, one
-/// system call per entry, which is too much to do every resync on a busy node.
-const FILL_PERIOD: Duration = Duration::from_secs(60);
 const BATCH_QUIET: Duration = Duration::from_millis(2);
 const BATCH_AT_MOST: Duration = Duration::from_millis(20);
 /// How often pod veths without the pod programs are looked for.
@@ -421,6 +422,8 @@ impl Controller {
                 }
                 _ = resync.tick() => {
                     tokio::task::block_in_place(|| self.refresh_datapath_counters());
+                    // A health check server that could not bind tries again.
+                    self.sync_health_checks();
                 }
                 Some(ended) = servers.join_next() => {
                     match ended {
@@ -855,11 +858,13 @@ impl Controller {
         }
     }
 
-    /// The kernel's counters at every resync; the maps' fill less often (see [`FILL_PERIOD`]),
+    /// The kernel's counters at every resync; the maps' fill less often (`map_fill_period`),
     /// from the mirror for the maps the agent writes and by walking the others.
     fn refresh_datapath_counters(&mut self) {
         let stats = self.datapath.stats().unwrap_or_default();
-        let fill_due = self.fill_refreshed.is_none_or(|at| at.elapsed() >= FILL_PERIOD);
+        let fill_due = self
+            .fill_refreshed
+            .is_none_or(|at| at.elapsed() >= self.cfg.map_fill_period);
         let fill = if fill_due {
             self.fill_refreshed = Some(Instant::now());
             let frontends = self.maps.frontends();

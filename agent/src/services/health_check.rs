@@ -6,7 +6,8 @@
 //!
 //! [`wanted`] (pure) says which port a Service needs and its local endpoint count;
 //! [`HealthCheckServers`] starts a server per port on the node's InternalIPs, updates its count in
-//! place, and stops it when the Service no longer needs it.
+//! place, and stops it when the Service no longer needs it. A server that could not bind (the
+//! port held by another process, an address not yet up) is started again at the next sync.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
@@ -80,7 +81,16 @@ pub fn answer(check: &HealthCheck, proxy_healthy: bool) -> (StatusCode, serde_js
 
 struct Running {
     check: Arc<Mutex<HealthCheck>>,
-    tasks: Vec<AbortHandle>,
+    /// The server on each address.
+    servers: BTreeMap<IpAddr, AbortHandle>,
+}
+
+impl Running {
+    fn stop(&self) {
+        for server in self.servers.values() {
+            server.abort();
+        }
+    }
 }
 
 /// The running health check servers, by port.
@@ -90,46 +100,49 @@ pub struct HealthCheckServers {
 }
 
 impl HealthCheckServers {
-    /// Makes the servers match `wanted`: new ports get a server on each of `addresses` (the
-    /// node's InternalIPs), known ones their new count, gone ones stop. Must run inside the
-    /// agent's runtime.
+    /// Makes the servers match `wanted`: each port gets a server on each of `addresses` (the
+    /// node's InternalIPs), known ones their new count, gone ones stop; a server that ended (it
+    /// could not bind) is started again, and one on an address the node no longer has stops.
+    /// Must run inside the agent's runtime.
     pub fn sync(&mut self, wanted: &BTreeMap<u16, HealthCheck>, addresses: &[IpAddr], health: &Arc<Health>) {
         self.running.retain(|port, running| {
             let keep = wanted.contains_key(port);
             if !keep {
-                for task in &running.tasks {
-                    task.abort();
-                }
+                running.stop();
             }
             keep
         });
         for (port, check) in wanted {
-            if let Some(running) = self.running.get(port) {
-                if let Ok(mut current) = running.check.lock()
-                    && *current != *check
-                {
-                    *current = check.clone();
+            let running = self.running.entry(*port).or_insert_with(|| Running {
+                check: Arc::new(Mutex::new(check.clone())),
+                servers: BTreeMap::new(),
+            });
+            if let Ok(mut current) = running.check.lock()
+                && *current != *check
+            {
+                *current = check.clone();
+            }
+            running.servers.retain(|ip, server| {
+                let keep = addresses.contains(ip) && !server.is_finished();
+                if !keep {
+                    server.abort();
                 }
-                continue;
-            }
-            if addresses.is_empty() {
-                continue;
-            }
-            let shared = Arc::new(Mutex::new(check.clone()));
-            let tasks = addresses
-                .iter()
-                .map(|ip| {
-                    let addr = SocketAddr::new(*ip, *port);
-                    let state = (shared.clone(), health.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = serve(addr, state).await {
-                            warn!("health check port {addr}: {e}");
-                        }
-                    })
-                    .abort_handle()
+                keep
+            });
+            for ip in addresses {
+                if running.servers.contains_key(ip) {
+                    continue;
+                }
+                let addr = SocketAddr::new(*ip, *port);
+                let state = (running.check.clone(), health.clone());
+                let server = tokio::spawn(async move {
+                    if let Err(e) = serve(addr, state).await {
+                        warn!("health check port {addr}: {e} (tried again at the next sync)");
+                    }
                 })
-                .collect();
-            self.running.insert(*port, Running { check: shared, tasks });
+                .abort_handle();
+                running.servers.insert(*ip, server);
+            }
         }
     }
 
@@ -142,9 +155,7 @@ impl HealthCheckServers {
 impl Drop for HealthCheckServers {
     fn drop(&mut self) {
         for running in self.running.values() {
-            for task in &running.tasks {
-                task.abort();
-            }
+            running.stop();
         }
     }
 }
@@ -251,5 +262,60 @@ mod tests {
         let mut node_port = lb("Local", Some(31000));
         node_port.spec.as_mut().unwrap().type_ = Some("NodePort".into());
         assert!(wanted(&svc, &node_port, &slices, "n1").is_none());
+    }
+
+    /// The status line of a GET to `addr`, or the error.
+    async fn get(addr: SocketAddr) -> std::io::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").await?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await?;
+        Ok(text.lines().next().unwrap_or_default().to_string())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_port_that_could_not_be_bound_is_served_once_it_is_free() {
+        // Another process holds the port: the server cannot bind.
+        let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = squatter.local_addr().unwrap();
+        let check = HealthCheck {
+            service: ServiceRef {
+                namespace: "default".into(),
+                name: "lb".into(),
+            },
+            local_endpoints: 2,
+        };
+        let wanted: BTreeMap<u16, HealthCheck> = [(addr.port(), check)].into();
+        let health = Arc::new(Health::new(std::time::Duration::from_secs(60)));
+        health.updated();
+        let mut servers = HealthCheckServers::default();
+        servers.sync(&wanted, &[addr.ip()], &health);
+        // The squatter answers nothing: its connection is accepted by the kernel, never served.
+        let first = tokio::time::timeout(std::time::Duration::from_millis(300), get(addr)).await;
+        assert!(!matches!(first, Ok(Ok(ref line)) if line.contains("200")), "{first:?}");
+        drop(squatter);
+        // Each sync after the port is free tries again, until the server answers.
+        let mut answered = String::new();
+        for _ in 0..50 {
+            servers.sync(&wanted, &[addr.ip()], &health);
+            if let Ok(Ok(line)) = tokio::time::timeout(std::time::Duration::from_millis(200), get(addr)).await {
+                answered = line;
+                if answered.contains("200") {
+                    break;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(answered.contains("200 OK"), "{answered:?}");
+        // An address the node no longer has: its server stops.
+        servers.sync(&wanted, &[], &health);
+        let gone = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            while get(addr).await.is_ok() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(gone.is_ok(), "the server on a removed address kept answering");
     }
 }

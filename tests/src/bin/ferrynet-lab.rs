@@ -257,7 +257,7 @@ fn run(cli: Cli) -> Result<()> {
                     source_ports: (first, last),
                     timeout_seconds,
                 } => {
-                    for line in probe::flows(to, first..=last, Duration::from_secs(timeout_seconds))? {
+                    for line in probe::flows(to, first..=last, Duration::from_secs(timeout_seconds)) {
                         println!("{line}");
                     }
                     Ok(())

@@ -16,6 +16,7 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 
 /// A packet's addresses, ports and where its checksums are.
+#[derive(Clone, Copy)]
 pub struct Tuple<A> {
     pub saddr: A,
     pub daddr: A,

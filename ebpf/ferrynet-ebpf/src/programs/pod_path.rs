@@ -12,23 +12,22 @@
 //!   back, while its flow is not idle past the conntrack limit.
 //! - Hairpin: a pod reaching itself through its Service sees the hairpin address as the source,
 //!   so that its reply comes back out through the veth, where it is translated and sent back in.
+//! - NodePorts: a pod's packet to one of the node's addresses on a NodePort is translated as a
+//!   ClusterIP's is (the NodePort's in-cluster entry: every endpoint).
+//! - A reply entry keeps the address and port the client sent to (`client_addr`,
+//!   `client_port`): the reply's source becomes exactly that, a ClusterIP or the node address a
+//!   NodePort was reached on, with no other lookup.
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext};
 use ferrynet_common::*;
 
 use super::{
     external::{reply_to_external4, reply_to_external6},
-    maps::{CT4, CT6, REV_NAT, config},
+    maps::{CT4, CT6, config},
     packet::*,
     pod_stats,
-    services::{Destination, backend, lookup4, lookup6, select4, select6},
+    services::{Destination, backend, lookup4, lookup6, node_port4, node_port6, select4, select6},
     stats::bump,
 };
-
-/// Whether a TCP segment opens a connection (SYN without ACK).
-#[inline(always)]
-fn is_tcp_syn<A>(ctx: &TcContext, t: &Tuple<A>) -> bool {
-    t.proto == PROTO_TCP && ctx.load::<u8>(t.l4 + 13).is_ok_and(|flags| flags & 0x12 == 0x02)
-}
 
 /// A new connection from the pod to a non-Service destination: if an earlier Service flow was
 /// translated to exactly this tuple, that flow is over (one tuple, one connection), so its
@@ -48,18 +47,15 @@ fn forget_reused_tuple4(t: &Tuple<u32>) {
     let Some(entry) = (unsafe { CT4.get(reply) }).copied() else {
         return;
     };
-    // SAFETY: the value is copied out at once.
-    if let Some(vip) = unsafe { REV_NAT.get(entry.service) }.copied() {
-        let _ = CT4.remove(CtKey4 {
-            saddr: t.saddr,
-            daddr: vip.addr[0],
-            sport: t.sport,
-            dport: vip.port,
-            proto: t.proto,
-            direction: CT_FORWARD,
-            _pad: [0; 2],
-        });
-    }
+    let _ = CT4.remove(CtKey4 {
+        saddr: t.saddr,
+        daddr: entry.client_addr[0],
+        sport: t.sport,
+        dport: entry.client_port,
+        proto: t.proto,
+        direction: CT_FORWARD,
+        _pad: [0; 2],
+    });
     let _ = CT4.remove(reply);
 }
 
@@ -78,18 +74,15 @@ fn forget_reused_tuple6(t: &Tuple<[u32; 4]>) {
     let Some(entry) = (unsafe { CT6.get(reply) }).copied() else {
         return;
     };
-    // SAFETY: the value is copied out at once.
-    if let Some(vip) = unsafe { REV_NAT.get(entry.service) }.copied() {
-        let _ = CT6.remove(CtKey6 {
-            saddr: t.saddr,
-            daddr: vip.addr,
-            sport: t.sport,
-            dport: vip.port,
-            proto: t.proto,
-            direction: CT_FORWARD,
-            _pad: [0; 2],
-        });
-    }
+    let _ = CT6.remove(CtKey6 {
+        saddr: t.saddr,
+        daddr: entry.client_addr,
+        sport: t.sport,
+        dport: entry.client_port,
+        proto: t.proto,
+        direction: CT_FORWARD,
+        _pad: [0; 2],
+    });
     let _ = CT6.remove(reply);
 }
 
@@ -141,21 +134,22 @@ fn from_pod4(ctx: &mut TcContext, flags: u32) -> Option<i32> {
         };
         // SAFETY: the value is copied out at once.
         let entry = unsafe { CT4.get(key) }.copied()?;
-        // SAFETY: the value is copied out at once.
-        let vip = unsafe { REV_NAT.get(entry.service) }.copied()?;
-        rewrite_addr4(ctx, &t, 12, t.saddr, vip.addr[0])?;
-        rewrite_port(ctx, &t, 0, t.sport, vip.port)?;
-        rewrite_addr4(ctx, &t, 16, t.daddr, entry.client_addr[0])?;
-        rewrite_port(ctx, &t, 2, t.dport, entry.client_port)?;
+        // From the address the pod sent to, to the pod itself (the client is the backend).
+        rewrite_addr4(ctx, &t, 12, t.saddr, entry.client_addr[0])?;
+        rewrite_port(ctx, &t, 0, t.sport, entry.client_port)?;
+        rewrite_addr4(ctx, &t, 16, t.daddr, t.saddr)?;
         bump(Stat::PacketsTranslated);
         return bounce_to_pod(ctx);
     }
     let svc = match lookup4(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
         Destination::Other => {
-            if flags & CONFIG_F_EXTERNAL != 0
-                && let Some(verdict) = reply_to_external4(ctx, &t)
-            {
-                return Some(verdict);
+            if flags & CONFIG_F_EXTERNAL != 0 {
+                if let Some(verdict) = reply_to_external4(ctx, &t) {
+                    return Some(verdict);
+                }
+                if let Some(svc) = node_port4(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
+                    return translate4(ctx, &t, svc, now);
+                }
             }
             if is_tcp_syn(ctx, &t) {
                 forget_reused_tuple4(&t);
@@ -165,6 +159,17 @@ fn from_pod4(ctx: &mut TcContext, flags: u32) -> Option<i32> {
         Destination::Refused => return Some(refuse(ctx)),
         Destination::Service(svc) => svc,
     };
+    translate4(ctx, &t, svc, now)
+}
+
+/// A pod's packet to frontend `svc` (at `t.daddr`:`t.dport`): to a backend, its flow recorded.
+#[inline(always)]
+fn translate4(ctx: &mut TcContext, t: &Tuple<u32>, svc: ServiceValue, now: u64) -> Option<i32> {
+    if svc.count == 0 {
+        return Some(refuse(ctx));
+    }
+    let t = *t;
+    let hairpin = addr4(HAIRPIN_V4);
     let key = CtKey4 {
         saddr: t.saddr,
         daddr: t.daddr,
@@ -211,6 +216,8 @@ fn from_pod4(ctx: &mut TcContext, flags: u32) -> Option<i32> {
     };
     let reply_value = CtValue {
         flags: if is_hairpin { CT_F_HAIRPIN } else { 0 },
+        client_port: t.dport,
+        client_addr: [t.daddr, 0, 0, 0],
         ..value
     };
     match (new_flow, forward_entry) {
@@ -273,10 +280,8 @@ fn to_pod4(ctx: &mut TcContext) -> Option<i32> {
         let _ = CT4.remove(key);
         return None;
     }
-    // SAFETY: the value is copied out at once.
-    let vip = unsafe { REV_NAT.get(entry.service) }.copied()?;
-    rewrite_addr4(ctx, &t, 12, t.saddr, vip.addr[0])?;
-    rewrite_port(ctx, &t, 0, t.sport, vip.port)?;
+    rewrite_addr4(ctx, &t, 12, t.saddr, entry.client_addr[0])?;
+    rewrite_port(ctx, &t, 0, t.sport, entry.client_port)?;
     bump(Stat::PacketsTranslated);
     Some(NEXT)
 }
@@ -302,21 +307,21 @@ fn from_pod6(ctx: &mut TcContext, flags: u32) -> Option<i32> {
         };
         // SAFETY: the value is copied out at once.
         let entry = unsafe { CT6.get(key) }.copied()?;
-        // SAFETY: the value is copied out at once.
-        let vip = unsafe { REV_NAT.get(entry.service) }.copied()?;
-        rewrite_addr6(ctx, &t, 8, t.saddr, vip.addr)?;
-        rewrite_port(ctx, &t, 0, t.sport, vip.port)?;
-        rewrite_addr6(ctx, &t, 24, t.daddr, entry.client_addr)?;
-        rewrite_port(ctx, &t, 2, t.dport, entry.client_port)?;
+        rewrite_addr6(ctx, &t, 8, t.saddr, entry.client_addr)?;
+        rewrite_port(ctx, &t, 0, t.sport, entry.client_port)?;
+        rewrite_addr6(ctx, &t, 24, t.daddr, t.saddr)?;
         bump(Stat::PacketsTranslated);
         return bounce_to_pod(ctx);
     }
     let svc = match lookup6(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
         Destination::Other => {
-            if flags & CONFIG_F_EXTERNAL != 0
-                && let Some(verdict) = reply_to_external6(ctx, &t)
-            {
-                return Some(verdict);
+            if flags & CONFIG_F_EXTERNAL != 0 {
+                if let Some(verdict) = reply_to_external6(ctx, &t) {
+                    return Some(verdict);
+                }
+                if let Some(svc) = node_port6(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
+                    return translate6(ctx, &t, svc, now);
+                }
             }
             if is_tcp_syn(ctx, &t) {
                 forget_reused_tuple6(&t);
@@ -326,6 +331,16 @@ fn from_pod6(ctx: &mut TcContext, flags: u32) -> Option<i32> {
         Destination::Refused => return Some(refuse(ctx)),
         Destination::Service(svc) => svc,
     };
+    translate6(ctx, &t, svc, now)
+}
+
+#[inline(always)]
+fn translate6(ctx: &mut TcContext, t: &Tuple<[u32; 4]>, svc: ServiceValue, now: u64) -> Option<i32> {
+    if svc.count == 0 {
+        return Some(refuse(ctx));
+    }
+    let t = *t;
+    let hairpin = addr6(HAIRPIN_V6);
     let key = CtKey6 {
         saddr: t.saddr,
         daddr: t.daddr,
@@ -371,6 +386,8 @@ fn from_pod6(ctx: &mut TcContext, flags: u32) -> Option<i32> {
     };
     let reply_value = CtValue {
         flags: if is_hairpin { CT_F_HAIRPIN } else { 0 },
+        client_port: t.dport,
+        client_addr: t.daddr,
         ..value
     };
     match (new_flow, forward_entry) {
@@ -433,10 +450,8 @@ fn to_pod6(ctx: &mut TcContext) -> Option<i32> {
         let _ = CT6.remove(key);
         return None;
     }
-    // SAFETY: the value is copied out at once.
-    let vip = unsafe { REV_NAT.get(entry.service) }.copied()?;
-    rewrite_addr6(ctx, &t, 8, t.saddr, vip.addr)?;
-    rewrite_port(ctx, &t, 0, t.sport, vip.port)?;
+    rewrite_addr6(ctx, &t, 8, t.saddr, entry.client_addr)?;
+    rewrite_port(ctx, &t, 0, t.sport, entry.client_port)?;
     bump(Stat::PacketsTranslated);
     Some(NEXT)
 }
