@@ -1086,6 +1086,23 @@ fn node_ports_answer_from_outside_on_every_node_over_both_families_and_protocols
         }
     }
 
+    // A client that reached the backend through n1's NodePort, then reaches the pod directly
+    // from the same source port (the network routes pod IPs through their node): the finished
+    // NodePort flow's reply translation must not catch the new connection's answer.
+    let pod_ip = lab.pod("np").unwrap().ip(true);
+    lab.route_from_client(&[pod_ip], &["n1"]).unwrap();
+    for to in [
+        SocketAddr::new(nodes[0].1[0], ports[0]),
+        SocketAddr::new(pod_ip, POD_PORT),
+    ] {
+        let flows = lab.flows("client", to, 43_000..=43_000);
+        assert_eq!(
+            flows.as_ref().ok().and_then(|f| f.get(&43_000)).map(String::as_str),
+            Some("np"),
+            "client:43000 -> {to}: {flows:?}"
+        );
+    }
+
     // The nodes themselves reach every node's NodePorts (socket LB), as with kube-proxy.
     for (_, addresses) in &nodes {
         for address in addresses {

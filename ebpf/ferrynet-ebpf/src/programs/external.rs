@@ -257,6 +257,19 @@ fn from_uplink4(ctx: &mut TcContext) -> Option<i32> {
             rewrite_port(ctx, &t, 2, t.dport, b.port)?;
             bump(Stat::PacketsTranslated);
             if e.client_port == 0 {
+                if closing {
+                    // The local backend's reply entry closes with the flow (see
+                    // `reply_to_external4`).
+                    close4(CtKey4 {
+                        saddr: b.addr[0],
+                        daddr: t.saddr,
+                        sport: b.port,
+                        dport: t.sport,
+                        proto: t.proto,
+                        direction: CT_EXT_OUT,
+                        _pad: [0; 2],
+                    });
+                }
                 return Some(NEXT);
             }
             // SNATed: to the address and port the flow was given.
@@ -418,6 +431,17 @@ fn from_uplink6(ctx: &mut TcContext) -> Option<i32> {
             rewrite_port(ctx, &t, 2, t.dport, b.port)?;
             bump(Stat::PacketsTranslated);
             if e.client_port == 0 {
+                if closing {
+                    close6(CtKey6 {
+                        saddr: b.addr,
+                        daddr: t.saddr,
+                        sport: b.port,
+                        dport: t.sport,
+                        proto: t.proto,
+                        direction: CT_EXT_OUT,
+                        _pad: [0; 2],
+                    });
+                }
                 return Some(NEXT);
             }
             let snat_addr = e.client_addr;
@@ -518,6 +542,16 @@ fn from_uplink6(ctx: &mut TcContext) -> Option<i32> {
     Some(fib_redirect6(ctx, snat_addr, b.addr, &t))
 }
 
+/// A SYN-ACK on a closed flow's reply entry answers another connection on the same tuple: the
+/// client reached the pod directly from a port its NodePort flow used (a NodePort flow reopened
+/// on the tuple would have written a fresh entry). Left untranslated, and the entry goes.
+#[inline(always)]
+fn answers_new_connection<A>(ctx: &TcContext, t: &Tuple<A>, e: &CtValue) -> bool {
+    e.flags & CT_F_CLOSED != 0
+        && t.proto == PROTO_TCP
+        && ctx.load::<u8>(t.l4 + 13).is_ok_and(|flags| flags & 0x12 == 0x12)
+}
+
 /// A local backend's reply to an external client (at its veth's ingress): its source becomes the
 /// node address and NodePort the client sent to, and it goes straight out. None: not such a reply.
 #[inline(always)]
@@ -536,7 +570,7 @@ pub fn reply_to_external4(ctx: &mut TcContext, t: &Tuple<u32>) -> Option<i32> {
     let e = unsafe { *entry };
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if expired(&e, now, t.proto) {
+    if expired(&e, now, t.proto) || answers_new_connection(ctx, t, &e) {
         let _ = CT4.remove(key);
         return None;
     }
@@ -566,7 +600,7 @@ pub fn reply_to_external6(ctx: &mut TcContext, t: &Tuple<[u32; 4]>) -> Option<i3
     let e = unsafe { *entry };
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if expired(&e, now, t.proto) {
+    if expired(&e, now, t.proto) || answers_new_connection(ctx, t, &e) {
         let _ = CT6.remove(key);
         return None;
     }
