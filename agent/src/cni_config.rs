@@ -106,9 +106,25 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CniConfigError + '_ {
     }
 }
 
+/// How much a write survives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Synced before the rename: after a crash or power loss the file is the old or the new one
+    /// (what the runtime and the kubelet read).
+    Synced,
+    /// Not synced: the file is never torn for readers, but a power loss may leave it empty. For
+    /// notes the agent can do without, written by the thousand.
+    Unsynced,
+}
+
 /// Writes `content` to `path` atomically (temporary file in the same directory, then rename),
 /// unless it is already there. Returns whether it wrote.
 pub fn write_if_changed(path: &Path, content: &[u8], mode: u32) -> std::io::Result<bool> {
+    write_if_changed_with(path, content, mode, Durability::Synced)
+}
+
+/// [`write_if_changed`], with a choice of durability.
+pub fn write_if_changed_with(path: &Path, content: &[u8], mode: u32, durability: Durability) -> std::io::Result<bool> {
     if std::fs::read(path).is_ok_and(|old| old == content) {
         return Ok(false);
     }
@@ -135,7 +151,9 @@ pub fn write_if_changed(path: &Path, content: &[u8], mode: u32) -> std::io::Resu
             .mode(mode)
             .open(&tmp)?;
         file.write_all(content)?;
-        file.sync_all()?;
+        if durability == Durability::Synced {
+            file.sync_all()?;
+        }
         file.set_permissions(std::fs::Permissions::from_mode(mode))?;
         std::fs::rename(&tmp, path)
     })();

@@ -183,6 +183,7 @@ pub async fn run(
         fill_refreshed: None,
         full_sync_due: true,
         external_on: None,
+        notes: notes::NotesWriter::start(notes::dir(&cfg.state_dir)),
     };
     controller.run(client, nodes, servers).await
 }
@@ -332,6 +333,7 @@ struct Controller {
     full_sync_due: bool,
     /// What the datapath's external reply check was last set to (none: not yet this run).
     external_on: Option<bool>,
+    notes: notes::NotesWriter,
 }
 
 /// A watch of one kind, with its list state.
@@ -691,7 +693,7 @@ impl Controller {
                 ),
             }
         }
-        self.finish(outcome, &dirty, started);
+        self.finish(outcome, &dirty, started, full);
         if full {
             release_freed_memory();
         }
@@ -699,15 +701,19 @@ impl Controller {
 
     /// Records what a batch did; terminates the sockets of removed backends and purges their
     /// flows; updates notes, metrics, health and status.
-    fn finish(&mut self, outcome: BatchOutcome, processed: &[ServiceRef], started: Instant) {
-        let notes_dir = notes::dir(&self.cfg.state_dir);
-        for (id, entry) in &outcome.written {
-            if let Err(e) = notes::write(&notes_dir, *id, entry) {
-                warn!("writing service notes: {e}");
-            }
+    ///
+    /// A change's notes are on disk when the batch ends, so `explain` says why as soon as the
+    /// status says done; a full sync's (thousands at a start) follow on their own, and a change
+    /// right after a start does not wait for them.
+    fn finish(&mut self, mut outcome: BatchOutcome, processed: &[ServiceRef], started: Instant, full: bool) {
+        for (id, entry) in std::mem::take(&mut outcome.written) {
+            self.notes.write(id, entry);
         }
         for id in &outcome.removed_frontends {
-            notes::remove(&notes_dir, *id);
+            self.notes.remove(*id);
+        }
+        if !full {
+            self.notes.flush();
         }
         let mut errors: Vec<String> = outcome.errors.0.iter().map(ToString::to_string).collect();
         if !outcome.removed_backends.is_empty() || !outcome.removed_frontends.is_empty() {
@@ -967,7 +973,7 @@ fn slim_slice(mut slice: EndpointSlice) -> EndpointSlice {
 /// After a full sync (the first, or a relist), the list's objects and their JSON have been
 /// freed: give that memory back to the system rather than keep it in the allocator's arenas,
 /// so the agent's resident size follows what it holds, not the largest list it ever parsed.
-fn release_freed_memory() {
+pub(crate) fn release_freed_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only walks glibc's own arenas; it has no preconditions.
     unsafe {
