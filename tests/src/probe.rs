@@ -59,6 +59,20 @@ pub fn connect_from_port(to: SocketAddr, port: u16, timeout: Duration) -> std::i
     Ok(TcpStream::from(fd))
 }
 
+/// Makes closing `stream` send a reset (SO_LINGER 0): neither side keeps the connection in
+/// TIME_WAIT, so its tuple may be used again at once.
+pub fn reset_on_close(stream: &TcpStream) -> std::io::Result<()> {
+    nix::sys::socket::setsockopt(
+        stream,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )?;
+    Ok(())
+}
+
 /// One TCP request from each source port of `ports` in turn, each connection ended with a reset
 /// (SO_LINGER 0), so that the next round may reuse the same tuple at once: the same flows, asked
 /// again, show which backend each lands on. One line per port: `<port> <answer>`, or
@@ -70,14 +84,7 @@ pub fn flows(to: SocketAddr, ports: std::ops::RangeInclusive<u16>, timeout: Dura
         stream.write_all(b"hello\n")?;
         let mut answer = String::new();
         BufReader::new(&mut stream).read_line(&mut answer)?;
-        nix::sys::socket::setsockopt(
-            &stream,
-            nix::sys::socket::sockopt::Linger,
-            &libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            },
-        )?;
+        reset_on_close(&stream)?;
         if answer.is_empty() {
             bail!("the connection closed without an answer");
         }

@@ -54,9 +54,19 @@ fn net_benchmark_reports_all_three_paths() {
     }
 }
 
+/// The modes the services benchmark reports, as it labels them.
+const MODES: [&str; 5] = [
+    "ferrynet, socket LB",
+    "ferrynet, per-packet only",
+    "kube-proxy iptables (legacy)",
+    "kube-proxy iptables (nft backend)",
+    "kube-proxy nftables",
+];
+
 #[test]
-fn services_benchmark_reports_every_mode_and_the_control_plane() {
+fn services_benchmark_reports_every_mode_node_ports_and_the_control_plane() {
     let chart = tempfile::NamedTempFile::new().unwrap();
+    let nodeport_chart = tempfile::NamedTempFile::new().unwrap();
     let report = bench(&[
         "services",
         "--scales",
@@ -69,14 +79,10 @@ fn services_benchmark_reports_every_mode_and_the_control_plane() {
         "3",
         "--chart",
         chart.path().to_str().unwrap(),
+        "--nodeport-chart",
+        nodeport_chart.path().to_str().unwrap(),
     ]);
-    for mode in [
-        "ferrynet, socket LB",
-        "ferrynet, per-packet only",
-        "kube-proxy iptables (legacy)",
-        "kube-proxy iptables (nft backend)",
-        "kube-proxy nftables",
-    ] {
+    for mode in MODES {
         // A ratio row for the mode, and a measurement at each scale.
         assert!(report.contains(&format!("| {mode} | ")), "no row for {mode}:\n{report}");
         for scale in ["3", "6"] {
@@ -90,4 +96,23 @@ fn services_benchmark_reports_every_mode_and_the_control_plane() {
     assert!(report.contains("single endpoint change"), "{report}");
     let svg = std::fs::read_to_string(chart.path()).unwrap();
     assert_eq!(svg.matches("<polyline").count(), 5, "{svg}");
+    // NodePorts from the external client: every mode's node, to a backend on another node and
+    // on the entry node, at each scale; a line for each in their chart.
+    assert!(report.contains("## NodePort from the external client"), "{report}");
+    for mode in MODES {
+        for backend in ["remote", "local"] {
+            assert!(
+                report.contains(&format!("| {mode} | {backend} |")),
+                "no NodePort ratio row for {mode}, {backend}:\n{report}"
+            );
+            for scale in ["3", "6"] {
+                assert!(
+                    report.contains(&format!("| {scale} (")) && report.contains(&format!(" | {mode} | {backend} | ")),
+                    "no NodePort measurement of {mode}, {backend} at {scale}:\n{report}"
+                );
+            }
+        }
+    }
+    let svg = std::fs::read_to_string(nodeport_chart.path()).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 10, "{svg}");
 }

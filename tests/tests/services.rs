@@ -1202,6 +1202,43 @@ fn load_balancer_ips_and_external_ips_answer_where_they_arrive_and_short_circuit
         assert_eq!(answers(&lab, "pod-client", to, false, 3), ["lb".to_string()].into());
     }
 
+    // ipMode: Proxy: the load balancer proxies to the NodePorts itself and must see the traffic,
+    // so its IP is not short-circuited: no frontend holds it, and a pod's connection to it leaves
+    // the node (here, for nowhere). A VIP-mode IP added by the same status update shows when the
+    // update is in the maps.
+    {
+        use k8s_openapi::api::core::v1::LoadBalancerIngress;
+        let proxied: std::net::IpAddr = "10.210.0.3".parse().unwrap();
+        let added: std::net::IpAddr = "10.210.0.4".parse().unwrap();
+        let api = lab.api().unwrap();
+        let mut current: Service = api.get("lb").unwrap().unwrap();
+        let ingress = current
+            .status
+            .as_mut()
+            .and_then(|s| s.load_balancer.as_mut())
+            .and_then(|l| l.ingress.as_mut())
+            .unwrap();
+        for (ip, mode) in [(proxied, "Proxy"), (added, "VIP")] {
+            ingress.push(LoadBalancerIngress {
+                ip: Some(ip.to_string()),
+                ip_mode: Some(mode.into()),
+                ..Default::default()
+            });
+        }
+        api.replace_status(&current).unwrap();
+        assert_eq!(
+            answers(&lab, "pod-client", SocketAddr::new(added, 80), false, 2),
+            ["lb".to_string()].into()
+        );
+        let listed = services_listing(&lab, "n2");
+        assert!(listed.contains(&format!("{added}:80")), "{listed}");
+        assert!(!listed.contains(&format!("{proxied}:")), "{listed}");
+        assert!(
+            lab.probe("pod-client", SocketAddr::new(proxied, 80), false).is_err(),
+            "a pod reached the Proxy-mode IP without leaving the node"
+        );
+    }
+
     // loadBalancerSourceRanges: the client's address is in them, then it is not (dropped).
     let mut guarded = service(
         "guarded",

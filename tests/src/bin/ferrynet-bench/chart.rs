@@ -7,6 +7,8 @@ pub struct Series<'a> {
     pub color: &'a str,
     /// One value per x label; `None` leaves a gap.
     pub values: Vec<Option<f64>>,
+    /// Drawn dashed: a second line of the same color, for a variant of a series.
+    pub dashed: bool,
 }
 
 pub struct Chart<'a> {
@@ -102,9 +104,14 @@ impl Chart<'_> {
                 .enumerate()
                 .filter_map(|(i, v)| v.map(|v| format!("{:.1},{:.1}", x(i), y(v))))
                 .collect();
+            let dash = if series.dashed {
+                r#" stroke-dasharray="7,4""#
+            } else {
+                ""
+            };
             let _ = writeln!(
                 s,
-                r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2.5"/>"#,
+                r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2.5"{dash}/>"#,
                 points.join(" "),
                 series.color
             );
@@ -116,7 +123,7 @@ impl Chart<'_> {
             let lx = left + plot_w + 20.0;
             let _ = writeln!(
                 s,
-                r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{}" stroke-width="2.5"/><text x="{}" y="{}">{}</text>"#,
+                r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{}" stroke-width="2.5"{dash}/><text x="{}" y="{}">{}</text>"#,
                 lx + 24.0,
                 series.color,
                 lx + 30.0,
@@ -147,11 +154,13 @@ mod tests {
                     label: "a",
                     color: "red",
                     values: vec![Some(1.0), Some(0.5), None],
+                    dashed: false,
                 },
                 Series {
                     label: "b",
                     color: "blue",
                     values: vec![Some(0.9), Some(0.9), Some(0.9)],
+                    dashed: true,
                 },
             ],
         };
@@ -159,6 +168,11 @@ mod tests {
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert_eq!(svg.matches("<circle").count(), 5);
         assert!(svg.contains("t &lt;1&gt;"));
+        assert_eq!(
+            svg.matches("stroke-dasharray=\"7,4\"").count(),
+            2,
+            "b's line and its legend"
+        );
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
     }
 }

@@ -1,29 +1,38 @@
 //! kube-proxy's rules, reproduced as kube-proxy writes them, for the services benchmark's
 //! anchors: its iptables mode (an `iptables-restore` input) and its nftables mode (an `nft -f`
-//! input). Only ClusterIP Services with ready endpoints are involved, so only the chains such a
-//! connection meets are written, with kube-proxy's names, order and matches:
+//! input). Only ClusterIP and NodePort Services (`externalTrafficPolicy: Cluster`) with ready
+//! endpoints are involved, so only the chains such a connection meets are written, with
+//! kube-proxy's names, order and matches:
 //!
-//! - iptables: `PREROUTING`/`OUTPUT` → `KUBE-SERVICES` (one rule per service port, in creation
-//!   order, so the last Service created is the last rule) → `KUBE-SVC-*` (the masquerade mark
-//!   for traffic from outside the cluster CIDR, then one `statistic` rule per endpoint with
+//! - iptables: `PREROUTING`/`OUTPUT` → `KUBE-SERVICES` (one rule per service port, in the
+//!   order given, so the last Service given is the last rule) → `KUBE-SVC-*` (the masquerade
+//!   mark for traffic from outside the cluster CIDR, then one `statistic` rule per endpoint with
 //!   probability 1/n, 1/(n-1), …) → `KUBE-SEP-*` (the hairpin mark, then DNAT);
 //!   `KUBE-POSTROUTING` masquerades marked traffic; the filter table's `KUBE-FORWARD` and the
-//!   `--ctstate NEW` jumps that every forwarded packet meets.
+//!   `--ctstate NEW` jumps that every forwarded packet meets. NodePorts: the last rule of
+//!   `KUBE-SERVICES` sends traffic to a local address to `KUBE-NODEPORTS` (one rule per
+//!   NodePort, in the order given) → `KUBE-EXT-*` (the masquerade mark, then `KUBE-SVC-*`).
 //! - nftables: table `ip kube-proxy`; the `services` chain looks up the verdict map
 //!   `service-ips` keyed by address · protocol · port; each `service-*` chain marks traffic
 //!   from outside the cluster CIDR and picks an `endpoint-*` chain with `numgen random`;
-//!   `filter-forward` checks new connections against the `no-endpoint-services` map.
+//!   `filter-forward` checks new connections against the `no-endpoint-services` map. NodePorts:
+//!   the `services` chain's second rule looks traffic to the node's addresses (the
+//!   `nodeport-ips` set: kube-proxy's nftables mode answers NodePorts on the node's primary
+//!   addresses by default) up in the verdict map `service-nodeports`, keyed by protocol · port,
+//!   which goes to an `external-*` chain (the masquerade mark, then the `service-*` chain).
 //!
 //! Pure: the benchmark loads what these return inside the lab node's namespace.
 use std::{fmt::Write as _, net::Ipv4Addr};
 
-/// One service port as the benchmark programs it: a ClusterIP and its endpoints.
+/// One service port as the benchmark programs it: a ClusterIP, its NodePort when the Service
+/// is of type NodePort (`externalTrafficPolicy: Cluster`), and its endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterIpService {
     pub namespace: String,
     pub name: String,
     pub vip: Ipv4Addr,
     pub port: u16,
+    pub node_port: Option<u16>,
     pub endpoints: Vec<(Ipv4Addr, u16)>,
 }
 
@@ -51,14 +60,31 @@ fn chain_hash(identity: &str) -> String {
 }
 
 /// `iptables-restore` input for the nat and filter tables, as kube-proxy's iptables mode writes
-/// them for `services` (all TCP), with `cluster_cidr` as its `--cluster-cidr`.
+/// them for `services` (all TCP), with `cluster_cidr` as its `--cluster-cidr` and NodePorts on
+/// every local address (its default).
 pub fn iptables_rules(services: &[ClusterIpService], cluster_cidr: &str) -> String {
     let mut chains = String::new();
     let mut rules = String::new();
+    let mut node_port_rules = String::new();
     for svc in services {
         let port_name = svc.port_name();
-        let svc_chain = format!("KUBE-SVC-{}", chain_hash(&format!("{port_name}:tcp")));
+        let hash = chain_hash(&format!("{port_name}:tcp"));
+        let svc_chain = format!("KUBE-SVC-{hash}");
         let _ = writeln!(chains, ":{svc_chain} - [0:0]");
+        if let Some(node_port) = svc.node_port {
+            // kube-proxy names a port's external chain with the same hash as its service chain.
+            let ext_chain = format!("KUBE-EXT-{hash}");
+            let _ = writeln!(chains, ":{ext_chain} - [0:0]");
+            let _ = writeln!(
+                node_port_rules,
+                "-A KUBE-NODEPORTS -p tcp -m comment --comment \"{port_name}\" -m tcp --dport {node_port} -j {ext_chain}"
+            );
+            let _ = writeln!(
+                rules,
+                "-A {ext_chain} -m comment --comment \"masquerade traffic for {port_name} external destinations\" -j KUBE-MARK-MASQ"
+            );
+            let _ = writeln!(rules, "-A {ext_chain} -j {svc_chain}");
+        }
         let _ = writeln!(
             rules,
             "-A KUBE-SERVICES -d {}/32 -p tcp -m comment --comment \"{port_name} cluster IP\" -m tcp --dport {} -j {svc_chain}",
@@ -131,6 +157,7 @@ pub fn iptables_rules(services: &[ClusterIpService], cluster_cidr: &str) -> Stri
         -A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n\
         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n";
     out += &rules;
+    out += &node_port_rules;
     out += "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n\
         COMMIT\n";
     out
@@ -144,8 +171,9 @@ pub const IPTABLES_EMPTY: &str = "*filter\nCOMMIT\n*nat\nCOMMIT\n";
 pub const NFT_TABLE: &str = "kube-proxy";
 
 /// `nft -f` input for table `ip kube-proxy`, as kube-proxy's nftables mode writes it for
-/// `services` (all TCP).
-pub fn nftables_rules(services: &[ClusterIpService], cluster_cidr: &str) -> String {
+/// `services` (all TCP) on a node whose primary addresses are `node_ips` (where its NodePorts
+/// answer).
+pub fn nftables_rules(services: &[ClusterIpService], cluster_cidr: &str, node_ips: &[Ipv4Addr]) -> String {
     let t = format!("ip {NFT_TABLE}");
     let mut out = format!(
         "add table {t} {{ comment \"rules for kube-proxy\" ; }}\n\
@@ -157,8 +185,11 @@ pub fn nftables_rules(services: &[ClusterIpService], cluster_cidr: &str) -> Stri
          add rule {t} masquerading masquerade fully-random\n\
          add map {t} service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}\n\
          add map {t} no-endpoint-services {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }}\n\
+         add set {t} nodeport-ips {{ type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }}\n\
+         add map {t} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}\n\
          add chain {t} services\n\
          add rule {t} services ip daddr . meta l4proto . th dport vmap @service-ips\n\
+         add rule {t} services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports\n\
          add chain {t} service-endpoints-check\n\
          add rule {t} service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services\n\
          add chain {t} filter-forward {{ type filter hook forward priority -110 ; }}\n\
@@ -172,6 +203,9 @@ pub fn nftables_rules(services: &[ClusterIpService], cluster_cidr: &str) -> Stri
          add chain {t} nat-postrouting {{ type nat hook postrouting priority 100 ; }}\n\
          add rule {t} nat-postrouting jump masquerading\n"
     );
+    for ip in node_ips {
+        let _ = writeln!(out, "add element {t} nodeport-ips {{ {ip} }}");
+    }
     for svc in services {
         let port_name = svc.port_name();
         let svc_chain = format!(
@@ -208,6 +242,20 @@ pub fn nftables_rules(services: &[ClusterIpService], cluster_cidr: &str) -> Stri
             "add element {t} service-ips {{ {} . tcp . {} : goto {svc_chain} }}",
             svc.vip, svc.port
         );
+        if let Some(node_port) = svc.node_port {
+            let ext_chain = format!(
+                "external-{}-{port_name}/tcp/p{}",
+                &chain_hash(&format!("{port_name}:tcp"))[..8],
+                svc.port
+            );
+            let _ = writeln!(out, "add chain {t} {ext_chain}");
+            let _ = writeln!(out, "add rule {t} {ext_chain} jump mark-for-masquerade");
+            let _ = writeln!(out, "add rule {t} {ext_chain} goto {svc_chain}");
+            let _ = writeln!(
+                out,
+                "add element {t} service-nodeports {{ tcp . {node_port} : goto {ext_chain} }}"
+            );
+        }
     }
     out
 }
@@ -223,6 +271,8 @@ mod tests {
                 name: format!("svc-{i}"),
                 vip: Ipv4Addr::new(10, 96, (i / 250) as u8, (i % 250 + 1) as u8),
                 port: 80,
+                // Every other one a NodePort.
+                node_port: (i % 2 == 1).then_some(30000 + i as u16),
                 endpoints: vec![
                     (Ipv4Addr::new(10, 244, 1, 3), 9000),
                     (Ipv4Addr::new(10, 244, 1, 4), 9000),
@@ -253,6 +303,15 @@ mod tests {
         let svc_chains = declared.iter().filter(|c| c.starts_with("KUBE-SVC-")).count();
         let sep_chains = declared.iter().filter(|c| c.starts_with("KUBE-SEP-")).count();
         assert_eq!((svc_chains, sep_chains), (2, 6));
+        // Only the NodePort Service has an external chain, reached from KUBE-NODEPORTS.
+        let ext_chains: Vec<&&str> = declared.iter().filter(|c| c.starts_with("KUBE-EXT-")).collect();
+        assert_eq!(ext_chains.len(), 1, "{declared:?}");
+        let ext = ext_chains[0];
+        assert!(rules.contains(&format!(
+            "-A KUBE-NODEPORTS -p tcp -m comment --comment \"default/svc-1\" -m tcp --dport 30001 -j {ext}\n"
+        )));
+        assert!(rules.contains(&format!("-A {ext} -m comment --comment \"masquerade traffic for default/svc-1 external destinations\" -j KUBE-MARK-MASQ\n")));
+        assert!(rules.contains(&format!("-A {ext} -j KUBE-SVC-{}\n", &ext["KUBE-EXT-".len()..])));
         // kube-proxy's probabilities: 1/3, then 1/2, then the rest.
         let svc0: Vec<&&str> = lines
             .iter()
@@ -270,8 +329,15 @@ mod tests {
 
     #[test]
     fn nftables_services_go_through_one_verdict_map() {
-        let rules = nftables_rules(&services(2), "10.244.0.0/16");
+        let rules = nftables_rules(&services(2), "10.244.0.0/16", &[Ipv4Addr::new(10, 200, 0, 16)]);
         assert!(rules.contains("add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips"));
+        assert!(rules.contains(
+            "add rule ip kube-proxy services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports"
+        ));
+        assert!(rules.contains("add element ip kube-proxy nodeport-ips { 10.200.0.16 }"));
+        assert_eq!(rules.matches("add element ip kube-proxy service-nodeports").count(), 1);
+        assert!(rules.contains("add element ip kube-proxy service-nodeports { tcp . 30001 : goto external-"));
+        assert!(rules.contains("jump mark-for-masquerade\nadd rule ip kube-proxy external-"));
         assert_eq!(rules.matches("add element ip kube-proxy service-ips").count(), 2);
         assert!(rules.contains("add element ip kube-proxy service-ips { 10.96.0.2 . tcp . 80 : goto service-"));
         assert!(rules.contains("numgen random mod 3 vmap { 0 : goto endpoint-"));

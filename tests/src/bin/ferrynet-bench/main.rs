@@ -8,7 +8,8 @@
 //! - `net`: pod-to-pod throughput and latency on the lab's three paths.
 //! - `services`: new connections to a Service through ferrynet's socket LB and per-packet path
 //!   against kube-proxy's iptables and nftables modes and direct pod-IP traffic, at several
-//!   numbers of Services; and the control plane at the largest ([`services`]).
+//!   numbers of Services; NodePorts from the external client, to a backend on another node and
+//!   on the entry node; and the control plane at the largest ([`services`]).
 mod chart;
 mod kube_proxy;
 mod services;
@@ -65,6 +66,12 @@ fn main() -> Result<()> {
             let chart = flag("--chart")
                 .map(PathBuf::from)
                 .or_else(|| out.as_ref().map(|o| o.with_extension("svg")));
+            // The NodePort section's chart: beside the main one, as the report links it.
+            let nodeport_chart = flag("--nodeport-chart").map(PathBuf::from).or_else(|| {
+                chart
+                    .as_ref()
+                    .map(|c| c.parent().unwrap_or(std::path::Path::new(".")).join("nodeport.svg"))
+            });
             let modes = flag("--modes")
                 .map(|v| v.split(',').map(services::Mode::named).collect::<Result<Vec<_>>>())
                 .transpose()?;
@@ -75,6 +82,7 @@ fn main() -> Result<()> {
                 rounds: flag("--rounds").map(|v| v.parse()).transpose()?.unwrap_or(12),
                 changes: flag("--changes").map(|v| v.parse()).transpose()?.unwrap_or(100),
                 chart,
+                nodeport_chart,
             })?
         }
         // The services benchmark's server and client, run inside the lab's pods.
@@ -98,7 +106,7 @@ fn main() -> Result<()> {
             "usage: ferrynet-bench cni [--ops N] [--concurrency C] [--out FILE]\n       \
              ferrynet-bench ipam [--samples N] [--prefix LEN] [--out FILE]\n       \
              ferrynet-bench net [--seconds S] [--rounds R] [--requests N] [--out FILE]\n       \
-             ferrynet-bench services [--scales N,N,..] [--connections N] [--rounds R] [--changes N] [--modes M,M,..] [--out FILE] [--chart FILE]"
+             ferrynet-bench services [--scales N,N,..] [--connections N] [--rounds R] [--changes N] [--modes M,M,..] [--out FILE] [--chart FILE] [--nodeport-chart FILE]"
         ),
     };
     print!("{report}");

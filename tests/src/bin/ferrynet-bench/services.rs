@@ -3,13 +3,18 @@
 //! kube-proxy's iptables (legacy and nft backends) and nftables modes reproduced as kube-proxy
 //! writes them; against the same client going straight to a backend pod's IP. Then the
 //! control plane at the largest number: programming everything from scratch, single endpoint
-//! changes from the API write to the map write, and the agent's memory.
+//! changes from the API write to the map write, and the agent's memory. And NodePorts from the
+//! external client, through each mode's node: to the last Service's NodePort (its endpoints on
+//! another node) and to a Service whose one endpoint runs on the entry node itself, against the
+//! client going straight to the same pods' IPs.
 //!
 //! Everything runs in one lab: a node per mode, each with a client pod, and a node with three
 //! backend pods running this tool's request server. Services are selectorless, with EndpointSlices this tool writes
 //! (three ready endpoints each), so the API holds exactly what a cluster's would. The client is
-//! a process inside the client pod's namespace and cgroup, as a pod's process is.
+//! a process inside the client pod's namespace and cgroup, as a pod's process is. Every Service is
+//! of type NodePort while the NodePort range lasts (see [`has_node_port`]).
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
@@ -48,6 +53,13 @@ const BACKENDS: [&str; 3] = ["b1", "b2", "b3"];
 const CONTROL_PLANE_NODE: &str = "n2";
 /// The port the backends' request servers listen on (the Services' target port).
 const BACKEND_PORT: u16 = 9000;
+/// A second request server in each entry node's backend pod, for the direct anchor of the local
+/// NodePort measurement. ferrynet keeps the client's address on a NodePort connection to a local
+/// backend, so a direct connection from the same client to the same pod and port, on a source
+/// port an earlier NodePort connection used, has the same addresses and ports as that
+/// connection's translated flow; in this lab such a connection timed out (one in several
+/// thousand). Another port keeps the anchor apart from the flows it anchors.
+const ANCHOR_PORT: u16 = 9001;
 const SERVICE_PORT: u16 = 80;
 /// The lab's pod CIDRs (kube-proxy's `--cluster-cidr`).
 const CLUSTER_CIDR: &str = "10.244.0.0/16";
@@ -55,6 +67,11 @@ const CLUSTER_CIDR: &str = "10.244.0.0/16";
 const MESSAGE: usize = 64;
 const LABEL: &str = "ferrynet-bench";
 const NAMESPACE: &str = "default";
+/// The NodePorts the API hands out: Kubernetes' default `--service-node-port-range`
+/// (30000-32767), which the lab's API stand-in uses too.
+const NODE_PORTS: usize = 32767 - 30000 + 1;
+/// Where the external client runs (the lab's part name).
+const EXTERNAL_CLIENT: &str = "client";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -87,6 +104,12 @@ impl Mode {
     /// Its client pod.
     fn client(self) -> String {
         format!("client-{}", self.node())
+    }
+
+    /// The backend pod on its node, for NodePorts with a local endpoint; also the name of the
+    /// Service whose one endpoint it is.
+    fn local_backend(self) -> String {
+        format!("local-{}", self.node())
     }
 
     /// The mode named `name` (`socket-lb`, `per-packet`, `iptables-legacy`, `iptables-nft`,
@@ -142,6 +165,8 @@ pub struct Options {
     pub rounds: usize,
     pub changes: usize,
     pub chart: Option<PathBuf>,
+    /// The NodePort section's chart.
+    pub nodeport_chart: Option<PathBuf>,
 }
 
 /// Connections made in one mode: their latencies and the time they took together.
@@ -173,8 +198,47 @@ struct ModeResult {
     programming: Vec<Duration>,
 }
 
+/// What one mode measured from the external client at one scale, entering through its node.
+#[derive(Default, Clone)]
+struct NodePortResult {
+    /// To the last Service's NodePort: its endpoints are on the backend node.
+    remote: Sample,
+    /// To the NodePort of the Service whose one endpoint runs on this mode's node.
+    local: Sample,
+    /// Straight to that local endpoint's pod IP: the local measurement's anchor.
+    direct_local: Sample,
+}
+
+/// The NodePort measurements at one scale.
+#[derive(Default, Clone)]
+struct NodePortScale {
+    /// Services of type NodePort in the API.
+    node_ports: usize,
+    /// Straight to the backend node's pod IPs: the remote measurements' anchor.
+    direct_remote: Sample,
+    modes: Vec<(Mode, NodePortResult)>,
+}
+
+impl NodePortScale {
+    fn of(&mut self, mode: Mode) -> &mut NodePortResult {
+        &mut self.modes.iter_mut().find(|(m, _)| *m == mode).expect("every mode").1
+    }
+}
+
+/// One thing the external client connects to, in the NodePort rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NodePortTarget {
+    DirectRemote,
+    Remote(Mode),
+    Local(Mode),
+    DirectLocal(Mode),
+}
+
 struct ControlPlane {
     services: usize,
+    /// The NodePort benchmark's single-endpoint Services, programmed alongside.
+    local_services: usize,
+    node_ports: usize,
     endpoints: usize,
     /// Agent start to every Service in the maps.
     from_start: Duration,
@@ -239,14 +303,7 @@ pub fn crr_client(targets: &[SocketAddr], connections: usize, warmup: usize) -> 
         let mut buf = [7u8; MESSAGE];
         stream.write_all(&buf)?;
         stream.read_exact(&mut buf)?;
-        nix::sys::socket::setsockopt(
-            &stream,
-            nix::sys::socket::sockopt::Linger,
-            &libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            },
-        )?;
+        ferrynet_tests::probe::reset_on_close(&stream)?;
         Ok(())
     };
     let to = targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
@@ -265,9 +322,9 @@ pub fn crr_client(targets: &[SocketAddr], connections: usize, warmup: usize) -> 
     Ok(())
 }
 
-/// Runs the client in the client pod (its namespace and cgroup), connecting to `to` (one of
-/// them at random each time).
-fn connections(lab: &Lab, mode: Mode, to: &[SocketAddr], n: usize) -> Result<Sample> {
+/// Runs the client in `part` (a client pod, `pod-<name>`, in its namespace and cgroup; or the
+/// external client), connecting to `to` (one of them at random each time).
+fn connections(lab: &Lab, part: &str, to: &[SocketAddr], n: usize) -> Result<Sample> {
     let to = to.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
     let argv: Vec<String> = [
         binary("ferrynet-bench").display().to_string(),
@@ -280,9 +337,12 @@ fn connections(lab: &Lab, mode: Mode, to: &[SocketAddr], n: usize) -> Result<Sam
         (n / 20).max(5).to_string(),
     ]
     .into();
-    let out = lab.exec_output(&format!("pod-{}", mode.client()), &argv)?;
+    let out = lab.exec_output(part, &argv)?;
     if !out.status.success() {
-        bail!("client to {to}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "client in {part} to {to}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).context("client report")?;
     let latencies = report["latencies_us"]
@@ -305,16 +365,35 @@ fn service_name(i: usize) -> String {
     format!("bench-{i}")
 }
 
-fn bench_service(i: usize) -> Service {
+/// Whether the benchmark's Service `i` is of type NodePort. Every one is while the NodePort range
+/// lasts: it holds 2,768 ports, fewer than the largest scales' Services, as in a real cluster
+/// with the default range. The last Service of each scale (the one measured) always is: a port
+/// is kept back for each, and for the NodePort benchmark's `local_services`.
+fn has_node_port(i: usize, scales: &[usize], local_services: usize) -> bool {
+    let for_the_rest = NODE_PORTS.saturating_sub(local_services + scales.len());
+    i < for_the_rest || scales.contains(&(i + 1))
+}
+
+/// A Service the benchmark writes to the API, selectorless, with one EndpointSlice.
+struct NewService {
+    name: String,
+    node_port: bool,
+    endpoints: Vec<Ipv4Addr>,
+    /// The node the endpoints run on.
+    node: String,
+}
+
+fn service_object(new: &NewService) -> Service {
     Service {
         metadata: ObjectMeta {
-            name: Some(service_name(i)),
+            name: Some(new.name.clone()),
             namespace: Some(NAMESPACE.into()),
             labels: Some([(LABEL.to_string(), "services".to_string())].into()),
             ..Default::default()
         },
         spec: Some(ServiceSpec {
-            type_: Some("ClusterIP".into()),
+            type_: Some(if new.node_port { "NodePort" } else { "ClusterIP" }.into()),
+            external_traffic_policy: new.node_port.then(|| "Cluster".into()),
             ip_families: Some(vec!["IPv4".into()]),
             ip_family_policy: Some("SingleStack".into()),
             ports: Some(vec![ServicePort {
@@ -331,14 +410,14 @@ fn bench_service(i: usize) -> Service {
     }
 }
 
-fn bench_slice(i: usize, backends: &[Ipv4Addr]) -> EndpointSlice {
+fn slice_object(new: &NewService) -> EndpointSlice {
     EndpointSlice {
         metadata: ObjectMeta {
-            name: Some(format!("{}-1", service_name(i))),
+            name: Some(format!("{}-1", new.name)),
             namespace: Some(NAMESPACE.into()),
             labels: Some(
                 [
-                    ("kubernetes.io/service-name".to_string(), service_name(i)),
+                    ("kubernetes.io/service-name".to_string(), new.name.clone()),
                     ("endpointslice.kubernetes.io/managed-by".to_string(), LABEL.to_string()),
                     (LABEL.to_string(), "services".to_string()),
                 ]
@@ -347,7 +426,8 @@ fn bench_slice(i: usize, backends: &[Ipv4Addr]) -> EndpointSlice {
             ..Default::default()
         },
         address_type: "IPv4".into(),
-        endpoints: backends
+        endpoints: new
+            .endpoints
             .iter()
             .map(|ip| Endpoint {
                 addresses: vec![ip.to_string()],
@@ -356,7 +436,7 @@ fn bench_slice(i: usize, backends: &[Ipv4Addr]) -> EndpointSlice {
                     serving: Some(true),
                     terminating: Some(false),
                 }),
-                node_name: Some(BACKEND_NODE.into()),
+                node_name: Some(new.node.clone()),
                 ..Default::default()
             })
             .collect(),
@@ -368,24 +448,23 @@ fn bench_slice(i: usize, backends: &[Ipv4Addr]) -> EndpointSlice {
     }
 }
 
-/// Creates Services `from..to`, each with its EndpointSlice, 16 requests at a time.
-fn create_services(lab: &Lab, from: usize, to: usize, backends: &[Ipv4Addr]) -> Result<()> {
-    let backends = backends.to_vec();
+/// Creates the Services, each with its EndpointSlice, 16 requests at a time.
+fn create_services(lab: &Lab, new: Vec<NewService>) -> Result<()> {
     lab.api()?.call(move |client| async move {
         let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
         let slices: Api<EndpointSlice> = Api::namespaced(client, NAMESPACE);
-        futures::stream::iter(from..to)
-            .map(|i| {
-                let (services, slices, backends) = (services.clone(), slices.clone(), backends.clone());
+        futures::stream::iter(new)
+            .map(|new| {
+                let (services, slices) = (services.clone(), slices.clone());
                 async move {
                     services
-                        .create(&PostParams::default(), &bench_service(i))
+                        .create(&PostParams::default(), &service_object(&new))
                         .await
-                        .with_context(|| format!("creating service {}", service_name(i)))?;
+                        .with_context(|| format!("creating service {}", new.name))?;
                     slices
-                        .create(&PostParams::default(), &bench_slice(i, &backends))
+                        .create(&PostParams::default(), &slice_object(&new))
                         .await
-                        .with_context(|| format!("creating the slice of {}", service_name(i)))?;
+                        .with_context(|| format!("creating the slice of {}", new.name))?;
                     anyhow::Ok(())
                 }
             })
@@ -396,34 +475,98 @@ fn create_services(lab: &Lab, from: usize, to: usize, backends: &[Ipv4Addr]) -> 
     })
 }
 
-/// The benchmark's Services as kube-proxy would program them, in creation order.
-fn cluster_ip_services(lab: &Lab, backends: &[Ipv4Addr]) -> Result<Vec<ClusterIpService>> {
+/// The benchmark's Services as kube-proxy would program them: the numbered ones in creation
+/// order, except that the NodePort benchmark's single-endpoint ones (`local_endpoints`, by name)
+/// come right before the last, so that every measured Service's rules are at the end of
+/// kube-proxy's iptables chains (their worst case) and the last Service's are last.
+fn cluster_ip_services(
+    lab: &Lab,
+    backends: &[Ipv4Addr],
+    local_endpoints: &BTreeMap<String, Ipv4Addr>,
+) -> Result<Vec<ClusterIpService>> {
     let services: Vec<Service> = lab.api()?.call(|client| async move {
         Ok(Api::<Service>::namespaced(client, NAMESPACE)
             .list(&ListParams::default().labels(&format!("{LABEL}=services")))
             .await?
             .items)
     })?;
-    let mut out: Vec<(usize, ClusterIpService)> = services
-        .into_iter()
-        .filter_map(|svc| {
-            let name = svc.metadata.name?;
-            let index = name.strip_prefix("bench-")?.parse().ok()?;
-            let vip = svc.spec?.cluster_ip?.parse().ok()?;
-            Some((
-                index,
-                ClusterIpService {
-                    namespace: NAMESPACE.into(),
-                    name,
-                    vip,
-                    port: SERVICE_PORT,
-                    endpoints: backends.iter().map(|ip| (*ip, BACKEND_PORT)).collect(),
-                },
-            ))
-        })
-        .collect();
-    out.sort_by_key(|(i, _)| *i);
-    Ok(out.into_iter().map(|(_, s)| s).collect())
+    let mut numbered: Vec<(usize, ClusterIpService)> = Vec::new();
+    let mut local: Vec<ClusterIpService> = Vec::new();
+    for svc in services {
+        let (Some(name), Some(spec)) = (svc.metadata.name, svc.spec) else {
+            continue;
+        };
+        let Some(vip) = spec.cluster_ip.and_then(|ip| ip.parse().ok()) else {
+            continue;
+        };
+        let node_port = spec
+            .ports
+            .iter()
+            .flatten()
+            .find_map(|p| p.node_port)
+            .and_then(|p| u16::try_from(p).ok());
+        let service = |endpoints: Vec<(Ipv4Addr, u16)>| ClusterIpService {
+            namespace: NAMESPACE.into(),
+            name: name.clone(),
+            vip,
+            port: SERVICE_PORT,
+            node_port,
+            endpoints,
+        };
+        if let Some(index) = name.strip_prefix("bench-").and_then(|i| i.parse().ok()) {
+            numbered.push((index, service(backends.iter().map(|ip| (*ip, BACKEND_PORT)).collect())));
+        } else if let Some(ip) = local_endpoints.get(&name) {
+            local.push(service(vec![(*ip, BACKEND_PORT)]));
+        }
+    }
+    numbered.sort_by_key(|(i, _)| *i);
+    local.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut out: Vec<ClusterIpService> = numbered.into_iter().map(|(_, s)| s).collect();
+    let last = out.pop().context("no numbered Service")?;
+    out.extend(local);
+    out.push(last);
+    Ok(out)
+}
+
+/// The service ports ferrynet's agent has in its maps for `services` (its status' `frontends`):
+/// a ClusterIP each, and for a NodePort its external entry and the one the node and its pods
+/// reach it by.
+fn ferrynet_frontends(services: &[ClusterIpService]) -> usize {
+    services
+        .iter()
+        .map(|s| 1 + 2 * usize::from(s.node_port.is_some()))
+        .sum()
+}
+
+/// Waits until `to` answers a request from `part` (see [`connections`]): ferrynet's agents program
+/// their maps on their own time, and a benchmark does not average over failures.
+fn wait_answering(lab: &Lab, part: &str, to: SocketAddr) -> Result<()> {
+    let mut last = String::new();
+    ferrynet_tests::wait_for(Duration::from_secs(60), || match connections(lab, part, &[to], 1) {
+        Ok(_) => Some(()),
+        Err(e) => {
+            last = format!("{e:#}");
+            None
+        }
+    })
+    .ok_or_else(|| anyhow!("{to} does not answer from {part}: {last}"))
+}
+
+fn node_v4(lab: &Lab, node: &str) -> Result<Ipv4Addr> {
+    Ok(lab
+        .state
+        .nodes
+        .iter()
+        .find(|n| n.name == node)
+        .ok_or_else(|| anyhow!("no node {node}"))?
+        .v4())
+}
+
+fn pod_v4(lab: &Lab, pod: &str) -> Result<Ipv4Addr> {
+    match lab.pod(pod)?.ip(true) {
+        IpAddr::V4(v4) => Ok(v4),
+        IpAddr::V6(_) => Err(anyhow!("pod {pod} has no IPv4 address")),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -499,9 +642,14 @@ fn program(lab: &Lab, mode: Mode, services: &[ClusterIpService]) -> Result<Optio
                 let status = lab.agent_status(node).ok()?;
                 let frontends = status["services"]["details"]["frontends"].as_u64().unwrap_or(0);
                 last = format!("{frontends}");
-                (frontends >= services.len() as u64).then_some(())
+                (frontends >= ferrynet_frontends(services) as u64).then_some(())
             })
-            .ok_or_else(|| anyhow!("{node}'s agent has {last} of {} service ports", services.len()))?;
+            .ok_or_else(|| {
+                anyhow!(
+                    "{node}'s agent has {last} of {} service ports",
+                    ferrynet_frontends(services)
+                )
+            })?;
             None
         }
         Mode::IptablesLegacy | Mode::IptablesNft | Mode::Nftables => {
@@ -517,7 +665,11 @@ fn program(lab: &Lab, mode: Mode, services: &[ClusterIpService]) -> Result<Optio
                     &[][..],
                     kube_proxy::iptables_rules(services, CLUSTER_CIDR),
                 ),
-                _ => ("nft", &["-f"][..], kube_proxy::nftables_rules(services, CLUSTER_CIDR)),
+                _ => (
+                    "nft",
+                    &["-f"][..],
+                    kube_proxy::nftables_rules(services, CLUSTER_CIDR, &[node_v4(lab, node)?]),
+                ),
             };
             Some(load_in_node(lab, node, program, args, &rules)?)
         }
@@ -639,20 +791,30 @@ fn single_changes(lab: &Lab, node: &str, vip: Ipv4Addr, changes: usize) -> Resul
     })
 }
 
-fn control_plane(lab: &Lab, services: &[ClusterIpService], changes: usize) -> Result<ControlPlane> {
+fn control_plane(
+    lab: &Lab,
+    services: &[ClusterIpService],
+    local_services: usize,
+    changes: usize,
+) -> Result<ControlPlane> {
     let node = CONTROL_PLANE_NODE;
     // From nothing: the datapath an earlier run left is removed first.
     restart_agent(lab, node, Mode::Direct.agent_flags(), 0)?;
-    let from_start = restart_agent(lab, node, Mode::SocketLb.agent_flags(), services.len())?;
+    let from_start = restart_agent(lab, node, Mode::SocketLb.agent_flags(), ferrynet_frontends(services))?;
     let text = metrics(lab, node)?;
     let sync_seconds = metric(&text, "kubeproxy_sync_proxy_rules_duration_seconds_sum").unwrap_or(f64::NAN);
     let syncs = metric(&text, "kubeproxy_sync_proxy_rules_duration_seconds_count").unwrap_or(0.0) as u64;
-    let first = services.first().context("no services")?;
+    let first = services
+        .iter()
+        .find(|s| s.name == service_name(0))
+        .context("no services")?;
     let changes = single_changes(lab, node, first.vip, changes)?;
     let pid = lab.agent_pid(node).context("no agent")?;
     let (rss_kib, hwm_kib) = rss_kib(pid)?;
     Ok(ControlPlane {
-        services: services.len(),
+        services: services.len() - local_services,
+        local_services,
+        node_ports: services.iter().filter(|s| s.node_port.is_some()).count(),
         endpoints: services.iter().map(|s| s.endpoints.len()).sum(),
         from_start,
         sync_seconds,
@@ -694,24 +856,41 @@ pub fn run(opts: &Options) -> Result<String> {
     for b in BACKENDS {
         lab.run_pod(b, BACKEND_NODE, &Default::default())?;
     }
-    let backends: Vec<Ipv4Addr> = BACKENDS
+    // The NodePort benchmark's backends on the entry nodes, one per measured mode.
+    let entry_modes: Vec<Mode> = modes.iter().copied().filter(|m| *m != Mode::Direct).collect();
+    for mode in &entry_modes {
+        lab.run_pod(&mode.local_backend(), &mode.node(), &Default::default())?;
+    }
+    let backends: Vec<Ipv4Addr> = BACKENDS.iter().map(|b| pod_v4(&lab, b)).collect::<Result<_>>()?;
+    let local_backends: BTreeMap<String, Ipv4Addr> = entry_modes
         .iter()
-        .map(|b| match lab.pod(b)?.ip(true) {
-            IpAddr::V4(v4) => Ok(v4),
-            IpAddr::V6(_) => Err(anyhow!("pod {b} has no IPv4 address")),
-        })
+        .map(|m| Ok((m.local_backend(), pod_v4(&lab, &m.local_backend())?)))
         .collect::<Result<_>>()?;
-    for b in BACKENDS {
+    let servers = BACKENDS.iter().map(|b| (b.to_string(), BACKEND_PORT)).chain(
+        local_backends
+            .keys()
+            .flat_map(|pod| [(pod.clone(), BACKEND_PORT), (pod.clone(), ANCHOR_PORT)]),
+    );
+    for (pod, port) in servers {
         lab.spawn_in(
-            &format!("pod-{b}"),
-            &format!("crr-{b}"),
+            &format!("pod-{pod}"),
+            &format!("crr-{pod}-{port}"),
             &[
                 binary("ferrynet-bench").display().to_string(),
                 "crr-server".into(),
                 "--port".into(),
-                BACKEND_PORT.to_string(),
+                port.to_string(),
             ],
         )?;
+    }
+    // The external client reaches pod IPs through the nodes that host them, as a network that
+    // routes the pod CIDRs would: the NodePort measurements' direct anchor.
+    lab.route_from_client(
+        &backends.iter().map(|ip| IpAddr::V4(*ip)).collect::<Vec<_>>(),
+        &[BACKEND_NODE],
+    )?;
+    for mode in &entry_modes {
+        lab.route_from_client(&[IpAddr::V4(local_backends[&mode.local_backend()])], &[&mode.node()])?;
     }
     // Straight to the backends' pod IPs, one at random per connection: the same servers a
     // Service's connections reach.
@@ -729,17 +908,50 @@ pub fn run(opts: &Options) -> Result<String> {
         })
         .with_context(|| format!("the request server on {to} did not start"))?;
     }
+    let local_pod_ip = |mode: Mode| SocketAddr::new(IpAddr::V4(local_backends[&mode.local_backend()]), ANCHOR_PORT);
+    for mode in &entry_modes {
+        wait_answering(&lab, EXTERNAL_CLIENT, local_pod_ip(*mode))?;
+    }
+    // The single-endpoint Services, created before the numbered ones so that one of those is
+    // the last.
+    create_services(
+        &lab,
+        entry_modes
+            .iter()
+            .map(|m| NewService {
+                name: m.local_backend(),
+                node_port: true,
+                endpoints: vec![local_backends[&m.local_backend()]],
+                node: m.node(),
+            })
+            .collect(),
+    )?;
 
     let mut results: Vec<Vec<(Mode, ModeResult)>> = Vec::new();
+    let mut node_port_results: Vec<NodePortScale> = Vec::new();
     let mut created = 0;
     let mut services = Vec::new();
     for &scale in &opts.scales {
         let start = Instant::now();
-        create_services(&lab, created, scale, &backends)?;
+        create_services(
+            &lab,
+            (created..scale)
+                .map(|i| NewService {
+                    name: service_name(i),
+                    node_port: has_node_port(i, &opts.scales, entry_modes.len()),
+                    endpoints: backends.clone(),
+                    node: BACKEND_NODE.into(),
+                })
+                .collect(),
+        )?;
         created = scale;
-        services = cluster_ip_services(&lab, &backends)?;
-        if services.len() != scale {
-            bail!("{} of {scale} Services have a ClusterIP", services.len());
+        services = cluster_ip_services(&lab, &backends, &local_backends)?;
+        if services.len() != scale + entry_modes.len() {
+            bail!(
+                "{} of {} Services have a ClusterIP",
+                services.len(),
+                scale + entry_modes.len()
+            );
         }
         eprintln!("{scale} Services in the API ({:.1} s)", start.elapsed().as_secs_f64());
         let mut at_scale: Vec<(Mode, ModeResult)> = modes.iter().map(|m| (*m, ModeResult::default())).collect();
@@ -748,16 +960,24 @@ pub fn run(opts: &Options) -> Result<String> {
         }
         let last = services.last().expect("at least one");
         let vip = SocketAddr::new(IpAddr::V4(last.vip), SERVICE_PORT);
+        for mode in &entry_modes {
+            wait_answering(&lab, &format!("pod-{}", mode.client()), vip)?;
+        }
         // Rounds of a few hundred connections per mode, the order rotating from round to round,
         // so that the machine's drift (large on a shared VM) hits every mode alike.
         for round in 0..opts.rounds {
             for k in 0..modes.len() {
                 let mode = modes[(k + round) % modes.len()];
                 let result = &mut at_scale.iter_mut().find(|(m, _)| *m == mode).expect("every mode").1;
+                let client = format!("pod-{}", mode.client());
                 if mode != Mode::Direct {
-                    result.service.add(connections(&lab, mode, &[vip], opts.connections)?);
+                    result
+                        .service
+                        .add(connections(&lab, &client, &[vip], opts.connections)?);
                 }
-                result.pod_ip.add(connections(&lab, mode, &pod_ips, opts.connections)?);
+                result
+                    .pod_ip
+                    .add(connections(&lab, &client, &pod_ips, opts.connections)?);
             }
         }
         for (mode, result) in &at_scale {
@@ -773,14 +993,84 @@ pub fn run(opts: &Options) -> Result<String> {
             );
         }
         results.push(at_scale);
+
+        // NodePorts from the external client, in rounds of their own, rotating alike.
+        let remote_node_port = last.node_port.context("the last Service has no NodePort")?;
+        let mut targets = vec![NodePortTarget::DirectRemote];
+        for &mode in &entry_modes {
+            targets.extend([
+                NodePortTarget::Remote(mode),
+                NodePortTarget::Local(mode),
+                NodePortTarget::DirectLocal(mode),
+            ]);
+        }
+        let addresses = |target: NodePortTarget| -> Result<Vec<SocketAddr>> {
+            Ok(match target {
+                NodePortTarget::DirectRemote => pod_ips.clone(),
+                NodePortTarget::Remote(mode) => vec![SocketAddr::new(
+                    IpAddr::V4(node_v4(&lab, &mode.node())?),
+                    remote_node_port,
+                )],
+                NodePortTarget::Local(mode) => {
+                    let local = services
+                        .iter()
+                        .find(|s| s.name == mode.local_backend())
+                        .context("no single-endpoint Service")?;
+                    vec![SocketAddr::new(
+                        IpAddr::V4(node_v4(&lab, &mode.node())?),
+                        local
+                            .node_port
+                            .context("a single-endpoint Service without a NodePort")?,
+                    )]
+                }
+                NodePortTarget::DirectLocal(mode) => vec![local_pod_ip(mode)],
+            })
+        };
+        let targets: Vec<(NodePortTarget, Vec<SocketAddr>)> = targets
+            .into_iter()
+            .map(|t| Ok((t, addresses(t)?)))
+            .collect::<Result<_>>()?;
+        for (_, to) in &targets {
+            for to in to {
+                wait_answering(&lab, EXTERNAL_CLIENT, *to)?;
+            }
+        }
+        let mut node_port = NodePortScale {
+            node_ports: services.iter().filter(|s| s.node_port.is_some()).count(),
+            modes: entry_modes.iter().map(|m| (*m, NodePortResult::default())).collect(),
+            ..Default::default()
+        };
+        for round in 0..opts.rounds {
+            for k in 0..targets.len() {
+                let (target, to) = &targets[(k + round) % targets.len()];
+                let sample = connections(&lab, EXTERNAL_CLIENT, to, opts.connections)?;
+                match *target {
+                    NodePortTarget::DirectRemote => node_port.direct_remote.add(sample),
+                    NodePortTarget::Remote(mode) => node_port.of(mode).remote.add(sample),
+                    NodePortTarget::Local(mode) => node_port.of(mode).local.add(sample),
+                    NodePortTarget::DirectLocal(mode) => node_port.of(mode).direct_local.add(sample),
+                }
+            }
+        }
+        for (mode, result) in &node_port.modes {
+            eprintln!(
+                "{scale} Services, NodePort on {}: {:.0} connections/s to a backend on another node (direct {:.0}), {:.0} on the entry node (direct {:.0})",
+                mode.label(),
+                result.remote.rate(),
+                node_port.direct_remote.rate(),
+                result.local.rate(),
+                result.direct_local.rate()
+            );
+        }
+        node_port_results.push(node_port);
     }
     let control = if modes.contains(&Mode::SocketLb) {
-        Some(control_plane(&lab, &services, opts.changes)?)
+        Some(control_plane(&lab, &services, entry_modes.len(), opts.changes)?)
     } else {
         None
     };
     drop(lab);
-    report(opts, &results, control.as_ref())
+    report(opts, &results, &node_port_results, control.as_ref())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -808,7 +1098,12 @@ fn thousands(n: usize) -> String {
     out
 }
 
-fn report(opts: &Options, results: &[Vec<(Mode, ModeResult)>], cp: Option<&ControlPlane>) -> Result<String> {
+fn report(
+    opts: &Options,
+    results: &[Vec<(Mode, ModeResult)>],
+    node_ports: &[NodePortScale],
+    cp: Option<&ControlPlane>,
+) -> Result<String> {
     let get = |scale: usize, mode: Mode| -> &ModeResult {
         &results[scale]
             .iter()
@@ -842,7 +1137,7 @@ fn report(opts: &Options, results: &[Vec<(Mode, ModeResult)>], cp: Option<&Contr
     )?;
     writeln!(
         md,
-        "A 7-node lab (see the README's section on the lab), natively routed: each mode has a node of its own (n1 direct, n2 ferrynet socket LB, n3 ferrynet per-packet only, n4 to n6 kube-proxy's iptables-legacy, iptables-nft and nftables modes) with a client pod on it, and the three backend pods run on n7, so every connection crosses the underlay as it does to a backend on another node. Every pod is set up by the real `ferrynet` CNI and every node runs the real `ferrynet-agent` (translating only on n2 and n3: `--service-proxy=false` elsewhere, `--socket-lb=false` on n3). Each backend runs a request server; the client, a process in its pod's namespace and cgroup, makes a new TCP connection per request (connect, 64-byte request, 64-byte response, close; like netperf's TCP_CRR), one at a time. Every Service is a ClusterIP with 3 ready endpoints (the three backends), written to the API with its EndpointSlice; the clients connect to the **last Service created**, and the direct anchor to the backends' pod IPs (one at random per connection, as the Service picks). kube-proxy's modes are reproduced as kube-proxy writes its rules (see `tests/src/bin/ferrynet-bench/kube_proxy.rs`) and loaded into their nodes' namespaces with `iptables-legacy-restore`, `iptables-nft-restore` and `nft -f`; in iptables mode the last Service's rule is the last of `KUBE-SERVICES`, the worst case of kube-proxy's unordered chain. Since every mode is set up at once, the measurements alternate between them: {} rounds of {} connections per mode and target, the order rotating from round to round, so that the machine's drift (large on a shared VM) hits every mode alike. Each connection ends with the client's reset (SO_LINGER 0), so that no side holds it in TIME_WAIT: at these rates source ports come round again within seconds, and a SYN meeting a TIME_WAIT socket can stall a second whatever the proxy.\n",
+        "A 7-node lab (see the README's section on the lab), natively routed: each mode has a node of its own (n1 direct, n2 ferrynet socket LB, n3 ferrynet per-packet only, n4 to n6 kube-proxy's iptables-legacy, iptables-nft and nftables modes) with a client pod on it, and the three backend pods run on n7, so every connection crosses the underlay as it does to a backend on another node. Every pod is set up by the real `ferrynet` CNI and every node runs the real `ferrynet-agent` (translating only on n2 and n3: `--service-proxy=false` elsewhere, `--socket-lb=false` on n3). Each backend runs a request server; the client, a process in its pod's namespace and cgroup, makes a new TCP connection per request (connect, 64-byte request, 64-byte response, close; like netperf's TCP_CRR), one at a time. Every Service has a ClusterIP and 3 ready endpoints (the three backends), written to the API with its EndpointSlice (and is of type NodePort while the NodePort range lasts: see the NodePort section; a ClusterIP connection meets none of the NodePort rules, and pod-IP traffic only kube-proxy's NodePort lookup, which it writes whether or not a Service has a NodePort); the clients connect to the **last Service created**, and the direct anchor to the backends' pod IPs (one at random per connection, as the Service picks). kube-proxy's modes are reproduced as kube-proxy writes its rules (see `tests/src/bin/ferrynet-bench/kube_proxy.rs`) and loaded into their nodes' namespaces with `iptables-legacy-restore`, `iptables-nft-restore` and `nft -f`; in iptables mode the last Service's rule is the last of `KUBE-SERVICES`, the worst case of kube-proxy's unordered chain. Since every mode is set up at once, the measurements alternate between them: {} rounds of {} connections per mode and target, the order rotating from round to round, so that the machine's drift (large on a shared VM) hits every mode alike. Each connection ends with the client's reset (SO_LINGER 0), so that no side holds it in TIME_WAIT: at these rates source ports come round again within seconds, and a SYN meeting a TIME_WAIT socket can stall a second whatever the proxy.\n",
         opts.rounds, opts.connections
     )?;
     writeln!(
@@ -927,6 +1222,7 @@ fn report(opts: &Options, results: &[Vec<(Mode, ModeResult)>], cp: Option<&Contr
             us(summary.p99)
         )?;
     }
+    node_port_section(&mut md, opts, node_ports)?;
     if let Some(cp) = cp {
         control_plane_section(&mut md, cp)?;
     }
@@ -968,6 +1264,50 @@ fn report(opts: &Options, results: &[Vec<(Mode, ModeResult)>], cp: Option<&Contr
             format!(
                 "pod-IP traffic with {} Services under {} at ≥ 0.98 of a clean node ({r:.2})",
                 scales[largest],
+                mode.label()
+            ),
+        )?;
+    }
+    for (mode, backend) in [Mode::SocketLb, Mode::PerPacket]
+        .into_iter()
+        .filter(|m| service_modes.contains(m))
+        .flat_map(|m| [(m, NodePortBackend::Remote), (m, NodePortBackend::Local)])
+    {
+        let ratios: Vec<f64> = node_ports.iter().map(|np| backend.ratio(np, mode)).collect();
+        if service_modes.contains(&Mode::Nftables) {
+            let behind: Vec<String> = node_ports
+                .iter()
+                .zip(&scales)
+                .filter(|(np, _)| backend.sample(np, mode).rate() < backend.sample(np, Mode::Nftables).rate())
+                .map(|(np, s)| {
+                    format!(
+                        "{s}: {:.2} of nftables' rate",
+                        backend.sample(np, mode).rate() / backend.sample(np, Mode::Nftables).rate()
+                    )
+                })
+                .collect();
+            check(
+                behind.is_empty(),
+                format!(
+                    "NodePort, {}, {}: at least kube-proxy nftables' rate at every scale{}",
+                    backend.label(),
+                    mode.label(),
+                    if behind.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", behind.join("; "))
+                    }
+                ),
+            )?;
+        }
+        let (low, high) = ratios
+            .iter()
+            .fold((f64::INFINITY, 0.0_f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+        check(
+            low >= FLAT * high,
+            format!(
+                "NodePort, {}, {}: flat across scales, the lowest ratio to direct at least {FLAT} of the highest ({low:.2} to {high:.2})",
+                backend.label(),
                 mode.label()
             ),
         )?;
@@ -1015,12 +1355,182 @@ fn report(opts: &Options, results: &[Vec<(Mode, ModeResult)>], cp: Option<&Contr
                     values: (0..opts.scales.len())
                         .map(|i| Some(get(i, mode).service.rate() / direct_rate(i)))
                         .collect(),
+                    dashed: false,
+                })
+                .collect(),
+        };
+        write_file(path, &chart.svg())?;
+    }
+    if let Some(path) = &opts.nodeport_chart {
+        let labels: Vec<(Mode, NodePortBackend, String)> = node_ports[0]
+            .modes
+            .iter()
+            .flat_map(|(m, _)| [NodePortBackend::Remote, NodePortBackend::Local].map(|b| (*m, b)))
+            .map(|(m, b)| (m, b, format!("{}, {}", m.label(), b.short_label())))
+            .collect();
+        let chart = Chart {
+            title: "New TCP connections per second to a NodePort, vs direct to the pod IP",
+            x_title: "Services (the last one's NodePort; solid: backend on another node, dashed: on the entry node)",
+            y_title: "connection rate / direct",
+            x_labels: scales.clone(),
+            y_max: 1.2,
+            references: vec![(1.0, "direct to the pod IP")],
+            series: labels
+                .iter()
+                .map(|(mode, backend, label)| Series {
+                    label,
+                    color: mode.color(),
+                    values: node_ports.iter().map(|np| Some(backend.ratio(np, *mode))).collect(),
+                    dashed: *backend == NodePortBackend::Local,
                 })
                 .collect(),
         };
         write_file(path, &chart.svg())?;
     }
     Ok(md)
+}
+
+/// The NodePort section's targets: ferrynet's ratio to direct at its lowest scale at least this
+/// fraction of its highest.
+const FLAT: f64 = 0.9;
+
+/// Where a NodePort's endpoint runs, seen from the entry node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NodePortBackend {
+    Remote,
+    Local,
+}
+
+impl NodePortBackend {
+    fn label(self) -> &'static str {
+        match self {
+            NodePortBackend::Remote => "backend on another node",
+            NodePortBackend::Local => "backend on the entry node",
+        }
+    }
+
+    fn short_label(self) -> &'static str {
+        match self {
+            NodePortBackend::Remote => "remote",
+            NodePortBackend::Local => "local",
+        }
+    }
+
+    fn result(np: &NodePortScale, mode: Mode) -> &NodePortResult {
+        &np.modes.iter().find(|(m, _)| *m == mode).expect("every mode ran").1
+    }
+
+    /// The measurement through `mode`'s node.
+    fn sample(self, np: &NodePortScale, mode: Mode) -> &Sample {
+        match self {
+            NodePortBackend::Remote => &Self::result(np, mode).remote,
+            NodePortBackend::Local => &Self::result(np, mode).local,
+        }
+    }
+
+    /// The client straight to the same pod(s).
+    fn direct(self, np: &NodePortScale, mode: Mode) -> &Sample {
+        match self {
+            NodePortBackend::Remote => &np.direct_remote,
+            NodePortBackend::Local => &Self::result(np, mode).direct_local,
+        }
+    }
+
+    fn ratio(self, np: &NodePortScale, mode: Mode) -> f64 {
+        self.sample(np, mode).rate() / self.direct(np, mode).rate()
+    }
+}
+
+fn node_port_section(md: &mut String, opts: &Options, node_ports: &[NodePortScale]) -> Result<()> {
+    let scales: Vec<String> = opts.scales.iter().map(|s| thousands(*s)).collect();
+    let modes: Vec<Mode> = node_ports[0].modes.iter().map(|(m, _)| *m).collect();
+    let backends = [NodePortBackend::Remote, NodePortBackend::Local];
+    writeln!(*md, "\n## NodePort from the external client\n")?;
+    writeln!(
+        *md,
+        "The same lab, the same run: the lab's external client (a namespace on the nodes' L2 segment, outside the cluster) makes the same connections to a NodePort on each mode's node, the entry node. Two kinds of Service are measured: the **last Service created** (its 3 endpoints on n7, so the connection is forwarded to another node), and one Service per entry node whose one endpoint is a pod on that node (`local-n2` to `local-n6`, created before the numbered Services). Both are `externalTrafficPolicy: Cluster`, so kube-proxy masquerades both (the backend sees the entry node's address); ferrynet keeps the client's address for a local backend and SNATs for a remote one. The anchor is the same client straight to the same pod IPs (routed through the node that hosts them): a remote NodePort against the three n7 pods, a local one against its node's pod (a second request server there, on another port: see `ANCHOR_PORT` in the code for why). Every Service is of type NodePort while the API's NodePort range (30000-32767, Kubernetes' default) lasts; past it, the rest are ClusterIP only, except the last Service of each scale, measured, for which ports are kept back. kube-proxy's NodePort rules are reproduced as it writes them: in iptables mode, the last rule of `KUBE-SERVICES` jumps to `KUBE-NODEPORTS` for local destinations (after every ClusterIP rule), one rule per NodePort there, the measured ones last, then `KUBE-EXT-*` (masquerade mark) and `KUBE-SVC-*`; in nftables mode, the `services` chain looks the node's primary address (the `nodeport-ips` set) and the port up in the `service-nodeports` verdict map, then `external-*` (masquerade mark) and `service-*`. ferrynet translates NodePorts in a TCX program on the node's uplink; that program does not depend on the socket LB, so n2 and n3 measure the same datapath twice (their spread is a measure of the noise). {} rounds of {} connections per target, the {} targets rotating from round to round, after the in-cluster rounds of each scale.\n",
+        opts.rounds,
+        opts.connections,
+        1 + 3 * modes.len()
+    )?;
+    writeln!(
+        *md,
+        "### Connection rate to a NodePort, as a fraction of direct to the same pod IPs\n"
+    )?;
+    write!(*md, "| entry node's mode | backend |")?;
+    for s in &scales {
+        write!(*md, " {s} Services |")?;
+    }
+    writeln!(*md)?;
+    writeln!(*md, "|---|---|{}", "---|".repeat(scales.len()))?;
+    for backend in backends {
+        for &mode in &modes {
+            write!(*md, "| {} | {} |", mode.label(), backend.short_label())?;
+            for np in node_ports {
+                write!(*md, " {:.2} |", backend.ratio(np, mode))?;
+            }
+            writeln!(*md)?;
+        }
+    }
+    writeln!(
+        *md,
+        "\n![NodePort connection rate against the number of Services](nodeport.svg)\n"
+    )?;
+    writeln!(*md, "### Every NodePort measurement\n")?;
+    writeln!(
+        *md,
+        "| Services (NodePorts) | entry node's mode | backend | connections/s | vs direct | vs kube-proxy nftables | p50 (µs) | p99 (µs) |"
+    )?;
+    writeln!(*md, "|---|---|---|---|---|---|---|---|")?;
+    for (np, s) in node_ports.iter().zip(&scales) {
+        let at = format!("{s} ({})", thousands(np.node_ports));
+        let direct = Summary::of(&np.direct_remote.latencies);
+        writeln!(
+            *md,
+            "| {at} | direct to the pod IPs (n7) | remote | {:.0} | 1.00 | | {} | {} |",
+            np.direct_remote.rate(),
+            us(direct.p50),
+            us(direct.p99)
+        )?;
+        for backend in backends {
+            for &mode in &modes {
+                let sample = backend.sample(np, mode);
+                let summary = Summary::of(&sample.latencies);
+                let vs_nftables = if modes.contains(&Mode::Nftables) {
+                    format!("{:.2}", sample.rate() / backend.sample(np, Mode::Nftables).rate())
+                } else {
+                    String::new()
+                };
+                writeln!(
+                    *md,
+                    "| {at} | {} | {} | {:.0} | {:.2} | {vs_nftables} | {} | {} |",
+                    mode.label(),
+                    backend.short_label(),
+                    sample.rate(),
+                    backend.ratio(np, mode),
+                    us(summary.p50),
+                    us(summary.p99)
+                )?;
+            }
+        }
+        for &mode in &modes {
+            let direct = NodePortBackend::Local.direct(np, mode);
+            let summary = Summary::of(&direct.latencies);
+            writeln!(
+                *md,
+                "| {at} | direct to the pod IP on {} | local | {:.0} | 1.00 | | {} | {} |",
+                mode.node(),
+                direct.rate(),
+                us(summary.p50),
+                us(summary.p99)
+            )?;
+        }
+    }
+    writeln!(
+        *md,
+        "\nA local measurement's \"vs direct\" is against the client straight to the pod on that entry node (its own row at the end of each scale). On kube-proxy's iptables nodes that anchor itself crosses every `KUBE-SERVICES` rule, as all traffic into the node does, so their local rows compare better by rate, or against nftables.\n"
+    )?;
+    Ok(())
 }
 
 fn control_plane_section(md: &mut String, cp: &ControlPlane) -> Result<()> {
@@ -1030,8 +1540,10 @@ fn control_plane_section(md: &mut String, cp: &ControlPlane) -> Result<()> {
     writeln!(*md, "|---|---|")?;
     writeln!(
         *md,
-        "| agent start to {} Services ({} endpoints) in the maps, from nothing | {:.2} s |",
+        "| agent start to {} Services ({} of them NodePorts, plus the {} single-endpoint NodePort Services; {} endpoints) in the maps, from nothing | {:.2} s |",
         thousands(cp.services),
+        thousands(cp.node_ports - cp.local_services),
+        cp.local_services,
         thousands(cp.endpoints),
         cp.from_start.as_secs_f64()
     )?;
