@@ -173,7 +173,7 @@ struct Options {
     /// backends of the largest Service keeps every backend's share within a percent.
     #[arg(long, env = "FERRYNET_MAGLEV_TABLE_SIZE", default_value_t = ferrynet_common::DEFAULT_MAGLEV_TABLE_SIZE, value_parser = maglev_table_size)]
     maglev_table_size: u32,
-    /// How many frontends may balance by Maglev at once (each table takes 4 KiB per 1024
+    /// How many frontends may balance by Maglev at once (each table takes 4 KiB per 1000
     /// entries, allocated when it is written).
     #[arg(long, env = "FERRYNET_MAX_MAGLEV_SERVICES", default_value_t = ferrynet_common::DEFAULT_MAX_MAGLEV_SERVICES)]
     max_maglev_services: u32,

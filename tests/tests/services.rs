@@ -107,8 +107,12 @@ fn two_backends() -> LabGuard {
 /// One request line from `local_port` in `pod`'s namespace to `to`, with the answer (the port
 /// may be taken again while its last connection is in TIME_WAIT; connecting gives up after 3 s).
 fn request_from_port(lab: &Lab, pod: &str, local_port: u16, to: SocketAddr) -> std::io::Result<String> {
+    request_from_port_in(&lab.pod_ns(pod).map_err(std::io::Error::other)?, local_port, to)
+}
+
+/// [`request_from_port`] from any namespace.
+fn request_from_port_in(ns: &ferrynet_tests::netns::Netns, local_port: u16, to: SocketAddr) -> std::io::Result<String> {
     use std::io::{BufRead, BufReader, Write};
-    let ns = lab.pod_ns(pod).map_err(std::io::Error::other)?;
     let stream = ferrynet_kernel::netns::run_in(ns.fd(), || {
         ferrynet_tests::probe::connect_from_port(to, local_port, Duration::from_secs(3))
     })?;
@@ -234,6 +238,12 @@ fn the_per_packet_path_translates_what_socket_lb_does_not() {
         "the pod program translated the NodePort on its own node"
     );
     assert_eq!(datapath_counter(&lab, "n1", "sock_translated"), 0);
+    // The node connecting to a pod from a port that is also a NodePort: the pod's answer goes to
+    // the node's address on that port, and is an answer, not a new flow to the NodePort.
+    let pod_addr = SocketAddr::new(lab.pod("web-1").unwrap().ip(true), POD_PORT);
+    let answer = request_from_port_in(&lab.node_ns("n1").unwrap(), np, pod_addr)
+        .unwrap_or_else(|e| panic!("n1:{np} -> {pod_addr}: {e}"));
+    assert_eq!(answered_by(&answer), "web-1", "{answer}");
 
     // Socket LB in the node's namespace only (as service meshes need): pods are translated per
     // packet, the node's own processes at the socket.

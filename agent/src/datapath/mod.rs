@@ -765,6 +765,7 @@ pub fn map_fill(pins: &PinLayout, known: &[(&'static str, u64)]) -> Vec<(&'stati
             SOURCE_RANGES6_MAP => {
                 LpmTrie::<_, SourceRangeKey6, u8>::try_from(map).map_or(0, |m| m.keys().count() as u64)
             }
+            MAGLEV_MAP => HashMap::<_, MaglevKey, MaglevChunk>::try_from(map).map_or(0, |m| m.keys().count() as u64),
             FROM_POD_STATS_MAP => {
                 PerCpuHashMap::<_, u32, TrafficCounters>::try_from(map).map_or(0, |m| m.keys().count() as u64)
             }

@@ -785,7 +785,7 @@ impl ServiceMaps {
                     .map(|id| out.written.push((id, entry.clone()))),
                 FrontendOp::Update { old, new, slots } => {
                     let id = old.id;
-                    (|| {
+                    let result = (|| {
                         for (backend, state) in &new.backends {
                             let local = new.local_backends.contains(backend);
                             self.ensure_backend(backend, *state, local, &mut out)?;
@@ -856,7 +856,16 @@ impl ServiceMaps {
                         );
                         out.written.push((id, new.clone()));
                         Ok(())
-                    })()
+                    })();
+                    // Chunks written for a frontend that was not using Maglev, before a failure:
+                    // nothing reads them, and nothing would delete them later.
+                    if result.is_err()
+                        && old.maglev.is_none()
+                        && let Some(size) = new.maglev
+                    {
+                        let _ = self.delete_maglev(id, size, 0);
+                    }
+                    result
                 }
                 FrontendOp::Delete(frontend, old) => (|| {
                     // No new connections first; then its slots and reverse NAT.

@@ -53,9 +53,10 @@ enum NoteOp {
 
 /// Writes and removes notes in order, on a thread of its own (which ends with the writer).
 pub struct NotesWriter {
-    ops: mpsc::Sender<NoteOp>,
+    ops: Option<mpsc::Sender<NoteOp>>,
     /// Operations sent and not yet done.
     pending: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// A backlog above this (a start's thousands of notes) is not waited for.
@@ -66,7 +67,7 @@ impl NotesWriter {
         let (ops, incoming) = mpsc::channel::<NoteOp>();
         let pending = Arc::new(AtomicUsize::new(0));
         let done_count = pending.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("service-notes".into())
             .spawn(move || {
                 let mut since_trim = 0usize;
@@ -92,12 +93,17 @@ impl NotesWriter {
                 }
             })
             .expect("spawning the notes thread");
-        Self { ops, pending }
+        Self {
+            ops: Some(ops),
+            pending,
+            thread: Some(thread),
+        }
     }
 
     fn send(&self, op: NoteOp) -> bool {
+        let Some(ops) = &self.ops else { return false };
         self.pending.fetch_add(1, Ordering::Relaxed);
-        if self.ops.send(op).is_err() {
+        if ops.send(op).is_err() {
             self.pending.fetch_sub(1, Ordering::Relaxed);
             return false;
         }
@@ -121,6 +127,17 @@ impl NotesWriter {
         let (done, wait) = mpsc::channel();
         if self.send(NoteOp::Flush(done)) {
             let _ = wait.recv();
+        }
+    }
+}
+
+/// A restarted controller's writer must not race the old one's backlog (a queued removal of an
+/// id the new run reuses would delete the new notes): dropping the writer finishes its work.
+impl Drop for NotesWriter {
+    fn drop(&mut self) {
+        self.ops = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }

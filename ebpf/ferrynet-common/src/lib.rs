@@ -135,9 +135,10 @@ pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
 /// How many frontends may balance by Maglev at once, by default (each table takes
 /// `ceil(size / MAGLEV_CHUNK)` entries of the Maglev map, allocated only when written).
 pub const DEFAULT_MAX_MAGLEV_SERVICES: u32 = 8192;
-/// Backend ids per entry of the Maglev map (4 KiB values): a table of any size is a handful of
-/// entries, and a lookup is one of them.
-pub const MAGLEV_CHUNK: u32 = 1024;
+/// Backend ids per entry of the Maglev map: a table of any size is a handful of entries, and a
+/// lookup is one of them. 4,000-byte values, so that a value with the hash table's element header
+/// still fits the kernel's 4 KiB allocations (4,096-byte values would take 8 KiB each).
+pub const MAGLEV_CHUNK: u32 = 1000;
 /// Maglev's default table size, as Cilium's: a prime well above 100 × the backends of a
 /// large Service, so that every backend gets its share within a percent.
 pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16_381;
@@ -377,6 +378,10 @@ pub const CT_F_HAIRPIN: u32 = 1 << 0;
 pub const CT_F_SNAT_REPLY: u32 = 1 << 1;
 /// A TCP flow that saw a FIN or RST: its entries expire after [`CT_CLOSED_NS`].
 pub const CT_F_CLOSED: u32 = 1 << 2;
+/// A per-packet [`CT_REPLY`] entry whose `client_addr`/`client_port` are the frontend the client
+/// sent to (where replies come from). Entries written by agents before this flag hold the
+/// client's own address there, and their replies come from the service's [`REV_NAT_MAP`] entry.
+pub const CT_F_FRONTEND: u32 = 1 << 3;
 
 /// Value of the conntrack maps.
 #[repr(C)]
@@ -605,7 +610,7 @@ const _: () = {
     assert!(core::mem::size_of::<SourceRangeKey4>() == 8);
     assert!(core::mem::size_of::<SourceRangeKey6>() == 20);
     assert!(core::mem::size_of::<MaglevKey>() == 8);
-    assert!(core::mem::size_of::<MaglevChunk>() == 4096);
+    assert!(core::mem::size_of::<MaglevChunk>() == 4000);
 };
 
 #[cfg(test)]

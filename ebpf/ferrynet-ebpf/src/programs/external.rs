@@ -257,9 +257,10 @@ fn from_uplink4(ctx: &mut TcContext) -> Option<i32> {
             rewrite_port(ctx, &t, 2, t.dport, b.port)?;
             bump(Stat::PacketsTranslated);
             if e.client_port == 0 {
-                if closing {
-                    // The local backend's reply entry closes with the flow (see
-                    // `reply_to_external4`).
+                if closing && is_tcp_rst(ctx, &t) {
+                    // A client's reset ends the flow at once: the local backend's reply entry
+                    // closes too (see `reply_to_external4`). A FIN only half-closes: the backend
+                    // may answer for a long while yet, and its own FIN closes the entry.
                     close4(CtKey4 {
                         saddr: b.addr[0],
                         daddr: t.saddr,
@@ -431,7 +432,7 @@ fn from_uplink6(ctx: &mut TcContext) -> Option<i32> {
             rewrite_port(ctx, &t, 2, t.dport, b.port)?;
             bump(Stat::PacketsTranslated);
             if e.client_port == 0 {
-                if closing {
+                if closing && is_tcp_rst(ctx, &t) {
                     close6(CtKey6 {
                         saddr: b.addr,
                         daddr: t.saddr,

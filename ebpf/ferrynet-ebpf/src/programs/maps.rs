@@ -48,7 +48,7 @@ pub static NODE_ADDRS6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(MAX_NO
 pub static SOURCE_RANGES4: LpmTrie<SourceRangeKey4, u8> = LpmTrie::with_max_entries(MAX_SOURCE_RANGES, 0);
 #[map]
 pub static SOURCE_RANGES6: LpmTrie<SourceRangeKey6, u8> = LpmTrie::with_max_entries(MAX_SOURCE_RANGES, 0);
-/// Maglev tables: allocated as they are written (4 KiB each), not all up front.
+/// Maglev tables: allocated as they are written (a chunk at a time), not all up front.
 #[map]
 pub static MAGLEV: HashMap<MaglevKey, MaglevChunk> = HashMap::with_max_entries(
     DEFAULT_MAX_MAGLEV_SERVICES * DEFAULT_MAGLEV_TABLE_SIZE.div_ceil(MAGLEV_CHUNK),

@@ -215,6 +215,12 @@ pub fn is_tcp_end<A>(ctx: &TcContext, t: &Tuple<A>) -> bool {
     t.proto == PROTO_TCP && ctx.load::<u8>(t.l4 + 13).is_ok_and(|flags| flags & 0x05 != 0)
 }
 
+/// Whether a TCP segment resets its connection.
+#[inline(always)]
+pub fn is_tcp_rst<A>(ctx: &TcContext, t: &Tuple<A>) -> bool {
+    t.proto == PROTO_TCP && ctx.load::<u8>(t.l4 + 13).is_ok_and(|flags| flags & 0x04 != 0)
+}
+
 /// Whether a TCP segment opens a connection (SYN without ACK).
 #[inline(always)]
 pub fn is_tcp_syn<A>(ctx: &TcContext, t: &Tuple<A>) -> bool {

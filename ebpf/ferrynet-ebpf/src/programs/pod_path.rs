@@ -15,14 +15,17 @@
 //! - NodePorts: a pod's packet to one of the node's addresses on a NodePort is translated as a
 //!   ClusterIP's is (the NodePort's in-cluster entry: every endpoint).
 //! - A reply entry keeps the address and port the client sent to (`client_addr`,
-//!   `client_port`): the reply's source becomes exactly that, a ClusterIP or the node address a
-//!   NodePort was reached on, with no other lookup.
+//!   `client_port`, [`CT_F_FRONTEND`]): the reply's source becomes exactly that, a ClusterIP or
+//!   the node address a NodePort was reached on, with no other lookup. At `to_pod`, entries an
+//!   earlier agent wrote (without the flag) get it from the service's reverse NAT entry, so an
+//!   upgrade keeps established flows. (Hairpin flows and reused tuples of such entries, rare
+//!   across an upgrade, are not worth the stack `from_pod` has left.)
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext};
 use ferrynet_common::*;
 
 use super::{
     external::{reply_to_external4, reply_to_external6},
-    maps::{CT4, CT6, config},
+    maps::{CT4, CT6, REV_NAT, config},
     packet::*,
     pod_stats,
     services::{Destination, backend, lookup4, lookup6, node_port4, node_port6, select4, select6},
@@ -86,6 +89,27 @@ fn forget_reused_tuple6(t: &Tuple<[u32; 4]>) {
     let _ = CT6.remove(reply);
 }
 
+/// Where a reply entry's replies come from: the frontend the client sent to.
+#[inline(always)]
+fn reply_source4(entry: &CtValue) -> Option<(u32, u16)> {
+    if entry.flags & CT_F_FRONTEND != 0 {
+        return Some((entry.client_addr[0], entry.client_port));
+    }
+    // SAFETY: the value is copied out at once.
+    let vip = unsafe { REV_NAT.get(entry.service) }.copied()?;
+    Some((vip.addr[0], vip.port))
+}
+
+#[inline(always)]
+fn reply_source6(entry: &CtValue) -> Option<([u32; 4], u16)> {
+    if entry.flags & CT_F_FRONTEND != 0 {
+        return Some((entry.client_addr, entry.client_port));
+    }
+    // SAFETY: the value is copied out at once.
+    let vip = unsafe { REV_NAT.get(entry.service) }.copied()?;
+    Some((vip.addr, vip.port))
+}
+
 #[classifier]
 pub fn from_pod(mut ctx: TcContext) -> i32 {
     pod_stats::count(&ctx);
@@ -141,32 +165,45 @@ fn from_pod4(ctx: &mut TcContext, flags: u32) -> Option<i32> {
         bump(Stat::PacketsTranslated);
         return bounce_to_pod(ctx);
     }
-    let svc = match lookup4(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
+    // The frontend, and whether this packet may open a flow to it.
+    let (svc, may_open) = match lookup4(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
         Destination::Other => {
-            if flags & CONFIG_F_EXTERNAL != 0 {
-                if let Some(verdict) = reply_to_external4(ctx, &t) {
-                    return Some(verdict);
-                }
-                if let Some(svc) = node_port4(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
-                    return translate4(ctx, &t, svc, now);
+            if flags & CONFIG_F_EXTERNAL != 0
+                && let Some(verdict) = reply_to_external4(ctx, &t)
+            {
+                return Some(verdict);
+            }
+            let node_port = if flags & CONFIG_F_EXTERNAL != 0 {
+                node_port4(t.daddr, t.dport, t.proto, SCOPE_INTERNAL)
+            } else {
+                None
+            };
+            match node_port {
+                // Only a SYN opens a TCP flow to a NodePort: any other segment to a node address
+                // on a port of the NodePort range is the pod answering a connection the node
+                // opened from that port.
+                Some(svc) => (svc, t.proto != PROTO_TCP || is_tcp_syn(ctx, &t)),
+                _ => {
+                    if is_tcp_syn(ctx, &t) {
+                        forget_reused_tuple4(&t);
+                    }
+                    return None;
                 }
             }
-            if is_tcp_syn(ctx, &t) {
-                forget_reused_tuple4(&t);
-            }
-            return None;
         }
         Destination::Refused => return Some(refuse(ctx)),
-        Destination::Service(svc) => svc,
+        Destination::Service(svc) => (svc, true),
     };
-    translate4(ctx, &t, svc, now)
+    // One call site: the translation is inlined once.
+    translate4(ctx, &t, svc, now, may_open)
 }
 
 /// A pod's packet to frontend `svc` (at `t.daddr`:`t.dport`): to a backend, its flow recorded.
+/// Unless `may_open`, only a packet of a known flow is translated (None: left alone).
 #[inline(always)]
-fn translate4(ctx: &mut TcContext, t: &Tuple<u32>, svc: ServiceValue, now: u64) -> Option<i32> {
+fn translate4(ctx: &mut TcContext, t: &Tuple<u32>, svc: ServiceValue, now: u64, may_open: bool) -> Option<i32> {
     if svc.count == 0 {
-        return Some(refuse(ctx));
+        return may_open.then(|| refuse(ctx));
     }
     let t = *t;
     let hairpin = addr4(HAIRPIN_V4);
@@ -185,6 +222,9 @@ fn translate4(ctx: &mut TcContext, t: &Tuple<u32>, svc: ServiceValue, now: u64) 
         .map(|entry| unsafe { *entry })
         .filter(|e| now.saturating_sub(e.last_seen_ns) < idle_limit(t.proto) && e.service == svc.id)
         .and_then(|e| Some((e.backend, backend(e.backend)?)));
+    if known.is_none() && !may_open {
+        return None;
+    }
     let new_flow = known.is_none();
     let (id, b) = match known {
         Some(found) => found,
@@ -215,7 +255,7 @@ fn translate4(ctx: &mut TcContext, t: &Tuple<u32>, svc: ServiceValue, now: u64) 
         _pad: [0; 2],
     };
     let reply_value = CtValue {
-        flags: if is_hairpin { CT_F_HAIRPIN } else { 0 },
+        flags: CT_F_FRONTEND | if is_hairpin { CT_F_HAIRPIN } else { 0 },
         client_port: t.dport,
         client_addr: [t.daddr, 0, 0, 0],
         ..value
@@ -280,8 +320,9 @@ fn to_pod4(ctx: &mut TcContext) -> Option<i32> {
         let _ = CT4.remove(key);
         return None;
     }
-    rewrite_addr4(ctx, &t, 12, t.saddr, entry.client_addr[0])?;
-    rewrite_port(ctx, &t, 0, t.sport, entry.client_port)?;
+    let (frontend, frontend_port) = reply_source4(&entry)?;
+    rewrite_addr4(ctx, &t, 12, t.saddr, frontend)?;
+    rewrite_port(ctx, &t, 0, t.sport, frontend_port)?;
     bump(Stat::PacketsTranslated);
     Some(NEXT)
 }
@@ -313,31 +354,43 @@ fn from_pod6(ctx: &mut TcContext, flags: u32) -> Option<i32> {
         bump(Stat::PacketsTranslated);
         return bounce_to_pod(ctx);
     }
-    let svc = match lookup6(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
+    // The frontend, and whether this packet may open a flow to it.
+    let (svc, may_open) = match lookup6(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
         Destination::Other => {
-            if flags & CONFIG_F_EXTERNAL != 0 {
-                if let Some(verdict) = reply_to_external6(ctx, &t) {
-                    return Some(verdict);
-                }
-                if let Some(svc) = node_port6(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
-                    return translate6(ctx, &t, svc, now);
+            if flags & CONFIG_F_EXTERNAL != 0
+                && let Some(verdict) = reply_to_external6(ctx, &t)
+            {
+                return Some(verdict);
+            }
+            let node_port = if flags & CONFIG_F_EXTERNAL != 0 {
+                node_port6(t.daddr, t.dport, t.proto, SCOPE_INTERNAL)
+            } else {
+                None
+            };
+            match node_port {
+                // Only a SYN opens a TCP flow to a NodePort: any other segment to a node address
+                // on a port of the NodePort range is the pod answering a connection the node
+                // opened from that port.
+                Some(svc) => (svc, t.proto != PROTO_TCP || is_tcp_syn(ctx, &t)),
+                _ => {
+                    if is_tcp_syn(ctx, &t) {
+                        forget_reused_tuple6(&t);
+                    }
+                    return None;
                 }
             }
-            if is_tcp_syn(ctx, &t) {
-                forget_reused_tuple6(&t);
-            }
-            return None;
         }
         Destination::Refused => return Some(refuse(ctx)),
-        Destination::Service(svc) => svc,
+        Destination::Service(svc) => (svc, true),
     };
-    translate6(ctx, &t, svc, now)
+    // One call site: the translation is inlined once.
+    translate6(ctx, &t, svc, now, may_open)
 }
 
 #[inline(always)]
-fn translate6(ctx: &mut TcContext, t: &Tuple<[u32; 4]>, svc: ServiceValue, now: u64) -> Option<i32> {
+fn translate6(ctx: &mut TcContext, t: &Tuple<[u32; 4]>, svc: ServiceValue, now: u64, may_open: bool) -> Option<i32> {
     if svc.count == 0 {
-        return Some(refuse(ctx));
+        return may_open.then(|| refuse(ctx));
     }
     let t = *t;
     let hairpin = addr6(HAIRPIN_V6);
@@ -356,6 +409,9 @@ fn translate6(ctx: &mut TcContext, t: &Tuple<[u32; 4]>, svc: ServiceValue, now: 
         .map(|entry| unsafe { *entry })
         .filter(|e| now.saturating_sub(e.last_seen_ns) < idle_limit(t.proto) && e.service == svc.id)
         .and_then(|e| Some((e.backend, backend(e.backend)?)));
+    if known.is_none() && !may_open {
+        return None;
+    }
     let new_flow = known.is_none();
     let (id, b) = match known {
         Some(found) => found,
@@ -385,7 +441,7 @@ fn translate6(ctx: &mut TcContext, t: &Tuple<[u32; 4]>, svc: ServiceValue, now: 
         _pad: [0; 2],
     };
     let reply_value = CtValue {
-        flags: if is_hairpin { CT_F_HAIRPIN } else { 0 },
+        flags: CT_F_FRONTEND | if is_hairpin { CT_F_HAIRPIN } else { 0 },
         client_port: t.dport,
         client_addr: t.daddr,
         ..value
@@ -450,8 +506,9 @@ fn to_pod6(ctx: &mut TcContext) -> Option<i32> {
         let _ = CT6.remove(key);
         return None;
     }
-    rewrite_addr6(ctx, &t, 8, t.saddr, entry.client_addr)?;
-    rewrite_port(ctx, &t, 0, t.sport, entry.client_port)?;
+    let (frontend, frontend_port) = reply_source6(&entry)?;
+    rewrite_addr6(ctx, &t, 8, t.saddr, frontend)?;
+    rewrite_port(ctx, &t, 0, t.sport, frontend_port)?;
     bump(Stat::PacketsTranslated);
     Some(NEXT)
 }

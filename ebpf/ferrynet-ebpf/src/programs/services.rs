@@ -147,9 +147,15 @@ fn maglev(svc: &ServiceValue, flow: u32) -> Option<(u32, BackendValue)> {
         chunk: entry / MAGLEV_CHUNK,
     };
     let chunk = MAGLEV.get_ptr(key)?;
-    // SAFETY: `chunk` points at a map value of MAGLEV_CHUNK ids, valid while this program runs;
-    // the index is masked into it (MAGLEV_CHUNK is a power of two).
-    let id = unsafe { (*chunk)[(entry & (MAGLEV_CHUNK - 1)) as usize] };
+    // The compiler knows the remainder is below MAGLEV_CHUNK and would drop the check; the
+    // verifier cannot see it through the multiply-subtract it becomes, and needs the check.
+    let index = core::hint::black_box(entry % MAGLEV_CHUNK) as usize;
+    if index >= MAGLEV_CHUNK as usize {
+        return None;
+    }
+    // SAFETY: `chunk` points at a map value of MAGLEV_CHUNK ids, valid while this program runs,
+    // and `index` is within it.
+    let id = unsafe { (*chunk)[index] };
     if id == 0 {
         return None;
     }
