@@ -614,7 +614,7 @@ fn the_demo_runs_and_down_leaves_nothing() {
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     for needle in [
         "client -> 10.244.2.2:8080",
-        "pod=web-2 node=n2 ip=10.244.2.2 client=10.244.1.3",
+        "pod=web-2 node=n2 ip=10.244.2.2 client=10.244.1.",
         "from=10.200.0.12",
         "web-v4",
         "ready:      yes",
@@ -640,6 +640,7 @@ fn up_cleans_up_after_a_crashed_lab() {
         nodes: 1,
         mode: "native".into(),
         segments: 1,
+        dns: false,
     })
     .unwrap();
     // "Crash": the state file is lost, processes and namespaces are left behind.
@@ -650,6 +651,7 @@ fn up_cleans_up_after_a_crashed_lab() {
         nodes: 1,
         mode: "native".into(),
         segments: 1,
+        dns: false,
     })
     .unwrap();
     assert_eq!(lab.state.nodes.len(), 1);
@@ -1128,7 +1130,7 @@ fn the_readmes_lab_example_runs_as_written() {
         .find(|(c, _)| c.contains("exec-pod"))
         .expect("the example runs a command in a pod");
     assert!(
-        fetched.1.contains("pod=web-2 node=n2 ip=10.244.2.2 client=10.244.1.2"),
+        fetched.1.contains("pod=web-2 node=n2 ip=10.244.2.2 client=10.244.1."),
         "{}",
         fetched.1
     );

@@ -34,6 +34,9 @@ enum Command {
         /// Underlay L2 segments, routed between each other (nodes are dealt out over them).
         #[arg(long, default_value = "1")]
         segments: u8,
+        /// No cluster DNS (by default a `kube-dns` pod and Service answer Services by name).
+        #[arg(long)]
+        no_dns: bool,
     },
     /// Remove everything the lab created, whatever state it is in.
     Down,
@@ -97,7 +100,9 @@ enum Command {
     },
     /// Delete a Service (and its EndpointSlices).
     DeleteService { service: String },
-    /// kubectl against the lab (run from the external client's namespace).
+    /// kubectl against the lab (run from the external client's namespace). `kubectl exec POD --
+    /// CMD` is the lab's own verb: it runs CMD in the pod's namespaces (network, cgroup, and its
+    /// resolv.conf), as `exec-pod` does, since the API stand-in has no exec streaming.
     Kubectl {
         #[arg(last = true)]
         args: Vec<String>,
@@ -113,6 +118,8 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// (internal) Run the lab's controllers and kubelets (started by `up`).
+    Controllers,
     /// (internal) Serve the API stand-in.
     Apiserver {
         #[arg(long)]
@@ -285,12 +292,18 @@ fn run(cli: Cli) -> Result<()> {
     }
     ferrynet_tests::require_root();
     match cli.command {
-        Command::Up { nodes, mode, segments } => {
+        Command::Up {
+            nodes,
+            mode,
+            segments,
+            no_dns,
+        } => {
             let lab = Lab::up(&LabOptions {
                 name: cli.name,
                 nodes,
                 mode,
                 segments,
+                dns: !no_dns,
             })?;
             print!("{}", lab.summary());
         }
@@ -377,16 +390,52 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::DeleteService { service } => Lab::open(&cli.name)?.delete_service(&service)?,
+        Command::Kubectl { args } if args.first().is_some_and(|a| a == "exec") => {
+            let (namespace, pod, command) = parse_kubectl_exec(&args[1..])?;
+            let lab = Lab::open(&cli.name)?;
+            exit_with(lab.exec(&lab::kubelet::pod_part(&namespace, &pod), &command)?)
+        }
         Command::Kubectl { args } => {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             print!("{}", Lab::open(&cli.name)?.kubectl(&args)?);
         }
+        Command::Controllers => lab::controllers::run(&cli.name)?,
         Command::Demo { mode, segments, keep } => demo(&cli.name, &mode, segments, keep)?,
         Command::Apiserver { .. } | Command::PodServer { .. } | Command::Probe { .. } => {
             unreachable!("handled above")
         }
     }
     Ok(())
+}
+
+/// `kubectl exec`'s arguments after `exec`: `[-n NS] [-i] [-t] [-c CONTAINER] POD -- CMD...`
+/// (also `pod/POD` and `--namespace=NS`); returns the namespace, pod and command.
+fn parse_kubectl_exec(args: &[String]) -> Result<(String, String, Vec<String>)> {
+    let split = args
+        .iter()
+        .position(|a| a == "--")
+        .context("usage: kubectl exec [-n NAMESPACE] POD -- COMMAND [ARGS...]")?;
+    let (options, command) = (&args[..split], &args[split + 1..]);
+    if command.is_empty() {
+        bail!("kubectl exec: no command after --");
+    }
+    let mut namespace = "default".to_string();
+    let mut pod = None;
+    let mut options = options.iter();
+    while let Some(option) = options.next() {
+        match option.as_str() {
+            "-n" | "--namespace" => namespace = options.next().context("-n needs a namespace")?.clone(),
+            "-c" | "--container" => {
+                options.next().context("-c needs a container")?;
+            }
+            "-i" | "-t" | "-it" | "-ti" | "--stdin" | "--tty" | "-q" | "--quiet" => {}
+            o if o.starts_with("--namespace=") => namespace = o["--namespace=".len()..].to_string(),
+            o if o.starts_with('-') => bail!("kubectl exec: the lab's exec does not take {o}"),
+            o if pod.is_none() => pod = Some(o.strip_prefix("pod/").unwrap_or(o).to_string()),
+            o => bail!("kubectl exec: unexpected argument {o}"),
+        }
+    }
+    Ok((namespace, pod.context("kubectl exec: which pod?")?, command.to_vec()))
 }
 
 fn exit_with(status: std::process::ExitStatus) -> ! {
@@ -403,6 +452,7 @@ fn demo(name: &str, mode: &str, segments: u8, keep: bool) -> Result<()> {
         nodes: 3,
         mode: mode.into(),
         segments,
+        dns: true,
     })?;
     let result = (|| -> Result<()> {
         print!("{}", lab.summary());

@@ -65,16 +65,22 @@ impl Lab {
         args: &[String],
         cgroup: Option<&Path>,
     ) -> Result<u32> {
-        let log = File::create(self.dir.join("logs").join(format!("{what}.log")))?;
         let mut cmd = Command::new(program);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0);
+        cmd.args(args);
         if let Some(cgroup) = cgroup {
             join_cgroup(&mut cmd, cgroup)?;
         }
+        self.spawn_command(ns, what, cmd)
+    }
+
+    /// Starts a prepared command in `ns` as daemon `what` (its own process group, output to a
+    /// log file), and records its pid.
+    pub(super) fn spawn_command(&self, ns: &Netns, what: &str, mut cmd: Command) -> Result<u32> {
+        let log = File::create(self.dir.join("logs").join(format!("{what}.log")))?;
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0);
         let mut child = ns.spawn(&mut cmd);
         let pid = child.id();
         // Reap it whenever it ends, if we are still around then, and keep how it ended for
@@ -127,6 +133,19 @@ impl Lab {
             return Ok(DaemonExit::Killed);
         }
         Ok(DaemonExit::Exited(None))
+    }
+
+    /// How a daemon this process started and that is no longer running ended: its exit status
+    /// (`None` when this process did not start it). A process that just ended may not be reaped
+    /// yet, so this waits a moment for its reaper. The status is reported once; the pid file
+    /// goes with it.
+    pub(super) fn daemon_ended(&self, what: &str) -> Option<ExitStatus> {
+        let pid = self.daemon_pid(what)?;
+        let mut children = lock_children();
+        let status = children.get(&pid)?.recv_timeout(Duration::from_secs(2)).ok()?;
+        children.remove(&pid);
+        let _ = std::fs::remove_file(self.pid_file(what));
+        Some(status)
     }
 
     /// Kills a daemon at once (SIGKILL), as a crash or an OOM kill would, and waits until it is

@@ -4,7 +4,7 @@
 //! pod's container ports). Computed from the API's Services and Pods (pure), then applied.
 use std::collections::BTreeMap;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use k8s_openapi::{
     api::{
         core::v1::{Pod, Service},
@@ -12,7 +12,10 @@ use k8s_openapi::{
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use kube::{ResourceExt, api::ObjectMeta};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ListParams, ObjectMeta, PostParams},
+};
 
 use super::{Lab, api::LabApi};
 
@@ -86,7 +89,10 @@ pub fn desired_slices(services: &[Service], pods: &[Pod]) -> Vec<EndpointSlice> 
             let v4 = family == "IPv4";
             // Pods serving the same resolved ports share a slice, as with the real controller.
             let mut groups: BTreeMap<Vec<ResolvedPort>, Vec<Endpoint>> = BTreeMap::new();
-            let mut selected: Vec<&Pod> = pods.iter().filter(|p| selects(&selector, p)).collect();
+            let mut selected: Vec<&Pod> = pods
+                .iter()
+                .filter(|p| p.namespace() == service.namespace() && selects(&selector, p))
+                .collect();
             selected.sort_by_key(|p| p.name_any());
             for pod in selected {
                 let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
@@ -173,45 +179,84 @@ pub fn desired_slices(services: &[Service], pods: &[Pod]) -> Vec<EndpointSlice> 
     slices
 }
 
+/// Runs the EndpointSlice controller once, over every namespace: writes what changed, deletes
+/// what is gone. The lab's commands and its controllers daemon both run it, so a write that lost
+/// a race with the other (a conflict) is retried from a fresh read.
+pub async fn sync_slices(client: &Client) -> Result<()> {
+    let mut last = None;
+    for _ in 0..3 {
+        match sync_slices_once(client).await {
+            Ok(()) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("tried at least once"))
+}
+
+async fn sync_slices_once(client: &Client) -> Result<()> {
+    let services = Api::<Service>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let pods = Api::<Pod>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let managed = ListParams::default().labels(&format!("{MANAGED_BY}={MANAGER}"));
+    let existing = Api::<EndpointSlice>::all(client.clone()).list(&managed).await?.items;
+    let wanted = desired_slices(&services, &pods);
+    let slices =
+        |ns: Option<String>| Api::<EndpointSlice>::namespaced(client.clone(), ns.as_deref().unwrap_or("default"));
+    // The time of the change a slice reflects, as the real controller stamps it (kube-proxy
+    // measures network programming latency from it).
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let stamped = |slice: &EndpointSlice| {
+        let mut slice = slice.clone();
+        slice
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(TRIGGER_TIME.to_string(), now.clone());
+        slice
+    };
+    let same = |a: &EndpointSlice, b: &EndpointSlice| a.name_any() == b.name_any() && a.namespace() == b.namespace();
+    for slice in &wanted {
+        let api = slices(slice.namespace());
+        match existing.iter().find(|e| same(e, slice)) {
+            Some(current) if current.endpoints == slice.endpoints && current.ports == slice.ports => {}
+            Some(current) => {
+                let mut updated = stamped(slice);
+                updated.metadata.resource_version = current.metadata.resource_version.clone();
+                api.replace(&slice.name_any(), &PostParams::default(), &updated)
+                    .await
+                    .with_context(|| format!("replacing EndpointSlice {}", slice.name_any()))?;
+            }
+            None => {
+                api.create(&PostParams::default(), &stamped(slice))
+                    .await
+                    .with_context(|| format!("creating EndpointSlice {}", slice.name_any()))?;
+            }
+        }
+    }
+    for slice in existing {
+        if !wanted.iter().any(|w| same(w, &slice)) {
+            match slices(slice.namespace())
+                .delete(&slice.name_any(), &DeleteParams::default())
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e).with_context(|| format!("deleting EndpointSlice {}", slice.name_any())),
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Lab {
-    /// Runs the EndpointSlice controller once: writes what changed, deletes what is gone.
+    /// Runs the EndpointSlice controller once (see [`sync_slices`]).
     pub fn sync_endpoint_slices(&self) -> Result<()> {
-        let api = LabApi::new(self)?;
-        let services: Vec<Service> = api.list(None)?;
-        let pods: Vec<Pod> = api.list(None)?;
-        let existing: Vec<EndpointSlice> = api.list(Some(&format!("{MANAGED_BY}={MANAGER}")))?;
-        let wanted = desired_slices(&services, &pods);
-        // The time of the change a slice reflects, as the real controller stamps it (kube-proxy
-        // measures network programming latency from it).
-        let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        let stamped = |slice: &EndpointSlice| {
-            let mut slice = slice.clone();
-            slice
-                .metadata
-                .annotations
-                .get_or_insert_with(Default::default)
-                .insert(TRIGGER_TIME.to_string(), now.clone());
-            slice
-        };
-        for slice in &wanted {
-            match existing.iter().find(|e| e.name_any() == slice.name_any()) {
-                Some(current) if current.endpoints == slice.endpoints && current.ports == slice.ports => {}
-                Some(current) => {
-                    let mut updated = stamped(slice);
-                    updated.metadata.resource_version = current.metadata.resource_version.clone();
-                    api.replace(&updated)?;
-                }
-                None => {
-                    api.create(&stamped(slice))?;
-                }
-            }
-        }
-        for slice in existing {
-            if !wanted.iter().any(|w| w.name_any() == slice.name_any()) {
-                api.delete::<EndpointSlice>(&slice.name_any())?;
-            }
-        }
-        Ok(())
+        LabApi::new(self)?.call(|client| async move { sync_slices(&client).await })
     }
 }
 

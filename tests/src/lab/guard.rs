@@ -15,6 +15,15 @@ impl LabGuard {
     /// A lab with a name no other test uses, its nodes dealt out over `segments` routed L2
     /// segments.
     pub fn up_segmented(nodes: u8, mode: &str, segments: u8) -> Self {
+        Self::up_with(nodes, mode, segments, false)
+    }
+
+    /// A lab that also runs the cluster DNS (see [`super::dns`]).
+    pub fn up_with_dns(nodes: u8, mode: &str) -> Self {
+        Self::up_with(nodes, mode, 1, true)
+    }
+
+    fn up_with(nodes: u8, mode: &str, segments: u8, dns: bool) -> Self {
         crate::require_root();
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
@@ -29,6 +38,7 @@ impl LabGuard {
                 nodes,
                 mode: mode.into(),
                 segments,
+                dns,
             })
             .expect("lab up"),
         )

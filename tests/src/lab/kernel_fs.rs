@@ -120,3 +120,44 @@ pub fn unmount(path: &Path) -> Result<()> {
     nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
         .with_context(|| format!("unmounting {}", path.display()))
 }
+
+/// Makes `cmd`'s process see `resolv_conf` as `/etc/resolv.conf`, in a mount namespace of its
+/// own (as a container runtime gives a pod the resolver configuration kubelet wrote), so that the
+/// machine's own file is never touched.
+pub fn with_resolv_conf(cmd: &mut Command, resolv_conf: &Path) -> Result<()> {
+    let source = std::ffi::CString::new(resolv_conf.as_os_str().as_encoded_bytes())?;
+    // SAFETY: between fork and exec the closure makes only system calls (unshare, mount) on
+    // strings prepared before the fork, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Mounts made here must not propagate back to the machine's namespace.
+            let root = c"/";
+            if libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            let target = c"/etc/resolv.conf";
+            if libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}

@@ -29,12 +29,21 @@
 //! - [`api`]: the lab's calls to the API stand-in (kube-rs, typed objects);
 //! - [`endpoints`]: the EndpointSlice controller;
 //! - [`pod_server`]: what each pod runs;
+//! - [`controllers`]: the control plane's controllers and the kubelets, as one daemon, so that
+//!   `kubectl run`, `create deployment`, `scale` and `expose` work;
+//! - [`kubelet`]: pods users create, run through the node's CNI, with real programs
+//!   ([`images`]);
+//! - [`dns`]: the cluster DNS (dnsmasq behind a ClusterIP);
 //! - [`guard`]: a lab per test, taken down when dropped.
 pub mod api;
+pub mod controllers;
 pub mod daemons;
+pub mod dns;
 pub mod endpoints;
 pub mod guard;
+pub mod images;
 pub mod kernel_fs;
+pub mod kubelet;
 pub mod pod_server;
 pub mod topology;
 
@@ -68,12 +77,7 @@ use self::{
     kernel_fs::{cgroup_pids, is_mount_point, join_cgroup, lab_bpffs, lab_cgroup, mount_bpffs, remove_cgroup, unmount},
     topology::{in_lab, lab_namespaces, lab_netns_inodes, ns_name, run_ip, valid_name},
 };
-use crate::{
-    binary,
-    cni::{Conflist, Runtime},
-    cni_bin_dir,
-    netns::Netns,
-};
+use crate::{binary, cni_bin_dir, netns::Netns};
 
 pub const STATE_ROOT: &str = "/run/ferrynet-lab";
 pub const API_ADDR: &str = "10.200.0.2:6443";
@@ -94,6 +98,9 @@ pub struct LabOptions {
     /// How many L2 segments the underlay has (routed between each other); nodes are dealt out
     /// over them in turn.
     pub segments: u8,
+    /// Whether the lab runs the cluster DNS (a `kube-dns` pod and Service in `kube-system`).
+    #[serde(default)]
+    pub dns: bool,
 }
 
 fn one_segment() -> u8 {
@@ -448,10 +455,15 @@ impl Lab {
             )?;
             lab.start_apiserver()?;
             lab.save()?;
+            lab.start_controllers()?;
             for _ in 0..opts.nodes {
                 lab.add_node()?;
             }
-            lab.wait_converged(Duration::from_secs(60))
+            lab.wait_converged(Duration::from_secs(60))?;
+            if opts.dns {
+                lab.start_dns(Duration::from_secs(30))?;
+            }
+            Ok(())
         })();
         if let Err(e) = result {
             let _ = Self::down(&opts.name);
@@ -519,6 +531,59 @@ impl Lab {
 
     pub fn stop_apiserver(&self) -> Result<()> {
         self.stop_daemon("apiserver").map(|_| ())
+    }
+
+    /// Starts the controllers daemon (see [`controllers`]) in the control-plane namespace.
+    pub fn start_controllers(&self) -> Result<()> {
+        let cp = self.ns("cp")?;
+        let args = vec!["--name".into(), self.state.name.clone(), "controllers".into()];
+        self.spawn_daemon(&cp, "controllers", &binary("ferrynet-lab"), &args, None)?;
+        Ok(())
+    }
+
+    /// Creates the cluster DNS (its Service and its pod, which the scheduler and a kubelet run)
+    /// and waits until it answers.
+    pub fn start_dns(&self, timeout: Duration) -> Result<()> {
+        let (service, pod) = (dns::dns_service(), dns::dns_pod());
+        self.api()?.call(move |client| async move {
+            use kube::api::PostParams;
+            kube::Api::<Service>::namespaced(client.clone(), dns::DNS_NAMESPACE)
+                .create(&PostParams::default(), &service)
+                .await
+                .context("creating the DNS Service")?;
+            kube::Api::<Pod>::namespaced(client, dns::DNS_NAMESPACE)
+                .create(&PostParams::default(), &pod)
+                .await
+                .context("creating the DNS pod")?;
+            Ok(())
+        })?;
+        self.wait_pod_ready(dns::DNS_NAMESPACE, dns::DNS_NAME, timeout)
+    }
+
+    /// Waits until a pod is Ready, as its kubelet reports it.
+    pub fn wait_pod_ready(&self, namespace: &str, name: &str, timeout: Duration) -> Result<()> {
+        let mut last = String::from("not created");
+        let (namespace, name) = (namespace.to_string(), name.to_string());
+        let ok = crate::wait_for(timeout, || {
+            let (namespace, name) = (namespace.clone(), name.clone());
+            let pod = self
+                .api()
+                .ok()?
+                .call(move |client| async move {
+                    Ok(kube::Api::<Pod>::namespaced(client, &namespace).get_opt(&name).await?)
+                })
+                .ok()
+                .flatten()?;
+            let status = pod.status.clone().unwrap_or_default();
+            let ready = status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            last = serde_json::to_string(&status.container_statuses).unwrap_or_default();
+            ready.then_some(())
+        });
+        ok.ok_or_else(|| anyhow!("pod {namespace}/{name} was not ready within {timeout:?}: {last}"))
     }
 
     /// The Node object of `node`, as a kubelet registers it.
@@ -609,6 +674,10 @@ impl Lab {
         {
             self.delete_pod(&pod)?;
         }
+        // Pods users created there go with the node, as with a node that is removed for good.
+        for record in self.kubelet_records().into_iter().filter(|r| r.node == name) {
+            self.kubelet_teardown(&record)?;
+        }
         self.stop_agent(name)?;
         self.api()?.delete::<Node>(name)?;
         let _ = Command::new("ip")
@@ -689,6 +758,34 @@ impl Lab {
             Some(&cgroup),
         )?;
         Ok(())
+    }
+
+    /// Takes the CNI configuration away from `node`'s runtime while its agent (and with it the
+    /// service proxy) keeps running: the agent is restarted writing its conflist to a directory
+    /// the runtime does not read, and the runtime's copy is removed, as on a node where the CNI
+    /// was never installed. [`Lab::restore_cni_config`] undoes it.
+    pub fn hide_cni_config(&self, node: &str) -> Result<()> {
+        let elsewhere = self.node_dir(node).join("cni-conf-unused");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&elsewhere)?;
+        self.stop_agent(node)?;
+        let conflist = self.node_dir(node).join("cni-conf").join(CONFLIST);
+        if let Err(e) = std::fs::remove_file(&conflist)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(e).with_context(|| format!("removing {}", conflist.display()));
+        }
+        self.start_agent_with(node, &["--cni-conf-dir", &elsewhere.display().to_string()])?;
+        self.wait_converged(Duration::from_secs(60))
+    }
+
+    /// Restarts `node`'s agent as the lab runs it, which installs the CNI configuration again.
+    pub fn restore_cni_config(&self, node: &str) -> Result<()> {
+        self.stop_agent(node)?;
+        self.start_agent(node)?;
+        self.wait_converged(Duration::from_secs(60))
     }
 
     /// Stops `node`'s agent with SIGTERM, as the kubelet does, and fails unless it shut down
@@ -795,43 +892,19 @@ impl Lab {
         if self.state.pods.iter().any(|p| p.name == name) {
             bail!("pod {name} exists");
         }
-        let node_ns = self.node_ns(node)?;
+        // As a runtime, wait for the node's network to be configured (its agent writes it).
         let conflist_path = self.node_dir(node).join("cni-conf").join(CONFLIST);
-        let conflist = crate::wait_for(Duration::from_secs(30), || {
+        crate::wait_for(Duration::from_secs(30), || {
             std::fs::read(&conflist_path)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
         })
         .with_context(|| format!("node {node} has no conflist (is its agent running?)"))?;
-        let pod_ns = Netns::create_named(&ns_name(&self.state.name, &format!("pod-{name}")))?;
         let container_id = format!("{}-{name}", self.state.name);
-        let runtime = Runtime {
-            host: &node_ns,
-            plugin_dirs: vec![self.node_dir(node).join("cni-bin")],
-        };
-        let args = format!(
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={container_id}"
-        );
-        let result = match runtime.add(
-            &Conflist(conflist),
-            &container_id,
-            &pod_ns.path(),
-            "eth0",
-            &Value::Null,
-            Some(&args),
-        ) {
-            Ok(r) => r,
-            Err(out) => {
-                let _ = Command::new("ip").args(["netns", "del", &pod_ns.name]).output();
-                bail!("CNI ADD for {name} failed: {}{}", out.stdout, out.stderr);
-            }
-        };
-        let ips: Vec<IpAddr> = result["ips"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
-            .collect();
+        let (result, ips) = self
+            .sandbox_add(node, &format!("pod-{name}"), &container_id, api::NAMESPACE, name)
+            .with_context(|| format!("pod {name}"))?;
+        let pod_ns = self.pod_ns(name)?;
         let pod = LabPod {
             name: name.into(),
             node: node.into(),
@@ -887,26 +960,8 @@ impl Lab {
             .cloned()
             .ok_or_else(|| anyhow!("no pod {name}"))?;
         self.stop_daemon(&format!("pod-{name}"))?;
-        let node_ns = self.node_ns(&pod.node)?;
-        let conflist: Value = serde_json::from_slice(&std::fs::read(
-            self.node_dir(&pod.node).join("cni-conf").join(CONFLIST),
-        )?)?;
-        let runtime = Runtime {
-            host: &node_ns,
-            plugin_dirs: vec![self.node_dir(&pod.node).join("cni-bin")],
-        };
-        let pod_ns = ns_name(&self.state.name, &format!("pod-{name}"));
-        if let Err(out) = runtime.del(
-            &Conflist(conflist),
-            &pod.container_id,
-            Some(Path::new(&format!("/run/netns/{pod_ns}"))),
-            "eth0",
-            &Value::Null,
-            Some(&pod.result),
-        ) {
-            bail!("CNI DEL for {name} failed: {}{}", out.stdout, out.stderr);
-        }
-        let _ = Command::new("ip").args(["netns", "del", &pod_ns]).output();
+        self.sandbox_del(&pod.node, &format!("pod-{name}"), &pod.container_id, &pod.result)
+            .with_context(|| format!("pod {name}"))?;
         let _ = remove_cgroup(&self.pod_cgroup(&pod)?);
         self.api()?.delete::<Pod>(name)?;
         self.state.pods.retain(|p| p.name != name);
@@ -1075,7 +1130,8 @@ impl Lab {
     }
 
     /// A command run on a node runs in the node's cgroup, and one run in a pod in the pod's, as
-    /// their own processes do.
+    /// their own processes do, seeing the pod's resolver configuration (the cluster DNS) as
+    /// its `/etc/resolv.conf`.
     fn join_part_cgroup(&self, cmd: &mut Command, part: &str) -> Result<()> {
         if self.state.nodes.iter().any(|n| n.name == part) {
             join_cgroup(cmd, &self.node_cgroup(part)?)?;
@@ -1083,7 +1139,11 @@ impl Lab {
             .strip_prefix("pod-")
             .and_then(|name| self.state.pods.iter().find(|p| p.name == name))
         {
+            kernel_fs::with_resolv_conf(cmd, &self.resolv_conf_path(api::NAMESPACE)?)?;
             join_cgroup(cmd, &self.pod_cgroup(pod)?)?;
+        } else if let Some(record) = self.kubelet_pod(part) {
+            kernel_fs::with_resolv_conf(cmd, &self.resolv_conf_path(&record.namespace)?)?;
+            join_cgroup(cmd, &self.pod_part_cgroup(&record.node, part)?)?;
         }
         Ok(())
     }
@@ -1168,17 +1228,10 @@ impl Lab {
     pub fn spawn_in(&self, part: &str, what: &str, argv: &[String]) -> Result<u32> {
         let ns = self.ns(part)?;
         let (program, args) = argv.split_first().ok_or_else(|| anyhow!("no command"))?;
-        let cgroup = if self.state.nodes.iter().any(|n| n.name == part) {
-            Some(self.node_cgroup(part)?)
-        } else if let Some(pod) = part
-            .strip_prefix("pod-")
-            .and_then(|name| self.state.pods.iter().find(|p| p.name == name))
-        {
-            Some(self.pod_cgroup(pod)?)
-        } else {
-            None
-        };
-        self.spawn_daemon(&ns, what, Path::new(program), args, cgroup.as_deref())
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        self.join_part_cgroup(&mut cmd, part)?;
+        self.spawn_command(&ns, what, cmd)
     }
 
     /// Stops a daemon started by [`Lab::spawn_in`] (SIGTERM, then SIGKILL).
