@@ -458,10 +458,9 @@ fn kubectl_gets_lists_creates_and_deletes_through_the_stand_in() {
         assert!(ok, "{out}");
         out.trim().parse().unwrap_or_else(|_| panic!("{name}: {out:?}"))
     };
-    // (kubectl's `create service` sends protobuf, which the stand-in refuses with 415: the
-    // Services come from manifests.)
+    // kubectl's `create service` sends protobuf, which the stand-in decodes.
     let (ok, out) = run(&["create", "service", "nodeport", "np", "--tcp=80:8080"]);
-    assert!(!ok && out.contains("JSON bodies only"), "{out}");
+    assert!(ok, "{out}");
     let node_port_service = |name: &str, node_port: Option<u32>| -> (bool, String) {
         let file = home.path().join(format!("{name}.yaml"));
         let requested = node_port.map(|p| format!(", nodePort: {p}")).unwrap_or_default();
@@ -474,8 +473,6 @@ fn kubectl_gets_lists_creates_and_deletes_through_the_stand_in() {
         .unwrap();
         run(&["create", "-f", file.to_str().unwrap()])
     };
-    let (ok, out) = node_port_service("np", None);
-    assert!(ok, "{out}");
     let first = node_port("np");
     assert!((30000..=32767).contains(&first), "{first}");
     let (ok, out) = node_port_service("np2", Some(u32::from(first)));
@@ -511,4 +508,277 @@ fn kubectl_gets_lists_creates_and_deletes_through_the_stand_in() {
     let (ok, out) = node_port_service("np3", Some(u32::from(first)));
     assert!(ok, "{out}");
     assert_eq!(node_port("np3"), first);
+}
+
+/// kubectl's stdout parsed as JSON (stderr, with warnings, left out).
+fn kubectl_json(ns: &Netns, home: &Path, config: &Path, args: &[&str]) -> serde_json::Value {
+    let out = ns.command_output(
+        Command::new("kubectl")
+            .env("HOME", home)
+            .env("KUBECONFIG", config)
+            .args(args),
+    );
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
+}
+
+/// The cells of the row of `name` (the first column) in kubectl's table output, AGE included.
+fn row(table: &str, name: &str) -> Vec<String> {
+    table
+        .lines()
+        .map(|line| line.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .find(|cells| cells.first().is_some_and(|c| c == name))
+        .unwrap_or_else(|| panic!("no row {name} in\n{table}"))
+}
+
+/// The header of kubectl's table output, its words as one string.
+fn header(table: &str) -> String {
+    table
+        .lines()
+        .find(|l| l.starts_with("NAME") || l.starts_with("NAMESPACE"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+#[test]
+fn kubectl_creates_scales_exposes_runs_and_prints_as_against_a_real_cluster() {
+    require_root();
+    let ns = Netns::new("api");
+    let (addr, _server) = start(&ns, Settings::default(), 0);
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("kubeconfig");
+    std::fs::write(&config, kubeconfig(addr)).unwrap();
+    let run = |args: &[&str]| kubectl(&ns, home.path(), &config, args);
+    let ok = |args: &[&str]| -> String {
+        let (ok, out) = run(args);
+        assert!(ok, "kubectl {args:?}: {out}");
+        out
+    };
+    let json = |args: &[&str]| kubectl_json(&ns, home.path(), &config, args);
+
+    // `create deployment` sends protobuf: decoded, defaulted as the API server does.
+    ok(&[
+        "create",
+        "deployment",
+        "demo",
+        "--image=nginx",
+        "--replicas=2",
+        "--port=80",
+    ]);
+    let demo = json(&["get", "deploy", "demo", "-o", "json"]);
+    assert_eq!(demo["metadata"]["labels"], serde_json::json!({"app": "demo"}));
+    assert_eq!(demo["metadata"]["generation"], 1);
+    assert!(demo["metadata"]["uid"].is_string() && demo["metadata"]["creationTimestamp"].is_string());
+    assert_eq!(
+        demo["spec"],
+        serde_json::json!({"replicas": 2, "selector": {"matchLabels": {"app": "demo"}},
+            "template": {"metadata": {"labels": {"app": "demo"}}, "spec": {
+                "containers": [{"name": "nginx", "image": "nginx", "ports": [{"containerPort": 80, "protocol": "TCP"}],
+                    "resources": {}, "imagePullPolicy": "Always", "terminationMessagePath": "/dev/termination-log",
+                    "terminationMessagePolicy": "File"}],
+                "restartPolicy": "Always", "dnsPolicy": "ClusterFirst", "terminationGracePeriodSeconds": 30,
+                "schedulerName": "default-scheduler", "securityContext": {}}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}},
+            "revisionHistoryLimit": 10, "progressDeadlineSeconds": 600})
+    );
+    assert_eq!(demo["status"], serde_json::json!({}));
+    ok(&["create", "deployment", "d2", "--image=busybox", "--", "sleep", "3600"]);
+    let d2 = json(&["get", "deployment", "d2", "-o", "json"]);
+    let container = &d2["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["command"], serde_json::json!(["sleep", "3600"]), "{d2}");
+    assert_eq!(d2["spec"]["replicas"], 1);
+    // Server dry runs store nothing.
+    ok(&["create", "deployment", "dry", "--image=nginx", "--dry-run=server"]);
+    ok(&["run", "dry", "--image=nginx", "--dry-run=server"]);
+    for kind in ["deployment", "pod"] {
+        let (found, out) = run(&["get", kind, "dry"]);
+        assert!(!found && out.contains("NotFound"), "{out}");
+    }
+
+    let table = ok(&["get", "deploy"]);
+    assert_eq!(header(&table), "NAME READY UP-TO-DATE AVAILABLE AGE");
+    assert_eq!(row(&table, "demo")[..4], ["demo", "0/2", "0", "0"]);
+    let table = ok(&["get", "deploy", "-o", "wide"]);
+    assert_eq!(
+        header(&table),
+        "NAME READY UP-TO-DATE AVAILABLE AGE CONTAINERS IMAGES SELECTOR"
+    );
+    assert_eq!(row(&table, "d2")[5..], ["busybox", "busybox", "app=d2"]);
+
+    // `scale` patches the scale subresource.
+    ok(&["scale", "deployment", "demo", "--replicas=3"]);
+    let demo = json(&["get", "deploy", "demo", "-o", "json"]);
+    assert_eq!(demo["spec"]["replicas"], 3);
+    assert_eq!(demo["metadata"]["generation"], 2, "a spec change");
+
+    // `expose` and `run --expose` make Services with ClusterIPs.
+    ok(&["expose", "deployment", "demo", "--port=80"]);
+    let svc = json(&["get", "svc", "demo", "-o", "json"]);
+    assert_eq!(svc["spec"]["selector"], serde_json::json!({"app": "demo"}));
+    let cluster_ip: std::net::Ipv4Addr = svc["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
+    assert!(
+        "10.96.0.0/16".parse::<ipnet::Ipv4Net>().unwrap().contains(&cluster_ip),
+        "{svc}"
+    );
+    ok(&["run", "nginx", "--image=nginx", "--port=80", "--expose"]);
+    let nginx = json(&["get", "svc", "nginx", "-o", "json"]);
+    assert_eq!(nginx["spec"]["selector"], serde_json::json!({"run": "nginx"}));
+    assert!(
+        nginx["spec"]["clusterIP"]
+            .as_str()
+            .is_some_and(|ip| ip.starts_with("10.96.")),
+        "{nginx}"
+    );
+    assert_eq!(
+        json(&["get", "pod", "nginx", "-o", "json"])["status"]["phase"],
+        "Pending"
+    );
+    // `create service` sends protobuf too.
+    ok(&["create", "service", "clusterip", "s1", "--tcp=80:8080"]);
+    let s1 = json(&["get", "svc", "s1", "-o", "json"]);
+    assert_eq!(
+        s1["spec"]["ports"],
+        serde_json::json!([{"name": "80-8080", "protocol": "TCP", "port": 80, "targetPort": 8080}])
+    );
+
+    // What the lab's controllers and kubelets would write: a node, a running pod, a slice.
+    let objects = home.path().join("cluster.yaml");
+    std::fs::write(
+        &objects,
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: kn1\nstatus:\n  conditions: [{type: Ready, status: \"True\"}]\n\
+         \x20 addresses: [{type: InternalIP, address: 10.0.0.1}]\n\
+         \x20 nodeInfo: {kubeletVersion: v1.32.0, osImage: Debian, kernelVersion: 6.1.0, containerRuntimeVersion: \"containerd://1.7\"}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata:\n  name: demo-1\n  labels: {app: demo}\nspec:\n  nodeName: kn1\n  containers: [{name: nginx, image: nginx}]\n\
+         status:\n  phase: Running\n  podIPs: [{ip: 10.244.1.5}]\n\
+         \x20 containerStatuses: [{name: nginx, ready: true, restartCount: 0, image: nginx, imageID: \"\", state: {running: {}}}]\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata:\n  name: demo-2\n  labels: {app: demo}\nspec:\n  containers: [{name: nginx, image: nginx}]\n\
+         status:\n  phase: Pending\n\
+         \x20 containerStatuses: [{name: nginx, ready: false, restartCount: 0, image: nginx, imageID: \"\", state: {waiting: {reason: ErrImagePull}}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: demo-abc\n  labels: {kubernetes.io/service-name: demo}\n\
+         addressType: IPv4\nports: [{port: 80, protocol: TCP}]\nendpoints:\n\
+         - {addresses: [10.244.1.5], conditions: {ready: true}, nodeName: kn1, targetRef: {kind: Pod, namespace: default, name: demo-1}}\n\
+         - {addresses: [10.244.2.7], conditions: {ready: true}}\n- {addresses: [10.244.2.8]}\n- {addresses: [10.244.3.9]}\n\
+         - {addresses: [10.244.3.10], conditions: {ready: false}}\n",
+    )
+    .unwrap();
+    ok(&["create", "-f", objects.to_str().unwrap()]);
+
+    let table = ok(&["get", "pods", "-o", "wide"]);
+    assert_eq!(
+        header(&table),
+        "NAME READY STATUS RESTARTS AGE IP NODE NOMINATED NODE READINESS GATES"
+    );
+    let demo1 = row(&table, "demo-1");
+    assert_eq!(demo1[1..4], ["1/1", "Running", "0"]);
+    assert_eq!(demo1[5..], ["10.244.1.5", "kn1", "<none>", "<none>"]);
+    assert_eq!(row(&table, "demo-2")[1..3], ["0/1", "ErrImagePull"]);
+    assert_eq!(row(&table, "nginx")[1..3], ["0/1", "Pending"]);
+    let table = ok(&["get", "pods", "-A", "-l", "app=demo"]);
+    assert_eq!(header(&table), "NAMESPACE NAME READY STATUS RESTARTS AGE");
+    assert_eq!(row(&table, "default")[1], "demo-1");
+    assert!(!table.contains("nginx"), "{table}");
+    let table = ok(&["get", "pod", "demo-1"]);
+    assert_eq!(row(&table, "demo-1")[1..3], ["1/1", "Running"]);
+    let names = ok(&["get", "pods", "-o", "name"]);
+    assert!(names.contains("pod/demo-1") && names.contains("pod/nginx"), "{names}");
+
+    // Endpoints, mirrored from the slice; read-only; gone with their Service.
+    let table = ok(&["get", "endpoints"]);
+    assert_eq!(header(&table), "NAME ENDPOINTS AGE");
+    assert_eq!(
+        row(&table, "demo")[1..5],
+        ["10.244.1.5:80,10.244.2.7:80,10.244.2.8:80", "+", "1", "more..."]
+    );
+    assert_eq!(row(&table, "nginx")[1], "<none>");
+    let endpoints = json(&["get", "endpoints", "demo", "-o", "json"]);
+    assert_eq!(
+        endpoints["subsets"][0]["addresses"][0],
+        serde_json::json!({"ip": "10.244.1.5", "nodeName": "kn1", "targetRef": {"kind": "Pod", "namespace": "default", "name": "demo-1"}})
+    );
+    assert_eq!(
+        endpoints["subsets"][0]["notReadyAddresses"],
+        serde_json::json!([{"ip": "10.244.3.10"}])
+    );
+    assert_eq!(
+        endpoints["subsets"][0]["ports"],
+        serde_json::json!([{"port": 80, "protocol": "TCP"}])
+    );
+    let (written, out) = run(&["delete", "endpoints", "demo"]);
+    assert!(!written && out.contains("MethodNotAllowed"), "{out}");
+    ok(&[
+        "patch",
+        "endpointslice",
+        "demo-abc",
+        "--type=merge",
+        "-p",
+        "{\"endpoints\": [{\"addresses\": [\"10.244.9.9\"]}]}",
+    ]);
+    assert_eq!(row(&ok(&["get", "ep", "demo"]), "demo")[1], "10.244.9.9:80");
+    ok(&["delete", "service", "nginx"]);
+    let (found, out) = run(&["get", "endpoints", "nginx"]);
+    assert!(!found && out.contains("NotFound"), "{out}");
+
+    let table = ok(&["get", "svc", "-o", "wide"]);
+    assert_eq!(header(&table), "NAME TYPE CLUSTER-IP EXTERNAL-IP PORT(S) AGE SELECTOR");
+    let demo_svc = row(&table, "demo");
+    assert_eq!(
+        demo_svc[..5],
+        ["demo", "ClusterIP", &cluster_ip.to_string(), "<none>", "80/TCP"]
+    );
+    assert_eq!(demo_svc[6], "app=demo");
+    let table = ok(&["get", "nodes", "-o", "wide"]);
+    assert_eq!(
+        header(&table),
+        "NAME STATUS ROLES AGE VERSION INTERNAL-IP EXTERNAL-IP OS-IMAGE KERNEL-VERSION CONTAINER-RUNTIME"
+    );
+    let kn1 = row(&table, "kn1");
+    assert_eq!(kn1[1..3], ["Ready", "<none>"]);
+    assert_eq!(
+        kn1[4..],
+        ["v1.32.0", "10.0.0.1", "<none>", "Debian", "6.1.0", "containerd://1.7"]
+    );
+    let table = ok(&["get", "endpointslices"]);
+    assert_eq!(row(&table, "demo-abc")[1..4], ["IPv4", "80", "10.244.9.9"]);
+    assert_eq!(row(&ok(&["get", "namespaces"]), "default")[1], "Active");
+    // Output formats that are not tables still get the objects.
+    assert_eq!(
+        ok(&["get", "deploy", "demo", "-o", "jsonpath={.spec.replicas}"]).trim(),
+        "3"
+    );
+    assert!(ok(&["get", "deploy", "-o", "yaml"]).contains("kind: List"));
+
+    // A watch prints rows as changes come (a Table per event).
+    let watch_out = home.path().join("watch.out");
+    let mut watcher = ns.spawn(
+        Command::new("timeout")
+            .args(["20", "kubectl", "get", "pods", "-w"])
+            .env("HOME", home.path())
+            .env("KUBECONFIG", &config)
+            .stdout(std::fs::File::create(&watch_out).unwrap())
+            .stderr(std::process::Stdio::null()),
+    );
+    let printed = |what: &str| {
+        wait_for(Duration::from_secs(10), || {
+            std::fs::read_to_string(&watch_out).ok().filter(|o| o.contains(what))
+        })
+    };
+    assert!(printed("demo-2").is_some(), "the watch's first list");
+    ok(&["run", "late", "--image=nginx"]);
+    let seen = printed("late");
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    let seen = seen.expect("the watch printed the new pod");
+    assert_eq!(row(&seen, "late")[1..3], ["0/1", "Pending"], "{seen}");
+
+    // `delete deployment` deletes at once (kubectl asks for background propagation; the stand-in
+    // has no garbage collector): pods and the Service stay.
+    ok(&["delete", "deployment", "demo"]);
+    let (found, out) = run(&["get", "deploy", "demo"]);
+    assert!(!found && out.contains("NotFound"), "{out}");
+    ok(&["get", "pod", "demo-1"]);
+    ok(&["get", "svc", "demo"]);
 }

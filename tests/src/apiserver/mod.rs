@@ -1,24 +1,44 @@
 //! A stand-in for the Kubernetes API server, for environments without a cluster (the lab and the
-//! tests). It is **not Kubernetes**: no authentication, no admission, no validation beyond object
-//! shape, no defaulting, and only the kinds ferrynet works with (Nodes, Namespaces, Services,
-//! Pods, EndpointSlices).
+//! tests). It is **not Kubernetes**: no authentication, no admission, no schema validation, no
+//! garbage collector and no controllers, and only the kinds ferrynet and the lab work with
+//! (Nodes, Namespaces, Services, Pods, EndpointSlices, apps/v1 Deployments, and v1 Endpoints).
 //!
 //! What it does implement is the REST protocol those kinds are used through, so that clients
 //! (kube-rs, the real `kubectl`) talk to it exactly as they would to a real API server:
-//! - discovery: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/discovery.k8s.io[/v1]`;
+//! - discovery: `/version`, `/api`, `/api/v1`, `/apis`, each group and group version, with
+//!   short names, the `all` category, `status` subresources and Deployments' `scale`;
 //! - list with `resourceVersion`, `labelSelector` and `fieldSelector` (`metadata.name`,
 //!   `metadata.namespace`);
 //! - watch as a stream of newline-delimited events, replaying history from a `resourceVersion`,
 //!   with `BOOKMARK` events when asked for and an `ERROR` event with status 410 (Gone) when the
 //!   requested version is older than the history it keeps; `timeoutSeconds` ends the stream;
+//! - server-side printing: list, get and watch answer with `meta.k8s.io` Tables when the
+//!   `Accept` header asks (as `kubectl get` does), with the real printers' columns ([`table`]);
 //! - create, replace (the object, or its `status` subresource), merge-patch and delete, with
-//!   `resourceVersion` conflicts (409) and Status objects for every error.
+//!   `resourceVersion` conflicts (409), `dryRun=All` (nothing allocated or stored), and Status
+//!   objects for every error. Bodies are JSON, or Kubernetes protobuf for the kinds client-go's
+//!   typed clients send (Deployment, Service, Pod: kubectl's `create deployment`, `create
+//!   service`), decoded by a schema of their fields ([`protobuf`]); a strategic merge patch is
+//!   refused (415), except on a `scale` subresource, where it is the same as a merge patch;
+//! - what the real API server does to some kinds: a Service's ClusterIPs and NodePorts are
+//!   allocated; a pod starts `Pending`; a pod's delete is graceful; a Deployment is defaulted
+//!   (one replica, rolling update, the pod template's defaults), checked (its selector must
+//!   select its template) and scaled through `/scale` (an `autoscaling/v1` Scale)
+//!   ([`deployments`]); `metadata.generation` counts spec changes;
+//! - v1 Endpoints, which the stand-in keeps itself, mirrored from each Service's EndpointSlices
+//!   as the control plane's endpoints controller keeps them ([`endpoints`]). Clients may only
+//!   read them: every write is refused with 405 (MethodNotAllowed).
+//!
+//! A delete removes the object at once whatever its `propagationPolicy`: with no garbage
+//! collector, a deleted Deployment's dependents are for the lab's controllers to delete, by
+//! their ownerReferences.
 //!
 //! Objects are persisted to a file (when given one) behind every change, so a restart keeps them,
 //! as etcd would: a writer thread rewrites the file whenever something changed since its last
 //! write, so a burst of changes costs a write per write's duration, not one per change, and
-//! [`ApiServer::flush`] (run on SIGTERM) waits for the last one. History is not persisted: clients that resume across a restart get 410 and
-//! list again, which is what real clients do after a long disconnect.
+//! [`ApiServer::flush`] (run on SIGTERM) waits for the last one. History is not persisted: clients
+//! that resume across a restart get 410 and list again, which is what real clients do after a
+//! long disconnect.
 use std::{
     collections::{BTreeMap, VecDeque},
     net::SocketAddr,
@@ -37,6 +57,13 @@ use axum::{
 use serde_json::{Map, Value, json};
 use tokio::sync::broadcast;
 
+mod deployments;
+mod endpoints;
+mod protobuf;
+mod table;
+
+use table::TableRequest;
+
 /// A kind the stand-in serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Kind {
@@ -47,6 +74,10 @@ pub struct Kind {
     pub kind: &'static str,
     pub namespaced: bool,
     pub short_names: &'static [&'static str],
+    /// Discovery categories (`kubectl get all`).
+    pub categories: &'static [&'static str],
+    /// Whether clients may write it (Endpoints are the stand-in's own).
+    pub writable: bool,
 }
 
 impl Kind {
@@ -59,7 +90,7 @@ impl Kind {
     }
 }
 
-pub const KINDS: [Kind; 5] = [
+pub const KINDS: [Kind; 7] = [
     Kind {
         group: "",
         version: "v1",
@@ -68,6 +99,8 @@ pub const KINDS: [Kind; 5] = [
         kind: "Node",
         namespaced: false,
         short_names: &["no"],
+        categories: &[],
+        writable: true,
     },
     Kind {
         group: "",
@@ -77,6 +110,8 @@ pub const KINDS: [Kind; 5] = [
         kind: "Namespace",
         namespaced: false,
         short_names: &["ns"],
+        categories: &[],
+        writable: true,
     },
     Kind {
         group: "",
@@ -86,6 +121,8 @@ pub const KINDS: [Kind; 5] = [
         kind: "Service",
         namespaced: true,
         short_names: &["svc"],
+        categories: &["all"],
+        writable: true,
     },
     Kind {
         group: "",
@@ -95,6 +132,8 @@ pub const KINDS: [Kind; 5] = [
         kind: "Pod",
         namespaced: true,
         short_names: &["po"],
+        categories: &["all"],
+        writable: true,
     },
     Kind {
         group: "discovery.k8s.io",
@@ -104,8 +143,41 @@ pub const KINDS: [Kind; 5] = [
         kind: "EndpointSlice",
         namespaced: true,
         short_names: &[],
+        categories: &[],
+        writable: true,
+    },
+    Kind {
+        group: "apps",
+        version: "v1",
+        plural: "deployments",
+        singular: "deployment",
+        kind: "Deployment",
+        namespaced: true,
+        short_names: &["deploy"],
+        categories: &["all"],
+        writable: true,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "endpoints",
+        singular: "endpoints",
+        kind: "Endpoints",
+        namespaced: true,
+        short_names: &["ep"],
+        categories: &[],
+        writable: false,
     },
 ];
+
+// Indexes into [`KINDS`].
+const NODE: usize = 0;
+const NAMESPACE: usize = 1;
+const SERVICE: usize = 2;
+const POD: usize = 3;
+const ENDPOINTSLICE: usize = 4;
+const DEPLOYMENT: usize = 5;
+const ENDPOINTS: usize = 6;
 
 /// Tunables (the defaults suit the lab; tests shrink them to provoke bookmarks and 410s).
 #[derive(Debug, Clone)]
@@ -189,6 +261,8 @@ struct Inner {
     cluster_ips: ClusterIps,
     /// The NodePorts and health check NodePorts in use, by any Service.
     node_ports: std::collections::BTreeSet<u16>,
+    /// The EndpointSlices of each Service (by their label), for its Endpoints.
+    slices_by_service: BTreeMap<endpoints::ServiceKey, std::collections::BTreeSet<String>>,
 }
 
 impl Inner {
@@ -202,6 +276,7 @@ impl Inner {
             uid_counter: 0,
             cluster_ips: ClusterIps::default(),
             node_ports: std::collections::BTreeSet::new(),
+            slices_by_service: BTreeMap::new(),
         }
     }
 }
@@ -300,6 +375,15 @@ impl ApiServer {
                 }
                 // Watches from before the restart cannot resume: history starts now.
                 inner.horizon = inner.rv;
+                let slices: Vec<Value> = inner
+                    .objects
+                    .iter()
+                    .filter(|((kind, _, _), _)| *kind == ENDPOINTSLICE)
+                    .map(|(_, slice)| slice.clone())
+                    .collect();
+                for slice in &slices {
+                    Self::index_slice(&mut inner, None, Some(slice));
+                }
                 for object in inner.objects.values() {
                     if object["kind"] == "Service" {
                         for ip in cluster_ips_of(object) {
@@ -331,12 +415,29 @@ impl ApiServer {
             std::thread::spawn(move || writer.run(weak));
             persister
         });
-        Ok(Self {
+        let server = Self {
             inner,
             changes,
             settings: Arc::new(settings),
             persister,
-        })
+        };
+        server.resync_endpoints();
+        Ok(server)
+    }
+
+    /// Brings every Service's Endpoints in line (a data file may come from before they were
+    /// kept, or have Endpoints without a Service).
+    fn resync_endpoints(&self) {
+        let mut inner = self.inner.lock().expect("lock");
+        let services: std::collections::BTreeSet<endpoints::ServiceKey> = inner
+            .objects
+            .keys()
+            .filter(|(kind, _, _)| *kind == SERVICE || *kind == ENDPOINTS)
+            .map(|(_, ns, name)| (ns.clone(), name.clone()))
+            .collect();
+        for service in &services {
+            self.sync_endpoints(&mut inner, service);
+        }
     }
 
     /// Waits until every change so far is in the data file (true), or 10 s have passed (false).
@@ -360,15 +461,21 @@ impl ApiServer {
         }
     }
 
-    /// Records a change: bumps the resourceVersion, keeps history, wakes watchers.
+    /// Records a change: bumps the resourceVersion, keeps history, wakes watchers; then brings
+    /// the Endpoints of a changed Service, or of a changed slice's Service, in line.
     fn commit(&self, inner: &mut Inner, kind: usize, event: &'static str, mut object: Value) -> Value {
+        let touched = Self::services_touched(inner, kind, &object);
         inner.rv += 1;
         object["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
         let key = key_of(kind, &object);
-        if event == "DELETED" {
-            inner.objects.remove(&key);
+        let old = if event == "DELETED" {
+            inner.objects.remove(&key)
         } else {
-            inner.objects.insert(key, object.clone());
+            inner.objects.insert(key, object.clone())
+        };
+        if kind == ENDPOINTSLICE {
+            let new = (event != "DELETED").then_some(&object);
+            Self::index_slice(inner, old.as_ref(), new);
         }
         let change = Change {
             rv: inner.rv,
@@ -383,6 +490,9 @@ impl ApiServer {
         }
         self.persist();
         let _ = self.changes.send(change);
+        for service in &touched {
+            self.sync_endpoints(inner, service);
+        }
         object
     }
 }
@@ -396,9 +506,6 @@ fn cluster_ips_of(object: &Value) -> Vec<std::net::IpAddr> {
         .filter_map(|ip| ip.as_str()?.parse().ok())
         .collect()
 }
-
-const SERVICE: usize = 2;
-const POD: usize = 3;
 
 /// What the real API server does to a new Service: its ClusterIPs are allocated (both families
 /// for dual stack), or the requested ones checked and taken; `ipFamilies` follow.
@@ -642,8 +749,17 @@ fn uid(n: u64) -> String {
     format!("00000000-0000-4000-8000-{:012x}", n)
 }
 
+/// Seconds since the epoch.
+fn now_seconds() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64
+}
+
 fn rfc3339_now() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    rfc3339(now_seconds())
+}
+
+/// RFC 3339 in UTC, whole seconds, as Kubernetes writes times.
+fn rfc3339(secs: i64) -> String {
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Howard Hinnant's days-to-civil.
     let z = days + 719_468;
@@ -661,6 +777,47 @@ fn rfc3339_now() -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// Seconds since the epoch of an RFC 3339 time (`2024-05-01T10:00:00Z`, with or without
+/// fractional seconds, `Z` or an offset).
+fn parse_rfc3339(text: &str) -> Option<i64> {
+    let number = |range: std::ops::Range<usize>| -> Option<i64> {
+        let digits = text.get(range)?;
+        digits
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| digits.parse().ok())?
+    };
+    let (y, m, d) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hh, mm, ss) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    if text.get(4..5)? != "-" || text.get(7..8)? != "-" || !matches!(text.get(10..11)?, "T" | "t" | " ") {
+        return None;
+    }
+    let mut rest = text.get(19..)?;
+    if let Some(fraction) = rest.strip_prefix('.') {
+        rest = fraction.trim_start_matches(|c: char| c.is_ascii_digit());
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let sign = match rest.get(0..1)? {
+                "+" => 1,
+                "-" => -1,
+                _ => return None,
+            };
+            let (oh, om) = rest.get(1..)?.split_once(':')?;
+            sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60)
+        }
+    };
+    // Howard Hinnant's days-from-civil.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss - offset)
 }
 
 fn status_error(code: u16, reason: &str, message: String) -> Response {
@@ -683,7 +840,21 @@ struct Target {
     kind: usize,
     namespace: Option<String>,
     name: Option<String>,
+    /// The `status` subresource.
     status: bool,
+    /// The `scale` subresource (Deployments).
+    scale: bool,
+}
+
+impl Target {
+    /// The store key of the object the path names.
+    fn key(&self) -> Key {
+        (
+            self.kind,
+            self.namespace.clone().unwrap_or_default(),
+            self.name.clone().unwrap_or_default(),
+        )
+    }
 }
 
 fn parse_path(path: &str) -> Option<Target> {
@@ -698,56 +869,33 @@ fn parse_path(path: &str) -> Option<Target> {
             .iter()
             .position(|k| k.group == group && k.version == version && k.plural == plural)
     };
-    match rest {
-        // namespaces/{ns}/{plural}[/{name}[/status]]
+    let (kind, namespace, tail) = match rest {
+        // namespaces/{ns}/{plural}[/{name}[/status|/scale]]
         ["namespaces", ns, plural, tail @ ..] if find(plural).is_some_and(|k| KINDS[k].namespaced) => {
-            let kind = find(plural)?;
-            match tail {
-                [] => Some(Target {
-                    kind,
-                    namespace: Some(ns.to_string()),
-                    name: None,
-                    status: false,
-                }),
-                [name] => Some(Target {
-                    kind,
-                    namespace: Some(ns.to_string()),
-                    name: Some(name.to_string()),
-                    status: false,
-                }),
-                [name, "status"] => Some(Target {
-                    kind,
-                    namespace: Some(ns.to_string()),
-                    name: Some(name.to_string()),
-                    status: true,
-                }),
-                _ => None,
-            }
+            (find(plural)?, Some(ns.to_string()), tail)
         }
+        // {plural}[/{name}[/status]] for cluster-wide kinds; {plural} alone lists all namespaces.
         [plural, tail @ ..] => {
             let kind = find(plural)?;
-            match tail {
-                [] => Some(Target {
-                    kind,
-                    namespace: None,
-                    name: None,
-                    status: false,
-                }),
-                [name] if !KINDS[kind].namespaced => Some(Target {
-                    kind,
-                    namespace: None,
-                    name: Some(name.to_string()),
-                    status: false,
-                }),
-                [name, "status"] if !KINDS[kind].namespaced => Some(Target {
-                    kind,
-                    namespace: None,
-                    name: Some(name.to_string()),
-                    status: true,
-                }),
-                _ => None,
+            if KINDS[kind].namespaced && !tail.is_empty() {
+                return None;
             }
+            (kind, None, tail)
         }
+        _ => return None,
+    };
+    let target = |name: Option<&str>, status: bool, scale: bool| Target {
+        kind,
+        namespace: namespace.clone(),
+        name: name.map(str::to_string),
+        status,
+        scale,
+    };
+    match tail {
+        [] => Some(target(None, false, false)),
+        [name] => Some(target(Some(name), false, false)),
+        [name, "status"] if KINDS[kind].writable => Some(target(Some(name), true, false)),
+        [name, "scale"] if kind == DEPLOYMENT => Some(target(Some(name), false, true)),
         _ => None,
     }
 }
@@ -989,38 +1137,96 @@ async fn handle(
         );
     };
     let q = query(&uri);
-    // Bodies are JSON only. A client that sends protobuf (kubectl's typed commands, such as
-    // `create service`) is told so with 415, which makes client-go send JSON instead, as it does
-    // with a real API server that cannot decode its content type.
-    if matches!(method, Method::POST | Method::PUT)
-        && let Some(kind) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
-        && !kind.starts_with("application/json")
-    {
+    let dry_run = match q.get("dryRun").map(String::as_str) {
+        None | Some("") => false,
+        Some("All") => true,
+        Some(other) => {
+            return status_error(
+                400,
+                "BadRequest",
+                format!("dryRun: Unsupported value: {other:?}: supported values: \"All\""),
+            );
+        }
+    };
+    if method != Method::GET && !KINDS[target.kind].writable {
         return status_error(
-            415,
-            "UnsupportedMediaType",
-            format!("the API stand-in takes JSON bodies only, not {kind:?}"),
+            405,
+            "MethodNotAllowed",
+            format!(
+                "{} are kept by the API stand-in from EndpointSlices and Services: clients may only read them ({method} refused)",
+                KINDS[target.kind].plural
+            ),
         );
     }
+    if target.scale {
+        return deployments::scale(&server, &target, &method, &headers, &body, dry_run);
+    }
+    let table = match table::requested(&headers, q.get("includeObject").map(String::as_str)) {
+        Ok(table) => table,
+        Err(e) => return status_error(400, "BadRequest", e),
+    };
     match method {
         Method::GET
             if target.name.is_none() && matches!(q.get("watch").map(String::as_str), Some("true") | Some("1")) =>
         {
-            watch(server, target, q).await
+            watch(server, target, q, table).await
         }
-        Method::GET if target.name.is_none() => list(&server, &target, &q),
-        Method::GET => get(&server, &target),
-        Method::POST if target.name.is_none() => create(&server, &target, &body),
-        Method::PUT if target.name.is_some() => replace(&server, &target, &body),
-        Method::PATCH if target.name.is_some() => patch(&server, &target, &headers, &body),
-        Method::DELETE if target.name.is_some() => delete(&server, &target, &q, &body),
+        Method::GET if target.name.is_none() => list(&server, &target, &q, table),
+        Method::GET => get(&server, &target, table),
+        Method::POST if target.name.is_none() => match body_object(&headers, &body) {
+            Ok(object) => create(&server, &target, object, dry_run),
+            Err(refused) => *refused,
+        },
+        Method::PUT if target.name.is_some() => match body_object(&headers, &body) {
+            Ok(object) => replace(&server, &target, object, dry_run),
+            Err(refused) => *refused,
+        },
+        Method::PATCH if target.name.is_some() => patch(&server, &target, &headers, &body, dry_run),
+        Method::DELETE if target.name.is_some() => delete(&server, &target, &q, &body, dry_run),
         _ => status_error(405, "MethodNotAllowed", format!("{method} is not supported on {path}")),
     }
 }
 
+/// A create's or replace's body as a JSON object: JSON as it is; Kubernetes protobuf (what
+/// client-go's typed clients send, as kubectl's `create deployment`) decoded for the kinds
+/// [`protobuf`] knows, refused with 415 for the others; any other content type refused (415).
+fn body_object(headers: &HeaderMap, body: &[u8]) -> Result<Value, Box<Response>> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    if protobuf::is_protobuf(content_type) {
+        return protobuf::decode_object(body).map_err(|e| {
+            Box::new(match e {
+                protobuf::ProtoError::Malformed(m) => status_error(400, "BadRequest", m),
+                protobuf::ProtoError::Unsupported(m) => status_error(415, "UnsupportedMediaType", m),
+            })
+        });
+    }
+    if !content_type.starts_with("application/json") {
+        return Err(Box::new(status_error(
+            415,
+            "UnsupportedMediaType",
+            format!("the API stand-in takes JSON (or Kubernetes protobuf for some kinds), not {content_type:?}"),
+        )));
+    }
+    match serde_json::from_slice(body) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        _ => Err(Box::new(status_error(
+            400,
+            "BadRequest",
+            "the body is not a JSON object".into(),
+        ))),
+    }
+}
+
 fn group_names() -> Vec<&'static str> {
-    let mut groups: Vec<&str> = KINDS.iter().map(|k| k.group).filter(|g| !g.is_empty()).collect();
-    groups.dedup();
+    let mut groups: Vec<&str> = Vec::new();
+    for group in KINDS.iter().map(|k| k.group).filter(|g| !g.is_empty()) {
+        if !groups.contains(&group) {
+            groups.push(group);
+        }
+    }
     groups
 }
 
@@ -1040,18 +1246,40 @@ fn resource_list_path(path: &str) -> Option<(&str, &str)> {
     .filter(|(g, v)| KINDS.iter().any(|k| k.group == *g && k.version == *v))
 }
 
+/// A group-version's resources, with their `status` subresources and Deployments' `scale`
+/// (an `autoscaling/v1` Scale, which the scale client finds here); read-only kinds have the
+/// read verbs only.
 fn resource_list(group: &str, version: &str) -> Value {
-    let verbs = ["create", "delete", "get", "list", "patch", "update", "watch"];
+    let mut kinds: Vec<&Kind> = KINDS
+        .iter()
+        .filter(|k| k.group == group && k.version == version)
+        .collect();
+    // In name order, as the real server lists them (kubectl expands `all` in this order).
+    kinds.sort_by_key(|k| k.plural);
     let mut resources = Vec::new();
-    for k in KINDS.iter().filter(|k| k.group == group && k.version == version) {
-        resources.push(
-            json!({"name": k.plural, "singularName": k.singular, "namespaced": k.namespaced, "kind": k.kind,
-            "verbs": verbs, "shortNames": k.short_names}),
-        );
-        resources.push(
-            json!({"name": format!("{}/status", k.plural), "singularName": "", "namespaced": k.namespaced,
-            "kind": k.kind, "verbs": ["get", "patch", "update"]}),
-        );
+    for k in kinds {
+        let verbs: &[&str] = if k.writable {
+            &["create", "delete", "get", "list", "patch", "update", "watch"]
+        } else {
+            &["get", "list", "watch"]
+        };
+        let mut resource = json!({"name": k.plural, "singularName": k.singular, "namespaced": k.namespaced,
+            "kind": k.kind, "verbs": verbs, "shortNames": k.short_names});
+        if !k.categories.is_empty() {
+            resource["categories"] = json!(k.categories);
+        }
+        resources.push(resource);
+        if k.writable {
+            resources.push(
+                json!({"name": format!("{}/status", k.plural), "singularName": "", "namespaced": k.namespaced,
+                "kind": k.kind, "verbs": ["get", "patch", "update"]}),
+            );
+        }
+        if k.kind == "Deployment" {
+            resources.push(json!({"name": format!("{}/scale", k.plural), "singularName": "",
+                "namespaced": true, "group": "autoscaling", "version": "v1", "kind": "Scale",
+                "verbs": ["get", "patch", "update"]}));
+        }
     }
     let gv = if group.is_empty() {
         version.to_string()
@@ -1066,6 +1294,7 @@ fn resource_list(group: &str, version: &str) -> Value {
 fn openapi_root() -> Value {
     let mut paths = Map::new();
     let mut gvs: Vec<(&str, &str)> = KINDS.iter().map(|k| (k.group, k.version)).collect();
+    gvs.sort_unstable();
     gvs.dedup();
     for (group, version) in gvs {
         let gv = if group.is_empty() {
@@ -1101,57 +1330,64 @@ fn openapi_group_version(group: &str, version: &str) -> Value {
     json!({"openapi": "3.0.0", "info": {"title": "ferrynet API stand-in", "version": version}, "paths": paths})
 }
 
+/// A kind's resource as errors name it: `services`, `deployments.apps`.
+fn group_resource(kind: usize) -> String {
+    let k = &KINDS[kind];
+    if k.group.is_empty() {
+        k.plural.to_string()
+    } else {
+        format!("{}.{}", k.plural, k.group)
+    }
+}
+
 fn not_found(target: &Target) -> Response {
-    let k = &KINDS[target.kind];
     status_error(
         404,
         "NotFound",
         format!(
-            "{}.{} \"{}\" not found",
-            k.plural,
-            k.group,
+            "{} \"{}\" not found",
+            group_resource(target.kind),
             target.name.clone().unwrap_or_default()
         ),
     )
 }
 
-fn list(server: &ApiServer, target: &Target, q: &BTreeMap<String, String>) -> Response {
+fn list(server: &ApiServer, target: &Target, q: &BTreeMap<String, String>, table: Option<TableRequest>) -> Response {
     let filter = match Filter::new(target, q) {
         Ok(f) => f,
         Err(e) => return status_error(400, "BadRequest", e),
     };
     let inner = server.inner.lock().expect("lock");
-    let items: Vec<Value> = inner
+    let items: Vec<&Value> = inner
         .objects
         .iter()
         .filter(|((k, _, _), o)| filter.matches(*k, o))
-        .map(|(_, o)| o.clone())
+        .map(|(_, o)| o)
         .collect();
+    let rv = inner.rv.to_string();
+    if let Some(request) = table {
+        return json_response(StatusCode::OK, table::table(target.kind, &items, &rv, request, true));
+    }
     let k = &KINDS[target.kind];
     json_response(
         StatusCode::OK,
-        json!({"kind": format!("{}List", k.kind), "apiVersion": k.api_version(), "metadata": {"resourceVersion": inner.rv.to_string()}, "items": items}),
+        json!({"kind": format!("{}List", k.kind), "apiVersion": k.api_version(), "metadata": {"resourceVersion": rv}, "items": items}),
     )
 }
 
-fn get(server: &ApiServer, target: &Target) -> Response {
+fn get(server: &ApiServer, target: &Target, table: Option<TableRequest>) -> Response {
     let inner = server.inner.lock().expect("lock");
-    let key = (
-        target.kind,
-        target.namespace.clone().unwrap_or_default(),
-        target.name.clone().unwrap_or_default(),
-    );
-    match inner.objects.get(&key) {
-        Some(o) => json_response(StatusCode::OK, o.clone()),
-        None => not_found(target),
+    match (inner.objects.get(&target.key()), table) {
+        (Some(o), Some(request)) => {
+            let rv = o["metadata"]["resourceVersion"].as_str().unwrap_or("");
+            json_response(StatusCode::OK, table::table(target.kind, &[o], rv, request, true))
+        }
+        (Some(o), None) => json_response(StatusCode::OK, o.clone()),
+        (None, _) => not_found(target),
     }
 }
 
-fn create(server: &ApiServer, target: &Target, body: &[u8]) -> Response {
-    let mut object: Value = match serde_json::from_slice(body) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => return status_error(400, "BadRequest", "the body is not a JSON object".into()),
-    };
+fn create(server: &ApiServer, target: &Target, mut object: Value, dry_run: bool) -> Response {
     let k = &KINDS[target.kind];
     if object.get("kind").is_some_and(|v| v != k.kind) {
         return status_error(
@@ -1183,7 +1419,32 @@ fn create(server: &ApiServer, target: &Target, body: &[u8]) -> Response {
     }
     if inner.objects.contains_key(&key_of(target.kind, &object)) {
         let name = object["metadata"]["name"].as_str().unwrap_or("").to_string();
-        return status_error(409, "AlreadyExists", format!("{} \"{name}\" already exists", k.plural));
+        return status_error(
+            409,
+            "AlreadyExists",
+            format!("{} \"{name}\" already exists", group_resource(target.kind)),
+        );
+    }
+    if target.kind == DEPLOYMENT
+        && let Err(refused) = deployments::prepare_new(&mut object)
+    {
+        return *refused;
+    }
+    // The API server starts every pod Pending (the stand-in keeps a status a creator gives: the
+    // lab creates its pods running).
+    if target.kind == POD && object["status"]["phase"].as_str().is_none_or(str::is_empty) {
+        if !object["status"].is_object() {
+            object["status"] = json!({});
+        }
+        object["status"]["phase"] = json!("Pending");
+    }
+    object["apiVersion"] = json!(k.api_version());
+    object["kind"] = json!(k.kind);
+    object["metadata"]["generation"] = json!(1);
+    // A dry run allocates nothing and stores nothing: the object as it would be created, less
+    // what only storing gives it.
+    if dry_run {
+        return json_response(StatusCode::CREATED, object);
     }
     if target.kind == SERVICE {
         if let Err(refused) = allocate_cluster_ips(&mut inner, &server.settings, &mut object) {
@@ -1198,59 +1459,47 @@ fn create(server: &ApiServer, target: &Target, body: &[u8]) -> Response {
         }
     }
     inner.uid_counter += 1;
-    object["apiVersion"] = json!(k.api_version());
-    object["kind"] = json!(k.kind);
     object["metadata"]["uid"] = json!(uid(inner.uid_counter));
     object["metadata"]["creationTimestamp"] = json!(rfc3339_now());
-    object["metadata"]["generation"] = json!(1);
     let created = server.commit(&mut inner, target.kind, "ADDED", object);
     json_response(StatusCode::CREATED, created)
 }
 
-fn replace(server: &ApiServer, target: &Target, body: &[u8]) -> Response {
-    let new: Value = match serde_json::from_slice(body) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => return status_error(400, "BadRequest", "the body is not a JSON object".into()),
-    };
+fn replace(server: &ApiServer, target: &Target, new: Value, dry_run: bool) -> Response {
     let mut inner = server.inner.lock().expect("lock");
-    let key = (
-        target.kind,
-        target.namespace.clone().unwrap_or_default(),
-        target.name.clone().unwrap_or_default(),
-    );
-    let Some(current) = inner.objects.get(&key).cloned() else {
+    let Some(current) = inner.objects.get(&target.key()).cloned() else {
         return not_found(target);
     };
     if let Some(rv) = new["metadata"]["resourceVersion"].as_str()
         && Some(rv) != current["metadata"]["resourceVersion"].as_str()
     {
-        return status_error(
-            409,
-            "Conflict",
-            "the object has been modified; please apply your changes to the latest version and try again".into(),
-        );
+        return conflict(target);
     }
     let mut updated = current.clone();
     if target.status {
         updated["status"] = new["status"].clone();
     } else {
         // The main resource does not change status (it has a subresource for that).
-        let status = current.get("status").cloned();
         updated = new;
         updated["apiVersion"] = current["apiVersion"].clone();
         updated["kind"] = current["kind"].clone();
-        for field in [
-            "uid",
-            "creationTimestamp",
-            "namespace",
-            "name",
-            "deletionTimestamp",
-            "deletionGracePeriodSeconds",
-        ] {
-            updated["metadata"][field] = current["metadata"][field].clone();
+        if !updated["metadata"].is_object() {
+            updated["metadata"] = json!({});
+        }
+        keep_identity(&mut updated, &current);
+        match current.get("status") {
+            Some(s) => updated["status"] = s.clone(),
+            None => {
+                if let Some(map) = updated.as_object_mut() {
+                    map.remove("status");
+                }
+            }
         }
         // A Service's ClusterIPs are immutable: kept when the update leaves them out.
         if target.kind == SERVICE {
+            if !updated["spec"].is_object() {
+                updated["spec"] = json!({});
+            }
             for field in ["clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"] {
                 let given = &updated["spec"][field];
                 if given.is_null() || given == &json!("") {
@@ -1264,30 +1513,80 @@ fn replace(server: &ApiServer, target: &Target, body: &[u8]) -> Response {
                 }
             }
         }
-        if target.kind == SERVICE
-            && let Err(refused) = settle_node_ports(&mut inner, &server.settings, Some(&current), &mut updated)
-        {
-            return *refused;
-        }
-        if updated.get("spec") != current.get("spec") {
-            updated["metadata"]["generation"] = json!(current["metadata"]["generation"].as_u64().unwrap_or(1) + 1);
-        } else {
-            updated["metadata"]["generation"] = current["metadata"]["generation"].clone();
-        }
-        match status {
-            Some(s) => updated["status"] = s,
+    }
+    update(server, &mut inner, target, current, updated, dry_run)
+}
+
+/// What an update (replace or patch) may not change: identity and deletion state.
+fn keep_identity(updated: &mut Value, current: &Value) {
+    for field in [
+        "uid",
+        "creationTimestamp",
+        "namespace",
+        "name",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+    ] {
+        match current["metadata"].get(field) {
+            Some(value) => updated["metadata"][field] = value.clone(),
             None => {
-                if let Some(map) = updated.as_object_mut() {
-                    map.remove("status");
+                if let Some(meta) = updated["metadata"].as_object_mut() {
+                    meta.remove(field);
                 }
             }
         }
     }
-    let stored = server.commit(&mut inner, target.kind, "MODIFIED", updated);
+}
+
+/// The end of every update of the main resource or its status: a kind's own checks, NodePorts
+/// settled, `generation` bumped when the spec changed, then stored (unless a dry run).
+fn update(
+    server: &ApiServer,
+    inner: &mut Inner,
+    target: &Target,
+    current: Value,
+    mut updated: Value,
+    dry_run: bool,
+) -> Response {
+    if !target.status {
+        if target.kind == DEPLOYMENT
+            && let Err(refused) = deployments::prepare_update(&mut updated)
+        {
+            return *refused;
+        }
+        if target.kind == SERVICE
+            && !dry_run
+            && let Err(refused) = settle_node_ports(inner, &server.settings, Some(&current), &mut updated)
+        {
+            return *refused;
+        }
+    }
+    let generation = current["metadata"]["generation"].as_u64().unwrap_or(1);
+    updated["metadata"]["generation"] = json!(if updated.get("spec") != current.get("spec") {
+        generation + 1
+    } else {
+        generation
+    });
+    if dry_run {
+        return json_response(StatusCode::OK, updated);
+    }
+    let stored = server.commit(inner, target.kind, "MODIFIED", updated);
     json_response(StatusCode::OK, stored)
 }
 
-fn patch(server: &ApiServer, target: &Target, headers: &HeaderMap, body: &[u8]) -> Response {
+fn conflict(target: &Target) -> Response {
+    status_error(
+        409,
+        "Conflict",
+        format!(
+            "Operation cannot be fulfilled on {} \"{}\": the object has been modified; please apply your changes to the latest version and try again",
+            group_resource(target.kind),
+            target.name.clone().unwrap_or_default()
+        ),
+    )
+}
+
+fn patch(server: &ApiServer, target: &Target, headers: &HeaderMap, body: &[u8], dry_run: bool) -> Response {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -1309,26 +1608,35 @@ fn patch(server: &ApiServer, target: &Target, headers: &HeaderMap, body: &[u8]) 
         Err(e) => return status_error(400, "BadRequest", e.to_string()),
     };
     let mut inner = server.inner.lock().expect("lock");
-    let key = (
-        target.kind,
-        target.namespace.clone().unwrap_or_default(),
-        target.name.clone().unwrap_or_default(),
-    );
-    let Some(mut object) = inner.objects.get(&key).cloned() else {
+    let Some(current) = inner.objects.get(&target.key()).cloned() else {
         return not_found(target);
     };
-    merge_patch(&mut object, &patch);
-    for field in ["uid", "creationTimestamp", "namespace", "name"] {
-        object["metadata"][field] = inner.objects[&key]["metadata"][field].clone();
+    let mut patched = current.clone();
+    merge_patch(&mut patched, &patch);
+    if !patched.is_object() || !patched["metadata"].is_object() {
+        return status_error(
+            422,
+            "Invalid",
+            "the patched object is not an object with metadata".into(),
+        );
     }
-    if target.kind == SERVICE && !target.status {
-        let current = inner.objects[&key].clone();
-        if let Err(refused) = settle_node_ports(&mut inner, &server.settings, Some(&current), &mut object) {
-            return *refused;
-        }
+    if let Some(rv) = patch["metadata"]["resourceVersion"].as_str()
+        && Some(rv) != current["metadata"]["resourceVersion"].as_str()
+    {
+        return conflict(target);
     }
-    let stored = server.commit(&mut inner, target.kind, "MODIFIED", object);
-    json_response(StatusCode::OK, stored)
+    let updated = if target.status {
+        // The status subresource changes status only.
+        let mut updated = current.clone();
+        updated["status"] = patched["status"].clone();
+        updated
+    } else {
+        keep_identity(&mut patched, &current);
+        patched["apiVersion"] = current["apiVersion"].clone();
+        patched["kind"] = current["kind"].clone();
+        patched
+    };
+    update(server, &mut inner, target, current, updated, dry_run)
 }
 
 /// RFC 7386.
@@ -1358,14 +1666,12 @@ fn grace_period(q: &BTreeMap<String, String>, body: &[u8]) -> Option<u64> {
         .or_else(|| serde_json::from_slice::<Value>(body).ok()?["gracePeriodSeconds"].as_u64())
 }
 
-fn delete(server: &ApiServer, target: &Target, q: &BTreeMap<String, String>, body: &[u8]) -> Response {
+/// Deletes at once, whatever `propagationPolicy` says: the stand-in has no garbage collector,
+/// so dependents (a Deployment's ReplicaSets and pods) are the lab's controllers' to delete,
+/// by their ownerReferences.
+fn delete(server: &ApiServer, target: &Target, q: &BTreeMap<String, String>, body: &[u8], dry_run: bool) -> Response {
     let mut inner = server.inner.lock().expect("lock");
-    let key = (
-        target.kind,
-        target.namespace.clone().unwrap_or_default(),
-        target.name.clone().unwrap_or_default(),
-    );
-    let Some(mut object) = inner.objects.get(&key).cloned() else {
+    let Some(mut object) = inner.objects.get(&target.key()).cloned() else {
         return not_found(target);
     };
     // A pod is deleted gracefully, as the real API server does: it gets a deletionTimestamp and
@@ -1378,11 +1684,17 @@ fn delete(server: &ApiServer, target: &Target, q: &BTreeMap<String, String>, bod
             if object["metadata"]["deletionTimestamp"].is_null() {
                 object["metadata"]["deletionTimestamp"] = json!(rfc3339_now());
                 object["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+                if dry_run {
+                    return json_response(StatusCode::OK, object);
+                }
                 let stored = server.commit(&mut inner, target.kind, "MODIFIED", object);
                 return json_response(StatusCode::OK, stored);
             }
             return json_response(StatusCode::OK, object);
         }
+    }
+    if dry_run {
+        return json_response(StatusCode::OK, object);
     }
     if target.kind == SERVICE {
         for ip in cluster_ips_of(&object) {
@@ -1396,7 +1708,27 @@ fn delete(server: &ApiServer, target: &Target, q: &BTreeMap<String, String>, bod
     json_response(StatusCode::OK, deleted)
 }
 
-async fn watch(server: ApiServer, target: Target, q: BTreeMap<String, String>) -> Response {
+/// How a watch writes its events: objects as they are, or as Tables when the client asked.
+struct EventWriter {
+    tables: Option<table::WatchTables>,
+}
+
+impl EventWriter {
+    fn line(&mut self, event: &str, object: &Value) -> Bytes {
+        let object = match &mut self.tables {
+            Some(tables) => tables.object(object),
+            None => object.clone(),
+        };
+        Bytes::from(format!("{}\n", json!({"type": event, "object": object})))
+    }
+}
+
+async fn watch(
+    server: ApiServer,
+    target: Target,
+    q: BTreeMap<String, String>,
+    table: Option<TableRequest>,
+) -> Response {
     let filter = match Filter::new(&target, &q) {
         Ok(f) => f,
         Err(e) => return status_error(400, "BadRequest", e),
@@ -1420,11 +1752,11 @@ async fn watch(server: ApiServer, target: Target, q: BTreeMap<String, String>) -
         match since {
             // "Get state and start at most recent": the current objects as ADDED events.
             None => {
-                let events: Vec<Value> = inner
+                let events: Vec<(&'static str, Value)> = inner
                     .objects
                     .iter()
                     .filter(|((k, _, _), o)| filter.matches(*k, o))
-                    .map(|(_, o)| json!({"type": "ADDED", "object": o}))
+                    .map(|(_, o)| ("ADDED", o.clone()))
                     .collect();
                 (events, inner.rv, false)
             }
@@ -1434,25 +1766,29 @@ async fn watch(server: ApiServer, target: Target, q: BTreeMap<String, String>) -
                     .history
                     .iter()
                     .filter(|c| c.rv > rv && filter.matches(c.kind, &c.object))
-                    .map(|c| json!({"type": c.event, "object": c.object}))
+                    .map(|c| (c.event, c.object.clone()))
                     .collect();
                 (events, rv.max(inner.history.back().map_or(inner.rv, |c| c.rv)), false)
             }
         }
     };
     let kind = KINDS[target.kind];
+    let mut writer = EventWriter {
+        tables: table.map(|request| table::WatchTables::new(target.kind, request)),
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     let bookmark_interval = server.settings.bookmark_interval;
     tokio::spawn(async move {
-        let line = |v: Value| Ok(Bytes::from(format!("{v}\n")));
+        // Errors and bookmarks are never Tables.
+        let plain = |v: Value| Ok(Bytes::from(format!("{v}\n")));
         if gone {
             let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                 "message": "too old resource version", "reason": "Expired", "code": 410});
-            let _ = tx.send(line(json!({"type": "ERROR", "object": status}))).await;
+            let _ = tx.send(plain(json!({"type": "ERROR", "object": status}))).await;
             return;
         }
-        for event in initial {
-            if tx.send(line(event)).await.is_err() {
+        for (event, object) in initial {
+            if tx.send(Ok(writer.line(event, &object))).await.is_err() {
                 return;
             }
         }
@@ -1471,13 +1807,13 @@ async fn watch(server: ApiServer, target: Target, q: BTreeMap<String, String>) -
                 _ = ticker.tick(), if bookmarks => {
                     let bookmark = json!({"type": "BOOKMARK", "object": {"kind": kind.kind, "apiVersion": kind.api_version(),
                         "metadata": {"resourceVersion": last_rv.to_string()}}});
-                    if tx.send(line(bookmark)).await.is_err() { return; }
+                    if tx.send(plain(bookmark)).await.is_err() { return; }
                 }
                 change = live.recv() => match change {
                     Ok(c) if c.rv > last_rv => {
                         last_rv = c.rv;
                         if filter.matches(c.kind, &c.object)
-                            && tx.send(line(json!({"type": c.event, "object": c.object}))).await.is_err()
+                            && tx.send(Ok(writer.line(c.event, &c.object))).await.is_err()
                         {
                             return;
                         }
