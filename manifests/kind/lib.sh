@@ -48,7 +48,7 @@ show() {
             words+=("'${arg//\'/\'\\\'\'}'")
         fi
     done
-    [[ ${words[0]} == k ]] && words[0]=kubectl
+    [[ ${words[0]} == "k" ]] && words[0]=kubectl
     [[ ${words[0]} == node_sh ]] && words[0]="$ENGINE exec ${2:-} sh -c" && unset 'words[1]'
     printf '\n  $ %s\n' "${words[*]}"
     "$@" 2>&1 | sed 's/^/    /'
