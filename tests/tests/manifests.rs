@@ -95,10 +95,74 @@ fn the_daemonset_runs_everywhere_on_the_host_network_with_justified_capabilities
     };
     assert!(added(init).is_empty(), "{:?}", added(init));
     assert_eq!(added(agent), ["NET_ADMIN", "BPF", "PERFMON", "SYS_ADMIN"]);
-    let header: String = text.lines().take_while(|l| l.starts_with('#')).collect();
-    for cap in added(agent) {
-        assert!(header.contains(&format!("#   {cap} ")), "{cap} is not justified");
+    let header: String = text
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    // Each capability is justified by the calls that need it (the loader's: maps and programs,
+    // their links to the cgroup and the veths, the socket iterators, entering pods' namespaces).
+    for (cap, calls) in [
+        (
+            "NET_ADMIN",
+            &["netlink", "nft -f", "bpf(BPF_PROG_LOAD)", "bpf(BPF_LINK_CREATE)"][..],
+        ),
+        (
+            "BPF",
+            &["BPF_MAP_CREATE", "BPF_PROG_LOAD", "BPF_OBJ_PIN", "BPF_OBJ_GET"][..],
+        ),
+        ("PERFMON", &["bpf(BPF_PROG_LOAD) of the socket iterators"][..]),
+        ("SYS_ADMIN", &["setns(2)"][..]),
+    ] {
+        let start = header
+            .find(&format!("#   {cap} "))
+            .unwrap_or_else(|| panic!("{cap} is not justified"));
+        let rest = &header[start + 4..];
+        // Up to the next capability's line, or the end of the list.
+        let end = rest
+            .match_indices("\n#")
+            .map(|(i, _)| i)
+            .find(|&i| {
+                let next = &rest[i + 2..];
+                !next.starts_with("              ")
+            })
+            .unwrap_or(rest.len());
+        let justification = rest[..end]
+            .lines()
+            .map(|l| l.trim_start_matches('#').trim())
+            .collect::<Vec<_>>()
+            .join(" ");
+        for call in calls {
+            assert!(
+                justification.contains(call),
+                "{cap}'s justification names no {call}: {justification}"
+            );
+        }
     }
+    // What it does not need, said, and not granted.
+    for not_needed in ["SYS_RESOURCE", "hostPID"] {
+        assert!(header.contains(not_needed), "{not_needed}");
+    }
+    assert_eq!(pod.host_pid, None);
+    assert_eq!(pod.host_ipc, None);
+    // The agent can be paused on a node with a label (the kind demos do): a node affinity that
+    // excludes the labelled nodes, documented in the header.
+    let affinity = pod.affinity.clone().unwrap().node_affinity.unwrap();
+    let terms = affinity
+        .required_during_scheduling_ignored_during_execution
+        .unwrap()
+        .node_selector_terms;
+    let expressions = terms[0].match_expressions.clone().unwrap();
+    assert_eq!(terms.len(), 1);
+    assert_eq!(
+        (
+            expressions[0].key.as_str(),
+            expressions[0].operator.as_str(),
+            expressions[0].values.as_deref()
+        ),
+        ("ferrynet.io/agent", "NotIn", Some(&["paused".to_string()][..]))
+    );
+    assert!(header.contains("kubectl label node <node> ferrynet.io/agent=paused"));
     for c in [init, agent] {
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.privileged, Some(false));
@@ -153,6 +217,28 @@ fn the_daemonset_runs_everywhere_on_the_host_network_with_justified_capabilities
         Some(("/host/proc/sys/net".to_string(), None))
     );
     assert_eq!(mount(init, "proc-sys-net"), None);
+    // The pins are the host's bpffs (following mounts made after the pod started); the socket
+    // programs attach to the host's cgroup v2 root, opened read-only.
+    let bpffs = agent
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "bpffs")
+        .unwrap();
+    assert_eq!(
+        (bpffs.mount_path.as_str(), bpffs.mount_propagation.as_deref()),
+        ("/sys/fs/bpf", Some("HostToContainer"))
+    );
+    assert_eq!(mount(agent, "cgroup"), Some(("/sys/fs/cgroup".to_string(), Some(true))));
+    assert_eq!(
+        env_value(agent, "FERRYNET_BPF_PIN_PATH").as_deref(),
+        Some("/sys/fs/bpf/ferrynet")
+    );
+    assert_eq!(
+        env_value(agent, "FERRYNET_CGROUP_PATH").as_deref(),
+        Some("/sys/fs/cgroup")
+    );
     // Pods' network namespaces, where the runtime names them, read-only, and following the
     // runtime's later mounts: the agent enters them to close sockets to removed backends.
     assert_eq!(mount(agent, "netns"), Some(("/run/netns".to_string(), Some(true))));
