@@ -205,3 +205,102 @@ fn a_node_without_the_cni_configuration_leaves_its_pods_without_an_address_until
     let ip = running["status"]["podIP"].as_str().unwrap();
     assert!(in_pod_cidr(&lab, "n2", ip), "{ip}");
 }
+
+#[test]
+fn a_deployment_keeps_its_replicas_spreads_them_scales_and_takes_them_along_when_deleted() {
+    let lab = LabGuard::up(2, "native");
+    lab.kubectl(&["create", "deployment", "demo", "--image=nginx", "--port=80"])
+        .unwrap();
+    lab.kubectl(&["expose", "deployment", "demo", "--port=80"]).unwrap();
+    let pods = |lab: &Lab| -> Vec<Value> {
+        let out = lab.kubectl(&["get", "pods", "-l", "app=demo", "-o", "json"]).unwrap();
+        let list: Value = serde_json::from_str(&out).unwrap();
+        list["items"].as_array().unwrap().clone()
+    };
+    let ready_pods = |lab: &Lab, n: usize| {
+        let mut last = Vec::new();
+        let ok = eventually(Duration::from_secs(30), || {
+            last = pods(lab);
+            last.len() == n
+                && last
+                    .iter()
+                    .all(|p| is_ready(p) && p["metadata"]["deletionTimestamp"].is_null())
+        });
+        assert!(ok, "not {n} ready pods within 30 s: {:#}", Value::Array(last.clone()));
+        last
+    };
+    let first = ready_pods(&lab, 1);
+    let first_name = first[0]["metadata"]["name"].as_str().unwrap().to_string();
+    assert!(first_name.starts_with("demo-"), "{first_name}");
+
+    lab.kubectl(&["scale", "deployment", "demo", "--replicas=3"]).unwrap();
+    let three = ready_pods(&lab, 3);
+    let nodes: std::collections::BTreeSet<&str> =
+        three.iter().map(|p| p["spec"]["nodeName"].as_str().unwrap()).collect();
+    assert_eq!(nodes.len(), 2, "spread over both nodes");
+    for pod in &three {
+        let ip = pod["status"]["podIP"].as_str().unwrap();
+        assert!(in_pod_cidr(&lab, pod["spec"]["nodeName"].as_str().unwrap(), ip), "{ip}");
+    }
+    // What the user sees: the wide listing with IP and NODE, the Deployment ready, and the
+    // Service's endpoints (mirrored from the slices) listing every pod.
+    let wide = lab.kubectl(&["get", "pods", "-o", "wide"]).unwrap();
+    assert!(wide.contains("IP") && wide.contains("NODE"), "{wide}");
+    for pod in &three {
+        assert!(wide.contains(pod["status"]["podIP"].as_str().unwrap()), "{wide}");
+    }
+    let eventually_contains = |args: &[&str], needles: &[String]| {
+        let mut last = String::new();
+        let ok = eventually(Duration::from_secs(15), || {
+            last = lab.kubectl(args).unwrap_or_default();
+            needles.iter().all(|n| last.contains(n.as_str()))
+        });
+        assert!(ok, "kubectl {args:?} lacks {needles:?}: {last}");
+    };
+    eventually_contains(&["get", "deployment", "demo"], &["3/3".to_string()]);
+    let ips: Vec<String> = three
+        .iter()
+        .map(|p| format!("{}:80", p["status"]["podIP"].as_str().unwrap()))
+        .collect();
+    eventually_contains(&["get", "endpoints", "demo", "-o", "wide"], &ips);
+    // Through the Service: every answer comes from one of the pods (nginx, port 80).
+    let cluster_ip = lab
+        .kubectl(&["get", "service", "demo", "-o", "jsonpath={.spec.clusterIP}"])
+        .unwrap();
+    let page = lab
+        .exec_capture(
+            "n1",
+            &[
+                "curl".into(),
+                "-sS".into(),
+                "-m".into(),
+                "5".into(),
+                format!("http://{cluster_ip}/"),
+            ],
+        )
+        .unwrap();
+    assert!(page.contains("Welcome to nginx!"), "{page}");
+
+    // A deleted pod is replaced; scaling down removes pods (their CNI DEL included).
+    lab.kubectl(&["delete", "pod", &first_name, "--timeout=30s"]).unwrap();
+    let replaced = ready_pods(&lab, 3);
+    assert!(replaced.iter().all(|p| p["metadata"]["name"] != first_name.as_str()));
+    lab.kubectl(&["scale", "deployment", "demo", "--replicas=1"]).unwrap();
+    let one = ready_pods(&lab, 1);
+    let kept = one[0]["metadata"]["name"].as_str().unwrap();
+    for pod in replaced.iter().filter(|p| p["metadata"]["name"] != kept) {
+        let name = pod["metadata"]["name"].as_str().unwrap();
+        assert!(lab.pod_ns(name).is_err(), "{name}'s namespace is gone");
+    }
+    // Deleting the Deployment takes its pods along (the garbage collector).
+    lab.kubectl(&["delete", "deployment", "demo"]).unwrap();
+    let mut last = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            last = pods(&lab);
+            last.is_empty()
+        }),
+        "{last:?}"
+    );
+    assert!(lab.pod_ns(kept).is_err());
+}
