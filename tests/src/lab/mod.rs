@@ -61,8 +61,8 @@ pub use api::LabApi;
 pub use guard::{LabGuard, eventually};
 use k8s_openapi::{
     api::core::v1::{
-        Container, ContainerPort, Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus, Pod, PodCondition, PodIP,
-        PodSpec, PodStatus, Service, ServicePort as K8sServicePort, ServiceSpec,
+        Container, ContainerPort, ContainerState, ContainerStatus, Node, NodeAddress, NodeCondition, NodeSpec,
+        NodeStatus, Pod, PodCondition, PodIP, PodSpec, PodStatus, Service, ServicePort as K8sServicePort, ServiceSpec,
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
@@ -878,6 +878,19 @@ impl Lab {
                     status: "True".into(),
                     ..Default::default()
                 }]),
+                container_statuses: Some(vec![ContainerStatus {
+                    name: "server".into(),
+                    image: "ferrynet-lab/pod-server".into(),
+                    image_id: String::new(),
+                    ready: true,
+                    started: Some(true),
+                    restart_count: 0,
+                    state: Some(ContainerState {
+                        running: Some(Default::default()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
                 ..Default::default()
             }),
         }
@@ -1101,6 +1114,13 @@ impl Lab {
             for c in conditions.iter_mut().filter(|c| c.type_ == "Ready") {
                 c.status = if ready { "True" } else { "False" }.into();
             }
+        }
+        for container in pod
+            .status
+            .iter_mut()
+            .flat_map(|s| s.container_statuses.iter_mut().flatten())
+        {
+            container.ready = ready;
         }
         api.replace_status(&pod)?;
         self.sync_endpoint_slices()
