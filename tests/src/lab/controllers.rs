@@ -29,13 +29,14 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
     runtime::watcher,
 };
 use serde_json::json;
 
 use super::{
     Lab,
+    endpoints::list_all,
     kubelet::{PodChange, pod_part},
 };
 
@@ -348,23 +349,14 @@ where
 async fn pass(lab_name: &str, client: &Client) -> Result<()> {
     let lab = Lab::open(lab_name)?;
     let mut errors = Vec::new();
-    let pods = Api::<Pod>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items;
-    let nodes = Api::<Node>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items;
+    let pods: Vec<Pod> = list_all(client).await?;
+    let nodes: Vec<Node> = list_all(client).await?;
     // Without the Deployments, neither the Deployment controller nor the garbage collector can
     // tell what is owned: both wait for the next pass.
-    let deployments = match Api::<Deployment>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-    {
-        Ok(list) => list.items,
+    let deployments = match list_all::<Deployment>(client).await {
+        Ok(list) => list,
         Err(e) => {
-            errors.push(format!("listing deployments: {e}"));
+            errors.push(format!("{e:#}"));
             Vec::new()
         }
     };
@@ -437,13 +429,13 @@ async fn pass(lab_name: &str, client: &Client) -> Result<()> {
     if let Err(e) = super::endpoints::sync_slices(client).await {
         errors.push(format!("endpoint slices: {e:#}"));
     }
-    match Api::<Service>::all(client.clone()).list(&ListParams::default()).await {
+    match list_all::<Service>(client).await {
         Ok(services) => {
-            if let Err(e) = lab.write_dns_records(&services.items) {
+            if let Err(e) = lab.write_dns_records(&services) {
                 errors.push(format!("DNS records: {e:#}"));
             }
         }
-        Err(e) => errors.push(format!("listing services: {e}")),
+        Err(e) => errors.push(format!("{e:#}")),
     }
     if errors.is_empty() {
         Ok(())

@@ -193,15 +193,21 @@ pub async fn sync_slices(client: &Client) -> Result<()> {
     Err(last.expect("tried at least once"))
 }
 
+/// Every object of kind `K`, in every namespace.
+pub(super) async fn list_all<K>(client: &Client) -> Result<Vec<K>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    Ok(Api::<K>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .with_context(|| format!("listing {}", K::plural(&())))?
+        .items)
+}
+
 async fn sync_slices_once(client: &Client) -> Result<()> {
-    let services = Api::<Service>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items;
-    let pods = Api::<Pod>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items;
+    let services: Vec<Service> = list_all(client).await?;
+    let pods: Vec<Pod> = list_all(client).await?;
     let managed = ListParams::default().labels(&format!("{MANAGED_BY}={MANAGER}"));
     let existing = Api::<EndpointSlice>::all(client.clone()).list(&managed).await?.items;
     let wanted = desired_slices(&services, &pods);
