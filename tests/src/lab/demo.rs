@@ -84,8 +84,9 @@ pub fn summary_table(outcomes: &[MythOutcome]) -> String {
     for outcome in outcomes {
         let result = if outcome.passed() { "PASS" } else { "FAIL" };
         let total = outcome.passed + outcome.failed.len();
+        let stopped = if outcome.error.is_some() { ", then stopped" } else { "" };
         out += &format!(
-            "{:<5} {:<40} {:<6} {}/{} passed\n",
+            "{:<5} {:<40} {:<6} {}/{} held{stopped}\n",
             outcome.number, outcome.title, result, outcome.passed, total
         );
         for failed in &outcome.failed {
