@@ -9,7 +9,11 @@ use std::{
 
 use ferrynet_tests::{
     binary,
-    lab::{CLIENT_V4, CLIENT_V6, Lab, LabGuard, POD_PORT, ServicePort, cgroup2_root, eventually},
+    lab::{
+        CLIENT_V4, CLIENT_V6, Lab, LabGuard, POD_PORT, ServicePort, cgroup2_root,
+        demo::{MYTHS, MythOutcome, exit_code, summary_table},
+        eventually,
+    },
     packets::{UdpProbe, ip_udp, send_raw, udp_icmp_error, vxlan_payload},
     tcp::{EchoServer, request},
 };
@@ -602,33 +606,180 @@ fn a_service_gets_endpoint_slices_for_its_ready_pods() {
     assert!(slices["items"].as_array().unwrap().is_empty());
 }
 
+/// The output printed under each command line of the demo that contains `command`: its lines up
+/// to the next command, step, remark or check.
+fn outputs_of<'a>(text: &'a str, command: &str) -> Vec<Vec<&'a str>> {
+    let lines: Vec<&str> = text.lines().collect();
+    let remark = ["  PASS ", "  FAIL ", "  changed: ", "  unchanged: ", "  why ", "  ("];
+    lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| !l.starts_with(' ') && l.contains(command))
+        .map(|(i, _)| {
+            lines[i + 1..]
+                .iter()
+                .take_while(|l| l.starts_with("  ") && !remark.iter().any(|r| l.starts_with(r)))
+                .copied()
+                .collect()
+        })
+        .collect()
+}
+
+/// The columns of the row of pod `name` (by prefix) in `kubectl get pods -o wide` outputs.
+fn pod_rows<'a>(outputs: &[Vec<&'a str>], name: &str) -> Vec<Vec<&'a str>> {
+    outputs
+        .iter()
+        .flatten()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|cols| cols.first().is_some_and(|c| c.starts_with(name)) && cols.len() >= 7)
+        .collect()
+}
+
+/// The demo's summary table rows (after its `==> Summary` line).
+fn summary_rows(text: &str) -> Vec<&str> {
+    let summary = &text[text.rfind("==> Summary").expect("the demo prints a summary")..];
+    summary
+        .lines()
+        .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()))
+        .collect()
+}
+
 #[test]
-fn the_demo_runs_and_down_leaves_nothing() {
+fn the_demo_settles_the_four_myths_and_down_leaves_nothing() {
     ferrynet_tests::require_root();
-    let name = format!("demo{}", std::process::id() % 100_000);
-    let out = Command::new(binary("ferrynet-lab"))
-        .args(["--name", &name, "demo"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    for needle in [
-        "client -> 10.244.2.2:8080",
-        "pod=web-2 node=n2 ip=10.244.2.2 client=10.244.1.",
-        "from=10.200.0.12",
-        "web-v4",
-        "ready:      yes",
-    ] {
+    let name = format!("dm{}", std::process::id() % 100_000);
+    let _down = DownOnDrop(name.clone());
+    let demo = |args: &[&str]| {
+        let started = Instant::now();
+        let out = Command::new(binary("ferrynet-lab"))
+            .args(["--name", &name, "demo"])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
-            text.contains(needle),
-            "missing {needle:?} in the demo's output:\n{text}"
+            out.status.success(),
+            "demo {args:?} failed ({}):\n{text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("demo {args:?} took {:.0} s", started.elapsed().as_secs_f64());
+        text
+    };
+    let text = demo(&[]);
+    let rows = summary_rows(&text);
+    assert_eq!(rows.len(), 4, "{text}");
+    for ((number, title), row) in MYTHS.iter().zip(&rows) {
+        assert!(
+            row.starts_with(&format!("{number} ")) && row.contains(title) && row.contains(" PASS "),
+            "{row}\n{text}"
         );
     }
+    assert!(!text.contains("  FAIL  "), "{text}");
+
+    // Myth 1: test-pod's IP, as `kubectl get pods -o wide` printed it, is in its node's PodCIDR;
+    // no-cni, on n3 without the CNI configuration, had none.
+    let listings = outputs_of(&text, "$ kubectl get pods -o wide");
+    let test_pod = &pod_rows(&listings, "test-pod")[0];
+    let (ip, node) = (test_pod[5].parse::<IpAddr>().unwrap(), test_pod[6]);
+    let index: u8 = node.strip_prefix('n').unwrap().parse().unwrap();
+    let cidr: ipnet::IpNet = format!("10.244.{index}.0/24").parse().unwrap();
+    assert!(cidr.contains(&ip), "{ip} on {node}");
+    assert!(
+        pod_rows(&listings, "no-cni")
+            .iter()
+            .any(|cols| cols[2] == "ContainerCreating" && cols[5] == "<none>" && cols[6] == "n3"),
+        "{listings:?}"
+    );
+    // Myth 2: the real nginx's page through the Service's name.
+    let by_name = outputs_of(&text, "kubectl -- exec client -- curl -s -m 2 http://nginx");
+    assert!(
+        by_name[0]
+            .iter()
+            .any(|l| l.contains("<title>Welcome to nginx!</title>")),
+        "{by_name:?}"
+    );
+    // Myth 3: explain names the deployment's pod, then the three after the scale-up.
+    let deployed = outputs_of(&text, "$ kubectl get pods -l app=demo -o wide");
+    let pod_ip = pod_rows(&deployed[..1], "demo-")[0][5];
+    let explained = outputs_of(&text, "$ ferrynet-agent explain ");
+    assert_eq!(explained.len(), 2, "{text}");
+    assert!(
+        explained[0].iter().any(|l| l.trim() == format!("{pod_ip}:80 ready")),
+        "{pod_ip}: {:?}",
+        explained[0]
+    );
+    assert!(
+        explained[1].iter().any(|l| l.contains("backends (3):")),
+        "{:?}",
+        explained[1]
+    );
+    assert!(text.contains("no socket listens on 10.96."), "{text}");
+    // Myth 4: the restore, timed, after each way of removing translation.
+    let restored: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("service restored "))
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(restored.len(), 2, "{text}");
+    assert!(restored.iter().all(|s| *s > 0.0 && *s < 30.0), "{restored:?}");
+    assert_nothing_left(&name);
+
+    // One myth alone, on a fresh lab.
+    let text = demo(&["--myth", "2"]);
+    let rows = summary_rows(&text);
+    assert_eq!(rows.len(), 1, "{text}");
+    assert!(rows[0].starts_with("2 ") && rows[0].contains(" PASS "), "{text}");
+    for other in [1, 3, 4] {
+        assert!(!text.contains(&format!("==> Myth {other}:")), "{text}");
+    }
+    assert!(
+        text.contains("==> Myth 2:") && text.contains("Welcome to nginx!"),
+        "{text}"
+    );
     assert_nothing_left(&name);
     // Names that could reach outside the lab are refused.
     for bad in ["/", "..", "", "a-b", "../etc"] {
         assert!(Lab::down(bad).is_err(), "{bad:?}");
     }
+}
+
+fn outcome(number: u8, passed: usize, failed: &[&str], error: Option<&str>) -> MythOutcome {
+    MythOutcome {
+        number,
+        title: MYTHS[usize::from(number) - 1].1.into(),
+        passed,
+        failed: failed.iter().map(|f| f.to_string()).collect(),
+        error: error.map(str::to_string),
+    }
+}
+
+#[test]
+fn the_demo_fails_a_myth_whose_check_failed_or_that_stopped_and_exits_non_zero() {
+    let all = [outcome(1, 3, &[], None), outcome(2, 2, &[], None)];
+    assert_eq!(exit_code(&all), 0);
+    let table = summary_table(&all);
+    assert_eq!(table.lines().filter(|l| l.contains(" PASS ")).count(), 2, "{table}");
+
+    let one_check = [outcome(1, 3, &[], None), outcome(2, 1, &["curl failed"], None)];
+    assert_eq!(exit_code(&one_check), 1);
+    let table = summary_table(&one_check);
+    assert!(
+        table.lines().any(|l| l.starts_with("1 ") && l.contains(" PASS ")),
+        "{table}"
+    );
+    assert!(
+        table.lines().any(|l| l.starts_with("2 ") && l.contains(" FAIL ")),
+        "{table}"
+    );
+    assert!(table.contains("failed: curl failed"), "{table}");
+
+    let stopped = [outcome(3, 2, &[], Some("pod demo not ready"))];
+    assert_eq!(exit_code(&stopped), 1);
+    assert!(summary_table(&stopped).contains("stopped: pod demo not ready"));
+    // A myth with no check that held proves nothing; no myth at all is no success either.
+    assert_eq!(exit_code(&[outcome(4, 0, &[], None)]), 1);
+    assert_eq!(exit_code(&[]), 1);
 }
 
 #[test]

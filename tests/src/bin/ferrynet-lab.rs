@@ -1,12 +1,12 @@
 //! `ferrynet-lab`: a whole ferrynet cluster on one Linux machine, in network namespaces.
 //! See the README's "The lab" (and `tests/src/lab/mod.rs`) for what it builds. Run as root.
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use ferrynet_tests::{
     apiserver::{ApiServer, Settings},
-    lab::{self, CLIENT_V4, Lab, LabOptions, POD_PORT, ServicePort},
+    lab::{self, Lab, LabOptions, ServicePort},
 };
 
 #[derive(Parser)]
@@ -107,7 +107,8 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Bring a 3-node lab up, show pods on different nodes talking, then take it down.
+    /// The four myths about kube-proxy and the CNI, each settled by the kubectl commands a user
+    /// types, on a fresh 3-node lab; ends with a summary and exits non-zero if any myth failed.
     Demo {
         #[arg(long, default_value = "auto")]
         mode: String,
@@ -117,6 +118,9 @@ enum Command {
         /// Leave the lab running afterwards.
         #[arg(long)]
         keep: bool,
+        /// Run only this myth (1 to 4), still on a fresh lab.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=4))]
+        myth: Option<u8>,
     },
     /// (internal) Run the lab's controllers and kubelets (started by `up`).
     Controllers,
@@ -400,7 +404,23 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", Lab::open(&cli.name)?.kubectl(&args)?);
         }
         Command::Controllers => lab::controllers::run(&cli.name)?,
-        Command::Demo { mode, segments, keep } => demo(&cli.name, &mode, segments, keep)?,
+        Command::Demo {
+            mode,
+            segments,
+            keep,
+            myth,
+        } => {
+            let code = lab::demo::run(&lab::demo::DemoOptions {
+                name: cli.name,
+                mode,
+                segments,
+                keep,
+                myth,
+            })?;
+            if code != 0 {
+                std::process::exit(code.into());
+            }
+        }
         Command::Apiserver { .. } | Command::PodServer { .. } | Command::Probe { .. } => {
             unreachable!("handled above")
         }
@@ -440,105 +460,4 @@ fn parse_kubectl_exec(args: &[String]) -> Result<(String, String, Vec<String>)> 
 
 fn exit_with(status: std::process::ExitStatus) -> ! {
     std::process::exit(status.code().unwrap_or(1))
-}
-
-fn demo(name: &str, mode: &str, segments: u8, keep: bool) -> Result<()> {
-    let step = |s: &str| println!("\n==> {s}");
-    step(&format!(
-        "a 3-node cluster in namespaces (routing mode {mode}), one ferrynet-agent per node"
-    ));
-    let mut lab = Lab::up(&LabOptions {
-        name: name.into(),
-        nodes: 3,
-        mode: mode.into(),
-        segments,
-        dns: true,
-    })?;
-    let result = (|| -> Result<()> {
-        print!("{}", lab.summary());
-        step("kubectl, through the lab's kubeconfig, sees the nodes and their PodCIDRs");
-        print!(
-            "{}",
-            lab.kubectl(&[
-                "get",
-                "nodes",
-                "-o",
-                "custom-columns=NAME:.metadata.name,PODCIDRS:.spec.podCIDRs,IP:.status.addresses[0].address"
-            ])?
-        );
-
-        step("pods get their addresses from ferrynet's CNI (no service proxy anywhere)");
-        let app = BTreeMap::from([("app".to_string(), "web".to_string())]);
-        for (pod, node) in [("web-1", "n1"), ("web-2", "n2"), ("web-3", "n3")] {
-            let p = lab.run_pod(pod, node, &app)?;
-            let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
-            println!("  {pod} on {node}: {}", ips.join(", "));
-        }
-        lab.run_pod("client", "n1", &BTreeMap::new())?;
-
-        step("pod to pod, across nodes, IPv4 and IPv6");
-        for target in ["web-1", "web-2", "web-3"] {
-            for v4 in [true, false] {
-                let to = SocketAddr::new(lab.pod(target)?.ip(v4), POD_PORT);
-                println!("  client -> {to:<28} {}", lab.request_from_pod("client", to)?);
-            }
-        }
-
-        step("pod egress to a host outside the cluster is masqueraded to the node's address");
-        let client_ns = lab.ns("client")?;
-        let outside =
-            ferrynet_tests::tcp::EchoServer::start(&client_ns, SocketAddr::new(CLIENT_V4.into(), 9000), "outside");
-        println!(
-            "  web-2 -> {}: {}",
-            outside.addr,
-            ferrynet_tests::tcp::request(&lab.pod_ns("web-2")?, outside.addr, "hi")?
-        );
-
-        step("a Service: the lab writes its EndpointSlices (service translation is the agent's next job)");
-        lab.create_service(
-            "web",
-            &app,
-            &[ServicePort {
-                port: 80,
-                target_port: POD_PORT,
-            }],
-            "ClusterIP",
-        )?;
-        print!(
-            "{}",
-            lab.kubectl(&[
-                "get",
-                "endpointslices",
-                "-o",
-                "custom-columns=NAME:.metadata.name,TYPE:.addressType,ADDRESSES:.endpoints[*].addresses[0]"
-            ])?
-        );
-
-        step("what the agent on n1 reports (ferrynet-agent status)");
-        let status = lab.exec_capture(
-            "n1",
-            &[
-                ferrynet_tests::binary("ferrynet-agent").display().to_string(),
-                "--state-dir".into(),
-                lab.dir().join("nodes/n1/agent").display().to_string(),
-                "status".into(),
-            ],
-        )?;
-        print!("{status}");
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = Lab::down(name);
-        bail!(e);
-    }
-    if keep {
-        println!(
-            "\nThe lab is still up: `ferrynet-lab --name {name} status`; remove it with `ferrynet-lab --name {name} down`."
-        );
-    } else {
-        step("taking the lab down");
-        Lab::down(name).context("down")?;
-        println!("  done: no namespaces, processes or state left");
-    }
-    Ok(())
 }

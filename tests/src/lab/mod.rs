@@ -34,10 +34,12 @@
 //! - [`kubelet`]: pods users create, run through the node's CNI, with real programs
 //!   ([`images`]);
 //! - [`dns`]: the cluster DNS (dnsmasq behind a ClusterIP);
-//! - [`guard`]: a lab per test, taken down when dropped.
+//! - [`guard`]: a lab per test, taken down when dropped;
+//! - [`demo`]: `ferrynet-lab demo`, the four myths about kube-proxy and the CNI.
 pub mod api;
 pub mod controllers;
 pub mod daemons;
+pub mod demo;
 pub mod dns;
 pub mod endpoints;
 pub mod guard;
