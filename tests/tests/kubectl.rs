@@ -70,6 +70,15 @@ fn in_pod_cidr(lab: &Lab, node: &str, ip: &str) -> bool {
     cidr.contains(&ip.parse::<IpAddr>().unwrap())
 }
 
+/// A running pod's node and IPv4 address.
+fn node_and_ip(lab: &Lab, pod: &str) -> (String, IpAddr) {
+    let pod = pod_json(lab, pod).unwrap();
+    (
+        pod["spec"]["nodeName"].as_str().unwrap().to_string(),
+        pod["status"]["podIP"].as_str().unwrap().parse().unwrap(),
+    )
+}
+
 #[test]
 fn kubectl_run_gets_a_pod_its_ip_from_the_cni_and_its_service_a_name_in_the_cluster_dns() {
     let lab = LabGuard::up_with_dns(2, "native");
@@ -161,6 +170,19 @@ fn kubectl_run_gets_a_pod_its_ip_from_the_cni_and_its_service_a_name_in_the_clus
         }
     );
     assert!(lab.pod_ns("nginx").is_err(), "the pod's namespace is gone");
+    // CNI DEL ran: the node's IPAM store gave the address back (deleting the namespace alone
+    // would not).
+    let held = lab.node_ipam_addresses(&node).unwrap();
+    assert!(
+        !held.contains(&ip.parse().unwrap()),
+        "{ip} is still allocated on {node}: {held:?}"
+    );
+    let (client_node, client_ip) = node_and_ip(&lab, "client");
+    let client_held = lab.node_ipam_addresses(&client_node).unwrap();
+    assert!(
+        client_held.contains(&client_ip),
+        "the store is read right: the client's {client_ip} is in {client_node}'s {client_held:?}"
+    );
     let route = lab.node_ns(&node).unwrap().ip(&["-4", "route", "show", &ip]);
     assert!(route.trim().is_empty(), "{node} still routes {ip}: {route}");
     let slices = lab
@@ -186,7 +208,9 @@ fn a_node_without_the_cni_configuration_leaves_its_pods_without_an_address_until
         "run",
         "stuck",
         "--image=nginx",
-        "--overrides={\"apiVersion\":\"v1\",\"spec\":{\"nodeSelector\":{\"kubernetes.io/hostname\":\"n2\"}}}",
+        // Bound to n2 directly: a real node without a CNI configuration is NotReady, and the
+        // scheduler would keep the pod off it.
+        "--overrides={\"apiVersion\":\"v1\",\"spec\":{\"nodeName\":\"n2\"}}",
     ])
     .unwrap();
     let stuck = wait_pod(&lab, "stuck", "stuck creating", |p| {

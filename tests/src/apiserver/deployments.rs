@@ -209,7 +209,13 @@ pub(super) fn scale(
     dry_run: bool,
 ) -> Response {
     let key = target.key();
-    let current = match server.inner.lock().expect("lock").objects.get(&key) {
+    let current = match server
+        .inner
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .objects
+        .get(&key)
+    {
         Some(d) => d.clone(),
         None => return not_found(target),
     };
@@ -265,7 +271,7 @@ fn set_replicas(server: &ApiServer, target: &Target, scale: &Value, dry_run: boo
             format!("spec.replicas: Invalid value: {replicas}: must be greater than or equal to 0"),
         );
     };
-    let mut inner = server.inner.lock().expect("lock");
+    let mut inner = server.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let Some(current) = inner.objects.get(&target.key()).cloned() else {
         return not_found(target);
     };

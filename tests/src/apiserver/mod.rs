@@ -283,6 +283,9 @@ impl Inner {
 
 #[derive(Clone)]
 pub struct ApiServer {
+    /// Every change commits whole under this lock, so the state is consistent between commits:
+    /// a handler that panicked (a bug) leaves it usable, and the lock is taken over, never
+    /// turning every later request into a panic.
     inner: Arc<Mutex<Inner>>,
     changes: broadcast::Sender<Change>,
     settings: Arc<Settings>,
@@ -428,7 +431,7 @@ impl ApiServer {
     /// Brings every Service's Endpoints in line (a data file may come from before they were
     /// kept, or have Endpoints without a Service).
     fn resync_endpoints(&self) {
-        let mut inner = self.inner.lock().expect("lock");
+        let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let services: std::collections::BTreeSet<endpoints::ServiceKey> = inner
             .objects
             .keys()
@@ -702,13 +705,17 @@ fn settle_node_ports(
     };
     if let Some(ports) = spec["ports"].as_array_mut() {
         for (i, port) in ports.iter_mut().enumerate() {
+            // A port that is not an object (hostile input) gets nothing, and is no panic.
+            let Some(map) = port.as_object_mut() else { continue };
             match numbers[i] {
-                Some(n) => port["nodePort"] = json!(n),
-                None if allocates => port["nodePort"] = json!(next_free(&mut taken)?),
+                Some(n) => {
+                    map.insert("nodePort".into(), json!(n));
+                }
+                None if allocates => {
+                    map.insert("nodePort".into(), json!(next_free(&mut taken)?));
+                }
                 None => {
-                    if let Some(map) = port.as_object_mut() {
-                        map.remove("nodePort");
-                    }
+                    map.remove("nodePort");
                 }
             }
         }
@@ -1357,7 +1364,7 @@ fn list(server: &ApiServer, target: &Target, q: &BTreeMap<String, String>, table
         Ok(f) => f,
         Err(e) => return status_error(400, "BadRequest", e),
     };
-    let inner = server.inner.lock().expect("lock");
+    let inner = server.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let items: Vec<&Value> = inner
         .objects
         .iter()
@@ -1376,7 +1383,7 @@ fn list(server: &ApiServer, target: &Target, q: &BTreeMap<String, String>, table
 }
 
 fn get(server: &ApiServer, target: &Target, table: Option<TableRequest>) -> Response {
-    let inner = server.inner.lock().expect("lock");
+    let inner = server.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     match (inner.objects.get(&target.key()), table) {
         (Some(o), Some(request)) => {
             let rv = o["metadata"]["resourceVersion"].as_str().unwrap_or("");
@@ -1396,7 +1403,7 @@ fn create(server: &ApiServer, target: &Target, mut object: Value, dry_run: bool)
             format!("kind {} does not match {}", object["kind"], k.plural),
         );
     }
-    let mut inner = server.inner.lock().expect("lock");
+    let mut inner = server.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if !object["metadata"].is_object() {
         object["metadata"] = json!({});
     }
@@ -1466,7 +1473,7 @@ fn create(server: &ApiServer, target: &Target, mut object: Value, dry_run: bool)
 }
 
 fn replace(server: &ApiServer, target: &Target, new: Value, dry_run: bool) -> Response {
-    let mut inner = server.inner.lock().expect("lock");
+    let mut inner = server.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let Some(current) = inner.objects.get(&target.key()).cloned() else {
         return not_found(target);
     };
@@ -1607,7 +1614,7 @@ fn patch(server: &ApiServer, target: &Target, headers: &HeaderMap, body: &[u8], 
         Ok(v) => v,
         Err(e) => return status_error(400, "BadRequest", e.to_string()),
     };
-    let mut inner = server.inner.lock().expect("lock");
+    let mut inner = server.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let Some(current) = inner.objects.get(&target.key()).cloned() else {
         return not_found(target);
     };
@@ -1670,7 +1677,7 @@ fn grace_period(q: &BTreeMap<String, String>, body: &[u8]) -> Option<u64> {
 /// so dependents (a Deployment's ReplicaSets and pods) are the lab's controllers' to delete,
 /// by their ownerReferences.
 fn delete(server: &ApiServer, target: &Target, q: &BTreeMap<String, String>, body: &[u8], dry_run: bool) -> Response {
-    let mut inner = server.inner.lock().expect("lock");
+    let mut inner = server.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let Some(mut object) = inner.objects.get(&target.key()).cloned() else {
         return not_found(target);
     };
@@ -1748,7 +1755,7 @@ async fn watch(
     // Subscribe before reading state, so that nothing falls between the two.
     let mut live = server.changes.subscribe();
     let (initial, mut last_rv, gone) = {
-        let inner = server.inner.lock().expect("lock");
+        let inner = server.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match since {
             // "Get state and start at most recent": the current objects as ADDED events.
             None => {
@@ -1927,6 +1934,11 @@ mod tests {
         // The requested port is not handed out before it is taken.
         assert_eq!(stored["spec"]["ports"][2]["nodePort"], 30000);
         assert_eq!(inner.node_ports, [30000, 30002].into());
+        // Ports that are not objects get no NodePort, and are no panic.
+        let mut scratch = Inner::empty();
+        let hostile = json!({"spec": {"type": "NodePort", "ports": [5, "x", null]}});
+        let stored = settle(&mut scratch, None, hostile).unwrap();
+        assert_eq!(stored["spec"]["ports"], json!([5, "x", null]));
         // The same number twice for one protocol is refused.
         let twice = json!({"spec": {"type": "NodePort", "ports": [
             {"port": 1, "nodePort": 30003}, {"port": 2, "nodePort": 30003}]}});

@@ -399,6 +399,13 @@ async fn pass(lab_name: &str, client: &Client) -> Result<()> {
             errors.push(format!("binding pod {namespace}/{name} to {node}: {e}"));
         }
     }
+    // A terminating pod leaves its Services' endpoints (as terminating) before its kubelet stops
+    // it, so that new connections stop going to it first.
+    if pods.iter().any(terminating)
+        && let Err(e) = super::endpoints::sync_slices(client).await
+    {
+        errors.push(format!("endpoint slices: {e:#}"));
+    }
     for pod in &pods {
         let namespace = pod.namespace().unwrap_or_else(|| "default".into());
         let name = pod.name_any();

@@ -81,7 +81,10 @@ impl Lab {
             .stdout(log.try_clone()?)
             .stderr(log)
             .process_group(0);
-        let mut child = ns.spawn(&mut cmd);
+        // A program that cannot be started (missing, or its setup before exec failed) is an
+        // error for the caller to report, never a panic of the lab or its controllers.
+        let mut child = ferrynet_kernel::netns::run_in(ns.fd(), || cmd.spawn())
+            .with_context(|| format!("starting {what} ({:?})", cmd.get_program()))?;
         let pid = child.id();
         // Reap it whenever it ends, if we are still around then, and keep how it ended for
         // `stop_daemon`.

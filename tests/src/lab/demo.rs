@@ -658,7 +658,7 @@ impl Demo<'_> {
             addresses.contains(&format!("{ip}/")),
             format!("{ip} is on test-pod's eth0, where the CNI put it"),
         );
-        self.kubectl(&["delete", "pod", "test-pod"])?;
+        self.kubectl(&["delete", "pod", "test-pod", "--timeout=60s"])?;
 
         self.step("The reverse: a service proxy runs, but the node has no CNI configuration");
         self.lab_action("every node's agent restarted as usual: service translation on");
@@ -675,7 +675,7 @@ impl Demo<'_> {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         print!("{}", shown(&listing.join("\n")));
-        let on_n3 = r#"{"apiVersion":"v1","spec":{"nodeSelector":{"kubernetes.io/hostname":"n3"}}}"#;
+        let on_n3 = r#"{"apiVersion":"v1","spec":{"nodeName":"n3"}}"#;
         self.kubectl(&["run", "no-cni", "--image=nginx", &format!("--overrides={on_n3}")])?;
         let stuck = self.wait_pod("no-cni", "waiting for its network", |p| {
             waiting_reason(p) == Some("ContainerCreating") && pod_node(p).is_some()
@@ -687,8 +687,10 @@ impl Demo<'_> {
         println!("  why (the pod's status): {message}");
         let translating = self.agent("n3", &["services"])?;
         checks.check(
-            pod_node(&stuck).as_deref() == Some("n3") && pod_ip(&stuck).is_none(),
-            "no-cni is on n3 and stays ContainerCreating with no IP",
+            pod_node(&stuck).as_deref() == Some("n3")
+                && pod_ip(&stuck).is_none()
+                && message.contains("no CNI configuration"),
+            "no-cni is on n3 and stays ContainerCreating with no IP: the runtime finds no CNI configuration",
         );
         checks.check(
             self.lab.agent_pid("n3").is_some()
@@ -708,7 +710,7 @@ impl Demo<'_> {
         self.changed(&format!("with the CNI configuration back, no-cni got {ip} and runs"));
         self.unchanged("the service proxy on n3 did the same before and after: it never gives out addresses");
         checks.check(inside, format!("no-cni's IP {ip} is in n3's PodCIDR {cidr}"));
-        self.kubectl(&["delete", "pod", "no-cni"])?;
+        self.kubectl(&["delete", "pod", "no-cni", "--timeout=60s"])?;
         Ok(())
     }
 

@@ -5,7 +5,8 @@
 //!
 //! The controllers daemon writes one record per Service ClusterIP
 //! (`<service>.<namespace>.svc.cluster.local`) into a hosts file in a directory dnsmasq watches
-//! (`--hostsdir`), so a new or deleted Service is answered for at once, without restarting it.
+//! (`--hostsdir`), so a new or deleted Service is answered for at once, without restarting it
+//! (dnsmasq 2.88 and later drop the records of a changed file; Debian bookworm has 2.90).
 //! dnsmasq answers `cluster.local` alone (`--local`): an unknown name is NXDOMAIN, never forwarded.
 //! Not served (yet): headless Services' pod records, ExternalName CNAMEs, SRV records.
 use std::{collections::BTreeSet, net::IpAddr, path::Path};

@@ -33,6 +33,9 @@ pub fn lab_cgroup(name: &str) -> Result<PathBuf> {
 /// Removes an (emptied) cgroup and the cgroups inside it; a cgroup goes once its last process
 /// has exited, so wait a little.
 pub fn remove_cgroup(cgroup: &Path) -> Result<()> {
+    if !cgroup.exists() {
+        return Ok(());
+    }
     let children: Vec<PathBuf> = std::fs::read_dir(cgroup)
         .into_iter()
         .flatten()
@@ -151,6 +154,17 @@ pub fn with_resolv_conf(cmd: &mut Command, resolv_conf: &Path) -> Result<()> {
                 target.as_ptr(),
                 std::ptr::null(),
                 libc::MS_BIND,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Read-only, as a runtime mounts it: the file is shared by the namespace's pods.
+            if libc::mount(
+                std::ptr::null(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
                 std::ptr::null(),
             ) != 0
             {

@@ -50,6 +50,10 @@ pub struct PodRecord {
     pub ips: Vec<IpAddr>,
     /// The CNI result, kept for DEL as a runtime keeps it.
     pub result: Value,
+    /// The network configuration ADD ran with, kept for DEL (as libcni's cache keeps it): the
+    /// node's conflist may be gone or changed by then.
+    #[serde(default)]
+    pub conflist: Value,
     /// Why the container cannot run (its image), if it cannot.
     pub image_error: Option<String>,
     pub started_at: String,
@@ -68,13 +72,13 @@ pub enum PodChange {
 }
 
 /// The lab-namespace part of a pod (`pod-<name>` for the `default` namespace, as the lab's own
-/// pods, and `pod-<namespace>.<name>` for the others: a dot is in no Kubernetes name, so two
-/// pods never share a part).
+/// pods, and `pod-<namespace>_<name>` for the others: an underscore is in no namespace or pod
+/// name (DNS labels and subdomains), so two pods never share a part).
 pub fn pod_part(namespace: &str, name: &str) -> String {
     if namespace == "default" {
         format!("pod-{name}")
     } else {
-        format!("pod-{namespace}.{name}")
+        format!("pod-{namespace}_{name}")
     }
 }
 
@@ -301,7 +305,7 @@ impl Lab {
         container_id: &str,
         namespace: &str,
         name: &str,
-    ) -> Result<(Value, Vec<IpAddr>)> {
+    ) -> Result<(Value, Value, Vec<IpAddr>)> {
         let node_ns = self.node_ns(node)?;
         let conflist_path = self.node_dir(node).join("cni-conf").join(super::CONFLIST);
         let conflist: Value = serde_json::from_slice(&std::fs::read(&conflist_path).map_err(|e| {
@@ -320,7 +324,7 @@ impl Lab {
             "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={container_id}"
         );
         let result = match runtime.add(
-            &crate::cni::Conflist(conflist),
+            &crate::cni::Conflist(conflist.clone()),
             container_id,
             &pod_ns.path(),
             "eth0",
@@ -339,25 +343,30 @@ impl Lab {
             .flatten()
             .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
             .collect();
-        Ok((result, ips))
+        Ok((conflist, result, ips))
     }
 
-    /// Removes a pod's network: CNI DEL with the cached result, then its namespace. The
-    /// namespace goes even when DEL fails (the error is returned).
-    pub(super) fn sandbox_del(&self, node: &str, part: &str, container_id: &str, result: &Value) -> Result<()> {
+    /// Removes a pod's network: CNI DEL with the configuration ADD ran with and its cached
+    /// result, then its namespace. The namespace goes even when DEL fails (the error is
+    /// returned).
+    pub(super) fn sandbox_del(
+        &self,
+        node: &str,
+        part: &str,
+        container_id: &str,
+        conflist: &Value,
+        result: &Value,
+    ) -> Result<()> {
         let pod_ns = ns_name(&self.state.name, part);
         let del = (|| -> Result<()> {
             let node_ns = self.node_ns(node)?;
-            let conflist: Value = serde_json::from_slice(&std::fs::read(
-                self.node_dir(node).join("cni-conf").join(super::CONFLIST),
-            )?)?;
             let runtime = crate::cni::Runtime {
                 host: &node_ns,
                 plugin_dirs: vec![self.node_dir(node).join("cni-bin")],
             };
             runtime
                 .del(
-                    &crate::cni::Conflist(conflist),
+                    &crate::cni::Conflist(conflist.clone()),
                     container_id,
                     Some(std::path::Path::new(&format!("/run/netns/{pod_ns}"))),
                     "eth0",
@@ -410,7 +419,9 @@ impl Lab {
         let (program, args) = argv.split_first().ok_or_else(|| anyhow!("an empty command"))?;
         let mut cmd = Command::new(program);
         cmd.args(args).current_dir("/");
-        with_resolv_conf(&mut cmd, &self.resolv_conf_path(&record.namespace)?)?;
+        if self.state.dns {
+            with_resolv_conf(&mut cmd, &self.resolv_conf_path(&record.namespace)?)?;
+        }
         let cgroup = self.pod_part_cgroup(&record.node, &part)?;
         std::fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         join_cgroup(&mut cmd, &cgroup)?;
@@ -457,29 +468,45 @@ impl Lab {
         if let Err(e) = self.stop_daemon(&part) {
             errors.push(format!("stopping the container: {e:#}"));
         }
-        if let Err(e) = self.sandbox_del(&record.node, &part, &record.container_id, &record.result) {
+        // Whatever the container started (a shell's children) goes with it, as a runtime kills
+        // the whole container cgroup.
+        let cgroup = self.pod_part_cgroup(&record.node, &part);
+        if let Ok(cgroup) = &cgroup
+            && cgroup.exists()
+        {
+            let _ = std::fs::write(cgroup.join("cgroup.kill"), "1");
+        }
+        if let Err(e) = self.sandbox_del(
+            &record.node,
+            &part,
+            &record.container_id,
+            &record.conflist,
+            &record.result,
+        ) {
             errors.push(format!("{e:#}"));
         }
-        if let Ok(cgroup) = self.pod_part_cgroup(&record.node, &part)
-            && let Err(e) = super::kernel_fs::remove_cgroup(&cgroup)
+        if let Ok(cgroup) = &cgroup
+            && let Err(e) = super::kernel_fs::remove_cgroup(cgroup)
         {
             errors.push(format!("{e:#}"));
         }
         let _ = std::fs::remove_dir_all(self.pod_dir(&part));
-        if let Err(e) = std::fs::remove_file(self.record_path(&record.namespace, &record.name))
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            errors.push(format!("removing the record: {e}"));
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(anyhow!(
+        if !errors.is_empty() {
+            // The record stays, so the next pass tries again (and the pod stays terminating).
+            return Err(anyhow!(
                 "pod {}/{}: {}",
                 record.namespace,
                 record.name,
                 errors.join("; ")
-            ))
+            ));
+        }
+        match std::fs::remove_file(self.record_path(&record.namespace, &record.name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(anyhow!(
+                "pod {}/{}: removing the record: {e}",
+                record.namespace,
+                record.name
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -502,19 +529,22 @@ impl Lab {
         let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
         let mut record = match record {
             Some(record) => record,
+            // Nothing of it runs here (any more): its deletion is finished. (The lab's own pods
+            // never get here: the controllers leave them to the lab's commands.)
+            None if pod.metadata.deletion_timestamp.is_some() => return Ok(Some(PodChange::FinishDeletion)),
             // Started by someone else (the lab's own pods are created running): not ours.
             None if phase.is_some() && phase.as_deref() != Some("Pending") => return Ok(None),
-            None if pod.metadata.deletion_timestamp.is_some() => return Ok(Some(PodChange::FinishDeletion)),
             None => {
                 let part = pod_part(&namespace, &name);
                 let container_id = format!("{}-{}", self.state.name, pod.metadata.uid.clone().unwrap_or_default());
-                let (result, ips) = match self.sandbox_add(&node_name, &part, &container_id, &namespace, &name) {
-                    Ok(made) => made,
-                    Err(e) => {
-                        let status = sandbox_failed_status(pod, &host_ip, &format!("{e:#}"));
-                        return Ok(changed(pod, status));
-                    }
-                };
+                let (conflist, result, ips) =
+                    match self.sandbox_add(&node_name, &part, &container_id, &namespace, &name) {
+                        Ok(made) => made,
+                        Err(e) => {
+                            let status = sandbox_failed_status(pod, &host_ip, &format!("{e:#}"));
+                            return Ok(changed(pod, status));
+                        }
+                    };
                 let program = images::program_for_pod(pod);
                 let record = PodRecord {
                     namespace: namespace.clone(),
@@ -524,6 +554,7 @@ impl Lab {
                     container_id,
                     ips,
                     result,
+                    conflist,
                     image_error: program.as_ref().err().cloned(),
                     started_at: now(),
                     finished: None,
@@ -652,6 +683,7 @@ mod tests {
             container_id: "lab-u1".into(),
             ips: vec!["10.244.1.7".parse().unwrap(), "fd00:244:1::7".parse().unwrap()],
             result: Value::Null,
+            conflist: Value::Null,
             image_error,
             started_at: "2026-12-01T10:00:00Z".into(),
             finished,
@@ -725,7 +757,11 @@ mod tests {
     #[test]
     fn pods_of_different_namespaces_never_share_a_lab_part() {
         assert_eq!(pod_part("default", "web"), "pod-web");
-        assert_eq!(pod_part("kube-system", "kube-dns"), "pod-kube-system.kube-dns");
+        assert_eq!(pod_part("kube-system", "kube-dns"), "pod-kube-system_kube-dns");
+        // Pod names may hold dots and dashes, namespaces dashes: no pair of them collides.
         assert_ne!(pod_part("default", "kube-system-x"), pod_part("kube-system", "x"));
+        assert_ne!(pod_part("default", "kube-system.x"), pod_part("kube-system", "x"));
+        assert_ne!(pod_part("a-b", "c"), pod_part("a", "b-c"));
+        assert_ne!(pod_part("a", "b.c"), pod_part("a-b", "c"));
     }
 }

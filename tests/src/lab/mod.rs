@@ -167,6 +167,9 @@ pub struct LabPod {
     pub labels: BTreeMap<String, String>,
     /// The CNI result, cached for DEL as a runtime caches it.
     pub result: Value,
+    /// The network configuration ADD ran with, for DEL.
+    #[serde(default)]
+    pub conflist: Value,
 }
 
 impl LabPod {
@@ -194,6 +197,9 @@ pub struct LabState {
     pub nodes: Vec<LabNode>,
     pub pods: Vec<LabPod>,
     pub next_node: u8,
+    /// Whether the lab runs the cluster DNS (pods then resolve through it).
+    #[serde(default)]
+    pub dns: bool,
 }
 
 /// A lab, opened from its state directory.
@@ -311,6 +317,20 @@ impl Lab {
     /// failures and reports them all at the end.
     pub fn down(name: &str) -> Result<()> {
         let dir = Self::dir_of(name)?;
+        // The controllers go first: they make pod namespaces, and one made after the list below
+        // would be missed.
+        if let Some(pid) = std::fs::read_to_string(dir.join("controllers.pid"))
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+            && std::fs::canonicalize(crate::target_dir().join("ferrynet-lab"))
+                .is_ok_and(|ours| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == ours))
+        {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            crate::wait_for(Duration::from_secs(5), || {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                (stat.is_empty() || stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z'))).then_some(())
+            });
+        }
         let namespaces = lab_namespaces(name);
         // Every process living in one of the lab's namespaces: agents, the API stand-in, pod
         // servers, and anything a user started there.
@@ -425,6 +445,7 @@ impl Lab {
                 nodes: Vec::new(),
                 pods: Vec::new(),
                 next_node: 1,
+                dns: opts.dns,
             },
             dir,
         };
@@ -676,12 +697,16 @@ impl Lab {
         {
             self.delete_pod(&pod)?;
         }
-        // Pods users created there go with the node, as with a node that is removed for good.
+        self.stop_agent(name)?;
+        // Once the Node is gone nothing is scheduled there any more, and the controllers collect
+        // the pods users created there (their kubelet tears each down, CNI DEL included). Only
+        // what they have not finished in time is torn down here, so the two never race.
+        self.api()?.delete::<Node>(name)?;
+        let node_records = |lab: &Self| lab.kubelet_records().into_iter().filter(|r| r.node == name).count();
+        crate::wait_for(Duration::from_secs(30), || (node_records(self) == 0).then_some(()));
         for record in self.kubelet_records().into_iter().filter(|r| r.node == name) {
             self.kubelet_teardown(&record)?;
         }
-        self.stop_agent(name)?;
-        self.api()?.delete::<Node>(name)?;
         let _ = Command::new("ip")
             .args(["netns", "del", &ns_name(&self.state.name, name)])
             .output();
@@ -760,6 +785,18 @@ impl Lab {
             Some(&cgroup),
         )?;
         Ok(())
+    }
+
+    /// The addresses `node`'s IPAM store holds for pods (its network is `ferrynet`), read as
+    /// the IPAM itself reads them: what CNI DEL must give back.
+    pub fn node_ipam_addresses(&self, node: &str) -> Result<Vec<IpAddr>> {
+        let store = ferrynet_ipam::Store::open(&self.node_dir(node).join("ipam"), "ferrynet")?;
+        let attachments = store.lock()?.attachments()?;
+        Ok(attachments
+            .into_iter()
+            .flat_map(|a| a.ips)
+            .map(|net| net.addr())
+            .collect())
     }
 
     /// Takes the CNI configuration away from `node`'s runtime while its agent (and with it the
@@ -916,7 +953,7 @@ impl Lab {
         })
         .with_context(|| format!("node {node} has no conflist (is its agent running?)"))?;
         let container_id = format!("{}-{name}", self.state.name);
-        let (result, ips) = self
+        let (conflist, result, ips) = self
             .sandbox_add(node, &format!("pod-{name}"), &container_id, api::NAMESPACE, name)
             .with_context(|| format!("pod {name}"))?;
         let pod_ns = self.pod_ns(name)?;
@@ -927,6 +964,7 @@ impl Lab {
             ips,
             labels: labels.clone(),
             result,
+            conflist,
         };
         // The pod's processes live in a cgroup of its own under its node's, as kubelet puts
         // pods under the root of the node's hierarchy.
@@ -975,8 +1013,22 @@ impl Lab {
             .cloned()
             .ok_or_else(|| anyhow!("no pod {name}"))?;
         self.stop_daemon(&format!("pod-{name}"))?;
-        self.sandbox_del(&pod.node, &format!("pod-{name}"), &pod.container_id, &pod.result)
-            .with_context(|| format!("pod {name}"))?;
+        // A pod recorded by an older lab has no configuration of its own: the node's current one.
+        let conflist = if pod.conflist.is_null() {
+            serde_json::from_slice(&std::fs::read(
+                self.node_dir(&pod.node).join("cni-conf").join(CONFLIST),
+            )?)?
+        } else {
+            pod.conflist.clone()
+        };
+        self.sandbox_del(
+            &pod.node,
+            &format!("pod-{name}"),
+            &pod.container_id,
+            &conflist,
+            &pod.result,
+        )
+        .with_context(|| format!("pod {name}"))?;
         let _ = remove_cgroup(&self.pod_cgroup(&pod)?);
         self.api()?.delete::<Pod>(name)?;
         self.state.pods.retain(|p| p.name != name);
@@ -1147,7 +1199,8 @@ impl Lab {
         let mut cmd = Command::new(program);
         cmd.args(args).env("KUBECONFIG", self.kubeconfig());
         self.join_part_cgroup(&mut cmd, part)?;
-        let mut child = ns.spawn(&mut cmd);
+        let mut child = ferrynet_kernel::netns::run_in(ns.fd(), || cmd.spawn())
+            .with_context(|| format!("running {program} in {part}"))?;
         Ok(child.wait()?)
     }
 
@@ -1161,10 +1214,14 @@ impl Lab {
             .strip_prefix("pod-")
             .and_then(|name| self.state.pods.iter().find(|p| p.name == name))
         {
-            kernel_fs::with_resolv_conf(cmd, &self.resolv_conf_path(api::NAMESPACE)?)?;
+            if self.state.dns {
+                kernel_fs::with_resolv_conf(cmd, &self.resolv_conf_path(api::NAMESPACE)?)?;
+            }
             join_cgroup(cmd, &self.pod_cgroup(pod)?)?;
         } else if let Some(record) = self.kubelet_pod(part) {
-            kernel_fs::with_resolv_conf(cmd, &self.resolv_conf_path(&record.namespace)?)?;
+            if self.state.dns {
+                kernel_fs::with_resolv_conf(cmd, &self.resolv_conf_path(&record.namespace)?)?;
+            }
             join_cgroup(cmd, &self.pod_part_cgroup(&record.node, part)?)?;
         }
         Ok(())
@@ -1178,7 +1235,7 @@ impl Lab {
         let mut cmd = Command::new(program);
         cmd.args(args).env("KUBECONFIG", self.kubeconfig());
         self.join_part_cgroup(&mut cmd, part)?;
-        Ok(ns.command_output(&mut cmd))
+        ferrynet_kernel::netns::run_in(ns.fd(), || cmd.output()).with_context(|| format!("running {program} in {part}"))
     }
 
     /// Runs a command in one of the lab's namespaces and returns what it printed.
