@@ -1937,8 +1937,8 @@ mod tests {
         // Ports that are not objects get no NodePort, and are no panic.
         let mut scratch = Inner::empty();
         let hostile = json!({"spec": {"type": "NodePort", "ports": [5, "x", null]}});
-        let stored = settle(&mut scratch, None, hostile).unwrap();
-        assert_eq!(stored["spec"]["ports"], json!([5, "x", null]));
+        let untouched = settle(&mut scratch, None, hostile).unwrap();
+        assert_eq!(untouched["spec"]["ports"], json!([5, "x", null]));
         // The same number twice for one protocol is refused.
         let twice = json!({"spec": {"type": "NodePort", "ports": [
             {"port": 1, "nodePort": 30003}, {"port": 2, "nodePort": 30003}]}});
