@@ -19,7 +19,6 @@ use std::{
 
 use futures::StreamExt;
 use ipnet::IpNet;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
     Api, Client,
     runtime::{WatchStreamExt, watcher},
@@ -34,6 +33,7 @@ use super::{
     maps::{BatchOutcome, MapHandles, ServiceMaps},
     metrics::ServiceMetrics,
     nodeport, notes,
+    objects::{EndpointSlice, EndpointSliceObject, Service, ServiceObject},
     table::{self, Frontend, NodeContext, PortEntry, ServiceRef},
 };
 use crate::{
@@ -358,8 +358,8 @@ impl Controller {
         mut nodes: watch::Receiver<Arc<NodesView>>,
         mut servers: tokio::task::JoinSet<Result<(), http::ListenError>>,
     ) -> Result<(), ServicesError> {
-        let services = watcher(Api::<Service>::all(client.clone()), watcher::Config::default()).default_backoff();
-        let slices = watcher(Api::<EndpointSlice>::all(client), watcher::Config::default()).default_backoff();
+        let services = watcher(Api::<ServiceObject>::all(client.clone()), watcher::Config::default()).default_backoff();
+        let slices = watcher(Api::<EndpointSliceObject>::all(client), watcher::Config::default()).default_backoff();
         let mut services = std::pin::pin!(services);
         let mut slices = std::pin::pin!(slices);
         let mut service_list: Listing<Service> = Listing::default();
@@ -474,7 +474,7 @@ impl Controller {
         self.dirty.insert(svc);
     }
 
-    fn on_service_event(&mut self, event: watcher::Event<Service>, listing: &mut Listing<Service>) {
+    fn on_service_event(&mut self, event: watcher::Event<ServiceObject>, listing: &mut Listing<Service>) {
         let key = |s: &Service| ServiceRef {
             namespace: s.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
             name: s.metadata.name.clone().unwrap_or_default(),
@@ -491,19 +491,20 @@ impl Controller {
                 self.health.queued();
             }
             watcher::Event::Apply(s) => {
+                let s = slim_service(s);
                 let k = key(&s);
-                self.services.insert(k.clone(), Arc::new(slim_service(s)));
+                self.services.insert(k.clone(), Arc::new(s));
                 self.mark(k);
             }
             watcher::Event::Delete(s) => {
-                let k = key(&s);
+                let k = key(&Service::from(s));
                 self.services.remove(&k);
                 self.mark(k);
             }
         }
     }
 
-    fn on_slice_event(&mut self, event: watcher::Event<EndpointSlice>, listing: &mut Listing<EndpointSlice>) {
+    fn on_slice_event(&mut self, event: watcher::Event<EndpointSliceObject>, listing: &mut Listing<EndpointSlice>) {
         match event {
             watcher::Event::Init => listing.building = Some(Vec::new()),
             watcher::Event::InitApply(s) => listing.building.get_or_insert_with(Vec::new).push(slim_slice(s)),
@@ -524,6 +525,7 @@ impl Controller {
                 }
             }
             watcher::Event::Delete(slice) => {
+                let slice = EndpointSlice::from(slice);
                 let id = (
                     slice.metadata.namespace.clone().unwrap_or_default(),
                     slice.metadata.name.clone().unwrap_or_default(),
@@ -896,24 +898,11 @@ impl Controller {
     }
 }
 
-/// Drops the metadata the service table never reads (`managedFields`, server-side apply's
-/// bookkeeping, is often larger than the object itself; kube-proxy's informers drop it too).
-fn slim_metadata(meta: &mut kube::api::ObjectMeta) {
-    meta.managed_fields = None;
-    meta.uid = None;
-    meta.resource_version = None;
-    meta.creation_timestamp = None;
-    meta.generation = None;
-    meta.owner_references = None;
-    meta.finalizers = None;
-    meta.generate_name = None;
-}
-
-/// What the agent keeps of a Service: what the service table reads. Each label or annotation
-/// map, and the selector, would cost a whole allocation node per Service.
-fn slim_service(mut service: Service) -> Service {
-    slim_metadata(&mut service.metadata);
-    // Of the annotations only the one that picks the load balancing.
+/// What the agent keeps of a Service: what the service table reads (the parser has skipped the
+/// rest; see [`super::objects`]). Of its labels and annotations only the two the table reads: each map
+/// would cost a whole allocation node per Service.
+fn slim_service(object: ServiceObject) -> Service {
+    let mut service = Service::from(object);
     if let Some(annotations) = service.metadata.annotations.as_mut() {
         annotations.retain(|k, _| k == table::LB_ALGORITHM_ANNOTATION);
         if annotations.is_empty() {
@@ -926,46 +915,15 @@ fn slim_service(mut service: Service) -> Service {
             service.metadata.labels = None;
         }
     }
-    // Of the status only the load balancer's ingress addresses (and their ipMode) matter.
-    service.status = service.status.take().and_then(|status| {
-        let ingress: Vec<_> = status
-            .load_balancer
-            .and_then(|lb| lb.ingress)
-            .into_iter()
-            .flatten()
-            .map(|i| k8s_openapi::api::core::v1::LoadBalancerIngress {
-                ip: i.ip,
-                ip_mode: i.ip_mode,
-                ..Default::default()
-            })
-            .collect();
-        (!ingress.is_empty()).then(|| k8s_openapi::api::core::v1::ServiceStatus {
-            load_balancer: Some(k8s_openapi::api::core::v1::LoadBalancerStatus { ingress: Some(ingress) }),
-            ..Default::default()
-        })
-    });
-    if let Some(spec) = service.spec.as_mut() {
-        spec.selector = None;
-        spec.ip_families = None;
-        spec.ip_family_policy = None;
-        for port in spec.ports.iter_mut().flatten() {
-            port.app_protocol = None;
-        }
-    }
     service
 }
 
 /// What the agent keeps of an EndpointSlice: what the service table reads; of the annotations
 /// only the change time that network programming latency is measured from.
-fn slim_slice(mut slice: EndpointSlice) -> EndpointSlice {
-    slim_metadata(&mut slice.metadata);
+fn slim_slice(object: EndpointSliceObject) -> EndpointSlice {
+    let mut slice = EndpointSlice::from(object);
     if let Some(annotations) = slice.metadata.annotations.as_mut() {
         annotations.retain(|k, _| k == TRIGGER_TIME);
-    }
-    for endpoint in &mut slice.endpoints {
-        endpoint.target_ref = None;
-        endpoint.hostname = None;
-        endpoint.deprecated_topology = None;
     }
     slice
 }

@@ -15,11 +15,14 @@ use std::{
 };
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use tokio::task::AbortHandle;
 use tracing::warn;
 
-use super::{http::Health, table::ServiceRef};
+use super::{
+    http::Health,
+    objects::{EndpointSlice, Service},
+    table::ServiceRef,
+};
 
 /// What one health check port reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,15 +187,10 @@ async fn serve(addr: SocketAddr, state: ServerState) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::{
-        api::{
-            core::v1::ServiceSpec,
-            discovery::v1::{Endpoint, EndpointConditions},
-        },
-        apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    };
+    use k8s_openapi::api::discovery::v1::EndpointConditions;
 
     use super::*;
+    use crate::services::objects::{Endpoint, Meta as ObjectMeta, ServiceSpec};
 
     fn lb(policy: &str, port: Option<i32>) -> Service {
         Service {

@@ -7,7 +7,9 @@
 //! - [`controller`]: the task that follows the API and drives the three;
 //! - [`http`], [`metrics`]: `/healthz` and `/metrics`;
 //! - [`health_check`]: the `healthCheckNodePort` servers;
-//! - [`notes`], [`cli`]: what `ferrynet-agent services` and `explain` show.
+//! - [`notes`], [`cli`]: what `ferrynet-agent services` and `explain` show;
+//! - [`objects`]: Services and EndpointSlices as the agent parses and keeps them (what the table
+//!   reads, nothing else).
 pub mod cli;
 pub mod controller;
 pub mod diff;
@@ -18,4 +20,5 @@ pub mod maps;
 pub mod metrics;
 pub mod nodeport;
 pub mod notes;
+pub mod objects;
 pub mod table;

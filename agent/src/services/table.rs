@@ -23,12 +23,9 @@ use std::{
 };
 
 use ipnet::IpNet;
-use k8s_openapi::api::{
-    core::v1::Service,
-    discovery::v1::{Endpoint, EndpointSlice},
-};
 use serde::{Deserialize, Serialize};
 
+use super::objects::{Endpoint, EndpointSlice, Service, ServiceSpec};
 use crate::warning::{Warning, WarningKind};
 
 /// The label that hands a Service to a particular service proxy.
@@ -588,11 +585,7 @@ fn external_addresses(
 
 /// `loadBalancerSourceRanges`, when set (pure). An entry that is not a CIDR is left out with a
 /// warning; the rest still restrict, so that a typo never opens the Service to everyone.
-fn source_ranges(
-    spec: &k8s_openapi::api::core::v1::ServiceSpec,
-    svc: &ServiceRef,
-    warnings: &mut Vec<Warning>,
-) -> Option<BTreeSet<IpNet>> {
+fn source_ranges(spec: &ServiceSpec, svc: &ServiceRef, warnings: &mut Vec<Warning>) -> Option<BTreeSet<IpNet>> {
     let raw = spec.load_balancer_source_ranges.as_ref().filter(|r| !r.is_empty())?;
     let mut out = BTreeSet::new();
     for range in raw {
@@ -833,15 +826,15 @@ pub fn slice_service(slice: &EndpointSlice) -> Option<ServiceRef> {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::{
-        api::{
-            core::v1::{ClientIPConfig, ServicePort, ServiceSpec, SessionAffinityConfig},
-            discovery::v1::{EndpointConditions, EndpointHints, EndpointPort, ForNode, ForZone},
-        },
-        apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    use k8s_openapi::api::{
+        core::v1::{ClientIPConfig, SessionAffinityConfig},
+        discovery::v1::{EndpointConditions, EndpointHints, ForNode, ForZone},
     };
 
     use super::*;
+    use crate::services::objects::{
+        EndpointPort, LoadBalancerIngress, LoadBalancerStatus, Meta as ObjectMeta, ServicePort, ServiceStatus,
+    };
 
     fn node(name: &str, zone: Option<&str>) -> NodeContext {
         NodeContext {
@@ -917,7 +910,6 @@ mod tests {
                         name: (!name.is_empty()).then(|| name.to_string()),
                         port: Some(*port),
                         protocol: Some(proto.to_string()),
-                        ..Default::default()
                     })
                     .collect(),
             ),
@@ -937,7 +929,6 @@ mod tests {
                         for_nodes: (!e.nodes.is_empty())
                             .then(|| e.nodes.iter().map(|n| ForNode { name: n.to_string() }).collect()),
                     }),
-                    ..Default::default()
                 })
                 .collect(),
         })
@@ -1068,7 +1059,6 @@ mod tests {
 
     #[test]
     fn load_balancer_ips_and_external_ips_get_both_scopes_and_source_ranges_restrict_the_balanced() {
-        use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
         let slices = [slice("v4", "IPv4", &[("http", 8080, "TCP")], &[ep("10.244.1.2", "n1")])];
         let mut svc = node_port_service("LoadBalancer", None, &[30080, 30053]);
         let spec = svc.spec.as_mut().unwrap();
@@ -1077,7 +1067,6 @@ mod tests {
         let ingress = |ip: &str, mode: Option<&str>| LoadBalancerIngress {
             ip: Some(ip.into()),
             ip_mode: mode.map(str::to_string),
-            ..Default::default()
         };
         svc.status = Some(ServiceStatus {
             load_balancer: Some(LoadBalancerStatus {
@@ -1087,7 +1076,6 @@ mod tests {
                     ingress("10.210.0.9", Some("Proxy")),
                 ]),
             }),
-            ..Default::default()
         });
         let out = service_entries(&svc, &slices, &node("n1", None));
         let find = |addr: &str, scope: Scope| {
