@@ -174,12 +174,26 @@ pub struct Options {
 struct Sample {
     latencies: Vec<Duration>,
     seconds: f64,
+    /// Each round's connections per second, in round order: to compare with another sample
+    /// round by round (see `paired_ratio`).
+    round_rates: Vec<f64>,
 }
 
 impl Sample {
+    /// One round's connections.
+    fn round(latencies: Vec<Duration>, seconds: f64) -> Sample {
+        let round_rates = vec![latencies.len() as f64 / seconds];
+        Sample {
+            latencies,
+            seconds,
+            round_rates,
+        }
+    }
+
     fn add(&mut self, other: Sample) {
         self.latencies.extend(other.latencies);
         self.seconds += other.seconds;
+        self.round_rates.extend(other.round_rates);
     }
 
     fn rate(&self) -> f64 {
@@ -352,10 +366,10 @@ fn connections(lab: &Lab, part: &str, to: &[SocketAddr], n: usize) -> Result<Sam
         .filter_map(serde_json::Value::as_f64)
         .map(|us| Duration::from_secs_f64(us / 1e6))
         .collect();
-    Ok(Sample {
+    Ok(Sample::round(
         latencies,
-        seconds: report["seconds"].as_f64().context("client report: seconds")?,
-    })
+        report["seconds"].as_f64().context("client report: seconds")?,
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1082,6 +1096,24 @@ fn median(samples: &[Duration]) -> Option<Duration> {
     sorted.get(sorted.len() / 2).copied()
 }
 
+/// `a`'s rate as a fraction of `b`'s: the median over the rounds of the ratio of the two
+/// measured in the same round. Those were measured seconds apart, so the machine's drift between
+/// rounds cancels, and a round in which one of them stalled counts for no more than any
+/// other. Samples of different numbers of rounds cannot be paired: their aggregate rates then.
+fn paired_ratio(a: &Sample, b: &Sample) -> f64 {
+    if a.round_rates.is_empty() || a.round_rates.len() != b.round_rates.len() {
+        return a.rate() / b.rate();
+    }
+    let mut ratios: Vec<f64> = a.round_rates.iter().zip(&b.round_rates).map(|(a, b)| a / b).collect();
+    ratios.sort_by(f64::total_cmp);
+    let middle = ratios.len() / 2;
+    if ratios.len().is_multiple_of(2) {
+        (ratios[middle - 1] + ratios[middle]) / 2.0
+    } else {
+        ratios[middle]
+    }
+}
+
 fn us(d: Duration) -> String {
     format!("{:.0}", d.as_secs_f64() * 1e6)
 }
@@ -1112,6 +1144,9 @@ fn report(
             .1
     };
     let direct_rate = |scale: usize| get(scale, Mode::Direct).pod_ip.rate();
+    // To the last Service, as a fraction of direct to the pod IP.
+    let vs_direct =
+        |scale: usize, mode: Mode| paired_ratio(&get(scale, mode).service, &get(scale, Mode::Direct).pod_ip);
     // The modes that ran (all, unless --modes chose some).
     let service_modes: Vec<Mode> = results[0]
         .iter()
@@ -1137,7 +1172,7 @@ fn report(
     )?;
     writeln!(
         md,
-        "A 7-node lab (see the README's section on the lab), natively routed: each mode has a node of its own (n1 direct, n2 ferrynet socket LB, n3 ferrynet per-packet only, n4 to n6 kube-proxy's iptables-legacy, iptables-nft and nftables modes) with a client pod on it, and the three backend pods run on n7, so every connection crosses the underlay as it does to a backend on another node. Every pod is set up by the real `ferrynet` CNI and every node runs the real `ferrynet-agent` (translating only on n2 and n3: `--service-proxy=false` elsewhere, `--socket-lb=false` on n3). Each backend runs a request server; the client, a process in its pod's namespace and cgroup, makes a new TCP connection per request (connect, 64-byte request, 64-byte response, close; like netperf's TCP_CRR), one at a time. Every Service has a ClusterIP and 3 ready endpoints (the three backends), written to the API with its EndpointSlice (and is of type NodePort while the NodePort range lasts: see the NodePort section; a ClusterIP connection meets none of the NodePort rules, and pod-IP traffic only kube-proxy's NodePort lookup, which it writes whether or not a Service has a NodePort); the clients connect to the **last Service created**, and the direct anchor to the backends' pod IPs (one at random per connection, as the Service picks). kube-proxy's modes are reproduced as kube-proxy writes its rules (see `tests/src/bin/ferrynet-bench/kube_proxy.rs`) and loaded into their nodes' namespaces with `iptables-legacy-restore`, `iptables-nft-restore` and `nft -f`; in iptables mode the last Service's rule is the last of `KUBE-SERVICES`, the worst case of kube-proxy's unordered chain. Since every mode is set up at once, the measurements alternate between them: {} rounds of {} connections per mode and target, the order rotating from round to round, so that the machine's drift (large on a shared VM) hits every mode alike. Each connection ends with the client's reset (SO_LINGER 0), so that no side holds it in TIME_WAIT: at these rates source ports come round again within seconds, and a SYN meeting a TIME_WAIT socket can stall a second whatever the proxy.\n",
+        "A 7-node lab (see the README's section on the lab), natively routed: each mode has a node of its own (n1 direct, n2 ferrynet socket LB, n3 ferrynet per-packet only, n4 to n6 kube-proxy's iptables-legacy, iptables-nft and nftables modes) with a client pod on it, and the three backend pods run on n7, so every connection crosses the underlay as it does to a backend on another node. Every pod is set up by the real `ferrynet` CNI and every node runs the real `ferrynet-agent` (translating only on n2 and n3: `--service-proxy=false` elsewhere, `--socket-lb=false` on n3). Each backend runs a request server; the client, a process in its pod's namespace and cgroup, makes a new TCP connection per request (connect, 64-byte request, 64-byte response, close; like netperf's TCP_CRR), one at a time. Every Service has a ClusterIP and 3 ready endpoints (the three backends), written to the API with its EndpointSlice (and is of type NodePort while the NodePort range lasts: see the NodePort section; a ClusterIP connection meets none of the NodePort rules, and pod-IP traffic only kube-proxy's NodePort lookup, which it writes whether or not a Service has a NodePort); the clients connect to the **last Service created**, and the direct anchor to the backends' pod IPs (one at random per connection, as the Service picks). kube-proxy's modes are reproduced as kube-proxy writes its rules (see `tests/src/bin/ferrynet-bench/kube_proxy.rs`) and loaded into their nodes' namespaces with `iptables-legacy-restore`, `iptables-nft-restore` and `nft -f`; in iptables mode the last Service's rule is the last of `KUBE-SERVICES`, the worst case of kube-proxy's unordered chain. Since every mode is set up at once, the measurements alternate between them: {} rounds of {} connections per mode and target, the order rotating from round to round, so that the machine's drift (large on a shared VM) hits every mode alike. Every ratio is the median over the rounds of the ratio of the two measurements taken within each round (paired, so that drift between rounds cancels), while the connections/s columns are over all rounds. Each connection ends with the client's reset (SO_LINGER 0), so that no side holds it in TIME_WAIT: at these rates source ports come round again within seconds, and a SYN meeting a TIME_WAIT socket can stall a second whatever the proxy.\n",
         opts.rounds, opts.connections
     )?;
     writeln!(
@@ -1153,7 +1188,7 @@ fn report(
     for &mode in &service_modes {
         write!(md, "| {} |", mode.label())?;
         for i in 0..opts.scales.len() {
-            write!(md, " {:.2} |", get(i, mode).service.rate() / direct_rate(i))?;
+            write!(md, " {:.2} |", vs_direct(i, mode))?;
         }
         writeln!(md)?;
     }
@@ -1185,8 +1220,8 @@ fn report(
                 "| {s} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {} |",
                 mode.label(),
                 r.service.rate(),
-                r.service.rate() / direct_rate(i),
-                r.service.rate() / r.pod_ip.rate(),
+                vs_direct(i, mode),
+                paired_ratio(&r.service, &r.pod_ip),
                 us(summary.p50),
                 us(summary.p99),
                 median(&r.programming).map_or(String::new(), |d| format!("{:.2}", d.as_secs_f64()))
@@ -1204,7 +1239,8 @@ fn report(
     )?;
     writeln!(md, "| mode | connections/s | vs a clean node | p50 (µs) | p99 (µs) |")?;
     writeln!(md, "|---|---|---|---|---|")?;
-    let clean = direct_rate(largest);
+    // Pod-IP traffic under a mode, as a fraction of the same on the clean node.
+    let vs_clean = |mode: Mode| paired_ratio(&get(largest, mode).pod_ip, &get(largest, Mode::Direct).pod_ip);
     for mode in std::iter::once(Mode::Direct).chain(service_modes.iter().copied()) {
         let r = get(largest, mode);
         let summary = Summary::of(&r.pod_ip.latencies);
@@ -1217,7 +1253,7 @@ fn report(
             md,
             "| {label} | {:.0} | {:.2} | {} | {} |",
             r.pod_ip.rate(),
-            r.pod_ip.rate() / clean,
+            vs_clean(mode),
             us(summary.p50),
             us(summary.p99)
         )?;
@@ -1232,9 +1268,7 @@ fn report(
         .into_iter()
         .filter(|m| service_modes.contains(m))
     {
-        let ratios: Vec<f64> = (0..opts.scales.len())
-            .map(|i| get(i, mode).service.rate() / direct_rate(i))
-            .collect();
+        let ratios: Vec<f64> = (0..opts.scales.len()).map(|i| vs_direct(i, mode)).collect();
         let worst = ratios.iter().copied().fold(f64::INFINITY, f64::min);
         check(
             worst >= 0.95,
@@ -1247,7 +1281,7 @@ fn report(
             [Mode::IptablesLegacy, Mode::IptablesNft, Mode::Nftables]
                 .iter()
                 .filter(|k| service_modes.contains(k))
-                .all(|k| get(i, mode).service.rate() > get(i, *k).service.rate())
+                .all(|k| paired_ratio(&get(i, mode).service, &get(i, *k).service) > 1.0)
         });
         check(
             beats,
@@ -1258,7 +1292,7 @@ fn report(
         .into_iter()
         .filter(|m| service_modes.contains(m))
     {
-        let r = get(largest, mode).pod_ip.rate() / clean;
+        let r = vs_clean(mode);
         check(
             r >= 0.98,
             format!(
@@ -1278,13 +1312,9 @@ fn report(
             let behind: Vec<String> = node_ports
                 .iter()
                 .zip(&scales)
-                .filter(|(np, _)| backend.sample(np, mode).rate() < backend.sample(np, Mode::Nftables).rate())
-                .map(|(np, s)| {
-                    format!(
-                        "{s}: {:.2} of nftables' rate",
-                        backend.sample(np, mode).rate() / backend.sample(np, Mode::Nftables).rate()
-                    )
-                })
+                .map(|(np, s)| (backend.vs_nftables(np, mode), s))
+                .filter(|(r, _)| *r < 1.0)
+                .map(|(r, s)| format!("{s}: {r:.2} of nftables' rate"))
                 .collect();
             check(
                 behind.is_empty(),
@@ -1352,9 +1382,7 @@ fn report(
                 .map(|&mode| Series {
                     label: mode.label(),
                     color: mode.color(),
-                    values: (0..opts.scales.len())
-                        .map(|i| Some(get(i, mode).service.rate() / direct_rate(i)))
-                        .collect(),
+                    values: (0..opts.scales.len()).map(|i| Some(vs_direct(i, mode))).collect(),
                     dashed: false,
                 })
                 .collect(),
@@ -1436,8 +1464,15 @@ impl NodePortBackend {
         }
     }
 
+    /// The measurement through `mode`'s node as a fraction of direct.
     fn ratio(self, np: &NodePortScale, mode: Mode) -> f64 {
-        self.sample(np, mode).rate() / self.direct(np, mode).rate()
+        paired_ratio(self.sample(np, mode), self.direct(np, mode))
+    }
+
+    /// The measurement through `mode`'s node as a fraction of the same through kube-proxy
+    /// nftables' node.
+    fn vs_nftables(self, np: &NodePortScale, mode: Mode) -> f64 {
+        paired_ratio(self.sample(np, mode), self.sample(np, Mode::Nftables))
     }
 }
 
@@ -1497,7 +1532,7 @@ fn node_port_section(md: &mut String, opts: &Options, node_ports: &[NodePortScal
                 let sample = backend.sample(np, mode);
                 let summary = Summary::of(&sample.latencies);
                 let vs_nftables = if modes.contains(&Mode::Nftables) {
-                    format!("{:.2}", sample.rate() / backend.sample(np, Mode::Nftables).rate())
+                    format!("{:.2}", backend.vs_nftables(np, mode))
                 } else {
                     String::new()
                 };
@@ -1574,4 +1609,75 @@ fn control_plane_section(md: &mut String, cp: &ControlPlane) -> Result<()> {
 
 fn write_file(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sample of `connections` per round at these rates.
+    fn sample(connections: usize, round_rates: &[f64]) -> Sample {
+        let mut sample = Sample::default();
+        for rate in round_rates {
+            sample.add(Sample::round(
+                vec![Duration::from_micros(100); connections],
+                connections as f64 / rate,
+            ));
+        }
+        sample
+    }
+
+    fn assert_near(got: f64, want: f64) {
+        assert!((got - want).abs() < 1e-9, "{got} is not {want}");
+    }
+
+    #[test]
+    fn a_sample_keeps_its_rounds_rates_in_order() {
+        let s = sample(400, &[10_000.0, 5_000.0, 8_000.0]);
+        assert_eq!(s.round_rates.len(), 3);
+        for (got, want) in s.round_rates.iter().zip([10_000.0, 5_000.0, 8_000.0]) {
+            assert_near(*got, want);
+        }
+        assert_eq!(s.latencies.len(), 1200);
+    }
+
+    #[test]
+    fn drift_between_rounds_cancels() {
+        // The machine twice as fast in half the rounds, for both. The aggregate weighs each
+        // round by its seconds, so it cancels that only while every round has as many
+        // connections: here direct's fast rounds are shorter.
+        let mut direct = sample(400, &[10_000.0, 10_000.0]);
+        direct.add(sample(100, &[20_000.0, 20_000.0]));
+        let mode = sample(400, &[9_000.0, 9_000.0, 18_000.0, 18_000.0]);
+        assert_near(paired_ratio(&mode, &direct), 0.9);
+        assert!(mode.rate() / direct.rate() > 1.0);
+    }
+
+    #[test]
+    fn a_stalled_round_counts_for_no_more_than_another() {
+        // Direct stalls to 30% in its slot of the third round; the aggregate follows it.
+        let direct = sample(400, &[10_000.0, 10_000.0, 3_000.0, 10_000.0, 10_000.0]);
+        let mode = sample(400, &[9_000.0; 5]);
+        assert_near(paired_ratio(&mode, &direct), 0.9);
+        assert!(mode.rate() / direct.rate() > 1.0);
+    }
+
+    #[test]
+    fn the_median_of_an_odd_and_an_even_number_of_rounds() {
+        let direct = sample(400, &[10_000.0; 5]);
+        let odd = sample(400, &[12_000.0, 8_000.0, 9_000.0, 10_000.0, 9_500.0]);
+        assert_near(paired_ratio(&odd, &direct), 0.95);
+        let direct = sample(400, &[10_000.0; 4]);
+        let even = sample(400, &[12_000.0, 8_000.0, 9_000.0, 10_000.0]);
+        assert_near(paired_ratio(&even, &direct), 0.95);
+    }
+
+    #[test]
+    fn unequal_rounds_fall_back_to_the_aggregate() {
+        let direct = sample(400, &[10_000.0, 20_000.0, 10_000.0]);
+        let mode = sample(400, &[9_000.0, 18_000.0]);
+        assert_near(paired_ratio(&mode, &direct), mode.rate() / direct.rate());
+        let unmeasured = Sample::default();
+        assert!(paired_ratio(&unmeasured, &direct).is_nan());
+    }
 }
