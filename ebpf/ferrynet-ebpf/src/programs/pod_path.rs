@@ -28,7 +28,9 @@ use super::{
     maps::{CT4, CT6, REV_NAT, config},
     packet::*,
     pod_stats,
-    services::{Destination, backend, lookup4, lookup6, node_port4, node_port6, select4, select6},
+    services::{
+        Destination, backend, lookup4, lookup6, node_port_in_cluster4, node_port_in_cluster6, select4, select6,
+    },
     stats::bump,
 };
 
@@ -174,7 +176,7 @@ fn from_pod4(ctx: &mut TcContext, flags: u32) -> Option<i32> {
                 return Some(verdict);
             }
             let node_port = if flags & CONFIG_F_EXTERNAL != 0 {
-                node_port4(t.daddr, t.dport, t.proto, SCOPE_INTERNAL)
+                node_port_in_cluster4(t.daddr, t.dport, t.proto)
             } else {
                 None
             };
@@ -363,7 +365,7 @@ fn from_pod6(ctx: &mut TcContext, flags: u32) -> Option<i32> {
                 return Some(verdict);
             }
             let node_port = if flags & CONFIG_F_EXTERNAL != 0 {
-                node_port6(t.daddr, t.dport, t.proto, SCOPE_INTERNAL)
+                node_port_in_cluster6(t.daddr, t.dport, t.proto)
             } else {
                 None
             };

@@ -14,7 +14,7 @@ use ferrynet_common::*;
 
 use super::{
     maps::{SOCK_BACKEND, SOCK_REVNAT4, SOCK_REVNAT6, config},
-    services::{Destination, lookup4, lookup6, node_port4, node_port6, select4, select6},
+    services::{Destination, lookup4, lookup6, node_port_in_cluster4, node_port_in_cluster6, select4, select6},
     stats::bump,
 };
 
@@ -71,7 +71,7 @@ fn translate4(ctx: &SockAddrContext, connecting: bool) -> i32 {
     let svc = match lookup4(addr, port, proto, SCOPE_INTERNAL) {
         // The node and its pods reach NodePorts on the node's addresses too.
         Destination::Other if config().flags & CONFIG_F_EXTERNAL != 0 => {
-            match node_port4(addr, port, proto, SCOPE_INTERNAL) {
+            match node_port_in_cluster4(addr, port, proto) {
                 None => return ALLOW,
                 Some(svc) if svc.count == 0 => return refuse(),
                 Some(svc) => svc,
@@ -140,7 +140,7 @@ fn translate6(ctx: &SockAddrContext, connecting: bool) -> i32 {
     };
     let svc = match lookup6(addr, port, proto, SCOPE_INTERNAL) {
         Destination::Other if config().flags & CONFIG_F_EXTERNAL != 0 => {
-            match node_port6(addr, port, proto, SCOPE_INTERNAL) {
+            match node_port_in_cluster6(addr, port, proto) {
                 None => return ALLOW,
                 Some(svc) if svc.count == 0 => return refuse(),
                 Some(svc) => svc,
