@@ -5,7 +5,11 @@ use std::{net::IpAddr, process::Command, time::Duration};
 
 use ferrynet_tests::{
     binary,
-    lab::{Lab, LabGuard, eventually},
+    lab::{
+        Lab, LabGuard,
+        demo::{is_ready, waiting_reason},
+        eventually,
+    },
 };
 use serde_json::Value;
 
@@ -51,16 +55,6 @@ fn wait_pod(lab: &Lab, name: &str, what: &str, ready: impl Fn(&Value) -> bool) -
     });
     assert!(ok, "pod {name} is not {what} within 30 s: {:#}", last["status"]);
     last
-}
-
-fn is_ready(pod: &Value) -> bool {
-    pod["status"]["conditions"]
-        .as_array()
-        .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-}
-
-fn waiting_reason(pod: &Value) -> Option<&str> {
-    pod["status"]["containerStatuses"][0]["state"]["waiting"]["reason"].as_str()
 }
 
 /// The node's PodCIDR (IPv4) a pod's address must come from.

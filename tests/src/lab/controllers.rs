@@ -36,7 +36,7 @@ use serde_json::json;
 
 use super::{
     Lab,
-    endpoints::list_all,
+    endpoints::{list_all, pod_ready},
     kubelet::{PodChange, pod_part},
 };
 
@@ -91,15 +91,6 @@ fn terminating(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_some()
 }
 
-fn ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .into_iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "True")
-}
-
 fn finished(pod: &Pod) -> bool {
     matches!(
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
@@ -132,7 +123,7 @@ pub fn plan_deployment(deployment: &Deployment, pods: &[Pod]) -> DeploymentPlan 
     owned.retain(|p| !finished(p));
     let current_template = |p: &&&Pod| p.labels().get(TEMPLATE_HASH) == Some(&hash);
     let (current, old): (Vec<&Pod>, Vec<&Pod>) = owned.iter().partition(|p| current_template(p));
-    let current_ready = current.iter().filter(|p| ready(p)).count();
+    let current_ready = current.iter().filter(|p| pod_ready(p)).count();
     if current.len() < wanted {
         for _ in current.len()..wanted {
             plan.create.push(pod_from_template(deployment, &hash));
@@ -140,7 +131,7 @@ pub fn plan_deployment(deployment: &Deployment, pods: &[Pod]) -> DeploymentPlan 
     } else if current.len() > wanted {
         // Scale down: not-ready pods go first, then the newest names (stable choice).
         let mut victims = current.clone();
-        victims.sort_by_key(|p| (ready(p), std::cmp::Reverse(p.name_any())));
+        victims.sort_by_key(|p| (pod_ready(p), std::cmp::Reverse(p.name_any())));
         plan.delete
             .extend(victims.iter().take(current.len() - wanted).map(|p| p.name_any()));
     }
@@ -150,7 +141,7 @@ pub fn plan_deployment(deployment: &Deployment, pods: &[Pod]) -> DeploymentPlan 
         plan.delete.extend(old.iter().map(|p| p.name_any()));
     }
     let total = i32::try_from(owned.len()).unwrap_or(i32::MAX);
-    let ready_count = i32::try_from(owned.iter().filter(|p| ready(p)).count()).unwrap_or(i32::MAX);
+    let ready_count = i32::try_from(owned.iter().filter(|p| pod_ready(p)).count()).unwrap_or(i32::MAX);
     let available = ready_count >= i32::try_from(wanted).unwrap_or(i32::MAX);
     plan.status = DeploymentStatus {
         observed_generation: deployment.metadata.generation,

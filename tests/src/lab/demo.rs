@@ -287,13 +287,15 @@ pub fn shell_line(argv: &[&str]) -> String {
 }
 
 /// Whether a pod (as `kubectl get pod -o json` shows it) is Ready.
-fn is_ready(pod: &Value) -> bool {
+pub fn is_ready(pod: &Value) -> bool {
     pod["status"]["conditions"]
         .as_array()
         .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
 }
 
-fn waiting_reason(pod: &Value) -> Option<&str> {
+/// Why a pod's (first) container waits (`ContainerCreating`, `ErrImagePull`, ...), as
+/// `kubectl get pod -o json` shows it.
+pub fn waiting_reason(pod: &Value) -> Option<&str> {
     pod["status"]["containerStatuses"][0]["state"]["waiting"]["reason"].as_str()
 }
 
@@ -367,6 +369,20 @@ impl Demo<'_> {
         let out = self.lab.kubectl(&["get", "pods", "-l", selector, "-o", "json"])?;
         let list: Value = serde_json::from_str(&out)?;
         Ok(list["items"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// `kubectl run client`: a bare curl pod that sleeps, for `kubectl exec` to fetch from.
+    fn run_client(&self) -> Result<()> {
+        self.kubectl(&[
+            "run",
+            "client",
+            "--image=curlimages/curl",
+            "--restart=Never",
+            "--",
+            "sleep",
+            "3600",
+        ])?;
+        Ok(())
     }
 
     /// Waits (bounded) until pod `name` satisfies `ready`, and returns it.
@@ -721,15 +737,7 @@ impl Demo<'_> {
             "no kube-proxy process on this machine; every node's agent translates Services",
         );
         self.kubectl(&["run", "nginx", "--image=nginx", "--port=80", "--expose"])?;
-        self.kubectl(&[
-            "run",
-            "client",
-            "--image=curlimages/curl",
-            "--restart=Never",
-            "--",
-            "sleep",
-            "3600",
-        ])?;
+        self.run_client()?;
         self.wait_pod("nginx", "ready", is_ready)?;
         self.wait_pod("client", "ready", is_ready)?;
         self.kubectl(&["get", "pods,services", "-o", "wide"])?;
@@ -754,15 +762,7 @@ impl Demo<'_> {
         self.step("A Deployment and its Service");
         self.kubectl(&["create", "deployment", "demo", "--image=nginx"])?;
         self.kubectl(&["expose", "deployment", "demo", "--port=80"])?;
-        self.kubectl(&[
-            "run",
-            "client",
-            "--image=curlimages/curl",
-            "--restart=Never",
-            "--",
-            "sleep",
-            "3600",
-        ])?;
+        self.run_client()?;
         let client = self.wait_pod("client", "ready", is_ready)?;
         let client_node = pod_node(&client).context("the client has no node")?;
         let mut ready_pods = Vec::new();
@@ -939,15 +939,7 @@ impl Demo<'_> {
     fn myth_4(&self, checks: &mut Checks) -> Result<()> {
         self.step("A Service and a client");
         self.kubectl(&["run", "web", "--image=nginx", "--port=80", "--expose"])?;
-        self.kubectl(&[
-            "run",
-            "client",
-            "--image=curlimages/curl",
-            "--restart=Never",
-            "--",
-            "sleep",
-            "3600",
-        ])?;
+        self.run_client()?;
         let web = self.wait_pod("web", "ready", is_ready)?;
         self.wait_pod("client", "ready", is_ready)?;
         self.kubectl(&["get", "pods,services", "-o", "wide"])?;

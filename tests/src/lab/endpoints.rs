@@ -66,7 +66,8 @@ fn resolve_ports(service: &Service, pod: &Pod) -> Option<Vec<ResolvedPort>> {
         .collect()
 }
 
-fn pod_ready(pod: &Pod) -> bool {
+/// Whether the pod's `Ready` condition is true.
+pub(super) fn pod_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())

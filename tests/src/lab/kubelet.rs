@@ -707,6 +707,13 @@ mod tests {
         assert!(same_status(&status, &again));
     }
 
+    /// The first container's waiting state (the test fails if it is not waiting).
+    fn waiting_state(
+        statuses: Option<Vec<k8s_openapi::api::core::v1::ContainerStatus>>,
+    ) -> k8s_openapi::api::core::v1::ContainerStateWaiting {
+        statuses.unwrap()[0].state.clone().unwrap().waiting.unwrap()
+    }
+
     #[test]
     fn an_unknown_image_leaves_the_pod_pending_with_err_image_pull_but_with_its_ip() {
         let status = pod_status(
@@ -716,12 +723,7 @@ mod tests {
             true,
         );
         assert_eq!(status.phase.as_deref(), Some("Pending"));
-        let waiting = status.container_statuses.unwrap()[0]
-            .state
-            .clone()
-            .unwrap()
-            .waiting
-            .unwrap();
+        let waiting = waiting_state(status.container_statuses);
         assert_eq!(waiting.reason.as_deref(), Some("ErrImagePull"));
         assert_eq!(status.pod_ip.as_deref(), Some("10.244.1.7"));
     }
@@ -744,12 +746,7 @@ mod tests {
         let status = sandbox_failed_status(&pod("nginx"), "10.200.0.11", "no network: no CNI configuration");
         assert_eq!(status.phase.as_deref(), Some("Pending"));
         assert!(status.pod_ip.is_none());
-        let waiting = status.container_statuses.unwrap()[0]
-            .state
-            .clone()
-            .unwrap()
-            .waiting
-            .unwrap();
+        let waiting = waiting_state(status.container_statuses);
         assert_eq!(waiting.reason.as_deref(), Some("ContainerCreating"));
         assert!(waiting.message.unwrap().contains("no CNI configuration"));
     }
