@@ -138,7 +138,18 @@ pub async fn run(
     kernel_paths::prepare_pin_path(&cfg.bpf_pin_path)?;
     kernel_paths::check_cgroup2(&cfg.cgroup_path)?;
     let setup_cfg = cfg.clone();
-    let (datapath, maps, report) = tokio::task::spawn_blocking(move || set_up(&setup_cfg)).await??;
+    let setup = tokio::task::spawn_blocking(move || set_up(&setup_cfg));
+    // The API is listed while the datapath loads (the verifier's work and the lists' parsing
+    // take about as long, on different threads): their events wait for the controller.
+    let mut watches = Watches::start(client);
+    let mut early: Vec<WatchEvent> = Vec::new();
+    tokio::pin!(setup);
+    let (datapath, maps, report) = loop {
+        tokio::select! {
+            done = &mut setup => break done??,
+            event = watches.next() => early.push(event?),
+        }
+    };
     info!(
         "service datapath loaded and attached ({} links made, {} upgraded, {} kept)",
         report.attached, report.upgraded, report.kept
@@ -185,7 +196,42 @@ pub async fn run(
         external_on: None,
         notes: notes::NotesWriter::start(notes::dir(&cfg.state_dir)),
     };
-    controller.run(client, nodes, servers).await
+    controller.run(watches, early, nodes, servers).await
+}
+
+type WatchStream<K> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send>>;
+
+/// The Service and EndpointSlice watches (with kube's backoff on errors).
+struct Watches {
+    services: WatchStream<ServiceObject>,
+    slices: WatchStream<EndpointSliceObject>,
+}
+
+/// One event of either watch.
+enum WatchEvent {
+    Service(Result<watcher::Event<ServiceObject>, watcher::Error>),
+    Slice(Result<watcher::Event<EndpointSliceObject>, watcher::Error>),
+}
+
+impl Watches {
+    fn start(client: Client) -> Self {
+        Self {
+            services: Box::pin(
+                watcher(Api::<ServiceObject>::all(client.clone()), watcher::Config::default()).default_backoff(),
+            ),
+            slices: Box::pin(
+                watcher(Api::<EndpointSliceObject>::all(client), watcher::Config::default()).default_backoff(),
+            ),
+        }
+    }
+
+    /// The next event of either watch; an error when one has ended.
+    async fn next(&mut self) -> Result<WatchEvent, ServicesError> {
+        tokio::select! {
+            event = self.services.next() => Ok(WatchEvent::Service(event.ok_or(ServicesError::WatchEnded("services"))?)),
+            event = self.slices.next() => Ok(WatchEvent::Slice(event.ok_or(ServicesError::WatchEnded("endpointslices"))?)),
+        }
+    }
 }
 
 /// Removes a datapath an earlier run left (pins, links, programs, maps), and idles.
@@ -354,16 +400,16 @@ impl<K> Default for Listing<K> {
 impl Controller {
     async fn run(
         &mut self,
-        client: Client,
+        mut watches: Watches,
+        early: Vec<WatchEvent>,
         mut nodes: watch::Receiver<Arc<NodesView>>,
         mut servers: tokio::task::JoinSet<Result<(), http::ListenError>>,
     ) -> Result<(), ServicesError> {
-        let services = watcher(Api::<ServiceObject>::all(client.clone()), watcher::Config::default()).default_backoff();
-        let slices = watcher(Api::<EndpointSliceObject>::all(client), watcher::Config::default()).default_backoff();
-        let mut services = std::pin::pin!(services);
-        let mut slices = std::pin::pin!(slices);
         let mut service_list: Listing<Service> = Listing::default();
         let mut slice_list: Listing<EndpointSlice> = Listing::default();
+        for event in early {
+            self.on_watch_event(event, &mut service_list, &mut slice_list);
+        }
         let mut veth_scan = tokio::time::interval(VETH_SCAN);
         veth_scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut resync = tokio::time::interval(self.cfg.resync);
@@ -372,6 +418,8 @@ impl Controller {
         let mut first_dirty: Option<Instant> = None;
         let mut last_event = Instant::now();
         self.update_zone(&nodes.borrow_and_update());
+        // Lists that finished while the datapath loaded are programmed at once.
+        self.process_when_due(&service_list, &slice_list, &mut first_dirty, last_event);
         loop {
             // /healthz listens on the node's own address, once the node is known.
             let node_ip = nodes
@@ -395,20 +443,8 @@ impl Controller {
             });
             let sleep_until = batch_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                event = services.next() => {
-                    let event = event.ok_or(ServicesError::WatchEnded("services"))?;
-                    match event {
-                        Ok(event) => self.on_service_event(event, &mut service_list),
-                        Err(e) => warn!("watching services (retrying with backoff, keeping the datapath): {e}"),
-                    }
-                    last_event = Instant::now();
-                }
-                event = slices.next() => {
-                    let event = event.ok_or(ServicesError::WatchEnded("endpointslices"))?;
-                    match event {
-                        Ok(event) => self.on_slice_event(event, &mut slice_list),
-                        Err(e) => warn!("watching endpointslices (retrying with backoff, keeping the datapath): {e}"),
-                    }
+                event = watches.next() => {
+                    self.on_watch_event(event?, &mut service_list, &mut slice_list);
                     last_event = Instant::now();
                 }
                 changed = nodes.changed() => {
@@ -436,18 +472,46 @@ impl Controller {
                 }
                 _ = tokio::time::sleep_until(sleep_until.into()), if batch_due.is_some() => {}
             }
-            self.synced = service_list.listed && slice_list.listed;
-            if !self.synced {
-                continue;
+            self.process_when_due(&service_list, &slice_list, &mut first_dirty, last_event);
+        }
+    }
+
+    /// Once both kinds are listed: a batch, when one is due (a full sync at once; changes once
+    /// events have settled, or have waited long enough).
+    fn process_when_due(
+        &mut self,
+        service_list: &Listing<Service>,
+        slice_list: &Listing<EndpointSlice>,
+        first_dirty: &mut Option<Instant>,
+        last_event: Instant,
+    ) {
+        self.synced = service_list.listed && slice_list.listed;
+        if !self.synced || (self.dirty.is_empty() && !self.full_sync_due) {
+            return;
+        }
+        let now = Instant::now();
+        let first = *first_dirty.get_or_insert(now);
+        let due = self.full_sync_due || now >= (last_event + BATCH_QUIET).min(first + BATCH_AT_MOST);
+        if due {
+            tokio::task::block_in_place(|| self.process());
+            *first_dirty = None;
+        }
+    }
+
+    fn on_watch_event(
+        &mut self,
+        event: WatchEvent,
+        service_list: &mut Listing<Service>,
+        slice_list: &mut Listing<EndpointSlice>,
+    ) {
+        match event {
+            WatchEvent::Service(Ok(event)) => self.on_service_event(event, service_list),
+            WatchEvent::Service(Err(e)) => {
+                warn!("watching services (retrying with backoff, keeping the datapath): {e}")
             }
-            if !self.dirty.is_empty() || self.full_sync_due {
-                let now = Instant::now();
-                let first = *first_dirty.get_or_insert(now);
-                let due = self.full_sync_due || now >= (last_event + BATCH_QUIET).min(first + BATCH_AT_MOST);
-                if due {
-                    tokio::task::block_in_place(|| self.process());
-                    first_dirty = None;
-                }
+            WatchEvent::Slice(Ok(event)) => self.on_slice_event(event, slice_list),
+            WatchEvent::Slice(Err(e)) => {
+                warn!("watching endpointslices (retrying with backoff, keeping the datapath): {e}")
             }
         }
     }
