@@ -33,7 +33,7 @@ use super::{
     maps::{BatchOutcome, MapHandles, ServiceMaps},
     metrics::ServiceMetrics,
     nodeport, notes,
-    objects::{EndpointSlice, EndpointSliceObject, Service, ServiceObject},
+    objects::{EndpointSlice, EndpointSliceObject, Service, ServiceObject, TRIGGER_TIME_ANNOTATION},
     table::{self, Frontend, NodeContext, PortEntry, ServiceRef},
 };
 use crate::{
@@ -115,9 +115,6 @@ const BATCH_QUIET: Duration = Duration::from_millis(2);
 const BATCH_AT_MOST: Duration = Duration::from_millis(20);
 /// How often pod veths without the pod programs are looked for.
 const VETH_SCAN: Duration = Duration::from_secs(2);
-/// The annotation the EndpointSlice controller stamps with the time of the change a slice
-/// reflects (kube-proxy measures network programming latency from it).
-const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// Runs until aborted.
 pub async fn run(
@@ -147,7 +144,15 @@ pub async fn run(
     let (datapath, maps, report) = loop {
         tokio::select! {
             done = &mut setup => break done??,
-            event = watches.next() => early.push(event?),
+            event = watches.next() => match event {
+                Ok(event) => early.push(event),
+                Err(e) => {
+                    // Not while the datapath is being set up: a restart would set it up again
+                    // over the same pins.
+                    let _ = setup.await;
+                    return Err(e);
+                }
+            },
         }
     };
     info!(
@@ -207,10 +212,22 @@ struct Watches {
     slices: WatchStream<EndpointSliceObject>,
 }
 
-/// One event of either watch.
+/// One event of either watch, its objects already in the form the agent keeps (so that events
+/// waiting for the datapath hold no more than the controller would).
 enum WatchEvent {
-    Service(Result<watcher::Event<ServiceObject>, watcher::Error>),
-    Slice(Result<watcher::Event<EndpointSliceObject>, watcher::Error>),
+    Service(Result<watcher::Event<Service>, watcher::Error>),
+    Slice(Result<watcher::Event<EndpointSlice>, watcher::Error>),
+}
+
+/// An event with its object converted to the form the agent keeps.
+fn kept<K, S: From<K>>(event: watcher::Event<K>) -> watcher::Event<S> {
+    match event {
+        watcher::Event::Apply(object) => watcher::Event::Apply(object.into()),
+        watcher::Event::Delete(object) => watcher::Event::Delete(object.into()),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(object) => watcher::Event::InitApply(object.into()),
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
 }
 
 impl Watches {
@@ -228,8 +245,14 @@ impl Watches {
     /// The next event of either watch; an error when one has ended.
     async fn next(&mut self) -> Result<WatchEvent, ServicesError> {
         tokio::select! {
-            event = self.services.next() => Ok(WatchEvent::Service(event.ok_or(ServicesError::WatchEnded("services"))?)),
-            event = self.slices.next() => Ok(WatchEvent::Slice(event.ok_or(ServicesError::WatchEnded("endpointslices"))?)),
+            event = self.services.next() => {
+                let event = event.ok_or(ServicesError::WatchEnded("services"))?;
+                Ok(WatchEvent::Service(event.map(kept)))
+            }
+            event = self.slices.next() => {
+                let event = event.ok_or(ServicesError::WatchEnded("endpointslices"))?;
+                Ok(WatchEvent::Slice(event.map(kept)))
+            }
         }
     }
 }
@@ -538,14 +561,14 @@ impl Controller {
         self.dirty.insert(svc);
     }
 
-    fn on_service_event(&mut self, event: watcher::Event<ServiceObject>, listing: &mut Listing<Service>) {
+    fn on_service_event(&mut self, event: watcher::Event<Service>, listing: &mut Listing<Service>) {
         let key = |s: &Service| ServiceRef {
             namespace: s.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
             name: s.metadata.name.clone().unwrap_or_default(),
         };
         match event {
             watcher::Event::Init => listing.building = Some(Vec::new()),
-            watcher::Event::InitApply(s) => listing.building.get_or_insert_with(Vec::new).push(slim_service(s)),
+            watcher::Event::InitApply(s) => listing.building.get_or_insert_with(Vec::new).push(s),
             watcher::Event::InitDone => {
                 let listed = listing.building.take().unwrap_or_default();
                 self.services = listed.into_iter().map(|s| (key(&s), Arc::new(s))).collect();
@@ -555,23 +578,22 @@ impl Controller {
                 self.health.queued();
             }
             watcher::Event::Apply(s) => {
-                let s = slim_service(s);
                 let k = key(&s);
                 self.services.insert(k.clone(), Arc::new(s));
                 self.mark(k);
             }
             watcher::Event::Delete(s) => {
-                let k = key(&Service::from(s));
+                let k = key(&s);
                 self.services.remove(&k);
                 self.mark(k);
             }
         }
     }
 
-    fn on_slice_event(&mut self, event: watcher::Event<EndpointSliceObject>, listing: &mut Listing<EndpointSlice>) {
+    fn on_slice_event(&mut self, event: watcher::Event<EndpointSlice>, listing: &mut Listing<EndpointSlice>) {
         match event {
             watcher::Event::Init => listing.building = Some(Vec::new()),
-            watcher::Event::InitApply(s) => listing.building.get_or_insert_with(Vec::new).push(slim_slice(s)),
+            watcher::Event::InitApply(s) => listing.building.get_or_insert_with(Vec::new).push(s),
             watcher::Event::InitDone => {
                 let listed = listing.building.take().unwrap_or_default();
                 self.slices.clear();
@@ -584,12 +606,11 @@ impl Controller {
                 self.health.queued();
             }
             watcher::Event::Apply(slice) => {
-                if let Some(svc) = self.put_slice(slim_slice(slice)) {
+                if let Some(svc) = self.put_slice(slice) {
                     self.mark(svc);
                 }
             }
             watcher::Event::Delete(slice) => {
-                let slice = EndpointSlice::from(slice);
                 let id = (
                     slice.metadata.namespace.clone().unwrap_or_default(),
                     slice.metadata.name.clone().unwrap_or_default(),
@@ -644,7 +665,7 @@ impl Controller {
             .metadata
             .annotations
             .as_ref()
-            .and_then(|a| a.get(TRIGGER_TIME))
+            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
             .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
         else {
             return;
@@ -960,36 +981,6 @@ impl Controller {
             }
         }
     }
-}
-
-/// What the agent keeps of a Service: what the service table reads (the parser has skipped the
-/// rest; see [`super::objects`]). Of its labels and annotations only the two the table reads: each map
-/// would cost a whole allocation node per Service.
-fn slim_service(object: ServiceObject) -> Service {
-    let mut service = Service::from(object);
-    if let Some(annotations) = service.metadata.annotations.as_mut() {
-        annotations.retain(|k, _| k == table::LB_ALGORITHM_ANNOTATION);
-        if annotations.is_empty() {
-            service.metadata.annotations = None;
-        }
-    }
-    if let Some(labels) = service.metadata.labels.as_mut() {
-        labels.retain(|k, _| k == table::SERVICE_PROXY_NAME_LABEL);
-        if labels.is_empty() {
-            service.metadata.labels = None;
-        }
-    }
-    service
-}
-
-/// What the agent keeps of an EndpointSlice: what the service table reads; of the annotations
-/// only the change time that network programming latency is measured from.
-fn slim_slice(object: EndpointSliceObject) -> EndpointSlice {
-    let mut slice = EndpointSlice::from(object);
-    if let Some(annotations) = slice.metadata.annotations.as_mut() {
-        annotations.retain(|k, _| k == TRIGGER_TIME);
-    }
-    slice
 }
 
 /// After a full sync (the first, or a relist), the list's objects and their JSON have been

@@ -5,14 +5,16 @@
 //! bytes before its strings, a `Service` about 800, and `managedFields` often outweighs the
 //! object), and at 10,000 Services most of the agent's memory went to fields it never reads,
 //! most of all while the initial list was parsed. serde skips undeclared fields while parsing,
-//! so what is not declared here is never allocated. Field names and nesting follow the API's, so
-//! the table reads these as it would read the API's types.
+//! so what is not declared here is never allocated; of the labels and annotations only the
+//! entries in [`KEPT_KEYS`] are (a `kubectl apply`'s `last-applied-configuration` annotation can
+//! be as large as the object). Field names and nesting follow the API's, so the table reads
+//! these as it would read the API's types.
 //!
 //! Two shapes per kind: [`ServiceObject`] and [`EndpointSliceObject`] are what the watches parse
 //! (kube's `Resource` needs a full `ObjectMeta`, filled only with what is read); [`Service`] and
 //! [`EndpointSlice`] are what the controller keeps, with a four-field [`Meta`].
 
-use std::{borrow::Cow, collections::BTreeMap};
+use std::{borrow::Cow, collections::BTreeMap, fmt};
 
 use k8s_openapi::{
     NamespaceResourceScope,
@@ -22,7 +24,25 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use serde::{Deserialize, Deserializer};
+use serde::{
+    Deserialize, Deserializer,
+    de::{IgnoredAny, MapAccess, Visitor},
+};
+
+use super::table::{LB_ALGORITHM_ANNOTATION, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
+
+/// The annotation the EndpointSlice controller stamps with the time of the change a slice
+/// reflects (kube-proxy measures network programming latency from it).
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// The only label and annotation keys the agent reads, of either kind: a Service's proxy name
+/// and load balancing, a slice's Service and change time.
+pub const KEPT_KEYS: [&str; 4] = [
+    SERVICE_PROXY_NAME_LABEL,
+    LB_ALGORITHM_ANNOTATION,
+    SERVICE_NAME_LABEL,
+    TRIGGER_TIME_ANNOTATION,
+];
 
 /// The metadata the agent reads: the object's identity, its labels and annotations (the
 /// controller keeps only the few it needs of those).
@@ -45,12 +65,59 @@ struct WatchedMeta {
     name: Option<String>,
     #[serde(default)]
     namespace: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "kept_entries")]
     labels: Option<BTreeMap<String, String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "kept_entries")]
     annotations: Option<BTreeMap<String, String>>,
     #[serde(default)]
     resource_version: Option<String>,
+}
+
+/// Of a labels or annotations map, the entries under [`KEPT_KEYS`] (None when there are none);
+/// the other values are skipped unread.
+fn kept_entries<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    struct Kept;
+
+    impl<'de> Visitor<'de> for Kept {
+        type Value = Option<BTreeMap<String, String>>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a map of strings, or null")
+        }
+
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+            deserializer.deserialize_map(Kept)
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut kept = BTreeMap::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if KEPT_KEYS.contains(&key.as_str()) {
+                    let value = map.next_value::<String>()?;
+                    kept.insert(key, value);
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok((!kept.is_empty()).then_some(kept))
+        }
+    }
+
+    deserializer.deserialize_option(Kept)
+}
+
+/// A list the API may send as `null` (an EndpointSlice without endpoints comes as
+/// `"endpoints": null` from API servers before Kubernetes 1.36): empty then.
+fn list_or_null<'de, D: Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> Result<Vec<T>, D::Error> {
+    Ok(Option::<Vec<T>>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 fn watched_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
@@ -161,7 +228,7 @@ pub struct EndpointSlice {
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "list_or_null")]
     pub addresses: Vec<String>,
     #[serde(default)]
     pub conditions: Option<EndpointConditions>,
@@ -201,7 +268,7 @@ pub struct EndpointSliceObject {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub address_type: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "list_or_null")]
     pub endpoints: Vec<Endpoint>,
     #[serde(default)]
     pub ports: Option<Vec<EndpointPort>>,
@@ -309,6 +376,8 @@ mod tests {
         }))
         .expect("a full Service parses");
         assert_eq!(service.metadata.resource_version.as_deref(), Some("42"));
+        // Of the labels, only those the agent reads.
+        assert_eq!(service.metadata.labels, None);
         assert_eq!(service.metadata.uid, None);
         assert_eq!(service.metadata.managed_fields, None);
         let service = Service::from(service);
@@ -390,5 +459,64 @@ mod tests {
         assert_eq!(spec.ports.expect("ports")[0].node_port, None);
         let slice: EndpointSliceObject = serde_json::from_value(serde_json::json!({"metadata": {}})).expect("parses");
         assert!(slice.endpoints.is_empty());
+        // A slice without endpoints, as API servers before 1.36 send it.
+        let slice: EndpointSliceObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "annotations": null},
+            "addressType": "IPv4", "endpoints": null, "ports": null,
+        }))
+        .expect("null lists parse");
+        assert!(slice.endpoints.is_empty());
+        assert_eq!(slice.ports, None);
+        let slice: EndpointSliceObject = serde_json::from_value(serde_json::json!({
+            "addressType": "IPv4", "endpoints": [{"addresses": null}],
+        }))
+        .expect("null addresses parse");
+        assert!(slice.endpoints[0].addresses.is_empty());
+    }
+
+    #[test]
+    fn of_labels_and_annotations_only_the_read_keys_are_kept() {
+        let last_applied = "x".repeat(10_000);
+        let slice: EndpointSliceObject = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web-1",
+                "labels": {"kubernetes.io/service-name": "web", "app": "web", "endpointslice.kubernetes.io/managed-by": "x"},
+                "annotations": {
+                    "endpoints.kubernetes.io/last-change-trigger-time": "2026-12-01T10:00:00Z",
+                    "kubectl.kubernetes.io/last-applied-configuration": last_applied,
+                    "nested": {"not": "a string"},
+                },
+            },
+        }))
+        .expect("parses");
+        assert_eq!(
+            slice.metadata.labels,
+            Some([(SERVICE_NAME_LABEL.to_string(), "web".to_string())].into())
+        );
+        assert_eq!(
+            slice.metadata.annotations,
+            Some([(TRIGGER_TIME_ANNOTATION.to_string(), "2026-12-01T10:00:00Z".to_string())].into())
+        );
+        let service: ServiceObject = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "labels": {"service.kubernetes.io/service-proxy-name": "ferrynet"},
+                "annotations": {"ferrynet.io/lb-algorithm": "maglev", "other": "y"},
+            },
+        }))
+        .expect("parses");
+        let service = Service::from(service);
+        assert_eq!(
+            service.metadata.labels,
+            Some([(SERVICE_PROXY_NAME_LABEL.to_string(), "ferrynet".to_string())].into())
+        );
+        assert_eq!(
+            service.metadata.annotations,
+            Some([(LB_ALGORITHM_ANNOTATION.to_string(), "maglev".to_string())].into())
+        );
+        // A value of a kept key that is not a string is refused, as the API's types refuse it.
+        let bad: Result<ServiceObject, _> = serde_json::from_value(serde_json::json!({
+            "metadata": {"labels": {"service.kubernetes.io/service-proxy-name": 7}},
+        }));
+        assert!(bad.is_err());
     }
 }
