@@ -854,16 +854,15 @@ pub fn run(opts: &Options) -> Result<String> {
     // A node per mode (n1 to n6) and one for the backends (n7), natively routed.
     let mut lab = LabGuard::up(Mode::ALL.len() as u8 + 1, "native");
     lab.wait_converged(Duration::from_secs(120))?;
-    // ferrynet translates only on its own modes' nodes; elsewhere the agent runs without.
+    // No node translates until every node's own speed is measured (the baseline below); then
+    // ferrynet translates only on its own modes' nodes, and elsewhere the agent runs without.
     for node in Mode::ALL
         .iter()
-        .filter(|m| !matches!(m, Mode::SocketLb | Mode::PerPacket))
         .map(|m| m.node())
         .chain(std::iter::once(BACKEND_NODE.to_string()))
     {
         restart_agent(&lab, &node, Mode::Direct.agent_flags(), 0)?;
     }
-    restart_agent(&lab, &Mode::PerPacket.node(), Mode::PerPacket.agent_flags(), 0)?;
     for mode in &modes {
         lab.run_pod(&mode.client(), &mode.node(), &Default::default())?;
     }
@@ -926,6 +925,31 @@ pub fn run(opts: &Options) -> Result<String> {
     for mode in &entry_modes {
         wait_answering(&lab, EXTERNAL_CLIENT, local_pod_ip(*mode))?;
     }
+    // The baseline: each mode's client straight to the pod IPs while no node has any proxy, in
+    // rounds rotating as the measurements do. Nodes of one lab differ by a few percent on this
+    // VM whatever runs on them; each ratio to direct is divided by its node's.
+    let mut baseline: Vec<(Mode, Sample)> = modes.iter().map(|m| (*m, Sample::default())).collect();
+    for round in 0..opts.rounds {
+        for k in 0..modes.len() {
+            let mode = modes[(k + round) % modes.len()];
+            let sample = connections(&lab, &format!("pod-{}", mode.client()), &pod_ips, opts.connections)?;
+            baseline
+                .iter_mut()
+                .find(|(m, _)| *m == mode)
+                .expect("every mode")
+                .1
+                .add(sample);
+        }
+    }
+    for (mode, sample) in &baseline {
+        eprintln!(
+            "baseline, {}'s node: {:.0} connections/s to the pod IPs",
+            mode.label(),
+            sample.rate()
+        );
+    }
+    restart_agent(&lab, &Mode::SocketLb.node(), Mode::SocketLb.agent_flags(), 0)?;
+    restart_agent(&lab, &Mode::PerPacket.node(), Mode::PerPacket.agent_flags(), 0)?;
     // The single-endpoint Services, created before the numbered ones so that one of those is
     // the last.
     create_services(
@@ -1084,7 +1108,7 @@ pub fn run(opts: &Options) -> Result<String> {
         None
     };
     drop(lab);
-    report(opts, &results, &node_port_results, control.as_ref())
+    report(opts, &baseline, &results, &node_port_results, control.as_ref())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1094,6 +1118,16 @@ fn median(samples: &[Duration]) -> Option<Duration> {
     let mut sorted = samples.to_vec();
     sorted.sort();
     sorted.get(sorted.len() / 2).copied()
+}
+
+/// Each mode's node's speed without any proxy, as a fraction of the direct mode's node (1 for a
+/// mode without a baseline).
+fn node_speeds(baseline: &[(Mode, Sample)]) -> impl Fn(Mode) -> f64 + '_ {
+    let of = move |mode: Mode| baseline.iter().find(|(m, _)| *m == mode).map(|(_, s)| s);
+    move |mode: Mode| match (of(mode), of(Mode::Direct)) {
+        (Some(node), Some(direct)) if !node.round_rates.is_empty() => paired_ratio(node, direct),
+        _ => 1.0,
+    }
 }
 
 /// `a`'s rate as a fraction of `b`'s: the median over the rounds of the ratio of the two
@@ -1132,6 +1166,7 @@ fn thousands(n: usize) -> String {
 
 fn report(
     opts: &Options,
+    baseline: &[(Mode, Sample)],
     results: &[Vec<(Mode, ModeResult)>],
     node_ports: &[NodePortScale],
     cp: Option<&ControlPlane>,
@@ -1144,9 +1179,11 @@ fn report(
             .1
     };
     let direct_rate = |scale: usize| get(scale, Mode::Direct).pod_ip.rate();
-    // To the last Service, as a fraction of direct to the pod IP.
-    let vs_direct =
-        |scale: usize, mode: Mode| paired_ratio(&get(scale, mode).service, &get(scale, Mode::Direct).pod_ip);
+    let node_speed = node_speeds(baseline);
+    // To the last Service, as a fraction of direct to the pod IP, for the mode's node.
+    let vs_direct = |scale: usize, mode: Mode| {
+        paired_ratio(&get(scale, mode).service, &get(scale, Mode::Direct).pod_ip) / node_speed(mode)
+    };
     // The modes that ran (all, unless --modes chose some).
     let service_modes: Vec<Mode> = results[0]
         .iter()
@@ -1177,6 +1214,26 @@ fn report(
     )?;
     writeln!(
         md,
+        "Nodes of one lab are not equally fast on this VM, whatever runs on them: before any proxy is set up, every mode's client makes the same rounds of connections straight to the pod IPs (the baseline below), and every ratio to direct (and to a clean node) is divided by that of the mode's node, so that it measures the mode and not the node. The uncorrected ratio is in the table of every measurement.\n"
+    )?;
+    writeln!(md, "## Each node's own speed, before any proxy\n")?;
+    writeln!(
+        md,
+        "| the node of | connections/s to the pod IPs | vs the direct mode's node |"
+    )?;
+    writeln!(md, "|---|---|---|")?;
+    for (mode, sample) in baseline {
+        writeln!(
+            md,
+            "| {} | {:.0} | {:.2} |",
+            mode.label(),
+            sample.rate(),
+            node_speed(*mode)
+        )?;
+    }
+    writeln!(md)?;
+    writeln!(
+        md,
         "## Connection rate to the last Service, as a fraction of direct to the pod IP\n"
     )?;
     write!(md, "| mode |")?;
@@ -1199,14 +1256,14 @@ fn report(
     writeln!(md, "## Every measurement\n")?;
     writeln!(
         md,
-        "| Services | mode | connections/s | vs direct | vs this mode's pod-IP traffic | p50 (µs) | p99 (µs) | programming all Services (s) |"
+        "| Services | mode | connections/s | vs direct | vs direct, uncorrected | vs this mode's pod-IP traffic | p50 (µs) | p99 (µs) | programming all Services (s) |"
     )?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
     for (i, s) in scales.iter().enumerate() {
         let direct = Summary::of(&get(i, Mode::Direct).pod_ip.latencies);
         writeln!(
             md,
-            "| {s} | {} | {:.0} | 1.00 | | {} | {} | |",
+            "| {s} | {} | {:.0} | 1.00 | 1.00 | | {} | {} | |",
             Mode::Direct.label(),
             direct_rate(i),
             us(direct.p50),
@@ -1217,10 +1274,11 @@ fn report(
             let summary = Summary::of(&r.service.latencies);
             writeln!(
                 md,
-                "| {s} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {} |",
+                "| {s} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
                 mode.label(),
                 r.service.rate(),
                 vs_direct(i, mode),
+                paired_ratio(&r.service, &get(i, Mode::Direct).pod_ip),
                 paired_ratio(&r.service, &r.pod_ip),
                 us(summary.p50),
                 us(summary.p99),
@@ -1239,8 +1297,10 @@ fn report(
     )?;
     writeln!(md, "| mode | connections/s | vs a clean node | p50 (µs) | p99 (µs) |")?;
     writeln!(md, "|---|---|---|---|---|")?;
-    // Pod-IP traffic under a mode, as a fraction of the same on the clean node.
-    let vs_clean = |mode: Mode| paired_ratio(&get(largest, mode).pod_ip, &get(largest, Mode::Direct).pod_ip);
+    // Pod-IP traffic under a mode, as a fraction of the same on the clean node, for the mode's
+    // node.
+    let vs_clean =
+        |mode: Mode| paired_ratio(&get(largest, mode).pod_ip, &get(largest, Mode::Direct).pod_ip) / node_speed(mode);
     for mode in std::iter::once(Mode::Direct).chain(service_modes.iter().copied()) {
         let r = get(largest, mode);
         let summary = Summary::of(&r.pod_ip.latencies);
@@ -1281,7 +1341,9 @@ fn report(
             [Mode::IptablesLegacy, Mode::IptablesNft, Mode::Nftables]
                 .iter()
                 .filter(|k| service_modes.contains(k))
-                .all(|k| paired_ratio(&get(i, mode).service, &get(i, *k).service) > 1.0)
+                .all(|k| {
+                    paired_ratio(&get(i, mode).service, &get(i, *k).service) * node_speed(*k) / node_speed(mode) > 1.0
+                })
         });
         check(
             beats,
@@ -1629,6 +1691,20 @@ mod tests {
 
     fn assert_near(got: f64, want: f64) {
         assert!((got - want).abs() < 1e-9, "{got} is not {want}");
+    }
+
+    #[test]
+    fn a_nodes_speed_is_its_baseline_against_the_direct_nodes_and_one_without_a_baseline() {
+        let baseline = vec![
+            (Mode::Direct, sample(200, &[10_000.0, 20_000.0, 10_000.0])),
+            (Mode::SocketLb, sample(200, &[9_500.0, 19_000.0, 9_500.0])),
+            (Mode::Nftables, Sample::default()),
+        ];
+        let speed = node_speeds(&baseline);
+        assert_near(speed(Mode::Direct), 1.0);
+        assert_near(speed(Mode::SocketLb), 0.95);
+        assert_near(speed(Mode::Nftables), 1.0);
+        assert_near(speed(Mode::PerPacket), 1.0);
     }
 
     #[test]
