@@ -52,6 +52,9 @@ pub enum WarningKind {
     MapFull,
     /// The datapath could not be loaded, attached or written.
     Datapath,
+    /// A pinned map's capacity is not what the settings ask: a pinned map keeps the capacity it
+    /// was created with until `ferrynet-agent cleanup`.
+    PinnedMapSize,
 }
 
 /// One problem, with the object it is about.

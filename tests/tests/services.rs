@@ -937,6 +937,39 @@ fn cleanup_and_service_proxy_off_leave_no_program_link_map_or_pin() {
         services_listing(&lab, "n1")
     );
 
+    // A size setting that differs from a pinned map's capacity is reported, not silently
+    // ignored (the pinned map is kept, so that flows survive the restart).
+    let map_warnings = || -> Vec<String> {
+        lab.agent_status("n1").map_or_else(
+            |_| Vec::new(),
+            |status| {
+                status["services"]["warnings"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|w| w["message"].as_str())
+                    .filter(|m| m.contains("is pinned with"))
+                    .map(str::to_string)
+                    .collect()
+            },
+        )
+    };
+    let other_size = (ferrynet_common::DEFAULT_MAX_CONNTRACK * 2).to_string();
+    lab.stop_agent("n1").unwrap();
+    lab.start_agent_with("n1", &["--max-conntrack", &other_size]).unwrap();
+    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    let reported = map_warnings();
+    assert!(
+        reported
+            .iter()
+            .any(|m| m.contains(ferrynet_common::CT4_MAP) && m.contains(&other_size)),
+        "{reported:?}"
+    );
+    lab.stop_agent("n1").unwrap();
+    lab.start_agent("n1").unwrap();
+    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    assert_eq!(map_warnings(), Vec::<String>::new());
+
     // Restarted with --service-proxy=false, the agent removes the datapath an earlier run left.
     lab.stop_agent("n1").unwrap();
     lab.start_agent_with("n1", &["--service-proxy", "false"]).unwrap();

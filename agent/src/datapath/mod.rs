@@ -209,7 +209,35 @@ pub struct AttachReport {
     pub kept: usize,
 }
 
+/// The maps whose capacity (`pinned`: as pinned, None when unknown) is not the one `wanted`
+/// asks for, with both (pure).
+pub fn capacity_mismatches(
+    wanted: &[(&'static str, u32)],
+    pinned: impl Fn(&'static str) -> Option<u32>,
+) -> Vec<(&'static str, u32, u32)> {
+    wanted
+        .iter()
+        .filter_map(|&(name, want)| {
+            let have = pinned(name)?;
+            (have != want).then_some((name, have, want))
+        })
+        .collect()
+}
+
 impl Datapath {
+    /// The pinned maps whose capacity differs from `sizes` (pinned, wanted): a map pinned by an
+    /// earlier run is reused as it is, so a changed size setting takes effect only once
+    /// `ferrynet-agent cleanup` has removed it.
+    pub fn pinned_size_mismatches(&self, sizes: MapSizes) -> Vec<(&'static str, u32, u32)> {
+        let mut wanted: Vec<(&'static str, u32)> = sizes.entries().iter().map(|&(n, s)| (n, s.max(1))).collect();
+        wanted.push((SOCK_REVNAT6_MAP, sizes.sockets.max(1)));
+        capacity_mismatches(&wanted, |name| {
+            aya::maps::MapInfo::from_pin(self.pins.map(name))
+                .ok()
+                .map(|info| info.max_entries())
+        })
+    }
+
     /// Loads the kernel object (verifier included), with every map pinned under `pin_root` (the
     /// agent's `--bpf-pin-path`): maps an earlier run pinned are reused as they are.
     pub fn load(pin_root: &Path, sizes: MapSizes) -> Result<Self, DatapathError> {
@@ -910,4 +938,18 @@ pub fn cleanup(pin_root: &Path) -> Result<(), ErrorList<DatapathError>> {
     remove_tree(&pins.links(), &mut errors);
     remove_tree(&root, &mut errors);
     errors.into_result()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn maps_pinned_with_another_capacity_are_named_with_both() {
+        let wanted = [("ct4", 4096), ("backends", 100), ("maglev", 10)];
+        let pinned = |name: &str| match name {
+            "ct4" => Some(8192),
+            "backends" => Some(100),
+            _ => None,
+        };
+        assert_eq!(super::capacity_mismatches(&wanted, pinned), [("ct4", 8192, 4096)]);
+    }
 }

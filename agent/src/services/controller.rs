@@ -159,6 +159,22 @@ pub async fn run(
         "service datapath loaded and attached ({} links made, {} upgraded, {} kept)",
         report.attached, report.upgraded, report.kept
     );
+    let map_warnings: Vec<Warning> = datapath
+        .pinned_size_mismatches(cfg.sizes)
+        .into_iter()
+        .map(|(map, pinned, wanted)| {
+            let warning = Warning::new(
+                WarningKind::PinnedMapSize,
+                format!(
+                    "map {map} is pinned with {pinned} entries where the settings ask for {wanted}: \
+                     a pinned map keeps its capacity (so that flows survive restarts); \
+                     `ferrynet-agent cleanup` and a restart apply the new size"
+                ),
+            );
+            warn!("{}", warning.message);
+            warning
+        })
+        .collect();
     status.update(|s| {
         let d = &mut s.services.details;
         d.bpf_pin_path = Some(cfg.bpf_pin_path.clone());
@@ -200,6 +216,7 @@ pub async fn run(
         full_sync_due: true,
         external_on: None,
         notes: notes::NotesWriter::start(notes::dir(&cfg.state_dir)),
+        map_warnings,
     };
     controller.run(watches, early, nodes, servers).await
 }
@@ -403,6 +420,8 @@ struct Controller {
     /// What the datapath's external reply check was last set to (none: not yet this run).
     external_on: Option<bool>,
     notes: notes::NotesWriter,
+    /// Pinned maps whose capacity is not the settings' (found at load).
+    map_warnings: Vec<Warning>,
 }
 
 /// A watch of one kind, with its list state.
@@ -843,7 +862,12 @@ impl Controller {
         } else {
             self.health.updated();
         }
-        let warnings: Vec<Warning> = self.warnings.values().flatten().cloned().collect();
+        let warnings: Vec<Warning> = self
+            .map_warnings
+            .iter()
+            .chain(self.warnings.values().flatten())
+            .cloned()
+            .collect();
         let (services, frontends, backends) = (
             self.service_frontends.len(),
             self.maps.frontends().len(),
