@@ -1,7 +1,7 @@
 //! The lab: 2-3 node clusters in namespaces, real agents, real CNI, real traffic.
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::fs::PermissionsExt,
     process::Command,
     time::{Duration, Instant},
@@ -1211,19 +1211,30 @@ fn a_pod_cannot_send_with_another_pods_address() {
     let receiver = lab.run_pod("receiver", "n2", &BTreeMap::new()).unwrap();
     let honest_ns = lab.pod_ns("honest").unwrap();
     for v4 in [true, false] {
-        let wildcard: SocketAddr = if v4 { "0.0.0.0:9998" } else { "[::]:9998" }.parse().unwrap();
+        // A port per family: the first family's socket may outlive its loop for a moment (a
+        // process another test forks holds its descriptor until it execs), and a dual-stack
+        // wildcard on the same port would then be refused.
+        let port: u16 = if v4 { 9998 } else { 9997 };
+        let wildcard = SocketAddr::new(
+            if v4 {
+                Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                Ipv6Addr::UNSPECIFIED.into()
+            },
+            port,
+        );
         let probe = UdpProbe::bind(&lab.pod_ns("receiver").unwrap(), wildcard).unwrap();
         let to = receiver.ip(v4);
         // With its own address, a raw packet arrives...
         let own = lab.pod("honest").unwrap().ip(v4);
-        send_raw(&honest_ns, &ip_udp(own, to, 5000, 9998, b"honest")).unwrap();
+        send_raw(&honest_ns, &ip_udp(own, to, 5000, port, b"honest")).unwrap();
         let (payload, from) = probe.receive(Duration::from_secs(3)).expect("own source delivered");
         assert_eq!((payload.as_slice(), from.ip()), (&b"honest"[..], own));
         // ...with another pod's, or an address nobody holds, it is dropped at the host veth.
         let victim = lab.pod("victim").unwrap().ip(v4);
         let nobody: IpAddr = if v4 { "10.244.1.222" } else { "fd00:244:1::222" }.parse().unwrap();
         for spoofed in [victim, nobody] {
-            send_raw(&honest_ns, &ip_udp(spoofed, to, 5000, 9998, b"spoofed")).unwrap();
+            send_raw(&honest_ns, &ip_udp(spoofed, to, 5000, port, b"spoofed")).unwrap();
         }
         assert_eq!(
             probe.receive(Duration::from_secs(1)),
