@@ -233,6 +233,10 @@ pub const HAIRPIN_V6: [u8; 16] = [0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
 /// Conntrack idle timeouts: a flow idle this long is new again (and may pick another backend).
 pub const CT_TCP_IDLE_NS: u64 = 6 * 3600 * 1_000_000_000;
 pub const CT_UDP_IDLE_NS: u64 = 120 * 1_000_000_000;
+/// How stale a per-packet flow's `last_seen_ns` may get: a packet of a flow seen more recently
+/// writes nothing, so an established flow's packets cost one conntrack lookup, not two lookups
+/// and two writes. Far below the idle timeouts, so no live flow expires for it.
+pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 
 /// An IPv4 address as the datapath keeps it (network order, read as memory).
 pub fn addr4(octets: [u8; 4]) -> u32 {

@@ -79,8 +79,8 @@ fn close6(key: CtKey6) {
 /// reset its last one, or reuses ports quickly), balanced afresh as the stack's conntrack
 /// would, instead of pinned to the closed flow's backend (which may have gone since).
 #[inline(always)]
-fn reopens<A>(ctx: &TcContext, t: &Tuple<A>, e: &CtValue) -> bool {
-    e.flags & CT_F_CLOSED != 0 && e.flags & CT_F_SNAT_REPLY == 0 && is_tcp_syn(ctx, t)
+fn reopens<A>(t: &Tuple<A>, e: &CtValue) -> bool {
+    e.flags & CT_F_CLOSED != 0 && e.flags & CT_F_SNAT_REPLY == 0 && is_tcp_syn(t)
 }
 
 /// An externalIP's or load balancer IP's entry for external traffic, when `addr`:`port` is one.
@@ -218,8 +218,8 @@ fn from_uplink4(ctx: &mut TcContext) -> Option<i32> {
     if let Some(entry) = CT4.get_ptr_mut(key) {
         // SAFETY: copied out at once.
         let e = unsafe { *entry };
-        if !expired(&e, now, t.proto) && !reopens(ctx, &t, &e) {
-            let closing = is_tcp_end(ctx, &t);
+        if !expired(&e, now, t.proto) && !reopens(&t, &e) {
+            let closing = is_tcp_end(&t);
             touch(entry, now, closing);
             if e.flags & CT_F_SNAT_REPLY != 0 {
                 // Another node's backend answering: back to the client's view, and out.
@@ -257,7 +257,7 @@ fn from_uplink4(ctx: &mut TcContext) -> Option<i32> {
             rewrite_port(ctx, &t, 2, t.dport, b.port)?;
             bump(Stat::PacketsTranslated);
             if e.client_port == 0 {
-                if closing && is_tcp_rst(ctx, &t) {
+                if closing && is_tcp_rst(&t) {
                     // A client's reset ends the flow at once: the local backend's reply entry
                     // closes too (see `reply_to_external4`). A FIN only half-closes: the backend
                     // may answer for a long while yet, and its own FIN closes the entry.
@@ -397,8 +397,8 @@ fn from_uplink6(ctx: &mut TcContext) -> Option<i32> {
     if let Some(entry) = CT6.get_ptr_mut(key) {
         // SAFETY: copied out at once.
         let e = unsafe { *entry };
-        if !expired(&e, now, t.proto) && !reopens(ctx, &t, &e) {
-            let closing = is_tcp_end(ctx, &t);
+        if !expired(&e, now, t.proto) && !reopens(&t, &e) {
+            let closing = is_tcp_end(&t);
             touch(entry, now, closing);
             if e.flags & CT_F_SNAT_REPLY != 0 {
                 // SAFETY: copied out at once.
@@ -432,7 +432,7 @@ fn from_uplink6(ctx: &mut TcContext) -> Option<i32> {
             rewrite_port(ctx, &t, 2, t.dport, b.port)?;
             bump(Stat::PacketsTranslated);
             if e.client_port == 0 {
-                if closing && is_tcp_rst(ctx, &t) {
+                if closing && is_tcp_rst(&t) {
                     close6(CtKey6 {
                         saddr: b.addr,
                         daddr: t.saddr,
@@ -547,10 +547,8 @@ fn from_uplink6(ctx: &mut TcContext) -> Option<i32> {
 /// client reached the pod directly from a port its NodePort flow used (a NodePort flow reopened
 /// on the tuple would have written a fresh entry). Left untranslated, and the entry goes.
 #[inline(always)]
-fn answers_new_connection<A>(ctx: &TcContext, t: &Tuple<A>, e: &CtValue) -> bool {
-    e.flags & CT_F_CLOSED != 0
-        && t.proto == PROTO_TCP
-        && ctx.load::<u8>(t.l4 + 13).is_ok_and(|flags| flags & 0x12 == 0x12)
+fn answers_new_connection<A>(t: &Tuple<A>, e: &CtValue) -> bool {
+    e.flags & CT_F_CLOSED != 0 && is_tcp_syn_ack(t)
 }
 
 /// A local backend's reply to an external client (at its veth's ingress): its source becomes the
@@ -571,11 +569,11 @@ pub fn reply_to_external4(ctx: &mut TcContext, t: &Tuple<u32>) -> Option<i32> {
     let e = unsafe { *entry };
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if expired(&e, now, t.proto) || answers_new_connection(ctx, t, &e) {
+    if expired(&e, now, t.proto) || answers_new_connection(t, &e) {
         let _ = CT4.remove(key);
         return None;
     }
-    touch(entry, now, is_tcp_end(ctx, t));
+    touch(entry, now, is_tcp_end(t));
     // SAFETY: copied out at once.
     let frontend = unsafe { REV_NAT.get(e.service) }.copied()?;
     let node = e.client_addr[0];
@@ -601,11 +599,11 @@ pub fn reply_to_external6(ctx: &mut TcContext, t: &Tuple<[u32; 4]>) -> Option<i3
     let e = unsafe { *entry };
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if expired(&e, now, t.proto) || answers_new_connection(ctx, t, &e) {
+    if expired(&e, now, t.proto) || answers_new_connection(t, &e) {
         let _ = CT6.remove(key);
         return None;
     }
-    touch(entry, now, is_tcp_end(ctx, t));
+    touch(entry, now, is_tcp_end(t));
     // SAFETY: copied out at once.
     let frontend = unsafe { REV_NAT.get(e.service) }.copied()?;
     let node = e.client_addr;

@@ -27,43 +27,75 @@ pub struct Tuple<A> {
     pub l4: usize,
     /// Offset of the L4 checksum.
     pub csum: usize,
+    /// TCP's flags byte (0 for UDP).
+    pub tcp_flags: u8,
+}
+
+/// Reads a `T` at `offset`: straight from the packet when it is in the linear part (as the
+/// headers of nearly every packet are), else through the load helper. The helper call costs
+/// more than a bounds check, and a packet's tuple takes a dozen reads.
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    let start = ctx.data();
+    if start + offset + core::mem::size_of::<T>() <= ctx.data_end() {
+        // SAFETY: the bounds are checked against `data_end` just above, as the verifier requires.
+        return Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) });
+    }
+    ctx.load::<T>(offset).ok()
 }
 
 #[inline(always)]
 pub fn ethertype(ctx: &TcContext) -> Option<u16> {
-    ctx.load::<u16>(12).ok().map(u16::from_be)
+    read::<u16>(ctx, 12).map(u16::from_be)
 }
 
+/// The ports, checksum offset and TCP flags of an L4 header at the constant offset `L4`, read
+/// straight from the packet. (The verifier cannot bound a direct read at a variable offset the
+/// way the compiler writes the check, so only constant offsets are read directly.)
 #[inline(always)]
-pub fn l4_offsets(ctx: &TcContext, l4: usize, proto: u8) -> Option<(u16, u16, usize)> {
-    let csum = match proto {
-        PROTO_TCP => l4 + 16,
-        PROTO_UDP => l4 + 6,
+pub fn l4_fields<const L4: usize>(ctx: &TcContext, proto: u8) -> Option<(u16, u16, usize, u8)> {
+    let (csum, tcp_flags) = match proto {
+        PROTO_TCP => (L4 + 16, read::<u8>(ctx, L4 + 13)?),
+        PROTO_UDP => (L4 + 6, 0),
         _ => return None,
     };
-    let sport = ctx.load::<u16>(l4).ok()?;
-    let dport = ctx.load::<u16>(l4 + 2).ok()?;
-    Some((sport, dport, csum))
+    Some((read::<u16>(ctx, L4)?, read::<u16>(ctx, L4 + 2)?, csum, tcp_flags))
+}
+
+/// [`l4_fields`] at a variable offset (after IPv4 options, which are rare), through the load
+/// helper.
+#[inline(always)]
+fn l4_fields_loaded(ctx: &TcContext, l4: usize, proto: u8) -> Option<(u16, u16, usize, u8)> {
+    let (csum, tcp_flags) = match proto {
+        PROTO_TCP => (l4 + 16, ctx.load::<u8>(l4 + 13).ok()?),
+        PROTO_UDP => (l4 + 6, 0),
+        _ => return None,
+    };
+    Some((ctx.load::<u16>(l4).ok()?, ctx.load::<u16>(l4 + 2).ok()?, csum, tcp_flags))
 }
 
 #[inline(always)]
 pub fn parse4(ctx: &TcContext) -> Option<Tuple<u32>> {
     let ip = ETH_HLEN;
-    let vihl = ctx.load::<u8>(ip).ok()?;
+    let vihl = read::<u8>(ctx, ip)?;
     let ihl = usize::from(vihl & 0x0f) * 4;
     if ihl < 20 {
         return None;
     }
     // Non-first fragments carry no ports: left alone.
-    let frag = u16::from_be(ctx.load::<u16>(ip + 6).ok()?);
+    let frag = u16::from_be(read::<u16>(ctx, ip + 6)?);
     if frag & 0x1fff != 0 {
         return None;
     }
-    let proto = ctx.load::<u8>(ip + 9).ok()?;
-    let saddr = ctx.load::<u32>(ip + 12).ok()?;
-    let daddr = ctx.load::<u32>(ip + 16).ok()?;
+    let proto = read::<u8>(ctx, ip + 9)?;
+    let saddr = read::<u32>(ctx, ip + 12)?;
+    let daddr = read::<u32>(ctx, ip + 16)?;
     let l4 = ip + ihl;
-    let (sport, dport, csum) = l4_offsets(ctx, l4, proto)?;
+    let (sport, dport, csum, tcp_flags) = if ihl == 20 {
+        l4_fields::<{ ETH_HLEN + 20 }>(ctx, proto)?
+    } else {
+        l4_fields_loaded(ctx, l4, proto)?
+    };
     Some(Tuple {
         saddr,
         daddr,
@@ -72,28 +104,24 @@ pub fn parse4(ctx: &TcContext) -> Option<Tuple<u32>> {
         proto,
         l4,
         csum,
+        tcp_flags,
     })
 }
 
 #[inline(always)]
 pub fn load6(ctx: &TcContext, offset: usize) -> Option<[u32; 4]> {
-    Some([
-        ctx.load::<u32>(offset).ok()?,
-        ctx.load::<u32>(offset + 4).ok()?,
-        ctx.load::<u32>(offset + 8).ok()?,
-        ctx.load::<u32>(offset + 12).ok()?,
-    ])
+    read::<[u32; 4]>(ctx, offset)
 }
 
 #[inline(always)]
 pub fn parse6(ctx: &TcContext) -> Option<Tuple<[u32; 4]>> {
     let ip = ETH_HLEN;
     // Extension headers are not followed: such packets are left alone.
-    let proto = ctx.load::<u8>(ip + 6).ok()?;
+    let proto = read::<u8>(ctx, ip + 6)?;
     let saddr = load6(ctx, ip + 8)?;
     let daddr = load6(ctx, ip + 24)?;
     let l4 = ip + 40;
-    let (sport, dport, csum) = l4_offsets(ctx, l4, proto)?;
+    let (sport, dport, csum, tcp_flags) = l4_fields::<{ ETH_HLEN + 40 }>(ctx, proto)?;
     Some(Tuple {
         saddr,
         daddr,
@@ -102,6 +130,7 @@ pub fn parse6(ctx: &TcContext) -> Option<Tuple<[u32; 4]>> {
         proto,
         l4,
         csum,
+        tcp_flags,
     })
 }
 
@@ -211,20 +240,26 @@ pub fn expired(entry: &CtValue, now: u64, proto: u8) -> bool {
 
 /// Whether a TCP segment ends its connection (FIN or RST).
 #[inline(always)]
-pub fn is_tcp_end<A>(ctx: &TcContext, t: &Tuple<A>) -> bool {
-    t.proto == PROTO_TCP && ctx.load::<u8>(t.l4 + 13).is_ok_and(|flags| flags & 0x05 != 0)
+pub fn is_tcp_end<A>(t: &Tuple<A>) -> bool {
+    t.proto == PROTO_TCP && t.tcp_flags & 0x05 != 0
 }
 
 /// Whether a TCP segment resets its connection.
 #[inline(always)]
-pub fn is_tcp_rst<A>(ctx: &TcContext, t: &Tuple<A>) -> bool {
-    t.proto == PROTO_TCP && ctx.load::<u8>(t.l4 + 13).is_ok_and(|flags| flags & 0x04 != 0)
+pub fn is_tcp_rst<A>(t: &Tuple<A>) -> bool {
+    t.proto == PROTO_TCP && t.tcp_flags & 0x04 != 0
 }
 
 /// Whether a TCP segment opens a connection (SYN without ACK).
 #[inline(always)]
-pub fn is_tcp_syn<A>(ctx: &TcContext, t: &Tuple<A>) -> bool {
-    t.proto == PROTO_TCP && ctx.load::<u8>(t.l4 + 13).is_ok_and(|flags| flags & 0x12 == 0x02)
+pub fn is_tcp_syn<A>(t: &Tuple<A>) -> bool {
+    t.proto == PROTO_TCP && t.tcp_flags & 0x12 == 0x02
+}
+
+/// Whether a TCP segment accepts a connection (SYN and ACK).
+#[inline(always)]
+pub fn is_tcp_syn_ack<A>(t: &Tuple<A>) -> bool {
+    t.proto == PROTO_TCP && t.tcp_flags & 0x12 == 0x12
 }
 
 const AF_INET: u8 = 2;

@@ -145,8 +145,6 @@ fn from_pod4(ctx: &mut TcContext, flags: u32) -> Option<i32> {
         return reply_to_external4(ctx, &t);
     }
     let hairpin = addr4(HAIRPIN_V4);
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     if t.daddr == hairpin {
         // A pod's reply to itself through its Service: back to the client's view, and back in.
         let key = CtKey4 {
@@ -184,9 +182,9 @@ fn from_pod4(ctx: &mut TcContext, flags: u32) -> Option<i32> {
                 // Only a SYN opens a TCP flow to a NodePort: any other segment to a node address
                 // on a port of the NodePort range is the pod answering a connection the node
                 // opened from that port.
-                Some(svc) => (svc, t.proto != PROTO_TCP || is_tcp_syn(ctx, &t)),
+                Some(svc) => (svc, t.proto != PROTO_TCP || is_tcp_syn(&t)),
                 _ => {
-                    if is_tcp_syn(ctx, &t) {
+                    if is_tcp_syn(&t) {
                         forget_reused_tuple4(&t);
                     }
                     return None;
@@ -197,17 +195,19 @@ fn from_pod4(ctx: &mut TcContext, flags: u32) -> Option<i32> {
         Destination::Service(svc) => (svc, true),
     };
     // One call site: the translation is inlined once.
-    translate4(ctx, &t, svc, now, may_open)
+    translate4(ctx, &t, svc, may_open)
 }
 
 /// A pod's packet to frontend `svc` (at `t.daddr`:`t.dport`): to a backend, its flow recorded.
 /// Unless `may_open`, only a packet of a known flow is translated (None: left alone).
 #[inline(always)]
-fn translate4(ctx: &mut TcContext, t: &Tuple<u32>, svc: ServiceValue, now: u64, may_open: bool) -> Option<i32> {
+fn translate4(ctx: &mut TcContext, t: &Tuple<u32>, svc: ServiceValue, may_open: bool) -> Option<i32> {
     if svc.count == 0 {
         return may_open.then(|| refuse(ctx));
     }
     let t = *t;
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     let hairpin = addr4(HAIRPIN_V4);
     let key = CtKey4 {
         saddr: t.saddr,
@@ -263,17 +263,23 @@ fn translate4(ctx: &mut TcContext, t: &Tuple<u32>, svc: ServiceValue, now: u64, 
         ..value
     };
     match (new_flow, forward_entry) {
-        // A known flow: both entries are refreshed in place, so that a packet of an established
-        // flow allocates nothing (an insert into an LRU map takes a fresh element each time).
+        // A known flow: both entries are refreshed in place (an insert into an LRU map would take
+        // a fresh element each time), and only once per refresh interval.
         (false, Some(forward)) => {
             // SAFETY: the pointer is to this map's value for `key`, valid during this program.
-            unsafe { (*forward).last_seen_ns = now };
-            match CT4.get_ptr_mut(reply) {
-                // SAFETY: as above, for `reply`.
-                Some(entry) => unsafe { (*entry).last_seen_ns = now },
-                None => {
-                    if CT4.insert(reply, reply_value, 0).is_err() {
-                        bump(Stat::ConntrackFull);
+            if now.saturating_sub(unsafe { (*forward).last_seen_ns }) < CT_REFRESH_NS {
+                // Seen within the refresh interval: nothing to write, and no lookup of the reply
+                // entry (which `to_pod`'s lookups keep from eviction meanwhile).
+            } else {
+                // SAFETY: as above.
+                unsafe { (*forward).last_seen_ns = now };
+                match CT4.get_ptr_mut(reply) {
+                    // SAFETY: as above, for `reply`.
+                    Some(entry) => unsafe { (*entry).last_seen_ns = now },
+                    None => {
+                        if CT4.insert(reply, reply_value, 0).is_err() {
+                            bump(Stat::ConntrackFull);
+                        }
                     }
                 }
             }
@@ -336,8 +342,6 @@ fn from_pod6(ctx: &mut TcContext, flags: u32) -> Option<i32> {
         return reply_to_external6(ctx, &t);
     }
     let hairpin = addr6(HAIRPIN_V6);
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     if t.daddr == hairpin {
         let key = CtKey6 {
             saddr: t.saddr,
@@ -373,9 +377,9 @@ fn from_pod6(ctx: &mut TcContext, flags: u32) -> Option<i32> {
                 // Only a SYN opens a TCP flow to a NodePort: any other segment to a node address
                 // on a port of the NodePort range is the pod answering a connection the node
                 // opened from that port.
-                Some(svc) => (svc, t.proto != PROTO_TCP || is_tcp_syn(ctx, &t)),
+                Some(svc) => (svc, t.proto != PROTO_TCP || is_tcp_syn(&t)),
                 _ => {
-                    if is_tcp_syn(ctx, &t) {
+                    if is_tcp_syn(&t) {
                         forget_reused_tuple6(&t);
                     }
                     return None;
@@ -386,15 +390,17 @@ fn from_pod6(ctx: &mut TcContext, flags: u32) -> Option<i32> {
         Destination::Service(svc) => (svc, true),
     };
     // One call site: the translation is inlined once.
-    translate6(ctx, &t, svc, now, may_open)
+    translate6(ctx, &t, svc, may_open)
 }
 
 #[inline(always)]
-fn translate6(ctx: &mut TcContext, t: &Tuple<[u32; 4]>, svc: ServiceValue, now: u64, may_open: bool) -> Option<i32> {
+fn translate6(ctx: &mut TcContext, t: &Tuple<[u32; 4]>, svc: ServiceValue, may_open: bool) -> Option<i32> {
     if svc.count == 0 {
         return may_open.then(|| refuse(ctx));
     }
     let t = *t;
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     let hairpin = addr6(HAIRPIN_V6);
     let key = CtKey6 {
         saddr: t.saddr,
@@ -449,17 +455,23 @@ fn translate6(ctx: &mut TcContext, t: &Tuple<[u32; 4]>, svc: ServiceValue, now: 
         ..value
     };
     match (new_flow, forward_entry) {
-        // A known flow: both entries are refreshed in place, so that a packet of an established
-        // flow allocates nothing (an insert into an LRU map takes a fresh element each time).
+        // A known flow: both entries are refreshed in place (an insert into an LRU map would take
+        // a fresh element each time), and only once per refresh interval.
         (false, Some(forward)) => {
             // SAFETY: the pointer is to this map's value for `key`, valid during this program.
-            unsafe { (*forward).last_seen_ns = now };
-            match CT6.get_ptr_mut(reply) {
-                // SAFETY: as above, for `reply`.
-                Some(entry) => unsafe { (*entry).last_seen_ns = now },
-                None => {
-                    if CT6.insert(reply, reply_value, 0).is_err() {
-                        bump(Stat::ConntrackFull);
+            if now.saturating_sub(unsafe { (*forward).last_seen_ns }) < CT_REFRESH_NS {
+                // Seen within the refresh interval: nothing to write, and no lookup of the reply
+                // entry (which `to_pod`'s lookups keep from eviction meanwhile).
+            } else {
+                // SAFETY: as above.
+                unsafe { (*forward).last_seen_ns = now };
+                match CT6.get_ptr_mut(reply) {
+                    // SAFETY: as above, for `reply`.
+                    Some(entry) => unsafe { (*entry).last_seen_ns = now },
+                    None => {
+                        if CT6.insert(reply, reply_value, 0).is_err() {
+                            bump(Stat::ConntrackFull);
+                        }
                     }
                 }
             }
