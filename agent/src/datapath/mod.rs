@@ -26,7 +26,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, MapData, MapError, MapInfo, PerCpuHashMap},
+    maps::{Array, MapData, MapError, MapInfo},
     programs::{
         CgroupAttachMode, CgroupSockAddr, Iter, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
@@ -244,6 +244,7 @@ impl Datapath {
         let pins = PinLayout::new(pin_root);
         pins.create()
             .map_err(|(path, source)| DatapathError::Io { path, source })?;
+        retire_maps(&pins)?;
         let object = kfunc::resolve_all(PROGRAMS, &[SOCK_DESTROY_KFUNC])?;
         let mut loader = EbpfLoader::new();
         for name in PINNED_MAPS {
@@ -699,32 +700,25 @@ impl Datapath {
             .info()
             .map_err(|source| DatapathError::Map { name, source })
     }
+}
 
-    /// What the pod behind host veth `ifindex` has sent, summed over CPUs.
-    pub fn from_pod_counters(&self, ifindex: u32) -> Result<TrafficCounters, DatapathError> {
-        let map = self
-            .ebpf
-            .map(FROM_POD_STATS_MAP)
-            .ok_or(DatapathError::Missing(FROM_POD_STATS_MAP))?;
-        let stats: PerCpuHashMap<_, u32, TrafficCounters> =
-            PerCpuHashMap::try_from(map).map_err(|source| DatapathError::Map {
-                name: FROM_POD_STATS_MAP,
-                source,
-            })?;
-        match stats.get(&ifindex, 0) {
-            Ok(per_cpu) => Ok(per_cpu
-                .iter()
-                .fold(TrafficCounters::default(), |sum, c| TrafficCounters {
-                    packets: sum.packets + c.packets,
-                    bytes: sum.bytes + c.bytes,
-                })),
-            Err(MapError::KeyNotFound) => Ok(TrafficCounters::default()),
-            Err(source) => Err(DatapathError::Map {
-                name: FROM_POD_STATS_MAP,
-                source,
-            }),
+/// Maps that earlier agents pinned and this one no longer has: an upgraded node drops them, so
+/// that they neither hold memory nor outlive the datapath that used them.
+const RETIRED_MAPS: [&str; 1] = [
+    // Per-pod packet counters: a lookup on every packet a pod sent, read by no one.
+    "FROM_POD_STATS",
+];
+
+fn retire_maps(pins: &PinLayout) -> Result<(), DatapathError> {
+    for name in RETIRED_MAPS {
+        let path = pins.map(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!("removed the map {name}, which this version no longer uses"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path)(e)),
         }
     }
+    Ok(())
 }
 
 /// Names of the kernel programs' counters, by [`Stat`] index.
@@ -794,9 +788,6 @@ pub fn map_fill(pins: &PinLayout, known: &[(&'static str, u64)]) -> Vec<(&'stati
                 LpmTrie::<_, SourceRangeKey6, u8>::try_from(map).map_or(0, |m| m.keys().count() as u64)
             }
             MAGLEV_MAP => HashMap::<_, MaglevKey, MaglevChunk>::try_from(map).map_or(0, |m| m.keys().count() as u64),
-            FROM_POD_STATS_MAP => {
-                PerCpuHashMap::<_, u32, TrafficCounters>::try_from(map).map_or(0, |m| m.keys().count() as u64)
-            }
             _ => continue,
         };
         out.push((name, entries, capacity));

@@ -52,8 +52,6 @@ pub const SERVICE_CIDRS4_MAP: &str = "SERVICE_CIDRS4";
 pub const SERVICE_CIDRS6_MAP: &str = "SERVICE_CIDRS6";
 pub const DATAPATH_CONFIG_MAP: &str = "DATAPATH_CONFIG";
 pub const DATAPATH_STATS_MAP: &str = "DATAPATH_STATS";
-/// Packets and bytes each pod sends, keyed by the ifindex of its host-side veth.
-pub const FROM_POD_STATS_MAP: &str = "FROM_POD_STATS";
 pub const NODE_ADDRS4_MAP: &str = "NODE_ADDRS4";
 pub const NODE_ADDRS6_MAP: &str = "NODE_ADDRS6";
 /// The node's InternalIPs, as [`NodeAddress`]es (index 0 IPv4, 1 IPv6): where flows to an
@@ -67,7 +65,7 @@ pub const SOURCE_RANGES6_MAP: &str = "SOURCE_RANGES6";
 pub const MAGLEV_MAP: &str = "MAGLEV";
 
 /// Every map the datapath pins, in the order the agent reports them.
-pub const PINNED_MAPS: [&str; 24] = [
+pub const PINNED_MAPS: [&str; 23] = [
     SERVICES4_MAP,
     SERVICES6_MAP,
     SERVICE_SLOTS_MAP,
@@ -85,7 +83,6 @@ pub const PINNED_MAPS: [&str; 24] = [
     SERVICE_CIDRS6_MAP,
     DATAPATH_CONFIG_MAP,
     DATAPATH_STATS_MAP,
-    FROM_POD_STATS_MAP,
     NODE_ADDRS4_MAP,
     NODE_ADDRS6_MAP,
     SNAT_ADDRS_MAP,
@@ -128,8 +125,6 @@ pub const MAX_SERVICE_CIDRS: u32 = 64;
 pub const MAX_NODE_ADDRS: u32 = 1024;
 /// Capacity of each source range trie.
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
-/// Capacity of the per-pod maps. A node runs a few hundred pods at most; this leaves room.
-pub const MAX_PODS: u32 = 4096;
 /// The most backends one service port can have.
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
 /// How many frontends may balance by Maglev at once, by default (each table takes
@@ -549,14 +544,6 @@ pub enum Stat {
 
 pub const STAT_COUNT: u32 = 14;
 
-/// Packets and bytes seen by a program, per CPU.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TrafficCounters {
-    pub packets: u64,
-    pub bytes: u64,
-}
-
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -586,7 +573,6 @@ mod user {
         SockRevNatKey6,
         SockRevNatValue,
         DatapathConfig,
-        TrafficCounters,
         SourceRangeKey4,
         SourceRangeKey6,
         MaglevKey

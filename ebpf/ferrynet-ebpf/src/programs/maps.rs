@@ -3,7 +3,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use ferrynet_common::*;
 
@@ -60,11 +60,6 @@ pub static SNAT_ADDRS: Array<NodeAddress> = Array::with_max_entries(2, 0);
 pub static DATAPATH_CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 #[map]
 pub static DATAPATH_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
-/// What each pod sends, keyed by the ifindex of its host-side veth. An LRU map: a veth that goes
-/// away leaves its entry behind, and the least recently used entries make room for new pods
-/// instead of new pods going uncounted once the map is full.
-#[map]
-pub static FROM_POD_STATS: LruPerCpuHashMap<u32, TrafficCounters> = LruPerCpuHashMap::with_max_entries(MAX_PODS, 0);
 
 /// The datapath's settings.
 #[inline(always)]

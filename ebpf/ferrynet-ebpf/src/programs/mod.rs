@@ -13,7 +13,6 @@ mod external;
 mod maps;
 mod packet;
 mod pod_path;
-mod pod_stats;
 mod services;
 mod sock_lb;
 mod stats;

@@ -71,7 +71,12 @@ fn l4_fields_loaded(ctx: &TcContext, l4: usize, proto: u8) -> Option<(u16, u16, 
         PROTO_UDP => (l4 + 6, 0),
         _ => return None,
     };
-    Some((ctx.load::<u16>(l4).ok()?, ctx.load::<u16>(l4 + 2).ok()?, csum, tcp_flags))
+    Some((
+        ctx.load::<u16>(l4).ok()?,
+        ctx.load::<u16>(l4 + 2).ok()?,
+        csum,
+        tcp_flags,
+    ))
 }
 
 #[inline(always)]

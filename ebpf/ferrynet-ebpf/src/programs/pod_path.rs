@@ -4,10 +4,13 @@
 //! - `from_pod` (ingress of the host veth: everything the pod sends): a packet to a Service
 //!   address is DNATed to a backend, its flow recorded in the conntrack map; a packet to a
 //!   Service port without endpoints (or to a Service CIDR address nobody holds) is marked for the
-//!   agent's firewall table to reject. Anything else pays one map lookup and goes on untouched;
-//!   a TCP SYN pays one more, to forget a finished Service flow whose translated tuple the new
-//!   connection reuses (a pod that reached a backend through its Service, then reaches it
-//!   directly from the same port, must not get the Service's address on the replies).
+//!   agent's firewall table to reject. Anything else goes on untouched after the service map's
+//!   lookup (and the Service CIDR trie's, when `--service-cidrs` is set), plus, while NodePorts
+//!   are translated, the conntrack lookup for a local backend's reply to an external client and
+//!   the node address map's; a TCP SYN pays one more, to forget a finished Service flow whose
+//!   translated tuple the new connection reuses (a pod that reached a backend through its
+//!   Service, then reaches it directly from the same port, must not get the Service's address
+//!   on the replies).
 //! - `to_pod` (egress: everything sent to the pod): a backend's reply gets the Service address
 //!   back, while its flow is not idle past the conntrack limit.
 //! - Hairpin: a pod reaching itself through its Service sees the hairpin address as the source,
@@ -27,7 +30,6 @@ use super::{
     external::{reply_to_external4, reply_to_external6},
     maps::{CT4, CT6, REV_NAT, config},
     packet::*,
-    pod_stats,
     services::{
         Destination, backend, lookup4, lookup6, node_port_in_cluster4, node_port_in_cluster6, select4, select6,
     },
@@ -114,7 +116,6 @@ fn reply_source6(entry: &CtValue) -> Option<([u32; 4], u16)> {
 
 #[classifier]
 pub fn from_pod(mut ctx: TcContext) -> i32 {
-    pod_stats::count(&ctx);
     let flags = config().flags;
     if flags & (CONFIG_F_PER_PACKET | CONFIG_F_EXTERNAL) == 0 {
         return NEXT;
