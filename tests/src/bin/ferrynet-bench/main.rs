@@ -31,8 +31,56 @@ use ferrynet_tests::{
 };
 use serde_json::{Value, json};
 
+const USAGE: &str = "usage: ferrynet-bench cni [--ops N] [--concurrency C] [--out FILE]
+       ferrynet-bench ipam [--samples N] [--prefix LEN] [--out FILE]
+       ferrynet-bench net [--seconds S] [--rounds R] [--requests N] [--out FILE]
+       ferrynet-bench services [--scales N,N,..] [--connections N] [--rounds R] [--changes N] [--modes M,M,..] [--out FILE] [--chart FILE] [--nodeport-chart FILE]";
+
+/// The flags each command takes (each with a value).
+fn known_flags(command: &str) -> Option<&'static [&'static str]> {
+    Some(match command {
+        "cni" => &["--ops", "--concurrency", "--out"],
+        "ipam" => &["--samples", "--prefix", "--out"],
+        "net" => &["--seconds", "--rounds", "--requests", "--out"],
+        "services" => &[
+            "--scales",
+            "--connections",
+            "--rounds",
+            "--changes",
+            "--modes",
+            "--out",
+            "--chart",
+            "--nodeport-chart",
+        ],
+        "crr-server" => &["--port"],
+        "crr-client" => &["--to", "--connections", "--warmup"],
+        _ => return None,
+    })
+}
+
+/// Refuses anything but `--flag value` pairs of `command`'s flags: a mistyped flag must not
+/// start a benchmark that runs for minutes with the defaults.
+fn check_flags(command: &str, flags: &[String]) -> Result<()> {
+    let known = known_flags(command).with_context(|| format!("unknown command {command:?}\n{USAGE}"))?;
+    for pair in flags.chunks(2) {
+        let name = pair[0].as_str();
+        if !known.contains(&name) {
+            bail!("{command}: unknown flag {name:?}\n{USAGE}");
+        }
+        if pair.len() < 2 {
+            bail!("{command}: {name} needs a value");
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.is_empty() || args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    check_flags(&args[0], &args[1..])?;
     let flag = |name: &str| {
         args.iter()
             .position(|a| a == name)
@@ -102,12 +150,7 @@ fn main() -> Result<()> {
             services::crr_client(&to, connections, warmup)?;
             return Ok(());
         }
-        _ => bail!(
-            "usage: ferrynet-bench cni [--ops N] [--concurrency C] [--out FILE]\n       \
-             ferrynet-bench ipam [--samples N] [--prefix LEN] [--out FILE]\n       \
-             ferrynet-bench net [--seconds S] [--rounds R] [--requests N] [--out FILE]\n       \
-             ferrynet-bench services [--scales N,N,..] [--connections N] [--rounds R] [--changes N] [--modes M,M,..] [--out FILE] [--chart FILE] [--nodeport-chart FILE]"
-        ),
+        _ => bail!("{USAGE}"),
     };
     print!("{report}");
     if let Some(path) = out {
@@ -655,5 +698,30 @@ mod net {
         }
         drop(paths);
         Ok(md)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn only_a_commands_own_flags_with_values_pass() {
+        check_flags("services", &args(&["--scales", "100", "--modes", "socket-lb"])).unwrap();
+        check_flags("crr-client", &args(&["--to", "10.0.0.1:80", "--connections", "5"])).unwrap();
+        // A mistyped or foreign flag, a flag without its value, an unknown command.
+        for (command, flags) in [
+            ("services", &["--scale", "100"][..]),
+            ("services", &["--ops", "100"][..]),
+            ("services", &["--scales"][..]),
+            ("services", &["--scales", "100", "extra"][..]),
+            ("bench-all", &[][..]),
+        ] {
+            assert!(check_flags(command, &args(flags)).is_err(), "{command} {flags:?}");
+        }
     }
 }

@@ -1214,7 +1214,7 @@ fn report(
     )?;
     writeln!(
         md,
-        "Nodes of one lab are not equally fast on this VM, whatever runs on them: before any proxy is set up, every mode's client makes the same rounds of connections straight to the pod IPs (the baseline below), and every ratio to direct (and to a clean node) is divided by that of the mode's node, so that it measures the mode and not the node. The uncorrected ratio is in the table of every measurement.\n"
+        "Nodes of one lab may differ in speed on a shared VM, whatever runs on them (the baseline below says by how much in this run): before any proxy is set up, every mode's client makes the same rounds of connections straight to the pod IPs (the baseline below), and every ratio to direct (and to a clean node) is divided by that of the mode's node, so that it measures the mode and not the node. The uncorrected ratio is in the table of every measurement.\n"
     )?;
     writeln!(md, "## Each node's own speed, before any proxy\n")?;
     writeln!(
