@@ -1573,3 +1573,93 @@ fn assert_dropped(lab: &Lab, to: SocketAddr) {
     });
     assert!(dropped, "{to}: {last}");
 }
+
+/// A pinned map of `node`'s datapath, typed.
+fn pinned_map<K: aya::Pod, V: aya::Pod>(
+    lab: &Lab,
+    node: &str,
+    name: &str,
+) -> aya::maps::HashMap<aya::maps::MapData, K, V> {
+    let pin = lab
+        .node_pin_path(node)
+        .join(format!("v{}", ferrynet_common::SCHEMA_VERSION))
+        .join("maps")
+        .join(name);
+    let data = aya::maps::MapData::from_pin(&pin).unwrap();
+    aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap()
+}
+
+#[test]
+fn a_purge_of_a_removed_backends_flows_does_not_hold_up_other_services_changes() {
+    use ferrynet_common::{BACKENDS_MAP, BackendValue, CT_FORWARD, CT4_MAP, CtKey4, CtValue, PROTO_TCP};
+    const FLOWS: u32 = 200_000;
+    let mut lab = LabGuard::up(1, "native");
+    for (pod, app) in [("a1", "a"), ("a2", "a"), ("b1", "b"), ("b2", "b")] {
+        lab.run_pod(pod, "n1", &labels(&[("app", app)])).unwrap();
+    }
+    let target = IntOrString::Int(i32::from(POD_PORT));
+    for name in ["a", "b"] {
+        lab.create_service_object(&service(name, name, vec![port("http", "TCP", 80, target.clone())]))
+            .unwrap();
+    }
+    let ip = |pod: &str| lab.pod(pod).unwrap().ip(true);
+    let frontend = |svc: &str| format!("{}:80", lab.cluster_ip(svc, true).unwrap());
+    wait_backends(&lab, "n1", &frontend("a"), &[ip("a1"), ip("a2")]);
+    wait_backends(&lab, "n1", &frontend("b"), &[ip("b1"), ip("b2")]);
+
+    // A conntrack map as a busy node's is: many flows, here all on backend a1 (written as the
+    // per-packet path writes them), for the agent to purge when a1 goes.
+    let backends = pinned_map::<u32, BackendValue>(&lab, "n1", BACKENDS_MAP);
+    let a1 = ip("a1");
+    let a1_id = backends
+        .iter()
+        .filter_map(Result::ok)
+        .find(|(_, b)| b.family == 4 && std::net::IpAddr::from(b.addr[0].to_ne_bytes()) == a1)
+        .map(|(id, _)| id)
+        .expect("a1's backend entry");
+    let mut ct = pinned_map::<CtKey4, CtValue>(&lab, "n1", CT4_MAP);
+    for n in 0..FLOWS {
+        let key = CtKey4 {
+            saddr: u32::from_ne_bytes([10, 99, (n >> 16) as u8, (n >> 8) as u8]),
+            daddr: u32::from_ne_bytes([10, 98, 0, 1]),
+            sport: (n as u16).to_be(),
+            dport: 80u16.to_be(),
+            proto: PROTO_TCP,
+            direction: CT_FORWARD,
+            _pad: [0; 2],
+        };
+        let value = CtValue {
+            backend: a1_id,
+            ..CtValue::default()
+        };
+        ct.insert(key, value, 0).unwrap();
+    }
+    let flows_of_a1 = |ct: &aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue>| {
+        ct.iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.backend == a1_id)
+            .count()
+    };
+
+    // a1 goes, and right after it one of b's backends: b's change is in the maps while a1's
+    // flows are still being purged (the controller does not wait for the walk).
+    lab.set_pod_ready("a1", false).unwrap();
+    wait_backends(&lab, "n1", &frontend("a"), &[ip("a2")]);
+    lab.set_pod_ready("b1", false).unwrap();
+    wait_backends(&lab, "n1", &frontend("b"), &[ip("b2")]);
+    let left = flows_of_a1(&ct);
+    assert!(
+        left > 0,
+        "every flow of a1 was purged before b's change reached the maps: the purge held it up"
+    );
+
+    // Then the purge ends: the flows go, and so does a1's backend entry (its id is free again).
+    assert!(
+        eventually(Duration::from_secs(60), || flows_of_a1(&ct) == 0),
+        "{} of a1's flows are left",
+        flows_of_a1(&ct)
+    );
+    assert!(eventually(Duration::from_secs(10), || backends.get(&a1_id, 0).is_err()));
+    let purged = metric_value(&lab, "n1", "ferrynet_conntrack_purged_total").unwrap_or(0.0);
+    assert!(purged >= f64::from(FLOWS), "{purged}");
+}

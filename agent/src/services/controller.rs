@@ -34,6 +34,7 @@ use super::{
     metrics::ServiceMetrics,
     nodeport, notes,
     objects::{EndpointSlice, EndpointSliceObject, Service, ServiceObject, TRIGGER_TIME_ANNOTATION},
+    purge,
     table::{self, Frontend, NodeContext, PortEntry, ServiceRef},
 };
 use crate::{
@@ -107,6 +108,8 @@ pub enum ServicesError {
     ViewClosed,
     #[error("a datapath task was lost: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("starting the purge worker: {0}")]
+    PurgeWorker(std::io::Error),
 }
 
 /// How long events may settle before a batch, and the longest a batch waits while events keep
@@ -187,6 +190,8 @@ pub async fn run(
     if let Some(addr) = cfg.metrics_addr {
         servers.spawn(http::serve_metrics(addr, metrics.clone()));
     }
+    let (purged_tx, purged) = tokio::sync::mpsc::unbounded_channel();
+    let purger = purge::Purger::start(datapath.pins().clone(), purged_tx).map_err(ServicesError::PurgeWorker)?;
     let mut controller = Controller {
         cfg: cfg.clone(),
         datapath,
@@ -217,8 +222,9 @@ pub async fn run(
         external_on: None,
         notes: notes::NotesWriter::start(notes::dir(&cfg.state_dir)),
         map_warnings,
+        purger,
     };
-    controller.run(watches, early, nodes, servers).await
+    controller.run(watches, early, nodes, servers, purged).await
 }
 
 type WatchStream<K> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send>>;
@@ -422,6 +428,8 @@ struct Controller {
     notes: notes::NotesWriter,
     /// Pinned maps whose capacity is not the settings' (found at load).
     map_warnings: Vec<Warning>,
+    /// Purges removed backends' and frontends' flows beside the controller.
+    purger: purge::Purger,
 }
 
 /// A watch of one kind, with its list state.
@@ -446,6 +454,7 @@ impl Controller {
         early: Vec<WatchEvent>,
         mut nodes: watch::Receiver<Arc<NodesView>>,
         mut servers: tokio::task::JoinSet<Result<(), http::ListenError>>,
+        mut purged: tokio::sync::mpsc::UnboundedReceiver<purge::Purged>,
     ) -> Result<(), ServicesError> {
         let mut service_list: Listing<Service> = Listing::default();
         let mut slice_list: Listing<EndpointSlice> = Listing::default();
@@ -504,6 +513,9 @@ impl Controller {
                     tokio::task::block_in_place(|| self.refresh_datapath_counters());
                     // A health check server that could not bind tries again.
                     self.sync_health_checks();
+                }
+                Some(done) = purged.recv() => {
+                    tokio::task::block_in_place(|| self.on_purged(done));
                 }
                 Some(ended) = servers.join_next() => {
                     match ended {
@@ -805,8 +817,21 @@ impl Controller {
         }
     }
 
-    /// Records what a batch did; terminates the sockets of removed backends and purges their
-    /// flows; updates notes, metrics, health and status.
+    /// A purge finished: the removed ids are free again.
+    fn on_purged(&mut self, done: purge::Purged) {
+        self.metrics.conntrack_purged.add(done.entries as u64);
+        let mut errors = done.errors;
+        if let Err(e) = self.maps.release_removed(&done.removals) {
+            errors.0.extend(e.0);
+        }
+        if !errors.0.is_empty() {
+            self.metrics.errors.add(errors.0.len() as u64);
+            warn!("service datapath, removing flows of removed backends: {errors}");
+        }
+    }
+
+    /// Records what a batch did; terminates the sockets of removed backends and hands their
+    /// flows to the purge worker; updates notes, metrics, health and status.
     ///
     /// A change's notes are on disk when the batch ends, so `explain` says why as soon as the
     /// status says done; a full sync's (thousands at a start) follow on their own, and a change
@@ -832,12 +857,21 @@ impl Controller {
                 }
                 self.metrics.sockets_terminated_runs.add(1);
             }
-            match self
-                .maps
-                .finish_removals(&outcome.removed_backends, &outcome.removed_frontends)
-            {
-                Ok(purged) => self.metrics.conntrack_purged.add(purged as u64),
-                Err(e) => errors.push(e.to_string()),
+            let removals = purge::Removals {
+                backends: std::mem::take(&mut outcome.removed_backends),
+                frontends: std::mem::take(&mut outcome.removed_frontends),
+            };
+            // The walk of the conntrack maps runs beside the controller; the ids are freed
+            // when it reports back (`on_purged`). Without the worker, it runs here.
+            if let Err(removals) = self.purger.submit(removals) {
+                let result = purge::purge(self.datapath.pins(), &removals);
+                let entries = result.as_ref().map_or(0, |n| *n);
+                let mut failures = result.err().unwrap_or_default();
+                if let Err(e) = self.maps.release_removed(&removals) {
+                    failures.0.extend(e.0);
+                }
+                self.metrics.conntrack_purged.add(entries as u64);
+                errors.extend(failures.0.iter().map(ToString::to_string));
             }
         }
         let elapsed = started.elapsed();

@@ -20,6 +20,7 @@ use ipnet::IpNet;
 
 use super::{
     diff::{AppliedFrontend, FrontendOp},
+    purge::Removals,
     table::{Backend, BackendState, Frontend, PortEntry, Protocol, Scope},
 };
 use crate::warning::ErrorList;
@@ -260,7 +261,7 @@ pub struct BatchOutcome {
     /// Map entries written or deleted.
     pub writes: usize,
     /// Backends no frontend uses any more: their sockets, conntrack and affinity entries must go
-    /// before their ids are reused ([`ServiceMaps::finish_removals`]).
+    /// before their ids are reused ([`ServiceMaps::release_removed`]).
     pub removed_backends: BTreeMap<u32, Backend>,
     /// Frontend ids that went: their conntrack and affinity entries go with them.
     pub removed_frontends: BTreeSet<u32>,
@@ -916,71 +917,12 @@ impl ServiceMaps {
         errors.into_result()
     }
 
-    /// Finishes removals once the sockets are terminated: the conntrack and affinity entries of
-    /// removed backends and frontends go (so that neither a flow nor a client sticks to them),
-    /// then the backends' entries; only then may their ids be reused.
-    pub fn finish_removals(
-        &mut self,
-        backends: &BTreeMap<u32, Backend>,
-        frontends: &BTreeSet<u32>,
-    ) -> Result<usize, ErrorList<ServiceMapError>> {
+    /// Frees what a batch removed, once its flows are purged ([`super::purge`]): the backends'
+    /// entries go (unless a later batch took a backend up again), then their ids and the
+    /// frontends' ids may be reused.
+    pub fn release_removed(&mut self, removals: &Removals) -> Result<(), ErrorList<ServiceMapError>> {
         let mut errors = ErrorList::default();
-        let mut purged = 0;
-        if !backends.is_empty() || !frontends.is_empty() {
-            let gone = |backend: u32, service: u32| backends.contains_key(&backend) || frontends.contains(&service);
-            let ct4: Vec<CtKey4> = self
-                .maps
-                .ct4
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(_, v)| gone(v.backend, v.service))
-                .map(|(k, _)| k)
-                .collect();
-            for key in ct4 {
-                if self.maps.ct4.remove(&key).is_ok() {
-                    purged += 1;
-                }
-            }
-            let ct6: Vec<CtKey6> = self
-                .maps
-                .ct6
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(_, v)| gone(v.backend, v.service))
-                .map(|(k, _)| k)
-                .collect();
-            for key in ct6 {
-                if self.maps.ct6.remove(&key).is_ok() {
-                    purged += 1;
-                }
-            }
-            let aff4: Vec<AffinityKey4> = self
-                .maps
-                .affinity4
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(k, v)| gone(v.backend, k.service))
-                .map(|(k, _)| k)
-                .collect();
-            for key in aff4 {
-                if self.maps.affinity4.remove(&key).is_ok() {
-                    purged += 1;
-                }
-            }
-            let aff6: Vec<AffinityKey6> = self
-                .maps
-                .affinity6
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(k, v)| gone(v.backend, k.service))
-                .map(|(k, _)| k)
-                .collect();
-            for key in aff6 {
-                if self.maps.affinity6.remove(&key).is_ok() {
-                    purged += 1;
-                }
-            }
-        }
+        let (backends, frontends) = (&removals.backends, &removals.frontends);
         for (id, backend) in backends {
             // A backend that a later batch took up again keeps its entry.
             if self.refs.contains_key(backend) {
@@ -1001,7 +943,7 @@ impl ServiceMaps {
         for id in frontends {
             self.frontend_ids.free(*id);
         }
-        errors.into_result().map(|()| purged)
+        errors.into_result()
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`http`], [`metrics`]: `/healthz` and `/metrics`;
 //! - [`health_check`]: the `healthCheckNodePort` servers;
 //! - [`notes`], [`cli`]: what `ferrynet-agent services` and `explain` show;
+//! - [`purge`]: removed backends' flows purged beside the controller;
 //! - [`objects`]: Services and EndpointSlices as the agent parses and keeps them (what the table
 //!   reads, nothing else).
 pub mod cli;
@@ -21,4 +22,5 @@ pub mod metrics;
 pub mod nodeport;
 pub mod notes;
 pub mod objects;
+pub mod purge;
 pub mod table;
