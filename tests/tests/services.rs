@@ -1647,19 +1647,46 @@ fn a_purge_of_a_removed_backends_flows_does_not_hold_up_other_services_changes()
     wait_backends(&lab, "n1", &frontend("a"), &[ip("a2")]);
     lab.set_pod_ready("b1", false).unwrap();
     wait_backends(&lab, "n1", &frontend("b"), &[ip("b2")]);
+    let doomed = pinned_map::<u32, u8>(&lab, "n1", ferrynet_common::DOOMED_BACKENDS_MAP);
+    // (Read before the flows: while some are left, the purge has not reported back.)
+    let a1_marked = doomed.get(&a1_id, 0).is_ok();
     let left = flows_of_a1(&ct);
     assert!(
         left > 0,
         "every flow of a1 was purged before b's change reached the maps: the purge held it up"
     );
+    // a1's entry went with its batch (its flows' next packets are balanced afresh); its id
+    // stays taken, marked for the socket terminations, until the purge ends.
+    assert!(backends.get(&a1_id, 0).is_err());
+    assert!(a1_marked);
 
-    // Then the purge ends: the flows go, and so does a1's backend entry (its id is free again).
+    // a1 comes back before the purge ends: it gets a fresh id, which the purge leaves alone.
+    lab.set_pod_ready("a1", true).unwrap();
+    wait_backends(&lab, "n1", &frontend("a"), &[ip("a1"), ip("a2")]);
+    let ids_of_a1 = || -> Vec<u32> {
+        backends
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, b)| b.family == 4 && std::net::IpAddr::from(b.addr[0].to_ne_bytes()) == a1)
+            .map(|(id, _)| id)
+            .collect()
+    };
+    let new_id = *ids_of_a1()
+        .iter()
+        .find(|id| **id != a1_id)
+        .expect("a1 back under a new id");
+    assert!(doomed.get(&new_id, 0).is_err(), "the new id is marked for termination");
+
+    // Then the purge ends: the flows go, the old id is free again (no longer marked), and the
+    // new one stays.
     assert!(
         eventually(Duration::from_secs(60), || flows_of_a1(&ct) == 0),
         "{} of a1's flows are left",
         flows_of_a1(&ct)
     );
-    assert!(eventually(Duration::from_secs(10), || backends.get(&a1_id, 0).is_err()));
+    assert!(eventually(Duration::from_secs(10), || doomed.get(&a1_id, 0).is_err()));
+    assert_eq!(ids_of_a1(), [new_id]);
+    wait_backends(&lab, "n1", &frontend("a"), &[ip("a1"), ip("a2")]);
     let purged = metric_value(&lab, "n1", "ferrynet_conntrack_purged_total").unwrap_or(0.0);
     assert!(purged >= f64::from(FLOWS), "{purged}");
 }

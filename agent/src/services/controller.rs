@@ -861,6 +861,9 @@ impl Controller {
                 backends: std::mem::take(&mut outcome.removed_backends),
                 frontends: std::mem::take(&mut outcome.removed_frontends),
             };
+            if let Err(e) = self.maps.detach_removed(&removals) {
+                errors.push(e.to_string());
+            }
             // The walk of the conntrack maps runs beside the controller; the ids are freed
             // when it reports back (`on_purged`). Without the worker, it runs here.
             if let Err(removals) = self.purger.submit(removals) {

@@ -917,29 +917,44 @@ impl ServiceMaps {
         errors.into_result()
     }
 
-    /// Frees what a batch removed, once its flows are purged ([`super::purge`]): the backends'
-    /// entries go (unless a later batch took a backend up again), then their ids and the
-    /// frontends' ids may be reused.
-    pub fn release_removed(&mut self, removals: &Removals) -> Result<(), ErrorList<ServiceMapError>> {
+    /// Takes out the backends a batch removed, at once: their entries go (the datapath balances
+    /// their flows' next packets afresh, as it does for any backend it cannot find), while their
+    /// ids stay taken until their flows are purged. A backend that comes back before then (a pod
+    /// made ready again) gets a fresh id, so that neither the purge nor the socket terminations
+    /// of the old one touch its new flows.
+    pub fn detach_removed(&mut self, removals: &Removals) -> Result<(), ErrorList<ServiceMapError>> {
         let mut errors = ErrorList::default();
-        let (backends, frontends) = (&removals.backends, &removals.frontends);
-        for (id, backend) in backends {
-            // A backend that a later batch took up again keeps its entry.
-            if self.refs.contains_key(backend) {
-                let _ = self.maps.doomed.remove(id);
+        for (id, backend) in &removals.backends {
+            if self.backend_ids.get(backend) != Some(id) || self.refs.contains_key(backend) {
                 continue;
             }
-            for result in [self.maps.backends.remove(id), self.maps.doomed.remove(id)] {
-                match result {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(e) => errors.push(map_error(BACKENDS_MAP)(e)),
-                }
+            match self.maps.backends.remove(id) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => errors.push(map_error(BACKENDS_MAP)(e)),
             }
             self.backend_ids.remove(backend);
             self.backend_states.remove(backend);
             self.backend_local.remove(backend);
+        }
+        errors.into_result()
+    }
+
+    /// Frees what a batch removed, once its flows are purged ([`super::purge`]): the removed
+    /// backends' and frontends' ids may be reused.
+    pub fn release_removed(&mut self, removals: &Removals) -> Result<(), ErrorList<ServiceMapError>> {
+        let mut errors = ErrorList::default();
+        for id in removals.backends.keys() {
+            // An id some backend still has was never detached: not freed under it.
+            if self.backend_ids.values().any(|v| v == id) {
+                continue;
+            }
+            match self.maps.doomed.remove(id) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => errors.push(map_error(DOOMED_BACKENDS_MAP)(e)),
+            }
             self.backend_id_pool.free(*id);
         }
+        let frontends = &removals.frontends;
         for id in frontends {
             self.frontend_ids.free(*id);
         }
