@@ -1618,22 +1618,25 @@ fn a_purge_of_a_removed_backends_flows_does_not_hold_up_other_services_changes()
         .map(|(id, _)| id)
         .expect("a1's backend entry");
     let mut ct = pinned_map::<CtKey4, CtValue>(&lab, "n1", CT4_MAP);
-    for n in 0..FLOWS {
-        let key = CtKey4 {
-            saddr: u32::from_ne_bytes([10, 99, (n >> 16) as u8, (n >> 8) as u8]),
-            daddr: u32::from_ne_bytes([10, 98, 0, 1]),
-            sport: (n as u16).to_be(),
-            dport: 80u16.to_be(),
-            proto: PROTO_TCP,
-            direction: CT_FORWARD,
-            _pad: [0; 2],
-        };
-        let value = CtValue {
-            backend: a1_id,
-            ..CtValue::default()
-        };
-        ct.insert(key, value, 0).unwrap();
-    }
+    let fill = |ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue>, backend: u32| {
+        for n in 0..FLOWS {
+            let key = CtKey4 {
+                saddr: u32::from_ne_bytes([10, 99, (n >> 16) as u8, (n >> 8) as u8]),
+                daddr: u32::from_ne_bytes([10, 98, 0, 1]),
+                sport: (n as u16).to_be(),
+                dport: 80u16.to_be(),
+                proto: PROTO_TCP,
+                direction: CT_FORWARD,
+                _pad: [0; 2],
+            };
+            let value = CtValue {
+                backend,
+                ..CtValue::default()
+            };
+            ct.insert(key, value, 0).unwrap();
+        }
+    };
+    fill(&mut ct, a1_id);
     let flows_of_a1 = |ct: &aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue>| {
         ct.iter()
             .filter_map(Result::ok)
@@ -1689,4 +1692,36 @@ fn a_purge_of_a_removed_backends_flows_does_not_hold_up_other_services_changes()
     wait_backends(&lab, "n1", &frontend("a"), &[ip("a1"), ip("a2")]);
     let purged = metric_value(&lab, "n1", "ferrynet_conntrack_purged_total").unwrap_or(0.0);
     assert!(purged >= f64::from(FLOWS), "{purged}");
+
+    // An agent killed mid-purge: the next one finds the removed backend's id still marked,
+    // keeps it taken, and finishes the purge.
+    let a2_id = backends
+        .iter()
+        .filter_map(Result::ok)
+        .find(|(_, b)| b.family == 4 && std::net::IpAddr::from(b.addr[0].to_ne_bytes()) == ip("a2"))
+        .map(|(id, _)| id)
+        .expect("a2's backend entry");
+    let flows_of = |ct: &aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue>, id: u32| {
+        ct.iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.backend == id)
+            .count()
+    };
+    fill(&mut ct, a2_id);
+    lab.set_pod_ready("a2", false).unwrap();
+    wait_backends(&lab, "n1", &frontend("a"), &[ip("a1")]);
+    lab.kill_agent("n1").unwrap();
+    let left = flows_of(&ct, a2_id);
+    assert!(left > 0, "the purge ended before the agent was killed");
+    assert!(doomed.get(&a2_id, 0).is_ok());
+    lab.start_agent("n1").unwrap();
+    assert!(
+        eventually(Duration::from_secs(60), || flows_of(&ct, a2_id) == 0),
+        "{} of a2's flows are left after the restart",
+        flows_of(&ct, a2_id)
+    );
+    assert!(eventually(Duration::from_secs(10), || doomed.get(&a2_id, 0).is_err()));
+    // And the restarted agent programs as before.
+    lab.set_pod_ready("a2", true).unwrap();
+    wait_backends(&lab, "n1", &frontend("a"), &[ip("a1"), ip("a2")]);
 }

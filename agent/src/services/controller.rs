@@ -469,6 +469,15 @@ impl Controller {
         let mut first_dirty: Option<Instant> = None;
         let mut last_event = Instant::now();
         self.update_zone(&nodes.borrow_and_update());
+        // What an earlier agent removed and did not live to purge.
+        let unfinished = self.maps.take_unfinished();
+        if !unfinished.is_empty() {
+            info!(
+                "purging the flows of {} backends an earlier run removed",
+                unfinished.backends.len()
+            );
+            self.purge(unfinished);
+        }
         // Lists that finished while the datapath loaded are programmed at once.
         self.process_when_due(&service_list, &slice_list, &mut first_dirty, last_event);
         loop {
@@ -817,6 +826,15 @@ impl Controller {
         }
     }
 
+    /// Purges `removals` beside the controller; their ids are freed when it reports back
+    /// ([`Self::on_purged`]). Without the worker, here and now.
+    fn purge(&mut self, removals: purge::Removals) {
+        if let Err(removals) = self.purger.submit(removals) {
+            let done = purge::run(self.datapath.pins(), removals);
+            self.on_purged(done);
+        }
+    }
+
     /// A purge finished: the removed ids are free again.
     fn on_purged(&mut self, done: purge::Purged) {
         self.metrics.conntrack_purged.add(done.entries as u64);
@@ -857,25 +875,13 @@ impl Controller {
                 }
                 self.metrics.sockets_terminated_runs.add(1);
             }
-            let removals = purge::Removals {
-                backends: std::mem::take(&mut outcome.removed_backends),
-                frontends: std::mem::take(&mut outcome.removed_frontends),
-            };
-            if let Err(e) = self.maps.detach_removed(&removals) {
+            if let Err(e) = self.maps.detach_removed(&outcome.removed_backends) {
                 errors.push(e.to_string());
             }
-            // The walk of the conntrack maps runs beside the controller; the ids are freed
-            // when it reports back (`on_purged`). Without the worker, it runs here.
-            if let Err(removals) = self.purger.submit(removals) {
-                let result = purge::purge(self.datapath.pins(), &removals);
-                let entries = result.as_ref().map_or(0, |n| *n);
-                let mut failures = result.err().unwrap_or_default();
-                if let Err(e) = self.maps.release_removed(&removals) {
-                    failures.0.extend(e.0);
-                }
-                self.metrics.conntrack_purged.add(entries as u64);
-                errors.extend(failures.0.iter().map(ToString::to_string));
-            }
+            self.purge(purge::Removals {
+                backends: outcome.removed_backends.keys().copied().collect(),
+                frontends: std::mem::take(&mut outcome.removed_frontends),
+            });
         }
         let elapsed = started.elapsed();
         let now = k8s_openapi::jiff::Timestamp::now();

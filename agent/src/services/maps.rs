@@ -284,6 +284,8 @@ pub struct ServiceMaps {
     backend_id_pool: IdAllocator,
     /// Backends the maps hold that no frontend was seen to use when adopting.
     orphans: BTreeSet<Backend>,
+    /// Removals an earlier agent did not finish (found at adoption), to purge first.
+    unfinished: Removals,
 }
 
 impl ServiceMaps {
@@ -299,6 +301,7 @@ impl ServiceMaps {
             frontend_ids: IdAllocator::new(max_services),
             backend_id_pool: IdAllocator::new(max_backends),
             orphans: BTreeSet::new(),
+            unfinished: Removals::default(),
         };
         let mut by_id: BTreeMap<u32, Backend> = BTreeMap::new();
         for item in this.maps.backends.iter() {
@@ -408,7 +411,21 @@ impl ServiceMaps {
         }
         this.orphans = this.backend_ids.keys().filter(|b| !used.contains(b)).copied().collect();
         this.refs = this.reference_counts();
+        // Marked, with no entry left: removed by an agent that did not live to purge their
+        // flows. Their ids stay taken until this one has.
+        for item in this.maps.doomed.keys() {
+            let id = item.map_err(map_error(DOOMED_BACKENDS_MAP))?;
+            if !by_id.contains_key(&id) {
+                this.backend_id_pool.mark(id);
+                this.unfinished.backends.insert(id);
+            }
+        }
         Ok(this)
+    }
+
+    /// The removals an earlier agent left unpurged, taken once.
+    pub fn take_unfinished(&mut self) -> Removals {
+        std::mem::take(&mut self.unfinished)
     }
 
     /// Every frontend the maps hold.
@@ -922,9 +939,9 @@ impl ServiceMaps {
     /// ids stay taken until their flows are purged. A backend that comes back before then (a pod
     /// made ready again) gets a fresh id, so that neither the purge nor the socket terminations
     /// of the old one touch its new flows.
-    pub fn detach_removed(&mut self, removals: &Removals) -> Result<(), ErrorList<ServiceMapError>> {
+    pub fn detach_removed(&mut self, backends: &BTreeMap<u32, Backend>) -> Result<(), ErrorList<ServiceMapError>> {
         let mut errors = ErrorList::default();
-        for (id, backend) in &removals.backends {
+        for (id, backend) in backends {
             if self.backend_ids.get(backend) != Some(id) || self.refs.contains_key(backend) {
                 continue;
             }
@@ -943,7 +960,7 @@ impl ServiceMaps {
     /// backends' and frontends' ids may be reused.
     pub fn release_removed(&mut self, removals: &Removals) -> Result<(), ErrorList<ServiceMapError>> {
         let mut errors = ErrorList::default();
-        for id in removals.backends.keys() {
+        for id in &removals.backends {
             // An id some backend still has was never detached: not freed under it.
             if self.backend_ids.values().any(|v| v == id) {
                 continue;

@@ -5,27 +5,24 @@
 //! batch's removals to this worker and goes on programming; the worker reports back, and only
 //! then does the controller free the removed ids ([`ServiceMaps::release_removed`]), so that no
 //! new backend or frontend takes an id whose old flows are still in the maps. Meanwhile the
-//! removed backends stay marked doomed, and the datapath sends none of their flows anywhere.
+//! removed backends stay marked in the pinned doomed map: an agent killed mid-purge finds them
+//! there when it starts again, and purges them before their ids are reused.
 //!
 //! [`ServiceMaps::release_removed`]: super::maps::ServiceMaps::release_removed
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::mpsc,
-    thread::JoinHandle,
-};
+use std::{collections::BTreeSet, sync::mpsc, thread::JoinHandle};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
 use ferrynet_common::*;
 use ferrynet_kernel::pins::PinLayout;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{maps::ServiceMapError, table::Backend};
+use super::maps::ServiceMapError;
 use crate::warning::ErrorList;
 
-/// One batch's removals: backends by id, and frontends' ids.
+/// One batch's removals: the ids of backends and frontends.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Removals {
-    pub backends: BTreeMap<u32, Backend>,
+    pub backends: BTreeSet<u32>,
     pub frontends: BTreeSet<u32>,
 }
 
@@ -56,18 +53,7 @@ impl Purger {
         let (jobs, queue) = mpsc::channel::<Removals>();
         let thread = std::thread::Builder::new().name("purge".into()).spawn(move || {
             for removals in queue {
-                let (entries, errors) = match purge(&pins, &removals) {
-                    Ok(entries) => (entries, ErrorList::default()),
-                    Err(errors) => (0, errors),
-                };
-                if done
-                    .send(Purged {
-                        removals,
-                        entries,
-                        errors,
-                    })
-                    .is_err()
-                {
+                if done.send(run(&pins, removals)).is_err() {
                     return;
                 }
             }
@@ -108,8 +94,22 @@ fn open<K: aya::Pod, V: aya::Pod>(
     HashMap::try_from(map).map_err(error)
 }
 
-/// Removes the conntrack and affinity entries of `removals` from the maps pinned under `pins`
-/// (on this thread); returns how many went.
+/// Purges `removals` on this thread (the worker's job, and the controller's when the worker is
+/// gone).
+pub fn run(pins: &PinLayout, removals: Removals) -> Purged {
+    let (entries, errors) = match purge(pins, &removals) {
+        Ok(entries) => (entries, ErrorList::default()),
+        Err(errors) => (0, errors),
+    };
+    Purged {
+        removals,
+        entries,
+        errors,
+    }
+}
+
+/// Removes the conntrack and affinity entries of `removals` from the maps pinned under `pins`;
+/// returns how many went.
 pub fn purge(pins: &PinLayout, removals: &Removals) -> Result<usize, ErrorList<ServiceMapError>> {
     let mut errors = ErrorList::default();
     let mut purged = 0;
@@ -117,7 +117,7 @@ pub fn purge(pins: &PinLayout, removals: &Removals) -> Result<usize, ErrorList<S
         return Ok(0);
     }
     let gone =
-        |backend: u32, service: u32| removals.backends.contains_key(&backend) || removals.frontends.contains(&service);
+        |backend: u32, service: u32| removals.backends.contains(&backend) || removals.frontends.contains(&service);
     // Keys are collected first: removing while walking would restart the kernel's iteration.
     macro_rules! purge_map {
         ($name:expr, $k:ty, $v:ty, $is_gone:expr) => {
