@@ -105,17 +105,14 @@ impl IdAllocator {
     }
 }
 
-/// Typed handles on the maps the control plane writes.
+/// Typed handles on the maps the control plane writes (the flow maps' purges open their own:
+/// [`super::purge`]).
 pub struct MapHandles {
     pub services4: HashMap<MapData, ServiceKey4, ServiceValue>,
     pub services6: HashMap<MapData, ServiceKey6, ServiceValue>,
     pub slots: HashMap<MapData, SlotKey, u32>,
     pub backends: HashMap<MapData, u32, BackendValue>,
     pub rev_nat: HashMap<MapData, u32, RevNatValue>,
-    pub ct4: HashMap<MapData, CtKey4, CtValue>,
-    pub ct6: HashMap<MapData, CtKey6, CtValue>,
-    pub affinity4: HashMap<MapData, AffinityKey4, AffinityValue>,
-    pub affinity6: HashMap<MapData, AffinityKey6, AffinityValue>,
     pub doomed: HashMap<MapData, u32, u8>,
     pub source_ranges4: LpmTrie<MapData, SourceRangeKey4, u8>,
     pub source_ranges6: LpmTrie<MapData, SourceRangeKey6, u8>,
@@ -143,10 +140,6 @@ impl MapHandles {
             slots: typed!(SERVICE_SLOTS_MAP),
             backends: typed!(BACKENDS_MAP),
             rev_nat: typed!(REV_NAT_MAP),
-            ct4: typed!(CT4_MAP),
-            ct6: typed!(CT6_MAP),
-            affinity4: typed!(AFFINITY4_MAP),
-            affinity6: typed!(AFFINITY6_MAP),
             doomed: typed!(DOOMED_BACKENDS_MAP),
             source_ranges4: trie!(SOURCE_RANGES4_MAP),
             source_ranges6: trie!(SOURCE_RANGES6_MAP),
