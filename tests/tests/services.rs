@@ -1609,16 +1609,27 @@ fn a_purge_of_a_removed_backends_flows_does_not_hold_up_other_services_changes()
 
     // A conntrack map as a busy node's is: many flows, here all on backend a1 (written as the
     // per-packet path writes them), for the agent to purge when a1 goes.
+    type Ct = aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue>;
     let backends = pinned_map::<u32, BackendValue>(&lab, "n1", BACKENDS_MAP);
-    let a1 = ip("a1");
-    let a1_id = backends
-        .iter()
-        .filter_map(Result::ok)
-        .find(|(_, b)| b.family == 4 && std::net::IpAddr::from(b.addr[0].to_ne_bytes()) == a1)
-        .map(|(id, _)| id)
-        .expect("a1's backend entry");
+    // The ids of `pod`'s IPv4 backend entries.
+    let ids_of = |pod: &str| -> Vec<u32> {
+        let addr = ip(pod);
+        backends
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, b)| b.family == 4 && std::net::IpAddr::from(b.addr[0].to_ne_bytes()) == addr)
+            .map(|(id, _)| id)
+            .collect()
+    };
+    let flows_of = |ct: &Ct, id: u32| {
+        ct.iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.backend == id)
+            .count()
+    };
+    let a1_id = *ids_of("a1").first().expect("a1's backend entry");
     let mut ct = pinned_map::<CtKey4, CtValue>(&lab, "n1", CT4_MAP);
-    let fill = |ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue>, backend: u32| {
+    let fill = |ct: &mut Ct, backend: u32| {
         for n in 0..FLOWS {
             let key = CtKey4 {
                 saddr: u32::from_ne_bytes([10, 99, (n >> 16) as u8, (n >> 8) as u8]),
@@ -1637,12 +1648,6 @@ fn a_purge_of_a_removed_backends_flows_does_not_hold_up_other_services_changes()
         }
     };
     fill(&mut ct, a1_id);
-    let flows_of_a1 = |ct: &aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue>| {
-        ct.iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| v.backend == a1_id)
-            .count()
-    };
 
     // a1 goes, and right after it one of b's backends: b's change is in the maps while a1's
     // flows are still being purged (the controller does not wait for the walk).
@@ -1653,7 +1658,7 @@ fn a_purge_of_a_removed_backends_flows_does_not_hold_up_other_services_changes()
     let doomed = pinned_map::<u32, u8>(&lab, "n1", ferrynet_common::DOOMED_BACKENDS_MAP);
     // (Read before the flows: while some are left, the purge has not reported back.)
     let a1_marked = doomed.get(&a1_id, 0).is_ok();
-    let left = flows_of_a1(&ct);
+    let left = flows_of(&ct, a1_id);
     assert!(
         left > 0,
         "every flow of a1 was purged before b's change reached the maps: the purge held it up"
@@ -1666,15 +1671,7 @@ fn a_purge_of_a_removed_backends_flows_does_not_hold_up_other_services_changes()
     // a1 comes back before the purge ends: it gets a fresh id, which the purge leaves alone.
     lab.set_pod_ready("a1", true).unwrap();
     wait_backends(&lab, "n1", &frontend("a"), &[ip("a1"), ip("a2")]);
-    let ids_of_a1 = || -> Vec<u32> {
-        backends
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, b)| b.family == 4 && std::net::IpAddr::from(b.addr[0].to_ne_bytes()) == a1)
-            .map(|(id, _)| id)
-            .collect()
-    };
-    let new_id = *ids_of_a1()
+    let new_id = *ids_of("a1")
         .iter()
         .find(|id| **id != a1_id)
         .expect("a1 back under a new id");
@@ -1683,30 +1680,19 @@ fn a_purge_of_a_removed_backends_flows_does_not_hold_up_other_services_changes()
     // Then the purge ends: the flows go, the old id is free again (no longer marked), and the
     // new one stays.
     assert!(
-        eventually(Duration::from_secs(60), || flows_of_a1(&ct) == 0),
+        eventually(Duration::from_secs(60), || flows_of(&ct, a1_id) == 0),
         "{} of a1's flows are left",
-        flows_of_a1(&ct)
+        flows_of(&ct, a1_id)
     );
     assert!(eventually(Duration::from_secs(10), || doomed.get(&a1_id, 0).is_err()));
-    assert_eq!(ids_of_a1(), [new_id]);
+    assert_eq!(ids_of("a1"), [new_id]);
     wait_backends(&lab, "n1", &frontend("a"), &[ip("a1"), ip("a2")]);
     let purged = metric_value(&lab, "n1", "ferrynet_conntrack_purged_total").unwrap_or(0.0);
     assert!(purged >= f64::from(FLOWS), "{purged}");
 
     // An agent killed mid-purge: the next one finds the removed backend's id still marked,
     // keeps it taken, and finishes the purge.
-    let a2_id = backends
-        .iter()
-        .filter_map(Result::ok)
-        .find(|(_, b)| b.family == 4 && std::net::IpAddr::from(b.addr[0].to_ne_bytes()) == ip("a2"))
-        .map(|(id, _)| id)
-        .expect("a2's backend entry");
-    let flows_of = |ct: &aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue>, id: u32| {
-        ct.iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| v.backend == id)
-            .count()
-    };
+    let a2_id = *ids_of("a2").first().expect("a2's backend entry");
     fill(&mut ct, a2_id);
     lab.set_pod_ready("a2", false).unwrap();
     wait_backends(&lab, "n1", &frontend("a"), &[ip("a1")]);

@@ -132,8 +132,8 @@ impl Default for MapSizes {
 }
 
 impl MapSizes {
-    /// (map, capacity) for every map whose size is a setting.
-    pub fn entries(&self) -> [(&'static str, u32); 13] {
+    /// (map, capacity) for every map whose size is a setting, as the maps are made (at least 1).
+    pub fn entries(&self) -> [(&'static str, u32); 14] {
         [
             (SERVICES4_MAP, self.services),
             (SERVICES6_MAP, self.services),
@@ -147,12 +147,14 @@ impl MapSizes {
             (AFFINITY6_MAP, self.affinity),
             (SOCK_BACKEND_MAP, self.sockets),
             (SOCK_REVNAT4_MAP, self.sockets),
+            (SOCK_REVNAT6_MAP, self.sockets),
             (
                 MAGLEV_MAP,
                 self.maglev_services
                     .saturating_mul(self.maglev_table_size.div_ceil(MAGLEV_CHUNK)),
             ),
         ]
+        .map(|(name, size)| (name, size.max(1)))
     }
 }
 
@@ -229,9 +231,7 @@ impl Datapath {
     /// earlier run is reused as it is, so a changed size setting takes effect only once
     /// `ferrynet-agent cleanup` has removed it.
     pub fn pinned_size_mismatches(&self, sizes: MapSizes) -> Vec<(&'static str, u32, u32)> {
-        let mut wanted: Vec<(&'static str, u32)> = sizes.entries().iter().map(|&(n, s)| (n, s.max(1))).collect();
-        wanted.push((SOCK_REVNAT6_MAP, sizes.sockets.max(1)));
-        capacity_mismatches(&wanted, |name| {
+        capacity_mismatches(&sizes.entries(), |name| {
             aya::maps::MapInfo::from_pin(self.pins.map(name))
                 .ok()
                 .map(|info| info.max_entries())
@@ -251,9 +251,8 @@ impl Datapath {
             loader.map_pin_path(name, pins.map(name));
         }
         for (name, size) in sizes.entries() {
-            loader.map_max_entries(name, size.max(1));
+            loader.map_max_entries(name, size);
         }
-        loader.map_max_entries(SOCK_REVNAT6_MAP, sizes.sockets.max(1));
         let mut ebpf = loader.load(&object)?;
         for name in SOCKET_PROGRAMS {
             let program: &mut CgroupSockAddr = ebpf
