@@ -78,6 +78,39 @@ fn the_pod_programs_load_attach_first_at_tcx_and_pass_a_pods_traffic() {
         assert_eq!(answer, format!("host from={} n{i}", result_ip(&result, true)));
     }
 
+    // A link something else detached stays pinned but runs nothing: attaching again, as a
+    // restarted agent does on every veth, finds that out and attaches afresh.
+    let from = pins.pod_link(&veth, "from");
+    let shown = std::process::Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(&from)
+        .output()
+        .unwrap();
+    let link: Value = serde_json::from_slice(&shown.stdout).expect("bpftool's link as JSON");
+    let link_id = link["id"].as_u64().expect("the link's id").to_string();
+    let detached = std::process::Command::new("bpftool")
+        .args(["link", "detach", "id", &link_id])
+        .status()
+        .unwrap();
+    assert!(detached.success() && from.exists());
+    let ingress = || {
+        let (_, attached) = ferrynet_kernel::netns::run_in(host.fd(), || {
+            SchedClassifier::query_tcx(&veth, TcAttachType::Ingress).map_err(std::io::Error::other)
+        })
+        .unwrap();
+        attached.iter().map(|p| p.id()).collect::<Vec<u32>>()
+    };
+    let ours = datapath::link_program_id(&from).unwrap();
+    assert!(!ingress().contains(&ours), "detached: {:?}", ingress());
+    let report = ferrynet_kernel::netns::run_in(host.fd(), || {
+        datapath.attach_pod_veth(&veth, false).map_err(std::io::Error::other)
+    })
+    .expect("attach again");
+    assert_eq!((report.attached, report.kept), (1, 1), "{report:?}");
+    let ours = datapath::link_program_id(&from).unwrap();
+    assert_eq!(ingress().first(), Some(&ours), "attached afresh, first");
+    assert!(request(&pod, server.addr, "reattached").is_ok());
+
     // The links are pinned: dropping the loader keeps them attached.
     drop(datapath);
     assert!(request(&pod, server.addr, "after").is_ok());

@@ -122,6 +122,25 @@ fn request_from_port_in(ns: &ferrynet_tests::netns::Netns, local_port: u16, to: 
     Ok(answer.trim_end().to_string())
 }
 
+/// Whether `node`'s port gate `name` marks `port` as used by no entry.
+fn port_gate_closed(lab: &Lab, node: &str, name: &str, port: u16) -> bool {
+    let pin = lab
+        .node_pin_path(node)
+        .join(format!("v{}", ferrynet_common::SCHEMA_VERSION))
+        .join("maps")
+        .join(name);
+    let map = aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(&pin).unwrap()).unwrap();
+    let words = aya::maps::Array::<_, u64>::try_from(map).unwrap();
+    words.get(&u32::from(port / 64), 0).unwrap() & (1 << (port % 64)) != 0
+}
+
+fn ip4(ip: std::net::IpAddr) -> std::net::Ipv4Addr {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4,
+        std::net::IpAddr::V6(v6) => panic!("{v6} is not IPv4"),
+    }
+}
+
 #[track_caller]
 fn assert_reaches_both(lab: &Lab, part: &str) {
     let both: BTreeSet<String> = ["web-1", "web-2"].map(String::from).into();
@@ -203,6 +222,72 @@ fn the_per_packet_path_translates_what_socket_lb_does_not() {
         assert_eq!(answered_by(&again), backend, "{again}");
     }
 
+    // A connection the pod resets leaves no conntrack entry behind, so that the map holds live
+    // flows; one it closes with a FIN keeps its entries until they go idle or are evicted.
+    {
+        use ferrynet_common::{CT_FORWARD, CT4_MAP, CtKey4, CtValue, PROTO_TCP};
+        use std::io::{BufRead, BufReader, Write};
+        let ct = pinned_map::<CtKey4, CtValue>(&lab, "n1", CT4_MAP);
+        let client = lab.pod("client").unwrap().ip(true);
+        let vip = lab.cluster_ip("web", true).unwrap();
+        let forward = |local_port: u16| {
+            let key = CtKey4 {
+                saddr: u32::from_ne_bytes(ip4(client).octets()),
+                daddr: u32::from_ne_bytes(ip4(vip).octets()),
+                sport: local_port.to_be(),
+                dport: 80u16.to_be(),
+                proto: PROTO_TCP,
+                direction: CT_FORWARD,
+                _pad: [0; 2],
+            };
+            ct.get(&key, 0).ok()
+        };
+        for (local_port, reset) in [(40125, false), (40126, true)] {
+            let ns = lab.pod_ns("client").unwrap();
+            let stream = ferrynet_kernel::netns::run_in(ns.fd(), || {
+                ferrynet_tests::probe::connect_from_port(SocketAddr::new(vip, 80), local_port, Duration::from_secs(3))
+            })
+            .unwrap();
+            (&stream).write_all(b"hello\n").unwrap();
+            let mut answer = String::new();
+            BufReader::new(&stream).read_line(&mut answer).unwrap();
+            assert!(
+                forward(local_port).is_some(),
+                "the open flow from :{local_port} is tracked"
+            );
+            if reset {
+                ferrynet_tests::probe::reset_on_close(&stream).unwrap();
+            }
+            drop(stream);
+            if reset {
+                assert!(
+                    eventually(Duration::from_secs(5), || forward(local_port).is_none()),
+                    "the reset flow's entry went"
+                );
+            } else {
+                assert!(forward(local_port).is_some(), "a FIN leaves the entry");
+            }
+        }
+    }
+
+    // The port gates: a packet to a port no frontend has skips the service map, one from a port
+    // no backend has skips the reply lookups. The Service's ports (80, 53) and the backends'
+    // (POD_PORT) are open, ports nothing uses closed; a NodePort's opens with its Service and
+    // closes after it goes.
+    let gate = |lab: &Lab, name: &str, port: u16| port_gate_closed(lab, "n1", name, port);
+    use ferrynet_common::{PORTS_WITHOUT_BACKENDS_MAP, PORTS_WITHOUT_FRONTENDS_MAP};
+    for (name, open, closed) in [
+        (PORTS_WITHOUT_FRONTENDS_MAP, [80, 53], [81, 9]),
+        (PORTS_WITHOUT_BACKENDS_MAP, [POD_PORT, POD_PORT], [81, 9]),
+    ] {
+        for port in open {
+            assert!(!gate(&lab, name, port), "{name}: {port} is in use");
+        }
+        for port in closed {
+            assert!(gate(&lab, name, port), "{name}: {port} is not");
+        }
+    }
+
     // NodePorts from a pod, per packet: on its own node's addresses (the pod program translates
     // them as a ClusterIP, replies coming from the address the pod sent to) and on another
     // node's (that node's uplink program does), both families, both backends.
@@ -244,6 +329,13 @@ fn the_per_packet_path_translates_what_socket_lb_does_not() {
     let answer = request_from_port_in(&lab.node_ns("n1").unwrap(), np, pod_addr)
         .unwrap_or_else(|e| panic!("n1:{np} -> {pod_addr}: {e}"));
     assert_eq!(answered_by(&answer), "web-1", "{answer}");
+    assert!(!gate(&lab, PORTS_WITHOUT_FRONTENDS_MAP, np), "the NodePort is open");
+    lab.delete_service("web-np").unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || gate(&lab, PORTS_WITHOUT_FRONTENDS_MAP, np)),
+        "the NodePort closes when its Service goes"
+    );
+    assert!(!gate(&lab, PORTS_WITHOUT_FRONTENDS_MAP, 80), "port 80 is still web's");
 
     // Socket LB in the node's namespace only (as service meshes need): pods are translated per
     // packet, the node's own processes at the socket.

@@ -465,14 +465,6 @@ impl Datapath {
         Ok(out)
     }
 
-    /// (map, entries, capacity) of every pinned map, counted from the pins (so it works for maps
-    /// the service controller owns too).
-    /// (map, entries, capacity); `known` gives the entries of maps whose content the caller
-    /// mirrors, which are then not walked.
-    pub fn map_fill(&self, known: &[(&'static str, u64)]) -> Vec<(&'static str, u64, u64)> {
-        map_fill(&self.pins, known)
-    }
-
     /// Pins the pod programs where the CNI finds them, replacing older pins.
     pub fn pin_pod_programs(&mut self) -> Result<(), DatapathError> {
         for (name, _, _) in POD_PROGRAMS {
@@ -532,7 +524,14 @@ impl Datapath {
         replace: bool,
         report: &mut AttachReport,
     ) -> Result<(), DatapathError> {
-        let existing = pinned_link(path)?;
+        let mut existing = pinned_link(path)?;
+        if existing.is_some() && !tcx_link_attached(name, path, iface, hook)? {
+            // Detached by something else (`bpftool link detach`): still pinned, but running
+            // nothing. Attached afresh.
+            if let Some(stale) = existing.take() {
+                drop(stale.unpin().map_err(io(path))?);
+            }
+        }
         if existing.is_some() && !replace {
             report.kept += 1;
             return Ok(());
@@ -820,6 +819,14 @@ fn pinned_link(path: &Path) -> Result<Option<PinnedLink>, DatapathError> {
             path: path.to_path_buf(),
             source,
         })
+}
+
+/// Whether the program of the TCX link pinned at `path` runs on `hook` of `iface` (in the
+/// calling thread's namespace).
+fn tcx_link_attached(name: &'static str, path: &Path, iface: &str, hook: TcAttachType) -> Result<bool, DatapathError> {
+    let program = link_program_id(path)?;
+    let (_, attached) = SchedClassifier::query_tcx(iface, hook).map_err(program_error(name))?;
+    Ok(attached.iter().any(|p| p.id() == program))
 }
 
 /// The id of the program a pinned link runs.

@@ -113,8 +113,8 @@ pub enum ServicesError {
 }
 
 /// How long events may settle before a batch, and the longest a batch waits while events keep
-/// coming.
-const BATCH_QUIET: Duration = Duration::from_millis(2);
+/// coming. (Tokio's timer rounds up to the next millisecond: a quiet period of 1 ms is 1 to 2.)
+const BATCH_QUIET: Duration = Duration::from_millis(1);
 const BATCH_AT_MOST: Duration = Duration::from_millis(20);
 /// How often pod veths without the pod programs are looked for.
 const VETH_SCAN: Duration = Duration::from_secs(2);
@@ -218,6 +218,7 @@ pub async fn run(
         status: status.clone(),
         synced: false,
         fill_refreshed: None,
+        fill_walk: None,
         full_sync_due: true,
         external_on: None,
         notes: notes::NotesWriter::start(notes::dir(&cfg.state_dir)),
@@ -422,6 +423,8 @@ struct Controller {
     synced: bool,
     /// When the maps' fill was last counted.
     fill_refreshed: Option<Instant>,
+    /// The walk counting the maps' fill, while it runs.
+    fill_walk: Option<tokio::task::JoinHandle<()>>,
     full_sync_due: bool,
     /// What the datapath's external reply check was last set to (none: not yet this run).
     external_on: Option<bool>,
@@ -1022,31 +1025,37 @@ impl Controller {
     /// from the mirror for the maps the agent writes and by walking the others.
     fn refresh_datapath_counters(&mut self) {
         let stats = self.datapath.stats().unwrap_or_default();
+        if let Ok(mut slot) = self.metrics.datapath.lock() {
+            slot.stats = stats;
+        }
         let fill_due = self
             .fill_refreshed
             .is_none_or(|at| at.elapsed() >= self.cfg.map_fill_period);
-        let fill = if fill_due {
-            self.fill_refreshed = Some(Instant::now());
-            let frontends = self.maps.frontends();
-            let v4 = frontends.keys().filter(|f| f.addr.is_ipv4()).count() as u64;
-            let slots: u64 = frontends.values().map(|a| a.slots.len() as u64).sum();
-            let known = [
-                (ferrynet_common::SERVICES4_MAP, v4),
-                (ferrynet_common::SERVICES6_MAP, frontends.len() as u64 - v4),
-                (ferrynet_common::REV_NAT_MAP, frontends.len() as u64),
-                (ferrynet_common::SERVICE_SLOTS_MAP, slots),
-                (ferrynet_common::BACKENDS_MAP, self.maps.backend_count() as u64),
-            ];
-            Some(self.datapath.map_fill(&known))
-        } else {
-            None
-        };
-        if let Ok(mut slot) = self.metrics.datapath.lock() {
-            slot.stats = stats;
-            if let Some(fill) = fill {
+        let walking = self.fill_walk.as_ref().is_some_and(|walk| !walk.is_finished());
+        if !fill_due || walking {
+            return;
+        }
+        self.fill_refreshed = Some(Instant::now());
+        let frontends = self.maps.frontends();
+        let v4 = frontends.keys().filter(|f| f.addr.is_ipv4()).count() as u64;
+        let slots: u64 = frontends.values().map(|a| a.slots.len() as u64).sum();
+        let known = [
+            (ferrynet_common::SERVICES4_MAP, v4),
+            (ferrynet_common::SERVICES6_MAP, frontends.len() as u64 - v4),
+            (ferrynet_common::REV_NAT_MAP, frontends.len() as u64),
+            (ferrynet_common::SERVICE_SLOTS_MAP, slots),
+            (ferrynet_common::BACKENDS_MAP, self.maps.backend_count() as u64),
+        ];
+        // Walking the conntrack and socket maps takes a syscall per entry, a good part of a
+        // second when they are full: beside the controller, whose changes must not wait for it.
+        let pins = self.datapath.pins().clone();
+        let metrics = self.metrics.clone();
+        self.fill_walk = Some(tokio::task::spawn_blocking(move || {
+            let fill = datapath::map_fill(&pins, &known);
+            if let Ok(mut slot) = metrics.datapath.lock() {
                 slot.fill = fill;
             }
-        }
+        }));
     }
 }
 

@@ -5,14 +5,15 @@
 //! (so a restarted agent adopts what is there) and kept in step with every write afterwards. Each
 //! operation touches only its own frontend's entries, in an order that never lets a connection
 //! see a half-written frontend: backends before slots, slots before the service entry's count,
-//! and the service entry first when a frontend goes.
+//! and the service entry first when a frontend goes. A port's gate opens before the first entry
+//! with the port is written, and closes after the last one went ([`super::port_gates`]).
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
 
 use aya::maps::{
-    HashMap, Map, MapData, MapError,
+    Array, HashMap, Map, MapData, MapError,
     lpm_trie::{Key, LpmTrie},
 };
 use ferrynet_common::*;
@@ -20,6 +21,7 @@ use ipnet::IpNet;
 
 use super::{
     diff::{AppliedFrontend, FrontendOp},
+    port_gates::{PortGate, Word},
     purge::Removals,
     table::{Backend, BackendState, Frontend, PortEntry, Protocol, Scope},
 };
@@ -117,6 +119,8 @@ pub struct MapHandles {
     pub source_ranges4: LpmTrie<MapData, SourceRangeKey4, u8>,
     pub source_ranges6: LpmTrie<MapData, SourceRangeKey6, u8>,
     pub maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
+    pub ports_without_frontends: Array<MapData, u64>,
+    pub ports_without_backends: Array<MapData, u64>,
 }
 
 impl MapHandles {
@@ -126,6 +130,12 @@ impl MapHandles {
             ($name:expr) => {{
                 let map = take($name).ok_or(ServiceMapError::Missing($name))?;
                 HashMap::try_from(map).map_err(map_error($name))?
+            }};
+        }
+        macro_rules! array {
+            ($name:expr) => {{
+                let map = take($name).ok_or(ServiceMapError::Missing($name))?;
+                Array::try_from(map).map_err(map_error($name))?
             }};
         }
         macro_rules! trie {
@@ -144,6 +154,8 @@ impl MapHandles {
             source_ranges4: trie!(SOURCE_RANGES4_MAP),
             source_ranges6: trie!(SOURCE_RANGES6_MAP),
             maglev: typed!(MAGLEV_MAP),
+            ports_without_frontends: array!(PORTS_WITHOUT_FRONTENDS_MAP),
+            ports_without_backends: array!(PORTS_WITHOUT_BACKENDS_MAP),
         })
     }
 }
@@ -279,6 +291,21 @@ pub struct ServiceMaps {
     orphans: BTreeSet<Backend>,
     /// Removals an earlier agent did not finish (found at adoption), to purge first.
     unfinished: Removals,
+    /// The ports the frontends (the backends) in the maps use.
+    frontend_ports: PortGate,
+    backend_ports: PortGate,
+}
+
+/// Which port gate.
+#[derive(Clone, Copy)]
+enum Gate {
+    Frontends,
+    Backends,
+}
+
+/// The words of a port gate's map, as they are.
+fn read_gate(map: &Array<MapData, u64>) -> Vec<u64> {
+    (0..PORT_GATE_WORDS).map(|i| map.get(&i, 0).unwrap_or(0)).collect()
 }
 
 impl ServiceMaps {
@@ -295,7 +322,11 @@ impl ServiceMaps {
             backend_id_pool: IdAllocator::new(max_backends),
             orphans: BTreeSet::new(),
             unfinished: Removals::default(),
+            frontend_ports: PortGate::new(Vec::new()),
+            backend_ports: PortGate::new(Vec::new()),
         };
+        this.frontend_ports = PortGate::new(read_gate(&this.maps.ports_without_frontends));
+        this.backend_ports = PortGate::new(read_gate(&this.maps.ports_without_backends));
         let mut by_id: BTreeMap<u32, Backend> = BTreeMap::new();
         for item in this.maps.backends.iter() {
             let (id, value) = item.map_err(map_error(BACKENDS_MAP))?;
@@ -404,6 +435,18 @@ impl ServiceMaps {
         }
         this.orphans = this.backend_ids.keys().filter(|b| !used.contains(b)).copied().collect();
         this.refs = this.reference_counts();
+        // The gates as the adopted entries make them (an earlier agent's, or a fresh map's zeros
+        // that gate nothing).
+        for frontend in this.frontends.keys() {
+            this.frontend_ports.count(frontend.port);
+        }
+        for backend in this.backend_ids.keys() {
+            this.backend_ports.count(backend.port);
+        }
+        for gate in [Gate::Frontends, Gate::Backends] {
+            let words = this.gate(gate).settle();
+            this.write_gate(gate, words)?;
+        }
         // Marked, with no entry left: removed by an agent that did not live to purge their
         // flows. Their ids stay taken until this one has.
         for item in this.maps.doomed.keys() {
@@ -414,6 +457,45 @@ impl ServiceMaps {
             }
         }
         Ok(this)
+    }
+
+    fn gate(&mut self, gate: Gate) -> &mut PortGate {
+        match gate {
+            Gate::Frontends => &mut self.frontend_ports,
+            Gate::Backends => &mut self.backend_ports,
+        }
+    }
+
+    /// Writes words of a gate's map, recording each one written.
+    fn write_gate(&mut self, gate: Gate, words: Vec<Word>) -> Result<(), ServiceMapError> {
+        let (map, name) = match gate {
+            Gate::Frontends => (&mut self.maps.ports_without_frontends, PORTS_WITHOUT_FRONTENDS_MAP),
+            Gate::Backends => (&mut self.maps.ports_without_backends, PORTS_WITHOUT_BACKENDS_MAP),
+        };
+        for (index, word) in words {
+            map.set(index, word, 0).map_err(map_error(name))?;
+            match gate {
+                Gate::Frontends => self.frontend_ports.written((index, word)),
+                Gate::Backends => self.backend_ports.written((index, word)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens `port`'s gate, before an entry with it is written.
+    fn open_port(&mut self, gate: Gate, port: u16) -> Result<(), ServiceMapError> {
+        match self.gate(gate).open(port) {
+            Some(word) => self.write_gate(gate, vec![word]),
+            None => Ok(()),
+        }
+    }
+
+    /// Closes the gates of the ports whose last entry went.
+    fn close_unused_ports(&mut self, gate: Gate, errors: &mut ErrorList<ServiceMapError>) {
+        let words = self.gate(gate).close_unused();
+        if let Err(e) = self.write_gate(gate, words) {
+            errors.push(e);
+        }
     }
 
     /// The removals an earlier agent left unpurged, taken once.
@@ -474,10 +556,18 @@ impl ServiceMaps {
             return Ok(id);
         }
         let id = self.backend_id_pool.allocate("backend")?;
-        if let Err(e) = self.maps.backends.insert(id, backend_value(backend, state, local), 0) {
+        // Its replies may be translated as soon as a slot names it.
+        let opened = self.open_port(Gate::Backends, backend.port);
+        if let Err(e) = opened.and_then(|()| {
+            self.maps
+                .backends
+                .insert(id, backend_value(backend, state, local), 0)
+                .map_err(map_error(BACKENDS_MAP))
+        }) {
             self.backend_id_pool.free(id);
-            return Err(map_error(BACKENDS_MAP)(e));
+            return Err(e);
         }
+        self.backend_ports.count(backend.port);
         self.backend_ids.insert(*backend, id);
         self.backend_states.insert(*backend, state);
         self.set_local(backend, local);
@@ -682,6 +772,8 @@ impl ServiceMaps {
     ) -> Result<u32, ServiceMapError> {
         let id = self.frontend_ids.allocate("service")?;
         let result = (|| {
+            // Packets to the port must reach the service map once the entry is there.
+            self.open_port(Gate::Frontends, entry.frontend.port)?;
             let mut slots = Vec::new();
             for (backend, state) in &entry.backends {
                 let local = entry.local_backends.contains(backend);
@@ -773,9 +865,11 @@ impl ServiceMaps {
     fn set_frontend(&mut self, frontend: Frontend, applied: Option<AppliedFrontend>, touched: &mut BTreeSet<Backend>) {
         if let Some(old) = self.frontends.remove(&frontend) {
             self.unreference(&old, touched);
+            self.frontend_ports.release(frontend.port);
         }
         if let Some(new) = applied {
             self.reference(&new, touched);
+            self.frontend_ports.count(frontend.port);
             self.frontends.insert(frontend, new);
         }
     }
@@ -905,6 +999,7 @@ impl ServiceMaps {
                 out.errors.push(e);
             }
         }
+        self.close_unused_ports(Gate::Frontends, &mut out.errors);
         // Backends the batch touched (or adopted unused) that nothing references any more.
         for backend in touched {
             if !self.refs.contains_key(&backend)
@@ -945,7 +1040,9 @@ impl ServiceMaps {
             self.backend_ids.remove(backend);
             self.backend_states.remove(backend);
             self.backend_local.remove(backend);
+            self.backend_ports.release(backend.port);
         }
+        self.close_unused_ports(Gate::Backends, &mut errors);
         errors.into_result()
     }
 

@@ -22,5 +22,6 @@ pub mod metrics;
 pub mod nodeport;
 pub mod notes;
 pub mod objects;
+pub mod port_gates;
 pub mod purge;
 pub mod table;

@@ -63,9 +63,18 @@ pub const SOURCE_RANGES4_MAP: &str = "SOURCE_RANGES4";
 pub const SOURCE_RANGES6_MAP: &str = "SOURCE_RANGES6";
 /// Maglev lookup tables, in chunks of [`MAGLEV_CHUNK`] backend ids keyed by [`MaglevKey`].
 pub const MAGLEV_MAP: &str = "MAGLEV";
+/// Port gates: arrays of [`PORT_GATE_WORDS`] `u64`s, a bit per port (port `p` is bit `p % 64`
+/// of word `p / 64`), set when no frontend (no backend) has that port. A packet to a port no
+/// frontend has skips the service map's lookup, and one from a port no backend has skips the
+/// conntrack lookups of replies: an array read, inlined by the verifier, instead of hash
+/// lookups that miss. A clear bit promises nothing, so a map never written (all zeros: a fresh
+/// one, or one an agent has not settled yet) gates nothing.
+pub const PORTS_WITHOUT_FRONTENDS_MAP: &str = "PORTS_WITHOUT_FRONTENDS";
+pub const PORTS_WITHOUT_BACKENDS_MAP: &str = "PORTS_WITHOUT_BACKENDS";
+pub const PORT_GATE_WORDS: u32 = 1024;
 
 /// Every map the datapath pins, in the order the agent reports them.
-pub const PINNED_MAPS: [&str; 23] = [
+pub const PINNED_MAPS: [&str; 25] = [
     SERVICES4_MAP,
     SERVICES6_MAP,
     SERVICE_SLOTS_MAP,
@@ -89,6 +98,8 @@ pub const PINNED_MAPS: [&str; 23] = [
     SOURCE_RANGES4_MAP,
     SOURCE_RANGES6_MAP,
     MAGLEV_MAP,
+    PORTS_WITHOUT_FRONTENDS_MAP,
+    PORTS_WITHOUT_BACKENDS_MAP,
 ];
 
 /// Program names (the functions' names in the object).

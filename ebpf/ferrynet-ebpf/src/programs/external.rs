@@ -26,7 +26,10 @@ use aya_ebpf::{
 use ferrynet_common::*;
 
 use super::{
-    maps::{CT4, CT6, REV_NAT, SERVICES4, SERVICES6, SNAT_ADDRS, SOURCE_RANGES4, SOURCE_RANGES6, config},
+    maps::{
+        CT4, CT6, REV_NAT, SERVICES4, SERVICES6, SNAT_ADDRS, SOURCE_RANGES4, SOURCE_RANGES6, backend_port, config,
+        frontend_port,
+    },
     packet::*,
     services::{backend, node_port4, node_port6, select4, select6},
     stats::bump,
@@ -86,6 +89,9 @@ fn reopens<A>(t: &Tuple<A>, e: &CtValue) -> bool {
 /// An externalIP's or load balancer IP's entry for external traffic, when `addr`:`port` is one.
 #[inline(always)]
 fn external_ip4(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
+    if !frontend_port(port) {
+        return None;
+    }
     let key = ServiceKey4 {
         addr,
         port,
@@ -98,6 +104,9 @@ fn external_ip4(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
 
 #[inline(always)]
 fn external_ip6(addr: [u32; 4], port: u16, proto: u8) -> Option<ServiceValue> {
+    if !frontend_port(port) {
+        return None;
+    }
     let key = ServiceKey6 {
         addr,
         port,
@@ -215,7 +224,14 @@ fn from_uplink4(ctx: &mut TcContext) -> Option<i32> {
         direction: CT_EXT_IN,
         _pad: [0; 2],
     };
-    if let Some(entry) = CT4.get_ptr_mut(key) {
+    // A known flow's packet is a client's, to a frontend's port, or a backend's reply, from a
+    // backend's port: anything else (most of what crosses the uplink) skips the lookup.
+    let known = if frontend_port(t.dport) || backend_port(t.sport) {
+        CT4.get_ptr_mut(key)
+    } else {
+        None
+    };
+    if let Some(entry) = known {
         // SAFETY: copied out at once.
         let e = unsafe { *entry };
         if !expired(&e, now, t.proto) && !reopens(&t, &e) {
@@ -394,7 +410,14 @@ fn from_uplink6(ctx: &mut TcContext) -> Option<i32> {
         direction: CT_EXT_IN,
         _pad: [0; 2],
     };
-    if let Some(entry) = CT6.get_ptr_mut(key) {
+    // A known flow's packet is a client's, to a frontend's port, or a backend's reply, from a
+    // backend's port: anything else (most of what crosses the uplink) skips the lookup.
+    let known = if frontend_port(t.dport) || backend_port(t.sport) {
+        CT6.get_ptr_mut(key)
+    } else {
+        None
+    };
+    if let Some(entry) = known {
         // SAFETY: copied out at once.
         let e = unsafe { *entry };
         if !expired(&e, now, t.proto) && !reopens(&t, &e) {
@@ -555,6 +578,10 @@ fn answers_new_connection<A>(t: &Tuple<A>, e: &CtValue) -> bool {
 /// node address and NodePort the client sent to, and it goes straight out. None: not such a reply.
 #[inline(always)]
 pub fn reply_to_external4(ctx: &mut TcContext, t: &Tuple<u32>) -> Option<i32> {
+    // Only a backend's packet may answer an external flow.
+    if !backend_port(t.sport) {
+        return None;
+    }
     let key = CtKey4 {
         saddr: t.saddr,
         daddr: t.daddr,
@@ -585,6 +612,10 @@ pub fn reply_to_external4(ctx: &mut TcContext, t: &Tuple<u32>) -> Option<i32> {
 
 #[inline(always)]
 pub fn reply_to_external6(ctx: &mut TcContext, t: &Tuple<[u32; 4]>) -> Option<i32> {
+    // Only a backend's packet may answer an external flow.
+    if !backend_port(t.sport) {
+        return None;
+    }
     let key = CtKey6 {
         saddr: t.saddr,
         daddr: t.daddr,

@@ -55,11 +55,36 @@ pub static MAGLEV: HashMap<MaglevKey, MaglevChunk> = HashMap::with_max_entries(
     BPF_F_NO_PREALLOC,
 );
 #[map]
+pub static PORTS_WITHOUT_FRONTENDS: Array<u64> = Array::with_max_entries(PORT_GATE_WORDS, 0);
+#[map]
+pub static PORTS_WITHOUT_BACKENDS: Array<u64> = Array::with_max_entries(PORT_GATE_WORDS, 0);
+#[map]
 pub static SNAT_ADDRS: Array<NodeAddress> = Array::with_max_entries(2, 0);
 #[map]
 pub static DATAPATH_CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 #[map]
 pub static DATAPATH_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// Whether `gate` marks `port` (network order) as used by none: see [`PORTS_WITHOUT_FRONTENDS_MAP`].
+#[inline(always)]
+fn gated(gate: &Array<u64>, port: u16) -> bool {
+    let port = u16::from_be(port);
+    gate.get(u32::from(port >> 6))
+        .is_some_and(|word| (word >> (port & 63)) & 1 != 0)
+}
+
+/// Whether some frontend may have port `port`: false spares the service map's lookup.
+#[inline(always)]
+pub fn frontend_port(port: u16) -> bool {
+    !gated(&PORTS_WITHOUT_FRONTENDS, port)
+}
+
+/// Whether some backend may have port `port`: false means no translated flow has a reply from
+/// (or a reused tuple to) it, sparing the conntrack lookups.
+#[inline(always)]
+pub fn backend_port(port: u16) -> bool {
+    !gated(&PORTS_WITHOUT_BACKENDS, port)
+}
 
 /// The datapath's settings.
 #[inline(always)]

@@ -4,15 +4,19 @@
 //! - `from_pod` (ingress of the host veth: everything the pod sends): a packet to a Service
 //!   address is DNATed to a backend, its flow recorded in the conntrack map; a packet to a
 //!   Service port without endpoints (or to a Service CIDR address nobody holds) is marked for the
-//!   agent's firewall table to reject. Anything else goes on untouched after the service map's
-//!   lookup (and the Service CIDR trie's, when `--service-cidrs` is set), plus, while NodePorts
-//!   are translated, the conntrack lookup for a local backend's reply to an external client and
-//!   the node address map's; a TCP SYN pays one more, to forget a finished Service flow whose
-//!   translated tuple the new connection reuses (a pod that reached a backend through its
-//!   Service, then reaches it directly from the same port, must not get the Service's address
-//!   on the replies).
+//!   agent's firewall table to reject. What is not for a Service costs one array read when its
+//!   destination port is one no frontend has (the port gates: `PORTS_WITHOUT_FRONTENDS_MAP`),
+//!   else the service map's lookup (and the Service CIDR trie's, when `--service-cidrs` is set)
+//!   and, while NodePorts are translated, the node address map's. Only a packet from a port some
+//!   backend has pays the conntrack lookup for a local backend's reply to an external client, and
+//!   only a TCP SYN to such a port one more, to forget a finished Service flow whose translated
+//!   tuple the new connection reuses (a pod that reached a backend through its Service, then
+//!   reaches it directly from the same port, must not get the Service's address on the replies).
+//! - A TCP reset, from the pod or the backend, ends its flow: both entries go at once, so the
+//!   map holds live flows rather than waiting for eviction.
 //! - `to_pod` (egress: everything sent to the pod): a backend's reply gets the Service address
-//!   back, while its flow is not idle past the conntrack limit.
+//!   back, while its flow is not idle past the conntrack limit. Only a packet from a port some
+//!   backend has is looked up.
 //! - Hairpin: a pod reaching itself through its Service sees the hairpin address as the source,
 //!   so that its reply comes back out through the veth, where it is translated and sent back in.
 //! - NodePorts: a pod's packet to one of the node's addresses on a NodePort is translated as a
@@ -28,7 +32,7 @@ use ferrynet_common::*;
 
 use super::{
     external::{reply_to_external4, reply_to_external6},
-    maps::{CT4, CT6, REV_NAT, config},
+    maps::{CT4, CT6, REV_NAT, backend_port, config},
     packet::*,
     services::{
         Destination, backend, lookup4, lookup6, node_port_in_cluster4, node_port_in_cluster6, select4, select6,
@@ -41,6 +45,10 @@ use super::{
 /// entries go and the replies stay untranslated.
 #[inline(always)]
 fn forget_reused_tuple4(t: &Tuple<u32>) {
+    // Only a tuple to a backend's port can be one a Service flow was translated to.
+    if !backend_port(t.dport) {
+        return;
+    }
     let reply = CtKey4 {
         saddr: t.daddr,
         daddr: t.saddr,
@@ -68,6 +76,10 @@ fn forget_reused_tuple4(t: &Tuple<u32>) {
 
 #[inline(always)]
 fn forget_reused_tuple6(t: &Tuple<[u32; 4]>) {
+    // Only a tuple to a backend's port can be one a Service flow was translated to.
+    if !backend_port(t.dport) {
+        return;
+    }
     let reply = CtKey6 {
         saddr: t.daddr,
         daddr: t.saddr,
@@ -225,7 +237,8 @@ fn translate4(ctx: &mut TcContext, t: &Tuple<u32>, svc: ServiceValue, may_open: 
         .map(|entry| unsafe { *entry })
         .filter(|e| now.saturating_sub(e.last_seen_ns) < idle_limit(t.proto) && e.service == svc.id)
         .and_then(|e| Some((e.backend, backend(e.backend)?)));
-    if known.is_none() && !may_open {
+    // A reset opens nothing: it ends a flow, or answers none.
+    if known.is_none() && (!may_open || is_tcp_rst(&t)) {
         return None;
     }
     let new_flow = known.is_none();
@@ -294,6 +307,12 @@ fn translate4(ctx: &mut TcContext, t: &Tuple<u32>, svc: ServiceValue, may_open: 
             }
         }
     }
+    if is_tcp_rst(&t) {
+        // The pod reset the connection: its flow is over, and its entries go now rather than
+        // when the map runs out of room (a map of live flows keeps every lookup short).
+        let _ = CT4.remove(key);
+        let _ = CT4.remove(reply);
+    }
     rewrite_addr4(ctx, &t, 16, t.daddr, b.addr[0])?;
     rewrite_port(ctx, &t, 2, t.dport, b.port)?;
     if new_flow {
@@ -309,6 +328,10 @@ fn translate4(ctx: &mut TcContext, t: &Tuple<u32>, svc: ServiceValue, may_open: 
 
 fn to_pod4(ctx: &mut TcContext) -> Option<i32> {
     let t = parse4(ctx)?;
+    // Replies of translated flows come from a backend's port.
+    if !backend_port(t.sport) {
+        return None;
+    }
     let key = CtKey4 {
         saddr: t.saddr,
         daddr: t.daddr,
@@ -332,6 +355,19 @@ fn to_pod4(ctx: &mut TcContext) -> Option<i32> {
     let (frontend, frontend_port) = reply_source4(&entry)?;
     rewrite_addr4(ctx, &t, 12, t.saddr, frontend)?;
     rewrite_port(ctx, &t, 0, t.sport, frontend_port)?;
+    if is_tcp_rst(&t) {
+        // The backend reset the connection: both of its entries go (see `translate4`).
+        let _ = CT4.remove(key);
+        let _ = CT4.remove(CtKey4 {
+            saddr: t.daddr,
+            daddr: frontend,
+            sport: t.dport,
+            dport: frontend_port,
+            proto: t.proto,
+            direction: CT_FORWARD,
+            _pad: [0; 2],
+        });
+    }
     bump(Stat::PacketsTranslated);
     Some(NEXT)
 }
@@ -418,7 +454,8 @@ fn translate6(ctx: &mut TcContext, t: &Tuple<[u32; 4]>, svc: ServiceValue, may_o
         .map(|entry| unsafe { *entry })
         .filter(|e| now.saturating_sub(e.last_seen_ns) < idle_limit(t.proto) && e.service == svc.id)
         .and_then(|e| Some((e.backend, backend(e.backend)?)));
-    if known.is_none() && !may_open {
+    // A reset opens nothing: it ends a flow, or answers none.
+    if known.is_none() && (!may_open || is_tcp_rst(&t)) {
         return None;
     }
     let new_flow = known.is_none();
@@ -486,6 +523,12 @@ fn translate6(ctx: &mut TcContext, t: &Tuple<[u32; 4]>, svc: ServiceValue, may_o
             }
         }
     }
+    if is_tcp_rst(&t) {
+        // The pod reset the connection: its flow is over, and its entries go now rather than
+        // when the map runs out of room (a map of live flows keeps every lookup short).
+        let _ = CT6.remove(key);
+        let _ = CT6.remove(reply);
+    }
     rewrite_addr6(ctx, &t, 24, t.daddr, b.addr)?;
     rewrite_port(ctx, &t, 2, t.dport, b.port)?;
     if new_flow {
@@ -501,6 +544,10 @@ fn translate6(ctx: &mut TcContext, t: &Tuple<[u32; 4]>, svc: ServiceValue, may_o
 
 fn to_pod6(ctx: &mut TcContext) -> Option<i32> {
     let t = parse6(ctx)?;
+    // Replies of translated flows come from a backend's port.
+    if !backend_port(t.sport) {
+        return None;
+    }
     let key = CtKey6 {
         saddr: t.saddr,
         daddr: t.daddr,
@@ -524,6 +571,19 @@ fn to_pod6(ctx: &mut TcContext) -> Option<i32> {
     let (frontend, frontend_port) = reply_source6(&entry)?;
     rewrite_addr6(ctx, &t, 8, t.saddr, frontend)?;
     rewrite_port(ctx, &t, 0, t.sport, frontend_port)?;
+    if is_tcp_rst(&t) {
+        // The backend reset the connection: both of its entries go (see `translate6`).
+        let _ = CT6.remove(key);
+        let _ = CT6.remove(CtKey6 {
+            saddr: t.daddr,
+            daddr: frontend,
+            sport: t.dport,
+            dport: frontend_port,
+            proto: t.proto,
+            direction: CT_FORWARD,
+            _pad: [0; 2],
+        });
+    }
     bump(Stat::PacketsTranslated);
     Some(NEXT)
 }

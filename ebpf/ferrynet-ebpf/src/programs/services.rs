@@ -5,7 +5,7 @@ use ferrynet_common::*;
 use super::{
     maps::{
         AFFINITY4, AFFINITY6, BACKENDS, MAGLEV, NODE_ADDRS4, NODE_ADDRS6, SERVICE_CIDRS4, SERVICE_CIDRS6,
-        SERVICE_SLOTS, SERVICES4, SERVICES6,
+        SERVICE_SLOTS, SERVICES4, SERVICES6, frontend_port,
     },
     stats::bump,
 };
@@ -22,6 +22,13 @@ pub enum Destination {
 
 #[inline(always)]
 pub fn lookup4(addr: u32, port: u16, proto: u8, scope: u8) -> Destination {
+    if !frontend_port(port) {
+        return if in_service_cidrs4(addr) {
+            Destination::Refused
+        } else {
+            Destination::Other
+        };
+    }
     let key = ServiceKey4 {
         addr,
         port,
@@ -39,6 +46,13 @@ pub fn lookup4(addr: u32, port: u16, proto: u8, scope: u8) -> Destination {
 
 #[inline(always)]
 pub fn lookup6(addr: [u32; 4], port: u16, proto: u8, scope: u8) -> Destination {
+    if !frontend_port(port) {
+        return if in_service_cidrs6(addr) {
+            Destination::Refused
+        } else {
+            Destination::Other
+        };
+    }
     let key = ServiceKey6 {
         addr,
         port,
@@ -55,9 +69,13 @@ pub fn lookup6(addr: [u32; 4], port: u16, proto: u8, scope: u8) -> Destination {
 }
 
 /// The entry of `scope` of NodePort `port`, when `addr` is one of the node's addresses NodePorts
-/// answer on (the NodePort lookup comes first: most packets arriving at the node stop there).
+/// answer on (the port gate, then the NodePort lookup: most packets arriving at the node stop
+/// there).
 #[inline(always)]
 pub fn node_port4(addr: u32, port: u16, proto: u8, scope: u8) -> Option<ServiceValue> {
+    if !frontend_port(port) {
+        return None;
+    }
     let key = ServiceKey4 {
         addr: 0,
         port,
@@ -73,6 +91,9 @@ pub fn node_port4(addr: u32, port: u16, proto: u8, scope: u8) -> Option<ServiceV
 
 #[inline(always)]
 pub fn node_port6(addr: [u32; 4], port: u16, proto: u8, scope: u8) -> Option<ServiceValue> {
+    if !frontend_port(port) {
+        return None;
+    }
     let key = ServiceKey6 {
         addr: [0; 4],
         port,
@@ -87,10 +108,14 @@ pub fn node_port6(addr: [u32; 4], port: u16, proto: u8, scope: u8) -> Option<Ser
 }
 
 /// The in-cluster entry of NodePort `port`, when `addr` is one of the node's addresses: for what
-/// pods and the node's own sockets send, seldom to the node's addresses, so the small address map
+/// pods and the node's own sockets send, seldom to the node's addresses, so the port gate and the
+/// small address map
 /// comes first (a miss there spares a miss in the large service map).
 #[inline(always)]
 pub fn node_port_in_cluster4(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
+    if !frontend_port(port) {
+        return None;
+    }
     // SAFETY: only presence matters.
     unsafe { NODE_ADDRS4.get(addr) }?;
     let key = ServiceKey4 {
@@ -105,6 +130,9 @@ pub fn node_port_in_cluster4(addr: u32, port: u16, proto: u8) -> Option<ServiceV
 
 #[inline(always)]
 pub fn node_port_in_cluster6(addr: [u32; 4], port: u16, proto: u8) -> Option<ServiceValue> {
+    if !frontend_port(port) {
+        return None;
+    }
     // SAFETY: only presence matters.
     unsafe { NODE_ADDRS6.get(addr) }?;
     let key = ServiceKey6 {
