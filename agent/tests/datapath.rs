@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use ferrynet_agent::datapath::{self, Datapath, MapSizes};
+use ferrynet_agent::datapath::{self, Datapath, MapSizes, PinnedLinks};
 use ferrynet_kernel::names::HostVeth;
 use ferrynet_tests::{
     bpffs::TestBpfFs,
@@ -56,7 +56,9 @@ fn the_pod_programs_load_attach_first_at_tcx_and_pass_a_pods_traffic() {
     let mut datapath = Datapath::load(&bpffs.pin_path("dp"), MapSizes::default()).expect("load the eBPF object");
     assert!(!retired.exists(), "the retired map's pin is still there");
     ferrynet_kernel::netns::run_in(host.fd(), || {
-        datapath.attach_pod_veth(&veth, false).map_err(std::io::Error::other)
+        datapath
+            .attach_pod_veth(&veth, PinnedLinks::Verify)
+            .map_err(std::io::Error::other)
     })
     .expect("attach at TCX ingress and egress");
 
@@ -79,7 +81,7 @@ fn the_pod_programs_load_attach_first_at_tcx_and_pass_a_pods_traffic() {
     }
 
     // A link something else detached stays pinned but runs nothing: attaching again, as a
-    // restarted agent does on every veth, finds that out and attaches afresh.
+    // restarted agent (or its resync) does on every veth, finds that out and attaches afresh.
     let from = pins.pod_link(&veth, "from");
     let shown = std::process::Command::new("bpftool")
         .args(["-j", "link", "show", "pinned"])
@@ -102,8 +104,20 @@ fn the_pod_programs_load_attach_first_at_tcx_and_pass_a_pods_traffic() {
     };
     let ours = datapath::link_program_id(&from).unwrap();
     assert!(!ingress().contains(&ours), "detached: {:?}", ingress());
+    // The controller's frequent scans keep pinned links without asking the kernel...
     let report = ferrynet_kernel::netns::run_in(host.fd(), || {
-        datapath.attach_pod_veth(&veth, false).map_err(std::io::Error::other)
+        datapath
+            .attach_pod_veth(&veth, PinnedLinks::Keep)
+            .map_err(std::io::Error::other)
+    })
+    .expect("scan");
+    assert_eq!((report.attached, report.kept), (0, 2), "{report:?}");
+    assert!(!ingress().contains(&ours), "a scan does not check: {:?}", ingress());
+    // ...its start and resyncs verify them.
+    let report = ferrynet_kernel::netns::run_in(host.fd(), || {
+        datapath
+            .attach_pod_veth(&veth, PinnedLinks::Verify)
+            .map_err(std::io::Error::other)
     })
     .expect("attach again");
     assert_eq!((report.attached, report.kept), (1, 1), "{report:?}");
@@ -136,4 +150,77 @@ fn the_kernel_object_declares_its_dual_licence() {
     let manifest =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../ebpf/ferrynet-ebpf/Cargo.toml")).unwrap();
     assert!(manifest.contains("license = \"MIT OR GPL-2.0\""), "{manifest}");
+}
+
+/// What the agent itself may take besides its maps: the services benchmark's RSS target at
+/// 10,000 Services.
+const AGENT_RSS_BUDGET: u64 = 100 << 20;
+
+/// A Kubernetes memory quantity in bytes (`256Mi`, `1Gi`, `512M`, plain bytes).
+fn quantity_bytes(q: &str) -> u64 {
+    let units: [(&str, u64); 6] = [
+        ("Ki", 1 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("k", 1000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+    ];
+    for (suffix, factor) in units {
+        if let Some(n) = q.strip_suffix(suffix) {
+            return n.parse::<u64>().unwrap_or_else(|e| panic!("{q}: {e}")) * factor;
+        }
+    }
+    q.parse().unwrap_or_else(|e| panic!("{q}: {e}"))
+}
+
+#[test]
+fn the_maps_at_their_default_sizes_fit_the_daemonsets_memory_limit() {
+    require_root();
+    // Since Linux 5.11 a map's memory is charged to the memory cgroup of the process that
+    // created it: the agent's container. Its maps are preallocated at their full size, so the
+    // DaemonSet's memory limit must hold them all, and the agent besides.
+    let bpffs = TestBpfFs::mount();
+    let datapath = Datapath::load(&bpffs.pin_path("dp"), MapSizes::default()).expect("load the eBPF object");
+    let pins = datapath::PinLayout::new(&bpffs.pin_path("dp"));
+    let mut maps_bytes = 0;
+    for name in ferrynet_common::PINNED_MAPS {
+        let shown = std::process::Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(pins.map(name))
+            .output()
+            .expect("bpftool (installed by bootstrap.sh)");
+        let map: Value = serde_json::from_slice(&shown.stdout).unwrap_or_else(|e| panic!("{name}: {e}"));
+        maps_bytes += map["bytes_memlock"].as_u64().unwrap_or_else(|| panic!("{name}: {map}"));
+    }
+    drop(datapath);
+    datapath::cleanup(&bpffs.pin_path("dp")).unwrap();
+
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/daemonset.yaml");
+    let daemonset: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
+    let containers = daemonset["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .unwrap();
+    let agent = containers
+        .iter()
+        .find(|c| c["name"] == "agent")
+        .expect("the agent container");
+    let resources = &agent["resources"];
+    let limit = quantity_bytes(resources["limits"]["memory"].as_str().expect("a memory limit"));
+    let request = quantity_bytes(resources["requests"]["memory"].as_str().expect("a memory request"));
+    let mib = |b: u64| b >> 20;
+    assert!(
+        maps_bytes + AGENT_RSS_BUDGET <= limit,
+        "the maps take {} MiB and the agent up to {} MiB: over the limit of {} MiB",
+        mib(maps_bytes),
+        mib(AGENT_RSS_BUDGET),
+        mib(limit)
+    );
+    // The maps are there from the start, whatever the cluster holds: the scheduler must count them.
+    assert!(
+        request >= maps_bytes,
+        "the request of {} MiB does not cover the maps' {} MiB",
+        mib(request),
+        mib(maps_bytes)
+    );
 }

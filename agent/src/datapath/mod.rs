@@ -200,6 +200,20 @@ pub struct Datapath {
     pins: PinLayout,
 }
 
+/// What attaching does with a TCX link that is already pinned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinnedLinks {
+    /// Keep it as it is: the controller's scans every few seconds, which only look for new
+    /// interfaces (checking every link's hook there would cost a few syscalls per interface, in
+    /// the loop every change waits on).
+    Keep,
+    /// Keep it if its program still runs on the hook, and attach afresh if something else
+    /// detached it (`bpftool link detach`): at start and at every resync.
+    Verify,
+    /// Swap this agent's program in, atomically (an upgrade); verified as `Verify` first.
+    Replace,
+}
+
 /// What making the hooks match the loaded programs did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct AttachReport {
@@ -487,20 +501,25 @@ impl Datapath {
     }
 
     /// Attaches the pod programs to the host veth `veth` (in the calling thread's namespace)
-    /// through pinned TCX links, first on their hooks. Links that exist are kept, unless
-    /// `replace`: then their program is swapped in place, atomically.
-    pub fn attach_pod_veth(&mut self, veth: &str, replace: bool) -> Result<AttachReport, DatapathError> {
+    /// through pinned TCX links, first on their hooks; `pinned` says what happens to links that
+    /// exist.
+    pub fn attach_pod_veth(&mut self, veth: &str, pinned: PinnedLinks) -> Result<AttachReport, DatapathError> {
         let mut report = AttachReport::default();
         for (name, hook, suffix) in POD_PROGRAMS {
             let path = self.pins.pod_link(veth, suffix);
-            self.attach_tcx(name, hook, veth, &path, replace, &mut report)?;
+            self.attach_tcx(name, hook, veth, &path, pinned, &mut report)?;
         }
         Ok(report)
     }
 
     /// Attaches the uplink program to the ingress of `uplink` (interface `ifindex`), as
     /// [`Self::attach_pod_veth`] does.
-    pub fn attach_uplink(&mut self, uplink: &str, ifindex: u32, replace: bool) -> Result<AttachReport, DatapathError> {
+    pub fn attach_uplink(
+        &mut self,
+        uplink: &str,
+        ifindex: u32,
+        pinned: PinnedLinks,
+    ) -> Result<AttachReport, DatapathError> {
         let mut report = AttachReport::default();
         let path = self.pins.uplink_link(ifindex);
         self.attach_tcx(
@@ -508,7 +527,7 @@ impl Datapath {
             TcAttachType::Ingress,
             uplink,
             &path,
-            replace,
+            pinned,
             &mut report,
         )?;
         Ok(report)
@@ -521,11 +540,12 @@ impl Datapath {
         hook: TcAttachType,
         iface: &str,
         path: &Path,
-        replace: bool,
+        pinned: PinnedLinks,
         report: &mut AttachReport,
     ) -> Result<(), DatapathError> {
         let mut existing = pinned_link(path)?;
-        if existing.is_some() && !tcx_link_attached(name, path, iface, hook)? {
+        let replace = pinned == PinnedLinks::Replace;
+        if existing.is_some() && pinned != PinnedLinks::Keep && !tcx_link_attached(name, path, iface, hook)? {
             // Detached by something else (`bpftool link detach`): still pinned, but running
             // nothing. Attached afresh.
             if let Some(stale) = existing.take() {

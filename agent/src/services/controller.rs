@@ -38,7 +38,7 @@ use super::{
     table::{self, Frontend, NodeContext, PortEntry, ServiceRef},
 };
 use crate::{
-    datapath::{self, Datapath, DatapathError, MapSizes, TranslationModes},
+    datapath::{self, Datapath, DatapathError, MapSizes, PinnedLinks, TranslationModes},
     kernel_paths,
     status::{StatusHandle, now_unix},
     warning::{Warning, WarningKind},
@@ -338,8 +338,13 @@ fn set_up(cfg: &ServicesConfig) -> Result<(Datapath, ServiceMaps, datapath::Atta
         dp.detach_socket_lb().map_err(ServicesError::Datapaths)?;
     }
     dp.pin_pod_programs()?;
+    let pinned = if replace {
+        PinnedLinks::Replace
+    } else {
+        PinnedLinks::Verify
+    };
     for veth in host_veths()? {
-        let r = dp.attach_pod_veth(&veth, replace)?;
+        let r = dp.attach_pod_veth(&veth, pinned)?;
         report.attached += r.attached;
         report.upgraded += r.upgraded;
         report.kept += r.kept;
@@ -350,7 +355,7 @@ fn set_up(cfg: &ServicesConfig) -> Result<(Datapath, ServiceMaps, datapath::Atta
         let links = links_by_index()?;
         for index in datapath::pinned_uplinks(dp.pins()) {
             if let Some(name) = links.get(&index) {
-                let r = dp.attach_uplink(name, index, true)?;
+                let r = dp.attach_uplink(name, index, PinnedLinks::Replace)?;
                 report.upgraded += r.upgraded;
             }
         }
@@ -517,12 +522,17 @@ impl Controller {
                 }
                 _ = veth_scan.tick() => {
                     tokio::task::block_in_place(|| {
-                        self.scan_veths();
-                        self.scan_nodeports();
+                        self.scan_veths(PinnedLinks::Keep);
+                        self.scan_nodeports(PinnedLinks::Keep);
                     });
                 }
                 _ = resync.tick() => {
-                    tokio::task::block_in_place(|| self.refresh_datapath_counters());
+                    tokio::task::block_in_place(|| {
+                        // Links something else detached are attached again within a resync.
+                        self.scan_veths(PinnedLinks::Verify);
+                        self.scan_nodeports(PinnedLinks::Verify);
+                        self.refresh_datapath_counters();
+                    });
                     // A health check server that could not bind tries again.
                     self.sync_health_checks();
                 }
@@ -955,8 +965,9 @@ impl Controller {
         failures
     }
 
-    /// Attaches the pod programs to veths that lack them; forgets the links of veths that are gone.
-    fn scan_veths(&mut self) {
+    /// Attaches the pod programs to veths that lack them (`pinned`: what to do with those that
+    /// have them); forgets the links of veths that are gone.
+    fn scan_veths(&mut self, pinned: PinnedLinks) {
         let Ok(veths) = host_veths() else {
             return;
         };
@@ -964,7 +975,7 @@ impl Controller {
         for veth in &veths {
             // The CNI attaches to new veths itself; one it is attaching right now shows here too,
             // and whichever comes second finds the other's link (and its pin) in place.
-            if let Err(e) = self.datapath.attach_pod_veth(veth, false)
+            if let Err(e) = self.datapath.attach_pod_veth(veth, pinned)
                 && !self.datapath.pins().pod_link(veth, "from").exists()
             {
                 warn!("attaching the pod programs to {veth}: {e}");
@@ -991,7 +1002,7 @@ impl Controller {
 
     /// Keeps the node address maps and the uplinks' program in step with the node's addresses
     /// and interfaces (an address added after start answers NodePorts within a scan).
-    fn scan_nodeports(&mut self) {
+    fn scan_nodeports(&mut self, pinned: PinnedLinks) {
         let Ok(mut netlink) = ferrynet_kernel::netlink::Netlink::current() else {
             return;
         };
@@ -1008,7 +1019,7 @@ impl Controller {
         let links: Vec<(u32, String)> = links.into_iter().collect();
         let uplinks = nodeport::uplinks(&addresses, &links, &self.internal_ips, &self.cfg.nodeport_interfaces);
         for (index, name) in &uplinks {
-            if let Err(e) = self.datapath.attach_uplink(name, *index, false) {
+            if let Err(e) = self.datapath.attach_uplink(name, *index, pinned) {
                 warn!("attaching the uplink program to {name}: {e}");
             }
         }

@@ -119,8 +119,68 @@ pub struct MapHandles {
     pub source_ranges4: LpmTrie<MapData, SourceRangeKey4, u8>,
     pub source_ranges6: LpmTrie<MapData, SourceRangeKey6, u8>,
     pub maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
-    pub ports_without_frontends: Array<MapData, u64>,
-    pub ports_without_backends: Array<MapData, u64>,
+    /// The ports no frontend (no backend) uses.
+    pub frontend_ports: GateMap,
+    pub backend_ports: GateMap,
+}
+
+/// A port gate's map ([`PORTS_WITHOUT_FRONTENDS_MAP`], [`PORTS_WITHOUT_BACKENDS_MAP`]) and the
+/// count of its ports' users, which says what to write to it.
+pub struct GateMap {
+    name: &'static str,
+    map: Array<MapData, u64>,
+    ports: PortGate,
+}
+
+impl GateMap {
+    /// The gate over `map`, its words as the map holds them, no users counted yet.
+    fn new(name: &'static str, map: Array<MapData, u64>) -> Self {
+        let words = (0..PORT_GATE_WORDS).map(|i| map.get(&i, 0).unwrap_or(0)).collect();
+        Self {
+            name,
+            map,
+            ports: PortGate::new(words),
+        }
+    }
+
+    /// Counts a user of `port` (an entry that holds it).
+    fn count(&mut self, port: u16) {
+        self.ports.count(port);
+    }
+
+    /// A user of `port` went; its bit is set at the next [`GateMap::close_unused`].
+    fn release(&mut self, port: u16) {
+        self.ports.release(port);
+    }
+
+    /// Writes `words`, recording each one written.
+    fn write(&mut self, words: Vec<Word>) -> Result<(), ServiceMapError> {
+        for word in words {
+            self.map.set(word.0, word.1, 0).map_err(map_error(self.name))?;
+            self.ports.written(word);
+        }
+        Ok(())
+    }
+
+    /// Opens `port`'s gate, before an entry with it is written.
+    fn open(&mut self, port: u16) -> Result<(), ServiceMapError> {
+        match self.ports.open(port) {
+            Some(word) => self.write(vec![word]),
+            None => Ok(()),
+        }
+    }
+
+    /// Closes the gates of the ports whose last entry went.
+    fn close_unused(&mut self) -> Result<(), ServiceMapError> {
+        let words = self.ports.close_unused();
+        self.write(words)
+    }
+
+    /// Makes the map what the counted users make it (at adoption).
+    fn settle(&mut self) -> Result<(), ServiceMapError> {
+        let words = self.ports.settle();
+        self.write(words)
+    }
 }
 
 impl MapHandles {
@@ -154,8 +214,8 @@ impl MapHandles {
             source_ranges4: trie!(SOURCE_RANGES4_MAP),
             source_ranges6: trie!(SOURCE_RANGES6_MAP),
             maglev: typed!(MAGLEV_MAP),
-            ports_without_frontends: array!(PORTS_WITHOUT_FRONTENDS_MAP),
-            ports_without_backends: array!(PORTS_WITHOUT_BACKENDS_MAP),
+            frontend_ports: GateMap::new(PORTS_WITHOUT_FRONTENDS_MAP, array!(PORTS_WITHOUT_FRONTENDS_MAP)),
+            backend_ports: GateMap::new(PORTS_WITHOUT_BACKENDS_MAP, array!(PORTS_WITHOUT_BACKENDS_MAP)),
         })
     }
 }
@@ -291,21 +351,6 @@ pub struct ServiceMaps {
     orphans: BTreeSet<Backend>,
     /// Removals an earlier agent did not finish (found at adoption), to purge first.
     unfinished: Removals,
-    /// The ports the frontends (the backends) in the maps use.
-    frontend_ports: PortGate,
-    backend_ports: PortGate,
-}
-
-/// Which port gate.
-#[derive(Clone, Copy)]
-enum Gate {
-    Frontends,
-    Backends,
-}
-
-/// The words of a port gate's map, as they are.
-fn read_gate(map: &Array<MapData, u64>) -> Vec<u64> {
-    (0..PORT_GATE_WORDS).map(|i| map.get(&i, 0).unwrap_or(0)).collect()
 }
 
 impl ServiceMaps {
@@ -322,11 +367,7 @@ impl ServiceMaps {
             backend_id_pool: IdAllocator::new(max_backends),
             orphans: BTreeSet::new(),
             unfinished: Removals::default(),
-            frontend_ports: PortGate::new(Vec::new()),
-            backend_ports: PortGate::new(Vec::new()),
         };
-        this.frontend_ports = PortGate::new(read_gate(&this.maps.ports_without_frontends));
-        this.backend_ports = PortGate::new(read_gate(&this.maps.ports_without_backends));
         let mut by_id: BTreeMap<u32, Backend> = BTreeMap::new();
         for item in this.maps.backends.iter() {
             let (id, value) = item.map_err(map_error(BACKENDS_MAP))?;
@@ -438,15 +479,13 @@ impl ServiceMaps {
         // The gates as the adopted entries make them (an earlier agent's, or a fresh map's zeros
         // that gate nothing).
         for frontend in this.frontends.keys() {
-            this.frontend_ports.count(frontend.port);
+            this.maps.frontend_ports.count(frontend.port);
         }
         for backend in this.backend_ids.keys() {
-            this.backend_ports.count(backend.port);
+            this.maps.backend_ports.count(backend.port);
         }
-        for gate in [Gate::Frontends, Gate::Backends] {
-            let words = this.gate(gate).settle();
-            this.write_gate(gate, words)?;
-        }
+        this.maps.frontend_ports.settle()?;
+        this.maps.backend_ports.settle()?;
         // Marked, with no entry left: removed by an agent that did not live to purge their
         // flows. Their ids stay taken until this one has.
         for item in this.maps.doomed.keys() {
@@ -457,45 +496,6 @@ impl ServiceMaps {
             }
         }
         Ok(this)
-    }
-
-    fn gate(&mut self, gate: Gate) -> &mut PortGate {
-        match gate {
-            Gate::Frontends => &mut self.frontend_ports,
-            Gate::Backends => &mut self.backend_ports,
-        }
-    }
-
-    /// Writes words of a gate's map, recording each one written.
-    fn write_gate(&mut self, gate: Gate, words: Vec<Word>) -> Result<(), ServiceMapError> {
-        let (map, name) = match gate {
-            Gate::Frontends => (&mut self.maps.ports_without_frontends, PORTS_WITHOUT_FRONTENDS_MAP),
-            Gate::Backends => (&mut self.maps.ports_without_backends, PORTS_WITHOUT_BACKENDS_MAP),
-        };
-        for (index, word) in words {
-            map.set(index, word, 0).map_err(map_error(name))?;
-            match gate {
-                Gate::Frontends => self.frontend_ports.written((index, word)),
-                Gate::Backends => self.backend_ports.written((index, word)),
-            }
-        }
-        Ok(())
-    }
-
-    /// Opens `port`'s gate, before an entry with it is written.
-    fn open_port(&mut self, gate: Gate, port: u16) -> Result<(), ServiceMapError> {
-        match self.gate(gate).open(port) {
-            Some(word) => self.write_gate(gate, vec![word]),
-            None => Ok(()),
-        }
-    }
-
-    /// Closes the gates of the ports whose last entry went.
-    fn close_unused_ports(&mut self, gate: Gate, errors: &mut ErrorList<ServiceMapError>) {
-        let words = self.gate(gate).close_unused();
-        if let Err(e) = self.write_gate(gate, words) {
-            errors.push(e);
-        }
     }
 
     /// The removals an earlier agent left unpurged, taken once.
@@ -557,7 +557,7 @@ impl ServiceMaps {
         }
         let id = self.backend_id_pool.allocate("backend")?;
         // Its replies may be translated as soon as a slot names it.
-        let opened = self.open_port(Gate::Backends, backend.port);
+        let opened = self.maps.backend_ports.open(backend.port);
         if let Err(e) = opened.and_then(|()| {
             self.maps
                 .backends
@@ -567,7 +567,7 @@ impl ServiceMaps {
             self.backend_id_pool.free(id);
             return Err(e);
         }
-        self.backend_ports.count(backend.port);
+        self.maps.backend_ports.count(backend.port);
         self.backend_ids.insert(*backend, id);
         self.backend_states.insert(*backend, state);
         self.set_local(backend, local);
@@ -773,7 +773,7 @@ impl ServiceMaps {
         let id = self.frontend_ids.allocate("service")?;
         let result = (|| {
             // Packets to the port must reach the service map once the entry is there.
-            self.open_port(Gate::Frontends, entry.frontend.port)?;
+            self.maps.frontend_ports.open(entry.frontend.port)?;
             let mut slots = Vec::new();
             for (backend, state) in &entry.backends {
                 let local = entry.local_backends.contains(backend);
@@ -865,11 +865,11 @@ impl ServiceMaps {
     fn set_frontend(&mut self, frontend: Frontend, applied: Option<AppliedFrontend>, touched: &mut BTreeSet<Backend>) {
         if let Some(old) = self.frontends.remove(&frontend) {
             self.unreference(&old, touched);
-            self.frontend_ports.release(frontend.port);
+            self.maps.frontend_ports.release(frontend.port);
         }
         if let Some(new) = applied {
             self.reference(&new, touched);
-            self.frontend_ports.count(frontend.port);
+            self.maps.frontend_ports.count(frontend.port);
             self.frontends.insert(frontend, new);
         }
     }
@@ -999,7 +999,9 @@ impl ServiceMaps {
                 out.errors.push(e);
             }
         }
-        self.close_unused_ports(Gate::Frontends, &mut out.errors);
+        if let Err(e) = self.maps.frontend_ports.close_unused() {
+            out.errors.push(e);
+        }
         // Backends the batch touched (or adopted unused) that nothing references any more.
         for backend in touched {
             if !self.refs.contains_key(&backend)
@@ -1040,9 +1042,11 @@ impl ServiceMaps {
             self.backend_ids.remove(backend);
             self.backend_states.remove(backend);
             self.backend_local.remove(backend);
-            self.backend_ports.release(backend.port);
+            self.maps.backend_ports.release(backend.port);
         }
-        self.close_unused_ports(Gate::Backends, &mut errors);
+        if let Err(e) = self.maps.backend_ports.close_unused() {
+            errors.push(e);
+        }
         errors.into_result()
     }
 

@@ -107,6 +107,7 @@ impl PortGate {
     }
 
     /// Whether the map (as last written) marks `port` unused.
+    #[cfg(test)]
     pub fn is_closed(&self, port: u16) -> bool {
         let (index, bit) = word_of(port);
         self.words[index] & bit != 0

@@ -272,7 +272,7 @@ fn set_replicas(server: &ApiServer, target: &Target, scale: &Value, dry_run: boo
         );
     };
     let mut inner = server.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let Some(current) = inner.objects.get(&target.key()).cloned() else {
+    let Some(current) = inner.copy(&target.key()) else {
         return not_found(target);
     };
     if let Some(rv) = scale["metadata"]["resourceVersion"]

@@ -145,7 +145,7 @@ impl ApiServer {
                 touched.insert((key.1, key.2));
             }
             ENDPOINTSLICE => {
-                for slice in [Some(object), inner.objects.get(&key)].into_iter().flatten() {
+                for slice in [Some(object), inner.get(&key)].into_iter().flatten() {
                     if let Some(service) = service_of_slice(slice) {
                         touched.insert((key.1.clone(), service.to_string()));
                     }
@@ -180,15 +180,15 @@ impl ApiServer {
 
     /// Brings the Endpoints of Service `name` in `ns` in line with the Service and its slices.
     pub(super) fn sync_endpoints(&self, inner: &mut Inner, (ns, name): &ServiceKey) {
-        let service = inner.objects.get(&(SERVICE, ns.clone(), name.clone()));
+        let service = inner.get(&(SERVICE, ns.clone(), name.clone()));
         let slice_names = inner.slices_by_service.get(&(ns.clone(), name.clone()));
         let slices: Vec<&Value> = slice_names
             .into_iter()
             .flatten()
-            .filter_map(|slice| inner.objects.get(&(ENDPOINTSLICE, ns.clone(), slice.clone())))
+            .filter_map(|slice| inner.get(&(ENDPOINTSLICE, ns.clone(), slice.clone())))
             .collect();
         let wanted = service.and_then(|service| mirror(service, &slices));
-        let current = inner.objects.get(&(ENDPOINTS, ns.clone(), name.clone())).cloned();
+        let current = inner.copy(&(ENDPOINTS, ns.clone(), name.clone()));
         match (current, wanted) {
             (None, None) => {}
             (Some(current), None) => {

@@ -16,7 +16,11 @@
 //! Every pass reads the whole state and converges on it (level-triggered), after any change the
 //! API reports, and every two seconds (container exits, readiness, a node's CNI configuration
 //! appearing).
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
@@ -295,14 +299,19 @@ pub fn run(lab_name: &str) -> Result<()> {
         .await?;
         let client = Client::try_from(config)?;
         let changed = std::sync::Arc::new(tokio::sync::Notify::new());
-        spawn_watch::<Pod>(&client, &changed);
-        spawn_watch::<Deployment>(&client, &changed);
-        spawn_watch::<Service>(&client, &changed);
-        spawn_watch::<Node>(&client, &changed);
+        let endpoint_inputs = std::sync::Arc::new(AtomicU64::new(0));
+        spawn_watch::<Pod>(&client, &changed, Some(&endpoint_inputs));
+        spawn_watch::<Deployment>(&client, &changed, None);
+        spawn_watch::<Service>(&client, &changed, Some(&endpoint_inputs));
+        spawn_watch::<Node>(&client, &changed, None);
+        let mut endpoints_synced = EndpointsSynced {
+            inputs: endpoint_inputs,
+            at: None,
+        };
         let mut last_error = String::new();
         loop {
             // An error is logged when it changes, not at every pass.
-            let error = pass(&lab_name, &client)
+            let error = pass(&lab_name, &client, &mut endpoints_synced)
                 .await
                 .err()
                 .map(|e| format!("{e:#}"))
@@ -316,17 +325,40 @@ pub fn run(lab_name: &str) -> Result<()> {
     })
 }
 
-/// Wakes the controllers whenever objects of kind `K` change.
-fn spawn_watch<K>(client: &Client, changed: &std::sync::Arc<tokio::sync::Notify>)
-where
+/// How far the EndpointSlice controller and the DNS records have followed the Services and
+/// Pods.
+///
+/// They are derived from every Service and Pod, and listing thousands of Services at every pass
+/// loaded the API stand-in (and both cores) every 2 s, which stalled whatever else the lab was
+/// doing: a benchmark's single endpoint changes waited up to 400 ms for their writes. As the
+/// real controllers work from their informers' events, these run only when a Service or Pod
+/// changed (a watch that relists counts as a change).
+struct EndpointsSynced {
+    /// Watch events of Services and Pods so far.
+    inputs: std::sync::Arc<AtomicU64>,
+    /// `inputs` as it was when the last sync that succeeded began.
+    at: Option<u64>,
+}
+
+/// Wakes the controllers whenever objects of kind `K` change, counting the events in `counted`.
+fn spawn_watch<K>(
+    client: &Client,
+    changed: &std::sync::Arc<tokio::sync::Notify>,
+    counted: Option<&std::sync::Arc<AtomicU64>>,
+) where
     K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
 {
     let api: Api<K> = Api::all(client.clone());
     let changed = changed.clone();
+    let counted = counted.cloned();
     tokio::spawn(async move {
         let mut events = std::pin::pin!(watcher(api, watcher::Config::default()));
         while let Some(event) = events.next().await {
             if event.is_ok() {
+                if let Some(counted) = &counted {
+                    // Counted before the wake, so the pass it wakes sees the change as due.
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
                 changed.notify_one();
             } else {
                 // The API stand-in is away: the watcher retries; do not spin meanwhile.
@@ -337,9 +369,12 @@ where
 }
 
 /// One pass of every controller over the whole state. A failing step does not stop the others.
-async fn pass(lab_name: &str, client: &Client) -> Result<()> {
+async fn pass(lab_name: &str, client: &Client, endpoints: &mut EndpointsSynced) -> Result<()> {
     let lab = Lab::open(lab_name)?;
     let mut errors = Vec::new();
+    // Read before anything is listed: a change that lands during the pass is due at the next.
+    let inputs = endpoints.inputs.load(Ordering::SeqCst);
+    let endpoints_due = endpoints.at != Some(inputs);
     let pods: Vec<Pod> = list_all(client).await?;
     let nodes: Vec<Node> = list_all(client).await?;
     // Without the Deployments, neither the Deployment controller nor the garbage collector can
@@ -392,7 +427,8 @@ async fn pass(lab_name: &str, client: &Client) -> Result<()> {
     }
     // A terminating pod leaves its Services' endpoints (as terminating) before its kubelet stops
     // it, so that new connections stop going to it first.
-    if pods.iter().any(terminating)
+    if endpoints_due
+        && pods.iter().any(terminating)
         && let Err(e) = super::endpoints::sync_slices(client).await
     {
         errors.push(format!("endpoint slices: {e:#}"));
@@ -424,16 +460,28 @@ async fn pass(lab_name: &str, client: &Client) -> Result<()> {
         }
     }
     errors.extend(tokio::task::block_in_place(|| lab.kubelet_remove_orphans(&pods)));
-    if let Err(e) = super::endpoints::sync_slices(client).await {
-        errors.push(format!("endpoint slices: {e:#}"));
-    }
-    match list_all::<Service>(client).await {
-        Ok(services) => {
-            if let Err(e) = lab.write_dns_records(&services) {
-                errors.push(format!("DNS records: {e:#}"));
+    if endpoints_due {
+        let mut synced = true;
+        if let Err(e) = super::endpoints::sync_slices(client).await {
+            errors.push(format!("endpoint slices: {e:#}"));
+            synced = false;
+        }
+        match list_all::<Service>(client).await {
+            Ok(services) => {
+                if let Err(e) = lab.write_dns_records(&services) {
+                    errors.push(format!("DNS records: {e:#}"));
+                    synced = false;
+                }
+            }
+            Err(e) => {
+                errors.push(format!("{e:#}"));
+                synced = false;
             }
         }
-        Err(e) => errors.push(format!("{e:#}")),
+        // A failed sync is tried again at the next pass (at most RESYNC away).
+        if synced {
+            endpoints.at = Some(inputs);
+        }
     }
     if errors.is_empty() {
         Ok(())

@@ -6,10 +6,12 @@
 //!   tracking, for whatever socket LB did not translate;
 //! - [`external`]: TC/TCX on the node's uplinks: NodePorts, with SNAT to other nodes' backends;
 //! - [`terminate`]: socket iterators that destroy the sockets of removed backends;
-//! - [`packet`]: parsing and rewriting packets, for the TC programs;
+//! - [`packet`]: parsing and rewriting packets, for the TC programs; [`family`]: what differs
+//!   between their IPv4 and IPv6 paths;
 //! - [`services`]: the service lookup and backend selection both paths share;
 //! - [`maps`], [`stats`]: the maps, and per-CPU counters.
 mod external;
+mod family;
 mod maps;
 mod packet;
 mod pod_path;

@@ -31,12 +31,11 @@ use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, macros::classifie
 use ferrynet_common::*;
 
 use super::{
-    external::{reply_to_external4, reply_to_external6},
-    maps::{CT4, CT6, REV_NAT, backend_port, config},
+    external::reply_to_external,
+    family::{Family, V4, V6},
+    maps::{REV_NAT, backend_port, config},
     packet::*,
-    services::{
-        Destination, backend, lookup4, lookup6, node_port_in_cluster4, node_port_in_cluster6, select4, select6,
-    },
+    services::{Destination, backend, lookup, node_port_in_cluster, select},
     stats::bump,
 };
 
@@ -44,86 +43,37 @@ use super::{
 /// translated to exactly this tuple, that flow is over (one tuple, one connection), so its
 /// entries go and the replies stay untranslated.
 #[inline(always)]
-fn forget_reused_tuple4(t: &Tuple<u32>) {
+fn forget_reused_tuple<F: Family>(t: &Tuple<F::Addr>) {
     // Only a tuple to a backend's port can be one a Service flow was translated to.
     if !backend_port(t.dport) {
         return;
     }
-    let reply = CtKey4 {
-        saddr: t.daddr,
-        daddr: t.saddr,
-        sport: t.dport,
-        dport: t.sport,
-        proto: t.proto,
-        direction: CT_REPLY,
-        _pad: [0; 2],
-    };
+    let ct = F::conntrack();
+    let reply = F::ct_key_of(t.daddr, t.saddr, t.dport, t.sport, t.proto, CT_REPLY);
     // SAFETY: the value is copied out at once.
-    let Some(entry) = (unsafe { CT4.get(reply) }).copied() else {
+    let Some(entry) = (unsafe { ct.get(reply) }).copied() else {
         return;
     };
-    let _ = CT4.remove(CtKey4 {
-        saddr: t.saddr,
-        daddr: entry.client_addr[0],
-        sport: t.sport,
-        dport: entry.client_port,
-        proto: t.proto,
-        direction: CT_FORWARD,
-        _pad: [0; 2],
-    });
-    let _ = CT4.remove(reply);
-}
-
-#[inline(always)]
-fn forget_reused_tuple6(t: &Tuple<[u32; 4]>) {
-    // Only a tuple to a backend's port can be one a Service flow was translated to.
-    if !backend_port(t.dport) {
-        return;
-    }
-    let reply = CtKey6 {
-        saddr: t.daddr,
-        daddr: t.saddr,
-        sport: t.dport,
-        dport: t.sport,
-        proto: t.proto,
-        direction: CT_REPLY,
-        _pad: [0; 2],
-    };
-    // SAFETY: the value is copied out at once.
-    let Some(entry) = (unsafe { CT6.get(reply) }).copied() else {
-        return;
-    };
-    let _ = CT6.remove(CtKey6 {
-        saddr: t.saddr,
-        daddr: entry.client_addr,
-        sport: t.sport,
-        dport: entry.client_port,
-        proto: t.proto,
-        direction: CT_FORWARD,
-        _pad: [0; 2],
-    });
-    let _ = CT6.remove(reply);
+    let _ = ct.remove(F::ct_key_of(
+        t.saddr,
+        F::narrow(entry.client_addr),
+        t.sport,
+        entry.client_port,
+        t.proto,
+        CT_FORWARD,
+    ));
+    let _ = ct.remove(reply);
 }
 
 /// Where a reply entry's replies come from: the frontend the client sent to.
 #[inline(always)]
-fn reply_source4(entry: &CtValue) -> Option<(u32, u16)> {
+fn reply_source<F: Family>(entry: &CtValue) -> Option<(F::Addr, u16)> {
     if entry.flags & CT_F_FRONTEND != 0 {
-        return Some((entry.client_addr[0], entry.client_port));
+        return Some((F::narrow(entry.client_addr), entry.client_port));
     }
     // SAFETY: the value is copied out at once.
     let vip = unsafe { REV_NAT.get(entry.service) }.copied()?;
-    Some((vip.addr[0], vip.port))
-}
-
-#[inline(always)]
-fn reply_source6(entry: &CtValue) -> Option<([u32; 4], u16)> {
-    if entry.flags & CT_F_FRONTEND != 0 {
-        return Some((entry.client_addr, entry.client_port));
-    }
-    // SAFETY: the value is copied out at once.
-    let vip = unsafe { REV_NAT.get(entry.service) }.copied()?;
-    Some((vip.addr, vip.port))
+    Some((F::narrow(vip.addr), vip.port))
 }
 
 #[classifier]
@@ -133,8 +83,8 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
         return NEXT;
     }
     match ethertype(&ctx) {
-        Some(ETH_P_IP) => from_pod4(&mut ctx, flags).unwrap_or(NEXT),
-        Some(ETH_P_IPV6) => from_pod6(&mut ctx, flags).unwrap_or(NEXT),
+        Some(ETH_P_IP) => from_pod_in::<V4>(&mut ctx, flags).unwrap_or(NEXT),
+        Some(ETH_P_IPV6) => from_pod_in::<V6>(&mut ctx, flags).unwrap_or(NEXT),
         _ => NEXT,
     }
 }
@@ -145,49 +95,40 @@ pub fn to_pod(mut ctx: TcContext) -> i32 {
         return NEXT;
     }
     match ethertype(&ctx) {
-        Some(ETH_P_IP) => to_pod4(&mut ctx).unwrap_or(NEXT),
-        Some(ETH_P_IPV6) => to_pod6(&mut ctx).unwrap_or(NEXT),
+        Some(ETH_P_IP) => to_pod_in::<V4>(&mut ctx).unwrap_or(NEXT),
+        Some(ETH_P_IPV6) => to_pod_in::<V6>(&mut ctx).unwrap_or(NEXT),
         _ => NEXT,
     }
 }
 
-fn from_pod4(ctx: &mut TcContext, flags: u32) -> Option<i32> {
-    let t = parse4(ctx)?;
+/// `from_pod` for a packet of family `F`.
+fn from_pod_in<F: Family>(ctx: &mut TcContext, flags: u32) -> Option<i32> {
+    let t = F::parse(ctx)?;
     if flags & CONFIG_F_PER_PACKET == 0 {
         // Socket LB translates this pod's Service traffic: only external flows' replies here.
-        return reply_to_external4(ctx, &t);
+        return reply_to_external::<F>(ctx, &t);
     }
-    let hairpin = addr4(HAIRPIN_V4);
-    if t.daddr == hairpin {
+    if t.daddr == F::hairpin() {
         // A pod's reply to itself through its Service: back to the client's view, and back in.
-        let key = CtKey4 {
-            saddr: t.saddr,
-            daddr: t.daddr,
-            sport: t.sport,
-            dport: t.dport,
-            proto: t.proto,
-            direction: CT_REPLY,
-            _pad: [0; 2],
-        };
         // SAFETY: the value is copied out at once.
-        let entry = unsafe { CT4.get(key) }.copied()?;
+        let entry = unsafe { F::conntrack().get(F::ct_key(&t, CT_REPLY)) }.copied()?;
         // From the address the pod sent to, to the pod itself (the client is the backend).
-        rewrite_addr4(ctx, &t, 12, t.saddr, entry.client_addr[0])?;
+        F::rewrite_addr(ctx, &t, F::SADDR, t.saddr, F::narrow(entry.client_addr))?;
         rewrite_port(ctx, &t, 0, t.sport, entry.client_port)?;
-        rewrite_addr4(ctx, &t, 16, t.daddr, t.saddr)?;
+        F::rewrite_addr(ctx, &t, F::DADDR, t.daddr, t.saddr)?;
         bump(Stat::PacketsTranslated);
         return bounce_to_pod(ctx);
     }
     // The frontend, and whether this packet may open a flow to it.
-    let (svc, may_open) = match lookup4(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
+    let (svc, may_open) = match lookup::<F>(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
         Destination::Other => {
             if flags & CONFIG_F_EXTERNAL != 0
-                && let Some(verdict) = reply_to_external4(ctx, &t)
+                && let Some(verdict) = reply_to_external::<F>(ctx, &t)
             {
                 return Some(verdict);
             }
             let node_port = if flags & CONFIG_F_EXTERNAL != 0 {
-                node_port_in_cluster4(t.daddr, t.dport, t.proto)
+                node_port_in_cluster::<F>(t.daddr, t.dport, t.proto)
             } else {
                 None
             };
@@ -198,7 +139,7 @@ fn from_pod4(ctx: &mut TcContext, flags: u32) -> Option<i32> {
                 Some(svc) => (svc, t.proto != PROTO_TCP || is_tcp_syn(&t)),
                 _ => {
                     if is_tcp_syn(&t) {
-                        forget_reused_tuple4(&t);
+                        forget_reused_tuple::<F>(&t);
                     }
                     return None;
                 }
@@ -208,30 +149,23 @@ fn from_pod4(ctx: &mut TcContext, flags: u32) -> Option<i32> {
         Destination::Service(svc) => (svc, true),
     };
     // One call site: the translation is inlined once.
-    translate4(ctx, &t, svc, may_open)
+    translate::<F>(ctx, &t, svc, may_open)
 }
 
 /// A pod's packet to frontend `svc` (at `t.daddr`:`t.dport`): to a backend, its flow recorded.
 /// Unless `may_open`, only a packet of a known flow is translated (None: left alone).
 #[inline(always)]
-fn translate4(ctx: &mut TcContext, t: &Tuple<u32>, svc: ServiceValue, may_open: bool) -> Option<i32> {
+fn translate<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, svc: ServiceValue, may_open: bool) -> Option<i32> {
     if svc.count == 0 {
         return may_open.then(|| refuse(ctx));
     }
     let t = *t;
+    let ct = F::conntrack();
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let hairpin = addr4(HAIRPIN_V4);
-    let key = CtKey4 {
-        saddr: t.saddr,
-        daddr: t.daddr,
-        sport: t.sport,
-        dport: t.dport,
-        proto: t.proto,
-        direction: CT_FORWARD,
-        _pad: [0; 2],
-    };
-    let forward_entry = CT4.get_ptr_mut(key);
+    let hairpin = F::hairpin();
+    let key = F::ct_key(&t, CT_FORWARD);
+    let forward_entry = ct.get_ptr_mut(key);
     // SAFETY: the value is copied out at once.
     let known = forward_entry
         .map(|entry| unsafe { *entry })
@@ -244,12 +178,13 @@ fn translate4(ctx: &mut TcContext, t: &Tuple<u32>, svc: ServiceValue, may_open: 
     let new_flow = known.is_none();
     let (id, b) = match known {
         Some(found) => found,
-        None => match select4(&svc, t.saddr, 0, 0) {
+        None => match select::<F>(&svc, t.saddr, 0, 0) {
             Some(found) => found,
             None => return Some(refuse(ctx)),
         },
     };
-    let is_hairpin = b.addr[0] == t.saddr;
+    let backend_addr = F::narrow(b.addr);
+    let is_hairpin = backend_addr == t.saddr;
     let value = CtValue {
         backend: id,
         service: svc.id,
@@ -257,23 +192,22 @@ fn translate4(ctx: &mut TcContext, t: &Tuple<u32>, svc: ServiceValue, may_open: 
         flags: 0,
         client_port: t.sport,
         _pad: 0,
-        client_addr: [t.saddr, 0, 0, 0],
+        client_addr: F::widen(t.saddr),
     };
 
     // The reply's tuple, as the backend sends it.
-    let reply = CtKey4 {
-        saddr: b.addr[0],
-        daddr: if is_hairpin { hairpin } else { t.saddr },
-        sport: b.port,
-        dport: t.sport,
-        proto: t.proto,
-        direction: CT_REPLY,
-        _pad: [0; 2],
-    };
+    let reply = F::ct_key_of(
+        backend_addr,
+        if is_hairpin { hairpin } else { t.saddr },
+        b.port,
+        t.sport,
+        t.proto,
+        CT_REPLY,
+    );
     let reply_value = CtValue {
         flags: CT_F_FRONTEND | if is_hairpin { CT_F_HAIRPIN } else { 0 },
         client_port: t.dport,
-        client_addr: [t.daddr, 0, 0, 0],
+        client_addr: F::widen(t.daddr),
         ..value
     };
     match (new_flow, forward_entry) {
@@ -287,11 +221,11 @@ fn translate4(ctx: &mut TcContext, t: &Tuple<u32>, svc: ServiceValue, may_open: 
             } else {
                 // SAFETY: as above.
                 unsafe { (*forward).last_seen_ns = now };
-                match CT4.get_ptr_mut(reply) {
+                match ct.get_ptr_mut(reply) {
                     // SAFETY: as above, for `reply`.
                     Some(entry) => unsafe { (*entry).last_seen_ns = now },
                     None => {
-                        if CT4.insert(reply, reply_value, 0).is_err() {
+                        if ct.insert(reply, reply_value, 0).is_err() {
                             bump(Stat::ConntrackFull);
                         }
                     }
@@ -299,226 +233,10 @@ fn translate4(ctx: &mut TcContext, t: &Tuple<u32>, svc: ServiceValue, may_open: 
             }
         }
         _ => {
-            if CT4.insert(key, value, 0).is_err() {
+            if ct.insert(key, value, 0).is_err() {
                 bump(Stat::ConntrackFull);
             }
-            if CT4.insert(reply, reply_value, 0).is_err() {
-                bump(Stat::ConntrackFull);
-            }
-        }
-    }
-    if is_tcp_rst(&t) {
-        // The pod reset the connection: its flow is over, and its entries go now rather than
-        // when the map runs out of room (a map of live flows keeps every lookup short).
-        let _ = CT4.remove(key);
-        let _ = CT4.remove(reply);
-    }
-    rewrite_addr4(ctx, &t, 16, t.daddr, b.addr[0])?;
-    rewrite_port(ctx, &t, 2, t.dport, b.port)?;
-    if new_flow {
-        bump(Stat::PacketFlowsTranslated);
-    }
-    bump(Stat::PacketsTranslated);
-    if is_hairpin {
-        rewrite_addr4(ctx, &t, 12, t.saddr, hairpin)?;
-        return bounce_to_pod(ctx);
-    }
-    Some(TC_ACT_OK)
-}
-
-fn to_pod4(ctx: &mut TcContext) -> Option<i32> {
-    let t = parse4(ctx)?;
-    // Replies of translated flows come from a backend's port.
-    if !backend_port(t.sport) {
-        return None;
-    }
-    let key = CtKey4 {
-        saddr: t.saddr,
-        daddr: t.daddr,
-        sport: t.sport,
-        dport: t.dport,
-        proto: t.proto,
-        direction: CT_REPLY,
-        _pad: [0; 2],
-    };
-    // SAFETY: the value is copied out at once.
-    let entry = unsafe { CT4.get(key) }.copied()?;
-    if entry.flags & CT_F_HAIRPIN != 0 {
-        return None;
-    }
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now.saturating_sub(entry.last_seen_ns) >= idle_limit(t.proto) {
-        let _ = CT4.remove(key);
-        return None;
-    }
-    let (frontend, frontend_port) = reply_source4(&entry)?;
-    rewrite_addr4(ctx, &t, 12, t.saddr, frontend)?;
-    rewrite_port(ctx, &t, 0, t.sport, frontend_port)?;
-    if is_tcp_rst(&t) {
-        // The backend reset the connection: both of its entries go (see `translate4`).
-        let _ = CT4.remove(key);
-        let _ = CT4.remove(CtKey4 {
-            saddr: t.daddr,
-            daddr: frontend,
-            sport: t.dport,
-            dport: frontend_port,
-            proto: t.proto,
-            direction: CT_FORWARD,
-            _pad: [0; 2],
-        });
-    }
-    bump(Stat::PacketsTranslated);
-    Some(NEXT)
-}
-
-fn from_pod6(ctx: &mut TcContext, flags: u32) -> Option<i32> {
-    let t = parse6(ctx)?;
-    if flags & CONFIG_F_PER_PACKET == 0 {
-        // Socket LB translates this pod's Service traffic: only external flows' replies here.
-        return reply_to_external6(ctx, &t);
-    }
-    let hairpin = addr6(HAIRPIN_V6);
-    if t.daddr == hairpin {
-        let key = CtKey6 {
-            saddr: t.saddr,
-            daddr: t.daddr,
-            sport: t.sport,
-            dport: t.dport,
-            proto: t.proto,
-            direction: CT_REPLY,
-            _pad: [0; 2],
-        };
-        // SAFETY: the value is copied out at once.
-        let entry = unsafe { CT6.get(key) }.copied()?;
-        rewrite_addr6(ctx, &t, 8, t.saddr, entry.client_addr)?;
-        rewrite_port(ctx, &t, 0, t.sport, entry.client_port)?;
-        rewrite_addr6(ctx, &t, 24, t.daddr, t.saddr)?;
-        bump(Stat::PacketsTranslated);
-        return bounce_to_pod(ctx);
-    }
-    // The frontend, and whether this packet may open a flow to it.
-    let (svc, may_open) = match lookup6(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
-        Destination::Other => {
-            if flags & CONFIG_F_EXTERNAL != 0
-                && let Some(verdict) = reply_to_external6(ctx, &t)
-            {
-                return Some(verdict);
-            }
-            let node_port = if flags & CONFIG_F_EXTERNAL != 0 {
-                node_port_in_cluster6(t.daddr, t.dport, t.proto)
-            } else {
-                None
-            };
-            match node_port {
-                // Only a SYN opens a TCP flow to a NodePort: any other segment to a node address
-                // on a port of the NodePort range is the pod answering a connection the node
-                // opened from that port.
-                Some(svc) => (svc, t.proto != PROTO_TCP || is_tcp_syn(&t)),
-                _ => {
-                    if is_tcp_syn(&t) {
-                        forget_reused_tuple6(&t);
-                    }
-                    return None;
-                }
-            }
-        }
-        Destination::Refused => return Some(refuse(ctx)),
-        Destination::Service(svc) => (svc, true),
-    };
-    // One call site: the translation is inlined once.
-    translate6(ctx, &t, svc, may_open)
-}
-
-#[inline(always)]
-fn translate6(ctx: &mut TcContext, t: &Tuple<[u32; 4]>, svc: ServiceValue, may_open: bool) -> Option<i32> {
-    if svc.count == 0 {
-        return may_open.then(|| refuse(ctx));
-    }
-    let t = *t;
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let hairpin = addr6(HAIRPIN_V6);
-    let key = CtKey6 {
-        saddr: t.saddr,
-        daddr: t.daddr,
-        sport: t.sport,
-        dport: t.dport,
-        proto: t.proto,
-        direction: CT_FORWARD,
-        _pad: [0; 2],
-    };
-    let forward_entry = CT6.get_ptr_mut(key);
-    // SAFETY: the value is copied out at once.
-    let known = forward_entry
-        .map(|entry| unsafe { *entry })
-        .filter(|e| now.saturating_sub(e.last_seen_ns) < idle_limit(t.proto) && e.service == svc.id)
-        .and_then(|e| Some((e.backend, backend(e.backend)?)));
-    // A reset opens nothing: it ends a flow, or answers none.
-    if known.is_none() && (!may_open || is_tcp_rst(&t)) {
-        return None;
-    }
-    let new_flow = known.is_none();
-    let (id, b) = match known {
-        Some(found) => found,
-        None => match select6(&svc, t.saddr, 0, 0) {
-            Some(found) => found,
-            None => return Some(refuse(ctx)),
-        },
-    };
-    let is_hairpin = b.addr == t.saddr;
-    let value = CtValue {
-        backend: id,
-        service: svc.id,
-        last_seen_ns: now,
-        flags: 0,
-        client_port: t.sport,
-        _pad: 0,
-        client_addr: t.saddr,
-    };
-
-    let reply = CtKey6 {
-        saddr: b.addr,
-        daddr: if is_hairpin { hairpin } else { t.saddr },
-        sport: b.port,
-        dport: t.sport,
-        proto: t.proto,
-        direction: CT_REPLY,
-        _pad: [0; 2],
-    };
-    let reply_value = CtValue {
-        flags: CT_F_FRONTEND | if is_hairpin { CT_F_HAIRPIN } else { 0 },
-        client_port: t.dport,
-        client_addr: t.daddr,
-        ..value
-    };
-    match (new_flow, forward_entry) {
-        // A known flow: both entries are refreshed in place (an insert into an LRU map would take
-        // a fresh element each time), and only once per refresh interval.
-        (false, Some(forward)) => {
-            // SAFETY: the pointer is to this map's value for `key`, valid during this program.
-            if now.saturating_sub(unsafe { (*forward).last_seen_ns }) < CT_REFRESH_NS {
-                // Seen within the refresh interval: nothing to write, and no lookup of the reply
-                // entry (which `to_pod`'s lookups keep from eviction meanwhile).
-            } else {
-                // SAFETY: as above.
-                unsafe { (*forward).last_seen_ns = now };
-                match CT6.get_ptr_mut(reply) {
-                    // SAFETY: as above, for `reply`.
-                    Some(entry) => unsafe { (*entry).last_seen_ns = now },
-                    None => {
-                        if CT6.insert(reply, reply_value, 0).is_err() {
-                            bump(Stat::ConntrackFull);
-                        }
-                    }
-                }
-            }
-        }
-        _ => {
-            if CT6.insert(key, value, 0).is_err() {
-                bump(Stat::ConntrackFull);
-            }
-            if CT6.insert(reply, reply_value, 0).is_err() {
+            if ct.insert(reply, reply_value, 0).is_err() {
                 bump(Stat::ConntrackFull);
             }
         }
@@ -526,63 +244,56 @@ fn translate6(ctx: &mut TcContext, t: &Tuple<[u32; 4]>, svc: ServiceValue, may_o
     if is_tcp_rst(&t) {
         // The pod reset the connection: its flow is over, and its entries go now rather than
         // when the map runs out of room (a map of live flows keeps every lookup short).
-        let _ = CT6.remove(key);
-        let _ = CT6.remove(reply);
+        let _ = ct.remove(key);
+        let _ = ct.remove(reply);
     }
-    rewrite_addr6(ctx, &t, 24, t.daddr, b.addr)?;
+    F::rewrite_addr(ctx, &t, F::DADDR, t.daddr, backend_addr)?;
     rewrite_port(ctx, &t, 2, t.dport, b.port)?;
     if new_flow {
         bump(Stat::PacketFlowsTranslated);
     }
     bump(Stat::PacketsTranslated);
     if is_hairpin {
-        rewrite_addr6(ctx, &t, 8, t.saddr, hairpin)?;
+        F::rewrite_addr(ctx, &t, F::SADDR, t.saddr, hairpin)?;
         return bounce_to_pod(ctx);
     }
     Some(TC_ACT_OK)
 }
 
-fn to_pod6(ctx: &mut TcContext) -> Option<i32> {
-    let t = parse6(ctx)?;
+/// `to_pod` for a packet of family `F`.
+fn to_pod_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
+    let t = F::parse(ctx)?;
     // Replies of translated flows come from a backend's port.
     if !backend_port(t.sport) {
         return None;
     }
-    let key = CtKey6 {
-        saddr: t.saddr,
-        daddr: t.daddr,
-        sport: t.sport,
-        dport: t.dport,
-        proto: t.proto,
-        direction: CT_REPLY,
-        _pad: [0; 2],
-    };
+    let ct = F::conntrack();
+    let key = F::ct_key(&t, CT_REPLY);
     // SAFETY: the value is copied out at once.
-    let entry = unsafe { CT6.get(key) }.copied()?;
+    let entry = unsafe { ct.get(key) }.copied()?;
     if entry.flags & CT_F_HAIRPIN != 0 {
         return None;
     }
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if now.saturating_sub(entry.last_seen_ns) >= idle_limit(t.proto) {
-        let _ = CT6.remove(key);
+        let _ = ct.remove(key);
         return None;
     }
-    let (frontend, frontend_port) = reply_source6(&entry)?;
-    rewrite_addr6(ctx, &t, 8, t.saddr, frontend)?;
+    let (frontend, frontend_port) = reply_source::<F>(&entry)?;
+    F::rewrite_addr(ctx, &t, F::SADDR, t.saddr, frontend)?;
     rewrite_port(ctx, &t, 0, t.sport, frontend_port)?;
     if is_tcp_rst(&t) {
-        // The backend reset the connection: both of its entries go (see `translate6`).
-        let _ = CT6.remove(key);
-        let _ = CT6.remove(CtKey6 {
-            saddr: t.daddr,
-            daddr: frontend,
-            sport: t.dport,
-            dport: frontend_port,
-            proto: t.proto,
-            direction: CT_FORWARD,
-            _pad: [0; 2],
-        });
+        // The backend reset the connection: both of its entries go (see `translate`).
+        let _ = ct.remove(key);
+        let _ = ct.remove(F::ct_key_of(
+            t.daddr,
+            frontend,
+            t.dport,
+            frontend_port,
+            t.proto,
+            CT_FORWARD,
+        ));
     }
     bump(Stat::PacketsTranslated);
     Some(NEXT)

@@ -3,10 +3,8 @@ use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use ferrynet_common::*;
 
 use super::{
-    maps::{
-        AFFINITY4, AFFINITY6, BACKENDS, MAGLEV, NODE_ADDRS4, NODE_ADDRS6, SERVICE_CIDRS4, SERVICE_CIDRS6,
-        SERVICE_SLOTS, SERVICES4, SERVICES6, frontend_port,
-    },
+    family::Family,
+    maps::{BACKENDS, MAGLEV, SERVICE_SLOTS, frontend_port},
     stats::bump,
 };
 
@@ -20,50 +18,21 @@ pub enum Destination {
     Service(ServiceValue),
 }
 
+/// What `addr`:`port` is, for a packet or socket of `scope`: a port no frontend has skips the
+/// service map (the port gate), and only the Service CIDRs' trie is asked.
 #[inline(always)]
-pub fn lookup4(addr: u32, port: u16, proto: u8, scope: u8) -> Destination {
+pub fn lookup<F: Family>(addr: F::Addr, port: u16, proto: u8, scope: u8) -> Destination {
     if !frontend_port(port) {
-        return if in_service_cidrs4(addr) {
+        return if F::in_service_cidrs(addr) {
             Destination::Refused
         } else {
             Destination::Other
         };
     }
-    let key = ServiceKey4 {
-        addr,
-        port,
-        proto,
-        scope,
-    };
-    // SAFETY: the value is copied out at once.
-    match unsafe { SERVICES4.get(key) } {
-        Some(svc) if svc.count > 0 => Destination::Service(*svc),
+    match F::service(addr, port, proto, scope) {
+        Some(svc) if svc.count > 0 => Destination::Service(svc),
         Some(_) => Destination::Refused,
-        None if in_service_cidrs4(addr) => Destination::Refused,
-        None => Destination::Other,
-    }
-}
-
-#[inline(always)]
-pub fn lookup6(addr: [u32; 4], port: u16, proto: u8, scope: u8) -> Destination {
-    if !frontend_port(port) {
-        return if in_service_cidrs6(addr) {
-            Destination::Refused
-        } else {
-            Destination::Other
-        };
-    }
-    let key = ServiceKey6 {
-        addr,
-        port,
-        proto,
-        scope,
-    };
-    // SAFETY: the value is copied out at once.
-    match unsafe { SERVICES6.get(key) } {
-        Some(svc) if svc.count > 0 => Destination::Service(*svc),
-        Some(_) => Destination::Refused,
-        None if in_service_cidrs6(addr) => Destination::Refused,
+        None if F::in_service_cidrs(addr) => Destination::Refused,
         None => Destination::Other,
     }
 }
@@ -72,91 +41,23 @@ pub fn lookup6(addr: [u32; 4], port: u16, proto: u8, scope: u8) -> Destination {
 /// answer on (the port gate, then the NodePort lookup: most packets arriving at the node stop
 /// there).
 #[inline(always)]
-pub fn node_port4(addr: u32, port: u16, proto: u8, scope: u8) -> Option<ServiceValue> {
+pub fn node_port<F: Family>(addr: F::Addr, port: u16, proto: u8, scope: u8) -> Option<ServiceValue> {
     if !frontend_port(port) {
         return None;
     }
-    let key = ServiceKey4 {
-        addr: 0,
-        port,
-        proto,
-        scope,
-    };
-    // SAFETY: the value is copied out at once.
-    let svc = unsafe { SERVICES4.get(key) }.copied()?;
-    // SAFETY: only presence matters.
-    unsafe { NODE_ADDRS4.get(addr) }?;
-    Some(svc)
-}
-
-#[inline(always)]
-pub fn node_port6(addr: [u32; 4], port: u16, proto: u8, scope: u8) -> Option<ServiceValue> {
-    if !frontend_port(port) {
-        return None;
-    }
-    let key = ServiceKey6 {
-        addr: [0; 4],
-        port,
-        proto,
-        scope,
-    };
-    // SAFETY: the value is copied out at once.
-    let svc = unsafe { SERVICES6.get(key) }.copied()?;
-    // SAFETY: only presence matters.
-    unsafe { NODE_ADDRS6.get(addr) }?;
-    Some(svc)
+    let svc = F::service(F::UNSPECIFIED, port, proto, scope)?;
+    F::is_node_address(addr).then_some(svc)
 }
 
 /// The in-cluster entry of NodePort `port`, when `addr` is one of the node's addresses: for what
 /// pods and the node's own sockets send, seldom to the node's addresses, so the port gate and the
-/// small address map
-/// comes first (a miss there spares a miss in the large service map).
+/// small address map come first (a miss there spares a miss in the large service map).
 #[inline(always)]
-pub fn node_port_in_cluster4(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
-    if !frontend_port(port) {
+pub fn node_port_in_cluster<F: Family>(addr: F::Addr, port: u16, proto: u8) -> Option<ServiceValue> {
+    if !frontend_port(port) || !F::is_node_address(addr) {
         return None;
     }
-    // SAFETY: only presence matters.
-    unsafe { NODE_ADDRS4.get(addr) }?;
-    let key = ServiceKey4 {
-        addr: 0,
-        port,
-        proto,
-        scope: SCOPE_INTERNAL,
-    };
-    // SAFETY: the value is copied out at once.
-    unsafe { SERVICES4.get(key) }.copied()
-}
-
-#[inline(always)]
-pub fn node_port_in_cluster6(addr: [u32; 4], port: u16, proto: u8) -> Option<ServiceValue> {
-    if !frontend_port(port) {
-        return None;
-    }
-    // SAFETY: only presence matters.
-    unsafe { NODE_ADDRS6.get(addr) }?;
-    let key = ServiceKey6 {
-        addr: [0; 4],
-        port,
-        proto,
-        scope: SCOPE_INTERNAL,
-    };
-    // SAFETY: the value is copied out at once.
-    unsafe { SERVICES6.get(key) }.copied()
-}
-
-#[inline(always)]
-fn in_service_cidrs4(addr: u32) -> bool {
-    SERVICE_CIDRS4
-        .get(aya_ebpf::maps::lpm_trie::Key::new(32, addr))
-        .is_some()
-}
-
-#[inline(always)]
-fn in_service_cidrs6(addr: [u32; 4]) -> bool {
-    SERVICE_CIDRS6
-        .get(aya_ebpf::maps::lpm_trie::Key::new(128, addr))
-        .is_some()
+    F::service(F::UNSPECIFIED, port, proto, SCOPE_INTERNAL)
 }
 
 /// A backend by id.
@@ -226,27 +127,29 @@ fn fresh(svc: &ServiceValue, last_used_ns: u64, now: u64) -> bool {
     now.saturating_sub(last_used_ns) < u64::from(svc.affinity_timeout_s) * 1_000_000_000
 }
 
-/// A backend for a new connection of `client` (an IPv4 address, or 0 with a network namespace
-/// cookie for socket LB), honouring `sessionAffinity: ClientIP`; `flow` is its [`flow_hash`]
-/// (used by Maglev frontends only, which are external ones).
+/// A backend for a new connection of `client` (an address, or the unspecified one with a
+/// network namespace cookie for socket LB), honouring `sessionAffinity: ClientIP`; `flow` is its
+/// [`flow_hash`] (used by Maglev frontends only, which are external ones).
 #[inline(always)]
-pub fn select4(svc: &ServiceValue, client: u32, netns_cookie: u64, flow: u32) -> Option<(u32, BackendValue)> {
+pub fn select<F: Family>(
+    svc: &ServiceValue,
+    client: F::Addr,
+    netns_cookie: u64,
+    flow: u32,
+) -> Option<(u32, BackendValue)> {
     if svc.flags & SERVICE_F_AFFINITY == 0 {
         return pick(svc, flow);
     }
-    let key = AffinityKey4 {
-        service: svc.id,
-        client,
-        netns_cookie,
-    };
+    let affinity = F::affinity();
+    let key = F::affinity_key(svc.id, client, netns_cookie);
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: the value is copied out at once.
-    if let Some(held) = unsafe { AFFINITY4.get(key) }.copied()
+    if let Some(held) = unsafe { affinity.get(key) }.copied()
         && fresh(svc, held.last_used_ns, now)
         && let Some(b) = backend(held.backend)
     {
-        let _ = AFFINITY4.insert(
+        let _ = affinity.insert(
             key,
             AffinityValue {
                 last_used_ns: now,
@@ -262,48 +165,7 @@ pub fn select4(svc: &ServiceValue, client: u32, netns_cookie: u64, flow: u32) ->
         _pad: 0,
         last_used_ns: now,
     };
-    if AFFINITY4.insert(key, value, 0).is_err() {
-        bump(Stat::AffinityFull);
-    }
-    Some((id, b))
-}
-
-/// [`select4`] for IPv6 clients.
-#[inline(always)]
-pub fn select6(svc: &ServiceValue, client: [u32; 4], netns_cookie: u64, flow: u32) -> Option<(u32, BackendValue)> {
-    if svc.flags & SERVICE_F_AFFINITY == 0 {
-        return pick(svc, flow);
-    }
-    let key = AffinityKey6 {
-        service: svc.id,
-        client,
-        _pad: 0,
-        netns_cookie,
-    };
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: the value is copied out at once.
-    if let Some(held) = unsafe { AFFINITY6.get(key) }.copied()
-        && fresh(svc, held.last_used_ns, now)
-        && let Some(b) = backend(held.backend)
-    {
-        let _ = AFFINITY6.insert(
-            key,
-            AffinityValue {
-                last_used_ns: now,
-                ..held
-            },
-            0,
-        );
-        return Some((held.backend, b));
-    }
-    let (id, b) = pick(svc, flow)?;
-    let value = AffinityValue {
-        backend: id,
-        _pad: 0,
-        last_used_ns: now,
-    };
-    if AFFINITY6.insert(key, value, 0).is_err() {
+    if affinity.insert(key, value, 0).is_err() {
         bump(Stat::AffinityFull);
     }
     Some((id, b))

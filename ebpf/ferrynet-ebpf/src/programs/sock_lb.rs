@@ -13,8 +13,9 @@ use aya_ebpf::{
 use ferrynet_common::*;
 
 use super::{
-    maps::{SOCK_BACKEND, SOCK_REVNAT4, SOCK_REVNAT6, config},
-    services::{Destination, lookup4, lookup6, node_port_in_cluster4, node_port_in_cluster6, select4, select6},
+    family::{Family, V4, V6},
+    maps::{SOCK_BACKEND, config},
+    services::{Destination, lookup, node_port_in_cluster, select},
     stats::bump,
 };
 
@@ -51,8 +52,9 @@ fn refuse() -> i32 {
     REFUSE
 }
 
+/// `connect` (`connecting`) or `sendmsg` of family `F`: a Service address becomes a backend's.
 #[inline(always)]
-fn translate4(ctx: &SockAddrContext, connecting: bool) -> i32 {
+fn translate<F: Family>(ctx: &SockAddrContext, connecting: bool) -> i32 {
     if !applies(ctx) {
         return ALLOW;
     }
@@ -62,16 +64,11 @@ fn translate4(ctx: &SockAddrContext, connecting: bool) -> i32 {
     }
     let sa = ctx.sock_addr;
     // SAFETY: reading fields of the kernel's context.
-    let (addr, port) = unsafe {
-        (
-            read_volatile(addr_of!((*sa).user_ip4)),
-            read_volatile(addr_of!((*sa).user_port)) as u16,
-        )
-    };
-    let svc = match lookup4(addr, port, proto, SCOPE_INTERNAL) {
+    let (addr, port) = unsafe { (F::user_ip(sa), read_volatile(addr_of!((*sa).user_port)) as u16) };
+    let svc = match lookup::<F>(addr, port, proto, SCOPE_INTERNAL) {
         // The node and its pods reach NodePorts on the node's addresses too.
         Destination::Other if config().flags & CONFIG_F_EXTERNAL != 0 => {
-            match node_port_in_cluster4(addr, port, proto) {
+            match node_port_in_cluster::<F>(addr, port, proto) {
                 None => return ALLOW,
                 Some(svc) if svc.count == 0 => return refuse(),
                 Some(svc) => svc,
@@ -83,13 +80,14 @@ fn translate4(ctx: &SockAddrContext, connecting: bool) -> i32 {
     };
     // SAFETY: a sock_addr context.
     let (cookie, netns) = unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), bpf_get_netns_cookie(ctx.as_ptr())) };
-    let Some((id, backend)) = select4(&svc, 0, netns, 0) else {
+    let Some((id, backend)) = select::<F>(&svc, F::UNSPECIFIED, netns, 0) else {
         // An update in progress left no backend to pick: as if there were none.
         return refuse();
     };
+    let backend_addr = F::narrow(backend.addr);
     // SAFETY: writing the fields the hook lets programs rewrite, in full 4-byte stores.
     unsafe {
-        write_volatile(addr_of_mut!((*sa).user_ip4), backend.addr[0]);
+        F::set_user_ip(sa, backend_addr);
         write_volatile(addr_of_mut!((*sa).user_port), u32::from(backend.port));
     }
     // A connected socket keeps its backend: it is terminated if the backend goes. Unconnected
@@ -97,88 +95,14 @@ fn translate4(ctx: &SockAddrContext, connecting: bool) -> i32 {
     if connecting {
         let _ = SOCK_BACKEND.insert(cookie, id, 0);
     }
-    let key = SockRevNatKey4 {
-        cookie,
-        addr: backend.addr[0],
-        port: backend.port,
-        _pad: 0,
-    };
+    let key = F::sock_revnat_key(cookie, backend_addr, backend.port);
     let value = SockRevNatValue {
-        addr: [addr, 0, 0, 0],
+        addr: F::widen(addr),
         port,
         _pad: 0,
         service: svc.id,
     };
-    if SOCK_REVNAT4.insert(key, value, 0).is_err() {
-        bump(Stat::SockRevNatFull);
-    }
-    bump(Stat::SockTranslated);
-    ALLOW
-}
-
-#[inline(always)]
-fn translate6(ctx: &SockAddrContext, connecting: bool) -> i32 {
-    if !applies(ctx) {
-        return ALLOW;
-    }
-    let proto = protocol(ctx);
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return ALLOW;
-    }
-    let sa = ctx.sock_addr;
-    // SAFETY: reading fields of the kernel's context, one 4-byte word at a time.
-    let (addr, port) = unsafe {
-        (
-            [
-                read_volatile(addr_of!((*sa).user_ip6[0])),
-                read_volatile(addr_of!((*sa).user_ip6[1])),
-                read_volatile(addr_of!((*sa).user_ip6[2])),
-                read_volatile(addr_of!((*sa).user_ip6[3])),
-            ],
-            read_volatile(addr_of!((*sa).user_port)) as u16,
-        )
-    };
-    let svc = match lookup6(addr, port, proto, SCOPE_INTERNAL) {
-        Destination::Other if config().flags & CONFIG_F_EXTERNAL != 0 => {
-            match node_port_in_cluster6(addr, port, proto) {
-                None => return ALLOW,
-                Some(svc) if svc.count == 0 => return refuse(),
-                Some(svc) => svc,
-            }
-        }
-        Destination::Other => return ALLOW,
-        Destination::Refused => return refuse(),
-        Destination::Service(svc) => svc,
-    };
-    // SAFETY: a sock_addr context.
-    let (cookie, netns) = unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), bpf_get_netns_cookie(ctx.as_ptr())) };
-    let Some((id, backend)) = select6(&svc, [0; 4], netns, 0) else {
-        return refuse();
-    };
-    // SAFETY: as in `translate4`, one 4-byte word at a time.
-    unsafe {
-        write_volatile(addr_of_mut!((*sa).user_ip6[0]), backend.addr[0]);
-        write_volatile(addr_of_mut!((*sa).user_ip6[1]), backend.addr[1]);
-        write_volatile(addr_of_mut!((*sa).user_ip6[2]), backend.addr[2]);
-        write_volatile(addr_of_mut!((*sa).user_ip6[3]), backend.addr[3]);
-        write_volatile(addr_of_mut!((*sa).user_port), u32::from(backend.port));
-    }
-    if connecting {
-        let _ = SOCK_BACKEND.insert(cookie, id, 0);
-    }
-    let key = SockRevNatKey6 {
-        cookie,
-        addr: backend.addr,
-        port: backend.port,
-        _pad: [0; 6],
-    };
-    let value = SockRevNatValue {
-        addr,
-        port,
-        _pad: 0,
-        service: svc.id,
-    };
-    if SOCK_REVNAT6.insert(key, value, 0).is_err() {
+    if F::sock_revnat().insert(key, value, 0).is_err() {
         bump(Stat::SockRevNatFull);
     }
     bump(Stat::SockTranslated);
@@ -187,52 +111,21 @@ fn translate6(ctx: &SockAddrContext, connecting: bool) -> i32 {
 
 /// Shows the Service address in place of the backend's (`getpeername`, `recvmsg`).
 #[inline(always)]
-fn reverse4(ctx: &SockAddrContext) {
+fn reverse<F: Family>(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
     // SAFETY: a sock_addr context; reading its fields.
     let key = unsafe {
-        SockRevNatKey4 {
-            cookie: bpf_get_socket_cookie(ctx.as_ptr()),
-            addr: read_volatile(addr_of!((*sa).user_ip4)),
-            port: read_volatile(addr_of!((*sa).user_port)) as u16,
-            _pad: 0,
-        }
+        F::sock_revnat_key(
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            F::user_ip(sa),
+            read_volatile(addr_of!((*sa).user_port)) as u16,
+        )
     };
     // SAFETY: the value is copied out at once.
-    if let Some(vip) = unsafe { SOCK_REVNAT4.get(key) }.copied() {
+    if let Some(vip) = unsafe { F::sock_revnat().get(key) }.copied() {
         // SAFETY: writing the fields the hook lets programs rewrite.
         unsafe {
-            write_volatile(addr_of_mut!((*sa).user_ip4), vip.addr[0]);
-            write_volatile(addr_of_mut!((*sa).user_port), u32::from(vip.port));
-        }
-    }
-}
-
-#[inline(always)]
-fn reverse6(ctx: &SockAddrContext) {
-    let sa = ctx.sock_addr;
-    // SAFETY: a sock_addr context; reading its fields.
-    let key = unsafe {
-        SockRevNatKey6 {
-            cookie: bpf_get_socket_cookie(ctx.as_ptr()),
-            addr: [
-                read_volatile(addr_of!((*sa).user_ip6[0])),
-                read_volatile(addr_of!((*sa).user_ip6[1])),
-                read_volatile(addr_of!((*sa).user_ip6[2])),
-                read_volatile(addr_of!((*sa).user_ip6[3])),
-            ],
-            port: read_volatile(addr_of!((*sa).user_port)) as u16,
-            _pad: [0; 6],
-        }
-    };
-    // SAFETY: the value is copied out at once.
-    if let Some(vip) = unsafe { SOCK_REVNAT6.get(key) }.copied() {
-        // SAFETY: writing the fields the hook lets programs rewrite.
-        unsafe {
-            write_volatile(addr_of_mut!((*sa).user_ip6[0]), vip.addr[0]);
-            write_volatile(addr_of_mut!((*sa).user_ip6[1]), vip.addr[1]);
-            write_volatile(addr_of_mut!((*sa).user_ip6[2]), vip.addr[2]);
-            write_volatile(addr_of_mut!((*sa).user_ip6[3]), vip.addr[3]);
+            F::set_user_ip(sa, F::narrow(vip.addr));
             write_volatile(addr_of_mut!((*sa).user_port), u32::from(vip.port));
         }
     }
@@ -240,44 +133,44 @@ fn reverse6(ctx: &SockAddrContext) {
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock4_connect(ctx: SockAddrContext) -> i32 {
-    translate4(&ctx, true)
+    translate::<V4>(&ctx, true)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn sock6_connect(ctx: SockAddrContext) -> i32 {
-    translate6(&ctx, true)
+    translate::<V6>(&ctx, true)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock4_sendmsg(ctx: SockAddrContext) -> i32 {
-    translate4(&ctx, false)
+    translate::<V4>(&ctx, false)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sock6_sendmsg(ctx: SockAddrContext) -> i32 {
-    translate6(&ctx, false)
+    translate::<V6>(&ctx, false)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sock4_recvmsg(ctx: SockAddrContext) -> i32 {
-    reverse4(&ctx);
+    reverse::<V4>(&ctx);
     ALLOW
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn sock6_recvmsg(ctx: SockAddrContext) -> i32 {
-    reverse6(&ctx);
+    reverse::<V6>(&ctx);
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock4_getpeername(ctx: SockAddrContext) -> i32 {
-    reverse4(&ctx);
+    reverse::<V4>(&ctx);
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn sock6_getpeername(ctx: SockAddrContext) -> i32 {
-    reverse6(&ctx);
+    reverse::<V6>(&ctx);
     ALLOW
 }

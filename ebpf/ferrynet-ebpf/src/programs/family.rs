@@ -1,0 +1,334 @@
+//! What differs between the IPv4 and IPv6 paths of a program: the address type, where the
+//! addresses sit in the header, the conntrack and socket reverse NAT maps and their keys, the
+//! `sock_addr` context's address fields, and the per-family lookups. A
+//! program written once over [`Family`] runs for both ([`V4`], [`V6`]); each use is
+//! monomorphised and inlined, so the kernel sees the same code as two hand-written copies.
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    maps::{LruHashMap, lpm_trie::Key},
+    programs::TcContext,
+};
+use ferrynet_common::*;
+
+use super::{
+    maps::{
+        AFFINITY4, AFFINITY6, CT4, CT6, NODE_ADDRS4, NODE_ADDRS6, SERVICE_CIDRS4, SERVICE_CIDRS6, SERVICES4, SERVICES6,
+        SOCK_REVNAT4, SOCK_REVNAT6, SOURCE_RANGES4, SOURCE_RANGES6,
+    },
+    packet::{Tuple, fib_redirect4, fib_redirect6, parse4, parse6, rewrite_addr4, rewrite_addr6},
+};
+
+pub trait Family {
+    /// An address: `u32`, or `[u32; 4]`.
+    type Addr: Copy + PartialEq + 'static;
+    type CtKey: Copy + 'static;
+    type SockRevNatKey: Copy + 'static;
+    type AffinityKey: Copy + 'static;
+    /// The unspecified address (a NodePort's wildcard frontend, an unset node address).
+    const UNSPECIFIED: Self::Addr;
+    /// Offsets of the source and destination addresses in the IP header.
+    const SADDR: usize;
+    const DADDR: usize;
+    /// The family's node address in [`SNAT_ADDRS_MAP`].
+    const SNAT_ADDR_INDEX: u32;
+
+    /// The source address a hairpinned flow's packets get (see `pod_path`).
+    fn hairpin() -> Self::Addr;
+    /// An address as the shared types hold both families (IPv4 in the first word).
+    fn widen(addr: Self::Addr) -> [u32; 4];
+    /// The address a shared type holds.
+    fn narrow(addr: [u32; 4]) -> Self::Addr;
+    fn parse(ctx: &TcContext) -> Option<Tuple<Self::Addr>>;
+    /// Rewrites the address at `offset` ([`Self::SADDR`], [`Self::DADDR`]) and the checksums.
+    fn rewrite_addr(
+        ctx: &mut TcContext,
+        t: &Tuple<Self::Addr>,
+        offset: usize,
+        from: Self::Addr,
+        to: Self::Addr,
+    ) -> Option<()>;
+    fn conntrack() -> &'static LruHashMap<Self::CtKey, CtValue>;
+    /// The key of `t`'s own tuple in `direction`.
+    #[inline(always)]
+    fn ct_key(t: &Tuple<Self::Addr>, direction: u8) -> Self::CtKey {
+        Self::ct_key_of(t.saddr, t.daddr, t.sport, t.dport, t.proto, direction)
+    }
+    /// A key from its fields.
+    fn ct_key_of(saddr: Self::Addr, daddr: Self::Addr, sport: u16, dport: u16, proto: u8, direction: u8)
+    -> Self::CtKey;
+    /// The service map's entry for `addr`:`port` in `scope`.
+    fn service(addr: Self::Addr, port: u16, proto: u8, scope: u8) -> Option<ServiceValue>;
+    /// Whether `addr` is one of the node's addresses NodePorts answer on.
+    fn is_node_address(addr: Self::Addr) -> bool;
+    /// Whether `addr` is inside one of the cluster's Service CIDRs.
+    fn in_service_cidrs(addr: Self::Addr) -> bool;
+    /// Whether `addr` is in one of `svc`'s source ranges (present: the Service has them).
+    fn in_source_ranges(svc: &ServiceValue, addr: Self::Addr) -> bool;
+    fn affinity() -> &'static LruHashMap<Self::AffinityKey, AffinityValue>;
+    fn affinity_key(service: u32, client: Self::Addr, netns_cookie: u64) -> Self::AffinityKey;
+    /// Sends the (rewritten) packet from `saddr` to `daddr` to its next hop.
+    fn fib_redirect(ctx: &mut TcContext, saddr: Self::Addr, daddr: Self::Addr, t: &Tuple<Self::Addr>) -> i32;
+    /// The address a `sock_addr` hook's caller gave.
+    ///
+    /// # Safety
+    /// `sa` is the hook's context.
+    unsafe fn user_ip(sa: *const bpf_sock_addr) -> Self::Addr;
+    /// Rewrites the address of a `sock_addr` hook's call (in full 4-byte stores, as the hook
+    /// allows).
+    ///
+    /// # Safety
+    /// `sa` is the hook's context.
+    unsafe fn set_user_ip(sa: *mut bpf_sock_addr, addr: Self::Addr);
+    fn sock_revnat() -> &'static LruHashMap<Self::SockRevNatKey, SockRevNatValue>;
+    fn sock_revnat_key(cookie: u64, addr: Self::Addr, port: u16) -> Self::SockRevNatKey;
+}
+
+pub struct V4;
+pub struct V6;
+
+impl Family for V4 {
+    type Addr = u32;
+    type CtKey = CtKey4;
+    type SockRevNatKey = SockRevNatKey4;
+    type AffinityKey = AffinityKey4;
+    const UNSPECIFIED: u32 = 0;
+    const SADDR: usize = 12;
+    const DADDR: usize = 16;
+    const SNAT_ADDR_INDEX: u32 = 0;
+
+    #[inline(always)]
+    fn hairpin() -> u32 {
+        addr4(HAIRPIN_V4)
+    }
+    #[inline(always)]
+    fn widen(addr: u32) -> [u32; 4] {
+        [addr, 0, 0, 0]
+    }
+    #[inline(always)]
+    fn narrow(addr: [u32; 4]) -> u32 {
+        addr[0]
+    }
+    #[inline(always)]
+    fn parse(ctx: &TcContext) -> Option<Tuple<u32>> {
+        parse4(ctx)
+    }
+    #[inline(always)]
+    fn rewrite_addr(ctx: &mut TcContext, t: &Tuple<u32>, offset: usize, from: u32, to: u32) -> Option<()> {
+        rewrite_addr4(ctx, t, offset, from, to)
+    }
+    #[inline(always)]
+    fn conntrack() -> &'static LruHashMap<CtKey4, CtValue> {
+        &CT4
+    }
+    #[inline(always)]
+    fn ct_key_of(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8, direction: u8) -> CtKey4 {
+        CtKey4 {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            direction,
+            _pad: [0; 2],
+        }
+    }
+    #[inline(always)]
+    fn service(addr: u32, port: u16, proto: u8, scope: u8) -> Option<ServiceValue> {
+        let key = ServiceKey4 {
+            addr,
+            port,
+            proto,
+            scope,
+        };
+        // SAFETY: the value is copied out at once.
+        unsafe { SERVICES4.get(key) }.copied()
+    }
+    #[inline(always)]
+    fn in_source_ranges(svc: &ServiceValue, addr: u32) -> bool {
+        SOURCE_RANGES4
+            .get(Key::new(64, SourceRangeKey4 { service: svc.id, addr }))
+            .is_some()
+    }
+    #[inline(always)]
+    fn is_node_address(addr: u32) -> bool {
+        // SAFETY: only presence matters.
+        unsafe { NODE_ADDRS4.get(addr) }.is_some()
+    }
+    #[inline(always)]
+    fn in_service_cidrs(addr: u32) -> bool {
+        SERVICE_CIDRS4.get(Key::new(32, addr)).is_some()
+    }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKey4, AffinityValue> {
+        &AFFINITY4
+    }
+    #[inline(always)]
+    fn affinity_key(service: u32, client: u32, netns_cookie: u64) -> AffinityKey4 {
+        AffinityKey4 {
+            service,
+            client,
+            netns_cookie,
+        }
+    }
+    #[inline(always)]
+    fn fib_redirect(ctx: &mut TcContext, saddr: u32, daddr: u32, t: &Tuple<u32>) -> i32 {
+        fib_redirect4(ctx, saddr, daddr, t)
+    }
+    #[inline(always)]
+    unsafe fn user_ip(sa: *const bpf_sock_addr) -> u32 {
+        // SAFETY: the caller's.
+        unsafe { read_volatile(addr_of!((*sa).user_ip4)) }
+    }
+    #[inline(always)]
+    unsafe fn set_user_ip(sa: *mut bpf_sock_addr, addr: u32) {
+        // SAFETY: the caller's.
+        unsafe { write_volatile(addr_of_mut!((*sa).user_ip4), addr) }
+    }
+    #[inline(always)]
+    fn sock_revnat() -> &'static LruHashMap<SockRevNatKey4, SockRevNatValue> {
+        &SOCK_REVNAT4
+    }
+    #[inline(always)]
+    fn sock_revnat_key(cookie: u64, addr: u32, port: u16) -> SockRevNatKey4 {
+        SockRevNatKey4 {
+            cookie,
+            addr,
+            port,
+            _pad: 0,
+        }
+    }
+}
+
+impl Family for V6 {
+    type Addr = [u32; 4];
+    type CtKey = CtKey6;
+    type SockRevNatKey = SockRevNatKey6;
+    type AffinityKey = AffinityKey6;
+    const UNSPECIFIED: [u32; 4] = [0; 4];
+    const SADDR: usize = 8;
+    const DADDR: usize = 24;
+    const SNAT_ADDR_INDEX: u32 = 1;
+
+    #[inline(always)]
+    fn hairpin() -> [u32; 4] {
+        addr6(HAIRPIN_V6)
+    }
+    #[inline(always)]
+    fn widen(addr: [u32; 4]) -> [u32; 4] {
+        addr
+    }
+    #[inline(always)]
+    fn narrow(addr: [u32; 4]) -> [u32; 4] {
+        addr
+    }
+    #[inline(always)]
+    fn parse(ctx: &TcContext) -> Option<Tuple<[u32; 4]>> {
+        parse6(ctx)
+    }
+    #[inline(always)]
+    fn rewrite_addr(
+        ctx: &mut TcContext,
+        t: &Tuple<[u32; 4]>,
+        offset: usize,
+        from: [u32; 4],
+        to: [u32; 4],
+    ) -> Option<()> {
+        rewrite_addr6(ctx, t, offset, from, to)
+    }
+    #[inline(always)]
+    fn conntrack() -> &'static LruHashMap<CtKey6, CtValue> {
+        &CT6
+    }
+    #[inline(always)]
+    fn ct_key_of(saddr: [u32; 4], daddr: [u32; 4], sport: u16, dport: u16, proto: u8, direction: u8) -> CtKey6 {
+        CtKey6 {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            direction,
+            _pad: [0; 2],
+        }
+    }
+    #[inline(always)]
+    fn service(addr: [u32; 4], port: u16, proto: u8, scope: u8) -> Option<ServiceValue> {
+        let key = ServiceKey6 {
+            addr,
+            port,
+            proto,
+            scope,
+        };
+        // SAFETY: the value is copied out at once.
+        unsafe { SERVICES6.get(key) }.copied()
+    }
+    #[inline(always)]
+    fn in_source_ranges(svc: &ServiceValue, addr: [u32; 4]) -> bool {
+        SOURCE_RANGES6
+            .get(Key::new(160, SourceRangeKey6 { service: svc.id, addr }))
+            .is_some()
+    }
+    #[inline(always)]
+    fn is_node_address(addr: [u32; 4]) -> bool {
+        // SAFETY: only presence matters.
+        unsafe { NODE_ADDRS6.get(addr) }.is_some()
+    }
+    #[inline(always)]
+    fn in_service_cidrs(addr: [u32; 4]) -> bool {
+        SERVICE_CIDRS6.get(Key::new(128, addr)).is_some()
+    }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKey6, AffinityValue> {
+        &AFFINITY6
+    }
+    #[inline(always)]
+    fn affinity_key(service: u32, client: [u32; 4], netns_cookie: u64) -> AffinityKey6 {
+        AffinityKey6 {
+            service,
+            client,
+            _pad: 0,
+            netns_cookie,
+        }
+    }
+    #[inline(always)]
+    fn fib_redirect(ctx: &mut TcContext, saddr: [u32; 4], daddr: [u32; 4], t: &Tuple<[u32; 4]>) -> i32 {
+        fib_redirect6(ctx, saddr, daddr, t)
+    }
+    #[inline(always)]
+    unsafe fn user_ip(sa: *const bpf_sock_addr) -> [u32; 4] {
+        // SAFETY: the caller's; one 4-byte word at a time, as the verifier allows.
+        unsafe {
+            [
+                read_volatile(addr_of!((*sa).user_ip6[0])),
+                read_volatile(addr_of!((*sa).user_ip6[1])),
+                read_volatile(addr_of!((*sa).user_ip6[2])),
+                read_volatile(addr_of!((*sa).user_ip6[3])),
+            ]
+        }
+    }
+    #[inline(always)]
+    unsafe fn set_user_ip(sa: *mut bpf_sock_addr, addr: [u32; 4]) {
+        // SAFETY: as above.
+        unsafe {
+            write_volatile(addr_of_mut!((*sa).user_ip6[0]), addr[0]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[1]), addr[1]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[2]), addr[2]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[3]), addr[3]);
+        }
+    }
+    #[inline(always)]
+    fn sock_revnat() -> &'static LruHashMap<SockRevNatKey6, SockRevNatValue> {
+        &SOCK_REVNAT6
+    }
+    #[inline(always)]
+    fn sock_revnat_key(cookie: u64, addr: [u32; 4], port: u16) -> SockRevNatKey6 {
+        SockRevNatKey6 {
+            cookie,
+            addr,
+            port,
+            _pad: [0; 6],
+        }
+    }
+}
