@@ -15,7 +15,9 @@
 //!
 //! Every pass reads the whole state and converges on it (level-triggered), after any change the
 //! API reports, and every two seconds (container exits, readiness, a node's CNI configuration
-//! appearing).
+//! appearing). The EndpointSlices and DNS records, derived from every Service and Pod, are
+//! synced when a Service or Pod changed, while a pod is terminating, and every
+//! [`ENDPOINTS_RESYNC`] whatever happened (repairing a slice something else changed).
 use std::{
     collections::BTreeMap,
     sync::atomic::{AtomicU64, Ordering},
@@ -46,6 +48,8 @@ use super::{
 
 const TEMPLATE_HASH: &str = "pod-template-hash";
 const RESYNC: Duration = Duration::from_secs(2);
+/// How often the EndpointSlices and DNS records are synced with no Service or Pod change.
+const ENDPOINTS_RESYNC: Duration = Duration::from_secs(60);
 
 /// A short, stable hash of a pod template, as `pod-template-hash` (FNV-1a, 10 hex digits).
 pub fn template_hash(deployment: &Deployment) -> String {
@@ -336,8 +340,8 @@ pub fn run(lab_name: &str) -> Result<()> {
 struct EndpointsSynced {
     /// Watch events of Services and Pods so far.
     inputs: std::sync::Arc<AtomicU64>,
-    /// `inputs` as it was when the last sync that succeeded began.
-    at: Option<u64>,
+    /// `inputs` as it was when the last sync that succeeded began, and when that was.
+    at: Option<(u64, std::time::Instant)>,
 }
 
 /// Wakes the controllers whenever objects of kind `K` change, counting the events in `counted`.
@@ -374,7 +378,9 @@ async fn pass(lab_name: &str, client: &Client, endpoints: &mut EndpointsSynced) 
     let mut errors = Vec::new();
     // Read before anything is listed: a change that lands during the pass is due at the next.
     let inputs = endpoints.inputs.load(Ordering::SeqCst);
-    let endpoints_due = endpoints.at != Some(inputs);
+    let endpoints_due = endpoints
+        .at
+        .is_none_or(|(seen, when)| seen != inputs || when.elapsed() >= ENDPOINTS_RESYNC);
     let pods: Vec<Pod> = list_all(client).await?;
     let nodes: Vec<Node> = list_all(client).await?;
     // Without the Deployments, neither the Deployment controller nor the garbage collector can
@@ -427,8 +433,7 @@ async fn pass(lab_name: &str, client: &Client, endpoints: &mut EndpointsSynced) 
     }
     // A terminating pod leaves its Services' endpoints (as terminating) before its kubelet stops
     // it, so that new connections stop going to it first.
-    if endpoints_due
-        && pods.iter().any(terminating)
+    if pods.iter().any(terminating)
         && let Err(e) = super::endpoints::sync_slices(client).await
     {
         errors.push(format!("endpoint slices: {e:#}"));
@@ -480,7 +485,7 @@ async fn pass(lab_name: &str, client: &Client, endpoints: &mut EndpointsSynced) 
         }
         // A failed sync is tried again at the next pass (at most RESYNC away).
         if synced {
-            endpoints.at = Some(inputs);
+            endpoints.at = Some((inputs, std::time::Instant::now()));
         }
     }
     if errors.is_empty() {
