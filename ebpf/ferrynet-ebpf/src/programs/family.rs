@@ -6,7 +6,7 @@
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
+    bindings::{BPF_F_PSEUDO_HDR, bpf_fib_lookup as FibParams, bpf_sock_addr},
     maps::{LruHashMap, lpm_trie::Key},
     programs::TcContext,
 };
@@ -17,7 +17,7 @@ use super::{
         AFFINITY4, AFFINITY6, CT4, CT6, NODE_ADDRS4, NODE_ADDRS6, SERVICE_CIDRS4, SERVICE_CIDRS6, SERVICES4, SERVICES6,
         SOCK_REVNAT4, SOCK_REVNAT6, SOURCE_RANGES4, SOURCE_RANGES6,
     },
-    packet::{Tuple, fib_redirect4, fib_redirect6, parse4, parse6, rewrite_addr4, rewrite_addr6},
+    packet::{AF_INET, AF_INET6, ETH_HLEN, Tuple, fib_redirect, l4_fields, l4_fields_loaded, l4_flags, read},
 };
 
 pub trait Family {
@@ -112,11 +112,50 @@ impl Family for V4 {
     }
     #[inline(always)]
     fn parse(ctx: &TcContext) -> Option<Tuple<u32>> {
-        parse4(ctx)
+        let ip = ETH_HLEN;
+        let vihl = read::<u8>(ctx, ip)?;
+        let ihl = usize::from(vihl & 0x0f) * 4;
+        if ihl < 20 {
+            return None;
+        }
+        // Non-first fragments carry no ports: left alone.
+        let frag = u16::from_be(read::<u16>(ctx, ip + 6)?);
+        if frag & 0x1fff != 0 {
+            return None;
+        }
+        let proto = read::<u8>(ctx, ip + 9)?;
+        let saddr = read::<u32>(ctx, ip + Self::SADDR)?;
+        let daddr = read::<u32>(ctx, ip + Self::DADDR)?;
+        let l4 = ip + ihl;
+        let (sport, dport, csum, tcp_flags) = if ihl == 20 {
+            l4_fields::<{ ETH_HLEN + 20 }>(ctx, proto)?
+        } else {
+            l4_fields_loaded(ctx, l4, proto)?
+        };
+        Some(Tuple {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            l4,
+            csum,
+            tcp_flags,
+        })
     }
     #[inline(always)]
     fn rewrite_addr(ctx: &mut TcContext, t: &Tuple<u32>, offset: usize, from: u32, to: u32) -> Option<()> {
-        rewrite_addr4(ctx, t, offset, from, to)
+        ctx.l4_csum_replace(
+            t.csum,
+            u64::from(from),
+            u64::from(to),
+            u64::from(BPF_F_PSEUDO_HDR) | l4_flags(t.proto) | 4,
+        )
+        .ok()?;
+        // IPv4's header checksum, at offset 10 of the header.
+        ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(from), u64::from(to), 4)
+            .ok()?;
+        ctx.store(ETH_HLEN + offset, &to, 0).ok()
     }
     #[inline(always)]
     fn conntrack() -> &'static LruHashMap<CtKey4, CtValue> {
@@ -174,7 +213,13 @@ impl Family for V4 {
     }
     #[inline(always)]
     fn fib_redirect(ctx: &mut TcContext, saddr: u32, daddr: u32, t: &Tuple<u32>) -> i32 {
-        fib_redirect4(ctx, saddr, daddr, t)
+        // SAFETY: an all-zero lookup is valid; the fields it needs are set below.
+        let mut params: FibParams = unsafe { core::mem::zeroed() };
+        params.family = AF_INET;
+        params.l4_protocol = t.proto;
+        params.__bindgen_anon_3.ipv4_src = saddr;
+        params.__bindgen_anon_4.ipv4_dst = daddr;
+        fib_redirect(ctx, &mut params)
     }
     #[inline(always)]
     unsafe fn user_ip(sa: *const bpf_sock_addr) -> u32 {
@@ -225,7 +270,23 @@ impl Family for V6 {
     }
     #[inline(always)]
     fn parse(ctx: &TcContext) -> Option<Tuple<[u32; 4]>> {
-        parse6(ctx)
+        let ip = ETH_HLEN;
+        // Extension headers are not followed: such packets are left alone.
+        let proto = read::<u8>(ctx, ip + 6)?;
+        let saddr = read::<[u32; 4]>(ctx, ip + Self::SADDR)?;
+        let daddr = read::<[u32; 4]>(ctx, ip + Self::DADDR)?;
+        let l4 = ip + 40;
+        let (sport, dport, csum, tcp_flags) = l4_fields::<{ ETH_HLEN + 40 }>(ctx, proto)?;
+        Some(Tuple {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            l4,
+            csum,
+            tcp_flags,
+        })
     }
     #[inline(always)]
     fn rewrite_addr(
@@ -235,7 +296,13 @@ impl Family for V6 {
         from: [u32; 4],
         to: [u32; 4],
     ) -> Option<()> {
-        rewrite_addr6(ctx, t, offset, from, to)
+        // No IP header checksum in IPv6: only the L4 pseudo-header's, a word at a time.
+        let flags = u64::from(BPF_F_PSEUDO_HDR) | l4_flags(t.proto) | 4;
+        for (from, to) in from.iter().zip(to.iter()) {
+            ctx.l4_csum_replace(t.csum, u64::from(*from), u64::from(*to), flags)
+                .ok()?;
+        }
+        ctx.store(ETH_HLEN + offset, &to, 0).ok()
     }
     #[inline(always)]
     fn conntrack() -> &'static LruHashMap<CtKey6, CtValue> {
@@ -294,7 +361,13 @@ impl Family for V6 {
     }
     #[inline(always)]
     fn fib_redirect(ctx: &mut TcContext, saddr: [u32; 4], daddr: [u32; 4], t: &Tuple<[u32; 4]>) -> i32 {
-        fib_redirect6(ctx, saddr, daddr, t)
+        // SAFETY: as for IPv4.
+        let mut params: FibParams = unsafe { core::mem::zeroed() };
+        params.family = AF_INET6;
+        params.l4_protocol = t.proto;
+        params.__bindgen_anon_3.ipv6_src = saddr;
+        params.__bindgen_anon_4.ipv6_dst = daddr;
+        fib_redirect(ctx, &mut params)
     }
     #[inline(always)]
     unsafe fn user_ip(sa: *const bpf_sock_addr) -> [u32; 4] {

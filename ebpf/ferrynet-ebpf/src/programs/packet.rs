@@ -1,7 +1,7 @@
 //! Packet parsing and rewriting shared by the TC programs: a packet's tuple, address and port
 //! rewrites with their checksums, and sending a packet on without the stack.
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, bpf_fib_lookup as FibParams, bpf_redir_neigh},
+    bindings::{BPF_F_MARK_MANGLED_0, TC_ACT_SHOT, bpf_fib_lookup as FibParams, bpf_redir_neigh},
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
@@ -65,7 +65,7 @@ pub fn l4_fields<const L4: usize>(ctx: &TcContext, proto: u8) -> Option<(u16, u1
 /// [`l4_fields`] at a variable offset (after IPv4 options, which are rare), through the load
 /// helper.
 #[inline(always)]
-fn l4_fields_loaded(ctx: &TcContext, l4: usize, proto: u8) -> Option<(u16, u16, usize, u8)> {
+pub fn l4_fields_loaded(ctx: &TcContext, l4: usize, proto: u8) -> Option<(u16, u16, usize, u8)> {
     let (csum, tcp_flags) = match proto {
         PROTO_TCP => (l4 + 16, ctx.load::<u8>(l4 + 13).ok()?),
         PROTO_UDP => (l4 + 6, 0),
@@ -79,66 +79,6 @@ fn l4_fields_loaded(ctx: &TcContext, l4: usize, proto: u8) -> Option<(u16, u16, 
     ))
 }
 
-#[inline(always)]
-pub fn parse4(ctx: &TcContext) -> Option<Tuple<u32>> {
-    let ip = ETH_HLEN;
-    let vihl = read::<u8>(ctx, ip)?;
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if ihl < 20 {
-        return None;
-    }
-    // Non-first fragments carry no ports: left alone.
-    let frag = u16::from_be(read::<u16>(ctx, ip + 6)?);
-    if frag & 0x1fff != 0 {
-        return None;
-    }
-    let proto = read::<u8>(ctx, ip + 9)?;
-    let saddr = read::<u32>(ctx, ip + 12)?;
-    let daddr = read::<u32>(ctx, ip + 16)?;
-    let l4 = ip + ihl;
-    let (sport, dport, csum, tcp_flags) = if ihl == 20 {
-        l4_fields::<{ ETH_HLEN + 20 }>(ctx, proto)?
-    } else {
-        l4_fields_loaded(ctx, l4, proto)?
-    };
-    Some(Tuple {
-        saddr,
-        daddr,
-        sport,
-        dport,
-        proto,
-        l4,
-        csum,
-        tcp_flags,
-    })
-}
-
-#[inline(always)]
-pub fn load6(ctx: &TcContext, offset: usize) -> Option<[u32; 4]> {
-    read::<[u32; 4]>(ctx, offset)
-}
-
-#[inline(always)]
-pub fn parse6(ctx: &TcContext) -> Option<Tuple<[u32; 4]>> {
-    let ip = ETH_HLEN;
-    // Extension headers are not followed: such packets are left alone.
-    let proto = read::<u8>(ctx, ip + 6)?;
-    let saddr = load6(ctx, ip + 8)?;
-    let daddr = load6(ctx, ip + 24)?;
-    let l4 = ip + 40;
-    let (sport, dport, csum, tcp_flags) = l4_fields::<{ ETH_HLEN + 40 }>(ctx, proto)?;
-    Some(Tuple {
-        saddr,
-        daddr,
-        sport,
-        dport,
-        proto,
-        l4,
-        csum,
-        tcp_flags,
-    })
-}
-
 /// Flags of an L4 checksum update: UDP's zero checksum means "none" and must stay zero.
 #[inline(always)]
 pub fn l4_flags(proto: u8) -> u64 {
@@ -147,42 +87,6 @@ pub fn l4_flags(proto: u8) -> u64 {
     } else {
         0
     }
-}
-
-/// Rewrites an IPv4 address at `offset` (source 12 or destination 16, from the IP header) and
-/// its checksums.
-#[inline(always)]
-pub fn rewrite_addr4(ctx: &mut TcContext, t: &Tuple<u32>, offset: usize, from: u32, to: u32) -> Option<()> {
-    ctx.l4_csum_replace(
-        t.csum,
-        u64::from(from),
-        u64::from(to),
-        u64::from(BPF_F_PSEUDO_HDR) | l4_flags(t.proto) | 4,
-    )
-    .ok()?;
-    ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(from), u64::from(to), 4)
-        .ok()?;
-    ctx.store(ETH_HLEN + offset, &to, 0).ok()
-}
-
-#[inline(always)]
-pub fn rewrite_addr6(
-    ctx: &mut TcContext,
-    t: &Tuple<[u32; 4]>,
-    offset: usize,
-    from: [u32; 4],
-    to: [u32; 4],
-) -> Option<()> {
-    let flags = u64::from(BPF_F_PSEUDO_HDR) | l4_flags(t.proto) | 4;
-    ctx.l4_csum_replace(t.csum, u64::from(from[0]), u64::from(to[0]), flags)
-        .ok()?;
-    ctx.l4_csum_replace(t.csum, u64::from(from[1]), u64::from(to[1]), flags)
-        .ok()?;
-    ctx.l4_csum_replace(t.csum, u64::from(from[2]), u64::from(to[2]), flags)
-        .ok()?;
-    ctx.l4_csum_replace(t.csum, u64::from(from[3]), u64::from(to[3]), flags)
-        .ok()?;
-    ctx.store(ETH_HLEN + offset, &to, 0).ok()
 }
 
 /// Rewrites the port at `offset` from the L4 header (0 source, 2 destination).
@@ -267,8 +171,8 @@ pub fn is_tcp_syn_ack<A>(t: &Tuple<A>) -> bool {
     t.proto == PROTO_TCP && t.tcp_flags & 0x12 == 0x12
 }
 
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
 const FIB_SUCCESS: i64 = 0;
 const FIB_NO_NEIGH: i64 = 7;
 
@@ -277,7 +181,7 @@ const FIB_NO_NEIGH: i64 = 7;
 /// drop as a martian on a forwarded packet. A next hop whose neighbour is not resolved yet is
 /// resolved by the kernel (`bpf_redirect_neigh`). No route: dropped.
 #[inline(always)]
-fn fib_redirect(ctx: &mut TcContext, params: &mut FibParams, ipv4: bool) -> i32 {
+pub fn fib_redirect(ctx: &mut TcContext, params: &mut FibParams) -> i32 {
     params.ifindex = ifindex(ctx);
     // SAFETY: `params` is a valid, initialised lookup on the stack.
     let ret = unsafe {
@@ -298,7 +202,7 @@ fn fib_redirect(ctx: &mut TcContext, params: &mut FibParams, ipv4: bool) -> i32 
     if ret == FIB_NO_NEIGH {
         // SAFETY: both union members were written by the lookup (the next hop's address).
         let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-        if ipv4 {
+        if params.family == AF_INET {
             nh.nh_family = u32::from(AF_INET);
             nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
         } else {
@@ -317,28 +221,4 @@ fn fib_redirect(ctx: &mut TcContext, params: &mut FibParams, ipv4: bool) -> i32 
     }
     bump(Stat::FibFailed);
     TC_ACT_SHOT
-}
-
-/// [`fib_redirect`] for an IPv4 packet, addressed as `t` says (after its rewrites).
-#[inline(always)]
-pub fn fib_redirect4(ctx: &mut TcContext, saddr: u32, daddr: u32, t: &Tuple<u32>) -> i32 {
-    // SAFETY: an all-zero lookup is valid; the fields it needs are set below.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = t.proto;
-    params.__bindgen_anon_3.ipv4_src = saddr;
-    params.__bindgen_anon_4.ipv4_dst = daddr;
-    fib_redirect(ctx, &mut params, true)
-}
-
-/// [`fib_redirect`] for an IPv6 packet.
-#[inline(always)]
-pub fn fib_redirect6(ctx: &mut TcContext, saddr: [u32; 4], daddr: [u32; 4], t: &Tuple<[u32; 4]>) -> i32 {
-    // SAFETY: as above.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
-    params.family = AF_INET6;
-    params.l4_protocol = t.proto;
-    params.__bindgen_anon_3.ipv6_src = saddr;
-    params.__bindgen_anon_4.ipv6_dst = daddr;
-    fib_redirect(ctx, &mut params, false)
 }
