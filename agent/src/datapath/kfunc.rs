@@ -23,8 +23,6 @@ pub enum KfuncError {
     Elf(#[from] object::Error),
     #[error("kfunc {name}: the running kernel does not have it ({source}); it needs Linux 6.5 or later")]
     Unknown { name: String, source: aya::BtfError },
-    #[error("the kernel's BTF (/sys/kernel/btf/vmlinux) cannot be read: {0}")]
-    Btf(aya::BtfError),
     #[error("kfunc {name}: relocation at {offset:#x} in {section} is not on a call instruction")]
     NotACall { name: String, section: String, offset: u64 },
 }
@@ -74,20 +72,14 @@ pub fn resolve(elf: &mut [u8], name: &str, btf_id: u32) -> Result<usize, KfuncEr
     Ok(sites.len())
 }
 
-/// `elf` with every call of `names` resolved against the running kernel's BTF.
-pub fn resolve_all(elf: &[u8], names: &[&str]) -> Result<Vec<u8>, KfuncError> {
+/// `elf` with every call of `names` resolved against `btf`, the running kernel's.
+pub fn resolve_all(elf: &[u8], names: &[&str], btf: &aya::Btf) -> Result<Vec<u8>, KfuncError> {
     let mut patched = elf.to_vec();
-    let mut btf = None;
     for name in names {
         if call_sites(&patched, name)?.is_empty() {
             continue;
         }
-        if btf.is_none() {
-            btf = Some(aya::Btf::from_sys_fs().map_err(KfuncError::Btf)?);
-        }
         let id = btf
-            .as_ref()
-            .expect("just read")
             .id_by_type_name_kind(name, aya_obj::btf::BtfKind::Func)
             .map_err(|source| KfuncError::Unknown {
                 name: (*name).to_string(),

@@ -64,12 +64,39 @@ pub const POD_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
     (TO_POD_PROGRAM, TcAttachType::Egress, "to"),
 ];
 
+/// How a program of the object is loaded.
+#[derive(Debug, Clone, Copy)]
+enum ProgramKind {
+    SockAddr,
+    Classifier,
+    /// An iterator over the kernel's sockets of this kind.
+    Iter(&'static str),
+}
+
+impl ProgramKind {
+    fn load(
+        self,
+        name: &'static str,
+        program: &mut aya::programs::Program,
+        btf: &aya::Btf,
+    ) -> Result<(), DatapathError> {
+        let loaded = match self {
+            Self::SockAddr => <&mut CgroupSockAddr>::try_from(program).and_then(|p| p.load()),
+            Self::Classifier => <&mut SchedClassifier>::try_from(program).and_then(|p| p.load()),
+            Self::Iter(kind) => <&mut Iter>::try_from(program).and_then(|p| p.load(kind, btf)),
+        };
+        loaded.map_err(program_error(name))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error("loading the eBPF object: {0}")]
     Load(#[from] EbpfError),
     #[error("eBPF program {name}: {source}")]
     Program { name: String, source: ProgramError },
+    #[error("eBPF program {0}: its loading thread panicked")]
+    LoadPanicked(&'static str),
     #[error("eBPF map {name}: {source}")]
     Map { name: &'static str, source: MapError },
     #[error("the eBPF object has no {0}")]
@@ -82,7 +109,7 @@ pub enum DatapathError {
     Pin { path: PathBuf, source: aya::pin::PinError },
     #[error("link {path}: {source}")]
     Link { path: PathBuf, source: LinkError },
-    #[error("the kernel's BTF: {0}")]
+    #[error("the kernel's BTF (/sys/kernel/btf/vmlinux) cannot be read: {0}")]
     Btf(#[from] aya::BtfError),
 }
 
@@ -259,8 +286,13 @@ impl Datapath {
         pins.create()
             .map_err(|(path, source)| DatapathError::Io { path, source })?;
         retire_maps(&pins)?;
-        let object = kfunc::resolve_all(PROGRAMS, &[SOCK_DESTROY_KFUNC])?;
+        // The kernel's BTF, parsed once for the kfunc ids, the loader's relocations and the
+        // iterators' targets (a parse reads megabytes; the loader's `new` makes one more that
+        // cannot be avoided).
+        let btf = aya::Btf::from_sys_fs()?;
+        let object = kfunc::resolve_all(PROGRAMS, &[SOCK_DESTROY_KFUNC], &btf)?;
         let mut loader = EbpfLoader::new();
+        loader.btf(Some(&btf));
         for name in PINNED_MAPS {
             loader.map_pin_path(name, pins.map(name));
         }
@@ -268,34 +300,39 @@ impl Datapath {
             loader.map_max_entries(name, size);
         }
         let mut ebpf = loader.load(&object)?;
-        for name in SOCKET_PROGRAMS {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Missing(name))?
-                .try_into()
-                .map_err(program_error(name))?;
-            program.load().map_err(program_error(name))?;
-        }
-        let tc_programs = POD_PROGRAMS
+        // Every program is verified on a thread of its own: the kernel verifies them side by
+        // side, and a start waits for the slowest (the pod program) instead of the sum.
+        let wanted: Vec<(&'static str, ProgramKind)> = SOCKET_PROGRAMS
             .iter()
-            .map(|(name, _, _)| *name)
-            .chain([FROM_UPLINK_PROGRAM]);
-        for name in tc_programs {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Missing(name))?
-                .try_into()
-                .map_err(program_error(name))?;
-            program.load().map_err(program_error(name))?;
+            .map(|name| (*name, ProgramKind::SockAddr))
+            .chain(POD_PROGRAMS.iter().map(|(name, _, _)| (*name, ProgramKind::Classifier)))
+            .chain([
+                (FROM_UPLINK_PROGRAM, ProgramKind::Classifier),
+                (TERMINATE_UDP_PROGRAM, ProgramKind::Iter("udp")),
+                (TERMINATE_TCP_PROGRAM, ProgramKind::Iter("tcp")),
+            ])
+            .collect();
+        let btf = &btf;
+        let loaded: Vec<(&'static str, Result<(), DatapathError>)> = std::thread::scope(|scope| {
+            let loads: Vec<_> = ebpf
+                .programs_mut()
+                .filter_map(|(name, program)| {
+                    let (name, kind) = *wanted.iter().find(|(wanted, _)| *wanted == name)?;
+                    Some((name, scope.spawn(move || kind.load(name, program, btf))))
+                })
+                .collect();
+            loads
+                .into_iter()
+                .map(|(name, load)| (name, load.join().unwrap_or(Err(DatapathError::LoadPanicked(name)))))
+                .collect()
+        });
+        for (name, _) in &wanted {
+            if !loaded.iter().any(|(loaded, _)| loaded == name) {
+                return Err(DatapathError::Missing(name));
+            }
         }
-        let btf = aya::Btf::from_sys_fs()?;
-        for (name, kind) in [(TERMINATE_UDP_PROGRAM, "udp"), (TERMINATE_TCP_PROGRAM, "tcp")] {
-            let program: &mut Iter = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Missing(name))?
-                .try_into()
-                .map_err(program_error(name))?;
-            program.load(kind, &btf).map_err(program_error(name))?;
+        for (_, result) in loaded {
+            result?;
         }
         Ok(Self { ebpf, pins })
     }

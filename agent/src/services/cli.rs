@@ -142,7 +142,7 @@ impl Pinned {
         ))
     }
 
-    fn listed(&self, frontend: Frontend, value: &ServiceValue, notes_dir: &Path) -> Listed {
+    fn listed(&self, frontend: Frontend, value: &ServiceValue, notes_reader: &mut notes::NotesReader) -> Listed {
         let backends = (0..u32::from(value.count))
             .filter_map(|slot| {
                 self.slots
@@ -163,7 +163,7 @@ impl Pinned {
             backends,
             affinity_timeout_s: (value.flags & SERVICE_F_AFFINITY != 0).then_some(value.affinity_timeout_s),
             maglev: (value.maglev_size != 0).then_some(value.maglev_size),
-            notes: notes::read(notes_dir, value.id),
+            notes: notes_reader.get(value.id),
         }
     }
 }
@@ -171,7 +171,7 @@ impl Pinned {
 /// Every frontend the maps hold, in order.
 pub fn list(pin_root: &Path, state_dir: &Path) -> Result<Vec<Listed>, CliError> {
     let maps = Pinned::open(pin_root)?;
-    let notes_dir = notes::dir(state_dir);
+    let mut notes_reader = notes::NotesReader::new(notes::dir(state_dir));
     let mut out = Vec::new();
     for (key, value) in maps.services4.iter().filter_map(Result::ok) {
         if let Some(protocol) = Protocol::from_number(key.proto) {
@@ -181,7 +181,7 @@ pub fn list(pin_root: &Path, state_dir: &Path) -> Result<Vec<Listed>, CliError> 
                 protocol,
                 scope: Scope::from_number(key.scope),
             };
-            out.push(maps.listed(frontend, &value, &notes_dir));
+            out.push(maps.listed(frontend, &value, &mut notes_reader));
         }
     }
     for (key, value) in maps.services6.iter().filter_map(Result::ok) {
@@ -192,7 +192,7 @@ pub fn list(pin_root: &Path, state_dir: &Path) -> Result<Vec<Listed>, CliError> 
                 protocol,
                 scope: Scope::from_number(key.scope),
             };
-            out.push(maps.listed(frontend, &value, &notes_dir));
+            out.push(maps.listed(frontend, &value, &mut notes_reader));
         }
     }
     out.sort_by_key(|l| l.frontend);
@@ -251,7 +251,7 @@ pub fn parse_target(target: &str) -> Result<(IpAddr, u16, Protocol), CliError> {
 pub fn explain(pin_root: &Path, state_dir: &Path, target: &str, from: Option<IpAddr>) -> Result<String, CliError> {
     let (addr, port, protocol) = parse_target(target)?;
     let maps = Pinned::open(pin_root)?;
-    let notes_dir = notes::dir(state_dir);
+    let mut notes_reader = notes::NotesReader::new(notes::dir(state_dir));
     // As asked (the entries of a NodePort are keyed by the unspecified address).
     let asked = Frontend {
         addr,
@@ -281,7 +281,7 @@ pub fn explain(pin_root: &Path, state_dir: &Path, target: &str, from: Option<IpA
         };
         return Ok(out);
     };
-    let listed = maps.listed(frontend, &value, &notes_dir);
+    let listed = maps.listed(frontend, &value, &mut notes_reader);
     let node_port = if frontend.addr.is_unspecified() {
         " (a NodePort on this node's addresses)"
     } else {
@@ -296,7 +296,7 @@ pub fn explain(pin_root: &Path, state_dir: &Path, target: &str, from: Option<IpA
     // What arrives from outside (NodePorts, externalIPs, load balancer IPs) has an entry of
     // its own: the external traffic policy, source ranges, Maglev.
     if let Some((ext_frontend, ext_value)) = external {
-        let ext = maps.listed(ext_frontend, &ext_value, &notes_dir);
+        let ext = maps.listed(ext_frontend, &ext_value, &mut notes_reader);
         out += &format!("  from outside the cluster (frontend id {}):\n", ext.id);
         out += &describe(&ext, "    ");
     }

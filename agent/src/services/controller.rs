@@ -23,7 +23,7 @@ use kube::{
     Api, Client,
     runtime::{WatchStreamExt, watcher},
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use super::{
@@ -140,15 +140,31 @@ pub async fn run(
     let setup_cfg = cfg.clone();
     let setup = tokio::task::spawn_blocking(move || set_up(&setup_cfg));
     // The API is listed while the datapath loads (the verifier's work and the lists' parsing
-    // take about as long, on different threads): their events wait for the controller.
+    // take about as long, on different threads): the lists are filed, and once both are in, the
+    // full sync's pure part is computed before the maps are there to write.
     let mut watches = Watches::start(client);
-    let mut early: Vec<WatchEvent> = Vec::new();
+    let mut objects = Objects::new(health.clone());
+    let mut service_list: Listing<Service> = Listing::default();
+    let mut slice_list: Listing<EndpointSlice> = Listing::default();
+    let mut ahead: Option<Ahead> = None;
     tokio::pin!(setup);
     let (datapath, maps, report) = loop {
         tokio::select! {
             done = &mut setup => break done??,
             event = watches.next() => match event {
-                Ok(event) => early.push(event),
+                Ok(event) => {
+                    objects.on_watch_event(event, &mut service_list, &mut slice_list);
+                    if ahead.is_none() && service_list.listed && slice_list.listed {
+                        let node = node_context(&cfg, &nodes.borrow());
+                        let started = Instant::now();
+                        ahead = Some(tokio::task::block_in_place(|| objects.ahead(node)));
+                        info!(
+                            "both lists are in before the datapath: {} Services computed in {:.1} ms",
+                            objects.services.len(),
+                            started.elapsed().as_secs_f64() * 1e3
+                        );
+                    }
+                }
                 Err(e) => {
                     // Not while the datapath is being set up: a restart would set it up again
                     // over the same pins.
@@ -196,19 +212,11 @@ pub async fn run(
         cfg: cfg.clone(),
         datapath,
         maps,
-        services: HashMap::new(),
-        slices: HashMap::new(),
-        slice_owner: HashMap::new(),
+        objects,
+        ahead,
         service_frontends: HashMap::new(),
         frontend_owner: HashMap::new(),
-        dirty: BTreeSet::new(),
-        triggers: HashMap::new(),
-        node: NodeContext {
-            name: cfg.node_name.clone(),
-            zone: None,
-            proxy_name: cfg.proxy_name.clone(),
-            load_balancing: cfg.load_balancing,
-        },
+        node: node_context(&cfg, &nodes.borrow()),
         internal_ips: Vec::new(),
         health_checks: BTreeMap::new(),
         health_servers: health_check::HealthCheckServers::default(),
@@ -219,358 +227,83 @@ pub async fn run(
         synced: false,
         fill_refreshed: None,
         fill_walk: None,
-        full_sync_due: true,
         external_on: None,
         notes: notes::NotesWriter::start(notes::dir(&cfg.state_dir)),
         map_warnings,
         purger,
     };
-    controller.run(watches, early, nodes, servers, purged).await
+    controller
+        .run(watches, service_list, slice_list, nodes, servers, purged)
+        .await
 }
 
-type WatchStream<K> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send>>;
-
-/// The Service and EndpointSlice watches (with kube's backoff on errors).
-struct Watches {
-    services: WatchStream<ServiceObject>,
-    slices: WatchStream<EndpointSliceObject>,
+/// What one Service needs, computed apart from the controller's bookkeeping.
+struct Computed {
+    health_check: Option<(u16, health_check::HealthCheck)>,
+    entries: table::ServiceEntries,
 }
 
-/// One event of either watch, its objects already in the form the agent keeps (so that events
-/// waiting for the datapath hold no more than the controller would).
-enum WatchEvent {
-    Service(Result<watcher::Event<Service>, watcher::Error>),
-    Slice(Result<watcher::Event<EndpointSlice>, watcher::Error>),
-}
+/// A full sync computes on at most this many threads ...
+const COMPUTE_THREADS_AT_MOST: usize = 4;
+/// ... each with at least this many Services (fewer are not worth a thread).
+const COMPUTE_CHUNK_AT_LEAST: usize = 512;
 
-/// An event with its object converted to the form the agent keeps.
-fn kept<K, S: From<K>>(event: watcher::Event<K>) -> watcher::Event<S> {
-    match event {
-        watcher::Event::Apply(object) => watcher::Event::Apply(object.into()),
-        watcher::Event::Delete(object) => watcher::Event::Delete(object.into()),
-        watcher::Event::Init => watcher::Event::Init,
-        watcher::Event::InitApply(object) => watcher::Event::InitApply(object.into()),
-        watcher::Event::InitDone => watcher::Event::InitDone,
-    }
-}
-
-impl Watches {
-    fn start(client: Client) -> Self {
-        Self {
-            services: Box::pin(
-                watcher(Api::<ServiceObject>::all(client.clone()), watcher::Config::default()).default_backoff(),
-            ),
-            slices: Box::pin(
-                watcher(Api::<EndpointSliceObject>::all(client), watcher::Config::default()).default_backoff(),
-            ),
-        }
-    }
-
-    /// The next event of either watch; an error when one has ended.
-    async fn next(&mut self) -> Result<WatchEvent, ServicesError> {
-        tokio::select! {
-            event = self.services.next() => {
-                let event = event.ok_or(ServicesError::WatchEnded("services"))?;
-                Ok(WatchEvent::Service(event.map(kept)))
-            }
-            event = self.slices.next() => {
-                let event = event.ok_or(ServicesError::WatchEnded("endpointslices"))?;
-                Ok(WatchEvent::Slice(event.map(kept)))
-            }
-        }
-    }
-}
-
-/// Removes a datapath an earlier run left (pins, links, programs, maps), and idles.
-async fn run_disabled(cfg: &ServicesConfig, status: &StatusHandle) -> Result<(), ServicesError> {
-    let pin_path = cfg.bpf_pin_path.clone();
-    let removed = tokio::task::spawn_blocking(move || datapath::cleanup(&pin_path)).await?;
-    status.update(|s| {
-        let section = &mut s.services;
-        section.details.enabled = false;
-        section.ready = true;
-        match &removed {
-            Ok(()) => section.last_error = None,
-            Err(e) => section.last_error = Some(format!("removing an earlier datapath: {e}")),
-        }
-    });
-    removed.map_err(ServicesError::Datapaths)?;
-    info!("service translation is off (--service-proxy=false); no datapath is loaded");
-    std::future::pending().await
-}
-
-/// The host network namespace's cookie (`SO_NETNS_COOKIE`), for host-namespace-only socket LB.
-fn host_netns_cookie() -> Result<u64, std::io::Error> {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt with a buffer of the size it is told, on a socket we own. nix has no
-    // wrapper for SO_NETNS_COOKIE.
-    let rc = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cookie)
-}
-
-/// Loads, adopts and attaches the datapath (blocking).
-fn set_up(cfg: &ServicesConfig) -> Result<(Datapath, ServiceMaps, datapath::AttachReport), ServicesError> {
-    let mut dp = Datapath::load(&cfg.bpf_pin_path, cfg.sizes)?;
-    let identity = datapath::programs_identity(cfg.datapath_revision);
-    // The programs in the pinned links are this agent's unless an earlier (other) agent's config
-    // says otherwise: then every link gets this agent's programs.
-    let replace = dp.current_config()?.programs != identity;
-    let mut report = datapath::AttachReport::default();
-    if cfg.modes.socket_lb {
-        let r = dp.attach_socket_lb(&cfg.cgroup_path, replace)?;
-        report.attached += r.attached;
-        report.upgraded += r.upgraded;
-        report.kept += r.kept;
-    } else {
-        dp.detach_socket_lb().map_err(ServicesError::Datapaths)?;
-    }
-    dp.pin_pod_programs()?;
-    let pinned = if replace {
-        PinnedLinks::Replace
-    } else {
-        PinnedLinks::Verify
-    };
-    for veth in host_veths()? {
-        let r = dp.attach_pod_veth(&veth, pinned)?;
-        report.attached += r.attached;
-        report.upgraded += r.upgraded;
-        report.kept += r.kept;
-    }
-    // Uplinks an earlier run attached to get this agent's program at once (new ones come with
-    // the first scan, once the node's addresses are known).
-    if replace {
-        let links = links_by_index()?;
-        for index in datapath::pinned_uplinks(dp.pins()) {
-            if let Some(name) = links.get(&index) {
-                let r = dp.attach_uplink(name, index, PinnedLinks::Replace)?;
-                report.upgraded += r.upgraded;
-            }
-        }
-    }
-    dp.set_service_cidrs(&cfg.service_cidrs)?;
-    dp.configure(
-        cfg.modes,
-        host_netns_cookie().map_err(ServicesError::NetnsCookie)?,
-        identity,
-    )?;
-    let handles = MapHandles::new(|name| dp.take_map(name).ok())?;
-    let maps = ServiceMaps::adopt(handles, cfg.sizes.services, cfg.sizes.backends)?;
-    Ok((dp, maps, report))
-}
-
-/// Every interface of this namespace (the node's), by index.
-fn links_by_index() -> Result<BTreeMap<u32, String>, ServicesError> {
-    let mut netlink =
-        ferrynet_kernel::netlink::Netlink::current().map_err(|e| ServicesError::Netlink(e.to_string()))?;
-    Ok(netlink
-        .links()
-        .map_err(|e| ServicesError::Netlink(e.to_string()))?
-        .iter()
-        .filter_map(|l| {
-            Some((
-                l.header.index,
-                ferrynet_kernel::netlink::inspect::link_name(l)?.to_string(),
-            ))
-        })
-        .collect())
-}
-
-/// The pod host veths in this namespace (the node's).
-fn host_veths() -> Result<Vec<String>, ServicesError> {
-    Ok(links_by_index()?
-        .into_values()
-        .filter(|n| n.starts_with(ferrynet_kernel::names::HOST_VETH_PREFIX))
-        .collect())
-}
-
-struct Controller {
-    cfg: Arc<ServicesConfig>,
-    datapath: Datapath,
-    maps: ServiceMaps,
+/// What the watches have said: the Services, their slices, and what changed since the last
+/// batch. Fed while the datapath loads as well as after, so that a start's lists are filed (and
+/// its full sync computed, see [`Ahead`]) before the maps are there to write.
+struct Objects {
     services: HashMap<ServiceRef, Arc<Service>>,
     /// Slices by Service (a Service has few: a list, where a map would allocate a whole node for
     /// each Service's one or two).
     slices: HashMap<ServiceRef, Vec<Arc<EndpointSlice>>>,
     /// Which Service each slice (namespace, name) belongs to.
     slice_owner: HashMap<(String, String), ServiceRef>,
-    /// The frontends each Service has in the maps.
-    /// (Sorted lists, not sets: a Service has a handful.)
-    service_frontends: HashMap<ServiceRef, Vec<Frontend>>,
-    frontend_owner: HashMap<Frontend, ServiceRef>,
     dirty: BTreeSet<ServiceRef>,
     /// The earliest EndpointSlice change not yet in the maps, by Service.
     triggers: HashMap<ServiceRef, k8s_openapi::jiff::Timestamp>,
-    node: NodeContext,
-    /// This node's InternalIPs (the uplinks are the interfaces that hold them; health check
-    /// ports listen on them).
-    internal_ips: Vec<IpAddr>,
-    /// The health check port each Service needs, with its local endpoint count.
-    health_checks: BTreeMap<ServiceRef, (u16, health_check::HealthCheck)>,
-    health_servers: health_check::HealthCheckServers,
-    warnings: BTreeMap<ServiceRef, Vec<Warning>>,
-    metrics: Arc<ServiceMetrics>,
-    health: Arc<Health>,
-    status: StatusHandle,
-    /// Both kinds have been listed.
-    synced: bool,
-    /// When the maps' fill was last counted.
-    fill_refreshed: Option<Instant>,
-    /// The walk counting the maps' fill, while it runs.
-    fill_walk: Option<tokio::task::JoinHandle<()>>,
     full_sync_due: bool,
-    /// What the datapath's external reply check was last set to (none: not yet this run).
-    external_on: Option<bool>,
-    notes: notes::NotesWriter,
-    /// Pinned maps whose capacity is not the settings' (found at load).
-    map_warnings: Vec<Warning>,
-    /// Purges removed backends' and frontends' flows beside the controller.
-    purger: purge::Purger,
+    /// Counts the events filed: what was computed from an earlier count is stale.
+    generation: u64,
+    health: Arc<Health>,
 }
 
-/// A watch of one kind, with its list state.
-struct Listing<K> {
-    building: Option<Vec<K>>,
-    listed: bool,
+/// A full sync's pure part, computed while the datapath loaded, and what it was computed from.
+struct Ahead {
+    generation: u64,
+    node: NodeContext,
+    services: Vec<ServiceRef>,
+    computed: Vec<Option<Computed>>,
 }
 
-impl<K> Default for Listing<K> {
-    fn default() -> Self {
+impl Objects {
+    fn new(health: Arc<Health>) -> Self {
         Self {
-            building: None,
-            listed: false,
-        }
-    }
-}
-
-impl Controller {
-    async fn run(
-        &mut self,
-        mut watches: Watches,
-        early: Vec<WatchEvent>,
-        mut nodes: watch::Receiver<Arc<NodesView>>,
-        mut servers: tokio::task::JoinSet<Result<(), http::ListenError>>,
-        mut purged: tokio::sync::mpsc::UnboundedReceiver<purge::Purged>,
-    ) -> Result<(), ServicesError> {
-        let mut service_list: Listing<Service> = Listing::default();
-        let mut slice_list: Listing<EndpointSlice> = Listing::default();
-        for event in early {
-            self.on_watch_event(event, &mut service_list, &mut slice_list);
-        }
-        let mut veth_scan = tokio::time::interval(VETH_SCAN);
-        veth_scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut resync = tokio::time::interval(self.cfg.resync);
-        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut healthz_started = false;
-        let mut first_dirty: Option<Instant> = None;
-        let mut last_event = Instant::now();
-        self.update_zone(&nodes.borrow_and_update());
-        // What an earlier agent removed and did not live to purge.
-        let unfinished = self.maps.take_unfinished();
-        if !unfinished.is_empty() {
-            info!(
-                "purging the flows of {} backends an earlier run removed",
-                unfinished.backends.len()
-            );
-            self.purge(unfinished);
-        }
-        // Lists that finished while the datapath loaded are programmed at once.
-        self.process_when_due(&service_list, &slice_list, &mut first_dirty, last_event);
-        loop {
-            // /healthz listens on the node's own address, once the node is known.
-            let node_ip = nodes
-                .borrow()
-                .get(&self.cfg.node_name)
-                .and_then(|n| n.internal_ips.first().copied());
-            if !healthz_started
-                && self.cfg.healthz_port != 0
-                && let Some(ip) = node_ip
-            {
-                servers.spawn(http::serve_healthz(
-                    SocketAddr::new(ip, self.cfg.healthz_port),
-                    self.health.clone(),
-                ));
-                healthz_started = true;
-            }
-            let batch_due = first_dirty.map(|first| {
-                let quiet = last_event + BATCH_QUIET;
-                let latest = first + BATCH_AT_MOST;
-                quiet.min(latest)
-            });
-            let sleep_until = batch_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-            tokio::select! {
-                event = watches.next() => {
-                    self.on_watch_event(event?, &mut service_list, &mut slice_list);
-                    last_event = Instant::now();
-                }
-                changed = nodes.changed() => {
-                    changed.map_err(|_| ServicesError::ViewClosed)?;
-                    let view = nodes.borrow_and_update().clone();
-                    self.update_zone(&view);
-                }
-                _ = veth_scan.tick() => {
-                    tokio::task::block_in_place(|| {
-                        self.scan_veths(PinnedLinks::Keep);
-                        self.scan_nodeports(PinnedLinks::Keep);
-                    });
-                }
-                _ = resync.tick() => {
-                    tokio::task::block_in_place(|| {
-                        // Links something else detached are attached again within a resync.
-                        self.scan_veths(PinnedLinks::Verify);
-                        self.scan_nodeports(PinnedLinks::Verify);
-                        self.refresh_datapath_counters();
-                    });
-                    // A health check server that could not bind tries again.
-                    self.sync_health_checks();
-                }
-                Some(done) = purged.recv() => {
-                    tokio::task::block_in_place(|| self.on_purged(done));
-                }
-                Some(ended) = servers.join_next() => {
-                    match ended {
-                        Ok(Err(e)) => warn!("{e}"),
-                        Ok(Ok(())) => {}
-                        Err(e) => warn!("an HTTP endpoint ended: {e}"),
-                    }
-                }
-                _ = tokio::time::sleep_until(sleep_until.into()), if batch_due.is_some() => {}
-            }
-            self.process_when_due(&service_list, &slice_list, &mut first_dirty, last_event);
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            slice_owner: HashMap::new(),
+            dirty: BTreeSet::new(),
+            triggers: HashMap::new(),
+            full_sync_due: true,
+            generation: 0,
+            health,
         }
     }
 
-    /// Once both kinds are listed: a batch, when one is due (a full sync at once; changes once
-    /// events have settled, or have waited long enough).
-    fn process_when_due(
-        &mut self,
-        service_list: &Listing<Service>,
-        slice_list: &Listing<EndpointSlice>,
-        first_dirty: &mut Option<Instant>,
-        last_event: Instant,
-    ) {
-        self.synced = service_list.listed && slice_list.listed;
-        if !self.synced || (self.dirty.is_empty() && !self.full_sync_due) {
-            return;
-        }
-        let now = Instant::now();
-        let first = *first_dirty.get_or_insert(now);
-        let due = self.full_sync_due || now >= (last_event + BATCH_QUIET).min(first + BATCH_AT_MOST);
-        if due {
-            tokio::task::block_in_place(|| self.process());
-            *first_dirty = None;
+    /// Every Service a full sync goes through (with `also`, the ones the maps hold), in order.
+    fn all<'a>(&self, also: impl Iterator<Item = &'a ServiceRef>) -> Vec<ServiceRef> {
+        let mut all: BTreeSet<ServiceRef> = self.services.keys().cloned().collect();
+        all.extend(also.cloned());
+        all.into_iter().collect()
+    }
+
+    /// The full sync's pure part, for a start whose lists are in before its datapath.
+    fn ahead(&self, node: NodeContext) -> Ahead {
+        let services = self.all(std::iter::empty());
+        Ahead {
+            generation: self.generation,
+            computed: self.compute_all(&services, &node),
+            node,
+            services,
         }
     }
 
@@ -580,6 +313,7 @@ impl Controller {
         service_list: &mut Listing<Service>,
         slice_list: &mut Listing<EndpointSlice>,
     ) {
+        self.generation += 1;
         match event {
             WatchEvent::Service(Ok(event)) => self.on_service_event(event, service_list),
             WatchEvent::Service(Err(e)) => {
@@ -589,23 +323,6 @@ impl Controller {
             WatchEvent::Slice(Err(e)) => {
                 warn!("watching endpointslices (retrying with backoff, keeping the datapath): {e}")
             }
-        }
-    }
-
-    fn update_zone(&mut self, view: &NodesView) {
-        if let Some(local) = view.get(&self.cfg.node_name)
-            && local.internal_ips != self.internal_ips
-        {
-            self.internal_ips = local.internal_ips.clone();
-            // Servers listen on the InternalIPs: started again on the new ones.
-            self.health_servers = health_check::HealthCheckServers::default();
-            self.sync_health_checks();
-        }
-        let zone = view.get(&self.cfg.node_name).and_then(|n| n.zone.clone());
-        if zone != self.node.zone {
-            self.node.zone = zone;
-            // Topology hints are read against the zone: every Service may change.
-            self.full_sync_due = true;
         }
     }
 
@@ -624,6 +341,7 @@ impl Controller {
             watcher::Event::InitApply(s) => listing.building.get_or_insert_with(Vec::new).push(s),
             watcher::Event::InitDone => {
                 let listed = listing.building.take().unwrap_or_default();
+                info!("listed {} Services", listed.len());
                 self.services = listed.into_iter().map(|s| (key(&s), Arc::new(s))).collect();
                 listing.listed = true;
                 // A relist may hide deletions: compare everything.
@@ -649,6 +367,7 @@ impl Controller {
             watcher::Event::InitApply(s) => listing.building.get_or_insert_with(Vec::new).push(s),
             watcher::Event::InitDone => {
                 let listed = listing.building.take().unwrap_or_default();
+                info!("listed {} EndpointSlices", listed.len());
                 self.slices.clear();
                 self.slice_owner.clear();
                 for slice in listed {
@@ -729,19 +448,457 @@ impl Controller {
         }
     }
 
+    /// What `svc` needs in the maps, and its health check (pure: none when it is gone).
+    fn compute(&self, svc: &ServiceRef, node: &NodeContext) -> Option<Computed> {
+        let service = self.services.get(svc)?;
+        let slices: &[Arc<EndpointSlice>] = self.slices.get(svc).map_or(&[], Vec::as_slice);
+        Some(Computed {
+            health_check: health_check::wanted(svc, service, slices, &node.name),
+            entries: table::service_entries(service, slices, node),
+        })
+    }
+
+    /// [`Self::compute`] for every one of `services`, on all cores (a full sync's 10,000
+    /// Services take a core a tenth of a second), in their order.
+    fn compute_all(&self, services: &[ServiceRef], node: &NodeContext) -> Vec<Option<Computed>> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(COMPUTE_THREADS_AT_MOST));
+        let chunk = services.len().div_ceil(threads).max(COMPUTE_CHUNK_AT_LEAST);
+        let mut chunks = services.chunks(chunk);
+        let Some(first) = chunks.next() else {
+            return Vec::new();
+        };
+        std::thread::scope(|scope| {
+            let others: Vec<_> = chunks
+                .map(|part| scope.spawn(move || part.iter().map(|svc| self.compute(svc, node)).collect::<Vec<_>>()))
+                .collect();
+            let mut all: Vec<Option<Computed>> = first.iter().map(|svc| self.compute(svc, node)).collect();
+            for other in others {
+                match other.join() {
+                    Ok(part) => all.extend(part),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            all
+        })
+    }
+}
+
+/// The Service and EndpointSlice watches (with kube's backoff on errors), each in a task of its
+/// own, so that the two lists' JSON is parsed on both worker threads at once and beside the
+/// controller's work: at 10,000 Services, parsing the lists is most of an agent's start.
+struct Watches {
+    /// An event, or the kind whose watch ended (its stream never should).
+    events: mpsc::Receiver<Result<WatchEvent, &'static str>>,
+    tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+/// Events a watch may have waiting for the controller before it waits itself.
+const WATCH_EVENTS_QUEUED: usize = 4096;
+
+/// One event of either watch, its objects already in the form the agent keeps (so that events
+/// waiting for the datapath hold no more than the controller would).
+enum WatchEvent {
+    Service(Result<watcher::Event<Service>, watcher::Error>),
+    Slice(Result<watcher::Event<EndpointSlice>, watcher::Error>),
+}
+
+/// An event with its object converted to the form the agent keeps.
+fn kept<K, S: From<K>>(event: watcher::Event<K>) -> watcher::Event<S> {
+    match event {
+        watcher::Event::Apply(object) => watcher::Event::Apply(object.into()),
+        watcher::Event::Delete(object) => watcher::Event::Delete(object.into()),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(object) => watcher::Event::InitApply(object.into()),
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
+impl Watches {
+    fn start(client: Client) -> Self {
+        let (tx, events) = mpsc::channel(WATCH_EVENTS_QUEUED);
+        let services = watcher(Api::<ServiceObject>::all(client.clone()), watcher::Config::default()).default_backoff();
+        let slices = watcher(Api::<EndpointSliceObject>::all(client), watcher::Config::default()).default_backoff();
+        Self {
+            events,
+            tasks: [
+                tokio::spawn(forward(services, tx.clone(), WatchEvent::Service, "services")),
+                tokio::spawn(forward(slices, tx, WatchEvent::Slice, "endpointslices")),
+            ],
+        }
+    }
+
+    /// The next event of either watch; an error when one has ended.
+    async fn next(&mut self) -> Result<WatchEvent, ServicesError> {
+        match self.events.recv().await {
+            Some(Ok(event)) => Ok(event),
+            Some(Err(kind)) => Err(ServicesError::WatchEnded(kind)),
+            // Both tasks hold a sender until they end, and an ending one says so first.
+            None => Err(ServicesError::WatchEnded("services and endpointslices")),
+        }
+    }
+}
+
+impl Drop for Watches {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Sends a watch's events, converted to the form the agent keeps, until it ends (then says so)
+/// or the controller is gone.
+async fn forward<K, S: From<K>>(
+    stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    tx: mpsc::Sender<Result<WatchEvent, &'static str>>,
+    wrap: fn(Result<watcher::Event<S>, watcher::Error>) -> WatchEvent,
+    kind: &'static str,
+) {
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        if tx.send(Ok(wrap(event.map(kept)))).await.is_err() {
+            return;
+        }
+    }
+    let _ = tx.send(Err(kind)).await;
+}
+
+/// This node as the table needs it, from the agent's settings and the nodes' view.
+fn node_context(cfg: &ServicesConfig, view: &NodesView) -> NodeContext {
+    NodeContext {
+        name: cfg.node_name.clone(),
+        zone: view.get(&cfg.node_name).and_then(|n| n.zone.clone()),
+        proxy_name: cfg.proxy_name.clone(),
+        load_balancing: cfg.load_balancing,
+    }
+}
+
+/// Removes a datapath an earlier run left (pins, links, programs, maps), and idles.
+async fn run_disabled(cfg: &ServicesConfig, status: &StatusHandle) -> Result<(), ServicesError> {
+    let pin_path = cfg.bpf_pin_path.clone();
+    let removed = tokio::task::spawn_blocking(move || datapath::cleanup(&pin_path)).await?;
+    status.update(|s| {
+        let section = &mut s.services;
+        section.details.enabled = false;
+        section.ready = true;
+        match &removed {
+            Ok(()) => section.last_error = None,
+            Err(e) => section.last_error = Some(format!("removing an earlier datapath: {e}")),
+        }
+    });
+    removed.map_err(ServicesError::Datapaths)?;
+    info!("service translation is off (--service-proxy=false); no datapath is loaded");
+    std::future::pending().await
+}
+
+/// The host network namespace's cookie (`SO_NETNS_COOKIE`), for host-namespace-only socket LB.
+fn host_netns_cookie() -> Result<u64, std::io::Error> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt with a buffer of the size it is told, on a socket we own. nix has no
+    // wrapper for SO_NETNS_COOKIE.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Loads, adopts and attaches the datapath (blocking).
+fn set_up(cfg: &ServicesConfig) -> Result<(Datapath, ServiceMaps, datapath::AttachReport), ServicesError> {
+    let started = Instant::now();
+    let mut dp = Datapath::load(&cfg.bpf_pin_path, cfg.sizes)?;
+    info!(
+        "service datapath loaded (maps made or adopted, programs verified) in {:.1} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    let identity = datapath::programs_identity(cfg.datapath_revision);
+    // The programs in the pinned links are this agent's unless an earlier (other) agent's config
+    // says otherwise: then every link gets this agent's programs.
+    let replace = dp.current_config()?.programs != identity;
+    let mut report = datapath::AttachReport::default();
+    if cfg.modes.socket_lb {
+        let r = dp.attach_socket_lb(&cfg.cgroup_path, replace)?;
+        report.attached += r.attached;
+        report.upgraded += r.upgraded;
+        report.kept += r.kept;
+    } else {
+        dp.detach_socket_lb().map_err(ServicesError::Datapaths)?;
+    }
+    dp.pin_pod_programs()?;
+    let pinned = if replace {
+        PinnedLinks::Replace
+    } else {
+        PinnedLinks::Verify
+    };
+    for veth in host_veths()? {
+        let r = dp.attach_pod_veth(&veth, pinned)?;
+        report.attached += r.attached;
+        report.upgraded += r.upgraded;
+        report.kept += r.kept;
+    }
+    // Uplinks an earlier run attached to get this agent's program at once (new ones come with
+    // the first scan, once the node's addresses are known).
+    if replace {
+        let links = links_by_index()?;
+        for index in datapath::pinned_uplinks(dp.pins()) {
+            if let Some(name) = links.get(&index) {
+                let r = dp.attach_uplink(name, index, PinnedLinks::Replace)?;
+                report.upgraded += r.upgraded;
+            }
+        }
+    }
+    dp.set_service_cidrs(&cfg.service_cidrs)?;
+    dp.configure(
+        cfg.modes,
+        host_netns_cookie().map_err(ServicesError::NetnsCookie)?,
+        identity,
+    )?;
+    let handles = MapHandles::new(|name| dp.take_map(name).ok())?;
+    let maps = ServiceMaps::adopt(handles, cfg.sizes.services, cfg.sizes.backends)?;
+    Ok((dp, maps, report))
+}
+
+/// Every interface of this namespace (the node's), by index.
+fn links_by_index() -> Result<BTreeMap<u32, String>, ServicesError> {
+    let mut netlink =
+        ferrynet_kernel::netlink::Netlink::current().map_err(|e| ServicesError::Netlink(e.to_string()))?;
+    Ok(netlink
+        .links()
+        .map_err(|e| ServicesError::Netlink(e.to_string()))?
+        .iter()
+        .filter_map(|l| {
+            Some((
+                l.header.index,
+                ferrynet_kernel::netlink::inspect::link_name(l)?.to_string(),
+            ))
+        })
+        .collect())
+}
+
+/// The pod host veths in this namespace (the node's).
+fn host_veths() -> Result<Vec<String>, ServicesError> {
+    Ok(links_by_index()?
+        .into_values()
+        .filter(|n| n.starts_with(ferrynet_kernel::names::HOST_VETH_PREFIX))
+        .collect())
+}
+
+struct Controller {
+    cfg: Arc<ServicesConfig>,
+    datapath: Datapath,
+    maps: ServiceMaps,
+    objects: Objects,
+    /// A full sync computed while the datapath loaded, for the first batch.
+    ahead: Option<Ahead>,
+    /// The frontends each Service has in the maps.
+    /// (Sorted lists, not sets: a Service has a handful.)
+    service_frontends: HashMap<ServiceRef, Vec<Frontend>>,
+    frontend_owner: HashMap<Frontend, ServiceRef>,
+    node: NodeContext,
+    /// This node's InternalIPs (the uplinks are the interfaces that hold them; health check
+    /// ports listen on them).
+    internal_ips: Vec<IpAddr>,
+    /// The health check port each Service needs, with its local endpoint count.
+    health_checks: BTreeMap<ServiceRef, (u16, health_check::HealthCheck)>,
+    health_servers: health_check::HealthCheckServers,
+    warnings: BTreeMap<ServiceRef, Vec<Warning>>,
+    metrics: Arc<ServiceMetrics>,
+    health: Arc<Health>,
+    status: StatusHandle,
+    /// Both kinds have been listed.
+    synced: bool,
+    /// When the maps' fill was last counted.
+    fill_refreshed: Option<Instant>,
+    /// The walk counting the maps' fill, while it runs.
+    fill_walk: Option<tokio::task::JoinHandle<()>>,
+    /// What the datapath's external reply check was last set to (none: not yet this run).
+    external_on: Option<bool>,
+    notes: notes::NotesWriter,
+    /// Pinned maps whose capacity is not the settings' (found at load).
+    map_warnings: Vec<Warning>,
+    /// Purges removed backends' and frontends' flows beside the controller.
+    purger: purge::Purger,
+}
+
+/// A watch of one kind, with its list state.
+struct Listing<K> {
+    building: Option<Vec<K>>,
+    listed: bool,
+}
+
+impl<K> Default for Listing<K> {
+    fn default() -> Self {
+        Self {
+            building: None,
+            listed: false,
+        }
+    }
+}
+
+impl Controller {
+    async fn run(
+        &mut self,
+        mut watches: Watches,
+        mut service_list: Listing<Service>,
+        mut slice_list: Listing<EndpointSlice>,
+        mut nodes: watch::Receiver<Arc<NodesView>>,
+        mut servers: tokio::task::JoinSet<Result<(), http::ListenError>>,
+        mut purged: tokio::sync::mpsc::UnboundedReceiver<purge::Purged>,
+    ) -> Result<(), ServicesError> {
+        let mut veth_scan = tokio::time::interval(VETH_SCAN);
+        veth_scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut resync = tokio::time::interval(self.cfg.resync);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut healthz_started = false;
+        let mut first_dirty: Option<Instant> = None;
+        let mut last_event = Instant::now();
+        self.update_zone(&nodes.borrow_and_update());
+        // What an earlier agent removed and did not live to purge.
+        let unfinished = self.maps.take_unfinished();
+        if !unfinished.is_empty() {
+            info!(
+                "purging the flows of {} backends an earlier run removed",
+                unfinished.backends.len()
+            );
+            self.purge(unfinished);
+        }
+        // Lists that finished while the datapath loaded are programmed at once.
+        self.process_when_due(&service_list, &slice_list, &mut first_dirty, last_event);
+        loop {
+            // /healthz listens on the node's own address, once the node is known.
+            let node_ip = nodes
+                .borrow()
+                .get(&self.cfg.node_name)
+                .and_then(|n| n.internal_ips.first().copied());
+            if !healthz_started
+                && self.cfg.healthz_port != 0
+                && let Some(ip) = node_ip
+            {
+                servers.spawn(http::serve_healthz(
+                    SocketAddr::new(ip, self.cfg.healthz_port),
+                    self.health.clone(),
+                ));
+                healthz_started = true;
+            }
+            let batch_due = first_dirty.map(|first| {
+                let quiet = last_event + BATCH_QUIET;
+                let latest = first + BATCH_AT_MOST;
+                quiet.min(latest)
+            });
+            let sleep_until = batch_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                event = watches.next() => {
+                    self.objects.on_watch_event(event?, &mut service_list, &mut slice_list);
+                    last_event = Instant::now();
+                }
+                changed = nodes.changed() => {
+                    changed.map_err(|_| ServicesError::ViewClosed)?;
+                    let view = nodes.borrow_and_update().clone();
+                    self.update_zone(&view);
+                }
+                _ = veth_scan.tick() => {
+                    tokio::task::block_in_place(|| {
+                        self.scan_veths(PinnedLinks::Keep);
+                        self.scan_nodeports(PinnedLinks::Keep);
+                    });
+                }
+                _ = resync.tick() => {
+                    tokio::task::block_in_place(|| {
+                        // Links something else detached are attached again within a resync.
+                        self.scan_veths(PinnedLinks::Verify);
+                        self.scan_nodeports(PinnedLinks::Verify);
+                        self.refresh_datapath_counters();
+                    });
+                    // A health check server that could not bind tries again.
+                    self.sync_health_checks();
+                }
+                Some(done) = purged.recv() => {
+                    tokio::task::block_in_place(|| self.on_purged(done));
+                }
+                Some(ended) = servers.join_next() => {
+                    match ended {
+                        Ok(Err(e)) => warn!("{e}"),
+                        Ok(Ok(())) => {}
+                        Err(e) => warn!("an HTTP endpoint ended: {e}"),
+                    }
+                }
+                _ = tokio::time::sleep_until(sleep_until.into()), if batch_due.is_some() => {}
+            }
+            self.process_when_due(&service_list, &slice_list, &mut first_dirty, last_event);
+        }
+    }
+
+    /// Once both kinds are listed: a batch, when one is due (a full sync at once; changes once
+    /// events have settled, or have waited long enough).
+    fn process_when_due(
+        &mut self,
+        service_list: &Listing<Service>,
+        slice_list: &Listing<EndpointSlice>,
+        first_dirty: &mut Option<Instant>,
+        last_event: Instant,
+    ) {
+        self.synced = service_list.listed && slice_list.listed;
+        if !self.synced || (self.objects.dirty.is_empty() && !self.objects.full_sync_due) {
+            return;
+        }
+        let now = Instant::now();
+        let first = *first_dirty.get_or_insert(now);
+        let due = self.objects.full_sync_due || now >= (last_event + BATCH_QUIET).min(first + BATCH_AT_MOST);
+        if due {
+            tokio::task::block_in_place(|| self.process());
+            *first_dirty = None;
+        }
+    }
+
+    fn update_zone(&mut self, view: &NodesView) {
+        if let Some(local) = view.get(&self.cfg.node_name)
+            && local.internal_ips != self.internal_ips
+        {
+            self.internal_ips = local.internal_ips.clone();
+            // Servers listen on the InternalIPs: started again on the new ones.
+            self.health_servers = health_check::HealthCheckServers::default();
+            self.sync_health_checks();
+        }
+        let zone = view.get(&self.cfg.node_name).and_then(|n| n.zone.clone());
+        if zone != self.node.zone {
+            self.node.zone = zone;
+            // Topology hints are read against the zone: every Service may change.
+            self.objects.full_sync_due = true;
+        }
+    }
+
     /// The desired entries of `svc` (none if it is gone or not translated).
     fn desired(&mut self, svc: &ServiceRef) -> Vec<PortEntry> {
-        let Some(service) = self.services.get(svc) else {
+        let computed = self.objects.compute(svc, &self.node);
+        self.take_desired(svc, computed)
+    }
+
+    /// Files what was computed for `svc` (its health check and warnings) and returns its
+    /// entries, less any frontend another Service already holds.
+    fn take_desired(&mut self, svc: &ServiceRef, computed: Option<Computed>) -> Vec<PortEntry> {
+        let Some(Computed {
+            health_check,
+            entries: mut out,
+        }) = computed
+        else {
             self.warnings.remove(svc);
             self.health_checks.remove(svc);
             return Vec::new();
         };
-        let slices: &[Arc<EndpointSlice>] = self.slices.get(svc).map_or(&[], Vec::as_slice);
-        match health_check::wanted(svc, service, slices, &self.node.name) {
+        match health_check {
             Some(check) => self.health_checks.insert(svc.clone(), check),
             None => self.health_checks.remove(svc),
         };
-        let mut out = table::service_entries(service, slices, &self.node);
         // A frontend another Service holds stays that Service's (the API server never gives one
         // address to two Services; a stand-in or a bug might).
         out.entries.retain(|e| match self.frontend_owner.get(&e.frontend) {
@@ -765,14 +922,12 @@ impl Controller {
     /// One batch: the dirty Services (or everything, after a list), diffed and applied.
     fn process(&mut self) {
         let started = Instant::now();
-        let full = std::mem::take(&mut self.full_sync_due);
+        let full = std::mem::take(&mut self.objects.full_sync_due);
         let dirty: Vec<ServiceRef> = if full {
-            self.dirty.clear();
-            let mut all: BTreeSet<ServiceRef> = self.services.keys().cloned().collect();
-            all.extend(self.service_frontends.keys().cloned());
-            all.into_iter().collect()
+            self.objects.dirty.clear();
+            self.objects.all(self.service_frontends.keys())
         } else {
-            std::mem::take(&mut self.dirty).into_iter().collect()
+            std::mem::take(&mut self.objects.dirty).into_iter().collect()
         };
         let mut ops: Vec<FrontendOp> = Vec::new();
         if full {
@@ -781,8 +936,19 @@ impl Controller {
             self.frontend_owner.clear();
             self.service_frontends.clear();
             let mut desired = Vec::new();
-            for svc in &dirty {
-                for entry in self.desired(svc) {
+            // Computed while the datapath loaded, unless anything it was computed from changed.
+            let computed = match self.ahead.take() {
+                Some(ahead)
+                    if ahead.generation == self.objects.generation
+                        && ahead.node == self.node
+                        && ahead.services == dirty =>
+                {
+                    ahead.computed
+                }
+                _ => self.objects.compute_all(&dirty, &self.node),
+            };
+            for (svc, computed) in dirty.iter().zip(computed) {
+                for entry in self.take_desired(svc, computed) {
                     if self.frontend_owner.contains_key(&entry.frontend) {
                         continue;
                     }
@@ -819,7 +985,17 @@ impl Controller {
                 }
             }
         }
+        let computed = started.elapsed();
         let outcome = self.maps.apply(&ops);
+        if full {
+            info!(
+                "full sync: {} Services, {} frontend changes ({:.1} ms to compute, {:.1} ms to write)",
+                dirty.len(),
+                ops.len(),
+                computed.as_secs_f64() * 1e3,
+                (started.elapsed() - computed).as_secs_f64() * 1e3
+            );
+        }
         self.sync_health_checks();
         // Pods' packets check for external flows' replies only while a NodePort exists.
         let external = self.maps.frontends().keys().any(|f| f.scope == table::Scope::External);
@@ -899,7 +1075,7 @@ impl Controller {
         let elapsed = started.elapsed();
         let now = k8s_openapi::jiff::Timestamp::now();
         for svc in processed {
-            if let Some(trigger) = self.triggers.remove(svc)
+            if let Some(trigger) = self.objects.triggers.remove(svc)
                 && let Ok(span) = now.duration_since(trigger).try_into()
             {
                 self.metrics.network_programming.observe(span);
@@ -1103,4 +1279,122 @@ fn pod_netns_paths(data_dir: &Path, network: &str) -> Vec<PathBuf> {
 /// Whether `ip` is inside any of `cidrs`.
 pub fn in_cidrs(ip: IpAddr, cidrs: &[IpNet]) -> bool {
     cidrs.iter().any(|c| c.contains(&ip))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::discovery::v1::EndpointConditions;
+
+    use crate::services::objects::{Endpoint, EndpointPort, Meta, ServicePort, ServiceSpec};
+
+    fn service(i: usize) -> Service {
+        Service {
+            metadata: Meta {
+                name: Some(format!("web-{i}")),
+                namespace: Some("default".into()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(format!("10.96.{}.{}", i / 250, i % 250 + 1)),
+                ports: Some(vec![ServicePort {
+                    port: 80,
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn slice(i: usize) -> EndpointSlice {
+        EndpointSlice {
+            metadata: Meta {
+                name: Some(format!("web-{i}-abc")),
+                namespace: Some("default".into()),
+                labels: Some([(table::SERVICE_NAME_LABEL.to_string(), format!("web-{i}"))].into()),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            ports: Some(vec![EndpointPort {
+                port: Some(8080),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            endpoints: vec![Endpoint {
+                addresses: vec![format!("10.244.{}.{}", i / 250, i % 250 + 1)],
+                conditions: Some(EndpointConditions {
+                    ready: Some(true),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+        }
+    }
+
+    /// Both lists, as the watches deliver them.
+    fn listed(n: usize) -> Objects {
+        let mut objects = Objects::new(Arc::new(Health::new(Duration::from_secs(60))));
+        let mut service_list = Listing::default();
+        let mut slice_list = Listing::default();
+        let services = (0..n).map(|i| WatchEvent::Service(Ok(watcher::Event::InitApply(service(i)))));
+        let slices = (0..n).map(|i| WatchEvent::Slice(Ok(watcher::Event::InitApply(slice(i)))));
+        let events = [WatchEvent::Service(Ok(watcher::Event::Init))]
+            .into_iter()
+            .chain(services)
+            .chain([
+                WatchEvent::Service(Ok(watcher::Event::InitDone)),
+                WatchEvent::Slice(Ok(watcher::Event::Init)),
+            ])
+            .chain(slices)
+            .chain([WatchEvent::Slice(Ok(watcher::Event::InitDone))]);
+        for event in events {
+            objects.on_watch_event(event, &mut service_list, &mut slice_list);
+        }
+        assert!(service_list.listed && slice_list.listed);
+        objects
+    }
+
+    fn node() -> NodeContext {
+        NodeContext {
+            name: "n1".into(),
+            zone: None,
+            proxy_name: "ferrynet".into(),
+            load_balancing: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_full_sync_computed_on_several_threads_is_the_one_computed_service_by_service() {
+        // Enough Services for several chunks, and not a multiple of a chunk.
+        let objects = listed(COMPUTE_CHUNK_AT_LEAST * 2 + 37);
+        let ahead = objects.ahead(node());
+        assert_eq!(ahead.services.len(), objects.services.len());
+        assert_eq!(ahead.computed.len(), ahead.services.len());
+        for (svc, computed) in ahead.services.iter().zip(&ahead.computed) {
+            let one = objects.compute(svc, &node()).expect("listed");
+            let many = computed.as_ref().expect("listed");
+            assert_eq!(many.entries.entries, one.entries.entries, "{svc}");
+            assert_eq!(many.entries.entries.len(), 1, "{svc}: its ClusterIP port");
+            assert_eq!(many.entries.entries[0].backends.len(), 1, "{svc}: its endpoint");
+        }
+        // In the order a full sync goes through them.
+        assert!(ahead.services.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn an_event_after_the_lists_makes_what_was_computed_ahead_stale() {
+        let mut objects = listed(3);
+        let ahead = objects.ahead(node());
+        assert_eq!(ahead.generation, objects.generation);
+        let (mut service_list, mut slice_list) = (Listing::default(), Listing::default());
+        objects.on_watch_event(
+            WatchEvent::Service(Ok(watcher::Event::Delete(service(1)))),
+            &mut service_list,
+            &mut slice_list,
+        );
+        assert_ne!(ahead.generation, objects.generation);
+        assert_eq!(objects.all(std::iter::empty()).len(), 2);
+    }
 }

@@ -1,10 +1,15 @@
 //! Notes on each frontend for `ferrynet-agent explain`: which Service and port it is, the
 //! traffic policy and topology in force, and why each excluded endpoint is excluded. The maps say
-//! how traffic is translated; these say why. One small file per frontend id in the agent's state
-//! directory, written when the frontend changes (so a change costs one file, not all of them).
-//! A [`NotesWriter`] thread writes them, so that a start with thousands of frontends programs
-//! the maps without waiting for thousands of files.
+//! how traffic is translated; these say why.
+//!
+//! They live in the agent's state directory, in [`NOTE_BUCKETS`] files (`bucket-{id % 256}.json`,
+//! each a JSON object of frontend id → notes): a start with 15,000 frontends writes 256 files
+//! rather than 15,000 (a file each cost a create and a rename on the node's disk, seconds of a
+//! core after every start), and one frontend's change rewrites one file of a few dozen notes,
+//! whatever the number of frontends. A [`NotesWriter`] thread writes them, so that a start
+//! programs the maps without waiting for the files.
 use std::{
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -17,31 +22,104 @@ use tracing::warn;
 
 use super::table::PortEntry;
 
+/// How many files the notes are spread over.
+pub const NOTE_BUCKETS: u32 = 256;
+const BUCKET_PREFIX: &str = "bucket-";
+
 pub fn dir(state_dir: &Path) -> PathBuf {
     state_dir.join("service-notes")
 }
 
-fn file(dir: &Path, id: u32) -> PathBuf {
-    dir.join(format!("{id}.json"))
+fn bucket_of(id: u32) -> u32 {
+    id % NOTE_BUCKETS
 }
 
-/// Writes the notes of frontend `id`. Not synced: a start writes thousands (a sync each made a
-/// start with 15,000 frontends take seconds), and a note lost to a power cut costs `explain` its
-/// reasons until the frontend next changes, nothing else.
-pub fn write(dir: &Path, id: u32, entry: &PortEntry) -> std::io::Result<()> {
+fn bucket_file(dir: &Path, bucket: u32) -> PathBuf {
+    dir.join(format!("{BUCKET_PREFIX}{bucket}.json"))
+}
+
+/// The notes of one bucket, by frontend id.
+type Bucket = BTreeMap<u32, PortEntry>;
+
+/// A bucket as the disk holds it: empty when it has no file, or one that cannot be read (it is
+/// rewritten whole at its next change).
+fn read_bucket(dir: &Path, bucket: u32) -> Bucket {
+    std::fs::read(bucket_file(dir, bucket))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
+/// Writes a bucket (an empty one: its file goes). Not synced: a start writes hundreds, and a
+/// note lost to a power cut costs `explain` its reasons until the frontend next changes,
+/// nothing else.
+fn write_bucket(dir: &Path, bucket: u32, notes: &Bucket) -> std::io::Result<()> {
+    let path = bucket_file(dir, bucket);
+    if notes.is_empty() {
+        return match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+    }
     std::fs::create_dir_all(dir)?;
-    let text = serde_json::to_vec_pretty(entry).map_err(std::io::Error::other)?;
-    crate::cni_config::write_if_changed_with(&file(dir, id), &text, 0o644, crate::cni_config::Durability::Unsynced)
-        .map(|_| ())
+    let text = serde_json::to_vec(notes).map_err(std::io::Error::other)?;
+    crate::cni_config::write_if_changed_with(&path, &text, 0o644, crate::cni_config::Durability::Unsynced).map(|_| ())
 }
 
-pub fn remove(dir: &Path, id: u32) {
-    let _ = std::fs::remove_file(file(dir, id));
+/// Writes the notes of frontend `id` (its bucket read, changed and written back).
+pub fn write(dir: &Path, id: u32, entry: &PortEntry) -> std::io::Result<()> {
+    let bucket = bucket_of(id);
+    let mut notes = read_bucket(dir, bucket);
+    notes.insert(id, entry.clone());
+    write_bucket(dir, bucket, &notes)
 }
 
 /// The notes of frontend `id`, if the agent wrote them.
 pub fn read(dir: &Path, id: u32) -> Option<PortEntry> {
-    serde_json::from_slice(&std::fs::read(file(dir, id)).ok()?).ok()
+    read_bucket(dir, bucket_of(id)).remove(&id)
+}
+
+/// Reads notes by frontend id, each bucket's file once (a listing of every frontend).
+pub struct NotesReader {
+    dir: PathBuf,
+    buckets: HashMap<u32, Bucket>,
+}
+
+impl NotesReader {
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            buckets: HashMap::new(),
+        }
+    }
+
+    pub fn get(&mut self, id: u32) -> Option<PortEntry> {
+        let bucket = bucket_of(id);
+        let dir = &self.dir;
+        self.buckets
+            .entry(bucket)
+            .or_insert_with(|| read_bucket(dir, bucket))
+            .get(&id)
+            .cloned()
+    }
+}
+
+/// Removes what is not a bucket file (the one-file-per-frontend notes of agents before the
+/// buckets, which no one would update or remove).
+fn remove_strays(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let is_bucket = name
+            .strip_prefix(BUCKET_PREFIX)
+            .and_then(|rest| rest.strip_suffix(".json"))
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_some_and(|n| n < NOTE_BUCKETS);
+        if !is_bucket && !name.starts_with('.') {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 enum NoteOp {
@@ -62,6 +140,60 @@ pub struct NotesWriter {
 /// A backlog above this (a start's thousands of notes) is not waited for.
 const FLUSH_AT_MOST: usize = 256;
 
+/// The buckets one round of the writer changes: read from disk when first touched, written
+/// once at the round's end, then dropped (the writer holds no notes between rounds).
+struct Round<'a> {
+    dir: &'a Path,
+    buckets: HashMap<u32, Bucket>,
+    flushes: Vec<mpsc::Sender<()>>,
+    ops: usize,
+}
+
+impl<'a> Round<'a> {
+    fn new(dir: &'a Path) -> Self {
+        Self {
+            dir,
+            buckets: HashMap::new(),
+            flushes: Vec::new(),
+            ops: 0,
+        }
+    }
+
+    fn bucket(&mut self, id: u32) -> &mut Bucket {
+        let bucket = bucket_of(id);
+        let dir = self.dir;
+        self.buckets.entry(bucket).or_insert_with(|| read_bucket(dir, bucket))
+    }
+
+    fn take(&mut self, op: NoteOp) {
+        self.ops += 1;
+        match op {
+            NoteOp::Write(id, entry) => {
+                self.bucket(id).insert(id, *entry);
+            }
+            NoteOp::Remove(id) => {
+                self.bucket(id).remove(&id);
+            }
+            NoteOp::Flush(done) => self.flushes.push(done),
+        }
+    }
+
+    /// Writes every bucket the round changed, then answers its flushes.
+    fn finish(self) {
+        for (bucket, notes) in &self.buckets {
+            if let Err(e) = write_bucket(self.dir, *bucket, notes) {
+                warn!(
+                    "writing service notes ({}): {e}",
+                    bucket_file(self.dir, *bucket).display()
+                );
+            }
+        }
+        for done in self.flushes {
+            let _ = done.send(());
+        }
+    }
+}
+
 impl NotesWriter {
     pub fn start(dir: PathBuf) -> Self {
         let (ops, incoming) = mpsc::channel::<NoteOp>();
@@ -70,23 +202,22 @@ impl NotesWriter {
         let thread = std::thread::Builder::new()
             .name("service-notes".into())
             .spawn(move || {
+                remove_strays(&dir);
                 let mut since_trim = 0usize;
-                for op in incoming {
-                    since_trim += 1;
-                    match op {
-                        NoteOp::Write(id, entry) => {
-                            if let Err(e) = write(&dir, id, &entry) {
-                                warn!("writing service notes {id}: {e}");
-                            }
-                        }
-                        NoteOp::Remove(id) => remove(&dir, id),
-                        NoteOp::Flush(done) => {
-                            let _ = done.send(());
-                        }
+                // A round takes whatever is queued (a start's thousands of notes at once), so
+                // that each bucket is written once for all of them.
+                while let Ok(first) = incoming.recv() {
+                    let mut round = Round::new(&dir);
+                    round.take(first);
+                    while let Ok(op) = incoming.try_recv() {
+                        round.take(op);
                     }
+                    let ops = round.ops;
+                    round.finish();
+                    since_trim += ops;
                     // A start's backlog drained: its entries' memory goes back to the system, as
                     // the batch's own does (see `release_freed_memory`).
-                    if done_count.fetch_sub(1, Ordering::Relaxed) == 1 && since_trim > FLUSH_AT_MOST {
+                    if done_count.fetch_sub(ops, Ordering::Relaxed) == ops && since_trim > FLUSH_AT_MOST {
                         super::controller::release_freed_memory();
                         since_trim = 0;
                     }
@@ -149,7 +280,6 @@ mod tests {
     #[test]
     fn the_writer_keeps_the_order_of_writes_and_removes() {
         let dir = tempfile::tempdir().unwrap();
-        let writer = NotesWriter::start(dir.path().to_path_buf());
         use crate::services::table::{Frontend, PortNotes, Protocol, Scope, ServiceRef};
         let entry = PortEntry {
             frontend: Frontend {
@@ -172,11 +302,29 @@ mod tests {
             maglev: None,
             notes: PortNotes::default(),
         };
+        // An earlier agent's one file per frontend goes.
+        std::fs::write(dir.path().join("300.json"), b"{}").unwrap();
+        let writer = NotesWriter::start(dir.path().to_path_buf());
         writer.write(1, entry.clone());
         writer.write(2, entry.clone());
+        // Same bucket as 2: the bucket holds both.
+        writer.write(2 + NOTE_BUCKETS, entry.clone());
         writer.remove(1);
         writer.flush();
         assert_eq!(read(dir.path(), 1), None);
-        assert_eq!(read(dir.path(), 2), Some(entry));
+        assert_eq!(read(dir.path(), 2), Some(entry.clone()));
+        assert_eq!(read(dir.path(), 2 + NOTE_BUCKETS), Some(entry.clone()));
+        // Bucket 1 is empty: its file is gone, and so is the stray.
+        assert!(!bucket_file(dir.path(), 1).exists());
+        assert!(!dir.path().join("300.json").exists());
+        let mut reader = NotesReader::new(dir.path().to_path_buf());
+        assert_eq!(reader.get(2 + NOTE_BUCKETS), Some(entry.clone()));
+        assert_eq!(reader.get(3), None);
+        writer.remove(2);
+        writer.flush();
+        assert_eq!(read(dir.path(), 2), None);
+        assert_eq!(read(dir.path(), 2 + NOTE_BUCKETS), Some(entry));
+        let files = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(files, 1, "one bucket file left");
     }
 }
