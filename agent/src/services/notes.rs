@@ -66,7 +66,9 @@ fn write_bucket(dir: &Path, bucket: u32, notes: &Bucket) -> std::io::Result<()> 
     crate::cni_config::write_if_changed_with(&path, &text, 0o644, crate::cni_config::Durability::Unsynced).map(|_| ())
 }
 
-/// Writes the notes of frontend `id` (its bucket read, changed and written back).
+/// Writes the notes of frontend `id` (its bucket read, changed and written back; the agent's
+/// own writes go through [`NotesWriter`], which writes each bucket once per round).
+#[cfg(test)]
 pub fn write(dir: &Path, id: u32, entry: &PortEntry) -> std::io::Result<()> {
     let bucket = bucket_of(id);
     let mut notes = read_bucket(dir, bucket);
