@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use ipnet::IpNet;
 use kube::{
     Api, Client,
@@ -546,19 +546,27 @@ impl Drop for Watches {
     }
 }
 
-/// Sends a watch's events, converted to the form the agent keeps, until it ends (then says so)
-/// or the controller is gone.
+/// Sends a watch's events, converted to the form the agent keeps, until it ends or panics (then
+/// says so: the controller ends, and its supervisor starts it again) or the controller is gone.
 async fn forward<K, S: From<K>>(
     stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
     tx: mpsc::Sender<Result<WatchEvent, &'static str>>,
     wrap: fn(Result<watcher::Event<S>, watcher::Error>) -> WatchEvent,
     kind: &'static str,
 ) {
-    let mut stream = std::pin::pin!(stream);
-    while let Some(event) = stream.next().await {
-        if tx.send(Ok(wrap(event.map(kept)))).await.is_err() {
-            return;
+    let events = tx.clone();
+    let watched = std::panic::AssertUnwindSafe(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if events.send(Ok(wrap(event.map(kept)))).await.is_err() {
+                return;
+            }
         }
+    })
+    .catch_unwind()
+    .await;
+    if watched.is_err() {
+        warn!("the {kind} watch panicked");
     }
     let _ = tx.send(Err(kind)).await;
 }

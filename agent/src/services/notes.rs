@@ -41,13 +41,15 @@ fn bucket_file(dir: &Path, bucket: u32) -> PathBuf {
 /// The notes of one bucket, by frontend id.
 type Bucket = BTreeMap<u32, PortEntry>;
 
-/// A bucket as the disk holds it: empty when it has no file, or one that cannot be read (it is
-/// rewritten whole at its next change).
-fn read_bucket(dir: &Path, bucket: u32) -> Bucket {
-    std::fs::read(bucket_file(dir, bucket))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or_default()
+/// A bucket as the disk holds it: empty when it has no file, or one whose text is not a bucket's
+/// (it is rewritten whole at its next change). An error reading it is an error: a bucket written
+/// back after a failed read would lose every note in it.
+fn read_bucket(dir: &Path, bucket: u32) -> std::io::Result<Bucket> {
+    match std::fs::read(bucket_file(dir, bucket)) {
+        Ok(bytes) => Ok(serde_json::from_slice(&bytes).unwrap_or_default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Bucket::new()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Writes a bucket (an empty one: its file goes). Not synced: a start writes hundreds, and a
@@ -71,14 +73,14 @@ fn write_bucket(dir: &Path, bucket: u32, notes: &Bucket) -> std::io::Result<()> 
 #[cfg(test)]
 pub fn write(dir: &Path, id: u32, entry: &PortEntry) -> std::io::Result<()> {
     let bucket = bucket_of(id);
-    let mut notes = read_bucket(dir, bucket);
+    let mut notes = read_bucket(dir, bucket)?;
     notes.insert(id, entry.clone());
     write_bucket(dir, bucket, &notes)
 }
 
 /// The notes of frontend `id`, if the agent wrote them.
 pub fn read(dir: &Path, id: u32) -> Option<PortEntry> {
-    read_bucket(dir, bucket_of(id)).remove(&id)
+    read_bucket(dir, bucket_of(id)).ok()?.remove(&id)
 }
 
 /// Reads notes by frontend id, each bucket's file once (a listing of every frontend).
@@ -100,16 +102,19 @@ impl NotesReader {
         let dir = &self.dir;
         self.buckets
             .entry(bucket)
-            .or_insert_with(|| read_bucket(dir, bucket))
+            .or_insert_with(|| read_bucket(dir, bucket).unwrap_or_default())
             .get(&id)
             .cloned()
     }
 }
 
-/// Removes what is not a bucket file (the one-file-per-frontend notes of agents before the
-/// buckets, which no one would update or remove).
-fn remove_strays(dir: &Path) {
+/// Moves the notes an agent before the buckets left (one `{id}.json` per frontend) into their
+/// buckets, and removes whatever else is not a bucket file. Notes found here are newer than any
+/// bucket's: a writer that starts removes them, so an older agent wrote them after it.
+fn migrate_strays(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut round = Round::new(dir);
+    let mut strays = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
@@ -118,8 +123,21 @@ fn remove_strays(dir: &Path) {
             .and_then(|rest| rest.strip_suffix(".json"))
             .and_then(|n| n.parse::<u32>().ok())
             .is_some_and(|n| n < NOTE_BUCKETS);
-        if !is_bucket && !name.starts_with('.') {
-            let _ = std::fs::remove_file(entry.path());
+        if is_bucket || name.starts_with('.') {
+            continue;
+        }
+        let old_note = name
+            .strip_suffix(".json")
+            .and_then(|n| n.parse::<u32>().ok())
+            .and_then(|id| Some((id, serde_json::from_slice(&std::fs::read(entry.path()).ok()?).ok()?)));
+        if let Some((id, note)) = old_note {
+            round.take(NoteOp::Write(id, Box::new(note)));
+        }
+        strays.push(entry.path());
+    }
+    if round.finish().is_ok() {
+        for stray in strays {
+            let _ = std::fs::remove_file(stray);
         }
     }
 }
@@ -146,7 +164,8 @@ const FLUSH_AT_MOST: usize = 256;
 /// once at the round's end, then dropped (the writer holds no notes between rounds).
 struct Round<'a> {
     dir: &'a Path,
-    buckets: HashMap<u32, Bucket>,
+    /// None: the bucket's file could not be read, and is left as it is.
+    buckets: HashMap<u32, Option<Bucket>>,
     flushes: Vec<mpsc::Sender<()>>,
     ops: usize,
 }
@@ -161,38 +180,59 @@ impl<'a> Round<'a> {
         }
     }
 
-    fn bucket(&mut self, id: u32) -> &mut Bucket {
+    fn bucket(&mut self, id: u32) -> Option<&mut Bucket> {
         let bucket = bucket_of(id);
         let dir = self.dir;
-        self.buckets.entry(bucket).or_insert_with(|| read_bucket(dir, bucket))
+        self.buckets
+            .entry(bucket)
+            .or_insert_with(|| match read_bucket(dir, bucket) {
+                Ok(notes) => Some(notes),
+                Err(e) => {
+                    warn!(
+                        "reading service notes ({}), leaving them as they are: {e}",
+                        bucket_file(dir, bucket).display()
+                    );
+                    None
+                }
+            })
+            .as_mut()
     }
 
     fn take(&mut self, op: NoteOp) {
         self.ops += 1;
         match op {
             NoteOp::Write(id, entry) => {
-                self.bucket(id).insert(id, *entry);
+                if let Some(notes) = self.bucket(id) {
+                    notes.insert(id, *entry);
+                }
             }
             NoteOp::Remove(id) => {
-                self.bucket(id).remove(&id);
+                if let Some(notes) = self.bucket(id) {
+                    notes.remove(&id);
+                }
             }
             NoteOp::Flush(done) => self.flushes.push(done),
         }
     }
 
-    /// Writes every bucket the round changed, then answers its flushes.
-    fn finish(self) {
+    /// Writes every bucket the round changed, and returns the flushes to answer: `Ok` when every
+    /// bucket it touched was read and written, `Err` when one was not (and was warned of).
+    fn finish(self) -> Result<Vec<mpsc::Sender<()>>, Vec<mpsc::Sender<()>>> {
+        let mut ok = true;
         for (bucket, notes) in &self.buckets {
+            let Some(notes) = notes else {
+                ok = false;
+                continue;
+            };
             if let Err(e) = write_bucket(self.dir, *bucket, notes) {
+                ok = false;
                 warn!(
                     "writing service notes ({}): {e}",
                     bucket_file(self.dir, *bucket).display()
                 );
             }
         }
-        for done in self.flushes {
-            let _ = done.send(());
-        }
+        if ok { Ok(self.flushes) } else { Err(self.flushes) }
     }
 }
 
@@ -204,7 +244,7 @@ impl NotesWriter {
         let thread = std::thread::Builder::new()
             .name("service-notes".into())
             .spawn(move || {
-                remove_strays(&dir);
+                migrate_strays(&dir);
                 let mut since_trim = 0usize;
                 // A round takes whatever is queued (a start's thousands of notes at once), so
                 // that each bucket is written once for all of them.
@@ -215,11 +255,17 @@ impl NotesWriter {
                         round.take(op);
                     }
                     let ops = round.ops;
-                    round.finish();
+                    let flushes = round.finish().unwrap_or_else(|flushes| flushes);
                     since_trim += ops;
+                    // Done before the flushes are answered: a flush that returns must not see
+                    // this round as a backlog still pending.
+                    let drained = done_count.fetch_sub(ops, Ordering::Relaxed) == ops;
+                    for done in flushes {
+                        let _ = done.send(());
+                    }
                     // A start's backlog drained: its entries' memory goes back to the system, as
                     // the batch's own does (see `release_freed_memory`).
-                    if done_count.fetch_sub(ops, Ordering::Relaxed) == ops && since_trim > FLUSH_AT_MOST {
+                    if drained && since_trim > FLUSH_AT_MOST {
                         super::controller::release_freed_memory();
                         since_trim = 0;
                     }
@@ -304,8 +350,10 @@ mod tests {
             maglev: None,
             notes: PortNotes::default(),
         };
-        // An earlier agent's one file per frontend goes.
-        std::fs::write(dir.path().join("300.json"), b"{}").unwrap();
+        // An earlier agent's one file per frontend moves into its bucket; anything else goes.
+        std::fs::create_dir_all(dir.path()).unwrap();
+        std::fs::write(dir.path().join("300.json"), serde_json::to_vec_pretty(&entry).unwrap()).unwrap();
+        std::fs::write(dir.path().join("301.json"), b"not notes").unwrap();
         let writer = NotesWriter::start(dir.path().to_path_buf());
         writer.write(1, entry.clone());
         writer.write(2, entry.clone());
@@ -319,6 +367,8 @@ mod tests {
         // Bucket 1 is empty: its file is gone, and so is the stray.
         assert!(!bucket_file(dir.path(), 1).exists());
         assert!(!dir.path().join("300.json").exists());
+        assert!(!dir.path().join("301.json").exists());
+        assert_eq!(read(dir.path(), 300), Some(entry.clone()));
         let mut reader = NotesReader::new(dir.path().to_path_buf());
         assert_eq!(reader.get(2 + NOTE_BUCKETS), Some(entry.clone()));
         assert_eq!(reader.get(3), None);
@@ -327,6 +377,6 @@ mod tests {
         assert_eq!(read(dir.path(), 2), None);
         assert_eq!(read(dir.path(), 2 + NOTE_BUCKETS), Some(entry));
         let files = std::fs::read_dir(dir.path()).unwrap().count();
-        assert_eq!(files, 1, "one bucket file left");
+        assert_eq!(files, 2, "the buckets of {} and 300 left", 2 + NOTE_BUCKETS);
     }
 }
