@@ -117,17 +117,19 @@ pub enum Durability {
     Unsynced,
 }
 
-/// Writes `content` to `path` atomically (temporary file in the same directory, then rename),
-/// unless it is already there. Returns whether it wrote.
+/// Writes `content` to `path` atomically and synced (see [`write_atomic`]), unless it is already
+/// there. Returns whether it wrote.
 pub fn write_if_changed(path: &Path, content: &[u8], mode: u32) -> std::io::Result<bool> {
-    write_if_changed_with(path, content, mode, Durability::Synced)
-}
-
-/// [`write_if_changed`], with a choice of durability.
-pub fn write_if_changed_with(path: &Path, content: &[u8], mode: u32, durability: Durability) -> std::io::Result<bool> {
     if std::fs::read(path).is_ok_and(|old| old == content) {
         return Ok(false);
     }
+    write_atomic(path, content, mode, Durability::Synced)?;
+    Ok(true)
+}
+
+/// Writes `content` to `path` atomically: a temporary file in the same directory, then a rename,
+/// so a reader sees the old file or the new one, never a torn one.
+pub fn write_atomic(path: &Path, content: &[u8], mode: u32, durability: Durability) -> std::io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| std::io::Error::other("path has no parent"))?;
@@ -160,8 +162,7 @@ pub fn write_if_changed_with(path: &Path, content: &[u8], mode: u32, durability:
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result?;
-    Ok(true)
+    result
 }
 
 /// Copies the plugin binaries into the runtime's bin dir (atomically, skipping unchanged ones).

@@ -65,7 +65,8 @@ fn write_bucket(dir: &Path, bucket: u32, notes: &Bucket) -> std::io::Result<()> 
     }
     std::fs::create_dir_all(dir)?;
     let text = serde_json::to_vec(notes).map_err(std::io::Error::other)?;
-    crate::cni_config::write_if_changed_with(&path, &text, 0o644, crate::cni_config::Durability::Unsynced).map(|_| ())
+    // No compare with the file first: a round writes only the buckets its operations touched.
+    crate::cni_config::write_atomic(&path, &text, 0o644, crate::cni_config::Durability::Unsynced)
 }
 
 /// Writes the notes of frontend `id` (its bucket read, changed and written back; the agent's

@@ -127,21 +127,12 @@ impl Family for V4 {
         let saddr = read::<u32>(ctx, ip + Self::SADDR)?;
         let daddr = read::<u32>(ctx, ip + Self::DADDR)?;
         let l4 = ip + ihl;
-        let (sport, dport, csum, tcp_flags) = if ihl == 20 {
+        let fields = if ihl == 20 {
             l4_fields::<{ ETH_HLEN + 20 }>(ctx, proto)?
         } else {
             l4_fields_loaded(ctx, l4, proto)?
         };
-        Some(Tuple {
-            saddr,
-            daddr,
-            sport,
-            dport,
-            proto,
-            l4,
-            csum,
-            tcp_flags,
-        })
+        Some(Tuple::new(saddr, daddr, proto, l4, fields))
     }
     #[inline(always)]
     fn rewrite_addr(ctx: &mut TcContext, t: &Tuple<u32>, offset: usize, from: u32, to: u32) -> Option<()> {
@@ -276,17 +267,8 @@ impl Family for V6 {
         let saddr = read::<[u32; 4]>(ctx, ip + Self::SADDR)?;
         let daddr = read::<[u32; 4]>(ctx, ip + Self::DADDR)?;
         let l4 = ip + 40;
-        let (sport, dport, csum, tcp_flags) = l4_fields::<{ ETH_HLEN + 40 }>(ctx, proto)?;
-        Some(Tuple {
-            saddr,
-            daddr,
-            sport,
-            dport,
-            proto,
-            l4,
-            csum,
-            tcp_flags,
-        })
+        let fields = l4_fields::<{ ETH_HLEN + 40 }>(ctx, proto)?;
+        Some(Tuple::new(saddr, daddr, proto, l4, fields))
     }
     #[inline(always)]
     fn rewrite_addr(

@@ -31,6 +31,31 @@ pub struct Tuple<A> {
     pub tcp_flags: u8,
 }
 
+/// What a packet's L4 header says: its ports, where its checksum is, and TCP's flags.
+#[derive(Clone, Copy)]
+pub struct L4Fields {
+    pub sport: u16,
+    pub dport: u16,
+    pub csum: usize,
+    pub tcp_flags: u8,
+}
+
+impl<A> Tuple<A> {
+    #[inline(always)]
+    pub fn new(saddr: A, daddr: A, proto: u8, l4: usize, fields: L4Fields) -> Self {
+        Tuple {
+            saddr,
+            daddr,
+            sport: fields.sport,
+            dport: fields.dport,
+            proto,
+            l4,
+            csum: fields.csum,
+            tcp_flags: fields.tcp_flags,
+        }
+    }
+}
+
 /// Reads a `T` at `offset`: straight from the packet when it is in the linear part (as the
 /// headers of nearly every packet are), else through the load helper. The helper call costs
 /// more than a bounds check, and a packet's tuple takes a dozen reads.
@@ -53,30 +78,35 @@ pub fn ethertype(ctx: &TcContext) -> Option<u16> {
 /// straight from the packet. (The verifier cannot bound a direct read at a variable offset the
 /// way the compiler writes the check, so only constant offsets are read directly.)
 #[inline(always)]
-pub fn l4_fields<const L4: usize>(ctx: &TcContext, proto: u8) -> Option<(u16, u16, usize, u8)> {
+pub fn l4_fields<const L4: usize>(ctx: &TcContext, proto: u8) -> Option<L4Fields> {
     let (csum, tcp_flags) = match proto {
         PROTO_TCP => (L4 + 16, read::<u8>(ctx, L4 + 13)?),
         PROTO_UDP => (L4 + 6, 0),
         _ => return None,
     };
-    Some((read::<u16>(ctx, L4)?, read::<u16>(ctx, L4 + 2)?, csum, tcp_flags))
+    Some(L4Fields {
+        sport: read::<u16>(ctx, L4)?,
+        dport: read::<u16>(ctx, L4 + 2)?,
+        csum,
+        tcp_flags,
+    })
 }
 
 /// [`l4_fields`] at a variable offset (after IPv4 options, which are rare), through the load
 /// helper.
 #[inline(always)]
-pub fn l4_fields_loaded(ctx: &TcContext, l4: usize, proto: u8) -> Option<(u16, u16, usize, u8)> {
+pub fn l4_fields_loaded(ctx: &TcContext, l4: usize, proto: u8) -> Option<L4Fields> {
     let (csum, tcp_flags) = match proto {
         PROTO_TCP => (l4 + 16, ctx.load::<u8>(l4 + 13).ok()?),
         PROTO_UDP => (l4 + 6, 0),
         _ => return None,
     };
-    Some((
-        ctx.load::<u16>(l4).ok()?,
-        ctx.load::<u16>(l4 + 2).ok()?,
+    Some(L4Fields {
+        sport: ctx.load::<u16>(l4).ok()?,
+        dport: ctx.load::<u16>(l4 + 2).ok()?,
         csum,
         tcp_flags,
-    ))
+    })
 }
 
 /// Flags of an L4 checksum update: UDP's zero checksum means "none" and must stay zero.
