@@ -392,6 +392,103 @@ fn the_watcher_recovers_when_the_stand_in_restarts() {
     pump.abort();
 }
 
+#[test]
+fn a_watch_from_before_a_crash_that_lost_changes_gets_410() {
+    require_root();
+    let ns = Netns::new("api");
+    let rt = ns.runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("objects.json");
+    let crashed_file = dir.path().join("crashed.json");
+    let (addr, server, api) = start_server(
+        &ns,
+        Settings {
+            data_file: Some(file.clone()),
+            ..Default::default()
+        },
+        0,
+    );
+    rt.block_on(rt.spawn(async move {
+        let nodes: Api<Node> = Api::all(client(addr).await);
+        nodes
+            .create(&PostParams::default(), &node("saved", "10.244.1.0/24"))
+            .await
+            .unwrap();
+    }))
+    .unwrap();
+    assert!(api.flush());
+    // The file as a crash leaves it: without the changes after it was last written.
+    std::fs::copy(&file, &crashed_file).unwrap();
+    let seen = rt
+        .block_on(rt.spawn(async move {
+            let nodes: Api<Node> = Api::all(client(addr).await);
+            for i in 0..3 {
+                nodes
+                    .create(&PostParams::default(), &node(&format!("lost-{i}"), "10.244.2.0/24"))
+                    .await
+                    .unwrap();
+            }
+            nodes
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .metadata
+                .resource_version
+                .unwrap()
+        }))
+        .unwrap();
+    server.shutdown_background();
+
+    // Back from the crash's file, and changed more times than the changes it lost: a watcher
+    // resuming from what it saw must not be handed only the changes numbered above it.
+    let (addr, _server) = start(
+        &ns,
+        Settings {
+            data_file: Some(crashed_file),
+            ..Default::default()
+        },
+        0,
+    );
+    rt.block_on(rt.spawn(async move {
+        let nodes: Api<Node> = Api::all(client(addr).await);
+        for i in 0..5 {
+            nodes
+                .create(&PostParams::default(), &node(&format!("after-{i}"), "10.244.3.0/24"))
+                .await
+                .unwrap();
+        }
+        let first_event = |rv: String| {
+            let nodes = nodes.clone();
+            async move {
+                let stream = nodes.watch(&WatchParams::default().timeout(2), &rv).await.unwrap();
+                let mut stream = std::pin::pin!(stream);
+                tokio::time::timeout(Duration::from_secs(5), stream.next())
+                    .await
+                    .unwrap()
+            }
+        };
+        match first_event(seen.clone()).await {
+            Some(Ok(WatchEvent::Error(e))) => assert_eq!(e.code, 410, "{e:?}"),
+            other => panic!("a watch from {seen}, before the crash, resumed: {other:?}"),
+        }
+        // A watch from this run's own list resumes as ever: the next change reaches it.
+        let listed = nodes.list(&ListParams::default()).await.unwrap();
+        assert_eq!(listed.items.len(), 6, "the saved node and the five after the crash");
+        let rv = listed.metadata.resource_version.unwrap();
+        // (Whether the watch starts before or after the change, it is after the version.)
+        let watcher = tokio::spawn(first_event(rv));
+        nodes
+            .create(&PostParams::default(), &node("watched", "10.244.4.0/24"))
+            .await
+            .unwrap();
+        match watcher.await.unwrap() {
+            Some(Ok(WatchEvent::Added(n))) => assert_eq!(n.metadata.name.as_deref(), Some("watched")),
+            other => panic!("the watch from this run's list: {other:?}"),
+        }
+    }))
+    .unwrap();
+}
+
 fn kubectl(ns: &Netns, home: &Path, config: &Path, args: &[&str]) -> (bool, String) {
     let out = ns.command_output(
         Command::new("kubectl")

@@ -854,6 +854,46 @@ fn each_agent_has_its_own_pin_path_and_cgroup_and_down_removes_them() {
         assert!(shell.lines().any(|l| l == own), "{shell}");
     }
     assert_ne!(lab.node_pin_path("n1"), lab.node_pin_path("n2"));
+    // The demo's "no kube-proxy" check finds kube-proxy's rules wherever a node has them, in
+    // each of its modes: planted here one at a time, each found, then taken out again.
+    assert_eq!(lab.kube_proxy_traces().unwrap(), Vec::<String>::new());
+    let plants: [(&str, &[&str], &[&str], &str); 3] = [
+        (
+            "n1",
+            &["nft", "add", "table", "ip", "kube-proxy"],
+            &["nft", "delete", "table", "ip", "kube-proxy"],
+            "n1: nftables table kube-proxy",
+        ),
+        (
+            "n2",
+            &["iptables-nft", "-t", "nat", "-N", "KUBE-SERVICES"],
+            &["iptables-nft", "-t", "nat", "-X", "KUBE-SERVICES"],
+            "n2: iptables-nft chain KUBE-SERVICES",
+        ),
+        (
+            "n2",
+            &["iptables-legacy", "-t", "nat", "-N", "KUBE-SERVICES"],
+            &["iptables-legacy", "-t", "nat", "-X", "KUBE-SERVICES"],
+            "n2: iptables-legacy-save chain KUBE-SERVICES",
+        ),
+    ];
+    let run = |node: &str, argv: &[&str]| {
+        let out = lab
+            .exec_output(node, &argv.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{argv:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for (node, plant, remove, trace) in plants {
+        run(node, plant);
+        let found = lab.kube_proxy_traces().unwrap();
+        run(node, remove);
+        assert_eq!(found, vec![trace.to_string()]);
+    }
+    assert_eq!(lab.kube_proxy_traces().unwrap(), Vec::<String>::new());
     // A pin path that is not on a bpffs is refused (and not created), plainly, without
     // holding up the rest.
     lab.stop_agent("n2").unwrap();

@@ -39,7 +39,9 @@
 //! second, not one per change, and
 //! [`ApiServer::flush`] (run on SIGTERM) waits for the last one. History is not persisted: clients
 //! that resume across a restart get 410 and list again, which is what real clients do after a
-//! long disconnect.
+//! long disconnect. That holds after a crash too, which can cost the file its last quarter second
+//! of changes: a restarted server counts its resourceVersions from a new epoch, above any an
+//! earlier run handed out, so no client resumes past a change that was lost.
 use std::{
     collections::{BTreeMap, VecDeque},
     net::SocketAddr,
@@ -306,6 +308,10 @@ pub struct ApiServer {
 /// The shortest time between two writes of the data file.
 const PERSIST_SPACING: Duration = Duration::from_millis(250);
 
+/// A run of the server counts resourceVersions within an epoch of 2^this; a restart starts the
+/// next epoch (see [`ApiServer::new`]).
+const RV_EPOCH_BITS: u32 = 32;
+
 /// The data file's contents.
 #[derive(serde::Serialize)]
 struct SavedState<'a> {
@@ -403,7 +409,14 @@ impl ApiServer {
         match settings.data_file.as_ref().filter(|p| p.exists()) {
             Some(path) => {
                 let saved: Value = serde_json::from_slice(&std::fs::read(path)?)?;
-                inner.rv = saved["resourceVersion"].as_u64().unwrap_or(1);
+                // The file can lag the last changes by up to PERSIST_SPACING and a write: a
+                // crash loses them, and the versions they had would be handed out again to other
+                // changes. So a restarted server counts from a new epoch, above every version an
+                // earlier run can have handed out; every watch from before the restart is then
+                // older than the horizon and gets 410, and relists, instead of resuming past
+                // changes that were lost or renumbered.
+                let saved_rv = saved["resourceVersion"].as_u64().unwrap_or(1);
+                inner.rv = ((saved_rv >> RV_EPOCH_BITS) + 1) << RV_EPOCH_BITS;
                 inner.uid_counter = saved["uidCounter"].as_u64().unwrap_or(0);
                 for object in saved["objects"].as_array().into_iter().flatten() {
                     let Some(kind) = KINDS.iter().position(|k| k.kind == object["kind"]) else {
@@ -1827,7 +1840,10 @@ async fn watch(
                     .collect();
                 (events, inner.rv, false)
             }
-            Some(rv) if rv < inner.horizon => (Vec::new(), rv, true),
+            // Older than the history kept, or newer than any version this run handed out (one
+            // from an earlier run, whose last changes the data file may have missed): 410, and
+            // the client lists again.
+            Some(rv) if rv < inner.horizon || rv > inner.rv => (Vec::new(), rv, true),
             Some(rv) => {
                 let events = inner
                     .history

@@ -530,10 +530,14 @@ impl Demo<'_> {
 
     /// Whether a process named kube-proxy runs anywhere on the machine (the lab's namespaces
     /// included: they are all on this machine).
-    fn kube_proxy_running(&self) -> bool {
-        std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|entry| {
-            std::fs::read_to_string(entry.path().join("comm")).is_ok_and(|comm| comm.trim() == "kube-proxy")
-        })
+    /// Where kube-proxy was found (see [`Lab::kube_proxy_traces`]): nowhere, or a description of
+    /// each trace, or of why the search failed.
+    fn kube_proxy_found(&self) -> Option<String> {
+        match self.lab.kube_proxy_traces() {
+            Ok(traces) if traces.is_empty() => None,
+            Ok(traces) => Some(traces.join("; ")),
+            Err(e) => Some(format!("could not look: {e:#}")),
+        }
     }
 
     /// A Service's ClusterIPs, as `kubectl get service` shows them (not printed).
@@ -620,9 +624,13 @@ impl Demo<'_> {
     fn myth_1(&self, checks: &mut Checks) -> Result<()> {
         self.step("No service proxy of any kind: no kube-proxy, and ferrynet's service translation off");
         self.kubectl(&["get", "pods", "--all-namespaces", "-o", "wide"])?;
+        let kube_proxy = self.kube_proxy_found();
         checks.check(
-            !self.kube_proxy_running(),
-            "no kube-proxy pod and no kube-proxy process anywhere on this machine",
+            kube_proxy.is_none(),
+            format!(
+                "no kube-proxy anywhere: no kube-proxy process on this machine, and none of its rules (nftables or iptables, either backend) on any node{}",
+                kube_proxy.map(|found| format!(" (found: {found})")).unwrap_or_default()
+            ),
         );
         self.lab_action(
             "every node's agent restarted with --service-proxy=false (on a cluster: the DaemonSet's \
@@ -732,9 +740,15 @@ impl Demo<'_> {
 
     fn myth_2(&self, checks: &mut Checks) -> Result<()> {
         self.step("No kube-proxy anywhere; ferrynet's service translation on");
+        let kube_proxy = self.kube_proxy_found();
         checks.check(
-            !self.kube_proxy_running() && self.translation_on_everywhere(),
-            "no kube-proxy process on this machine; every node's agent translates Services",
+            kube_proxy.is_none() && self.translation_on_everywhere(),
+            format!(
+                "no kube-proxy process or rules anywhere; every node's agent translates Services{}",
+                kube_proxy
+                    .map(|found| format!(" (kube-proxy found: {found})"))
+                    .unwrap_or_default()
+            ),
         );
         self.kubectl(&["run", "nginx", "--image=nginx", "--port=80", "--expose"])?;
         self.run_client()?;

@@ -1323,6 +1323,57 @@ impl Lab {
         self.kill_daemon(&format!("agent-{node}"))
     }
 
+    /// Every sign of kube-proxy in the lab, each as "where: what": a kube-proxy process anywhere
+    /// on the machine, and, in each node's namespace, the rules kube-proxy writes in any of its
+    /// modes (nftables: its `kube-proxy` table; iptables, nft or legacy backend: the
+    /// `KUBE-SERVICES` chain). The rules are what translate; a process name alone would say
+    /// nothing about a proxy started under another name, or one that left its rules behind.
+    pub fn kube_proxy_traces(&self) -> Result<Vec<String>> {
+        let mut traces = Vec::new();
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            if std::fs::read_to_string(entry.path().join("comm")).is_ok_and(|comm| comm.trim() == "kube-proxy") {
+                traces.push(format!(
+                    "this machine: kube-proxy process {}",
+                    entry.file_name().to_string_lossy()
+                ));
+            }
+        }
+        let run = |node: &str, argv: &[&str]| -> Result<String> {
+            let out = self.exec_output(node, &argv.iter().map(|a| a.to_string()).collect::<Vec<_>>())?;
+            if !out.status.success() {
+                bail!("{} in {node}: {}", argv.join(" "), String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        for node in &self.state.nodes {
+            let node = node.name.as_str();
+            // Tables of the nft backend, iptables-nft's among them.
+            let ruleset = run(node, &["nft", "list", "ruleset"])?;
+            if ruleset
+                .lines()
+                .any(|l| l.starts_with("table") && l.contains(" kube-proxy "))
+            {
+                traces.push(format!("{node}: nftables table kube-proxy"));
+            }
+            if ruleset.contains("KUBE-SERVICES") {
+                traces.push(format!("{node}: iptables-nft chain KUBE-SERVICES"));
+            }
+            // Legacy iptables: read only if the namespace has a legacy nat table, since reading
+            // one makes it (and hooks it into the node's packet path).
+            for (names, save) in [
+                ("/proc/net/ip_tables_names", "iptables-legacy-save"),
+                ("/proc/net/ip6_tables_names", "ip6tables-legacy-save"),
+            ] {
+                if run(node, &["cat", names]).is_ok_and(|tables| tables.lines().any(|t| t == "nat"))
+                    && run(node, &[save, "-t", "nat"])?.contains(":KUBE-SERVICES")
+                {
+                    traces.push(format!("{node}: {save} chain KUBE-SERVICES"));
+                }
+            }
+        }
+        Ok(traces)
+    }
+
     /// kubectl against the lab's API stand-in (run from the client namespace).
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
         let ns = self.ns("client")?;

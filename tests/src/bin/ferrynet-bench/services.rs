@@ -929,18 +929,16 @@ pub fn run(opts: &Options) -> Result<String> {
     // rounds rotating as the measurements do. Nodes of one lab differ by a few percent on this
     // VM whatever runs on them; each ratio to direct is divided by its node's.
     let mut baseline: Vec<(Mode, Sample)> = modes.iter().map(|m| (*m, Sample::default())).collect();
-    for round in 0..opts.rounds {
-        for k in 0..modes.len() {
-            let mode = modes[(k + round) % modes.len()];
-            let sample = connections(&lab, &format!("pod-{}", mode.client()), &pod_ips, opts.connections)?;
-            baseline
-                .iter_mut()
-                .find(|(m, _)| *m == mode)
-                .expect("every mode")
-                .1
-                .add(sample);
-        }
-    }
+    in_rotation(&modes, opts.rounds, |mode| {
+        let sample = connections(&lab, &format!("pod-{}", mode.client()), &pod_ips, opts.connections)?;
+        baseline
+            .iter_mut()
+            .find(|(m, _)| *m == mode)
+            .expect("every mode")
+            .1
+            .add(sample);
+        Ok(())
+    })?;
     for (mode, sample) in &baseline {
         eprintln!(
             "baseline, {}'s node: {:.0} connections/s to the pod IPs",
@@ -1003,21 +1001,19 @@ pub fn run(opts: &Options) -> Result<String> {
         }
         // Rounds of a few hundred connections per mode, the order rotating from round to round,
         // so that the machine's drift (large on a shared VM) hits every mode alike.
-        for round in 0..opts.rounds {
-            for k in 0..modes.len() {
-                let mode = modes[(k + round) % modes.len()];
-                let result = &mut at_scale.iter_mut().find(|(m, _)| *m == mode).expect("every mode").1;
-                let client = format!("pod-{}", mode.client());
-                if mode != Mode::Direct {
-                    result
-                        .service
-                        .add(connections(&lab, &client, &[vip], opts.connections)?);
-                }
+        in_rotation(&modes, opts.rounds, |mode| {
+            let result = &mut at_scale.iter_mut().find(|(m, _)| *m == mode).expect("every mode").1;
+            let client = format!("pod-{}", mode.client());
+            if mode != Mode::Direct {
                 result
-                    .pod_ip
-                    .add(connections(&lab, &client, &pod_ips, opts.connections)?);
+                    .service
+                    .add(connections(&lab, &client, &[vip], opts.connections)?);
             }
-        }
+            result
+                .pod_ip
+                .add(connections(&lab, &client, &pod_ips, opts.connections)?);
+            Ok(())
+        })?;
         for (mode, result) in &at_scale {
             eprintln!(
                 "{scale} Services, {}: {:.0} connections/s to the Service, {:.0} to the pod IPs",
@@ -1078,18 +1074,17 @@ pub fn run(opts: &Options) -> Result<String> {
             modes: entry_modes.iter().map(|m| (*m, NodePortResult::default())).collect(),
             ..Default::default()
         };
-        for round in 0..opts.rounds {
-            for k in 0..targets.len() {
-                let (target, to) = &targets[(k + round) % targets.len()];
-                let sample = connections(&lab, EXTERNAL_CLIENT, to, opts.connections)?;
-                match *target {
-                    NodePortTarget::DirectRemote => node_port.direct_remote.add(sample),
-                    NodePortTarget::Remote(mode) => node_port.of(mode).remote.add(sample),
-                    NodePortTarget::Local(mode) => node_port.of(mode).local.add(sample),
-                    NodePortTarget::DirectLocal(mode) => node_port.of(mode).direct_local.add(sample),
-                }
+        let target_refs: Vec<&(NodePortTarget, Vec<SocketAddr>)> = targets.iter().collect();
+        in_rotation(&target_refs, opts.rounds, |(target, to)| {
+            let sample = connections(&lab, EXTERNAL_CLIENT, to, opts.connections)?;
+            match *target {
+                NodePortTarget::DirectRemote => node_port.direct_remote.add(sample),
+                NodePortTarget::Remote(mode) => node_port.of(mode).remote.add(sample),
+                NodePortTarget::Local(mode) => node_port.of(mode).local.add(sample),
+                NodePortTarget::DirectLocal(mode) => node_port.of(mode).direct_local.add(sample),
             }
-        }
+            Ok(())
+        })?;
         for (mode, result) in &node_port.modes {
             eprintln!(
                 "{scale} Services, NodePort on {}: {:.0} connections/s to a backend on another node (direct {:.0}), {:.0} on the entry node (direct {:.0})",
@@ -1118,6 +1113,17 @@ fn median(samples: &[Duration]) -> Option<Duration> {
     let mut sorted = samples.to_vec();
     sorted.sort();
     sorted.get(sorted.len() / 2).copied()
+}
+
+/// Runs `each` on every item, `rounds` times, each round starting one item further on, so that
+/// the machine's drift over a run (large on a shared VM) falls on every item alike.
+fn in_rotation<T: Copy>(items: &[T], rounds: usize, mut each: impl FnMut(T) -> Result<()>) -> Result<()> {
+    for round in 0..rounds {
+        for k in 0..items.len() {
+            each(items[(k + round) % items.len()])?;
+        }
+    }
+    Ok(())
 }
 
 /// Each mode's node's speed without any proxy, as a fraction of the direct mode's node (1 for a
@@ -1691,6 +1697,24 @@ mod tests {
 
     fn assert_near(got: f64, want: f64) {
         assert!((got - want).abs() < 1e-9, "{got} is not {want}");
+    }
+
+    #[test]
+    fn rounds_rotate_the_order_and_stop_at_the_first_error() {
+        let mut seen = Vec::new();
+        in_rotation(&['a', 'b', 'c'], 4, |x| {
+            seen.push(x);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen.iter().collect::<String>(), "abcbcacababc");
+        let mut calls = 0;
+        let failed = in_rotation(&[1, 2], 3, |x| {
+            calls += 1;
+            if x == 2 { anyhow::bail!("broke") } else { Ok(()) }
+        });
+        assert!(failed.is_err());
+        assert_eq!(calls, 2);
     }
 
     #[test]
