@@ -229,12 +229,42 @@ pub async fn run(
         fill_walk: None,
         external_on: None,
         notes: notes::NotesWriter::start(notes::dir(&cfg.state_dir)),
+        status_after_notes: None,
+        notes_written: None,
         map_warnings,
         purger,
     };
     controller
         .run(watches, service_list, slice_list, nodes, servers, purged)
         .await
+}
+
+/// What a batch puts in the status's service section.
+struct BatchStatus {
+    errors: Vec<String>,
+    warnings: Vec<Warning>,
+    services: usize,
+    frontends: usize,
+    backends: usize,
+    /// Whether the batch wrote anything (the last change's time moves on).
+    changed: bool,
+}
+
+impl BatchStatus {
+    fn publish(self, status: &StatusHandle) {
+        status.update(|s| {
+            let section = &mut s.services;
+            section.ready = self.errors.is_empty();
+            section.last_error = (!self.errors.is_empty()).then(|| self.errors.join("; "));
+            section.warnings = self.warnings;
+            section.details.services = self.services;
+            section.details.frontends = self.frontends;
+            section.details.backends = self.backends;
+            if self.changed {
+                section.last_change_unix = Some(now_unix());
+            }
+        });
+    }
 }
 
 /// What one Service needs, computed apart from the controller's bookkeeping.
@@ -732,6 +762,10 @@ struct Controller {
     /// What the datapath's external reply check was last set to (none: not yet this run).
     external_on: Option<bool>,
     notes: notes::NotesWriter,
+    /// The last batch's status, published once its notes are written (`notes_written`).
+    status_after_notes: Option<BatchStatus>,
+    /// Resolves when the notes of every batch so far are written; `run` waits on it.
+    notes_written: Option<tokio::sync::oneshot::Receiver<()>>,
     /// Pinned maps whose capacity is not the settings' (found at load).
     map_warnings: Vec<Warning>,
     /// Purges removed backends' and frontends' flows beside the controller.
@@ -782,7 +816,11 @@ impl Controller {
         }
         // Lists that finished while the datapath loaded are programmed at once.
         self.process_when_due(&service_list, &slice_list, &mut first_dirty, last_event);
+        let mut notes_written: Option<tokio::sync::oneshot::Receiver<()>> = None;
         loop {
+            if let Some(written) = self.notes_written.take() {
+                notes_written = Some(written);
+            }
             // /healthz listens on the node's own address, once the node is known.
             let node_ip = nodes
                 .borrow()
@@ -829,6 +867,17 @@ impl Controller {
                     });
                     // A health check server that could not bind tries again.
                     self.sync_health_checks();
+                }
+                _ = async {
+                    if let Some(written) = notes_written.as_mut() {
+                        // Written, or the writer is gone: either way, nothing more to wait for.
+                        let _ = written.await;
+                    }
+                }, if notes_written.is_some() => {
+                    notes_written = None;
+                    if let Some(batch) = self.status_after_notes.take() {
+                        batch.publish(&self.status);
+                    }
                 }
                 Some(done) = purged.recv() => {
                     tokio::task::block_in_place(|| self.on_purged(done));
@@ -1048,9 +1097,10 @@ impl Controller {
     /// Records what a batch did; terminates the sockets of removed backends and hands their
     /// flows to the purge worker; updates notes, metrics, health and status.
     ///
-    /// A change's notes are on disk when the batch ends, so `explain` says why as soon as the
-    /// status says done; a full sync's (thousands at a start) follow on their own, and a change
-    /// right after a start does not wait for them.
+    /// A change's status waits for its notes ([`Self::status_after_notes`]), so `explain` says
+    /// why as soon as the status says done, while the controller goes on at once: a notes write
+    /// that it waited for held up the next change by up to tens of milliseconds on a busy node.
+    /// A full sync's notes (thousands at a start) follow on their own.
     fn finish(&mut self, mut outcome: BatchOutcome, processed: &[ServiceRef], started: Instant, full: bool) {
         for (id, entry) in std::mem::take(&mut outcome.written) {
             self.notes.write(id, entry);
@@ -1058,9 +1108,7 @@ impl Controller {
         for id in &outcome.removed_frontends {
             self.notes.remove(*id);
         }
-        if !full {
-            self.notes.flush();
-        }
+        let notes_written = if full { None } else { self.notes.written() };
         let mut errors: Vec<String> = outcome.errors.0.iter().map(ToString::to_string).collect();
         if !outcome.removed_backends.is_empty() || !outcome.removed_frontends.is_empty() {
             if let Err(e) = self.maps.doom(&outcome.removed_backends) {
@@ -1108,23 +1156,25 @@ impl Controller {
             .chain(self.warnings.values().flatten())
             .cloned()
             .collect();
-        let (services, frontends, backends) = (
-            self.service_frontends.len(),
-            self.maps.frontends().len(),
-            self.maps.backend_count(),
-        );
-        self.status.update(|s| {
-            let section = &mut s.services;
-            section.ready = errors.is_empty();
-            section.last_error = (!errors.is_empty()).then(|| errors.join("; "));
-            section.warnings = warnings;
-            section.details.services = services;
-            section.details.frontends = frontends;
-            section.details.backends = backends;
-            if outcome.writes > 0 {
-                section.last_change_unix = Some(now_unix());
+        let batch = BatchStatus {
+            errors,
+            warnings,
+            services: self.service_frontends.len(),
+            frontends: self.maps.frontends().len(),
+            backends: self.maps.backend_count(),
+            changed: outcome.writes > 0,
+        };
+        // The newest batch's status replaces any still waiting: its notes come after theirs.
+        match notes_written {
+            Some(written) => {
+                self.status_after_notes = Some(batch);
+                self.notes_written = Some(written);
             }
-        });
+            None => {
+                self.status_after_notes = None;
+                batch.publish(&self.status);
+            }
+        }
     }
 
     /// Runs the socket terminators in the node's namespace and in every pod's: sockets

@@ -18,6 +18,7 @@ use std::{
     },
 };
 
+use tokio::sync::oneshot;
 use tracing::warn;
 
 use super::table::PortEntry;
@@ -147,7 +148,7 @@ enum NoteOp {
     Write(u32, Box<PortEntry>),
     Remove(u32),
     /// Answered once everything sent before it is on disk.
-    Flush(mpsc::Sender<()>),
+    Flush(oneshot::Sender<()>),
 }
 
 /// Writes and removes notes in order, on a thread of its own (which ends with the writer).
@@ -167,7 +168,7 @@ struct Round<'a> {
     dir: &'a Path,
     /// None: the bucket's file could not be read, and is left as it is.
     buckets: HashMap<u32, Option<Bucket>>,
-    flushes: Vec<mpsc::Sender<()>>,
+    flushes: Vec<oneshot::Sender<()>>,
     ops: usize,
 }
 
@@ -218,7 +219,7 @@ impl<'a> Round<'a> {
 
     /// Writes every bucket the round changed, and returns the flushes to answer: `Ok` when every
     /// bucket it touched was read and written, `Err` when one was not (and was warned of).
-    fn finish(self) -> Result<Vec<mpsc::Sender<()>>, Vec<mpsc::Sender<()>>> {
+    fn finish(self) -> Result<Vec<oneshot::Sender<()>>, Vec<oneshot::Sender<()>>> {
         let mut ok = true;
         for (bucket, notes) in &self.buckets {
             let Some(notes) = notes else {
@@ -298,15 +299,22 @@ impl NotesWriter {
         self.send(NoteOp::Remove(id));
     }
 
-    /// Waits until everything sent so far is written, unless that is a start's backlog (a
-    /// change must not wait a second for thousands of other notes).
-    pub fn flush(&self) {
+    /// Resolves once everything sent so far is written; None when that is a start's backlog
+    /// (what waits on it must not wait a second for thousands of other notes), or when the
+    /// writer is gone. Nothing blocks: the controller goes on with its next change meanwhile.
+    pub fn written(&self) -> Option<oneshot::Receiver<()>> {
         if self.pending.load(Ordering::Relaxed) > FLUSH_AT_MOST {
-            return;
+            return None;
         }
-        let (done, wait) = mpsc::channel();
-        if self.send(NoteOp::Flush(done)) {
-            let _ = wait.recv();
+        let (done, written) = oneshot::channel();
+        self.send(NoteOp::Flush(done)).then_some(written)
+    }
+
+    /// Waits until everything sent so far is written (see [`Self::written`]).
+    #[cfg(test)]
+    pub fn flush(&self) {
+        if let Some(written) = self.written() {
+            let _ = written.blocking_recv();
         }
     }
 }

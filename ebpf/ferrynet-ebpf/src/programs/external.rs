@@ -130,8 +130,6 @@ fn allocate_snat<F: Family>(node: F::Addr, b: &BackendValue, proto: u8, reply: C
 fn from_uplink_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
     let t = F::parse(ctx)?;
     let ct = F::conntrack();
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     let key = F::ct_key(&t, CT_EXT_IN);
     // A known flow's packet is a client's, to a frontend's port, or a backend's reply, from a
     // backend's port: anything else (most of what crosses the uplink) skips the lookup.
@@ -141,6 +139,8 @@ fn from_uplink_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
         None
     };
     if let Some(entry) = known {
+        // SAFETY: no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
         // SAFETY: copied out at once.
         let e = unsafe { *entry };
         if !expired(&e, now, t.proto) && !reopens(&t, &e) {
@@ -227,6 +227,9 @@ fn from_uplink_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
     if svc.count == 0 {
         return Some(no_backends(ctx, &svc));
     }
+    // Read here, not for every packet: most of what crosses the uplink is no flow of ours.
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     let flow = flow_hash(&F::widen(t.saddr), t.sport, t.dport, t.proto);
     let Some((id, b)) = select::<F>(&svc, t.saddr, 0, flow) else {
         return Some(no_backends(ctx, &svc));

@@ -1664,6 +1664,15 @@ fn control_plane_section(md: &mut String, cp: &ControlPlane) -> Result<()> {
     )?;
     writeln!(
         *md,
+        "| the slowest changes (change number: ms) | {} |",
+        slowest(&cp.changes, 5)
+            .iter()
+            .map(|(k, took)| format!("{k}: {:.2}", took.as_secs_f64() * 1e3))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )?;
+    writeln!(
+        *md,
         "| agent RSS (peak) | {:.1} MiB ({:.1} MiB) |",
         cp.rss_kib as f64 / 1024.0,
         cp.hwm_kib as f64 / 1024.0
@@ -1673,6 +1682,15 @@ fn control_plane_section(md: &mut String, cp: &ControlPlane) -> Result<()> {
         "\nA change is one endpoint's `ready` condition flipped in the first Service's EndpointSlice, written with a replace; the benchmark then polls the node's pinned service map until the Service's backend count shows it. Changes are 20 to 40 ms apart.\n"
     )?;
     Ok(())
+}
+
+/// The `n` slowest of `changes`, slowest first, each with its number in the run (from 0): when
+/// a p99 is off, whether its changes came together (a stall) or apart.
+fn slowest(changes: &[Duration], n: usize) -> Vec<(usize, Duration)> {
+    let mut numbered: Vec<(usize, Duration)> = changes.iter().copied().enumerate().collect();
+    numbered.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    numbered.truncate(n);
+    numbered
 }
 
 fn write_file(path: &Path, text: &str) -> Result<()> {
@@ -1697,6 +1715,14 @@ mod tests {
 
     fn assert_near(got: f64, want: f64) {
         assert!((got - want).abs() < 1e-9, "{got} is not {want}");
+    }
+
+    #[test]
+    fn the_slowest_changes_come_slowest_first_with_their_numbers() {
+        let ms = Duration::from_millis;
+        let changes = [ms(4), ms(30), ms(5), ms(30), ms(12)];
+        assert_eq!(slowest(&changes, 3), vec![(1, ms(30)), (3, ms(30)), (4, ms(12))]);
+        assert_eq!(slowest(&changes[..1], 3), vec![(0, ms(4))]);
     }
 
     #[test]
