@@ -441,49 +441,90 @@ fn a_watch_from_before_a_crash_that_lost_changes_gets_410() {
 
     // Back from the crash's file, and changed more times than the changes it lost: a watcher
     // resuming from what it saw must not be handed only the changes numbered above it.
+    let (addr, server) = start(
+        &ns,
+        Settings {
+            data_file: Some(crashed_file.clone()),
+            ..Default::default()
+        },
+        0,
+    );
+    // The file as a crash of this run before its first periodic write leaves it.
+    let crashed_again = dir.path().join("crashed-again.json");
+    std::fs::copy(&crashed_file, &crashed_again).unwrap();
+    let first_event = |nodes: Api<Node>, rv: String| async move {
+        let stream = nodes.watch(&WatchParams::default().timeout(2), &rv).await.unwrap();
+        let mut stream = std::pin::pin!(stream);
+        tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .unwrap()
+    };
+    let seen_again = rt
+        .block_on(rt.spawn(async move {
+            let nodes: Api<Node> = Api::all(client(addr).await);
+            for i in 0..5 {
+                nodes
+                    .create(&PostParams::default(), &node(&format!("after-{i}"), "10.244.3.0/24"))
+                    .await
+                    .unwrap();
+            }
+            let first_event = |rv: String| first_event(nodes.clone(), rv);
+            match first_event(seen.clone()).await {
+                Some(Ok(WatchEvent::Error(e))) => assert_eq!(e.code, 410, "{e:?}"),
+                other => panic!("a watch from {seen}, before the crash, resumed: {other:?}"),
+            }
+            // A watch from this run's own list resumes as ever: the next change reaches it.
+            let listed = nodes.list(&ListParams::default()).await.unwrap();
+            assert_eq!(listed.items.len(), 6, "the saved node and the five after the crash");
+            let rv = listed.metadata.resource_version.unwrap();
+            // A version this run never handed out gets 410 too.
+            let future = (rv.parse::<u64>().unwrap() + 1000).to_string();
+            match first_event(future.clone()).await {
+                Some(Ok(WatchEvent::Error(e))) => assert_eq!(e.code, 410, "{e:?}"),
+                other => panic!("a watch from {future}, after this run's latest, resumed: {other:?}"),
+            }
+            // (Whether the watch starts before or after the change, it is after the version.)
+            let watcher = tokio::spawn(first_event(rv));
+            nodes
+                .create(&PostParams::default(), &node("watched", "10.244.4.0/24"))
+                .await
+                .unwrap();
+            match watcher.await.unwrap() {
+                Some(Ok(WatchEvent::Added(n))) => assert_eq!(n.metadata.name.as_deref(), Some("watched")),
+                other => panic!("the watch from this run's list: {other:?}"),
+            }
+            nodes
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .metadata
+                .resource_version
+                .unwrap()
+        }))
+        .unwrap();
+    server.shutdown_background();
+
+    // This run crashed too, before any write of its own: the next one must not count from the
+    // same epoch, or, past as many changes, it would resume this run's watchers.
     let (addr, _server) = start(
         &ns,
         Settings {
-            data_file: Some(crashed_file),
+            data_file: Some(crashed_again),
             ..Default::default()
         },
         0,
     );
     rt.block_on(rt.spawn(async move {
         let nodes: Api<Node> = Api::all(client(addr).await);
-        for i in 0..5 {
+        for i in 0..10 {
             nodes
-                .create(&PostParams::default(), &node(&format!("after-{i}"), "10.244.3.0/24"))
+                .create(&PostParams::default(), &node(&format!("third-{i}"), "10.244.5.0/24"))
                 .await
                 .unwrap();
         }
-        let first_event = |rv: String| {
-            let nodes = nodes.clone();
-            async move {
-                let stream = nodes.watch(&WatchParams::default().timeout(2), &rv).await.unwrap();
-                let mut stream = std::pin::pin!(stream);
-                tokio::time::timeout(Duration::from_secs(5), stream.next())
-                    .await
-                    .unwrap()
-            }
-        };
-        match first_event(seen.clone()).await {
+        match first_event(nodes, seen_again.clone()).await {
             Some(Ok(WatchEvent::Error(e))) => assert_eq!(e.code, 410, "{e:?}"),
-            other => panic!("a watch from {seen}, before the crash, resumed: {other:?}"),
-        }
-        // A watch from this run's own list resumes as ever: the next change reaches it.
-        let listed = nodes.list(&ListParams::default()).await.unwrap();
-        assert_eq!(listed.items.len(), 6, "the saved node and the five after the crash");
-        let rv = listed.metadata.resource_version.unwrap();
-        // (Whether the watch starts before or after the change, it is after the version.)
-        let watcher = tokio::spawn(first_event(rv));
-        nodes
-            .create(&PostParams::default(), &node("watched", "10.244.4.0/24"))
-            .await
-            .unwrap();
-        match watcher.await.unwrap() {
-            Some(Ok(WatchEvent::Added(n))) => assert_eq!(n.metadata.name.as_deref(), Some("watched")),
-            other => panic!("the watch from this run's list: {other:?}"),
+            other => panic!("a watch from {seen_again}, before the second crash, resumed: {other:?}"),
         }
     }))
     .unwrap();

@@ -10,7 +10,7 @@
 //!
 //! With `--service-proxy=false` it removes any datapath an earlier run left, and idles.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
@@ -229,8 +229,8 @@ pub async fn run(
         fill_walk: None,
         external_on: None,
         notes: notes::NotesWriter::start(notes::dir(&cfg.state_dir)),
-        status_after_notes: None,
-        notes_written: None,
+        status_after_notes: VecDeque::new(),
+        status_published: false,
         map_warnings,
         purger,
     };
@@ -272,6 +272,9 @@ struct Computed {
     health_check: Option<(u16, health_check::HealthCheck)>,
     entries: table::ServiceEntries,
 }
+
+/// Batches' statuses kept waiting for their notes at most (see `Controller::run`).
+const STATUSES_WAITING_AT_MOST: usize = 64;
 
 /// A full sync computes on at most this many threads ...
 const COMPUTE_THREADS_AT_MOST: usize = 4;
@@ -762,10 +765,12 @@ struct Controller {
     /// What the datapath's external reply check was last set to (none: not yet this run).
     external_on: Option<bool>,
     notes: notes::NotesWriter,
-    /// The last batch's status, published once its notes are written (`notes_written`).
-    status_after_notes: Option<BatchStatus>,
-    /// Resolves when the notes of every batch so far are written; `run` waits on it.
-    notes_written: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Batches' statuses, each to be published once its notes are written (when the receiver
+    /// resolves), in order; `run` takes them over at each turn of its loop.
+    status_after_notes: VecDeque<(tokio::sync::oneshot::Receiver<()>, BatchStatus)>,
+    /// A status was published at once (a full sync's) since `run` last took the queue: the
+    /// older ones it still holds are out of date.
+    status_published: bool,
     /// Pinned maps whose capacity is not the settings' (found at load).
     map_warnings: Vec<Warning>,
     /// Purges removed backends' and frontends' flows beside the controller.
@@ -816,10 +821,19 @@ impl Controller {
         }
         // Lists that finished while the datapath loaded are programmed at once.
         self.process_when_due(&service_list, &slice_list, &mut first_dirty, last_event);
-        let mut notes_written: Option<tokio::sync::oneshot::Receiver<()>> = None;
+        // Batches' statuses waiting for their notes, oldest first. Each is published as its own
+        // notes are written (the writer answers in order), so that under a steady stream of
+        // changes the status keeps moving rather than waiting for the stream to end.
+        let mut statuses: VecDeque<(tokio::sync::oneshot::Receiver<()>, BatchStatus)> = VecDeque::new();
         loop {
-            if let Some(written) = self.notes_written.take() {
-                notes_written = Some(written);
+            if std::mem::take(&mut self.status_published) {
+                statuses.clear();
+            }
+            statuses.extend(self.status_after_notes.drain(..));
+            // A notes writer that stalls (a hung disk) must not make the queue grow without
+            // bound: the oldest statuses, which newer ones supersede anyway, go.
+            while statuses.len() > STATUSES_WAITING_AT_MOST {
+                statuses.pop_front();
             }
             // /healthz listens on the node's own address, once the node is known.
             let node_ip = nodes
@@ -869,13 +883,12 @@ impl Controller {
                     self.sync_health_checks();
                 }
                 _ = async {
-                    if let Some(written) = notes_written.as_mut() {
+                    if let Some((written, _)) = statuses.front_mut() {
                         // Written, or the writer is gone: either way, nothing more to wait for.
                         let _ = written.await;
                     }
-                }, if notes_written.is_some() => {
-                    notes_written = None;
-                    if let Some(batch) = self.status_after_notes.take() {
+                }, if !statuses.is_empty() => {
+                    if let Some((_, batch)) = statuses.pop_front() {
                         batch.publish(&self.status);
                     }
                 }
@@ -1097,7 +1110,7 @@ impl Controller {
     /// Records what a batch did; terminates the sockets of removed backends and hands their
     /// flows to the purge worker; updates notes, metrics, health and status.
     ///
-    /// A change's status waits for its notes ([`Self::status_after_notes`]), so `explain` says
+    /// A change's status waits for its notes ([`Controller::status_after_notes`]), so `explain` says
     /// why as soon as the status says done, while the controller goes on at once: a notes write
     /// that it waited for held up the next change by up to tens of milliseconds on a busy node.
     /// A full sync's notes (thousands at a start) follow on their own.
@@ -1164,14 +1177,13 @@ impl Controller {
             backends: self.maps.backend_count(),
             changed: outcome.writes > 0,
         };
-        // The newest batch's status replaces any still waiting: its notes come after theirs.
         match notes_written {
-            Some(written) => {
-                self.status_after_notes = Some(batch);
-                self.notes_written = Some(written);
-            }
+            Some(written) => self.status_after_notes.push_back((written, batch)),
+            // Published now (a full sync's, or past a start's backlog of notes): any status
+            // still waiting is older.
             None => {
-                self.status_after_notes = None;
+                self.status_after_notes.clear();
+                self.status_published = true;
                 batch.publish(&self.status);
             }
         }

@@ -335,6 +335,27 @@ struct PersistState {
     writing: bool,
 }
 
+/// Writes every object to the data file at `path` (a temporary file, then a rename).
+fn save(path: &std::path::Path, inner: &Mutex<Inner>) -> std::io::Result<()> {
+    let (rv, uid_counter, objects) = {
+        let inner = inner.lock().unwrap_or_else(|e| e.into_inner());
+        // Shared, not copied: the lock is held for a moment, not for a deep copy of every
+        // object (tens of ms with thousands), during which every request waited.
+        let objects: Vec<Arc<Value>> = inner.objects.values().cloned().collect();
+        (inner.rv, inner.uid_counter, objects)
+    };
+    let saved = SavedState {
+        rv,
+        uid_counter,
+        objects: objects.iter().map(|o| &**o).collect(),
+    };
+    let tmp = path.with_extension("tmp");
+    serde_json::to_vec(&saved)
+        .map_err(std::io::Error::other)
+        .and_then(|data| std::fs::write(&tmp, data))
+        .and_then(|()| std::fs::rename(&tmp, path))
+}
+
 impl Persister {
     fn mark_dirty(&self) {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).dirty = true;
@@ -363,27 +384,10 @@ impl Persister {
                 state.dirty = false;
                 state.writing = true;
             }
-            let snapshot = inner.upgrade().map(|inner| {
-                let inner = inner.lock().unwrap_or_else(|e| e.into_inner());
-                // Shared, not copied: the lock is held for a moment, not for a deep copy of
-                // every object (tens of ms with thousands), during which every request waited.
-                let objects: Vec<Arc<Value>> = inner.objects.values().cloned().collect();
-                (inner.rv, inner.uid_counter, objects)
-            });
-            if let Some((rv, uid_counter, objects)) = snapshot {
-                let saved = SavedState {
-                    rv,
-                    uid_counter,
-                    objects: objects.iter().map(|o| &**o).collect(),
-                };
-                let tmp = self.path.with_extension("tmp");
-                let written = serde_json::to_vec(&saved)
-                    .map_err(std::io::Error::other)
-                    .and_then(|data| std::fs::write(&tmp, data))
-                    .and_then(|()| std::fs::rename(&tmp, &self.path));
-                if let Err(e) = written {
-                    eprintln!("apiserver: could not persist to {}: {e}", self.path.display());
-                }
+            if let Some(inner) = inner.upgrade()
+                && let Err(e) = save(&self.path, &inner)
+            {
+                eprintln!("apiserver: could not persist to {}: {e}", self.path.display());
             }
             self.state.lock().unwrap_or_else(|e| e.into_inner()).writing = false;
             self.changed.notify_all();
@@ -406,7 +410,8 @@ impl ApiServer {
     pub fn new(settings: Settings) -> anyhow::Result<Self> {
         let (changes, _) = broadcast::channel(4096);
         let mut inner = Inner::empty();
-        match settings.data_file.as_ref().filter(|p| p.exists()) {
+        let restored = settings.data_file.as_ref().filter(|p| p.exists());
+        match restored {
             Some(path) => {
                 let saved: Value = serde_json::from_slice(&std::fs::read(path)?)?;
                 // The file can lag the last changes by up to PERSIST_SPACING and a write: a
@@ -459,6 +464,11 @@ impl ApiServer {
             }
         }
         let inner = Arc::new(Mutex::new(inner));
+        // The new epoch is on disk before anything is served: a run that crashed before its
+        // first write would otherwise leave the old epoch for the next run to hand out again.
+        if let Some(path) = restored {
+            save(path, &inner)?;
+        }
         let persister = settings.data_file.clone().map(|path| {
             let persister = Arc::new(Persister {
                 path,
@@ -1482,7 +1492,11 @@ fn create(server: &ApiServer, target: &Target, mut object: Value, dry_run: bool)
     }
     if object["metadata"]["name"].as_str().is_none_or(str::is_empty) {
         match object["metadata"]["generateName"].as_str() {
-            Some(prefix) => object["metadata"]["name"] = json!(format!("{prefix}{:05x}", inner.rv % 0xfffff)),
+            // From the uid counter, which the data file keeps: unlike the resourceVersion, whose
+            // low bits start over at each restart's epoch, it never repeats.
+            Some(prefix) => {
+                object["metadata"]["name"] = json!(format!("{prefix}{:05x}", (inner.uid_counter + 1) % 0xfffff))
+            }
             None => return status_error(422, "Invalid", "metadata.name: Required value".into()),
         }
     }
