@@ -530,6 +530,33 @@ fn a_watch_from_before_a_crash_that_lost_changes_gets_410() {
     .unwrap();
 }
 
+#[test]
+fn generated_names_move_on_past_names_already_taken() {
+    require_root();
+    let ns = Netns::new("api");
+    let rt = ns.runtime();
+    let (addr, _server) = start(&ns, Settings::default(), 0);
+    rt.block_on(rt.spawn(async move {
+        let nodes: Api<Node> = Api::all(client(addr).await);
+        // A name the generator reaches within a few creates, taken first by hand.
+        nodes
+            .create(&PostParams::default(), &node("g-00010", "10.244.1.0/24"))
+            .await
+            .unwrap();
+        let mut names = std::collections::BTreeSet::new();
+        for _ in 0..32 {
+            let mut generated = node("", "10.244.2.0/24");
+            generated.metadata.name = None;
+            generated.metadata.generate_name = Some("g-".into());
+            let created = nodes.create(&PostParams::default(), &generated).await.unwrap();
+            names.insert(created.metadata.name.unwrap());
+        }
+        assert_eq!(names.len(), 32, "{names:?}");
+        assert!(!names.contains("g-00010"), "{names:?}");
+    }))
+    .unwrap();
+}
+
 fn kubectl(ns: &Netns, home: &Path, config: &Path, args: &[&str]) -> (bool, String) {
     let out = ns.command_output(
         Command::new("kubectl")

@@ -231,6 +231,7 @@ pub async fn run(
         notes: notes::NotesWriter::start(notes::dir(&cfg.state_dir)),
         status_after_notes: VecDeque::new(),
         status_published: false,
+        change_waiting: false,
         map_warnings,
         purger,
     };
@@ -771,6 +772,9 @@ struct Controller {
     /// A status was published at once (a full sync's) since `run` last took the queue: the
     /// older ones it still holds are out of date.
     status_published: bool,
+    /// A status still waiting says the maps changed: one published in its place says so too, so
+    /// that the last change's time is not lost with it.
+    change_waiting: bool,
     /// Pinned maps whose capacity is not the settings' (found at load).
     map_warnings: Vec<Warning>,
     /// Purges removed backends' and frontends' flows beside the controller.
@@ -833,7 +837,11 @@ impl Controller {
             // A notes writer that stalls (a hung disk) must not make the queue grow without
             // bound: the oldest statuses, which newer ones supersede anyway, go.
             while statuses.len() > STATUSES_WAITING_AT_MOST {
-                statuses.pop_front();
+                if let Some((_, dropped)) = statuses.pop_front()
+                    && let Some((_, next)) = statuses.front_mut()
+                {
+                    next.changed |= dropped.changed;
+                }
             }
             // /healthz listens on the node's own address, once the node is known.
             let node_ip = nodes
@@ -890,6 +898,9 @@ impl Controller {
                 }, if !statuses.is_empty() => {
                     if let Some((_, batch)) = statuses.pop_front() {
                         batch.publish(&self.status);
+                    }
+                    if statuses.is_empty() && self.status_after_notes.is_empty() {
+                        self.change_waiting = false;
                     }
                 }
                 Some(done) = purged.recv() => {
@@ -1169,7 +1180,7 @@ impl Controller {
             .chain(self.warnings.values().flatten())
             .cloned()
             .collect();
-        let batch = BatchStatus {
+        let mut batch = BatchStatus {
             errors,
             warnings,
             services: self.service_frontends.len(),
@@ -1178,12 +1189,16 @@ impl Controller {
             changed: outcome.writes > 0,
         };
         match notes_written {
-            Some(written) => self.status_after_notes.push_back((written, batch)),
+            Some(written) => {
+                self.change_waiting |= batch.changed;
+                self.status_after_notes.push_back((written, batch));
+            }
             // Published now (a full sync's, or past a start's backlog of notes): any status
             // still waiting is older.
             None => {
                 self.status_after_notes.clear();
                 self.status_published = true;
+                batch.changed |= std::mem::take(&mut self.change_waiting);
                 batch.publish(&self.status);
             }
         }

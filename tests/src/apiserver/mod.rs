@@ -1490,16 +1490,14 @@ fn create(server: &ApiServer, target: &Target, mut object: Value, dry_run: bool)
     if !object["metadata"].is_object() {
         object["metadata"] = json!({});
     }
-    if object["metadata"]["name"].as_str().is_none_or(str::is_empty) {
+    let generate = if object["metadata"]["name"].as_str().is_none_or(str::is_empty) {
         match object["metadata"]["generateName"].as_str() {
-            // From the uid counter, which the data file keeps: unlike the resourceVersion, whose
-            // low bits start over at each restart's epoch, it never repeats.
-            Some(prefix) => {
-                object["metadata"]["name"] = json!(format!("{prefix}{:05x}", (inner.uid_counter + 1) % 0xfffff))
-            }
+            Some(prefix) => Some(prefix.to_string()),
             None => return status_error(422, "Invalid", "metadata.name: Required value".into()),
         }
-    }
+    } else {
+        None
+    };
     if k.namespaced {
         let ns = target.namespace.clone().unwrap_or_else(|| "default".into());
         if object["metadata"]["namespace"].as_str().is_some_and(|n| n != ns) {
@@ -1510,6 +1508,16 @@ fn create(server: &ApiServer, target: &Target, mut object: Value, dry_run: bool)
             );
         }
         object["metadata"]["namespace"] = json!(ns);
+    }
+    if let Some(prefix) = generate {
+        // From the uid counter, which the data file keeps (the resourceVersion's low bits start
+        // over at each restart's epoch), moved on past any name an object already has.
+        for n in 1..=0xfffff {
+            object["metadata"]["name"] = json!(format!("{prefix}{:05x}", (inner.uid_counter + n) % 0xfffff));
+            if !inner.objects.contains_key(&key_of(target.kind, &object)) {
+                break;
+            }
+        }
     }
     if inner.objects.contains_key(&key_of(target.kind, &object)) {
         let name = object["metadata"]["name"].as_str().unwrap_or("").to_string();
