@@ -223,12 +223,7 @@ fn kube_rs_lists_watches_and_reflects_through_the_stand_in() {
         assert_eq!(bookmark.metadata.resource_version, rv);
 
         // 410 Gone for a version older than the history kept (8 events): make 10 more changes.
-        for i in 0..10 {
-            nodes
-                .create(&pp, &node(&format!("churn{i}"), "10.250.0.0/24"))
-                .await
-                .unwrap();
-        }
+        create_nodes(&nodes, "churn", "10.250.0.0/24", 10).await;
         let mut watch = nodes.watch(&WatchParams::default(), "2").await.unwrap().boxed();
         match tokio::time::timeout(Duration::from_secs(5), watch.next())
             .await
@@ -238,7 +233,7 @@ fn kube_rs_lists_watches_and_reflects_through_the_stand_in() {
             other => panic!("expected 410 Gone, got {other:?}"),
         }
         // kube-runtime's watcher handles that by listing again: the store still converges.
-        nodes.delete("churn0", &Default::default()).await.unwrap();
+        nodes.delete("churn-0", &Default::default()).await.unwrap();
         tokio::time::timeout(Duration::from_secs(10), async {
             while reader.state().len() != 11 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -353,12 +348,7 @@ fn the_watcher_recovers_when_the_stand_in_restarts() {
     rt.block_on(rt.spawn(async move {
         let nodes: Api<Node> = Api::all(client(away_addr).await);
         nodes.delete("before", &DeleteParams::default()).await.unwrap();
-        for i in 0..10 {
-            nodes
-                .create(&PostParams::default(), &node(&format!("away-{i}"), "10.244.3.0/24"))
-                .await
-                .unwrap();
-        }
+        create_nodes(&nodes, "away", "10.244.3.0/24", 10).await;
     }))
     .unwrap();
     assert!(away_api.flush());
@@ -422,19 +412,8 @@ fn a_watch_from_before_a_crash_that_lost_changes_gets_410() {
     let seen = rt
         .block_on(rt.spawn(async move {
             let nodes: Api<Node> = Api::all(client(addr).await);
-            for i in 0..3 {
-                nodes
-                    .create(&PostParams::default(), &node(&format!("lost-{i}"), "10.244.2.0/24"))
-                    .await
-                    .unwrap();
-            }
-            nodes
-                .list(&ListParams::default())
-                .await
-                .unwrap()
-                .metadata
-                .resource_version
-                .unwrap()
+            create_nodes(&nodes, "lost", "10.244.2.0/24", 3).await;
+            list_version(&nodes).await
         }))
         .unwrap();
     server.shutdown_background();
@@ -462,12 +441,7 @@ fn a_watch_from_before_a_crash_that_lost_changes_gets_410() {
     let seen_again = rt
         .block_on(rt.spawn(async move {
             let nodes: Api<Node> = Api::all(client(addr).await);
-            for i in 0..5 {
-                nodes
-                    .create(&PostParams::default(), &node(&format!("after-{i}"), "10.244.3.0/24"))
-                    .await
-                    .unwrap();
-            }
+            create_nodes(&nodes, "after", "10.244.3.0/24", 5).await;
             let first_event = |rv: String| first_event(nodes.clone(), rv);
             match first_event(seen.clone()).await {
                 Some(Ok(WatchEvent::Error(e))) => assert_eq!(e.code, 410, "{e:?}"),
@@ -493,13 +467,7 @@ fn a_watch_from_before_a_crash_that_lost_changes_gets_410() {
                 Some(Ok(WatchEvent::Added(n))) => assert_eq!(n.metadata.name.as_deref(), Some("watched")),
                 other => panic!("the watch from this run's list: {other:?}"),
             }
-            nodes
-                .list(&ListParams::default())
-                .await
-                .unwrap()
-                .metadata
-                .resource_version
-                .unwrap()
+            list_version(&nodes).await
         }))
         .unwrap();
     server.shutdown_background();
@@ -516,12 +484,7 @@ fn a_watch_from_before_a_crash_that_lost_changes_gets_410() {
     );
     rt.block_on(rt.spawn(async move {
         let nodes: Api<Node> = Api::all(client(addr).await);
-        for i in 0..10 {
-            nodes
-                .create(&PostParams::default(), &node(&format!("third-{i}"), "10.244.5.0/24"))
-                .await
-                .unwrap();
-        }
+        create_nodes(&nodes, "third", "10.244.5.0/24", 10).await;
         match first_event(nodes, seen_again.clone()).await {
             Some(Ok(WatchEvent::Error(e))) => assert_eq!(e.code, 410, "{e:?}"),
             other => panic!("a watch from {seen_again}, before the second crash, resumed: {other:?}"),
@@ -555,6 +518,27 @@ fn generated_names_move_on_past_names_already_taken() {
         assert!(!names.contains("g-00010"), "{names:?}");
     }))
     .unwrap();
+}
+
+/// Creates `count` nodes, `{prefix}-0` on, with pod CIDR `cidr`.
+async fn create_nodes(nodes: &Api<Node>, prefix: &str, cidr: &str, count: usize) {
+    for i in 0..count {
+        nodes
+            .create(&PostParams::default(), &node(&format!("{prefix}-{i}"), cidr))
+            .await
+            .unwrap();
+    }
+}
+
+/// The resourceVersion a list of the nodes answers with: the latest the stand-in handed out.
+async fn list_version(nodes: &Api<Node>) -> String {
+    nodes
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap()
 }
 
 fn kubectl(ns: &Netns, home: &Path, config: &Path, args: &[&str]) -> (bool, String) {

@@ -26,6 +26,9 @@ pub struct AppliedFrontend {
     pub source_ranges: Option<BTreeSet<ipnet::IpNet>>,
     /// [`PortEntry::maglev`]: the size of its Maglev table.
     pub maglev: Option<u32>,
+    /// [`PortEntry::notes_digest`] of the notes last written for it. None when not known (a
+    /// frontend adopted from an earlier agent's maps): the first sync rewrites its notes.
+    pub notes: Option<u64>,
 }
 
 impl AppliedFrontend {
@@ -49,6 +52,8 @@ pub enum FrontendOp {
     },
     /// A frontend no Service asks for any more.
     Delete(Frontend, AppliedFrontend),
+    /// A frontend the maps hold as asked, whose notes for `explain` changed (or are not known).
+    Notes { id: u32, entry: PortEntry },
 }
 
 /// How a frontend's slots change.
@@ -123,6 +128,11 @@ pub fn diff(current: &BTreeMap<Frontend, AppliedFrontend>, desired: &[PortEntry]
                         new: entry.clone(),
                         slots: plan_slots(&old.slots, &backends),
                     });
+                } else if old.notes != Some(entry.notes_digest()) {
+                    ops.push(FrontendOp::Notes {
+                        id: old.id,
+                        entry: entry.clone(),
+                    });
                 }
             }
         }
@@ -135,7 +145,7 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
-    use crate::services::table::{PortNotes, Protocol, Scope, ServiceRef};
+    use crate::services::table::{Exclusion, PortNotes, Protocol, Scope, ServiceRef};
 
     fn b(last: u8) -> Backend {
         Backend {
@@ -188,6 +198,8 @@ mod tests {
             local: BTreeSet::new(),
             source_ranges: None,
             maglev: None,
+            // As written for `entry(id, ..)`.
+            notes: Some(entry(id as u8, &[]).notes_digest()),
         }
     }
 
@@ -305,5 +317,39 @@ mod tests {
         assert!(diff(&hashed, &[consistent.clone()]).is_empty());
         consistent.maglev = Some(257);
         assert_eq!(diff(&hashed, &[consistent]).len(), 1);
+    }
+
+    #[test]
+    fn notes_that_change_alone_are_rewritten_without_touching_the_maps() {
+        let current: BTreeMap<Frontend, AppliedFrontend> = [(frontend(1), applied(1, &[1, 2]))].into();
+        // An endpoint that is not ready joins: the backends stay, `explain` must name it.
+        let mut excluded = entry(1, &[1, 2]);
+        excluded.notes.excluded.push((b(3), Exclusion::NotReady));
+        let ops = diff(&current, std::slice::from_ref(&excluded));
+        assert_eq!(ops, [FrontendOp::Notes { id: 1, entry: excluded }]);
+        // So does a renamed port.
+        let mut renamed = entry(1, &[1, 2]);
+        renamed.port_name = "web".into();
+        assert!(matches!(
+            &diff(&current, &[renamed])[..],
+            [FrontendOp::Notes { id: 1, .. }]
+        ));
+        // Notes not known (a frontend adopted from an earlier agent): written once.
+        let adopted: BTreeMap<Frontend, AppliedFrontend> = [(
+            frontend(1),
+            AppliedFrontend {
+                notes: None,
+                ..applied(1, &[1, 2])
+            },
+        )]
+        .into();
+        assert!(matches!(
+            &diff(&adopted, &[entry(1, &[1, 2])])[..],
+            [FrontendOp::Notes { id: 1, .. }]
+        ));
+        // A change to the maps writes the notes with it: one update, no notes op besides.
+        let mut both = entry(1, &[1]);
+        both.notes.excluded.push((b(2), Exclusion::NotReady));
+        assert!(matches!(&diff(&current, &[both])[..], [FrontendOp::Update { .. }]));
     }
 }

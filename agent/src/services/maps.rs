@@ -451,6 +451,7 @@ impl ServiceMaps {
                     source_ranges: (value.flags & SERVICE_F_SOURCE_RANGES != 0)
                         .then(|| ranges.remove(&value.id).unwrap_or_default()),
                     maglev: (value.maglev_size != 0).then_some(value.maglev_size),
+                    notes: None,
                 },
             );
             // A Maglev frontend's chunks are its own; a table of its size has no more.
@@ -836,6 +837,7 @@ impl ServiceMaps {
                 local: entry.local_backends.clone(),
                 source_ranges: entry.source_ranges.clone(),
                 maglev: entry.maglev,
+                notes: Some(entry.notes_digest()),
             }),
             touched,
         );
@@ -956,6 +958,7 @@ impl ServiceMaps {
                                 local: new.local_backends.clone(),
                                 source_ranges: new.source_ranges.clone(),
                                 maglev: new.maglev,
+                                notes: Some(new.notes_digest()),
                             }),
                             &mut touched,
                         );
@@ -994,6 +997,14 @@ impl ServiceMaps {
                     out.removed_frontends.insert(old.id);
                     Ok(())
                 })(),
+                // Nothing in the maps: the notes alone are written.
+                FrontendOp::Notes { id, entry } => {
+                    if let Some(applied) = self.frontends.get_mut(&entry.frontend) {
+                        applied.notes = Some(entry.notes_digest());
+                    }
+                    out.written.push((*id, entry.clone()));
+                    Ok(())
+                }
             };
             if let Err(e) = result {
                 out.errors.push(e);

@@ -213,6 +213,19 @@ pub struct PortEntry {
     pub notes: PortNotes,
 }
 
+impl PortEntry {
+    /// A digest of what `explain` tells of this entry beyond the maps' contents: its Service,
+    /// port name and notes. These can change with the maps left as they are (an endpoint that
+    /// is not ready comes or goes, a port is renamed): the digest says when to rewrite the notes
+    /// alone. Compared within one agent's run only (the hash is not stable across builds).
+    pub fn notes_digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        (&self.service, &self.port_name, &self.notes).hash(&mut hasher);
+        hasher.finish()
+    }
+}
+
 /// A map with structured keys, serialised as a list of `[key, value]` pairs.
 mod pairs {
     use std::collections::BTreeMap;
@@ -234,7 +247,7 @@ mod pairs {
 }
 
 /// How the backends were chosen, for `ferrynet-agent explain`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PortNotes {
     /// `Cluster` or `Local`.

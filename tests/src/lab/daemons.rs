@@ -45,6 +45,22 @@ fn signal(pid: i32, signal: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
 }
 
+/// A thread of a lab daemon held in a ptrace stop ([`Lab::pause_daemon_thread`]) while the
+/// daemon's other threads run on. It runs again when this is dropped.
+///
+/// ptrace ties the stop to the test's thread that made it: drop it on that thread. Should the
+/// test's process end first, the kernel lets the thread go.
+pub struct PausedThread {
+    tid: nix::unistd::Pid,
+}
+
+impl Drop for PausedThread {
+    fn drop(&mut self) {
+        // ESRCH: the daemon is gone, and its thread with it.
+        let _ = nix::sys::ptrace::detach(self.tid, None);
+    }
+}
+
 impl Lab {
     pub(super) fn pid_file(&self, what: &str) -> PathBuf {
         self.dir.join(format!("{what}.pid"))
@@ -53,6 +69,34 @@ impl Lab {
     /// The pid of a daemon the lab started, while its pid file is there.
     pub fn daemon_pid(&self, what: &str) -> Option<u32> {
         std::fs::read_to_string(self.pid_file(what)).ok()?.trim().parse().ok()
+    }
+
+    /// Holds the thread named `thread` of daemon `what` stopped, leaving the daemon's other
+    /// threads running: how a test holds back one part of a daemon (the agent's purge worker)
+    /// to show that the rest does not wait for it. Pause a thread while it is idle, so that it
+    /// holds nothing the others need. Do not kill the daemon while its thread is paused: the
+    /// paused thread would stay a zombie for this process to reap, and the daemon's end with it.
+    pub fn pause_daemon_thread(&self, what: &str, thread: &str) -> Result<PausedThread> {
+        use nix::sys::{ptrace, wait};
+        let pid = self
+            .daemon_pid(what)
+            .with_context(|| format!("{what} is not running"))?;
+        let tid = std::fs::read_dir(format!("/proc/{pid}/task"))?
+            .flatten()
+            .find(|task| std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == thread))
+            .and_then(|task| task.file_name().to_str()?.parse().ok())
+            .map(nix::unistd::Pid::from_raw)
+            .with_context(|| format!("{what} has no thread named {thread}"))?;
+        // Seized, not attached: the thread stops only when interrupted, and with no signal of
+        // its own pending.
+        ptrace::seize(tid, ptrace::Options::empty()).with_context(|| format!("seizing {what}'s {thread} thread"))?;
+        let paused = PausedThread { tid };
+        ptrace::interrupt(tid).with_context(|| format!("stopping {what}'s {thread} thread"))?;
+        // The interrupt ends in a stop the tracer must wait for (a thread: __WALL).
+        match wait::waitpid(tid, Some(wait::WaitPidFlag::__WALL))? {
+            wait::WaitStatus::PtraceEvent(..) | wait::WaitStatus::Stopped(..) => Ok(paused),
+            other => anyhow::bail!("{what}'s {thread} thread did not stop: {other:?}"),
+        }
     }
 
     /// Starts `program` in `ns` as a background process of its own (its own process group, output

@@ -60,6 +60,7 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 pub use api::LabApi;
+pub use daemons::PausedThread;
 pub use guard::{LabGuard, eventually};
 use k8s_openapi::{
     api::core::v1::{
@@ -1319,6 +1320,11 @@ impl Lab {
     }
 
     /// Kills `node`'s agent at once (SIGKILL), as a crash or an OOM kill would.
+    /// Holds the thread named `thread` of `node`'s agent stopped ([`Self::pause_daemon_thread`]).
+    pub fn pause_agent_thread(&self, node: &str, thread: &str) -> Result<PausedThread> {
+        self.pause_daemon_thread(&format!("agent-{node}"), thread)
+    }
+
     pub fn kill_agent(&self, node: &str) -> Result<()> {
         self.kill_daemon(&format!("agent-{node}"))
     }
