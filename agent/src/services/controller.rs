@@ -1069,10 +1069,13 @@ impl Controller {
         let computed = started.elapsed();
         let outcome = self.maps.apply(&ops);
         if full {
+            // A restart rewrites every frontend's notes (not known from the maps): not a change.
+            let notes_alone = ops.iter().filter(|op| matches!(op, FrontendOp::Notes { .. })).count();
             info!(
-                "full sync: {} Services, {} frontend changes ({:.1} ms to compute, {:.1} ms to write)",
+                "full sync: {} Services, {} frontend changes, {} frontends' notes alone ({:.1} ms to compute, {:.1} ms to write)",
                 dirty.len(),
-                ops.len(),
+                ops.len() - notes_alone,
+                notes_alone,
                 computed.as_secs_f64() * 1e3,
                 (started.elapsed() - computed).as_secs_f64() * 1e3
             );
