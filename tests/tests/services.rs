@@ -1806,12 +1806,15 @@ fn a_purge_of_a_removed_backends_flows_does_not_hold_up_other_services_changes()
     let purge_worker = lab.pause_agent_thread("n1", "purge").unwrap();
     lab.set_pod_ready("a2", false).unwrap();
     wait_backends(&lab, "n1", &frontend("a"), &[ip("a1")]);
-    // Let go of the worker just before the kill (a paused thread would hold up the agent's
-    // end): the walk of 200,000 flows takes far longer than the kill's few syscalls.
-    drop(purge_worker);
+    // (The mark is written after the entries go.)
+    assert!(eventually(Duration::from_secs(10), || doomed.get(&a2_id, 0).is_ok()));
+    purge_worker.kill_daemon().unwrap();
     lab.kill_agent("n1").unwrap();
-    let left = flows_of(&ct, a2_id);
-    assert!(left > 0, "the purge ended before the agent was killed");
+    assert_eq!(
+        flows_of(&ct, a2_id),
+        FLOWS as usize,
+        "a flow went while the purge worker was stopped"
+    );
     assert!(doomed.get(&a2_id, 0).is_ok());
     lab.start_agent("n1").unwrap();
     assert!(

@@ -1069,10 +1069,11 @@ impl Controller {
         let computed = started.elapsed();
         let outcome = self.maps.apply(&ops);
         if full {
-            // A restart rewrites every frontend's notes (not known from the maps): not a change.
+            // Frontends whose notes alone were written are no change to the maps (after a restart,
+            // every frontend: its notes are not known from the maps).
             let notes_alone = ops.iter().filter(|op| matches!(op, FrontendOp::Notes { .. })).count();
             info!(
-                "full sync: {} Services, {} frontend changes, {} frontends' notes alone ({:.1} ms to compute, {:.1} ms to write)",
+                "full sync: {} Services, {} frontend changes, {} notes alone ({:.1} ms to compute, {:.1} ms to write)",
                 dirty.len(),
                 ops.len() - notes_alone,
                 notes_alone,

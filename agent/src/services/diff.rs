@@ -28,7 +28,7 @@ pub struct AppliedFrontend {
     pub maglev: Option<u32>,
     /// [`PortEntry::notes_digest`] of the notes last written for it. None when not known (a
     /// frontend adopted from an earlier agent's maps): the first sync rewrites its notes.
-    pub notes: Option<u64>,
+    pub notes_digest: Option<u64>,
 }
 
 impl AppliedFrontend {
@@ -128,7 +128,7 @@ pub fn diff(current: &BTreeMap<Frontend, AppliedFrontend>, desired: &[PortEntry]
                         new: entry.clone(),
                         slots: plan_slots(&old.slots, &backends),
                     });
-                } else if old.notes != Some(entry.notes_digest()) {
+                } else if old.notes_digest != Some(entry.notes_digest()) {
                     ops.push(FrontendOp::Notes {
                         id: old.id,
                         entry: entry.clone(),
@@ -199,7 +199,7 @@ mod tests {
             source_ranges: None,
             maglev: None,
             // As written for `entry(id, ..)`.
-            notes: Some(entry(id as u8, &[]).notes_digest()),
+            notes_digest: Some(entry(id as u8, &[]).notes_digest()),
         }
     }
 
@@ -338,7 +338,7 @@ mod tests {
         let adopted: BTreeMap<Frontend, AppliedFrontend> = [(
             frontend(1),
             AppliedFrontend {
-                notes: None,
+                notes_digest: None,
                 ..applied(1, &[1, 2])
             },
         )]

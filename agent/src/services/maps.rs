@@ -451,7 +451,7 @@ impl ServiceMaps {
                     source_ranges: (value.flags & SERVICE_F_SOURCE_RANGES != 0)
                         .then(|| ranges.remove(&value.id).unwrap_or_default()),
                     maglev: (value.maglev_size != 0).then_some(value.maglev_size),
-                    notes: None,
+                    notes_digest: None,
                 },
             );
             // A Maglev frontend's chunks are its own; a table of its size has no more.
@@ -837,7 +837,7 @@ impl ServiceMaps {
                 local: entry.local_backends.clone(),
                 source_ranges: entry.source_ranges.clone(),
                 maglev: entry.maglev,
-                notes: Some(entry.notes_digest()),
+                notes_digest: Some(entry.notes_digest()),
             }),
             touched,
         );
@@ -958,7 +958,7 @@ impl ServiceMaps {
                                 local: new.local_backends.clone(),
                                 source_ranges: new.source_ranges.clone(),
                                 maglev: new.maglev,
-                                notes: Some(new.notes_digest()),
+                                notes_digest: Some(new.notes_digest()),
                             }),
                             &mut touched,
                         );
@@ -1000,7 +1000,7 @@ impl ServiceMaps {
                 // Nothing in the maps: the notes alone are written.
                 FrontendOp::Notes { id, entry } => {
                     if let Some(applied) = self.frontends.get_mut(&entry.frontend) {
-                        applied.notes = Some(entry.notes_digest());
+                        applied.notes_digest = Some(entry.notes_digest());
                     }
                     out.written.push((*id, entry.clone()));
                     Ok(())

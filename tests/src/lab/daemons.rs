@@ -48,16 +48,40 @@ fn signal(pid: i32, signal: nix::sys::signal::Signal) {
 /// A thread of a lab daemon held in a ptrace stop ([`Lab::pause_daemon_thread`]) while the
 /// daemon's other threads run on. It runs again when this is dropped.
 ///
-/// ptrace ties the stop to the test's thread that made it: drop it on that thread. Should the
-/// test's process end first, the kernel lets the thread go.
+/// ptrace ties the stop to the test's thread that made it: only that thread can let it go, so
+/// this is not `Send`. Should that thread end first, the kernel lets the daemon's thread go.
 pub struct PausedThread {
+    pid: nix::unistd::Pid,
     tid: nix::unistd::Pid,
+    _this_thread_only: std::marker::PhantomData<*const ()>,
+}
+
+impl PausedThread {
+    /// Kills the whole daemon (SIGKILL) with this thread still stopped, so that it does nothing
+    /// more before the end, and reaps the thread: a traced thread that dies stays a zombie until
+    /// its tracer waits for it, and the daemon's end waits with it. The daemon itself is reaped
+    /// as ever (its pid file then names a dead process: [`Lab::kill_daemon`] tidies it).
+    pub fn kill_daemon(self) -> Result<()> {
+        nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL).context("killing the daemon")?;
+        // SIGKILL wakes a stopped thread to die; the wait returns once it has.
+        nix::sys::wait::waitpid(self.tid, Some(nix::sys::wait::WaitPidFlag::__WALL))
+            .context("reaping the paused thread")?;
+        Ok(())
+    }
 }
 
 impl Drop for PausedThread {
     fn drop(&mut self) {
-        // ESRCH: the daemon is gone, and its thread with it.
-        let _ = nix::sys::ptrace::detach(self.tid, None);
+        use nix::sys::{ptrace, wait};
+        // ESRCH: the thread is not in a stop of ours (yet): a stop still to come is waited for
+        // once, then let go; a thread already reaped (`kill_daemon`) answers ECHILD at once.
+        if ptrace::detach(self.tid, None).is_err() {
+            let signal = match wait::waitpid(self.tid, Some(wait::WaitPidFlag::__WALL)) {
+                Ok(wait::WaitStatus::Stopped(_, signal)) => Some(signal),
+                _ => None,
+            };
+            let _ = ptrace::detach(self.tid, signal);
+        }
     }
 }
 
@@ -74,29 +98,44 @@ impl Lab {
     /// Holds the thread named `thread` of daemon `what` stopped, leaving the daemon's other
     /// threads running: how a test holds back one part of a daemon (the agent's purge worker)
     /// to show that the rest does not wait for it. Pause a thread while it is idle, so that it
-    /// holds nothing the others need. Do not kill the daemon while its thread is paused: the
-    /// paused thread would stay a zombie for this process to reap, and the daemon's end with it.
+    /// holds nothing the others need. To kill the daemon meanwhile, use
+    /// [`PausedThread::kill_daemon`].
     pub fn pause_daemon_thread(&self, what: &str, thread: &str) -> Result<PausedThread> {
         use nix::sys::{ptrace, wait};
         let pid = self
             .daemon_pid(what)
             .with_context(|| format!("{what} is not running"))?;
-        let tid = std::fs::read_dir(format!("/proc/{pid}/task"))?
+        let tid: i32 = std::fs::read_dir(format!("/proc/{pid}/task"))?
             .flatten()
             .find(|task| std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == thread))
             .and_then(|task| task.file_name().to_str()?.parse().ok())
-            .map(nix::unistd::Pid::from_raw)
             .with_context(|| format!("{what} has no thread named {thread}"))?;
-        // Seized, not attached: the thread stops only when interrupted, and with no signal of
-        // its own pending.
+        // The main thread's stops would reach the reaper that waits for the daemon's pid, and
+        // read as its end.
+        anyhow::ensure!(
+            u32::try_from(tid) != Ok(pid),
+            "{what}'s {thread} thread is its main thread: not pausable"
+        );
+        let tid = nix::unistd::Pid::from_raw(tid);
+        // Seized, not attached: the thread stops only when interrupted.
         ptrace::seize(tid, ptrace::Options::empty()).with_context(|| format!("seizing {what}'s {thread} thread"))?;
-        let paused = PausedThread { tid };
+        let paused = PausedThread {
+            pid: nix::unistd::Pid::from_raw(pid as i32),
+            tid,
+            _this_thread_only: std::marker::PhantomData,
+        };
         ptrace::interrupt(tid).with_context(|| format!("stopping {what}'s {thread} thread"))?;
-        // The interrupt ends in a stop the tracer must wait for (a thread: __WALL).
-        match wait::waitpid(tid, Some(wait::WaitPidFlag::__WALL))? {
-            wait::WaitStatus::PtraceEvent(..) | wait::WaitStatus::Stopped(..) => Ok(paused),
-            other => anyhow::bail!("{what}'s {thread} thread did not stop: {other:?}"),
+        // The interrupt ends in a stop the tracer waits for (a thread of another process:
+        // __WALL). A signal that reaches the thread first stops it too: it is delivered, and the
+        // wait goes on.
+        for _ in 0..16 {
+            match wait::waitpid(tid, Some(wait::WaitPidFlag::__WALL))? {
+                wait::WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP) => return Ok(paused),
+                wait::WaitStatus::Stopped(_, signal) => ptrace::cont(tid, signal)?,
+                other => anyhow::bail!("{what}'s {thread} thread did not stop: {other:?}"),
+            }
         }
+        anyhow::bail!("{what}'s {thread} thread did not stop: signal after signal")
     }
 
     /// Starts `program` in `ns` as a background process of its own (its own process group, output

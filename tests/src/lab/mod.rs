@@ -1319,12 +1319,12 @@ impl Lab {
         self.stop_daemon(what).map(|_| ())
     }
 
-    /// Kills `node`'s agent at once (SIGKILL), as a crash or an OOM kill would.
     /// Holds the thread named `thread` of `node`'s agent stopped ([`Self::pause_daemon_thread`]).
     pub fn pause_agent_thread(&self, node: &str, thread: &str) -> Result<PausedThread> {
         self.pause_daemon_thread(&format!("agent-{node}"), thread)
     }
 
+    /// Kills `node`'s agent at once (SIGKILL), as a crash or an OOM kill would.
     pub fn kill_agent(&self, node: &str) -> Result<()> {
         self.kill_daemon(&format!("agent-{node}"))
     }
