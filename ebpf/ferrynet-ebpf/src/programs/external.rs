@@ -26,7 +26,7 @@ use aya_ebpf::{
 use ferrynet_common::*;
 
 use super::{
-    family::{Family, V4, V6},
+    family::{End, Family, V4, V6},
     maps::{REV_NAT, SNAT_ADDRS, backend_port, config, frontend_port},
     packet::*,
     services::{backend, node_port, select},
@@ -169,18 +169,15 @@ fn from_uplink_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
                         CT_EXT_IN,
                     ));
                 }
-                F::rewrite_addr(ctx, &t, F::SADDR, t.saddr, source)?;
-                rewrite_port(ctx, &t, 0, t.sport, frontend.port)?;
-                F::rewrite_addr(ctx, &t, F::DADDR, t.daddr, client)?;
-                rewrite_port(ctx, &t, 2, t.dport, e.client_port)?;
+                F::rewrite_end(ctx, &t, End::Source, (t.saddr, t.sport), (source, frontend.port))?;
+                F::rewrite_end(ctx, &t, End::Destination, (t.daddr, t.dport), (client, e.client_port))?;
                 bump(Stat::PacketsTranslated);
                 return Some(F::fib_redirect(ctx, source, client, &t));
             }
             // A client's packet of a known flow.
             let b = backend(e.backend)?;
             let backend_addr = F::narrow(b.addr);
-            F::rewrite_addr(ctx, &t, F::DADDR, t.daddr, backend_addr)?;
-            rewrite_port(ctx, &t, 2, t.dport, b.port)?;
+            F::rewrite_end(ctx, &t, End::Destination, (t.daddr, t.dport), (backend_addr, b.port))?;
             bump(Stat::PacketsTranslated);
             if e.client_port == 0 {
                 if closing && is_tcp_rst(&t) {
@@ -210,8 +207,7 @@ fn from_uplink_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
                     CT_EXT_IN,
                 ));
             }
-            F::rewrite_addr(ctx, &t, F::SADDR, t.saddr, snat_addr)?;
-            rewrite_port(ctx, &t, 0, t.sport, e.client_port)?;
+            F::rewrite_end(ctx, &t, End::Source, (t.saddr, t.sport), (snat_addr, e.client_port))?;
             return Some(F::fib_redirect(ctx, snat_addr, backend_addr, &t));
         }
     }
@@ -254,8 +250,7 @@ fn from_uplink_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
         if ct.insert(key, value, 0).is_err() || ct.insert(out, out_value, 0).is_err() {
             bump(Stat::ConntrackFull);
         }
-        F::rewrite_addr(ctx, &t, F::DADDR, t.daddr, backend_addr)?;
-        rewrite_port(ctx, &t, 2, t.dport, b.port)?;
+        F::rewrite_end(ctx, &t, End::Destination, (t.daddr, t.dport), (backend_addr, b.port))?;
         bump(Stat::ExternalFlowsTranslated);
         bump(Stat::PacketsTranslated);
         return Some(NEXT);
@@ -288,10 +283,8 @@ fn from_uplink_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
     if ct.insert(key, value, 0).is_err() {
         bump(Stat::ConntrackFull);
     }
-    F::rewrite_addr(ctx, &t, F::DADDR, t.daddr, backend_addr)?;
-    rewrite_port(ctx, &t, 2, t.dport, b.port)?;
-    F::rewrite_addr(ctx, &t, F::SADDR, t.saddr, snat_addr)?;
-    rewrite_port(ctx, &t, 0, t.sport, snat_port)?;
+    F::rewrite_end(ctx, &t, End::Destination, (t.daddr, t.dport), (backend_addr, b.port))?;
+    F::rewrite_end(ctx, &t, End::Source, (t.saddr, t.sport), (snat_addr, snat_port))?;
     bump(Stat::ExternalFlowsTranslated);
     bump(Stat::PacketsTranslated);
     Some(F::fib_redirect(ctx, snat_addr, backend_addr, &t))
@@ -328,8 +321,7 @@ pub fn reply_to_external<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>) -> 
     // SAFETY: copied out at once.
     let frontend = unsafe { REV_NAT.get(e.service) }.copied()?;
     let node = F::narrow(e.client_addr);
-    F::rewrite_addr(ctx, t, F::SADDR, t.saddr, node)?;
-    rewrite_port(ctx, t, 0, t.sport, frontend.port)?;
+    F::rewrite_end(ctx, t, End::Source, (t.saddr, t.sport), (node, frontend.port))?;
     bump(Stat::PacketsTranslated);
     Some(F::fib_redirect(ctx, node, t.daddr, t))
 }

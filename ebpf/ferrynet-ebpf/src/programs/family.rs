@@ -17,7 +17,9 @@ use super::{
         AFFINITY4, AFFINITY6, CT4, CT6, NODE_ADDRS4, NODE_ADDRS6, SERVICE_CIDRS4, SERVICE_CIDRS6, SERVICES4, SERVICES6,
         SOCK_REVNAT4, SOCK_REVNAT6, SOURCE_RANGES4, SOURCE_RANGES6,
     },
-    packet::{AF_INET, AF_INET6, ETH_HLEN, Tuple, fib_redirect, l4_fields, l4_fields_loaded, l4_flags, read},
+    packet::{
+        AF_INET, AF_INET6, ETH_HLEN, Tuple, fib_redirect, l4_fields, l4_fields_loaded, l4_flags, read, rewrite_port,
+    },
 };
 
 pub trait Family {
@@ -49,6 +51,17 @@ pub trait Family {
         from: Self::Addr,
         to: Self::Addr,
     ) -> Option<()>;
+    /// Rewrites one end of the packet, its address and port, and the checksums.
+    #[inline(always)]
+    fn rewrite_end(
+        ctx: &mut TcContext,
+        t: &Tuple<Self::Addr>,
+        end: End,
+        from: (Self::Addr, u16),
+        to: (Self::Addr, u16),
+    ) -> Option<()> {
+        rewrite_end_by_fields::<Self>(ctx, t, end, from, to)
+    }
     fn conntrack() -> &'static LruHashMap<Self::CtKey, CtValue>;
     /// The key of `t`'s own tuple in `direction`.
     #[inline(always)]
@@ -84,6 +97,36 @@ pub trait Family {
     fn sock_revnat() -> &'static LruHashMap<Self::SockRevNatKey, SockRevNatValue>;
     fn sock_revnat_key(cookie: u64, addr: Self::Addr, port: u16) -> Self::SockRevNatKey;
 }
+
+/// Which end of a packet a rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Source,
+    Destination,
+}
+
+/// [`Family::rewrite_end`] field by field: the address, then the port, each with its checksums.
+#[inline(always)]
+fn rewrite_end_by_fields<F: Family + ?Sized>(
+    ctx: &mut TcContext,
+    t: &Tuple<F::Addr>,
+    end: End,
+    from: (F::Addr, u16),
+    to: (F::Addr, u16),
+) -> Option<()> {
+    let (addr, port) = match end {
+        End::Source => (F::SADDR, 0),
+        End::Destination => (F::DADDR, 2),
+    };
+    F::rewrite_addr(ctx, t, addr, from.0, to.0)?;
+    rewrite_port(ctx, t, port, from.1, to.1)
+}
+
+/// Where an IPv4 header without options is read and written from its checksum on, and how many
+/// 16-bit words to its ports' end: the checksum, the source and destination addresses, the source
+/// and destination ports.
+const V4_SPAN: usize = ETH_HLEN + 10;
+const V4_SPAN_WORDS: usize = 7;
 
 pub struct V4;
 pub struct V6;
@@ -147,6 +190,37 @@ impl Family for V4 {
         ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(from), u64::from(to), 4)
             .ok()?;
         ctx.store(ETH_HLEN + offset, &to, 0).ok()
+    }
+    /// Without IP options, the header checksum, both addresses and both ports sit together: they
+    /// are written in one store, with the header checksum worked out here, so that a translated
+    /// end costs three helper calls rather than five (measured in place: `from_pod` takes about
+    /// 9% less time a translated packet, `to_pod` 15%; `tests/benchmarks/per-packet-profile.md`).
+    #[inline(always)]
+    fn rewrite_end(ctx: &mut TcContext, t: &Tuple<u32>, end: End, from: (u32, u16), to: (u32, u16)) -> Option<()> {
+        if t.l4 != ETH_HLEN + 20 {
+            return rewrite_end_by_fields::<Self>(ctx, t, end, from, to);
+        }
+        let flags = l4_flags(t.proto);
+        ctx.l4_csum_replace(
+            t.csum,
+            u64::from(from.0),
+            u64::from(to.0),
+            u64::from(BPF_F_PSEUDO_HDR) | flags | 4,
+        )
+        .ok()?;
+        ctx.l4_csum_replace(t.csum, u64::from(from.1), u64::from(to.1), flags | 2)
+            .ok()?;
+        let mut span = read::<[u16; V4_SPAN_WORDS]>(ctx, V4_SPAN)?;
+        span[0] = csum_replace4(span[0], from.0, to.0);
+        // Word indexes in the span of the address (two words, in the packet's order) and port.
+        let (addr, port) = match end {
+            End::Source => (1, 5),
+            End::Destination => (3, 6),
+        };
+        span[addr] = to.0 as u16;
+        span[addr + 1] = (to.0 >> 16) as u16;
+        span[port] = to.1;
+        ctx.store(V4_SPAN, &span, 0).ok()
     }
     #[inline(always)]
     fn conntrack() -> &'static LruHashMap<CtKey4, CtValue> {

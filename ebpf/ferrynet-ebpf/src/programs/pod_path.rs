@@ -32,7 +32,7 @@ use ferrynet_common::*;
 
 use super::{
     external::reply_to_external,
-    family::{Family, V4, V6},
+    family::{End, Family, V4, V6},
     maps::{REV_NAT, backend_port, config},
     packet::*,
     services::{Destination, backend, lookup, node_port_in_cluster, select},
@@ -113,8 +113,13 @@ fn from_pod_in<F: Family>(ctx: &mut TcContext, flags: u32) -> Option<i32> {
         // SAFETY: the value is copied out at once.
         let entry = unsafe { F::conntrack().get(F::ct_key(&t, CT_REPLY)) }.copied()?;
         // From the address the pod sent to, to the pod itself (the client is the backend).
-        F::rewrite_addr(ctx, &t, F::SADDR, t.saddr, F::narrow(entry.client_addr))?;
-        rewrite_port(ctx, &t, 0, t.sport, entry.client_port)?;
+        F::rewrite_end(
+            ctx,
+            &t,
+            End::Source,
+            (t.saddr, t.sport),
+            (F::narrow(entry.client_addr), entry.client_port),
+        )?;
         F::rewrite_addr(ctx, &t, F::DADDR, t.daddr, t.saddr)?;
         bump(Stat::PacketsTranslated);
         return bounce_to_pod(ctx);
@@ -247,8 +252,7 @@ fn translate<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, svc: ServiceVal
         let _ = ct.remove(key);
         let _ = ct.remove(reply);
     }
-    F::rewrite_addr(ctx, &t, F::DADDR, t.daddr, backend_addr)?;
-    rewrite_port(ctx, &t, 2, t.dport, b.port)?;
+    F::rewrite_end(ctx, &t, End::Destination, (t.daddr, t.dport), (backend_addr, b.port))?;
     if new_flow {
         bump(Stat::PacketFlowsTranslated);
     }
@@ -281,8 +285,7 @@ fn to_pod_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
         return None;
     }
     let (frontend, frontend_port) = reply_source::<F>(&entry)?;
-    F::rewrite_addr(ctx, &t, F::SADDR, t.saddr, frontend)?;
-    rewrite_port(ctx, &t, 0, t.sport, frontend_port)?;
+    F::rewrite_end(ctx, &t, End::Source, (t.saddr, t.sport), (frontend, frontend_port))?;
     if is_tcp_rst(&t) {
         // The backend reset the connection: both of its entries go (see `translate`).
         let _ = ct.remove(key);
