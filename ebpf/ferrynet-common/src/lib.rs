@@ -244,7 +244,6 @@ pub const CT_UDP_IDLE_NS: u64 = 120 * 1_000_000_000;
 /// and two writes. Far below the idle timeouts, so no live flow expires for it.
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 
-/// An IPv4 address as the datapath keeps it (network order, read as memory).
 /// An Internet checksum (RFC 1071) updated for a 32-bit field of the data it covers changing
 /// from `from` to `to` (RFC 1624, eqn. 3), as the kernel's `csum_replace4` does. Every value is
 /// as the packet holds it, read in the machine's order: one's complement sums do not depend on
@@ -261,6 +260,7 @@ pub fn csum_replace4(check: u16, from: u32, to: u32) -> u16 {
     !(sum as u16)
 }
 
+/// An IPv4 address as the datapath keeps it (network order, read as memory).
 pub fn addr4(octets: [u8; 4]) -> u32 {
     u32::from_ne_bytes(octets)
 }
@@ -645,6 +645,8 @@ mod tests {
 
     #[test]
     fn an_updated_checksum_is_the_one_computed_from_scratch() {
+        // A sum that carries out of its first fold: one fold alone gives 0xfffe.
+        assert_eq!(csum_replace4(0xa59f, 0x7dde_399a, 0xa94b_b3ce), 0xfffd);
         // IPv4 headers (10 words, the checksum the sixth) whose destination address changes,
         // the edge cases of one's complement arithmetic first: all-zero and all-one words, and a
         // change to the same address.

@@ -212,13 +212,16 @@ impl Family for V4 {
             .ok()?;
         let mut span = read::<[u16; V4_SPAN_WORDS]>(ctx, V4_SPAN)?;
         span[0] = csum_replace4(span[0], from.0, to.0);
-        // Word indexes in the span of the address (two words, in the packet's order) and port.
+        // Word indexes in the span of the address (two words) and the port.
         let (addr, port) = match end {
             End::Source => (1, 5),
             End::Destination => (3, 6),
         };
-        span[addr] = to.0 as u16;
-        span[addr + 1] = (to.0 >> 16) as u16;
+        // The address's bytes as the packet holds them, two to a word, whatever the machine's
+        // byte order (the checksum does not depend on it, but the address does).
+        let bytes = to.0.to_ne_bytes();
+        span[addr] = u16::from_ne_bytes([bytes[0], bytes[1]]);
+        span[addr + 1] = u16::from_ne_bytes([bytes[2], bytes[3]]);
         span[port] = to.1;
         ctx.store(V4_SPAN, &span, 0).ok()
     }
