@@ -224,3 +224,127 @@ fn the_maps_at_their_default_sizes_fit_the_daemonsets_memory_limit() {
         mib(maps_bytes)
     );
 }
+
+#[test]
+fn the_sockets_an_older_agent_recorded_are_carried_over_and_its_socket_map_dropped() {
+    use aya::maps::{HashMap, Map, MapData};
+    use ferrynet_common::{
+        BackendValue, SockConnectedValue, SockRevNatKey4, SockRevNatKey6, SockRevNatValue, addr4, addr6, port,
+    };
+    require_root();
+    let bpffs = TestBpfFs::mount();
+    let pins = datapath::PinLayout::new(&bpffs.pin_path("dp"));
+    let mut datapath = Datapath::load(&bpffs.pin_path("dp"), MapSizes::default()).expect("load the eBPF object");
+    let open = |name: &str| Map::from_map_data(MapData::from_pin(pins.map(name)).unwrap()).unwrap();
+
+    // An agent from before SOCK_CONNECTED recorded each connected socket's backend by cookie in
+    // SOCK_BACKEND, and its Service address in the reverse NAT maps.
+    let old = pins.map(datapath::RETIRED_SOCKET_BACKENDS_MAP);
+    let made = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&old)
+        .args([
+            "type",
+            "lru_hash",
+            "key",
+            "8",
+            "value",
+            "4",
+            "entries",
+            "64",
+            "name",
+            "SOCK_BACKEND",
+        ])
+        .status()
+        .expect("bpftool (installed by bootstrap.sh)");
+    assert!(made.success() && old.exists());
+    let mut backends_of: HashMap<_, u64, u32> = HashMap::try_from(open("SOCK_BACKEND")).unwrap();
+    // Sockets 1 (IPv4), 2 (IPv6) and 3 (a UDP socket that also sent unconnected datagrams to
+    // another Service) are carried over; socket 4 has no reverse entry (evicted): nothing to
+    // carry.
+    for (cookie, backend) in [(1, 7), (2, 8), (3, 9), (4, 10)] {
+        backends_of.insert(cookie, backend, 0).unwrap();
+    }
+    let service = |addr: [u32; 4], port_host: u16, id: u32| SockRevNatValue {
+        addr,
+        port: port(port_host),
+        _pad: 0,
+        service: id,
+    };
+    let vip4 = [addr4([10, 96, 0, 2]), 0, 0, 0];
+    let other_vip4 = [addr4([10, 96, 0, 3]), 0, 0, 0];
+    let vip6 = addr6([0xfd, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    let backend6 = addr6([0xfd, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    let mut reverse4: HashMap<_, SockRevNatKey4, SockRevNatValue> = HashMap::try_from(open("SOCK_REVNAT4")).unwrap();
+    let key4 = |cookie: u64, addr: [u8; 4], port_host: u16| SockRevNatKey4 {
+        cookie,
+        addr: addr4(addr),
+        port: port(port_host),
+        _pad: 0,
+    };
+    reverse4
+        .insert(key4(1, [10, 244, 2, 2], 9000), service(vip4, 80, 3), 0)
+        .unwrap();
+    reverse4
+        .insert(key4(3, [10, 244, 2, 9], 53), service(other_vip4, 53, 5), 0)
+        .unwrap();
+    reverse4
+        .insert(key4(3, [10, 244, 2, 4], 53), service(vip4, 53, 4), 0)
+        .unwrap();
+    // Socket 5 only sent unconnected datagrams: it never had a SOCK_BACKEND entry.
+    reverse4
+        .insert(key4(5, [10, 244, 2, 2], 9000), service(vip4, 80, 3), 0)
+        .unwrap();
+    let mut reverse6: HashMap<_, SockRevNatKey6, SockRevNatValue> = HashMap::try_from(open("SOCK_REVNAT6")).unwrap();
+    let key6 = SockRevNatKey6 {
+        cookie: 2,
+        addr: backend6,
+        port: port(8080),
+        _pad: [0; 6],
+    };
+    reverse6.insert(key6, service(vip6, 80, 6), 0).unwrap();
+    // Socket 3's backend, still there: its address tells the connected peer apart.
+    let mut backends: HashMap<_, u32, BackendValue> = HashMap::try_from(open("BACKENDS")).unwrap();
+    let backend9 = BackendValue {
+        addr: [addr4([10, 244, 2, 4]), 0, 0, 0],
+        port: port(53),
+        family: 4,
+        ..Default::default()
+    };
+    backends.insert(9, backend9, 0).unwrap();
+
+    assert_eq!(
+        datapath
+            .adopt_retired_socket_backends()
+            .expect("carry the sockets over"),
+        3
+    );
+    assert!(!old.exists(), "the retired map's pin is still there");
+    let connected: HashMap<_, u64, SockConnectedValue> = HashMap::try_from(open("SOCK_CONNECTED")).unwrap();
+    let mut carried: Vec<(u64, SockConnectedValue)> = connected.iter().map(Result::unwrap).collect();
+    carried.sort_by_key(|(cookie, _)| *cookie);
+    let entry =
+        |backend_addr, backend_port: u16, service_addr, service_port: u16, backend, service| SockConnectedValue {
+            backend_addr,
+            service_addr,
+            backend,
+            service,
+            backend_port: port(backend_port),
+            service_port: port(service_port),
+            _pad: 0,
+        };
+    assert_eq!(
+        carried,
+        [
+            (1, entry([addr4([10, 244, 2, 2]), 0, 0, 0], 9000, vip4, 80, 7, 3)),
+            (2, entry(backend6, 8080, vip6, 80, 8, 6)),
+            (3, entry([addr4([10, 244, 2, 4]), 0, 0, 0], 53, vip4, 53, 9, 4)),
+        ]
+    );
+    // The reverse entries stay (getpeername falls back to them), and a second run has nothing
+    // left to do.
+    assert_eq!(reverse4.iter().count(), 4);
+    assert_eq!(datapath.adopt_retired_socket_backends().unwrap(), 0);
+    drop(datapath);
+    datapath::cleanup(&bpffs.pin_path("dp")).unwrap();
+}

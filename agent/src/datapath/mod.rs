@@ -172,7 +172,7 @@ impl MapSizes {
             (CT6_MAP, self.conntrack),
             (AFFINITY4_MAP, self.affinity),
             (AFFINITY6_MAP, self.affinity),
-            (SOCK_BACKEND_MAP, self.sockets),
+            (SOCK_CONNECTED_MAP, self.sockets),
             (SOCK_REVNAT4_MAP, self.sockets),
             (SOCK_REVNAT6_MAP, self.sockets),
             (
@@ -451,6 +451,104 @@ impl Datapath {
             }
         }
         errors.into_result()
+    }
+
+    /// Carries the sockets that an agent from before [`SOCK_CONNECTED_MAP`] recorded in its
+    /// `SOCK_BACKEND` map (socket cookie → backend id) into `SOCK_CONNECTED`, so that they are
+    /// still terminated if their backend goes, then drops that map. The Service address comes
+    /// from the socket's reverse NAT entry (which stays, for `getpeername`). Call it once this
+    /// agent's socket programs are attached (or detached), so that no connect writes the old map
+    /// any more. Returns how many sockets were carried over.
+    pub fn adopt_retired_socket_backends(&mut self) -> Result<usize, DatapathError> {
+        use aya::maps::HashMap;
+        let path = self.pins.map(RETIRED_SOCKET_BACKENDS_MAP);
+        let old = match MapData::from_pin(&path) {
+            Ok(data) => data,
+            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => {
+                return Err(DatapathError::Map {
+                    name: RETIRED_SOCKET_BACKENDS_MAP,
+                    source,
+                });
+            }
+        };
+        let map_error = |name| move |source| DatapathError::Map { name, source };
+        let old = aya::maps::Map::from_map_data(old).map_err(map_error(RETIRED_SOCKET_BACKENDS_MAP))?;
+        let old: HashMap<_, u64, u32> = HashMap::try_from(old).map_err(map_error(RETIRED_SOCKET_BACKENDS_MAP))?;
+        // Entries the kernel evicts while we walk are skipped: those sockets are gone.
+        let backends: std::collections::HashMap<u64, u32> = old.iter().filter_map(Result::ok).collect();
+        let connected = if backends.is_empty() {
+            Vec::new()
+        } else {
+            let current = |id: u32| -> Option<BackendValue> {
+                let map = self.ebpf.map(BACKENDS_MAP)?;
+                HashMap::<_, u32, BackendValue>::try_from(map).ok()?.get(&id, 0).ok()
+            };
+            // Each socket's entries, as (backend address, port, Service address, port, Service).
+            let mut reverse: std::collections::HashMap<u64, Vec<([u32; 4], u16, SockRevNatValue)>> =
+                std::collections::HashMap::new();
+            if let Some(map) = self.ebpf.map(SOCK_REVNAT4_MAP) {
+                let map: HashMap<_, SockRevNatKey4, SockRevNatValue> =
+                    HashMap::try_from(map).map_err(map_error(SOCK_REVNAT4_MAP))?;
+                for (key, value) in map.iter().filter_map(Result::ok) {
+                    if backends.contains_key(&key.cookie) {
+                        reverse
+                            .entry(key.cookie)
+                            .or_default()
+                            .push(([key.addr, 0, 0, 0], key.port, value));
+                    }
+                }
+            }
+            if let Some(map) = self.ebpf.map(SOCK_REVNAT6_MAP) {
+                let map: HashMap<_, SockRevNatKey6, SockRevNatValue> =
+                    HashMap::try_from(map).map_err(map_error(SOCK_REVNAT6_MAP))?;
+                for (key, value) in map.iter().filter_map(Result::ok) {
+                    if backends.contains_key(&key.cookie) {
+                        reverse.entry(key.cookie).or_default().push((key.addr, key.port, value));
+                    }
+                }
+            }
+            backends
+                .iter()
+                .filter_map(|(&cookie, &backend)| {
+                    let entries = reverse.get(&cookie)?;
+                    // A UDP socket may also have sent unconnected datagrams to other Services:
+                    // its peer is the backend's address, while the backend is still there.
+                    let peer = current(backend).map(|b| (b.addr, b.port));
+                    let (addr, port, service) = entries
+                        .iter()
+                        .find(|(addr, port, _)| Some((*addr, *port)) == peer)
+                        .or_else(|| entries.first())?;
+                    Some((
+                        cookie,
+                        SockConnectedValue {
+                            backend_addr: *addr,
+                            service_addr: service.addr,
+                            backend,
+                            service: service.service,
+                            backend_port: *port,
+                            service_port: service.port,
+                            _pad: 0,
+                        },
+                    ))
+                })
+                .collect()
+        };
+        let map = self
+            .ebpf
+            .map_mut(SOCK_CONNECTED_MAP)
+            .ok_or(DatapathError::Missing(SOCK_CONNECTED_MAP))?;
+        let mut map: HashMap<_, u64, SockConnectedValue> =
+            HashMap::try_from(map).map_err(map_error(SOCK_CONNECTED_MAP))?;
+        for (cookie, value) in &connected {
+            map.insert(cookie, value, 0).map_err(map_error(SOCK_CONNECTED_MAP))?;
+        }
+        std::fs::remove_file(&path).map_err(io(&path))?;
+        tracing::info!(
+            "carried {} sockets over from {RETIRED_SOCKET_BACKENDS_MAP} to {SOCK_CONNECTED_MAP}, and removed {RETIRED_SOCKET_BACKENDS_MAP}",
+            connected.len()
+        );
+        Ok(connected.len())
     }
 
     /// Writes the cluster's Service CIDRs (replacing what the tries held).
@@ -764,6 +862,10 @@ const RETIRED_MAPS: [&str; 1] = [
     "FROM_POD_STATS",
 ];
 
+/// Socket cookie → backend id, which agents before [`SOCK_CONNECTED_MAP`] wrote at every connect:
+/// retired by [`Datapath::adopt_retired_socket_backends`], which carries its sockets over.
+pub const RETIRED_SOCKET_BACKENDS_MAP: &str = "SOCK_BACKEND";
+
 fn retire_maps(pins: &PinLayout) -> Result<(), DatapathError> {
     for name in RETIRED_MAPS {
         let path = pins.map(name);
@@ -828,7 +930,7 @@ pub fn map_fill(pins: &PinLayout, known: &[(&'static str, u64)]) -> Vec<(&'stati
             CT6_MAP => count!(CtKey6, CtValue),
             AFFINITY4_MAP => count!(AffinityKey4, AffinityValue),
             AFFINITY6_MAP => count!(AffinityKey6, AffinityValue),
-            SOCK_BACKEND_MAP => count!(u64, u32),
+            SOCK_CONNECTED_MAP => count!(u64, SockConnectedValue),
             SOCK_REVNAT4_MAP => count!(SockRevNatKey4, SockRevNatValue),
             SOCK_REVNAT6_MAP => count!(SockRevNatKey6, SockRevNatValue),
             DOOMED_BACKENDS_MAP => count!(u32, u8),

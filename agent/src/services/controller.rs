@@ -676,6 +676,8 @@ fn set_up(cfg: &ServicesConfig) -> Result<(Datapath, ServiceMaps, datapath::Atta
     } else {
         dp.detach_socket_lb().map_err(ServicesError::Datapaths)?;
     }
+    // No connect writes an older layout's socket map any more: carry its sockets over.
+    dp.adopt_retired_socket_backends()?;
     dp.pin_pod_programs()?;
     let pinned = if replace {
         PinnedLinks::Replace

@@ -107,7 +107,7 @@ const LRU_MAPS: [&str; 7] = [
     ferrynet_common::CT6_MAP,
     ferrynet_common::AFFINITY4_MAP,
     ferrynet_common::AFFINITY6_MAP,
-    ferrynet_common::SOCK_BACKEND_MAP,
+    ferrynet_common::SOCK_CONNECTED_MAP,
     ferrynet_common::SOCK_REVNAT4_MAP,
     ferrynet_common::SOCK_REVNAT6_MAP,
 ];

@@ -17,10 +17,11 @@
 //! - [`REV_NAT_MAP`]: service id → [`RevNatValue`] (the VIP and port replies come from);
 //! - [`CT4_MAP`] / [`CT6_MAP`]: per-packet connection tracking (LRU);
 //! - [`AFFINITY4_MAP`] / [`AFFINITY6_MAP`]: sessionAffinity (LRU);
-//! - [`SOCK_BACKEND_MAP`]: socket cookie → backend id, for terminating the sockets of removed
-//!   backends;
+//! - [`SOCK_CONNECTED_MAP`]: socket cookie → [`SockConnectedValue`] (the backend a socket
+//!   connected to in place of a Service, and that Service's address), one entry a connect: for
+//!   `recvmsg` and `getpeername`, and for terminating the sockets of removed backends;
 //! - [`SOCK_REVNAT4_MAP`] / [`SOCK_REVNAT6_MAP`]: (socket cookie, backend address, port) → VIP, for
-//!   `recvmsg` and `getpeername`;
+//!   the `recvmsg` of datagrams sent unconnected;
 //! - [`DOOMED_BACKENDS_MAP`]: backends whose sockets are being terminated;
 //! - [`SERVICE_CIDRS4_MAP`] / [`SERVICE_CIDRS6_MAP`]: the cluster's Service CIDRs, where an
 //!   address no Service holds is refused;
@@ -44,7 +45,7 @@ pub const CT4_MAP: &str = "CT4";
 pub const CT6_MAP: &str = "CT6";
 pub const AFFINITY4_MAP: &str = "AFFINITY4";
 pub const AFFINITY6_MAP: &str = "AFFINITY6";
-pub const SOCK_BACKEND_MAP: &str = "SOCK_BACKEND";
+pub const SOCK_CONNECTED_MAP: &str = "SOCK_CONNECTED";
 pub const SOCK_REVNAT4_MAP: &str = "SOCK_REVNAT4";
 pub const SOCK_REVNAT6_MAP: &str = "SOCK_REVNAT6";
 pub const DOOMED_BACKENDS_MAP: &str = "DOOMED_BACKENDS";
@@ -84,7 +85,7 @@ pub const PINNED_MAPS: [&str; 25] = [
     CT6_MAP,
     AFFINITY4_MAP,
     AFFINITY6_MAP,
-    SOCK_BACKEND_MAP,
+    SOCK_CONNECTED_MAP,
     SOCK_REVNAT4_MAP,
     SOCK_REVNAT6_MAP,
     DOOMED_BACKENDS_MAP,
@@ -486,6 +487,23 @@ pub struct SockRevNatValue {
     pub service: u32,
 }
 
+/// Value of [`SOCK_CONNECTED_MAP`]: a socket connected to a Service's address, as the connect
+/// program translated it. One entry serves both what a connected socket needs later (the Service
+/// address back, the backend to terminate it by), so that a connect pays one map insert.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockConnectedValue {
+    /// The backend's address (IPv4 in `[0]`) and port: the socket's peer, as the kernel has it.
+    pub backend_addr: [u32; 4],
+    /// The Service's address (IPv4 in `[0]`) and port: the peer the application asked for.
+    pub service_addr: [u32; 4],
+    pub backend: u32,
+    pub service: u32,
+    pub backend_port: u16,
+    pub service_port: u16,
+    pub _pad: u32,
+}
+
 /// Key of [`MAGLEV_MAP`]: entry `i` of a frontend's table is in chunk `i / MAGLEV_CHUNK`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -599,6 +617,7 @@ mod user {
         SockRevNatKey4,
         SockRevNatKey6,
         SockRevNatValue,
+        SockConnectedValue,
         DatapathConfig,
         SourceRangeKey4,
         SourceRangeKey6,
@@ -623,6 +642,7 @@ const _: () = {
     assert!(core::mem::size_of::<SockRevNatKey4>() == 16);
     assert!(core::mem::size_of::<SockRevNatKey6>() == 32);
     assert!(core::mem::size_of::<SockRevNatValue>() == 24);
+    assert!(core::mem::size_of::<SockConnectedValue>() == 48);
     assert!(core::mem::size_of::<DatapathConfig>() == 24);
     assert!(core::mem::size_of::<SourceRangeKey4>() == 8);
     assert!(core::mem::size_of::<SourceRangeKey6>() == 20);

@@ -26,7 +26,7 @@ pub static AFFINITY4: LruHashMap<AffinityKey4, AffinityValue> = LruHashMap::with
 #[map]
 pub static AFFINITY6: LruHashMap<AffinityKey6, AffinityValue> = LruHashMap::with_max_entries(DEFAULT_MAX_AFFINITY, 0);
 #[map]
-pub static SOCK_BACKEND: LruHashMap<u64, u32> = LruHashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+pub static SOCK_CONNECTED: LruHashMap<u64, SockConnectedValue> = LruHashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 #[map]
 pub static SOCK_REVNAT4: LruHashMap<SockRevNatKey4, SockRevNatValue> =
     LruHashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);

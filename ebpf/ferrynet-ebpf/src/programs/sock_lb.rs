@@ -14,7 +14,7 @@ use ferrynet_common::*;
 
 use super::{
     family::{Family, V4, V6},
-    maps::{SOCK_BACKEND, config},
+    maps::{SOCK_CONNECTED, config},
     services::{Destination, lookup, node_port_in_cluster, select},
     stats::bump,
 };
@@ -78,8 +78,13 @@ fn translate<F: Family>(ctx: &SockAddrContext, connecting: bool) -> i32 {
         Destination::Refused => return refuse(),
         Destination::Service(svc) => svc,
     };
-    // SAFETY: a sock_addr context.
-    let (cookie, netns) = unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), bpf_get_netns_cookie(ctx.as_ptr())) };
+    // The client's network namespace matters only to affinity (its key tells pods apart).
+    let netns = if svc.flags & SERVICE_F_AFFINITY != 0 {
+        // SAFETY: a sock_addr context.
+        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+    } else {
+        0
+    };
     let Some((id, backend)) = select::<F>(&svc, F::UNSPECIFIED, netns, 0) else {
         // An update in progress left no backend to pick: as if there were none.
         return refuse();
@@ -90,19 +95,33 @@ fn translate<F: Family>(ctx: &SockAddrContext, connecting: bool) -> i32 {
         F::set_user_ip(sa, backend_addr);
         write_volatile(addr_of_mut!((*sa).user_port), u32::from(backend.port));
     }
-    // A connected socket keeps its backend: it is terminated if the backend goes. Unconnected
-    // datagrams pick a backend each time.
-    if connecting {
-        let _ = SOCK_BACKEND.insert(cookie, id, 0);
-    }
-    let key = F::sock_revnat_key(cookie, backend_addr, backend.port);
-    let value = SockRevNatValue {
-        addr: F::widen(addr),
-        port,
-        _pad: 0,
-        service: svc.id,
+    // SAFETY: a sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let recorded = if connecting {
+        // A connected socket keeps its backend: one entry, by the socket alone, shows it the
+        // Service address and terminates it if the backend goes.
+        let value = SockConnectedValue {
+            backend_addr: F::widen(backend_addr),
+            service_addr: F::widen(addr),
+            backend: id,
+            service: svc.id,
+            backend_port: backend.port,
+            service_port: port,
+            _pad: 0,
+        };
+        SOCK_CONNECTED.insert(cookie, value, 0)
+    } else {
+        // Unconnected datagrams pick a backend each time: their replies are known by the
+        // backend they come from.
+        let value = SockRevNatValue {
+            addr: F::widen(addr),
+            port,
+            _pad: 0,
+            service: svc.id,
+        };
+        F::sock_revnat().insert(F::sock_revnat_key(cookie, backend_addr, backend.port), value, 0)
     };
-    if F::sock_revnat().insert(key, value, 0).is_err() {
+    if recorded.is_err() {
         bump(Stat::SockRevNatFull);
     }
     bump(Stat::SockTranslated);
@@ -114,19 +133,31 @@ fn translate<F: Family>(ctx: &SockAddrContext, connecting: bool) -> i32 {
 fn reverse<F: Family>(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
     // SAFETY: a sock_addr context; reading its fields.
-    let key = unsafe {
-        F::sock_revnat_key(
+    let (cookie, addr, port) = unsafe {
+        (
             bpf_get_socket_cookie(ctx.as_ptr()),
             F::user_ip(sa),
             read_volatile(addr_of!((*sa).user_port)) as u16,
         )
     };
+    // A socket connected to a Service; the peer is checked, since a UDP socket may have been
+    // disconnected since and receive from anyone.
     // SAFETY: the value is copied out at once.
-    if let Some(vip) = unsafe { F::sock_revnat().get(key) }.copied() {
+    let connected = unsafe { SOCK_CONNECTED.get(cookie) }
+        .copied()
+        .filter(|c| c.backend_port == port && c.backend_addr == F::widen(addr))
+        .map(|c| (c.service_addr, c.service_port));
+    // Else a datagram from a backend an unconnected socket sent to (or a socket connected by an
+    // agent from before `SOCK_CONNECTED`, which recorded every socket there).
+    let service = connected.or_else(|| {
+        // SAFETY: the value is copied out at once.
+        unsafe { F::sock_revnat().get(F::sock_revnat_key(cookie, addr, port)) }.map(|v| (v.addr, v.port))
+    });
+    if let Some((service_addr, service_port)) = service {
         // SAFETY: writing the fields the hook lets programs rewrite.
         unsafe {
-            F::set_user_ip(sa, F::narrow(vip.addr));
-            write_volatile(addr_of_mut!((*sa).user_port), u32::from(vip.port));
+            F::set_user_ip(sa, F::narrow(service_addr));
+            write_volatile(addr_of_mut!((*sa).user_port), u32::from(service_port));
         }
     }
 }

@@ -4,7 +4,7 @@
 //! client, say) would go on sending to a backend that is gone, and a TCP client would wait for
 //! its timeouts. The agent marks removed backends in `DOOMED_BACKENDS` and runs these iterators
 //! in every network namespace with such sockets. Each socket's backend is known by its cookie
-//! (recorded at connect in `SOCK_BACKEND`), so nothing here reads the kernel's socket structures.
+//! (recorded at connect in `SOCK_CONNECTED`), so nothing here reads the kernel's socket structures.
 //! The kfunc `bpf_sock_destroy` (Linux 6.5) aborts the socket: its owner gets an error at once and
 //! reconnects, to a live backend. No `CONFIG_INET_DIAG_DESTROY` is needed.
 use core::ffi::c_void;
@@ -13,7 +13,7 @@ use aya_ebpf::helpers::bpf_get_socket_cookie;
 use ferrynet_common::Stat;
 
 use super::{
-    maps::{DOOMED_BACKENDS, SOCK_BACKEND},
+    maps::{DOOMED_BACKENDS, SOCK_CONNECTED},
     stats::bump,
 };
 
@@ -49,7 +49,7 @@ fn terminate_if_doomed(ctx: *mut IterSocketContext) -> i32 {
     // SAFETY: a socket pointer the iterator hands out, which the helper accepts.
     let cookie = unsafe { bpf_get_socket_cookie(sk) };
     // SAFETY: the value is copied out at once.
-    let Some(backend) = (unsafe { SOCK_BACKEND.get(cookie) }).copied() else {
+    let Some(backend) = (unsafe { SOCK_CONNECTED.get(cookie) }).map(|connected| connected.backend) else {
         return 0;
     };
     // SAFETY: the value is only tested for presence.
@@ -58,7 +58,7 @@ fn terminate_if_doomed(ctx: *mut IterSocketContext) -> i32 {
         if unsafe { bpf_sock_destroy(sk) } == 0 {
             bump(Stat::SocketsTerminated);
         }
-        let _ = SOCK_BACKEND.remove(cookie);
+        let _ = SOCK_CONNECTED.remove(cookie);
     }
     0
 }
