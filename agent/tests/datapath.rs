@@ -15,6 +15,19 @@ use ferrynet_tests::{
 use object::{Object, ObjectSection};
 use serde_json::Value;
 
+/// Pins at `path` a map of `kind` as an earlier agent version made it (by bpftool, so that
+/// nothing of this version's layout is involved).
+fn create_pinned_map(path: &std::path::Path, kind: &str, key: u32, value: u32, entries: u32, name: &str) {
+    let made = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(path)
+        .args(["type", kind, "key", &key.to_string(), "value", &value.to_string()])
+        .args(["entries", &entries.to_string(), "name", name])
+        .status()
+        .expect("bpftool (installed by bootstrap.sh)");
+    assert!(made.success() && path.exists(), "bpftool map create {name}");
+}
+
 #[test]
 fn the_pod_programs_load_attach_first_at_tcx_and_pass_a_pods_traffic() {
     require_root();
@@ -33,24 +46,7 @@ fn the_pod_programs_load_attach_first_at_tcx_and_pass_a_pods_traffic() {
     let pins = datapath::PinLayout::new(&bpffs.pin_path("dp"));
     pins.create().unwrap();
     let retired = pins.map("FROM_POD_STATS");
-    let made = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&retired)
-        .args([
-            "type",
-            "percpu_hash",
-            "key",
-            "4",
-            "value",
-            "16",
-            "entries",
-            "16",
-            "name",
-            "FROM_POD_STATS",
-        ])
-        .status()
-        .expect("bpftool (installed by bootstrap.sh)");
-    assert!(made.success() && retired.exists());
+    create_pinned_map(&retired, "percpu_hash", 4, 16, 16, "FROM_POD_STATS");
 
     // Loading runs the verifier on the real kernel; a broken kernel build fails here.
     let mut datapath = Datapath::load(&bpffs.pin_path("dp"), MapSizes::default()).expect("load the eBPF object");
@@ -240,24 +236,7 @@ fn the_sockets_an_older_agent_recorded_are_carried_over_and_its_socket_map_dropp
     // An agent from before SOCK_CONNECTED recorded each connected socket's backend by cookie in
     // SOCK_BACKEND, and its Service address in the reverse NAT maps.
     let old = pins.map(datapath::RETIRED_SOCKET_BACKENDS_MAP);
-    let made = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&old)
-        .args([
-            "type",
-            "lru_hash",
-            "key",
-            "8",
-            "value",
-            "4",
-            "entries",
-            "64",
-            "name",
-            "SOCK_BACKEND",
-        ])
-        .status()
-        .expect("bpftool (installed by bootstrap.sh)");
-    assert!(made.success() && old.exists());
+    create_pinned_map(&old, "lru_hash", 8, 4, 64, "SOCK_BACKEND");
     let mut backends_of: HashMap<_, u64, u32> = HashMap::try_from(open("SOCK_BACKEND")).unwrap();
     // Sockets 1 (IPv4), 2 (IPv6) and 3 (a UDP socket that also sent unconnected datagrams to
     // another Service) are carried over; socket 4 has no reverse entry (evicted): nothing to

@@ -14,7 +14,7 @@ use ferrynet_common::*;
 
 use super::{
     family::{Family, V4, V6},
-    maps::{SOCK_CONNECTED, config},
+    maps::{SOCK_CONNECTED, backend_port, config},
     services::{Destination, lookup, node_port_in_cluster, select},
     stats::bump,
 };
@@ -132,14 +132,16 @@ fn translate<F: Family>(ctx: &SockAddrContext, connecting: bool) -> i32 {
 #[inline(always)]
 fn reverse<F: Family>(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
-    // SAFETY: a sock_addr context; reading its fields.
-    let (cookie, addr, port) = unsafe {
-        (
-            bpf_get_socket_cookie(ctx.as_ptr()),
-            F::user_ip(sa),
-            read_volatile(addr_of!((*sa).user_port)) as u16,
-        )
-    };
+    // SAFETY: reading fields of the kernel's context.
+    let (addr, port) = unsafe { (F::user_ip(sa), read_volatile(addr_of!((*sa).user_port)) as u16) };
+    // Both maps are keyed by a backend's port: a peer on a port no backend has (most sockets'
+    // peers, a UDP server's clients) spares both lookups. A socket whose backend was removed
+    // shows that backend's address from then on, until it is terminated.
+    if !backend_port(port) {
+        return;
+    }
+    // SAFETY: a sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // A socket connected to a Service; the peer is checked, since a UDP socket may have been
     // disconnected since and receive from anyone.
     // SAFETY: the value is copied out at once.
