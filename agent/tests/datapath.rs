@@ -261,19 +261,16 @@ fn the_sockets_an_older_agent_recorded_are_carried_over_and_its_socket_map_dropp
         port: port(port_host),
         _pad: 0,
     };
-    reverse4
-        .insert(key4(1, [10, 244, 2, 2], 9000), service(vip4, 80, 3), 0)
-        .unwrap();
-    reverse4
-        .insert(key4(3, [10, 244, 2, 9], 53), service(other_vip4, 53, 5), 0)
-        .unwrap();
-    reverse4
-        .insert(key4(3, [10, 244, 2, 4], 53), service(vip4, 53, 4), 0)
-        .unwrap();
     // Socket 5 only sent unconnected datagrams: it never had a SOCK_BACKEND entry.
-    reverse4
-        .insert(key4(5, [10, 244, 2, 2], 9000), service(vip4, 80, 3), 0)
-        .unwrap();
+    for (cookie, backend, backend_port, vip, vip_port, id) in [
+        (1, [10, 244, 2, 2], 9000, vip4, 80, 3),
+        (3, [10, 244, 2, 9], 53, other_vip4, 53, 5),
+        (3, [10, 244, 2, 4], 53, vip4, 53, 4),
+        (5, [10, 244, 2, 2], 9000, vip4, 80, 3),
+    ] {
+        let key = key4(cookie, backend, backend_port);
+        reverse4.insert(key, service(vip, vip_port, id), 0).unwrap();
+    }
     let mut reverse6: HashMap<_, SockRevNatKey6, SockRevNatValue> = HashMap::try_from(open("SOCK_REVNAT6")).unwrap();
     let key6 = SockRevNatKey6 {
         cookie: 2,

@@ -484,7 +484,7 @@ impl Datapath {
                 let map = self.ebpf.map(BACKENDS_MAP)?;
                 HashMap::<_, u32, BackendValue>::try_from(map).ok()?.get(&id, 0).ok()
             };
-            // Each socket's entries, as (backend address, port, Service address, port, Service).
+            // Each socket's reverse entries, as (backend address, backend port, the Service).
             let mut reverse: std::collections::HashMap<u64, Vec<([u32; 4], u16, SockRevNatValue)>> =
                 std::collections::HashMap::new();
             if let Some(map) = self.ebpf.map(SOCK_REVNAT4_MAP) {
