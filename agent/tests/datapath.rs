@@ -324,3 +324,128 @@ fn the_sockets_an_older_agent_recorded_are_carried_over_and_its_socket_map_dropp
     drop(datapath);
     datapath::cleanup(&bpffs.pin_path("dp")).unwrap();
 }
+
+/// The host veths of the calling thread's namespace, as the controller's scan lists them.
+fn host_veths_here() -> Vec<String> {
+    let mut netlink = ferrynet_kernel::netlink::Netlink::current().expect("netlink");
+    netlink
+        .links()
+        .expect("links")
+        .iter()
+        .filter_map(ferrynet_kernel::netlink::inspect::link_name)
+        .filter(|name| name.starts_with(ferrynet_kernel::names::HOST_VETH_PREFIX))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_cni_and_the_agents_scan_attaching_to_new_veths_at_once_neither_fail_nor_leave_one_bare() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    use ferrynet_common::{FROM_POD_PROGRAM, TO_POD_PROGRAM};
+    require_root();
+    let bpffs = TestBpfFs::mount();
+    let pin_root = bpffs.pin_path("dp");
+    let pins = datapath::PinLayout::new(&pin_root);
+    let host = Netns::host("host", "192.168.96.1", "fd96::1");
+    let state = tempfile::tempdir().unwrap();
+    let mut list = ferrynet_conflist("race", "10.41.0.0/24", None, state.path());
+    list.0["plugins"][0]["datapath"] = serde_json::json!({ "pinPath": pin_root });
+    let mut datapath = Datapath::load(&pin_root, MapSizes::default()).expect("load the eBPF object");
+    datapath.pin_pod_programs().expect("pin the pod programs");
+    let program_id = |name: &str| {
+        let program = SchedClassifier::from_pin(pins.program(name)).expect("pinned program");
+        program.info().expect("program info").id()
+    };
+    let hooks = [
+        (TcAttachType::Ingress, "from", program_id(FROM_POD_PROGRAM)),
+        (TcAttachType::Egress, "to", program_id(TO_POD_PROGRAM)),
+    ];
+    let pod = Netns::new("pod");
+    let runtime = Runtime::new(&host);
+    let scanning = AtomicBool::new(true);
+
+    // Interfaces e0..e29 of one pod are added, deleted and added again (the same veth names a
+    // second time, after links pinned for the first ones), while the agent's scan runs back to
+    // back: every new veth is one both sides go for at once.
+    let (scan_failures, scans) = std::thread::scope(|s| {
+        let agent = s.spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut failures = Vec::new();
+            let mut scans = 0u32;
+            while scanning.load(Ordering::Relaxed) && scans < 1_000_000 && Instant::now() < deadline {
+                let scanned = ferrynet_kernel::netns::run_in(host.fd(), || {
+                    let veths = host_veths_here();
+                    Ok(datapath.scan_pod_veths(&veths, PinnedLinks::Keep))
+                })
+                .expect("enter the host netns");
+                if let Err(errors) = scanned {
+                    failures.push(errors.to_string());
+                }
+                scans += 1;
+            }
+            (failures, scans)
+        });
+        let mut live = std::collections::BTreeSet::new();
+        for round in 0..90 {
+            let ifname = format!("e{}", round % 30);
+            let veth = HostVeth::new("race", &ifname).name;
+            if live.remove(&ifname) {
+                runtime
+                    .del(&list, "race", Some(&pod.path()), &ifname, &Value::Null, None)
+                    .unwrap_or_else(|e| panic!("DEL {ifname}: {e:?}"));
+                continue;
+            }
+            let added = runtime.add(&list, "race", &pod.path(), &ifname, &Value::Null, None);
+            if let Err(e) = added {
+                scanning.store(false, Ordering::Relaxed);
+                panic!("ADD {ifname} (round {round}) failed while the agent scanned: {e:?}");
+            }
+            live.insert(ifname.clone());
+            // The programs run on the new veth, once each, whoever attached them.
+            for (hook, suffix, ours) in hooks {
+                let (_, attached) = ferrynet_kernel::netns::run_in(host.fd(), || {
+                    SchedClassifier::query_tcx(&veth, hook).map_err(std::io::Error::other)
+                })
+                .unwrap();
+                let ids: Vec<u32> = attached.iter().map(|p| p.id()).collect();
+                assert_eq!(ids, [ours], "{veth} {suffix}, round {round}");
+            }
+        }
+        scanning.store(false, Ordering::Relaxed);
+        agent.join().expect("the scanning thread")
+    });
+    assert!(scan_failures.is_empty(), "the agent's scan failed: {scan_failures:?}");
+    assert!(scans >= 90, "only {scans} scans ran alongside the ADDs");
+
+    // Every live veth's two links are pinned, and those pins are the links on that veth (not a
+    // defunct link of an earlier veth of the same name, nor a link about to go with no pin to
+    // hold it); a last scan leaves no pin of a deleted veth.
+    let veths = ferrynet_kernel::netns::run_in(host.fd(), || Ok(host_veths_here())).unwrap();
+    assert_eq!(veths.len(), 30, "{veths:?}");
+    ferrynet_kernel::netns::run_in(host.fd(), || {
+        datapath
+            .scan_pod_veths(&veths, PinnedLinks::Keep)
+            .map_err(std::io::Error::other)
+    })
+    .expect("a last scan");
+    let pinned: Vec<String> = datapath::pinned_pod_veths(&pins).into_iter().collect();
+    let mut sorted = veths.clone();
+    sorted.sort();
+    assert_eq!(pinned, sorted);
+    for veth in &veths {
+        let ifindex = ferrynet_kernel::netns::run_in(host.fd(), || {
+            nix::net::if_::if_nametoindex(veth.as_str()).map_err(std::io::Error::from)
+        })
+        .unwrap();
+        for (_, suffix, ours) in hooks {
+            let link = pins.pod_link(veth, suffix);
+            let linked = ferrynet_tests::bpffs::tcx_link_ifindex(&link).expect("the pinned link's info");
+            assert_eq!(linked, ifindex, "{veth}-{suffix}: a link of another interface");
+            assert_eq!(datapath::link_program_id(&link).unwrap(), ours, "{veth}-{suffix}");
+        }
+    }
+    drop(datapath);
+    datapath::cleanup(&pin_root).unwrap();
+}

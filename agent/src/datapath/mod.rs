@@ -111,6 +111,8 @@ pub enum DatapathError {
     Link { path: PathBuf, source: LinkError },
     #[error("the kernel's BTF (/sys/kernel/btf/vmlinux) cannot be read: {0}")]
     Btf(#[from] aya::BtfError),
+    #[error("pod veth {veth}: {source}")]
+    PodVeth { veth: String, source: Box<DatapathError> },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DatapathError + '_ {
@@ -226,6 +228,10 @@ pub struct Datapath {
     ebpf: Ebpf,
     pins: PinLayout,
 }
+
+/// How long the agent waits for a CNI ADD to finish a veth's links (an ADD holds the lock for a
+/// few syscalls).
+const POD_LINKS_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What attaching does with a TCX link that is already pinned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -462,17 +468,11 @@ impl Datapath {
     pub fn adopt_retired_socket_backends(&mut self) -> Result<usize, DatapathError> {
         use aya::maps::HashMap;
         let path = self.pins.map(RETIRED_SOCKET_BACKENDS_MAP);
-        let old = match MapData::from_pin(&path) {
-            Ok(data) => data,
-            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(source) => {
-                return Err(DatapathError::Map {
-                    name: RETIRED_SOCKET_BACKENDS_MAP,
-                    source,
-                });
-            }
-        };
+        if !path.exists() {
+            return Ok(0);
+        }
         let map_error = |name| move |source| DatapathError::Map { name, source };
+        let old = MapData::from_pin(&path).map_err(map_error(RETIRED_SOCKET_BACKENDS_MAP))?;
         let old = aya::maps::Map::from_map_data(old).map_err(map_error(RETIRED_SOCKET_BACKENDS_MAP))?;
         let old: HashMap<_, u64, u32> = HashMap::try_from(old).map_err(map_error(RETIRED_SOCKET_BACKENDS_MAP))?;
         // Entries the kernel evicts while we walk are skipped: those sockets are gone.
@@ -514,11 +514,17 @@ impl Datapath {
                     let entries = reverse.get(&cookie)?;
                     // A UDP socket may also have sent unconnected datagrams to other Services:
                     // its peer is the backend's address, while the backend is still there.
-                    let peer = current(backend).map(|b| (b.addr, b.port));
-                    let (addr, port, service) = entries
-                        .iter()
-                        .find(|(addr, port, _)| Some((*addr, *port)) == peer)
-                        .or_else(|| entries.first())?;
+                    // (Looked up only then: a syscall each.)
+                    let (addr, port, service) = match entries.as_slice() {
+                        [only] => only,
+                        _ => {
+                            let peer = current(backend).map(|b| (b.addr, b.port));
+                            entries
+                                .iter()
+                                .find(|(addr, port, _)| Some((*addr, *port)) == peer)
+                                .or_else(|| entries.first())?
+                        }
+                    };
                     Some((
                         cookie,
                         SockConnectedValue {
@@ -640,11 +646,49 @@ impl Datapath {
     /// exist.
     pub fn attach_pod_veth(&mut self, veth: &str, pinned: PinnedLinks) -> Result<AttachReport, DatapathError> {
         let mut report = AttachReport::default();
+        let links = POD_PROGRAMS.map(|(_, _, suffix)| self.pins.pod_link(veth, suffix));
+        if pinned == PinnedLinks::Keep && links.iter().all(|link| link.exists()) {
+            report.kept += links.len();
+            return Ok(report);
+        }
+        // The CNI attaches to the veths it makes, under the same lock.
+        let _lock = self
+            .pins
+            .lock_pod_links(POD_LINKS_LOCK_WAIT)
+            .map_err(io(&self.pins.pod_links()))?;
         for (name, hook, suffix) in POD_PROGRAMS {
             let path = self.pins.pod_link(veth, suffix);
             self.attach_tcx(name, hook, veth, &path, pinned, &mut report)?;
         }
         Ok(report)
+    }
+
+    /// The controller's scan of the node's pod veths (`veths`, listed just before): attaches the
+    /// pod programs to those that lack them (`pinned`: what happens to links that exist) and
+    /// forgets the links of veths that are gone. A veth deleted since the listing is no
+    /// failure. Keeps going past failures and reports them all.
+    pub fn scan_pod_veths(&mut self, veths: &[String], pinned: PinnedLinks) -> Result<(), ErrorList<DatapathError>> {
+        let mut errors = ErrorList::default();
+        let on_veth = |veth: &str, source| DatapathError::PodVeth {
+            veth: veth.to_string(),
+            source: Box::new(source),
+        };
+        for veth in veths {
+            if let Err(e) = self.attach_pod_veth(veth, pinned)
+                && interface_exists(veth)
+            {
+                errors.push(on_veth(veth, e));
+            }
+        }
+        let present: BTreeSet<&str> = veths.iter().map(String::as_str).collect();
+        for veth in pinned_pod_veths(&self.pins) {
+            if !present.contains(veth.as_str())
+                && let Err(list) = unpin_pod_veth(&self.pins, &veth)
+            {
+                errors.0.extend(list.0.into_iter().map(|e| on_veth(&veth, e)));
+            }
+        }
+        errors.into_result()
     }
 
     /// Attaches the uplink program to the ingress of `uplink` (interface `ifindex`), as
@@ -708,14 +752,28 @@ impl Datapath {
                 program.attach_to_link(old).map_err(program_error(name))?
             }
             None => {
-                report.attached += 1;
-                program
-                    .attach_with_options(
-                        iface,
-                        hook,
-                        TcAttachOptions::TcxOrder(aya::programs::LinkOrder::first()),
-                    )
-                    .map_err(program_error(name))?
+                let attached = program.attach_with_options(
+                    iface,
+                    hook,
+                    TcAttachOptions::TcxOrder(aya::programs::LinkOrder::first()),
+                );
+                match attached {
+                    Ok(link_id) => {
+                        report.attached += 1;
+                        link_id
+                    }
+                    // A CNI that went on without the lock (this agent held it too long)
+                    // attached it, and pins its own link.
+                    Err(e) => {
+                        let running = program.info().map_err(program_error(name))?.id();
+                        let (_, on_hook) = SchedClassifier::query_tcx(iface, hook).map_err(program_error(name))?;
+                        if !on_hook.iter().any(|p| p.id() == running) {
+                            return Err(program_error(name)(e));
+                        }
+                        report.kept += 1;
+                        return Ok(());
+                    }
+                }
             }
         };
         let link: FdLink = program
@@ -1048,9 +1106,21 @@ pub fn unpin_uplink(pins: &PinLayout, ifindex: u32) -> Result<(), DatapathError>
     }
 }
 
-/// Removes the pinned links of `veth` (whose veth is gone: its links are defunct).
+/// Removes the pinned links of `veth` if it is gone (its links are defunct).
 pub fn unpin_pod_veth(pins: &PinLayout, veth: &str) -> Result<(), ErrorList<DatapathError>> {
     let mut errors = ErrorList::default();
+    // A CNI ADD may be making a veth of this name right now: under the lock, its links are
+    // pinned only once the veth exists, so a veth still gone has none of them.
+    let _lock = match pins.lock_pod_links(POD_LINKS_LOCK_WAIT) {
+        Ok(lock) => lock,
+        Err(e) => {
+            errors.push(io(&pins.pod_links())(e));
+            return errors.into_result();
+        }
+    };
+    if interface_exists(veth) {
+        return Ok(());
+    }
     for (_, _, suffix) in POD_PROGRAMS {
         let path = pins.pod_link(veth, suffix);
         match std::fs::remove_file(&path) {
@@ -1094,6 +1164,11 @@ pub fn cleanup(pin_root: &Path) -> Result<(), ErrorList<DatapathError>> {
     remove_tree(&pins.links(), &mut errors);
     remove_tree(&root, &mut errors);
     errors.into_result()
+}
+
+/// Whether this namespace has an interface named `name`.
+pub fn interface_exists(name: &str) -> bool {
+    nix::net::if_::if_nametoindex(name).is_ok()
 }
 
 #[cfg(test)]

@@ -685,7 +685,12 @@ fn set_up(cfg: &ServicesConfig) -> Result<(Datapath, ServiceMaps, datapath::Atta
         PinnedLinks::Verify
     };
     for veth in host_veths()? {
-        let r = dp.attach_pod_veth(&veth, pinned)?;
+        let r = match dp.attach_pod_veth(&veth, pinned) {
+            Ok(r) => r,
+            // Deleted since the listing (a pod going away).
+            Err(_) if !datapath::interface_exists(&veth) => continue,
+            Err(e) => return Err(e.into()),
+        };
         report.attached += r.attached;
         report.upgraded += r.upgraded;
         report.kept += r.kept;
@@ -1233,26 +1238,15 @@ impl Controller {
     }
 
     /// Attaches the pod programs to veths that lack them (`pinned`: what to do with those that
-    /// have them); forgets the links of veths that are gone.
+    /// have them); forgets the links of veths that are gone. (The CNI attaches to the veths it
+    /// makes itself; the two take turns under a lock.)
     fn scan_veths(&mut self, pinned: PinnedLinks) {
         let Ok(veths) = host_veths() else {
             return;
         };
-        let present: BTreeSet<String> = veths.iter().cloned().collect();
-        for veth in &veths {
-            // The CNI attaches to new veths itself; one it is attaching right now shows here too,
-            // and whichever comes second finds the other's link (and its pin) in place.
-            if let Err(e) = self.datapath.attach_pod_veth(veth, pinned)
-                && !self.datapath.pins().pod_link(veth, "from").exists()
-            {
-                warn!("attaching the pod programs to {veth}: {e}");
-            }
-        }
-        for veth in datapath::pinned_pod_veths(self.datapath.pins()) {
-            if !present.contains(&veth)
-                && let Err(e) = datapath::unpin_pod_veth(self.datapath.pins(), &veth)
-            {
-                warn!("removing the links of {veth}: {e}");
+        if let Err(errors) = self.datapath.scan_pod_veths(&veths, pinned) {
+            for e in errors.0 {
+                warn!("scanning the pod veths: {e}");
             }
         }
     }

@@ -2,7 +2,7 @@
 //! them: on the host veth before the pod's interface comes up, so that no packet the pod sends
 //! escapes translation, and without ever waiting for the agent. Without pinned programs (service
 //! translation off, or the agent never ran), nothing happens and pods are wired as always.
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, links::FdLink, tc::TcAttachOptions};
 use ferrynet_common::{FROM_POD_PROGRAM, TO_POD_PROGRAM};
@@ -14,6 +14,10 @@ const HOOKS: [(&str, TcAttachType, &str); 2] = [
     (TO_POD_PROGRAM, TcAttachType::Egress, "to"),
 ];
 
+/// How long an ADD waits for the agent to finish a veth of its own before going on without the
+/// lock (an agent stuck holding it must not hold pods up).
+const LOCK_WAIT: Duration = Duration::from_secs(1);
+
 /// Attaches the pinned pod programs to `veth` (in the calling thread's namespace), pinning the
 /// links where the agent finds them. Returns whether there was anything to attach.
 pub fn attach(pin_root: &Path, veth: &str) -> Result<bool, String> {
@@ -21,17 +25,27 @@ pub fn attach(pin_root: &Path, veth: &str) -> Result<bool, String> {
     if HOOKS.iter().any(|(program, _, _)| !pins.program(program).exists()) {
         return Ok(false);
     }
+    // The agent attaches too, to veths it finds without links. Without the lock (the agent
+    // held it past the wait), the hooks alone say what the agent did.
+    let _lock = pins.lock_pod_links(LOCK_WAIT).ok();
     for (program, hook, suffix) in HOOKS {
         let mut classifier =
             SchedClassifier::from_pin(pins.program(program)).map_err(|e| format!("pinned program {program}: {e}"))?;
-        let link_path = pins.pod_link(veth, suffix);
+        let program_id = classifier
+            .info()
+            .map_err(|e| format!("pinned program {program}: {e}"))?
+            .id();
+        // The agent's scan found the veth first (and pinned its link, under the lock).
+        if hook_runs(veth, hook, program_id)? {
+            continue;
+        }
         // A link of an earlier veth of the same name (a repeated ADD) is defunct: replaced.
+        let link_path = pins.pod_link(veth, suffix);
         let _ = std::fs::remove_file(&link_path);
         let id = match classifier.attach_with_options(veth, hook, TcAttachOptions::TcxOrder(LinkOrder::first())) {
             Ok(id) => id,
-            // The agent, which also attaches to veths it finds without the programs, got there
-            // first: its link is pinned, and the veth is covered.
-            Err(_) if link_path.exists() => continue,
+            // Only without the lock: the agent attached since the look above, and pins its link.
+            Err(_) if hook_runs(veth, hook, program_id)? => continue,
             Err(e) => return Err(format!("attaching {program} to {veth}: {e}")),
         };
         let link: FdLink = classifier
@@ -43,6 +57,12 @@ pub fn attach(pin_root: &Path, veth: &str) -> Result<bool, String> {
             .map_err(|e| format!("pinning {}: {e}", link_path.display()))?;
     }
     Ok(true)
+}
+
+/// Whether `hook` of `veth` runs the program `program_id`.
+fn hook_runs(veth: &str, hook: TcAttachType, program_id: u32) -> Result<bool, String> {
+    let (_, programs) = SchedClassifier::query_tcx(veth, hook).map_err(|e| format!("the programs on {veth}: {e}"))?;
+    Ok(programs.iter().any(|p| p.id() == program_id))
 }
 
 /// Forgets `veth`'s links (the veth is gone, so they are defunct). Missing pins are fine.

@@ -568,7 +568,8 @@ pub enum Stat {
     PacketsRefused = 4,
     /// A conntrack entry could not be written (the map is full of entries that may not go).
     ConntrackFull = 5,
-    /// A socket reverse NAT entry could not be written.
+    /// A connected socket's entry (`SOCK_CONNECTED`) or an unconnected datagram's reverse NAT
+    /// entry (`SOCK_REVNAT4/6`) could not be written.
     SockRevNatFull = 6,
     /// Sockets terminated because their backend was removed.
     SocketsTerminated = 7,
