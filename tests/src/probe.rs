@@ -36,6 +36,13 @@ pub fn request(to: SocketAddr, udp: bool, timeout: Duration) -> Result<String> {
     Ok(format!("{} peer={}", answer.trim_end(), stream.peer_addr()?))
 }
 
+/// Where tests take fixed source ports from: below the kernel's ephemeral range (32768-60999 by
+/// default) and the NodePort range (30000-32767). A connection given an ephemeral port keeps it
+/// in TIME_WAIT for a minute without SO_REUSEADDR, and then a bind to that port fails with
+/// EADDRINUSE even with SO_REUSEADDR: a fixed port inside the range collides with whichever
+/// earlier connection the kernel happened to give it.
+pub const FIXED_SOURCE_PORTS: std::ops::Range<u16> = 20_000..30_000;
+
 /// A TCP connection to `to` from local port `port` (bound with SO_REUSEADDR, so that a port
 /// whose last connection is in TIME_WAIT can be taken again); connecting gives up after
 /// `timeout`, and reads time out after it too.

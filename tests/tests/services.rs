@@ -211,7 +211,7 @@ fn the_per_packet_path_translates_what_socket_lb_does_not() {
     // A pod that reached a backend through the Service, then reaches that backend directly from
     // the same source port, talks to the backend's own address: the finished Service flow's
     // translation must not be applied to the new connection's replies.
-    for (v4, local_port) in [(true, 40123), (false, 40124)] {
+    for (v4, local_port) in [(true, 20_123), (false, 20_124)] {
         let vip = SocketAddr::new(lab.cluster_ip("web", v4).unwrap(), 80);
         let through_service = request_from_port(&lab, "client", local_port, vip)
             .unwrap_or_else(|e| panic!("client:{local_port} -> {vip}: {e}"));
@@ -242,7 +242,7 @@ fn the_per_packet_path_translates_what_socket_lb_does_not() {
             };
             ct.get(&key, 0).ok()
         };
-        for (local_port, reset) in [(40125, false), (40126, true)] {
+        for (local_port, reset) in [(20_125, false), (20_126, true)] {
             let ns = lab.pod_ns("client").unwrap();
             let stream = ferrynet_kernel::netns::run_in(ns.fd(), || {
                 ferrynet_tests::probe::connect_from_port(SocketAddr::new(vip, 80), local_port, Duration::from_secs(3))
@@ -1428,8 +1428,9 @@ fn load_balancer_ips_and_external_ips_answer_where_they_arrive_and_short_circuit
     }
 }
 
-/// The source ports of the flows the Maglev test follows.
-const FLOW_PORTS: std::ops::RangeInclusive<u16> = 42_000..=42_127;
+/// The source ports of the flows the Maglev test follows (outside the ephemeral range, see
+/// [`ferrynet_tests::probe::FIXED_SOURCE_PORTS`]).
+const FLOW_PORTS: std::ops::RangeInclusive<u16> = 22_000..=22_127;
 
 /// The backend each flow of [`FLOW_PORTS`] from the external client to `to` lands on.
 fn flows_to(lab: &Lab, to: SocketAddr) -> BTreeMap<u16, String> {

@@ -161,8 +161,8 @@ enum Probe {
         #[arg(long, default_value = "3")]
         timeout_seconds: u64,
     },
-    /// One TCP request from each source port of a range (`FIRST-LAST`), each connection reset
-    /// at its end; prints `<port> <answer>` per port.
+    /// One TCP request from each source port of a range (`FIRST-LAST`, inside 20000-29999),
+    /// each connection reset at its end; prints `<port> <answer>` per port.
     Flows {
         to: SocketAddr,
         #[arg(long, value_parser = parse_port_range)]
@@ -204,6 +204,14 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let last: u16 = last.parse().map_err(|_| format!("bad port {last}"))?;
     if first == 0 || last < first {
         return Err(format!("{s:?} is not a range FIRST-LAST of ports"));
+    }
+    let fixed = ferrynet_tests::probe::FIXED_SOURCE_PORTS;
+    if !fixed.contains(&first) || !fixed.contains(&last) {
+        return Err(format!(
+            "{s:?} is not inside {}-{}: a port in the kernel's ephemeral range may be held by an earlier connection",
+            fixed.start,
+            fixed.end - 1
+        ));
     }
     Ok((first, last))
 }
