@@ -8,7 +8,16 @@ pub struct Summary {
     pub p50: Duration,
     pub p99: Duration,
     pub mean: Duration,
+    /// The slowest sample: a few stalls (a SYN retransmitted after a second) hide from the
+    /// p99 of tens of thousands of samples, yet dominate their total time.
+    pub max: Duration,
+    /// Samples over [`STALL`].
+    pub stalls: usize,
 }
+
+/// A sample slower than this is a stall (a retransmission, a timeout), not a slow path: every
+/// mode measured here answers in well under a millisecond.
+pub const STALL: Duration = Duration::from_millis(100);
 
 impl Summary {
     pub fn of(samples: &[Duration]) -> Self {
@@ -22,6 +31,8 @@ impl Summary {
             p50: rank(0.50),
             p99: rank(0.99),
             mean,
+            max: sorted[sorted.len() - 1],
+            stalls: sorted.iter().filter(|d| **d > STALL).count(),
         }
     }
 }
@@ -39,6 +50,17 @@ pub fn ratio(a: Duration, b: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_summary_counts_the_stalls_its_p99_hides() {
+        let mut samples = vec![Duration::from_micros(50); 1000];
+        samples[10] = Duration::from_millis(1003);
+        samples[500] = Duration::from_millis(101);
+        let summary = Summary::of(&samples);
+        assert_eq!(summary.p99, Duration::from_micros(50));
+        assert_eq!(summary.max, Duration::from_millis(1003));
+        assert_eq!(summary.stalls, 2);
+    }
 
     #[test]
     fn nearest_rank_percentiles() {

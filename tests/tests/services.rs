@@ -1253,11 +1253,11 @@ fn node_ports_answer_from_outside_on_every_node_over_both_families_and_protocols
         SocketAddr::new(nodes[0].1[0], ports[0]),
         SocketAddr::new(pod_ip, POD_PORT),
     ] {
-        let flows = lab.flows("client", to, 43_000..=43_000);
+        let flows = lab.flows("client", to, 23_000..=23_000);
         assert_eq!(
-            flows.as_ref().ok().and_then(|f| f.get(&43_000)).map(String::as_str),
+            flows.as_ref().ok().and_then(|f| f.get(&23_000)).map(String::as_str),
             Some("np"),
-            "client:43000 -> {to}: {flows:?}"
+            "client:23000 -> {to}: {flows:?}"
         );
     }
 
@@ -1834,4 +1834,63 @@ fn a_purge_of_a_removed_backends_flows_does_not_hold_up_other_services_changes()
     // And the restarted agent programs as before.
     lab.set_pod_ready("a2", true).unwrap();
     wait_backends(&lab, "n1", &frontend("a"), &[ip("a1"), ip("a2")]);
+}
+
+#[test]
+fn snat_ports_of_reset_flows_are_taken_again_so_a_busy_node_port_does_not_run_out() {
+    // More connections than the SNAT range has ports (SNAT_PORT_MIN..=SNAT_PORT_MAX), each
+    // ended by the client's reset, through a node whose NodePort SNATs them to a backend on
+    // another node. A reset leaves neither end holding the tuple, so its port is free again at
+    // once; held for the closed-flow time instead, the range ran out after a few thousand
+    // connections and each new SYN was dropped (a second's stall at the client) until ports
+    // expired.
+    const CONNECTIONS: usize = 6_000;
+    let span = usize::from(ferrynet_common::SNAT_PORT_MAX - ferrynet_common::SNAT_PORT_MIN) + 1;
+    assert!(CONNECTIONS > span, "the load must need more ports than the range has");
+    let mut lab = LabGuard::up(2, "native");
+    lab.run_pod("busy", "n1", &labels(&[("app", "busy")])).unwrap();
+    let mut svc = service(
+        "busy",
+        "busy",
+        vec![port("tcp", "TCP", 80, IntOrString::Int(i32::from(POD_PORT)))],
+    );
+    svc.spec.as_mut().unwrap().type_ = Some("NodePort".into());
+    lab.create_service_object(&svc).unwrap();
+    let n2 = lab.state.nodes.iter().find(|n| n.name == "n2").unwrap().v4();
+    let to = SocketAddr::new(n2.into(), node_ports(&lab, "busy")[0]);
+    let answer = lab.probe("client", to, false).unwrap();
+    assert_eq!(seen_client(&answer), n2.to_string(), "SNATed to n2: {answer}");
+
+    let ns = lab.ns("client").unwrap();
+    let mut failures = Vec::new();
+    for i in 0..CONNECTIONS {
+        let one = || -> std::io::Result<String> {
+            let stream = ferrynet_kernel::netns::run_in(ns.fd(), || {
+                std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))
+            })?;
+            stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let answer = ask(&stream);
+            ferrynet_tests::probe::reset_on_close(&stream)?;
+            answer
+        };
+        if let Err(e) = one() {
+            failures.push(format!("connection {i}: {e}"));
+            if failures.len() >= 5 {
+                break;
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+    // The counters are read from the agent's metrics, refreshed every resync: once they show
+    // every flow, they show every SNAT failure too.
+    let mut translated = 0;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            translated = datapath_counter(&lab, "n2", "external_flows_translated");
+            translated >= CONNECTIONS as u64
+        }),
+        "n2 counted {translated} external flows"
+    );
+    let exhausted = datapath_counter(&lab, "n2", "snat_ports_exhausted");
+    assert_eq!(exhausted, 0, "n2 found no free SNAT port for {exhausted} new flows");
 }

@@ -223,6 +223,13 @@ pub const SNAT_PORT_MAX: u16 = 65_535;
 /// A closed TCP flow's entries stay this long (for the last ACK and retransmitted FINs), then
 /// its SNAT port is free again.
 pub const CT_CLOSED_NS: u64 = 10 * 1_000_000_000;
+/// A reset flow's SNAT port is free again this long after its last packet, for a new flow to
+/// the same backend: a reset leaves neither end holding the tuple (no TIME_WAIT), so the port
+/// waits only for packets still in flight. Held for [`CT_CLOSED_NS`] like a FIN's, 4,536 ports
+/// per backend would cap a node at about 450 new connections a second to it from clients that
+/// reset (as many load generators and proxies do). The entry itself stays for
+/// [`CT_CLOSED_NS`], until a new flow takes its port.
+pub const CT_RESET_NS: u64 = 100_000_000;
 
 /// The packet mark (in [`MARK_MASK`]) that asks the agent's firewall table to reject a packet
 /// with an ICMP error or a TCP reset: a Service port without endpoints, or an address in the
@@ -405,6 +412,9 @@ pub const CT_F_HAIRPIN: u32 = 1 << 0;
 pub const CT_F_SNAT_REPLY: u32 = 1 << 1;
 /// A TCP flow that saw a FIN or RST: its entries expire after [`CT_CLOSED_NS`].
 pub const CT_F_CLOSED: u32 = 1 << 2;
+/// A TCP flow that saw a RST (with [`CT_F_CLOSED`]): its SNAT port is free after
+/// [`CT_RESET_NS`].
+pub const CT_F_RESET: u32 = 1 << 4;
 /// A per-packet [`CT_REPLY`] entry whose `client_addr`/`client_port` are the frontend the client
 /// sent to (where replies come from). Entries written by agents before this flag hold the
 /// client's own address there, and their replies come from the service's [`REV_NAT_MAP`] entry.

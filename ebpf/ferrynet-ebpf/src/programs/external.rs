@@ -48,23 +48,35 @@ pub fn from_uplink(mut ctx: TcContext) -> i32 {
     }
 }
 
-/// Refreshes an entry for a packet of its flow; a TCP FIN or RST closes it.
+/// The flags a segment sets on its flow's entries: a FIN or RST closes the flow, and a RST
+/// also frees its SNAT port soon ([`CT_F_RESET`]).
 #[inline(always)]
-fn touch(entry: *mut CtValue, now: u64, closing: bool) {
-    // SAFETY: `entry` points at a conntrack value, valid while this program runs.
-    unsafe {
-        (*entry).last_seen_ns = now;
-        if closing {
-            (*entry).flags |= CT_F_CLOSED;
-        }
+fn end_flags<A>(t: &Tuple<A>) -> u32 {
+    if is_tcp_rst(t) {
+        CT_F_CLOSED | CT_F_RESET
+    } else if is_tcp_end(t) {
+        CT_F_CLOSED
+    } else {
+        0
     }
 }
 
+/// Refreshes an entry for a packet of its flow, setting `ended` (see [`end_flags`]).
 #[inline(always)]
-fn close<F: Family>(key: F::CtKey) {
+fn touch(entry: *mut CtValue, now: u64, ended: u32) {
+    // SAFETY: `entry` points at a conntrack value, valid while this program runs.
+    unsafe {
+        (*entry).last_seen_ns = now;
+        (*entry).flags |= ended;
+    }
+}
+
+/// Sets `ended` on the flow's entry `key` (its other direction).
+#[inline(always)]
+fn close<F: Family>(key: F::CtKey, ended: u32) {
     if let Some(other) = F::conntrack().get_ptr_mut(key) {
         // SAFETY: as in `touch`.
-        unsafe { (*other).flags |= CT_F_CLOSED };
+        unsafe { (*other).flags |= ended };
     }
 }
 
@@ -114,8 +126,8 @@ fn allocate_snat<F: Family>(node: F::Addr, b: &BackendValue, proto: u8, reply: C
         let key = F::ct_key_of(F::narrow(b.addr), node, b.port, port, proto, CT_EXT_IN);
         // SAFETY: the value is copied out at once.
         let flags = match unsafe { ct.get(key) } {
-            Some(e) if !expired(e, now, proto) => continue,
-            // An expired flow's port is free: overwritten.
+            Some(e) if !snat_port_free(e, now, proto) => continue,
+            // An expired or reset flow's port is free: overwritten.
             Some(_) => 0,
             None => u64::from(BPF_NOEXIST),
         };
@@ -144,8 +156,9 @@ fn from_uplink_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
         // SAFETY: copied out at once.
         let e = unsafe { *entry };
         if !expired(&e, now, t.proto) && !reopens(&t, &e) {
-            let closing = is_tcp_end(&t);
-            touch(entry, now, closing);
+            let ended = end_flags(&t);
+            let closing = ended != 0;
+            touch(entry, now, ended);
             if e.flags & CT_F_SNAT_REPLY != 0 {
                 // Another node's backend answering: back to the client's view, and out.
                 // SAFETY: copied out at once.
@@ -160,14 +173,10 @@ fn from_uplink_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
                     frontend_addr
                 };
                 if closing {
-                    close::<F>(F::ct_key_of(
-                        client,
-                        source,
-                        e.client_port,
-                        frontend.port,
-                        t.proto,
-                        CT_EXT_IN,
-                    ));
+                    close::<F>(
+                        F::ct_key_of(client, source, e.client_port, frontend.port, t.proto, CT_EXT_IN),
+                        ended,
+                    );
                 }
                 F::rewrite_end(ctx, &t, End::Source, (t.saddr, t.sport), (source, frontend.port))?;
                 F::rewrite_end(ctx, &t, End::Destination, (t.daddr, t.dport), (client, e.client_port))?;
@@ -184,28 +193,20 @@ fn from_uplink_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
                     // A client's reset ends the flow at once: the local backend's reply entry
                     // closes too (see `reply_to_external`). A FIN only half-closes: the backend
                     // may answer for a long while yet, and its own FIN closes the entry.
-                    close::<F>(F::ct_key_of(
-                        backend_addr,
-                        t.saddr,
-                        b.port,
-                        t.sport,
-                        t.proto,
-                        CT_EXT_OUT,
-                    ));
+                    close::<F>(
+                        F::ct_key_of(backend_addr, t.saddr, b.port, t.sport, t.proto, CT_EXT_OUT),
+                        ended,
+                    );
                 }
                 return Some(NEXT);
             }
             // SNATed: to the address and port the flow was given.
             let snat_addr = F::narrow(e.client_addr);
             if closing {
-                close::<F>(F::ct_key_of(
-                    backend_addr,
-                    snat_addr,
-                    b.port,
-                    e.client_port,
-                    t.proto,
-                    CT_EXT_IN,
-                ));
+                close::<F>(
+                    F::ct_key_of(backend_addr, snat_addr, b.port, e.client_port, t.proto, CT_EXT_IN),
+                    ended,
+                );
             }
             F::rewrite_end(ctx, &t, End::Source, (t.saddr, t.sport), (snat_addr, e.client_port))?;
             return Some(F::fib_redirect(ctx, snat_addr, backend_addr, &t));
@@ -317,7 +318,7 @@ pub fn reply_to_external<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>) -> 
         let _ = ct.remove(key);
         return None;
     }
-    touch(entry, now, is_tcp_end(t));
+    touch(entry, now, end_flags(t));
     // SAFETY: copied out at once.
     let frontend = unsafe { REV_NAT.get(e.service) }.copied()?;
     let node = F::narrow(e.client_addr);

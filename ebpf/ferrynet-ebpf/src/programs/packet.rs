@@ -177,6 +177,14 @@ pub fn expired(entry: &CtValue, now: u64, proto: u8) -> bool {
     now.saturating_sub(entry.last_seen_ns) >= limit
 }
 
+/// Whether an SNAT reply entry's port may be given to a new flow: its flow expired, or was reset
+/// [`CT_RESET_NS`] ago (see there).
+#[inline(always)]
+pub fn snat_port_free(entry: &CtValue, now: u64, proto: u8) -> bool {
+    expired(entry, now, proto)
+        || (entry.flags & CT_F_RESET != 0 && now.saturating_sub(entry.last_seen_ns) >= CT_RESET_NS)
+}
+
 /// Whether a TCP segment ends its connection (FIN or RST).
 #[inline(always)]
 pub fn is_tcp_end<A>(t: &Tuple<A>) -> bool {
