@@ -1,7 +1,7 @@
 //! Clients the lab runs *inside* a pod or node (as processes in its network namespace and
 //! cgroup, so that socket-level load balancing sees them as it sees a pod's own processes):
-//! single requests over TCP or UDP, a connected UDP client that keeps its socket, and a steady
-//! load that counts every failure.
+//! single requests over TCP or UDP, connected UDP and TCP clients that keep their sockets, and a
+//! steady load that counts every failure.
 use std::{
     io::{BufRead, BufReader, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
@@ -131,6 +131,64 @@ pub fn connected_udp(to: SocketAddr, duration: Duration, interval: Duration, out
                     socket.connect(to)?;
                     socket.set_read_timeout(Some(Duration::from_millis(300)))?;
                 }
+            }
+        }
+        log.flush()?;
+        std::thread::sleep(interval);
+    }
+    Ok(())
+}
+
+/// A TCP connection held open, asking once every interval; each line of `out` is what
+/// [`connected_udp`] writes. The first answer of each connection, and the first after the file
+/// `ask_peer` appears (which it then removes), is followed by `peer=<getpeername>`: asked at
+/// every request, `getpeername` would keep the socket's datapath entry in use, which a real
+/// long-lived connection does not. After an error (a socket the datapath aborted, say) it
+/// connects again, as a client with a connection pool would.
+pub fn connected_tcp(
+    to: SocketAddr,
+    duration: Duration,
+    interval: Duration,
+    out: &Path,
+    ask_peer: &Path,
+) -> Result<()> {
+    let connect = || -> std::io::Result<(TcpStream, BufReader<TcpStream>)> {
+        let stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok((stream, reader))
+    };
+    let mut log = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let started = Instant::now();
+    let mut connection = None;
+    while started.elapsed() < duration {
+        let fresh = connection.is_none();
+        let result = match &mut connection {
+            Some(_) => Ok(()),
+            None => connect().map(|c| connection = Some(c)),
+        }
+        .and_then(|()| {
+            let (stream, reader) = connection.as_mut().expect("connected above");
+            stream.write_all(b"hello\n")?;
+            let mut answer = String::new();
+            if reader.read_line(&mut answer)? == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the connection was closed",
+                ));
+            }
+            // What `getpeername` says: the Service address, when the datapath translates.
+            if fresh || std::fs::remove_file(ask_peer).is_ok() {
+                return Ok(format!("{} peer={}", answer.trim_end(), stream.peer_addr()?));
+            }
+            Ok(answer.trim_end().to_string())
+        });
+        let at = unix_ms();
+        match result {
+            Ok(answer) => writeln!(log, "{at} ok {answer}")?,
+            Err(e) => {
+                writeln!(log, "{at} error {e}")?;
+                connection = None;
             }
         }
         log.flush()?;

@@ -796,6 +796,133 @@ fn a_connected_udp_socket_leaves_a_removed_backend_within_a_second() {
 }
 
 #[test]
+fn a_tcp_client_of_a_removed_backend_fails_fast_however_many_sockets_came_and_went_since() {
+    // A small socket map, which the short connections below pass through three times over.
+    const SOCKETS: u64 = 2048;
+    let mut lab = LabGuard::up(1, "native");
+    lab.stop_agent("n1").unwrap();
+    agent_cli(&lab, "n1", &["cleanup"]);
+    lab.start_agent_with("n1", &["--max-sockets", &SOCKETS.to_string()])
+        .unwrap();
+    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    for pod in ["h1", "h2"] {
+        lab.run_pod(pod, "n1", &labels(&[("app", "held")])).unwrap();
+    }
+    lab.run_pod("client", "n1", &BTreeMap::new()).unwrap();
+    lab.create_service_object(&service(
+        "held",
+        "held",
+        vec![port("p", "TCP", 80, IntOrString::Int(i32::from(POD_PORT)))],
+    ))
+    .unwrap();
+    let vip = lab.cluster_ip("held", true).unwrap();
+    let to = SocketAddr::new(vip, 80);
+    let ip = |pod: &str| lab.pod(pod).unwrap().ip(true);
+    wait_backends(&lab, "n1", &format!("{to}/tcp"), &[ip("h1"), ip("h2")]);
+    answers(&lab, "pod-client", to, false, 1);
+
+    // A long-lived connection, as a pooled HTTP or gRPC client keeps.
+    let (held_log, ask_peer) = (lab.dir().join("held.log"), lab.dir().join("held.ask-peer"));
+    lab.spawn_in(
+        "pod-client",
+        "held",
+        &[
+            binary("ferrynet-lab").display().to_string(),
+            "probe".into(),
+            "connected-tcp".into(),
+            to.to_string(),
+            "--seconds".into(),
+            "120".into(),
+            "--interval-ms".into(),
+            "50".into(),
+            "--out".into(),
+            held_log.display().to_string(),
+            "--ask-peer".into(),
+            ask_peer.display().to_string(),
+        ],
+    )
+    .unwrap();
+    let raw = || std::fs::read_to_string(&held_log).unwrap_or_default();
+    assert!(
+        eventually(Duration::from_secs(10), || connected_log(&held_log)
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .count()
+            >= 3),
+        "{}",
+        raw()
+    );
+    let held_by = connected_log(&held_log)
+        .into_iter()
+        .find_map(|(_, r)| r.ok())
+        .expect("an answer");
+    let other = if held_by == "h1" { "h2" } else { "h1" };
+
+    // Then many short connections from the same pod, each closed by its client, more than the
+    // socket map holds: closed sockets must leave the map, not push the held one out of it.
+    let load = LoadProbe::start(&lab, "pod-client", "short", to);
+    let progress = || load.progress();
+    let enough = eventually(Duration::from_secs(120), || progress().0 >= 3 * SOCKETS);
+    load.stop(&lab);
+    assert!(enough, "short connections: {:?}", progress());
+    let (_, failed) = progress();
+    assert_eq!(failed, 0, "{}", load.report());
+    // The held socket still shows the Service address (its entry is still there).
+    let peers = || raw().lines().filter(|l| l.contains(" peer=")).count();
+    let before = peers();
+    std::fs::write(&ask_peer, "").unwrap();
+    assert!(eventually(Duration::from_secs(10), || peers() > before), "{}", raw());
+    let last_peer = raw()
+        .lines()
+        .rfind(|l| l.contains(" peer="))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(
+        last_peer.ends_with(&format!("peer={to}")),
+        "getpeername after the load: {last_peer}"
+    );
+
+    // Its backend leaves the Service while its server still runs: only the datapath can end the
+    // connection, and the client must see it at once rather than talk on to a removed backend.
+    let removed_at = ferrynet_tests::probe::unix_ms();
+    lab.set_pod_ready(&held_by, false).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || connected_log(&held_log)
+            .iter()
+            .any(|(at, r)| *at > removed_at && r.as_deref() == Ok(other))),
+        "the held connection never moved to {other}:\n{}",
+        raw()
+    );
+    let entries = connected_log(&held_log);
+    let aborted = entries
+        .iter()
+        .find(|(at, r)| *at > removed_at && r.is_err())
+        .unwrap_or_else(|| panic!("no error after the removal:\n{}", raw()));
+    assert!(
+        aborted.1.as_ref().is_err_and(|e| e.contains("abort")),
+        "the datapath aborts the socket: {aborted:?}"
+    );
+    assert!(
+        aborted.0 - removed_at < 1_000,
+        "the client learnt after {} ms",
+        aborted.0 - removed_at
+    );
+    assert!(
+        !entries
+            .iter()
+            .any(|(at, r)| *at > aborted.0 && r.as_deref() == Ok(held_by.as_str())),
+        "{}",
+        raw()
+    );
+    // Counted in the metrics (refreshed every resync).
+    assert!(eventually(Duration::from_secs(40), || datapath_counter(
+        &lab,
+        "n1",
+        "sockets_terminated"
+    ) >= 1));
+}
+
+#[test]
 fn no_request_fails_while_backends_roll_and_the_agent_is_killed_and_upgraded() {
     let mut lab = rolling_backends("ClusterIP");
     lab.run_pod("client", "n1", &BTreeMap::new()).unwrap();
@@ -838,29 +965,8 @@ fn steady_load_through_rolls_and_agent_restarts(lab: &mut LabGuard, client: &str
         format!("0.0.0.0:{}/tcp", to.port())
     };
     answers(lab, client, to, false, 1);
-    let (stop, out) = (lab.dir().join("load.stop"), lab.dir().join("load.out"));
-    lab.spawn_in(
-        client,
-        "load",
-        &[
-            binary("ferrynet-lab").display().to_string(),
-            "probe".into(),
-            "load".into(),
-            to.to_string(),
-            "--stop".into(),
-            stop.display().to_string(),
-            "--out".into(),
-            out.display().to_string(),
-        ],
-    )
-    .unwrap();
-    let progress = || -> (u64, u64) {
-        let text = std::fs::read_to_string(&out).unwrap_or_default();
-        let mut first = text.lines().next().unwrap_or("0 0").split_whitespace();
-        let ok = first.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-        let failed = first.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-        (ok, failed)
-    };
+    let load = LoadProbe::start(lab, client, "load", to);
+    let progress = || load.progress();
     // Waits until the load has made `more` successful requests beyond `from`.
     let advance = |more: u64| {
         let from = progress().0;
@@ -924,17 +1030,80 @@ fn steady_load_through_rolls_and_agent_restarts(lab: &mut LabGuard, client: &str
     );
     advance(50);
 
-    std::fs::write(&stop, "").unwrap();
-    assert!(eventually(Duration::from_secs(10), || lab
-        .daemon_pid("load")
-        .is_none_or(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()
-            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .unwrap_or_default()
-                .contains(") Z"))));
-    let text = std::fs::read_to_string(&out).unwrap();
+    load.stop(lab);
+    let text = load.report();
     let (ok, failed) = progress();
     assert!(ok > 300, "{text}");
     assert_eq!(failed, 0, "failed requests:\n{text}");
+}
+
+/// A steady load of new connections (`ferrynet-lab probe load`), run as a daemon of the lab.
+struct LoadProbe {
+    what: String,
+    stop: std::path::PathBuf,
+    out: std::path::PathBuf,
+}
+
+impl LoadProbe {
+    /// Starts the load from `part` to `to`, as the lab's daemon `what`.
+    fn start(lab: &Lab, part: &str, what: &str, to: SocketAddr) -> Self {
+        let (stop, out) = (
+            lab.dir().join(format!("{what}.stop")),
+            lab.dir().join(format!("{what}.out")),
+        );
+        lab.spawn_in(
+            part,
+            what,
+            &[
+                binary("ferrynet-lab").display().to_string(),
+                "probe".into(),
+                "load".into(),
+                to.to_string(),
+                "--stop".into(),
+                stop.display().to_string(),
+                "--out".into(),
+                out.display().to_string(),
+            ],
+        )
+        .unwrap();
+        Self {
+            what: what.to_string(),
+            stop,
+            out,
+        }
+    }
+
+    /// The requests that succeeded and failed so far.
+    fn progress(&self) -> (u64, u64) {
+        let text = self.report();
+        let mut first = text.lines().next().unwrap_or("0 0").split_whitespace();
+        let ok = first.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let failed = first.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        (ok, failed)
+    }
+
+    /// What the load wrote: its counts, then every failure.
+    fn report(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// Stops the load, and waits until it has exited (having written its last counts).
+    fn stop(&self, lab: &Lab) {
+        std::fs::write(&self.stop, "").unwrap();
+        let exited = || {
+            lab.daemon_pid(&self.what).is_none_or(|pid| {
+                !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                    || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .unwrap_or_default()
+                        .contains(") Z")
+            })
+        };
+        assert!(
+            eventually(Duration::from_secs(10), exited),
+            "the load {} did not stop",
+            self.what
+        );
+    }
 }
 
 /// The id of the program the pinned link at `path` runs (bpftool's view of the link).
@@ -995,12 +1164,12 @@ fn cleanup_and_service_proxy_off_leave_no_program_link_map_or_pin() {
         ids
     };
     // The uplink is attached at the agent's first scan of the node's addresses.
-    eventually(Duration::from_secs(10), || attached().len() == 11);
+    eventually(Duration::from_secs(10), || attached().len() == 12);
     let programs = attached();
     assert_eq!(
         programs.len(),
-        11,
-        "8 socket hooks, 2 veth hooks and the uplink's: {programs:?}"
+        12,
+        "9 socket hooks (8 address hooks and sock_release), 2 veth hooks and the uplink's: {programs:?}"
     );
     let loaded = |id: u64| {
         Command::new("bpftool")
@@ -1037,9 +1206,9 @@ fn cleanup_and_service_proxy_off_leave_no_program_link_map_or_pin() {
     lab.start_agent("n1").unwrap();
     lab.wait_converged(Duration::from_secs(30)).unwrap();
     answers(&lab, "n1", SocketAddr::new(vip, 80), false, 1);
-    eventually(Duration::from_secs(10), || attached().len() == 11);
+    eventually(Duration::from_secs(10), || attached().len() == 12);
     let programs = attached();
-    assert_eq!(programs.len(), 11);
+    assert_eq!(programs.len(), 12);
     // While the agent is down, the Service is deleted: back up, the agent removes its entries.
     lab.stop_agent("n1").unwrap();
     lab.api().unwrap().delete::<Service>("gone").unwrap();
@@ -1836,17 +2005,9 @@ fn a_purge_of_a_removed_backends_flows_does_not_hold_up_other_services_changes()
     wait_backends(&lab, "n1", &frontend("a"), &[ip("a1"), ip("a2")]);
 }
 
-#[test]
-fn snat_ports_of_reset_flows_are_taken_again_so_a_busy_node_port_does_not_run_out() {
-    // More connections than the SNAT range has ports (SNAT_PORT_MIN..=SNAT_PORT_MAX), each
-    // ended by the client's reset, through a node whose NodePort SNATs them to a backend on
-    // another node. A reset leaves neither end holding the tuple, so its port is free again at
-    // once; held for the closed-flow time instead, the range ran out after a few thousand
-    // connections and each new SYN was dropped (a second's stall at the client) until ports
-    // expired.
-    const CONNECTIONS: usize = 6_000;
-    let span = usize::from(ferrynet_common::SNAT_PORT_MAX - ferrynet_common::SNAT_PORT_MIN) + 1;
-    assert!(CONNECTIONS > span, "the load must need more ports than the range has");
+/// A lab whose n2 has a NodePort with one backend, on n1: n2 SNATs every flow to it. Returns
+/// the lab and the NodePort's address on n2, which the external client connects to.
+fn node_port_snated_to_another_node() -> (LabGuard, SocketAddr) {
     let mut lab = LabGuard::up(2, "native");
     lab.run_pod("busy", "n1", &labels(&[("app", "busy")])).unwrap();
     let mut svc = service(
@@ -1860,17 +2021,48 @@ fn snat_ports_of_reset_flows_are_taken_again_so_a_busy_node_port_does_not_run_ou
     let to = SocketAddr::new(n2.into(), node_ports(&lab, "busy")[0]);
     let answer = lab.probe("client", to, false).unwrap();
     assert_eq!(seen_client(&answer), n2.to_string(), "SNATed to n2: {answer}");
+    (lab, to)
+}
 
+/// How the external client ends each connection in [`connect_one_at_a_time`].
+#[derive(Clone, Copy)]
+enum Ending {
+    /// A reset (SO_LINGER 0): neither end keeps the tuple.
+    Reset,
+    /// A plain close: the client's FIN, which the lab's pod server answers with its own once
+    /// it reads the end of the stream (the backend closes passively).
+    ClientFinFirst,
+}
+
+/// `connections` connections from the external client to `to`, one at a time and at most
+/// `per_second` a second, each asking once and then ended as `ending` says. Returns the first
+/// few failures.
+fn connect_one_at_a_time(
+    lab: &LabGuard,
+    to: SocketAddr,
+    connections: usize,
+    per_second: u32,
+    ending: Ending,
+) -> Vec<String> {
     let ns = lab.ns("client").unwrap();
+    let started = std::time::Instant::now();
     let mut failures = Vec::new();
-    for i in 0..CONNECTIONS {
+    for i in 0..connections {
+        // A rate limit, not a wait for a condition: connection i starts no sooner than
+        // i / per_second after the first.
+        let due = started + Duration::from_secs_f64(i as f64 / f64::from(per_second));
+        if let Some(early) = due.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(early);
+        }
         let one = || -> std::io::Result<String> {
             let stream = ferrynet_kernel::netns::run_in(ns.fd(), || {
                 std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))
             })?;
             stream.set_read_timeout(Some(Duration::from_secs(3)))?;
             let answer = ask(&stream);
-            ferrynet_tests::probe::reset_on_close(&stream)?;
+            if let Ending::Reset = ending {
+                ferrynet_tests::probe::reset_on_close(&stream)?;
+            }
             answer
         };
         if let Err(e) = one() {
@@ -1880,17 +2072,75 @@ fn snat_ports_of_reset_flows_are_taken_again_so_a_busy_node_port_does_not_run_ou
             }
         }
     }
-    assert!(failures.is_empty(), "{failures:?}");
+    failures
+}
+
+/// Asserts that n2's agent counted at least `connections` external flows, and no new flow
+/// without a free SNAT port.
+fn assert_snat_ports_never_ran_out(lab: &LabGuard, connections: usize) {
     // The counters are read from the agent's metrics, refreshed every resync: once they show
     // every flow, they show every SNAT failure too.
     let mut translated = 0;
     assert!(
         eventually(Duration::from_secs(30), || {
-            translated = datapath_counter(&lab, "n2", "external_flows_translated");
-            translated >= CONNECTIONS as u64
+            translated = datapath_counter(lab, "n2", "external_flows_translated");
+            translated >= connections as u64
         }),
         "n2 counted {translated} external flows"
     );
-    let exhausted = datapath_counter(&lab, "n2", "snat_ports_exhausted");
+    let exhausted = datapath_counter(lab, "n2", "snat_ports_exhausted");
     assert_eq!(exhausted, 0, "n2 found no free SNAT port for {exhausted} new flows");
+}
+
+/// The ports of the SNAT range (`SNAT_PORT_MIN..=SNAT_PORT_MAX`).
+fn snat_ports() -> usize {
+    usize::from(ferrynet_common::SNAT_PORT_MAX - ferrynet_common::SNAT_PORT_MIN) + 1
+}
+
+#[test]
+fn snat_ports_of_reset_flows_are_taken_again_so_a_busy_node_port_does_not_run_out() {
+    // More connections than the SNAT range has ports, each ended by the client's reset, through
+    // a node whose NodePort SNATs them to a backend on another node. A reset leaves neither end
+    // holding the tuple, so its port is free again at once; held for the closed-flow time
+    // instead, the range ran out after a few thousand connections and each new SYN was dropped
+    // (a second's stall at the client) until ports expired.
+    const CONNECTIONS: usize = 6_000;
+    assert!(
+        CONNECTIONS > snat_ports(),
+        "the load must need more ports than the range has"
+    );
+    let (lab, to) = node_port_snated_to_another_node();
+    let failures = connect_one_at_a_time(&lab, to, CONNECTIONS, u32::MAX, Ending::Reset);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_snat_ports_never_ran_out(&lab, CONNECTIONS);
+}
+
+#[test]
+fn snat_ports_of_flows_their_clients_closed_first_are_taken_again_within_a_second() {
+    // Clients that close first (most HTTP clients), each FIN answered by the backend's: the
+    // backend closes passively and keeps no TIME_WAIT, so the flow's port is free again a second
+    // after its last packet. Paced at a rate that a one-second wait serves with most of the range
+    // to spare, while the closed-flow time (10 s) runs the range out within three seconds: the
+    // old datapath dropped new SYNs here for want of a port.
+    const CONNECTIONS: usize = 9_000;
+    const PER_SECOND: u32 = 2_000;
+    let passive_wait = Duration::from_nanos(ferrynet_common::CT_PASSIVE_CLOSE_NS);
+    assert!(
+        f64::from(PER_SECOND) * (passive_wait.as_secs_f64() + 0.5) < snat_ports() as f64,
+        "the pace must leave ports to spare under the passive close wait"
+    );
+    let (lab, to) = node_port_snated_to_another_node();
+    let started = std::time::Instant::now();
+    let failures = connect_one_at_a_time(&lab, to, CONNECTIONS, PER_SECOND, Ending::ClientFinFirst);
+    let took = started.elapsed();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_snat_ports_never_ran_out(&lab, CONNECTIONS);
+    // At a slower pace, ports held for the whole closed-flow time would have sufficed too: the
+    // test tells the two apart only above it.
+    let closed_wait = Duration::from_nanos(ferrynet_common::CT_CLOSED_NS);
+    let telling = closed_wait.mul_f64(CONNECTIONS as f64 / snat_ports() as f64 * 0.9);
+    assert!(
+        took < telling,
+        "{CONNECTIONS} connections took {took:?}: too slow to need ports taken again (under {telling:?})"
+    );
 }

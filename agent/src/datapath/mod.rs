@@ -7,7 +7,7 @@
 //! ```text
 //! maps/<MAP>                     every map (created once, reused by every later agent)
 //! programs/from_pod, to_pod      the pod programs, for the CNI to attach to new pods' veths
-//! links/cgroup/<program>         the socket LB programs' links to the cgroup
+//! links/cgroup/<program>         the socket LB programs' links to the cgroup (and sock_release's)
 //! links/pods/<veth>-from|-to     each pod veth's TCX links
 //! ```
 //!
@@ -28,7 +28,7 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{Array, MapData, MapError, MapInfo},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, Iter, ProgramError, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Iter, Program, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
@@ -46,8 +46,9 @@ pub fn object() -> &'static [u8] {
     PROGRAMS
 }
 
-/// The socket LB programs and their hooks.
-pub const SOCKET_PROGRAMS: [&str; 8] = [
+/// The socket LB programs, each attached to the cgroup at its hook: the address hooks, and the
+/// release hook that forgets a closed socket.
+pub const SOCKET_PROGRAMS: [&str; 9] = [
     CONNECT4_PROGRAM,
     CONNECT6_PROGRAM,
     SENDMSG4_PROGRAM,
@@ -56,6 +57,7 @@ pub const SOCKET_PROGRAMS: [&str; 8] = [
     RECVMSG6_PROGRAM,
     GETPEERNAME4_PROGRAM,
     GETPEERNAME6_PROGRAM,
+    SOCK_RELEASE_PROGRAM,
 ];
 
 /// The pod veth programs, and the hook of each.
@@ -68,6 +70,7 @@ pub const POD_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
 #[derive(Debug, Clone, Copy)]
 enum ProgramKind {
     SockAddr,
+    Sock,
     Classifier,
     /// An iterator over the kernel's sockets of this kind.
     Iter(&'static str),
@@ -82,6 +85,7 @@ impl ProgramKind {
     ) -> Result<(), DatapathError> {
         let loaded = match self {
             Self::SockAddr => <&mut CgroupSockAddr>::try_from(program).and_then(|p| p.load()),
+            Self::Sock => <&mut CgroupSock>::try_from(program).and_then(|p| p.load()),
             Self::Classifier => <&mut SchedClassifier>::try_from(program).and_then(|p| p.load()),
             Self::Iter(kind) => <&mut Iter>::try_from(program).and_then(|p| p.load(kind, btf)),
         };
@@ -310,7 +314,14 @@ impl Datapath {
         // side, and a start waits for the slowest (the pod program) instead of the sum.
         let wanted: Vec<(&'static str, ProgramKind)> = SOCKET_PROGRAMS
             .iter()
-            .map(|name| (*name, ProgramKind::SockAddr))
+            .map(|name| {
+                let kind = if *name == SOCK_RELEASE_PROGRAM {
+                    ProgramKind::Sock
+                } else {
+                    ProgramKind::SockAddr
+                };
+                (*name, kind)
+            })
             .chain(POD_PROGRAMS.iter().map(|(name, _, _)| (*name, ProgramKind::Classifier)))
             .chain([
                 (FROM_UPLINK_PROGRAM, ProgramKind::Classifier),
@@ -409,24 +420,8 @@ impl Datapath {
                 report.kept += 1;
                 continue;
             }
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Missing(name))?
-                .try_into()
-                .map_err(program_error(name))?;
             // The new link first, then the old one goes: every connect meets a program.
-            let link_id = program
-                .attach(dir.as_fd(), CgroupAttachMode::Single)
-                .map_err(program_error(name))?;
-            let link: FdLink = program
-                .take_link(link_id)
-                .map_err(program_error(name))?
-                .try_into()
-                .map_err(|source| DatapathError::Link {
-                    path: path.clone(),
-                    source,
-                })?;
+            let link = self.attach_to_cgroup(name, &dir, &path)?;
             if let Some(old) = existing {
                 drop(old.unpin().map_err(io(&path))?);
                 report.upgraded += 1;
@@ -439,6 +434,30 @@ impl Datapath {
             })?;
         }
         Ok(report)
+    }
+
+    /// Attaches the cgroup program `name` to `cgroup` through a new link, for pinning at `path`.
+    fn attach_to_cgroup(&mut self, name: &'static str, cgroup: &File, path: &Path) -> Result<FdLink, DatapathError> {
+        let program = self.ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?;
+        let link: Result<FdLink, LinkError> = match program {
+            Program::CgroupSockAddr(program) => {
+                let id = program
+                    .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+                    .map_err(program_error(name))?;
+                program.take_link(id).map_err(program_error(name))?.try_into()
+            }
+            Program::CgroupSock(program) => {
+                let id = program
+                    .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+                    .map_err(program_error(name))?;
+                program.take_link(id).map_err(program_error(name))?.try_into()
+            }
+            _ => return Err(program_error(name)(ProgramError::UnexpectedProgramType)),
+        };
+        link.map_err(|source| DatapathError::Link {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     /// Removes the socket LB links (socket LB turned off): their programs detach.

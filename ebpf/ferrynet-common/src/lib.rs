@@ -19,7 +19,8 @@
 //! - [`AFFINITY4_MAP`] / [`AFFINITY6_MAP`]: sessionAffinity (LRU);
 //! - [`SOCK_CONNECTED_MAP`]: socket cookie → [`SockConnectedValue`] (the backend a socket
 //!   connected to in place of a Service, and that Service's address), one entry a connect: for
-//!   `recvmsg` and `getpeername`, and for terminating the sockets of removed backends;
+//!   `recvmsg` and `getpeername`, and for terminating the sockets of removed backends; removed
+//!   when the socket is closed (cgroup `sock_release`), so it holds the live sockets alone;
 //! - [`SOCK_REVNAT4_MAP`] / [`SOCK_REVNAT6_MAP`]: (socket cookie, backend address, port) → VIP, for
 //!   the `recvmsg` of datagrams sent unconnected;
 //! - [`DOOMED_BACKENDS_MAP`]: backends whose sockets are being terminated;
@@ -112,6 +113,8 @@ pub const RECVMSG4_PROGRAM: &str = "sock4_recvmsg";
 pub const RECVMSG6_PROGRAM: &str = "sock6_recvmsg";
 pub const GETPEERNAME4_PROGRAM: &str = "sock4_getpeername";
 pub const GETPEERNAME6_PROGRAM: &str = "sock6_getpeername";
+/// Cgroup `sock_release`: a closed socket's [`SOCK_CONNECTED_MAP`] entry goes.
+pub const SOCK_RELEASE_PROGRAM: &str = "sock_release";
 /// TC/TCX at ingress of a pod's host veth: everything the pod sends.
 pub const FROM_POD_PROGRAM: &str = "from_pod";
 /// TC/TCX at egress of a pod's host veth: everything sent to the pod.
@@ -154,6 +157,9 @@ pub const MIN_MAGLEV_TABLE_SIZE: u32 = 251;
 pub const MAX_MAGLEV_TABLE_SIZE: u32 = 131_071;
 
 pub const PROTO_TCP: u8 = 6;
+/// TCP's flags byte: FIN and RST.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
 pub const PROTO_UDP: u8 = 17;
 
 /// Which traffic a service entry is for: in-cluster traffic (pods and the node's own processes,
@@ -221,11 +227,19 @@ pub const CONFIG_F_EXTERNAL: u32 = 1 << 3;
 pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
 /// A closed TCP flow's entries stay this long (for the last ACK and retransmitted FINs), then
-/// its SNAT port is free again.
+/// its SNAT port is free again: long enough for a backend that closed first, whose TIME_WAIT
+/// holds the tuple, to take a new SYN on it (see [`CT_PASSIVE_CLOSE_NS`] for the other order).
 pub const CT_CLOSED_NS: u64 = 10 * 1_000_000_000;
+/// A flow whose client closed first and whose backend answered with its own FIN (a passive
+/// close: the backend goes through LAST_ACK to nothing, and keeps no TIME_WAIT) frees its SNAT
+/// port this long after its last packet. The wait covers the backend's retransmitted FINs should
+/// the client's last ACK be lost (Linux retransmits after 200, 400 and 800 ms, each refreshing
+/// the entry). Held for [`CT_CLOSED_NS`] instead, 4,536 ports per backend capped a node at about
+/// 450 new connections a second to it from clients that close first (most HTTP clients do).
+pub const CT_PASSIVE_CLOSE_NS: u64 = 1_000_000_000;
 /// A reset flow's SNAT port is free again this long after its last packet, for a new flow to
 /// the same backend: a reset leaves neither end holding the tuple (no TIME_WAIT), so the port
-/// waits only for packets still in flight. Held for [`CT_CLOSED_NS`] like a FIN's, 4,536 ports
+/// waits only for packets still in flight. Held for [`CT_CLOSED_NS`], 4,536 ports
 /// per backend would cap a node at about 450 new connections a second to it from clients that
 /// reset (as many load generators and proxies do). The entry itself stays for
 /// [`CT_CLOSED_NS`], until a new flow takes its port.
@@ -415,6 +429,13 @@ pub const CT_F_CLOSED: u32 = 1 << 2;
 /// A TCP flow that saw a RST (with [`CT_F_CLOSED`]): its SNAT port is free after
 /// [`CT_RESET_NS`].
 pub const CT_F_RESET: u32 = 1 << 4;
+/// An external flow whose client sent a FIN.
+pub const CT_F_CLIENT_FIN: u32 = 1 << 5;
+/// An external flow whose backend sent a FIN.
+pub const CT_F_BACKEND_FIN: u32 = 1 << 6;
+/// An external flow whose backend's first FIN came after the client's: the backend closed
+/// passively and holds no TIME_WAIT, so its SNAT port is free after [`CT_PASSIVE_CLOSE_NS`].
+pub const CT_F_PASSIVE_CLOSE: u32 = 1 << 7;
 /// A per-packet [`CT_REPLY`] entry whose `client_addr`/`client_port` are the frontend the client
 /// sent to (where replies come from). Entries written by agents before this flag hold the
 /// client's own address there, and their replies come from the service's [`REV_NAT_MAP`] entry.
@@ -435,6 +456,74 @@ pub struct CtValue {
     pub client_port: u16,
     pub _pad: u16,
     pub client_addr: [u32; 4],
+}
+
+/// How long a flow of `proto` may idle before it is new again.
+#[inline(always)]
+pub fn ct_idle_limit(proto: u8) -> u64 {
+    if proto == PROTO_TCP {
+        CT_TCP_IDLE_NS
+    } else {
+        CT_UDP_IDLE_NS
+    }
+}
+
+impl CtValue {
+    /// Whether the entry has expired: idle past its protocol's limit, or closed (TCP FIN or RST
+    /// seen) for longer than [`CT_CLOSED_NS`].
+    #[inline(always)]
+    pub fn expired(&self, now: u64, proto: u8) -> bool {
+        let limit = if self.flags & CT_F_CLOSED != 0 {
+            CT_CLOSED_NS
+        } else {
+            ct_idle_limit(proto)
+        };
+        now.saturating_sub(self.last_seen_ns) >= limit
+    }
+
+    /// Whether an SNAT reply entry's port may be given to a new flow: its flow expired, was
+    /// reset [`CT_RESET_NS`] ago, or closed passively by its backend [`CT_PASSIVE_CLOSE_NS`] ago
+    /// (see there). A flow whose backend closed first keeps its port until it expires.
+    #[inline(always)]
+    pub fn snat_port_free(&self, now: u64, proto: u8) -> bool {
+        let quiet = now.saturating_sub(self.last_seen_ns);
+        self.expired(now, proto)
+            || (self.flags & CT_F_RESET != 0 && quiet >= CT_RESET_NS)
+            || (self.flags & CT_F_PASSIVE_CLOSE != 0 && quiet >= CT_PASSIVE_CLOSE_NS)
+    }
+}
+
+/// Which end of an external flow sent a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowEnd {
+    /// The client outside the cluster.
+    Client,
+    /// The Service's backend.
+    Backend,
+}
+
+/// The flags a segment of `proto` with TCP flags `tcp_flags`, sent by `end`, sets on its
+/// external flow's entries, which hold `held`: a FIN or RST closes the flow; a RST frees its
+/// SNAT port soon ([`CT_F_RESET`]); the backend's first FIN, when the client's came before it,
+/// marks a passive close ([`CT_F_PASSIVE_CLOSE`]). A backend's FIN sent again (its first was
+/// not acknowledged) changes nothing: the first one tells who closed first.
+#[inline(always)]
+pub fn ct_end_flags(proto: u8, tcp_flags: u8, end: FlowEnd, held: u32) -> u32 {
+    if proto != PROTO_TCP {
+        return 0;
+    }
+    if tcp_flags & TCP_RST != 0 {
+        return CT_F_CLOSED | CT_F_RESET;
+    }
+    if tcp_flags & TCP_FIN == 0 {
+        return 0;
+    }
+    match end {
+        FlowEnd::Client => CT_F_CLOSED | CT_F_CLIENT_FIN,
+        FlowEnd::Backend if held & CT_F_BACKEND_FIN != 0 => CT_F_CLOSED,
+        FlowEnd::Backend if held & CT_F_CLIENT_FIN != 0 => CT_F_CLOSED | CT_F_BACKEND_FIN | CT_F_PASSIVE_CLOSE,
+        FlowEnd::Backend => CT_F_CLOSED | CT_F_BACKEND_FIN,
+    }
 }
 
 /// Key of [`AFFINITY4_MAP`]: the service and the client (its address for per-packet traffic, its
@@ -664,6 +753,84 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    const FIN_ACK: u8 = TCP_FIN | ACK;
+    const RST: u8 = TCP_RST;
+
+    /// An SNATed flow's reply entry after `segments` (who sent each, its TCP flags), each
+    /// setting its flags as the uplink program does, the last one at time 0.
+    fn flow_after(segments: &[(FlowEnd, u8)]) -> CtValue {
+        let mut entry = CtValue {
+            flags: CT_F_SNAT_REPLY,
+            ..CtValue::default()
+        };
+        for (end, tcp_flags) in segments {
+            entry.flags |= ct_end_flags(PROTO_TCP, *tcp_flags, *end, entry.flags);
+        }
+        entry
+    }
+
+    /// The first moment (in steps of 10 ms, from the last segment) at which the flow's SNAT
+    /// port is free.
+    fn port_free_after(entry: &CtValue) -> u64 {
+        (0..=CT_CLOSED_NS / 10_000_000)
+            .map(|step| step * 10_000_000)
+            .find(|now| entry.snat_port_free(*now, PROTO_TCP))
+            .expect("an expired flow's port is free")
+    }
+
+    #[test]
+    fn a_backend_that_closes_after_its_client_frees_the_snat_port_after_the_passive_close_wait() {
+        use FlowEnd::*;
+        let entry = flow_after(&[
+            (Client, SYN),
+            (Backend, SYN | ACK),
+            (Client, FIN_ACK),
+            (Backend, FIN_ACK),
+            (Client, ACK),
+        ]);
+        assert_ne!(entry.flags & CT_F_PASSIVE_CLOSE, 0);
+        assert_eq!(port_free_after(&entry), CT_PASSIVE_CLOSE_NS);
+        // The entry itself stays for late packets until the closed-flow time.
+        assert!(!entry.expired(CT_PASSIVE_CLOSE_NS, PROTO_TCP));
+        // A half-closed flow (the client's FIN, the backend still sending) keeps its port.
+        let half_closed = flow_after(&[(Client, SYN), (Backend, SYN | ACK), (Client, FIN_ACK), (Backend, ACK)]);
+        assert_eq!(half_closed.flags & CT_F_PASSIVE_CLOSE, 0);
+        assert_eq!(port_free_after(&half_closed), CT_CLOSED_NS);
+    }
+
+    #[test]
+    fn a_backend_that_closes_first_keeps_the_snat_port_for_the_closed_flow_time() {
+        use FlowEnd::*;
+        // The backend's TIME_WAIT holds the tuple: the port waits until the flow expires.
+        let entry = flow_after(&[(Backend, FIN_ACK), (Client, FIN_ACK), (Backend, ACK)]);
+        assert_eq!(entry.flags & CT_F_PASSIVE_CLOSE, 0);
+        assert_eq!(port_free_after(&entry), CT_CLOSED_NS);
+        // Its FIN sent again after the client's (the client's ACK of it was lost) does not make
+        // it a passive close.
+        let again = flow_after(&[(Backend, FIN_ACK), (Client, FIN_ACK), (Backend, FIN_ACK)]);
+        assert_eq!(again.flags & CT_F_PASSIVE_CLOSE, 0);
+        assert_eq!(port_free_after(&again), CT_CLOSED_NS);
+    }
+
+    #[test]
+    fn a_reset_frees_the_snat_port_soonest_and_udp_never_closes() {
+        use FlowEnd::*;
+        for segments in [
+            &[(Client, RST)][..],
+            &[(Backend, RST)],
+            &[(Backend, FIN_ACK), (Client, RST)],
+        ] {
+            assert_eq!(port_free_after(&flow_after(segments)), CT_RESET_NS, "{segments:?}");
+        }
+        assert_eq!(ct_end_flags(PROTO_UDP, TCP_FIN, Client, 0), 0);
+        let open = CtValue::default();
+        assert!(!open.snat_port_free(CT_CLOSED_NS, PROTO_TCP));
+        assert!(open.snat_port_free(CT_TCP_IDLE_NS, PROTO_TCP));
+        assert!(open.snat_port_free(CT_UDP_IDLE_NS, PROTO_UDP));
+    }
 
     /// The checksum of `words` from scratch, as a sender computes it.
     fn checksum(words: &[u16]) -> u16 {

@@ -180,6 +180,20 @@ enum Probe {
         #[arg(long)]
         out: PathBuf,
     },
+    /// A TCP connection held open, asking every interval, logging each answer or error (and
+    /// connecting again after an error); `getpeername` is logged for each connection's first
+    /// answer, and again once the `--ask-peer` file appears.
+    ConnectedTcp {
+        to: SocketAddr,
+        #[arg(long)]
+        seconds: f64,
+        #[arg(long, default_value = "100")]
+        interval_ms: u64,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        ask_peer: PathBuf,
+    },
     /// New TCP connections back to back until the stop file exists; counts failures.
     Load {
         to: SocketAddr,
@@ -291,6 +305,19 @@ fn run(cli: Cli) -> Result<()> {
                     Duration::from_secs_f64(seconds),
                     Duration::from_millis(interval_ms),
                     &out,
+                ),
+                Probe::ConnectedTcp {
+                    to,
+                    seconds,
+                    interval_ms,
+                    out,
+                    ask_peer,
+                } => probe::connected_tcp(
+                    to,
+                    Duration::from_secs_f64(seconds),
+                    Duration::from_millis(interval_ms),
+                    &out,
+                    &ask_peer,
                 ),
                 Probe::Load {
                     to,

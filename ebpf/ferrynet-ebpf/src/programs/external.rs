@@ -16,7 +16,8 @@
 //!   around the node.
 //! - Flows live in the conntrack maps with their own directions ([`CT_EXT_IN`], [`CT_EXT_OUT`]);
 //!   a TCP FIN or RST closes both directions of an SNATed flow, which frees its port after
-//!   [`CT_CLOSED_NS`].
+//!   [`CT_CLOSED_NS`], or sooner when neither end holds the tuple in TIME_WAIT: after a reset
+//!   ([`CT_RESET_NS`]), or a backend's FIN answering its client's ([`CT_PASSIVE_CLOSE_NS`]).
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_SHOT},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
@@ -48,17 +49,11 @@ pub fn from_uplink(mut ctx: TcContext) -> i32 {
     }
 }
 
-/// The flags a segment sets on its flow's entries: a FIN or RST closes the flow, and a RST
-/// also frees its SNAT port soon ([`CT_F_RESET`]).
+/// The flags a segment from `end` sets on its flow's entries, which hold `held` (see
+/// [`ct_end_flags`]).
 #[inline(always)]
-fn end_flags<A>(t: &Tuple<A>) -> u32 {
-    if is_tcp_rst(t) {
-        CT_F_CLOSED | CT_F_RESET
-    } else if is_tcp_end(t) {
-        CT_F_CLOSED
-    } else {
-        0
-    }
+fn end_flags<A>(t: &Tuple<A>, end: FlowEnd, held: u32) -> u32 {
+    ct_end_flags(t.proto, t.tcp_flags, end, held)
 }
 
 /// Refreshes an entry for a packet of its flow, setting `ended` (see [`end_flags`]).
@@ -126,8 +121,8 @@ fn allocate_snat<F: Family>(node: F::Addr, b: &BackendValue, proto: u8, reply: C
         let key = F::ct_key_of(F::narrow(b.addr), node, b.port, port, proto, CT_EXT_IN);
         // SAFETY: the value is copied out at once.
         let flags = match unsafe { ct.get(key) } {
-            Some(e) if !snat_port_free(e, now, proto) => continue,
-            // An expired or reset flow's port is free: overwritten.
+            Some(e) if !e.snat_port_free(now, proto) => continue,
+            // An expired, reset or passively closed flow's port is free: overwritten.
             Some(_) => 0,
             None => u64::from(BPF_NOEXIST),
         };
@@ -155,8 +150,13 @@ fn from_uplink_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
         let now = unsafe { bpf_ktime_get_ns() };
         // SAFETY: copied out at once.
         let e = unsafe { *entry };
-        if !expired(&e, now, t.proto) && !reopens(&t, &e) {
-            let ended = end_flags(&t);
+        if !e.expired(now, t.proto) && !reopens(&t, &e) {
+            let from = if e.flags & CT_F_SNAT_REPLY != 0 {
+                FlowEnd::Backend
+            } else {
+                FlowEnd::Client
+            };
+            let ended = end_flags(&t, from, e.flags);
             let closing = ended != 0;
             touch(entry, now, ended);
             if e.flags & CT_F_SNAT_REPLY != 0 {
@@ -314,11 +314,11 @@ pub fn reply_to_external<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>) -> 
     let e = unsafe { *entry };
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if expired(&e, now, t.proto) || answers_new_connection(t, &e) {
+    if e.expired(now, t.proto) || answers_new_connection(t, &e) {
         let _ = ct.remove(key);
         return None;
     }
-    touch(entry, now, end_flags(t));
+    touch(entry, now, end_flags(t, FlowEnd::Backend, e.flags));
     // SAFETY: copied out at once.
     let frontend = unsafe { REV_NAT.get(e.service) }.copied()?;
     let node = F::narrow(e.client_addr);

@@ -128,15 +128,6 @@ pub fn rewrite_port<A>(ctx: &mut TcContext, t: &Tuple<A>, offset: usize, from: u
 }
 
 #[inline(always)]
-pub fn idle_limit(proto: u8) -> u64 {
-    if proto == PROTO_TCP {
-        CT_TCP_IDLE_NS
-    } else {
-        CT_UDP_IDLE_NS
-    }
-}
-
-#[inline(always)]
 pub fn ifindex(ctx: &TcContext) -> u32 {
     // SAFETY: `skb` points at the kernel's __sk_buff for this invocation.
     unsafe { (*ctx.skb.skb).ifindex }
@@ -165,36 +156,10 @@ pub fn refuse(ctx: &TcContext) -> i32 {
     NEXT
 }
 
-/// Whether a conntrack entry has expired: idle past its protocol's limit, or closed (TCP FIN or
-/// RST seen) for longer than [`CT_CLOSED_NS`].
-#[inline(always)]
-pub fn expired(entry: &CtValue, now: u64, proto: u8) -> bool {
-    let limit = if entry.flags & CT_F_CLOSED != 0 {
-        CT_CLOSED_NS
-    } else {
-        idle_limit(proto)
-    };
-    now.saturating_sub(entry.last_seen_ns) >= limit
-}
-
-/// Whether an SNAT reply entry's port may be given to a new flow: its flow expired, or was reset
-/// [`CT_RESET_NS`] ago (see there).
-#[inline(always)]
-pub fn snat_port_free(entry: &CtValue, now: u64, proto: u8) -> bool {
-    expired(entry, now, proto)
-        || (entry.flags & CT_F_RESET != 0 && now.saturating_sub(entry.last_seen_ns) >= CT_RESET_NS)
-}
-
-/// Whether a TCP segment ends its connection (FIN or RST).
-#[inline(always)]
-pub fn is_tcp_end<A>(t: &Tuple<A>) -> bool {
-    t.proto == PROTO_TCP && t.tcp_flags & 0x05 != 0
-}
-
 /// Whether a TCP segment resets its connection.
 #[inline(always)]
 pub fn is_tcp_rst<A>(t: &Tuple<A>) -> bool {
-    t.proto == PROTO_TCP && t.tcp_flags & 0x04 != 0
+    t.proto == PROTO_TCP && t.tcp_flags & TCP_RST != 0
 }
 
 /// Whether a TCP segment opens a connection (SYN without ACK).

@@ -174,7 +174,7 @@ fn translate<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, svc: ServiceVal
     // SAFETY: the value is copied out at once.
     let known = forward_entry
         .map(|entry| unsafe { *entry })
-        .filter(|e| now.saturating_sub(e.last_seen_ns) < idle_limit(t.proto) && e.service == svc.id)
+        .filter(|e| now.saturating_sub(e.last_seen_ns) < ct_idle_limit(t.proto) && e.service == svc.id)
         .and_then(|e| Some((e.backend, backend(e.backend)?)));
     // A reset opens nothing: it ends a flow, or answers none.
     if known.is_none() && (!may_open || is_tcp_rst(&t)) {
@@ -280,7 +280,7 @@ fn to_pod_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
     }
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if now.saturating_sub(entry.last_seen_ns) >= idle_limit(t.proto) {
+    if now.saturating_sub(entry.last_seen_ns) >= ct_idle_limit(t.proto) {
         let _ = ct.remove(key);
         return None;
     }

@@ -7,8 +7,8 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
 use ferrynet_common::*;
 
@@ -19,7 +19,8 @@ use super::{
     stats::bump,
 };
 
-/// `connect` and `sendmsg` programs: allow the call (with whatever they rewrote).
+/// `connect` and `sendmsg` programs: allow the call (with whatever they rewrote). Also what
+/// the release program returns (it cannot refuse anything).
 const ALLOW: i32 = 1;
 /// `connect` and `sendmsg` programs: refuse the call, with the error set by `bpf_set_retval`.
 const REFUSE: i32 = 0;
@@ -205,5 +206,24 @@ pub fn sock4_getpeername(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn sock6_getpeername(ctx: SockAddrContext) -> i32 {
     reverse::<V6>(&ctx);
+    ALLOW
+}
+
+/// A socket its owner closed (`close`, or its process ending): its [`SOCK_CONNECTED`] entry goes
+/// with it. Left to the map's LRU instead, the entries of closed sockets filled it after as many
+/// connects as it holds (minutes on a busy node), and every connect then evicted the entry least
+/// recently used, which is a long-lived TCP socket's (TCP sockets' entries are read only by
+/// `getpeername`): such a socket kept the backend's address from `getpeername`, and was no longer
+/// terminated when its backend went. Only a socket whose peer is on some backend's port may have
+/// an entry: the port gate spares the others the lookup.
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: reading a field of the kernel's context, which every cgroup socket hook may read.
+    let port = unsafe { read_volatile(addr_of!((*ctx.sock).dst_port)) };
+    if backend_port(port) {
+        // SAFETY: a cgroup socket context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = SOCK_CONNECTED.remove(cookie);
+    }
     ALLOW
 }
