@@ -21,6 +21,8 @@
 //!   connected to in place of a Service, and that Service's address), one entry a connect: for
 //!   `recvmsg` and `getpeername`, and for terminating the sockets of removed backends; removed
 //!   when the socket is closed (cgroup `sock_release`), so it holds the live sockets alone;
+//! - [`SOCK_CONNECTED_HINTS_MAP`]: how many of those entries each slot of socket cookies holds,
+//!   so that the release of a socket that has none skips the large map;
 //! - [`SOCK_REVNAT4_MAP`] / [`SOCK_REVNAT6_MAP`]: (socket cookie, backend address, port) → VIP, for
 //!   the `recvmsg` of datagrams sent unconnected;
 //! - [`DOOMED_BACKENDS_MAP`]: backends whose sockets are being terminated;
@@ -74,9 +76,18 @@ pub const MAGLEV_MAP: &str = "MAGLEV";
 pub const PORTS_WITHOUT_FRONTENDS_MAP: &str = "PORTS_WITHOUT_FRONTENDS";
 pub const PORTS_WITHOUT_BACKENDS_MAP: &str = "PORTS_WITHOUT_BACKENDS";
 pub const PORT_GATE_WORDS: u32 = 1024;
+/// How many [`SOCK_CONNECTED_MAP`] entries live in each slot of socket cookies (a cookie's slot
+/// is `cookie % SOCK_CONNECTED_HINT_SLOTS`): an array of `u64` counts, which the connect program
+/// counts up for each entry it adds and the release and terminate programs down for each they
+/// remove. A closed socket whose slot counts none (most sockets were never translated) skips the
+/// lookup in the large map, whose buckets are cold: about 0.4 µs a socket. A count can only be
+/// too high (an entry the map evicted, or one an agent before the counts added), which costs
+/// that lookup again and nothing else.
+pub const SOCK_CONNECTED_HINTS_MAP: &str = "SOCK_CONNECTED_HINTS";
+pub const SOCK_CONNECTED_HINT_SLOTS: u32 = 4096;
 
 /// Every map the datapath pins, in the order the agent reports them.
-pub const PINNED_MAPS: [&str; 25] = [
+pub const PINNED_MAPS: [&str; 26] = [
     SERVICES4_MAP,
     SERVICES6_MAP,
     SERVICE_SLOTS_MAP,
@@ -102,6 +113,7 @@ pub const PINNED_MAPS: [&str; 25] = [
     MAGLEV_MAP,
     PORTS_WITHOUT_FRONTENDS_MAP,
     PORTS_WITHOUT_BACKENDS_MAP,
+    SOCK_CONNECTED_HINTS_MAP,
 ];
 
 /// Program names (the functions' names in the object).

@@ -28,6 +28,8 @@ pub static AFFINITY6: LruHashMap<AffinityKey6, AffinityValue> = LruHashMap::with
 #[map]
 pub static SOCK_CONNECTED: LruHashMap<u64, SockConnectedValue> = LruHashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 #[map]
+pub static SOCK_CONNECTED_HINTS: Array<u64> = Array::with_max_entries(SOCK_CONNECTED_HINT_SLOTS, 0);
+#[map]
 pub static SOCK_REVNAT4: LruHashMap<SockRevNatKey4, SockRevNatValue> =
     LruHashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 #[map]
@@ -90,4 +92,26 @@ pub fn backend_port(port: u16) -> bool {
 #[inline(always)]
 pub fn config() -> DatapathConfig {
     DATAPATH_CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// Counts `delta` (wrapping: `u64::MAX` is -1) in the [`SOCK_CONNECTED_HINTS`] slot of
+/// `cookie`, for an entry added to or removed from [`SOCK_CONNECTED`].
+#[inline(always)]
+pub fn count_connected(cookie: u64, delta: u64) {
+    if let Some(slot) = SOCK_CONNECTED_HINTS.get_ptr_mut((cookie % u64::from(SOCK_CONNECTED_HINT_SLOTS)) as u32) {
+        // SAFETY: `slot` points at an array value, valid while the program runs and aligned for
+        // a u64; other CPUs count the same slots, hence the atomic add.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(slot, delta)
+        };
+    }
+}
+
+/// Whether the [`SOCK_CONNECTED_HINTS`] slot of `cookie` counts any entry: false means the
+/// socket has none in [`SOCK_CONNECTED`].
+#[inline(always)]
+pub fn may_be_connected(cookie: u64) -> bool {
+    SOCK_CONNECTED_HINTS
+        .get((cookie % u64::from(SOCK_CONNECTED_HINT_SLOTS)) as u32)
+        .is_none_or(|count| *count != 0)
 }

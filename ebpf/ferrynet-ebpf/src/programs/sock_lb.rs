@@ -6,6 +6,7 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
@@ -14,7 +15,7 @@ use ferrynet_common::*;
 
 use super::{
     family::{Family, V4, V6},
-    maps::{SOCK_CONNECTED, backend_port, config},
+    maps::{SOCK_CONNECTED, backend_port, config, count_connected, may_be_connected},
     services::{Destination, lookup, node_port_in_cluster, select},
     stats::bump,
 };
@@ -110,7 +111,15 @@ fn translate<F: Family>(ctx: &SockAddrContext, connecting: bool) -> i32 {
             service_port: port,
             _pad: 0,
         };
-        SOCK_CONNECTED.insert(cookie, value, 0)
+        // Counted for the release program only when new: a socket connecting again (UDP)
+        // replaces its entry.
+        let added = SOCK_CONNECTED.insert(cookie, value, u64::from(BPF_NOEXIST));
+        if added.is_ok() {
+            count_connected(cookie, 1);
+            added
+        } else {
+            SOCK_CONNECTED.insert(cookie, value, 0)
+        }
     } else {
         // Unconnected datagrams pick a backend each time: their replies are known by the
         // backend they come from.
@@ -215,7 +224,8 @@ pub fn sock6_getpeername(ctx: SockAddrContext) -> i32 {
 /// recently used, which is a long-lived TCP socket's (TCP sockets' entries are read only by
 /// `getpeername`): such a socket kept the backend's address from `getpeername`, and was no longer
 /// terminated when its backend went. Only a socket whose peer is on some backend's port may have
-/// an entry: the port gate spares the others the lookup.
+/// an entry: the port gate spares the others the lookup, and so does a slot of the entries'
+/// counts that holds none (see [`SOCK_CONNECTED_HINTS_MAP`]).
 #[cgroup_sock(sock_release)]
 pub fn sock_release(ctx: SockContext) -> i32 {
     // SAFETY: reading a field of the kernel's context, which every cgroup socket hook may read.
@@ -223,7 +233,9 @@ pub fn sock_release(ctx: SockContext) -> i32 {
     if backend_port(port) {
         // SAFETY: a cgroup socket context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        let _ = SOCK_CONNECTED.remove(cookie);
+        if may_be_connected(cookie) && SOCK_CONNECTED.remove(cookie).is_ok() {
+            count_connected(cookie, u64::MAX);
+        }
     }
     ALLOW
 }

@@ -13,7 +13,7 @@ use aya_ebpf::helpers::bpf_get_socket_cookie;
 use ferrynet_common::Stat;
 
 use super::{
-    maps::{DOOMED_BACKENDS, SOCK_CONNECTED},
+    maps::{DOOMED_BACKENDS, SOCK_CONNECTED, count_connected},
     stats::bump,
 };
 
@@ -58,7 +58,9 @@ fn terminate_if_doomed(ctx: *mut IterSocketContext) -> i32 {
         if unsafe { bpf_sock_destroy(sk) } == 0 {
             bump(Stat::SocketsTerminated);
         }
-        let _ = SOCK_CONNECTED.remove(cookie);
+        if SOCK_CONNECTED.remove(cookie).is_ok() {
+            count_connected(cookie, u64::MAX);
+        }
     }
     0
 }
