@@ -81,8 +81,9 @@ pub const PORT_GATE_WORDS: u32 = 1024;
 /// counts up for each entry it adds and the release and terminate programs down for each they
 /// remove. A closed socket whose slot counts none (most sockets were never translated) skips the
 /// lookup in the large map, whose buckets are cold: about 0.4 µs a socket. A count can only be
-/// too high (an entry the map evicted, or one an agent before the counts added), which costs
-/// that lookup again and nothing else.
+/// too high (an entry the map evicted, one an agent before the counts added, or one whose socket
+/// closed once no backend had its port, which the port gate then skips), which costs that lookup
+/// again and nothing else.
 pub const SOCK_CONNECTED_HINTS_MAP: &str = "SOCK_CONNECTED_HINTS";
 pub const SOCK_CONNECTED_HINT_SLOTS: u32 = 4096;
 
