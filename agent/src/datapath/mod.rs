@@ -384,13 +384,14 @@ impl Datapath {
         modes: TranslationModes,
         host_netns_cookie: u64,
         programs: u64,
+        service_cidrs: &[ipnet::IpNet],
     ) -> Result<(), DatapathError> {
         // External flows keep their translation across a restart: the flag stays until the
         // agent has read its maps back and says otherwise.
         let external = self.current_config()?.flags & CONFIG_F_EXTERNAL;
         let value = DatapathConfig {
             flags: modes.flags() | external,
-            _pad: 0,
+            service_cidrs4: service_cidr_cover(service_cidrs),
             host_netns_cookie,
             programs,
         };
@@ -576,7 +577,8 @@ impl Datapath {
         Ok(connected.len())
     }
 
-    /// Writes the cluster's Service CIDRs (replacing what the tries held).
+    /// Writes the cluster's Service CIDRs (replacing what the tries held). Their cover goes into
+    /// the settings ([`Self::configure`]), written after them.
     pub fn set_service_cidrs(&mut self, cidrs: &[ipnet::IpNet]) -> Result<(), DatapathError> {
         use aya::maps::lpm_trie::{Key, LpmTrie};
         let map_err = |name: &'static str| move |source| DatapathError::Map { name, source };
@@ -939,6 +941,18 @@ const RETIRED_MAPS: [&str; 1] = [
     "FROM_POD_STATS",
 ];
 
+/// The IPv4 cover of `cidrs` for the settings ([`service_cidr_cover4`]).
+pub fn service_cidr_cover(cidrs: &[ipnet::IpNet]) -> u32 {
+    let v4: Vec<(u32, u8)> = cidrs
+        .iter()
+        .filter_map(|cidr| match cidr {
+            ipnet::IpNet::V4(v4) => Some((u32::from(v4.network()), v4.prefix_len())),
+            ipnet::IpNet::V6(_) => None,
+        })
+        .collect();
+    service_cidr_cover4(&v4)
+}
+
 /// Socket cookie → backend id, which agents before [`SOCK_CONNECTED_MAP`] wrote at every connect:
 /// retired by [`Datapath::adopt_retired_socket_backends`], which carries its sockets over.
 pub const RETIRED_SOCKET_BACKENDS_MAP: &str = "SOCK_BACKEND";
@@ -1192,6 +1206,26 @@ pub fn interface_exists(name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_settings_cover_the_ipv4_service_cidrs_only() {
+        use ferrynet_common::{CIDR_COVER_NONE, may_be_in_service_cidrs4};
+        let cidrs: Vec<ipnet::IpNet> = ["fd00:96::/108", "10.96.0.0/16"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect();
+        let cover = super::service_cidr_cover(&cidrs);
+        assert!(may_be_in_service_cidrs4(
+            cover,
+            u32::from(std::net::Ipv4Addr::new(10, 96, 1, 1))
+        ));
+        assert!(!may_be_in_service_cidrs4(
+            cover,
+            u32::from(std::net::Ipv4Addr::new(10, 244, 1, 1))
+        ));
+        assert_eq!(super::service_cidr_cover(&cidrs[..1]), CIDR_COVER_NONE);
+        assert_eq!(super::service_cidr_cover(&[]), CIDR_COVER_NONE);
+    }
+
     #[test]
     fn maps_pinned_with_another_capacity_are_named_with_both() {
         let wanted = [("ct4", 4096), ("backends", 100), ("maglev", 10)];

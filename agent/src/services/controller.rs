@@ -711,6 +711,7 @@ fn set_up(cfg: &ServicesConfig) -> Result<(Datapath, ServiceMaps, datapath::Atta
         cfg.modes,
         host_netns_cookie().map_err(ServicesError::NetnsCookie)?,
         identity,
+        &cfg.service_cidrs,
     )?;
     let handles = MapHandles::new(|name| dp.take_map(name).ok())?;
     let maps = ServiceMaps::adopt(handles, cfg.sizes.services, cfg.sizes.backends)?;

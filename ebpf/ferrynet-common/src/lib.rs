@@ -235,10 +235,61 @@ pub const CONFIG_F_SOCKET_LB: u32 = 1 << 2;
 /// external flows (without any, a pod's packet pays no lookup for them).
 pub const CONFIG_F_EXTERNAL: u32 = 1 << 3;
 
+/// [`DatapathConfig::service_cidrs4`] of an earlier agent, which did not write it: every address
+/// may be in a Service CIDR.
+pub const CIDR_COVER_UNKNOWN: u32 = 0;
+/// [`DatapathConfig::service_cidrs4`] when the cluster has no IPv4 Service CIDR.
+pub const CIDR_COVER_NONE: u32 = 0xff;
+/// Covers of longer prefixes are cut to this length, so that the length fits beside the prefix.
+const CIDR_COVER_MAX_LEN: u32 = 24;
+
+/// The [`DatapathConfig::service_cidrs4`] of the IPv4 Service CIDRs `cidrs` (network address in
+/// host order, prefix length): the longest prefix, of at most 24 bits, that covers them all, in
+/// the top 24 bits, and its length plus one in the low byte. The cover only spares lookups: an
+/// address inside it is still looked up in the trie, which holds the CIDRs themselves.
+pub fn service_cidr_cover4(cidrs: &[(u32, u8)]) -> u32 {
+    let Some((first, _)) = cidrs.first() else {
+        return CIDR_COVER_NONE;
+    };
+    let len = cidrs.iter().fold(CIDR_COVER_MAX_LEN, |len, (network, prefix)| {
+        len.min(u32::from(*prefix)).min((first ^ network).leading_zeros())
+    });
+    (first & cover_mask(len)) | (len + 1)
+}
+
+/// The mask of a prefix of `len` bits (at most 32).
+#[inline(always)]
+fn cover_mask(len: u32) -> u32 {
+    u32::MAX.checked_shl(32 - len).unwrap_or(0)
+}
+
+/// Whether the IPv4 address `addr` (host order) may be in a Service CIDR, by `cover` (see
+/// [`service_cidr_cover4`]): false means it is in none, true that the trie must say.
+#[inline(always)]
+pub fn may_be_in_service_cidrs4(cover: u32, addr: u32) -> bool {
+    match cover & 0xff {
+        CIDR_COVER_UNKNOWN => true,
+        CIDR_COVER_NONE => false,
+        code => {
+            let mask = cover_mask((code - 1).min(CIDR_COVER_MAX_LEN));
+            addr & mask == cover & mask
+        }
+    }
+}
+
+/// Whether `port` (network order), a reply's destination port at the uplink, may be an SNAT port
+/// ([`SNAT_PORT_MIN`] and up): only then may the reply be one of an SNATed flow.
+#[inline(always)]
+pub fn may_be_snat_port(port: u16) -> bool {
+    u16::from_be(port) >= SNAT_PORT_MIN
+}
+
 /// The source ports a flow to another node's backend is SNATed to: above Linux's default
 /// ephemeral range (32768-60999), so they never collide with the node's own connections.
 pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
+// [`may_be_snat_port`] looks at the lower bound only.
+const _: () = assert!(SNAT_PORT_MAX == u16::MAX);
 /// A closed TCP flow's entries stay this long (for the last ACK and retransmitted FINs), then
 /// its SNAT port is free again: long enough for a backend that closed first, whose TIME_WAIT
 /// holds the tuple, to take a new SYN on it (see [`CT_PASSIVE_CLOSE_NS`] for the other order).
@@ -656,7 +707,9 @@ pub type ServiceCidr6 = [u32; 4];
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DatapathConfig {
     pub flags: u32,
-    pub _pad: u32,
+    /// A prefix covering every IPv4 Service CIDR ([`service_cidr_cover4`]): an address outside
+    /// it skips the Service CIDR trie. 0 (an earlier agent's padding) asks the trie always.
+    pub service_cidrs4: u32,
     /// The node's own network namespace (`SO_NETNS_COOKIE`), for [`CONFIG_F_HOST_NETNS_ONLY`].
     pub host_netns_cookie: u64,
     /// The identity of the programs attached (the agent's digest of its kernel object): an agent
@@ -766,6 +819,58 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn v4(a: u8, b: u8, c: u8, d: u8) -> u32 {
+        u32::from_be_bytes([a, b, c, d])
+    }
+
+    #[test]
+    fn an_address_outside_every_service_cidr_is_outside_their_cover() {
+        // One CIDR: the cover is the CIDR itself.
+        let one = service_cidr_cover4(&[(v4(10, 96, 0, 0), 12)]);
+        assert!(may_be_in_service_cidrs4(one, v4(10, 96, 0, 1)));
+        assert!(may_be_in_service_cidrs4(one, v4(10, 111, 255, 255)));
+        assert!(!may_be_in_service_cidrs4(one, v4(10, 112, 0, 0)));
+        assert!(!may_be_in_service_cidrs4(one, v4(10, 244, 1, 2)));
+        assert!(!may_be_in_service_cidrs4(one, v4(10, 95, 255, 255)));
+        // Two: the longest prefix covering both (10.96.0.0/12 and 10.100.0.0/16: 10.96.0.0/12).
+        let two = service_cidr_cover4(&[(v4(10, 96, 0, 0), 12), (v4(10, 100, 0, 0), 16)]);
+        assert_eq!(two, service_cidr_cover4(&[(v4(10, 96, 0, 0), 12)]));
+        let apart = service_cidr_cover4(&[(v4(10, 96, 0, 0), 16), (v4(172, 20, 0, 0), 16)]);
+        for inside in [v4(10, 96, 3, 4), v4(172, 20, 9, 9)] {
+            assert!(may_be_in_service_cidrs4(apart, inside));
+        }
+        // Apart in the first bit: the cover is everything, and the trie decides.
+        assert!(may_be_in_service_cidrs4(apart, v4(1, 2, 3, 4)));
+        // Longer than 24 bits: cut to 24, still covering.
+        let narrow = service_cidr_cover4(&[(v4(192, 168, 7, 128), 25)]);
+        assert!(may_be_in_service_cidrs4(narrow, v4(192, 168, 7, 129)));
+        assert!(may_be_in_service_cidrs4(narrow, v4(192, 168, 7, 1)));
+        assert!(!may_be_in_service_cidrs4(narrow, v4(192, 168, 8, 1)));
+        // A /0 covers everything.
+        let all = service_cidr_cover4(&[(0, 0)]);
+        assert!(may_be_in_service_cidrs4(all, v4(255, 255, 255, 255)));
+        assert!(may_be_in_service_cidrs4(all, 0));
+    }
+
+    #[test]
+    fn without_service_cidrs_nothing_is_in_them_and_an_earlier_agents_config_asks_the_trie() {
+        let none = service_cidr_cover4(&[]);
+        assert_eq!(none, CIDR_COVER_NONE);
+        assert!(!may_be_in_service_cidrs4(none, v4(10, 96, 0, 1)));
+        assert!(!may_be_in_service_cidrs4(none, 0));
+        assert!(may_be_in_service_cidrs4(CIDR_COVER_UNKNOWN, v4(10, 96, 0, 1)));
+        assert!(may_be_in_service_cidrs4(CIDR_COVER_UNKNOWN, v4(1, 1, 1, 1)));
+    }
+
+    #[test]
+    fn only_ports_of_the_snat_range_may_be_snat_ports() {
+        assert!(may_be_snat_port(port(SNAT_PORT_MIN)));
+        assert!(may_be_snat_port(port(65_535)));
+        assert!(!may_be_snat_port(port(SNAT_PORT_MIN - 1)));
+        assert!(!may_be_snat_port(port(32_768)));
+        assert!(!may_be_snat_port(port(9000)));
+    }
 
     const SYN: u8 = 0x02;
     const ACK: u8 = 0x10;

@@ -139,8 +139,9 @@ fn from_uplink_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
     let ct = F::conntrack();
     let key = F::ct_key(&t, CT_EXT_IN);
     // A known flow's packet is a client's, to a frontend's port, or a backend's reply, from a
-    // backend's port: anything else (most of what crosses the uplink) skips the lookup.
-    let known = if frontend_port(t.dport) || backend_port(t.sport) {
+    // backend's port to an SNAT port: anything else (most of what crosses the uplink, among it
+    // the replies to this node's pods, whose ports are below the SNAT range) skips the lookup.
+    let known = if frontend_port(t.dport) || (may_be_snat_port(t.dport) && backend_port(t.sport)) {
         ct.get_ptr_mut(key)
     } else {
         None

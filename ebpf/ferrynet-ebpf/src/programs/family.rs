@@ -15,7 +15,7 @@ use ferrynet_common::*;
 use super::{
     maps::{
         AFFINITY4, AFFINITY6, CT4, CT6, NODE_ADDRS4, NODE_ADDRS6, SERVICE_CIDRS4, SERVICE_CIDRS6, SERVICES4, SERVICES6,
-        SOCK_REVNAT4, SOCK_REVNAT6, SOURCE_RANGES4, SOURCE_RANGES6,
+        SOCK_REVNAT4, SOCK_REVNAT6, SOURCE_RANGES4, SOURCE_RANGES6, config,
     },
     packet::{
         AF_INET, AF_INET6, ETH_HLEN, Tuple, fib_redirect, l4_fields, l4_fields_loaded, l4_flags, read, rewrite_port,
@@ -265,7 +265,10 @@ impl Family for V4 {
     }
     #[inline(always)]
     fn in_service_cidrs(addr: u32) -> bool {
-        SERVICE_CIDRS4.get(Key::new(32, addr)).is_some()
+        // Most addresses asked about are pods' and the world's: the cover in the settings (a
+        // line every program reads anyway) spares them the trie.
+        may_be_in_service_cidrs4(config().service_cidrs4, u32::from_be(addr))
+            && SERVICE_CIDRS4.get(Key::new(32, addr)).is_some()
     }
     #[inline(always)]
     fn affinity() -> &'static LruHashMap<AffinityKey4, AffinityValue> {
