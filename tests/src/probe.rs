@@ -141,7 +141,7 @@ pub fn connected_udp(to: SocketAddr, duration: Duration, interval: Duration, out
 
 /// A TCP connection held open, asking once every interval; each line of `out` is what
 /// [`connected_udp`] writes. The first answer of each connection, and the first after the file
-/// `ask_peer` appears (which it then removes), is followed by `peer=<getpeername>`: asked at
+/// `ask_peer` (if given) appears (which it then removes), is followed by `peer=<getpeername>`: asked at
 /// every request, `getpeername` would keep the socket's datapath entry in use, which a real
 /// long-lived connection does not. After an error (a socket the datapath aborted, say) it
 /// connects again, as a client with a connection pool would.
@@ -150,7 +150,7 @@ pub fn connected_tcp(
     duration: Duration,
     interval: Duration,
     out: &Path,
-    ask_peer: &Path,
+    ask_peer: Option<&Path>,
 ) -> Result<()> {
     let connect = || -> std::io::Result<(TcpStream, BufReader<TcpStream>)> {
         let stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
@@ -178,7 +178,7 @@ pub fn connected_tcp(
                 ));
             }
             // What `getpeername` says: the Service address, when the datapath translates.
-            if fresh || std::fs::remove_file(ask_peer).is_ok() {
+            if fresh || ask_peer.is_some_and(|file| std::fs::remove_file(file).is_ok()) {
                 return Ok(format!("{} peer={}", answer.trim_end(), stream.peer_addr()?));
             }
             Ok(answer.trim_end().to_string())

@@ -683,7 +683,7 @@ fn dns_over_a_udp_clusterip_keeps_answering_when_its_backend_is_replaced() {
     }
 }
 
-/// The `connected-udp` client's log: (unix ms, answering pod or the error).
+/// The `connected` (UDP) client's log: (unix ms, answering pod or the error).
 /// Starts a long-lived connected UDP client in `part` (as daemon `what`): a request every 50 ms
 /// for 30 s to `to`, each answer or error logged to `out`.
 fn start_connected_udp(lab: &Lab, part: &str, what: &str, to: SocketAddr, out: &std::path::Path) {
@@ -693,7 +693,7 @@ fn start_connected_udp(lab: &Lab, part: &str, what: &str, to: SocketAddr, out: &
         &[
             binary("ferrynet-lab").display().to_string(),
             "probe".into(),
-            "connected-udp".into(),
+            "connected".into(),
             to.to_string(),
             "--seconds".into(),
             "30".into(),
@@ -829,8 +829,9 @@ fn a_tcp_client_of_a_removed_backend_fails_fast_however_many_sockets_came_and_we
         &[
             binary("ferrynet-lab").display().to_string(),
             "probe".into(),
-            "connected-tcp".into(),
+            "connected".into(),
             to.to_string(),
+            "--tcp".into(),
             "--seconds".into(),
             "120".into(),
             "--interval-ms".into(),

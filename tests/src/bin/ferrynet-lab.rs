@@ -170,29 +170,22 @@ enum Probe {
         #[arg(long, default_value = "2")]
         timeout_seconds: u64,
     },
-    /// A connected UDP socket sending a datagram every interval, logging each answer or error.
-    ConnectedUdp {
+    /// A connected UDP socket (or, with `--tcp`, a TCP connection held open) asking every
+    /// interval, logging each answer or error and making its socket anew after an error. With
+    /// `--tcp`, `getpeername` is logged for each connection's first answer, and again once the
+    /// `--ask-peer` file appears.
+    Connected {
         to: SocketAddr,
+        #[arg(long)]
+        tcp: bool,
         #[arg(long)]
         seconds: f64,
         #[arg(long, default_value = "100")]
         interval_ms: u64,
         #[arg(long)]
         out: PathBuf,
-    },
-    /// A TCP connection held open, asking every interval, logging each answer or error (and
-    /// connecting again after an error); `getpeername` is logged for each connection's first
-    /// answer, and again once the `--ask-peer` file appears.
-    ConnectedTcp {
-        to: SocketAddr,
-        #[arg(long)]
-        seconds: f64,
-        #[arg(long, default_value = "100")]
-        interval_ms: u64,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long)]
-        ask_peer: PathBuf,
+        #[arg(long, requires = "tcp")]
+        ask_peer: Option<PathBuf>,
     },
     /// New TCP connections back to back until the stop file exists; counts failures.
     Load {
@@ -295,30 +288,21 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     Ok(())
                 }
-                Probe::ConnectedUdp {
+                Probe::Connected {
                     to,
-                    seconds,
-                    interval_ms,
-                    out,
-                } => probe::connected_udp(
-                    to,
-                    Duration::from_secs_f64(seconds),
-                    Duration::from_millis(interval_ms),
-                    &out,
-                ),
-                Probe::ConnectedTcp {
-                    to,
+                    tcp,
                     seconds,
                     interval_ms,
                     out,
                     ask_peer,
-                } => probe::connected_tcp(
-                    to,
-                    Duration::from_secs_f64(seconds),
-                    Duration::from_millis(interval_ms),
-                    &out,
-                    &ask_peer,
-                ),
+                } => {
+                    let (duration, interval) = (Duration::from_secs_f64(seconds), Duration::from_millis(interval_ms));
+                    if tcp {
+                        probe::connected_tcp(to, duration, interval, &out, ask_peer.as_deref())
+                    } else {
+                        probe::connected_udp(to, duration, interval, &out)
+                    }
+                }
                 Probe::Load {
                     to,
                     stop,

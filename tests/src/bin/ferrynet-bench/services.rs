@@ -852,6 +852,9 @@ pub fn run(opts: &Options) -> Result<String> {
     if opts.scales.is_empty() || opts.scales.windows(2).any(|w| w[0] >= w[1]) {
         bail!("--scales must be increasing numbers of Services");
     }
+    if opts.changes == 0 || opts.rounds == 0 || opts.connections == 0 {
+        bail!("--changes, --rounds and --connections must each be at least 1");
+    }
     let modes: Vec<Mode> = Mode::ALL
         .into_iter()
         .filter(|m| *m == Mode::Direct || opts.modes.as_ref().is_none_or(|only| only.contains(m)))
@@ -931,10 +934,10 @@ pub fn run(opts: &Options) -> Result<String> {
         wait_answering(&lab, EXTERNAL_CLIENT, local_pod_ip(*mode))?;
     }
     // The baseline: each mode's client straight to the pod IPs while no node has any proxy, in
-    // rounds rotating as the measurements do. Nodes of one lab differ by a few percent on this
+    // rounds ordered as the measurements are. Nodes of one lab differ by a few percent on this
     // VM whatever runs on them; each ratio to direct is divided by its node's.
     let mut baseline: Vec<(Mode, Sample)> = modes.iter().map(|m| (*m, Sample::default())).collect();
-    in_rotation(&modes, opts.rounds, |mode| {
+    in_rounds(&modes, opts.rounds, |mode| {
         let sample = connections(&lab, &format!("pod-{}", mode.client()), &pod_ips, opts.connections)?;
         baseline
             .iter_mut()
@@ -1004,19 +1007,30 @@ pub fn run(opts: &Options) -> Result<String> {
         for mode in &entry_modes {
             wait_answering(&lab, &format!("pod-{}", mode.client()), vip)?;
         }
-        // Rounds of a few hundred connections per mode, the order rotating from round to round,
-        // so that the machine's drift (large on a shared VM) hits every mode alike.
-        in_rotation(&modes, opts.rounds, |mode| {
+        // Rounds of a few hundred connections per mode, each round in an order of its own, so that
+        // the machine's drift (large on a shared VM) hits every mode alike ([`round_order`]).
+        in_rounds(&modes, opts.rounds, |mode| {
             let result = &mut at_scale.iter_mut().find(|(m, _)| *m == mode).expect("every mode").1;
             let client = format!("pod-{}", mode.client());
+            // The Service first in one round, the pod IPs first in the next: in a run that always
+            // measured the Service first, the socket-LB node's Service connections ran at 1.07 of
+            // its pod-IP ones at 10,000 Services, more than the Service could gain.
+            let pod_ip_first = result.pod_ip.round_rates.len() % 2 == 1;
+            if pod_ip_first {
+                result
+                    .pod_ip
+                    .add(connections(&lab, &client, &pod_ips, opts.connections)?);
+            }
             if mode != Mode::Direct {
                 result
                     .service
                     .add(connections(&lab, &client, &[vip], opts.connections)?);
             }
-            result
-                .pod_ip
-                .add(connections(&lab, &client, &pod_ips, opts.connections)?);
+            if !pod_ip_first {
+                result
+                    .pod_ip
+                    .add(connections(&lab, &client, &pod_ips, opts.connections)?);
+            }
             Ok(())
         })?;
         for (mode, result) in &at_scale {
@@ -1033,7 +1047,7 @@ pub fn run(opts: &Options) -> Result<String> {
         }
         results.push(at_scale);
 
-        // NodePorts from the external client, in rounds of their own, rotating alike.
+        // NodePorts from the external client, in rounds of their own, ordered alike.
         let remote_node_port = last.node_port.context("the last Service has no NodePort")?;
         let mut targets = vec![NodePortTarget::DirectRemote];
         for &mode in &entry_modes {
@@ -1080,7 +1094,7 @@ pub fn run(opts: &Options) -> Result<String> {
             ..Default::default()
         };
         let target_refs: Vec<&(NodePortTarget, Vec<SocketAddr>)> = targets.iter().collect();
-        in_rotation(&target_refs, opts.rounds, |(target, to)| {
+        in_rounds(&target_refs, opts.rounds, |(target, to)| {
             let sample = connections(&lab, EXTERNAL_CLIENT, to, opts.connections)?;
             match *target {
                 NodePortTarget::DirectRemote => node_port.direct_remote.add(sample),
@@ -1120,15 +1134,39 @@ fn median(samples: &[Duration]) -> Option<Duration> {
     sorted.get(sorted.len() / 2).copied()
 }
 
-/// Runs `each` on every item, `rounds` times, each round starting one item further on, so that
-/// the machine's drift over a run (large on a shared VM) falls on every item alike.
-fn in_rotation<T: Copy>(items: &[T], rounds: usize, mut each: impl FnMut(T) -> Result<()>) -> Result<()> {
+/// Runs `each` on every item, `rounds` times, each round in the order [`round_order`] gives it:
+/// the machine's drift over a run (large on a shared VM) falls on every item alike, and so does
+/// whatever a measurement leaves behind for the next one.
+fn in_rounds<T: Copy>(items: &[T], rounds: usize, mut each: impl FnMut(T) -> Result<()>) -> Result<()> {
     for round in 0..rounds {
-        for k in 0..items.len() {
-            each(items[(k + round) % items.len()])?;
+        for k in round_order(items.len(), round) {
+            each(items[k])?;
         }
     }
     Ok(())
+}
+
+/// The order of round `round` over `n` items: a Williams design (a balanced Latin square). Every
+/// item takes every place equally often, and follows every other item equally often: once in
+/// every `n` rounds (`2n` when `n` is odd). A rotation of one fixed order put each item always
+/// after the same one, and what one measurement leaves behind carries into the next: in a full
+/// run of the services benchmark, kube-proxy's nftables mode, always measured after the
+/// iptables-nft mode (at 10,000 Services 3.5 times slower), ran its Service connections at 1.03
+/// of direct and 1.08 of its own node's pod-IP connections; measured after ferrynet's instead, at
+/// 0.92 and 0.97.
+fn round_order(n: usize, round: usize) -> Vec<usize> {
+    let shift = round % n.max(1);
+    // 0, 1, n-1, 2, n-2, ...: the steps between neighbours are all different (mod n), so that
+    // shifted round by round, each item meets each other as its predecessor once.
+    let mut order: Vec<usize> = (0..n)
+        .map(|k| if k % 2 == 1 { k.div_ceil(2) } else { (n - k / 2) % n })
+        .map(|item| (item + shift) % n)
+        .collect();
+    // With an odd number of items, the steps pair up only with the mirrored rounds.
+    if n % 2 == 1 && (round / n) % 2 == 1 {
+        order.reverse();
+    }
+    order
 }
 
 /// Each mode's node's speed without any proxy, as a fraction of the direct mode's node (1 for a
@@ -1294,7 +1332,7 @@ fn report(
     )?;
     writeln!(
         md,
-        "A 7-node lab (see the README's section on the lab), natively routed: each mode has a node of its own (n1 direct, n2 ferrynet socket LB, n3 ferrynet per-packet only, n4 to n6 kube-proxy's iptables-legacy, iptables-nft and nftables modes) with a client pod on it, and the three backend pods run on n7, so every connection crosses the underlay as it does to a backend on another node. Every pod is set up by the real `ferrynet` CNI and every node runs the real `ferrynet-agent` (translating only on n2 and n3: `--service-proxy=false` elsewhere, `--socket-lb=false` on n3). Each backend runs a request server; the client, a process in its pod's namespace and cgroup, makes a new TCP connection per request (connect, 64-byte request, 64-byte response, close; like netperf's TCP_CRR), one at a time. Every Service has a ClusterIP and 3 ready endpoints (the three backends), written to the API with its EndpointSlice (and is of type NodePort while the NodePort range lasts: see the NodePort section; a ClusterIP connection meets none of the NodePort rules, and pod-IP traffic only kube-proxy's NodePort lookup, which it writes whether or not a Service has a NodePort); the clients connect to the **last Service created**, and the direct anchor to the backends' pod IPs (one at random per connection, as the Service picks). kube-proxy's modes are reproduced as kube-proxy writes its rules (see `tests/src/bin/ferrynet-bench/kube_proxy.rs`) and loaded into their nodes' namespaces with `iptables-legacy-restore`, `iptables-nft-restore` and `nft -f`; in iptables mode the last Service's rule is the last of `KUBE-SERVICES`, the worst case of kube-proxy's unordered chain. Since every mode is set up at once, the measurements alternate between them: {} rounds of {} connections per mode and target, the order rotating from round to round, so that the machine's drift (large on a shared VM) hits every mode alike. Every ratio is the median over the rounds of the ratio of the two measurements taken within each round (paired, so that drift between rounds cancels), while the connections/s columns are over all rounds. Each connection ends with the client's reset (SO_LINGER 0), so that no side holds it in TIME_WAIT: at these rates source ports come round again within seconds, and a SYN meeting a TIME_WAIT socket can stall a second whatever the proxy.\n",
+        "A 7-node lab (see the README's section on the lab), natively routed: each mode has a node of its own (n1 direct, n2 ferrynet socket LB, n3 ferrynet per-packet only, n4 to n6 kube-proxy's iptables-legacy, iptables-nft and nftables modes) with a client pod on it, and the three backend pods run on n7, so every connection crosses the underlay as it does to a backend on another node. Every pod is set up by the real `ferrynet` CNI and every node runs the real `ferrynet-agent` (translating only on n2 and n3: `--service-proxy=false` elsewhere, `--socket-lb=false` on n3). Each backend runs a request server; the client, a process in its pod's namespace and cgroup, makes a new TCP connection per request (connect, 64-byte request, 64-byte response, close; like netperf's TCP_CRR), one at a time. Every Service has a ClusterIP and 3 ready endpoints (the three backends), written to the API with its EndpointSlice (and is of type NodePort while the NodePort range lasts: see the NodePort section; a ClusterIP connection meets none of the NodePort rules, and pod-IP traffic only kube-proxy's NodePort lookup, which it writes whether or not a Service has a NodePort); the clients connect to the **last Service created**, and the direct anchor to the backends' pod IPs (one at random per connection, as the Service picks). kube-proxy's modes are reproduced as kube-proxy writes its rules (see `tests/src/bin/ferrynet-bench/kube_proxy.rs`) and loaded into their nodes' namespaces with `iptables-legacy-restore`, `iptables-nft-restore` and `nft -f`; in iptables mode the last Service's rule is the last of `KUBE-SERVICES`, the worst case of kube-proxy's unordered chain. Since every mode is set up at once, the measurements alternate between them: {} rounds of {} connections per mode and target, in each round in an order of its own (a balanced Latin square: over the rounds every mode is measured in every place, and right after every other mode, equally often), so that the machine's drift (large on a shared VM) hits every mode alike, and so does whatever a measurement leaves behind for the next one. Every ratio is the median over the rounds of the ratio of the two measurements taken within each round (paired, so that drift between rounds cancels), while the connections/s columns are over all rounds. Each connection ends with the client's reset (SO_LINGER 0), so that no side holds it in TIME_WAIT: at these rates source ports come round again within seconds, and a SYN meeting a TIME_WAIT socket can stall a second whatever the proxy.\n",
         opts.rounds, opts.connections
     )?;
     writeln!(
@@ -1377,7 +1415,7 @@ fn report(
     }
     writeln!(
         md,
-        "\n\"vs this mode's pod-IP traffic\" pairs each Service measurement with the pod-IP one taken right after it, in the same mode: it isolates the translation's own cost from the drift between the modes' time slots. Programming time is the run of kube-proxy's rule loader alone, into emptied tables (no API, no rule computation); ferrynet's from scratch is in the control plane section. \"slowest\" is the slowest of the mode's 20,000 connections and \"over 100 ms\" counts the stalls (a dropped SYN is sent again after a second), which a p99 hides while they weigh on the connections/s column.\n"
+        "\n\"vs this mode's pod-IP traffic\" pairs each Service measurement with the pod-IP one taken in the same turn of the same mode (the Service first in one round, the pod IPs first in the next): it isolates the translation's own cost from the drift between the modes' time slots. Programming time is the run of kube-proxy's rule loader alone, into emptied tables (no API, no rule computation); ferrynet's from scratch is in the control plane section. \"slowest\" is the slowest of the mode's 20,000 connections and \"over 100 ms\" counts the stalls (a dropped SYN is sent again after a second), which a p99 hides while they weigh on the connections/s column.\n"
     )?;
     head_to_head_section(&mut md, &opts.scales, &service_modes, &get, &node_speed)?;
     writeln!(
@@ -1635,7 +1673,7 @@ fn node_port_section(md: &mut String, opts: &Options, node_ports: &[NodePortScal
     writeln!(*md, "\n## NodePort from the external client\n")?;
     writeln!(
         *md,
-        "The same lab, the same run: the lab's external client (a namespace on the nodes' L2 segment, outside the cluster) makes the same connections to a NodePort on each mode's node, the entry node. Two kinds of Service are measured: the **last Service created** (its 3 endpoints on n7, so the connection is forwarded to another node), and one Service per entry node whose one endpoint is a pod on that node (`local-n2` to `local-n6`, created before the numbered Services). Both are `externalTrafficPolicy: Cluster`, so kube-proxy masquerades both (the backend sees the entry node's address); ferrynet keeps the client's address for a local backend and SNATs for a remote one. The anchor is the same client straight to the same pod IPs (routed through the node that hosts them): a remote NodePort against the three n7 pods, a local one against its node's pod (a second request server there, on another port: see `ANCHOR_PORT` in the code for why). Every Service is of type NodePort while the API's NodePort range (30000-32767, Kubernetes' default) lasts; past it, the rest are ClusterIP only, except the last Service of each scale, measured, for which ports are kept back. kube-proxy's NodePort rules are reproduced as it writes them: in iptables mode, the last rule of `KUBE-SERVICES` jumps to `KUBE-NODEPORTS` for local destinations (after every ClusterIP rule), one rule per NodePort there, the measured ones last, then `KUBE-EXT-*` (masquerade mark) and `KUBE-SVC-*`; in nftables mode, the `services` chain looks the node's primary address (the `nodeport-ips` set) and the port up in the `service-nodeports` verdict map, then `external-*` (masquerade mark) and `service-*`. ferrynet translates NodePorts in a TCX program on the node's uplink; that program does not depend on the socket LB, so n2 and n3 measure the same datapath twice (their spread is a measure of the noise). {} rounds of {} connections per target, the {} targets rotating from round to round, after the in-cluster rounds of each scale.\n",
+        "The same lab, the same run: the lab's external client (a namespace on the nodes' L2 segment, outside the cluster) makes the same connections to a NodePort on each mode's node, the entry node. Two kinds of Service are measured: the **last Service created** (its 3 endpoints on n7, so the connection is forwarded to another node), and one Service per entry node whose one endpoint is a pod on that node (`local-n2` to `local-n6`, created before the numbered Services). Both are `externalTrafficPolicy: Cluster`, so kube-proxy masquerades both (the backend sees the entry node's address); ferrynet keeps the client's address for a local backend and SNATs for a remote one. The anchor is the same client straight to the same pod IPs (routed through the node that hosts them): a remote NodePort against the three n7 pods, a local one against its node's pod (a second request server there, on another port: see `ANCHOR_PORT` in the code for why). Every Service is of type NodePort while the API's NodePort range (30000-32767, Kubernetes' default) lasts; past it, the rest are ClusterIP only, except the last Service of each scale, measured, for which ports are kept back. kube-proxy's NodePort rules are reproduced as it writes them: in iptables mode, the last rule of `KUBE-SERVICES` jumps to `KUBE-NODEPORTS` for local destinations (after every ClusterIP rule), one rule per NodePort there, the measured ones last, then `KUBE-EXT-*` (masquerade mark) and `KUBE-SVC-*`; in nftables mode, the `services` chain looks the node's primary address (the `nodeport-ips` set) and the port up in the `service-nodeports` verdict map, then `external-*` (masquerade mark) and `service-*`. ferrynet translates NodePorts in a TCX program on the node's uplink; that program does not depend on the socket LB, so n2 and n3 measure the same datapath twice (their spread is a measure of the noise). {} rounds of {} connections per target, the {} targets ordered as the in-cluster rounds are, after the in-cluster rounds of each scale.\n",
         opts.rounds,
         opts.connections,
         1 + 3 * modes.len()
@@ -1816,21 +1854,58 @@ mod tests {
     }
 
     #[test]
-    fn rounds_rotate_the_order_and_stop_at_the_first_error() {
+    fn rounds_measure_each_item_once_and_stop_at_the_first_error() {
         let mut seen = Vec::new();
-        in_rotation(&['a', 'b', 'c'], 4, |x| {
+        in_rounds(&['a', 'b', 'c', 'd'], 4, |x| {
             seen.push(x);
             Ok(())
         })
         .unwrap();
-        assert_eq!(seen.iter().collect::<String>(), "abcbcacababc");
+        assert_eq!(seen.iter().collect::<String>(), "abdcbcadcdbadacb");
         let mut calls = 0;
-        let failed = in_rotation(&[1, 2], 3, |x| {
+        let failed = in_rounds(&[1, 2], 3, |x| {
             calls += 1;
             if x == 2 { anyhow::bail!("broke") } else { Ok(()) }
         });
         assert!(failed.is_err());
         assert_eq!(calls, 2);
+    }
+
+    #[test]
+    fn every_item_follows_every_other_equally_often_and_takes_every_place() {
+        for n in 1..=17 {
+            let rounds = if n % 2 == 0 { n } else { 2 * n };
+            let mut follows = vec![vec![0; n]; n];
+            let mut places = vec![vec![0; n]; n];
+            for round in 0..rounds {
+                let order = round_order(n, round);
+                let mut sorted = order.clone();
+                sorted.sort_unstable();
+                assert_eq!(
+                    sorted,
+                    (0..n).collect::<Vec<_>>(),
+                    "{n} items, round {round}: {order:?}"
+                );
+                for (place, item) in order.iter().enumerate() {
+                    places[*item][place] += 1;
+                }
+                for pair in order.windows(2) {
+                    follows[pair[1]][pair[0]] += 1;
+                }
+            }
+            let per_place = rounds / n;
+            assert!(
+                places.iter().flatten().all(|c| *c == per_place),
+                "{n} items: {places:?}"
+            );
+            let per_pair = if n % 2 == 0 { 1 } else { 2 };
+            for (after, before) in follows.iter().enumerate() {
+                for (first, count) in before.iter().enumerate() {
+                    let want = if first == after { 0 } else { per_pair };
+                    assert_eq!(*count, want, "{n} items: {after} after {first}");
+                }
+            }
+        }
     }
 
     #[test]
