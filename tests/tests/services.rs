@@ -572,6 +572,15 @@ fn eventually_err(lab: &Lab, part: &str, to: SocketAddr) -> String {
     last
 }
 
+/// Restarts `node`'s agent with `args` on a datapath made anew (after `ferrynet-agent cleanup`):
+/// pinned maps keep the size they were made with, so a map size in `args` needs a fresh start.
+fn start_agent_afresh(lab: &Lab, node: &str, args: &[&str]) {
+    lab.stop_agent(node).unwrap();
+    agent_cli(lab, node, &["cleanup"]);
+    lab.start_agent_with(node, args).unwrap();
+    lab.wait_converged(Duration::from_secs(30)).unwrap();
+}
+
 /// `ferrynet-agent services` on `node`, reading the pinned maps.
 fn services_listing(lab: &Lab, node: &str) -> String {
     agent_cli(lab, node, &["services"])
@@ -800,11 +809,7 @@ fn a_tcp_client_of_a_removed_backend_fails_fast_however_many_sockets_came_and_we
     // A small socket map, which the short connections below pass through three times over.
     const SOCKETS: u64 = 2048;
     let mut lab = LabGuard::up(1, "native");
-    lab.stop_agent("n1").unwrap();
-    agent_cli(&lab, "n1", &["cleanup"]);
-    lab.start_agent_with("n1", &["--max-sockets", &SOCKETS.to_string()])
-        .unwrap();
-    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    start_agent_afresh(&lab, "n1", &["--max-sockets", &SOCKETS.to_string()]);
     for pod in ["h1", "h2"] {
         lab.run_pod(pod, "n1", &labels(&[("app", "held")])).unwrap();
     }
@@ -1725,16 +1730,12 @@ fn ask(stream: &std::net::TcpStream) -> std::io::Result<String> {
 fn a_syn_flood_from_one_source_turns_conntrack_over_without_evicting_established_flows() {
     const CONNTRACK: u32 = 4096;
     let mut lab = LabGuard::up(1, "native");
-    // A small conntrack table, and its fill counted every second for the metrics. The agent
-    // starts from nothing, since maps keep the size they were made with.
-    lab.stop_agent("n1").unwrap();
-    agent_cli(&lab, "n1", &["cleanup"]);
-    lab.start_agent_with(
+    // A small conntrack table, and its fill counted every second for the metrics.
+    start_agent_afresh(
+        &lab,
         "n1",
         &["--max-conntrack", &CONNTRACK.to_string(), "--map-fill-seconds", "1"],
-    )
-    .unwrap();
-    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    );
     for pod in ["f1", "f2"] {
         lab.run_pod(pod, "n1", &labels(&[("app", "f")])).unwrap();
     }

@@ -28,7 +28,7 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{Array, MapData, MapError, MapInfo},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, Iter, Program, ProgramError, SchedClassifier, TcAttachType,
+        CgroupAttachMode, Iter, Program, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
@@ -69,8 +69,8 @@ pub const POD_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
 /// How a program of the object is loaded.
 #[derive(Debug, Clone, Copy)]
 enum ProgramKind {
-    SockAddr,
-    Sock,
+    /// A cgroup socket program: an address hook, or the release hook.
+    Cgroup,
     Classifier,
     /// An iterator over the kernel's sockets of this kind.
     Iter(&'static str),
@@ -84,8 +84,11 @@ impl ProgramKind {
         btf: &aya::Btf,
     ) -> Result<(), DatapathError> {
         let loaded = match self {
-            Self::SockAddr => <&mut CgroupSockAddr>::try_from(program).and_then(|p| p.load()),
-            Self::Sock => <&mut CgroupSock>::try_from(program).and_then(|p| p.load()),
+            Self::Cgroup => match program {
+                Program::CgroupSockAddr(p) => p.load(),
+                Program::CgroupSock(p) => p.load(),
+                _ => Err(ProgramError::UnexpectedProgramType),
+            },
             Self::Classifier => <&mut SchedClassifier>::try_from(program).and_then(|p| p.load()),
             Self::Iter(kind) => <&mut Iter>::try_from(program).and_then(|p| p.load(kind, btf)),
         };
@@ -314,14 +317,7 @@ impl Datapath {
         // side, and a start waits for the slowest (the pod program) instead of the sum.
         let wanted: Vec<(&'static str, ProgramKind)> = SOCKET_PROGRAMS
             .iter()
-            .map(|name| {
-                let kind = if *name == SOCK_RELEASE_PROGRAM {
-                    ProgramKind::Sock
-                } else {
-                    ProgramKind::SockAddr
-                };
-                (*name, kind)
-            })
+            .map(|name| (*name, ProgramKind::Cgroup))
             .chain(POD_PROGRAMS.iter().map(|(name, _, _)| (*name, ProgramKind::Classifier)))
             .chain([
                 (FROM_UPLINK_PROGRAM, ProgramKind::Classifier),

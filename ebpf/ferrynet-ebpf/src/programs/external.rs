@@ -152,15 +152,12 @@ fn from_uplink_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
         // SAFETY: copied out at once.
         let e = unsafe { *entry };
         if !e.expired(now, t.proto) && !reopens(&t, &e) {
-            let from = if e.flags & CT_F_SNAT_REPLY != 0 {
-                FlowEnd::Backend
-            } else {
-                FlowEnd::Client
-            };
+            let snat_reply = e.flags & CT_F_SNAT_REPLY != 0;
+            let from = if snat_reply { FlowEnd::Backend } else { FlowEnd::Client };
             let ended = end_flags(&t, from, e.flags);
             let closing = ended != 0;
             touch(entry, now, ended);
-            if e.flags & CT_F_SNAT_REPLY != 0 {
+            if snat_reply {
                 // Another node's backend answering: back to the client's view, and out.
                 // SAFETY: copied out at once.
                 let frontend = unsafe { REV_NAT.get(e.service) }.copied()?;
