@@ -1295,20 +1295,34 @@ fn walk(dir: &std::path::Path) -> usize {
         .sum()
 }
 
-#[test]
-fn a_udp_flow_translated_per_packet_moves_off_a_removed_backend_within_a_second() {
+/// The agent flags of a node that translates per packet only, with the lab's Service CIDRs (as the
+/// DaemonSet's ConfigMap sets the cluster's), so that known ClusterIP flows go by their conntrack
+/// entries.
+const PER_PACKET_WITH_SERVICE_CIDRS: &[&str] =
+    &["--socket-lb", "false", "--service-cidrs", "10.96.0.0/16,fd00:96::/108"];
+
+/// One node with [`PER_PACKET_WITH_SERVICE_CIDRS`], a backend pod `backend`, a client pod and a
+/// Service `name` of `backend` with port `svc_port`.
+fn per_packet_node_with_one_backend(name: &str, backend: &str, svc_port: K8sServicePort) -> LabGuard {
     let mut lab = LabGuard::up(1, "native");
     lab.stop_agent("n1").unwrap();
-    lab.start_agent_with("n1", &["--socket-lb", "false"]).unwrap();
+    lab.start_agent_with("n1", PER_PACKET_WITH_SERVICE_CIDRS).unwrap();
     lab.wait_converged(Duration::from_secs(30)).unwrap();
-    lab.run_pod("u1", "n1", &labels(&[("app", "udp")])).unwrap();
+    lab.run_pod(backend, "n1", &labels(&[("app", name)])).unwrap();
     lab.run_pod("client", "n1", &BTreeMap::new()).unwrap();
-    lab.create_service_object(&service(
+    lab.create_service_object(&service(name, name, vec![svc_port])).unwrap();
+    lab
+}
+
+#[test]
+fn a_udp_flow_translated_per_packet_moves_off_a_removed_backend_within_a_second() {
+    // The flow's packets go by its conntrack entry alone between removals: the backend's removal
+    // must reach them through the removal generation.
+    let mut lab = per_packet_node_with_one_backend(
         "udp",
-        "udp",
-        vec![port("p", "UDP", 9000, IntOrString::Int(i32::from(POD_PORT)))],
-    ))
-    .unwrap();
+        "u1",
+        port("p", "UDP", 9000, IntOrString::Int(i32::from(POD_PORT))),
+    );
     let to = SocketAddr::new(lab.cluster_ip("udp", true).unwrap(), 9000);
     assert_eq!(answers(&lab, "pod-client", to, true, 1), ["u1".to_string()].into());
     // One flow (one source port), tracked per packet, pinned to u1 by its conntrack entry.
@@ -1346,6 +1360,111 @@ fn a_udp_flow_translated_per_packet_moves_off_a_removed_backend_within_a_second(
         !entries.iter().any(|(at, r)| *at > moved && r.as_deref() == Ok("u1")),
         "{entries:?}"
     );
+}
+
+/// The datapath settings pinned on `node`.
+fn pinned_config(lab: &Lab, node: &str) -> aya::maps::Array<aya::maps::MapData, ferrynet_common::DatapathConfig> {
+    let pin = lab
+        .node_pin_path(node)
+        .join(format!("v{}", ferrynet_common::SCHEMA_VERSION))
+        .join("maps")
+        .join(ferrynet_common::DATAPATH_CONFIG_MAP);
+    let data = aya::maps::MapData::from_pin(&pin).unwrap();
+    aya::maps::Array::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap()
+}
+
+#[test]
+fn a_known_per_packet_flow_goes_by_its_conntrack_entry_until_the_removal_generation_moves() {
+    use ferrynet_common::{
+        CT_F_BACKEND, CT_FORWARD, CT4_MAP, CtKey4, CtValue, PROTO_TCP, SCOPE_INTERNAL, SERVICES4_MAP, ServiceKey4,
+        ServiceValue,
+    };
+    // The Service CIDRs are set: only an address inside them takes the shortcut.
+    let lab = per_packet_node_with_one_backend(
+        "known",
+        "k1",
+        port("http", "TCP", 80, IntOrString::Int(i32::from(POD_PORT))),
+    );
+    let vip = lab.cluster_ip("known", true).unwrap();
+    let to = SocketAddr::new(vip, 80);
+    assert_eq!(answers(&lab, "pod-client", to, false, 1), ["k1".to_string()].into());
+
+    // An open connection through the Service, translated per packet.
+    let ns = lab.pod_ns("client").unwrap();
+    let stream = ferrynet_kernel::netns::run_in(ns.fd(), || {
+        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))
+    })
+    .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    assert_eq!(ask(&stream).unwrap(), "k1");
+    assert_eq!(ask(&stream).unwrap(), "k1");
+    // Its forward entry holds the backend, vouched for at the settings' removal generation.
+    let local = stream.local_addr().unwrap();
+    let ct = pinned_map::<CtKey4, CtValue>(&lab, "n1", CT4_MAP);
+    let entry = ct
+        .get(
+            &CtKey4 {
+                saddr: u32::from_ne_bytes(ip4(local.ip()).octets()),
+                daddr: u32::from_ne_bytes(ip4(vip).octets()),
+                sport: local.port().to_be(),
+                dport: 80u16.to_be(),
+                proto: PROTO_TCP,
+                direction: CT_FORWARD,
+                _pad: [0; 2],
+            },
+            0,
+        )
+        .expect("the open flow's forward entry");
+    let mut config = pinned_config(&lab, "n1");
+    let settings = config.get(&0, 0).unwrap();
+    assert_ne!(entry.flags & CT_F_BACKEND, 0, "{entry:?}");
+    assert_eq!(entry.generation, settings.removal_generation, "{entry:?} {settings:?}");
+    let k1 = ip4(lab.pod("k1").unwrap().ip(true));
+    assert_eq!(entry.client_addr[0], u32::from_ne_bytes(k1.octets()), "{entry:?}");
+    assert_eq!(entry.client_port, POD_PORT.to_be(), "{entry:?}");
+
+    // With the agent stopped (nothing rewrites the maps), the frontend's entry goes behind the
+    // generation's back: a new connection fails (an address of the Service CIDRs nobody holds),
+    // while the open one goes on by its entry, the service map unread.
+    lab.stop_agent("n1").unwrap();
+    let mut services = pinned_map::<ServiceKey4, ServiceValue>(&lab, "n1", SERVICES4_MAP);
+    services
+        .remove(&ServiceKey4 {
+            addr: u32::from_ne_bytes(ip4(vip).octets()),
+            port: 80u16.to_be(),
+            proto: PROTO_TCP,
+            scope: SCOPE_INTERNAL,
+        })
+        .unwrap();
+    let refused = ferrynet_kernel::netns::run_in(ns.fd(), || {
+        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))
+    });
+    assert!(
+        refused.is_err(),
+        "a new connection reached the frontend that went: {refused:?}"
+    );
+    for _ in 0..3 {
+        assert_eq!(ask(&stream).unwrap(), "k1");
+    }
+    // The generation moves, as the agent moves it after a removal: the flow's next packet looks
+    // its frontend up again, finds none, and is refused.
+    config
+        .set(
+            0,
+            ferrynet_common::DatapathConfig {
+                removal_generation: settings.removal_generation.wrapping_add(1),
+                ..settings
+            },
+            0,
+        )
+        .unwrap();
+    let after = ask(&stream);
+    assert!(after.is_err(), "the flow went on after its frontend went: {after:?}");
+
+    // The agent puts the frontend back, and the Service answers again.
+    lab.start_agent_with("n1", PER_PACKET_WITH_SERVICE_CIDRS).unwrap();
+    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    assert_eq!(answers(&lab, "pod-client", to, false, 1), ["k1".to_string()].into());
 }
 
 /// The NodePorts the API stand-in gave `service`'s ports, in order.

@@ -215,7 +215,7 @@ impl TranslationModes {
         self.per_packet && (!self.socket_lb || self.host_netns_only)
     }
 
-    fn flags(&self) -> u32 {
+    fn flags(&self) -> u16 {
         let mut flags = 0;
         if self.socket_lb {
             flags |= CONFIG_F_SOCKET_LB;
@@ -384,9 +384,14 @@ impl Datapath {
     ) -> Result<(), DatapathError> {
         // External flows keep their translation across a restart: the flag stays until the
         // agent has read its maps back and says otherwise.
-        let external = self.current_config()?.flags & CONFIG_F_EXTERNAL;
+        let current = self.current_config()?;
+        let external = current.flags & CONFIG_F_EXTERNAL;
         let value = DatapathConfig {
             flags: modes.flags() | external,
+            // On from the earlier agent's, never back: a flow checked at a generation must not
+            // find that generation again while something it needs may have gone. (The agent
+            // reconciles the maps next, and moves it again for what that removes.)
+            removal_generation: current.removal_generation.wrapping_add(1),
             service_cidrs4: service_cidr_cover(service_cidrs),
             host_netns_cookie,
             programs,
@@ -875,6 +880,20 @@ impl Datapath {
             }
         }
         Ok(())
+    }
+
+    /// Moves the removal generation on: after a frontend or backend was removed from the maps
+    /// (or a frontend lost its last endpoint), so that the per-packet path looks every known
+    /// flow's frontend and backend up again at its next packet.
+    pub fn advance_removal_generation(&mut self) -> Result<(), DatapathError> {
+        let mut config = self.current_config()?;
+        config.removal_generation = config.removal_generation.wrapping_add(1);
+        self.config_map()?
+            .set(0, config, 0)
+            .map_err(|source| DatapathError::Map {
+                name: DATAPATH_CONFIG_MAP,
+                source,
+            })
     }
 
     /// Turns the pod programs' check for replies of external flows on or off (on while any

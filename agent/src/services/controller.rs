@@ -1146,7 +1146,8 @@ impl Controller {
         }
         let notes_written = if full { None } else { self.notes.written() };
         let mut errors: Vec<String> = outcome.errors.0.iter().map(ToString::to_string).collect();
-        if !outcome.removed_backends.is_empty() || !outcome.removed_frontends.is_empty() {
+        let removed = !outcome.removed_backends.is_empty() || !outcome.removed_frontends.is_empty();
+        if removed {
             if let Err(e) = self.maps.doom(&outcome.removed_backends) {
                 errors.push(e.to_string());
             }
@@ -1163,6 +1164,13 @@ impl Controller {
                 backends: outcome.removed_backends.keys().copied().collect(),
                 frontends: std::mem::take(&mut outcome.removed_frontends),
             });
+        }
+        // After the removals are in the maps: a flow checked before them is checked again at its
+        // next packet. (Without this, the per-packet path would keep sending it by its entry.)
+        if (removed || outcome.emptied_frontends)
+            && let Err(e) = self.datapath.advance_removal_generation()
+        {
+            errors.push(format!("moving the removal generation on: {e}"));
         }
         let elapsed = started.elapsed();
         let now = k8s_openapi::jiff::Timestamp::now();

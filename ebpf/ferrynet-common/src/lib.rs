@@ -226,14 +226,14 @@ fn mix(h: u32, word: u32) -> u32 {
 }
 
 /// `DatapathConfig::flags`: socket LB translates only in the host's network namespace.
-pub const CONFIG_F_HOST_NETNS_ONLY: u32 = 1 << 0;
+pub const CONFIG_F_HOST_NETNS_ONLY: u16 = 1 << 0;
 /// `DatapathConfig::flags`: the per-packet path translates (off when socket LB covers pods).
-pub const CONFIG_F_PER_PACKET: u32 = 1 << 1;
+pub const CONFIG_F_PER_PACKET: u16 = 1 << 1;
 /// `DatapathConfig::flags`: socket LB translates at all.
-pub const CONFIG_F_SOCKET_LB: u32 = 1 << 2;
+pub const CONFIG_F_SOCKET_LB: u16 = 1 << 2;
 /// `DatapathConfig::flags`: external frontends (NodePorts) exist, so pods' replies may belong to
 /// external flows (without any, a pod's packet pays no lookup for them).
-pub const CONFIG_F_EXTERNAL: u32 = 1 << 3;
+pub const CONFIG_F_EXTERNAL: u16 = 1 << 3;
 
 /// [`DatapathConfig::service_cidrs4`] of an earlier agent, which did not write it: every address
 /// may be in a Service CIDR.
@@ -275,6 +275,14 @@ pub fn may_be_in_service_cidrs4(cover: u32, addr: u32) -> bool {
             addr & mask == cover & mask
         }
     }
+}
+
+/// Whether `addr` (host order) is inside the cover `cover` (a [`service_cidr_cover4`]) when it is
+/// known: false for [`CIDR_COVER_UNKNOWN`] and [`CIDR_COVER_NONE`], unlike
+/// [`may_be_in_service_cidrs4`], for a shortcut that only an address surely inside may take.
+#[inline(always)]
+pub fn within_service_cidr_cover4(cover: u32, addr: u32) -> bool {
+    cover & 0xff != CIDR_COVER_UNKNOWN && may_be_in_service_cidrs4(cover, addr)
 }
 
 /// Whether `port` (network order), a reply's destination port at the uplink, may be an SNAT port
@@ -504,6 +512,11 @@ pub const CT_F_PASSIVE_CLOSE: u32 = 1 << 7;
 /// sent to (where replies come from). Entries written by agents before this flag hold the
 /// client's own address there, and their replies come from the service's [`REV_NAT_MAP`] entry.
 pub const CT_F_FRONTEND: u32 = 1 << 3;
+/// A per-packet [`CT_FORWARD`] entry whose `client_addr`/`client_port` are its backend's address
+/// and port, so that a packet of the flow is translated from the entry alone while its
+/// `generation` is the settings' `removal_generation`. Entries written by agents before this flag
+/// hold the client's own address there (which nothing read), and are looked up as before.
+pub const CT_F_BACKEND: u32 = 1 << 8;
 
 /// Value of the conntrack maps.
 #[repr(C)]
@@ -516,9 +529,13 @@ pub struct CtValue {
     pub flags: u32,
     /// For reply entries: the client's original address and port (hairpin, SNAT replies). For
     /// [`CT_EXT_IN`] client entries: the SNAT address and port (port 0: not SNATed). For
-    /// [`CT_EXT_OUT`] entries: the address the client sent to, in `client_addr`.
+    /// [`CT_EXT_OUT`] entries: the address the client sent to, in `client_addr`. For per-packet
+    /// [`CT_FORWARD`] entries with [`CT_F_BACKEND`]: the backend's address and port.
     pub client_port: u16,
-    pub _pad: u16,
+    /// For per-packet [`CT_FORWARD`] entries with [`CT_F_BACKEND`]: the
+    /// [`DatapathConfig::removal_generation`] at which the flow's frontend and backend were last
+    /// found in the maps. 0 elsewhere (what was padding).
+    pub generation: u16,
     pub client_addr: [u32; 4],
 }
 
@@ -706,7 +723,13 @@ pub type ServiceCidr6 = [u32; 4];
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DatapathConfig {
-    pub flags: u32,
+    pub flags: u16,
+    /// Moves on (wrapping) each time the agent removes a frontend or a backend, or takes a
+    /// frontend's last endpoint: a per-packet flow checked against the maps at this generation
+    /// ([`CtValue::generation`]) needs no service or backend lookup until it moves. It takes what
+    /// was the top half of a 32-bit `flags` (little-endian), whose bits no agent used, so earlier
+    /// agents and programs read the layout as theirs.
+    pub removal_generation: u16,
     /// A prefix covering every IPv4 Service CIDR ([`service_cidr_cover4`]): an address outside
     /// it skips the Service CIDR trie. 0 (an earlier agent's padding) asks the trie always.
     pub service_cidrs4: u32,
@@ -861,6 +884,37 @@ mod tests {
         assert!(!may_be_in_service_cidrs4(none, 0));
         assert!(may_be_in_service_cidrs4(CIDR_COVER_UNKNOWN, v4(10, 96, 0, 1)));
         assert!(may_be_in_service_cidrs4(CIDR_COVER_UNKNOWN, v4(1, 1, 1, 1)));
+    }
+
+    #[test]
+    fn only_an_address_inside_a_known_cover_is_surely_within_it() {
+        let one = service_cidr_cover4(&[(v4(10, 96, 0, 0), 16)]);
+        assert!(within_service_cidr_cover4(one, v4(10, 96, 0, 10)));
+        assert!(!within_service_cidr_cover4(one, v4(10, 244, 1, 2)));
+        // No Service CIDRs, or an earlier agent's settings: no address is.
+        for cover in [service_cidr_cover4(&[]), CIDR_COVER_UNKNOWN] {
+            assert!(!within_service_cidr_cover4(cover, v4(10, 96, 0, 10)));
+            assert!(!within_service_cidr_cover4(cover, v4(10, 244, 1, 2)));
+        }
+        // A /0 covers everything (its code is 1, not the unknown 0).
+        assert!(within_service_cidr_cover4(
+            service_cidr_cover4(&[(0, 0)]),
+            v4(1, 2, 3, 4)
+        ));
+    }
+
+    #[test]
+    fn the_removal_generation_sits_where_earlier_agents_had_the_top_of_their_32_bit_flags() {
+        let cfg = DatapathConfig {
+            flags: CONFIG_F_PER_PACKET | CONFIG_F_EXTERNAL,
+            removal_generation: 0xbeef,
+            ..DatapathConfig::default()
+        };
+        // SAFETY: DatapathConfig is repr(C), 24 bytes, without padding.
+        let bytes: [u8; 24] = unsafe { core::mem::transmute(cfg) };
+        let earlier_flags = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        assert_eq!(earlier_flags & 0xffff, u32::from(cfg.flags));
+        assert_eq!(earlier_flags >> 16, 0xbeef);
     }
 
     #[test]

@@ -236,7 +236,7 @@ fn from_uplink_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
         last_seen_ns: now,
         flags: 0,
         client_port: 0,
-        _pad: 0,
+        generation: 0,
         client_addr: [0; 4],
     };
     if b.flags & BACKEND_F_LOCAL != 0 {

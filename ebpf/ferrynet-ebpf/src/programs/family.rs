@@ -77,6 +77,9 @@ pub trait Family {
     fn is_node_address(addr: Self::Addr) -> bool;
     /// Whether `addr` is inside one of the cluster's Service CIDRs.
     fn in_service_cidrs(addr: Self::Addr) -> bool;
+    /// Whether `addr` is inside the prefix the settings `cfg` say covers the Service CIDRs (false
+    /// when they say none: an agent without `--service-cidrs`, or an IPv6 address).
+    fn within_service_cidr_cover(cfg: &DatapathConfig, addr: Self::Addr) -> bool;
     /// Whether `addr` is in one of `svc`'s source ranges (present: the Service has them).
     fn in_source_ranges(svc: &ServiceValue, addr: Self::Addr) -> bool;
     fn affinity() -> &'static LruHashMap<Self::AffinityKey, AffinityValue>;
@@ -271,6 +274,10 @@ impl Family for V4 {
             && SERVICE_CIDRS4.get(Key::new(32, addr)).is_some()
     }
     #[inline(always)]
+    fn within_service_cidr_cover(cfg: &DatapathConfig, addr: u32) -> bool {
+        within_service_cidr_cover4(cfg.service_cidrs4, u32::from_be(addr))
+    }
+    #[inline(always)]
     fn affinity() -> &'static LruHashMap<AffinityKey4, AffinityValue> {
         &AFFINITY4
     }
@@ -407,6 +414,11 @@ impl Family for V6 {
     #[inline(always)]
     fn in_service_cidrs(addr: [u32; 4]) -> bool {
         SERVICE_CIDRS6.get(Key::new(128, addr)).is_some()
+    }
+    #[inline(always)]
+    fn within_service_cidr_cover(_cfg: &DatapathConfig, _addr: [u32; 4]) -> bool {
+        // The settings cover IPv4 Service CIDRs only.
+        false
     }
     #[inline(always)]
     fn affinity() -> &'static LruHashMap<AffinityKey6, AffinityValue> {

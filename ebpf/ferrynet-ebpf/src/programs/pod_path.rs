@@ -12,6 +12,13 @@
 //!   only a TCP SYN to such a port one more, to forget a finished Service flow whose translated
 //!   tuple the new connection reuses (a pod that reached a backend through its Service, then
 //!   reaches it directly from the same port, must not get the Service's address on the replies).
+//! - A packet of a known flow to a ClusterIP (an address inside the Service CIDRs' cover in the
+//!   settings) is translated from its forward entry alone, which holds the backend's address and
+//!   port ([`CT_F_BACKEND`]) and the removal generation at which its frontend and backend were
+//!   last found in the maps: while the settings' generation is the same, nothing was removed and
+//!   both lookups are spared. Once it moves (the agent removed a frontend or a backend, or took a
+//!   frontend's last endpoint), the flow's next packet looks both up again, as every packet did
+//!   before, and a flow whose frontend or backend went is balanced afresh or refused at once.
 //! - A TCP reset, from the pod or the backend, ends its flow: both entries go at once, so the
 //!   map holds live flows rather than waiting for eviction.
 //! - `to_pod` (egress: everything sent to the pod): a backend's reply gets the Service address
@@ -33,7 +40,7 @@ use ferrynet_common::*;
 use super::{
     external::reply_to_external,
     family::{End, Family, V4, V6},
-    maps::{REV_NAT, backend_port, config},
+    maps::{REV_NAT, backend_port, config, frontend_port},
     packet::*,
     services::{Destination, backend, lookup, node_port_in_cluster, select},
     stats::bump,
@@ -78,13 +85,13 @@ fn reply_source<F: Family>(entry: &CtValue) -> Option<(F::Addr, u16)> {
 
 #[classifier]
 pub fn from_pod(mut ctx: TcContext) -> i32 {
-    let flags = config().flags;
-    if flags & (CONFIG_F_PER_PACKET | CONFIG_F_EXTERNAL) == 0 {
+    let cfg = config();
+    if cfg.flags & (CONFIG_F_PER_PACKET | CONFIG_F_EXTERNAL) == 0 {
         return NEXT;
     }
     match ethertype(&ctx) {
-        Some(ETH_P_IP) => from_pod_in::<V4>(&mut ctx, flags).unwrap_or(NEXT),
-        Some(ETH_P_IPV6) => from_pod_in::<V6>(&mut ctx, flags).unwrap_or(NEXT),
+        Some(ETH_P_IP) => from_pod_in::<V4>(&mut ctx, &cfg).unwrap_or(NEXT),
+        Some(ETH_P_IPV6) => from_pod_in::<V6>(&mut ctx, &cfg).unwrap_or(NEXT),
         _ => NEXT,
     }
 }
@@ -101,10 +108,23 @@ pub fn to_pod(mut ctx: TcContext) -> i32 {
     }
 }
 
+/// A flow a pod's packet belongs to, and where it goes.
+struct Flow<F: Family> {
+    now: u64,
+    /// The flow's forward entry; None for a new flow.
+    entry: Option<*mut CtValue>,
+    /// Whether that entry already holds the backend, checked at the current removal generation.
+    current: bool,
+    service: u32,
+    backend: u32,
+    addr: F::Addr,
+    port: u16,
+}
+
 /// `from_pod` for a packet of family `F`.
-fn from_pod_in<F: Family>(ctx: &mut TcContext, flags: u32) -> Option<i32> {
+fn from_pod_in<F: Family>(ctx: &mut TcContext, cfg: &DatapathConfig) -> Option<i32> {
     let t = F::parse(ctx)?;
-    if flags & CONFIG_F_PER_PACKET == 0 {
+    if cfg.flags & CONFIG_F_PER_PACKET == 0 {
         // Socket LB translates this pod's Service traffic: only external flows' replies here.
         return reply_to_external::<F>(ctx, &t);
     }
@@ -124,13 +144,65 @@ fn from_pod_in<F: Family>(ctx: &mut TcContext, flags: u32) -> Option<i32> {
         bump(Stat::PacketsTranslated);
         return bounce_to_pod(ctx);
     }
+    // A ClusterIP flow's packet after its first goes by its conntrack entry alone, without the
+    // service and backend lookups, while nothing was removed since it was last checked. Only an
+    // address inside the Service CIDRs' cover tries it: anything else would pay a conntrack miss
+    // before the service lookup.
+    let known = if F::within_service_cidr_cover(cfg, t.daddr) && frontend_port(t.dport) {
+        known_flow::<F>(&t, cfg.removal_generation)
+    } else {
+        None
+    };
+    let flow = match known {
+        Some(flow) => flow,
+        None => match resolve::<F>(ctx, &t, cfg.flags) {
+            Ok(flow) => flow,
+            Err(verdict) => return verdict,
+        },
+    };
+    // One call site: the translation is inlined once.
+    forward::<F>(ctx, &t, flow, cfg.removal_generation)
+}
+
+/// The flow of `t` from its forward entry alone: one that holds its backend, checked at
+/// `generation` (the settings' removal generation: since then no frontend or backend went, so
+/// both are still in the maps), and not idle. None: looked up in the maps instead.
+#[inline(always)]
+fn known_flow<F: Family>(t: &Tuple<F::Addr>, generation: u16) -> Option<Flow<F>> {
+    let entry = F::conntrack().get_ptr_mut(F::ct_key(t, CT_FORWARD))?;
+    // SAFETY: the value is copied out at once.
+    let e = unsafe { *entry };
+    if e.flags & CT_F_BACKEND == 0 || e.generation != generation {
+        return None;
+    }
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(e.last_seen_ns) >= ct_idle_limit(t.proto) {
+        return None;
+    }
+    Some(Flow {
+        now,
+        entry: Some(entry),
+        current: true,
+        service: e.service,
+        backend: e.backend,
+        addr: F::narrow(e.client_addr),
+        port: e.client_port,
+    })
+}
+
+/// The flow of a pod's packet `t`, by the maps: the frontend it is sent to, then its conntrack
+/// entry and backend. Err: what becomes of a packet that is no flow to translate (None: left
+/// alone).
+#[inline(always)]
+fn resolve<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flags: u16) -> Result<Flow<F>, Option<i32>> {
     // The frontend, and whether this packet may open a flow to it.
     let (svc, may_open) = match lookup::<F>(t.daddr, t.dport, t.proto, SCOPE_INTERNAL) {
         Destination::Other => {
             if flags & CONFIG_F_EXTERNAL != 0
-                && let Some(verdict) = reply_to_external::<F>(ctx, &t)
+                && let Some(verdict) = reply_to_external::<F>(ctx, t)
             {
-                return Some(verdict);
+                return Err(Some(verdict));
             }
             let node_port = if flags & CONFIG_F_EXTERNAL != 0 {
                 node_port_in_cluster::<F>(t.daddr, t.dport, t.proto)
@@ -141,70 +213,85 @@ fn from_pod_in<F: Family>(ctx: &mut TcContext, flags: u32) -> Option<i32> {
                 // Only a SYN opens a TCP flow to a NodePort: any other segment to a node address
                 // on a port of the NodePort range is the pod answering a connection the node
                 // opened from that port.
-                Some(svc) => (svc, t.proto != PROTO_TCP || is_tcp_syn(&t)),
+                Some(svc) => (svc, t.proto != PROTO_TCP || is_tcp_syn(t)),
                 _ => {
-                    if is_tcp_syn(&t) {
-                        forget_reused_tuple::<F>(&t);
+                    if is_tcp_syn(t) {
+                        forget_reused_tuple::<F>(t);
                     }
-                    return None;
+                    return Err(None);
                 }
             }
         }
-        Destination::Refused => return Some(refuse(ctx)),
+        Destination::Refused => return Err(Some(refuse(ctx))),
         Destination::Service(svc) => (svc, true),
     };
-    // One call site: the translation is inlined once.
-    translate::<F>(ctx, &t, svc, may_open)
-}
-
-/// A pod's packet to frontend `svc` (at `t.daddr`:`t.dport`): to a backend, its flow recorded.
-/// Unless `may_open`, only a packet of a known flow is translated (None: left alone).
-#[inline(always)]
-fn translate<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, svc: ServiceValue, may_open: bool) -> Option<i32> {
     if svc.count == 0 {
-        return may_open.then(|| refuse(ctx));
+        return Err(may_open.then(|| refuse(ctx)));
     }
-    let t = *t;
-    let ct = F::conntrack();
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let hairpin = F::hairpin();
-    let key = F::ct_key(&t, CT_FORWARD);
-    let forward_entry = ct.get_ptr_mut(key);
+    let forward_entry = F::conntrack().get_ptr_mut(F::ct_key(t, CT_FORWARD));
     // SAFETY: the value is copied out at once.
     let known = forward_entry
         .map(|entry| unsafe { *entry })
         .filter(|e| now.saturating_sub(e.last_seen_ns) < ct_idle_limit(t.proto) && e.service == svc.id)
-        .and_then(|e| Some((e.backend, backend(e.backend)?)));
-    // A reset opens nothing: it ends a flow, or answers none.
-    if known.is_none() && (!may_open || is_tcp_rst(&t)) {
-        return None;
+        .and_then(|e| Some((e, backend(e.backend)?)));
+    if let (Some((e, b)), Some(entry)) = (known, forward_entry) {
+        return Ok(Flow {
+            now,
+            entry: Some(entry),
+            // Rewritten with the current generation (once per generation) by `forward`.
+            current: false,
+            service: svc.id,
+            backend: e.backend,
+            addr: F::narrow(b.addr),
+            port: b.port,
+        });
     }
-    let new_flow = known.is_none();
-    let (id, b) = match known {
-        Some(found) => found,
-        None => match select::<F>(&svc, t.saddr, 0, 0) {
-            Some(found) => found,
-            None => return Some(refuse(ctx)),
-        },
-    };
-    let backend_addr = F::narrow(b.addr);
+    // A reset opens nothing: it ends a flow, or answers none.
+    if !may_open || is_tcp_rst(t) {
+        return Err(None);
+    }
+    match select::<F>(&svc, t.saddr, 0, 0) {
+        Some((id, b)) => Ok(Flow {
+            now,
+            entry: None,
+            current: false,
+            service: svc.id,
+            backend: id,
+            addr: F::narrow(b.addr),
+            port: b.port,
+        }),
+        None => Err(Some(refuse(ctx))),
+    }
+}
+
+/// A pod's packet of `flow` (to a frontend at `t.daddr`:`t.dport`): to its backend, the flow
+/// recorded (a new one) or refreshed (a known one) at removal generation `generation`.
+#[inline(always)]
+fn forward<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flow: Flow<F>, generation: u16) -> Option<i32> {
+    let t = *t;
+    let ct = F::conntrack();
+    let now = flow.now;
+    let hairpin = F::hairpin();
+    let key = F::ct_key(&t, CT_FORWARD);
+    let backend_addr = flow.addr;
     let is_hairpin = backend_addr == t.saddr;
     let value = CtValue {
-        backend: id,
-        service: svc.id,
+        backend: flow.backend,
+        service: flow.service,
         last_seen_ns: now,
-        flags: 0,
-        client_port: t.sport,
-        _pad: 0,
-        client_addr: F::widen(t.saddr),
+        flags: CT_F_BACKEND,
+        client_port: flow.port,
+        generation,
+        client_addr: F::widen(backend_addr),
     };
 
     // The reply's tuple, as the backend sends it.
     let reply = F::ct_key_of(
         backend_addr,
         if is_hairpin { hairpin } else { t.saddr },
-        b.port,
+        flow.port,
         t.sport,
         t.proto,
         CT_REPLY,
@@ -212,14 +299,27 @@ fn translate<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, svc: ServiceVal
     let reply_value = CtValue {
         flags: CT_F_FRONTEND | if is_hairpin { CT_F_HAIRPIN } else { 0 },
         client_port: t.dport,
+        generation: 0,
         client_addr: F::widen(t.daddr),
         ..value
     };
-    match (new_flow, forward_entry) {
+    match flow.entry {
         // A known flow: both entries are refreshed in place (an insert into an LRU map would take
         // a fresh element each time), and only once per refresh interval.
-        (false, Some(forward)) => {
-            // SAFETY: the pointer is to this map's value for `key`, valid during this program.
+        Some(forward) => {
+            if !flow.current {
+                // Found in the maps at this generation: from now on the entry alone says where
+                // the flow goes. The backend first, then the flag and generation that vouch for
+                // it, for a packet read on another CPU meanwhile.
+                // SAFETY: the pointer is to this map's value for `key`, valid during this program.
+                unsafe {
+                    (*forward).client_addr = value.client_addr;
+                    (*forward).client_port = value.client_port;
+                    (*forward).flags |= CT_F_BACKEND;
+                    (*forward).generation = generation;
+                }
+            }
+            // SAFETY: as above.
             if now.saturating_sub(unsafe { (*forward).last_seen_ns }) < CT_REFRESH_NS {
                 // Seen within the refresh interval: nothing to write, and no lookup of the reply
                 // entry (which `to_pod`'s lookups keep from eviction meanwhile).
@@ -237,7 +337,7 @@ fn translate<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, svc: ServiceVal
                 }
             }
         }
-        _ => {
+        None => {
             if ct.insert(key, value, 0).is_err() {
                 bump(Stat::ConntrackFull);
             }
@@ -252,8 +352,8 @@ fn translate<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, svc: ServiceVal
         let _ = ct.remove(key);
         let _ = ct.remove(reply);
     }
-    F::rewrite_end(ctx, &t, End::Destination, (t.daddr, t.dport), (backend_addr, b.port))?;
-    if new_flow {
+    F::rewrite_end(ctx, &t, End::Destination, (t.daddr, t.dport), (backend_addr, flow.port))?;
+    if flow.entry.is_none() {
         bump(Stat::PacketFlowsTranslated);
     }
     bump(Stat::PacketsTranslated);
