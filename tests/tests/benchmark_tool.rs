@@ -81,7 +81,11 @@ fn services_benchmark_reports_every_mode_node_ports_and_the_control_plane() {
         chart.path().to_str().unwrap(),
         "--nodeport-chart",
         nodeport_chart.path().to_str().unwrap(),
+        // Clients and servers pinned: each started with its CPU, or the run fails.
+        "--pin-cpus",
+        "true",
     ]);
+    assert!(report.contains("(`--pin-cpus true`)"), "{report}");
     for mode in MODES {
         // A ratio row for the mode, and a measurement at each scale.
         assert!(report.contains(&format!("| {mode} | ")), "no row for {mode}:\n{report}");

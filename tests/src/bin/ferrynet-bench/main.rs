@@ -34,7 +34,7 @@ use serde_json::{Value, json};
 const USAGE: &str = "usage: ferrynet-bench cni [--ops N] [--concurrency C] [--out FILE]
        ferrynet-bench ipam [--samples N] [--prefix LEN] [--out FILE]
        ferrynet-bench net [--seconds S] [--rounds R] [--requests N] [--out FILE]
-       ferrynet-bench services [--scales N,N,..] [--connections N] [--rounds R] [--changes N] [--modes M,M,..] [--out FILE] [--chart FILE] [--nodeport-chart FILE]";
+       ferrynet-bench services [--scales N,N,..] [--connections N] [--rounds R] [--changes N] [--modes M,M,..] [--pin-cpus BOOL] [--out FILE] [--chart FILE] [--nodeport-chart FILE]";
 
 /// The flags each command takes (each with a value).
 fn known_flags(command: &str) -> Option<&'static [&'static str]> {
@@ -51,9 +51,10 @@ fn known_flags(command: &str) -> Option<&'static [&'static str]> {
             "--out",
             "--chart",
             "--nodeport-chart",
+            "--pin-cpus",
         ],
-        "crr-server" => &["--port"],
-        "crr-client" => &["--to", "--connections", "--warmup"],
+        "crr-server" => &["--port", "--cpu"],
+        "crr-client" => &["--to", "--connections", "--warmup", "--cpu"],
         _ => return None,
     })
 }
@@ -129,6 +130,10 @@ fn main() -> Result<()> {
                 connections: flag("--connections").map(|v| v.parse()).transpose()?.unwrap_or(400),
                 rounds: flag("--rounds").map(|v| v.parse()).transpose()?.unwrap_or(12),
                 changes: flag("--changes").map(|v| v.parse()).transpose()?.unwrap_or(100),
+                pin_cpus: flag("--pin-cpus")
+                    .map(|v| v.parse().with_context(|| format!("--pin-cpus: {v:?}")))
+                    .transpose()?
+                    .unwrap_or(false),
                 chart,
                 nodeport_chart,
             })?
@@ -136,6 +141,7 @@ fn main() -> Result<()> {
         // The services benchmark's server and client, run inside the lab's pods.
         Some("crr-server") => {
             let port = flag("--port").context("--port")?.parse()?;
+            services::pin_to_cpu(flag("--cpu").map(|v| v.parse()).transpose()?)?;
             services::crr_server(port)?;
             return Ok(());
         }
@@ -147,6 +153,7 @@ fn main() -> Result<()> {
                 .collect::<Result<Vec<std::net::SocketAddr>>>()?;
             let connections = flag("--connections").context("--connections")?.parse()?;
             let warmup = flag("--warmup").map(|v| v.parse()).transpose()?.unwrap_or(0);
+            services::pin_to_cpu(flag("--cpu").map(|v| v.parse()).transpose()?)?;
             services::crr_client(&to, connections, warmup)?;
             return Ok(());
         }

@@ -170,6 +170,8 @@ pub struct Options {
     pub connections: usize,
     pub rounds: usize,
     pub changes: usize,
+    /// Every client on the first CPU, every server on the last.
+    pub pin_cpus: bool,
     pub chart: Option<PathBuf>,
     /// The NodePort section's chart.
     pub nodeport_chart: Option<PathBuf>,
@@ -274,6 +276,26 @@ struct ControlPlane {
 // ---------------------------------------------------------------------------------------------
 // The request server and client, run inside pods.
 
+/// Keeps this process on CPU `cpu`, when given.
+pub fn pin_to_cpu(cpu: Option<usize>) -> Result<()> {
+    let Some(cpu) = cpu else { return Ok(()) };
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).with_context(|| format!("CPU {cpu}"))?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).with_context(|| format!("pinning to CPU {cpu}"))
+}
+
+/// Whether this run pins its clients and servers (`--pin-cpus`): set once, at the start of
+/// [`run`], and read wherever a client or server is started.
+static PIN_CPUS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Where the clients and the servers run under `--pin-cpus`: every client on the first CPU,
+/// every server on the last, so that each measurement has its two ends on two CPUs, whatever the
+/// scheduler would have done. None without it, or on a machine of one CPU.
+fn client_and_server_cpus() -> Option<(usize, usize)> {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    (PIN_CPUS.load(std::sync::atomic::Ordering::Relaxed) && cpus >= 2).then(|| (0, cpus - 1))
+}
+
 /// `crr-server`: answers each connection's one 64-byte request with 64 bytes, then waits for
 /// the client to end the connection.
 pub fn crr_server(port: u16) -> Result<()> {
@@ -346,7 +368,7 @@ pub fn crr_client(targets: &[SocketAddr], connections: usize, warmup: usize) -> 
 /// external client), connecting to `to` (one of them at random each time).
 fn connections(lab: &Lab, part: &str, to: &[SocketAddr], n: usize) -> Result<Sample> {
     let to = to.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
-    let argv: Vec<String> = [
+    let mut argv: Vec<String> = [
         binary("ferrynet-bench").display().to_string(),
         "crr-client".into(),
         "--to".into(),
@@ -357,6 +379,9 @@ fn connections(lab: &Lab, part: &str, to: &[SocketAddr], n: usize) -> Result<Sam
         (n / 20).max(5).to_string(),
     ]
     .into();
+    if let Some((client, _)) = client_and_server_cpus() {
+        argv.extend(["--cpu".into(), client.to_string()]);
+    }
     let out = lab.exec_output(part, &argv)?;
     if !out.status.success() {
         bail!(
@@ -849,6 +874,7 @@ fn control_plane(
 // The run.
 
 pub fn run(opts: &Options) -> Result<String> {
+    PIN_CPUS.store(opts.pin_cpus, std::sync::atomic::Ordering::Relaxed);
     ferrynet_tests::require_root();
     if opts.scales.is_empty() || opts.scales.windows(2).any(|w| w[0] >= w[1]) {
         bail!("--scales must be increasing numbers of Services");
@@ -894,16 +920,16 @@ pub fn run(opts: &Options) -> Result<String> {
             .flat_map(|pod| [(pod.clone(), BACKEND_PORT), (pod.clone(), ANCHOR_PORT)]),
     );
     for (pod, port) in servers {
-        lab.spawn_in(
-            &format!("pod-{pod}"),
-            &format!("crr-{pod}-{port}"),
-            &[
-                binary("ferrynet-bench").display().to_string(),
-                "crr-server".into(),
-                "--port".into(),
-                port.to_string(),
-            ],
-        )?;
+        let mut argv = vec![
+            binary("ferrynet-bench").display().to_string(),
+            "crr-server".into(),
+            "--port".into(),
+            port.to_string(),
+        ];
+        if let Some((_, server)) = client_and_server_cpus() {
+            argv.extend(["--cpu".into(), server.to_string()]);
+        }
+        lab.spawn_in(&format!("pod-{pod}"), &format!("crr-{pod}-{port}"), &argv)?;
     }
     // The external client reaches pod IPs through the nodes that host them, as a network that
     // routes the pod CIDRs would: the NodePort measurements' direct anchor.
@@ -1320,7 +1346,7 @@ fn report(
     writeln!(md, "# Service translation: ferrynet against kube-proxy's modes\n")?;
     writeln!(
         md,
-        "Measured by `ferrynet-bench services --scales {} --connections {} --rounds {} --changes {}` on {}.\n",
+        "Measured by `ferrynet-bench services --scales {} --connections {} --rounds {} --changes {}{}` on {}.\n",
         opts.scales
             .iter()
             .map(ToString::to_string)
@@ -1329,12 +1355,19 @@ fn report(
         opts.connections,
         opts.rounds,
         opts.changes,
+        if opts.pin_cpus { " --pin-cpus true" } else { "" },
         super::machine()
     )?;
     writeln!(
         md,
-        "A 7-node lab (see the README's section on the lab), natively routed: each mode has a node of its own (n1 direct, n2 ferrynet socket LB, n3 ferrynet per-packet only, n4 to n6 kube-proxy's iptables-legacy, iptables-nft and nftables modes) with a client pod on it, and the three backend pods run on n7, so every connection crosses the underlay as it does to a backend on another node. Every pod is set up by the real `ferrynet` CNI and every node runs the real `ferrynet-agent` (translating only on n2 and n3: `--service-proxy=false` elsewhere, `--socket-lb=false` on n3; both with the lab's Service CIDRs in `--service-cidrs`, as the DaemonSet's ConfigMap sets the cluster's). Each backend runs a request server; the client, a process in its pod's namespace and cgroup, makes a new TCP connection per request (connect, 64-byte request, 64-byte response, close; like netperf's TCP_CRR), one at a time. Every Service has a ClusterIP and 3 ready endpoints (the three backends), written to the API with its EndpointSlice (and is of type NodePort while the NodePort range lasts: see the NodePort section; a ClusterIP connection meets none of the NodePort rules, and pod-IP traffic only kube-proxy's NodePort lookup, which it writes whether or not a Service has a NodePort); the clients connect to the **last Service created**, and the direct anchor to the backends' pod IPs (one at random per connection, as the Service picks). kube-proxy's modes are reproduced as kube-proxy writes its rules (see `tests/src/bin/ferrynet-bench/kube_proxy.rs`) and loaded into their nodes' namespaces with `iptables-legacy-restore`, `iptables-nft-restore` and `nft -f`; in iptables mode the last Service's rule is the last of `KUBE-SERVICES`, the worst case of kube-proxy's unordered chain. Since every mode is set up at once, the measurements alternate between them: {} rounds of {} connections per mode and target, in each round in an order of its own (a balanced Latin square: over the rounds every mode is measured in every place, and right after every other mode, equally often), so that the machine's drift (large on a shared VM) hits every mode alike, and so does whatever a measurement leaves behind for the next one. Every ratio is the median over the rounds of the ratio of the two measurements taken within each round (paired, so that drift between rounds cancels), while the connections/s columns are over all rounds. Each connection ends with the client's reset (SO_LINGER 0), so that no side holds it in TIME_WAIT: at these rates source ports come round again within seconds, and a SYN meeting a TIME_WAIT socket can stall a second whatever the proxy.\n",
-        opts.rounds, opts.connections
+        "A 7-node lab (see the README's section on the lab), natively routed: each mode has a node of its own (n1 direct, n2 ferrynet socket LB, n3 ferrynet per-packet only, n4 to n6 kube-proxy's iptables-legacy, iptables-nft and nftables modes) with a client pod on it, and the three backend pods run on n7, so every connection crosses the underlay as it does to a backend on another node. Every pod is set up by the real `ferrynet` CNI and every node runs the real `ferrynet-agent` (translating only on n2 and n3: `--service-proxy=false` elsewhere, `--socket-lb=false` on n3; both with the lab's Service CIDRs in `--service-cidrs`, as the DaemonSet's ConfigMap sets the cluster's). Each backend runs a request server; the client, a process in its pod's namespace and cgroup, makes a new TCP connection per request (connect, 64-byte request, 64-byte response, close; like netperf's TCP_CRR), one at a time{}. Every Service has a ClusterIP and 3 ready endpoints (the three backends), written to the API with its EndpointSlice (and is of type NodePort while the NodePort range lasts: see the NodePort section; a ClusterIP connection meets none of the NodePort rules, and pod-IP traffic only kube-proxy's NodePort lookup, which it writes whether or not a Service has a NodePort); the clients connect to the **last Service created**, and the direct anchor to the backends' pod IPs (one at random per connection, as the Service picks). kube-proxy's modes are reproduced as kube-proxy writes its rules (see `tests/src/bin/ferrynet-bench/kube_proxy.rs`) and loaded into their nodes' namespaces with `iptables-legacy-restore`, `iptables-nft-restore` and `nft -f`; in iptables mode the last Service's rule is the last of `KUBE-SERVICES`, the worst case of kube-proxy's unordered chain. Since every mode is set up at once, the measurements alternate between them: {} rounds of {} connections per mode and target, in each round in an order of its own (a balanced Latin square: over the rounds every mode is measured in every place, and right after every other mode, equally often), so that the machine's drift (large on a shared VM) hits every mode alike, and so does whatever a measurement leaves behind for the next one. Every ratio is the median over the rounds of the ratio of the two measurements taken within each round (paired, so that drift between rounds cancels), while the connections/s columns are over all rounds. Each connection ends with the client's reset (SO_LINGER 0), so that no side holds it in TIME_WAIT: at these rates source ports come round again within seconds, and a SYN meeting a TIME_WAIT socket can stall a second whatever the proxy.\n",
+        if opts.pin_cpus {
+            "; every client runs pinned to the first CPU and every server to the last (`--pin-cpus true`), so that each connection's two ends are on two CPUs"
+        } else {
+            ""
+        },
+        opts.rounds,
+        opts.connections
     )?;
     writeln!(
         md,
@@ -1416,7 +1449,8 @@ fn report(
     }
     writeln!(
         md,
-        "\n\"vs this mode's pod-IP traffic\" pairs each Service measurement with the pod-IP one taken in the same turn of the same mode (the Service first in one round, the pod IPs first in the next): it isolates the translation's own cost from the drift between the modes' time slots. Programming time is the run of kube-proxy's rule loader alone, into emptied tables (no API, no rule computation); ferrynet's from scratch is in the control plane section. \"slowest\" is the slowest of the mode's 20,000 connections and \"over 100 ms\" counts the stalls (a dropped SYN is sent again after a second), which a p99 hides while they weigh on the connections/s column.\n"
+        "\n\"vs this mode's pod-IP traffic\" pairs each Service measurement with the pod-IP one taken in the same turn of the same mode (the Service first in one round, the pod IPs first in the next): it isolates the translation's own cost from the drift between the modes' time slots. Programming time is the run of kube-proxy's rule loader alone, into emptied tables (no API, no rule computation); ferrynet's from scratch is in the control plane section. \"slowest\" is the slowest of the mode's {} connections and \"over 100 ms\" counts the stalls (a dropped SYN is sent again after a second), which a p99 hides while they weigh on the connections/s column.\n",
+        thousands(opts.rounds * opts.connections)
     )?;
     head_to_head_section(&mut md, &opts.scales, &service_modes, &get, &node_speed)?;
     writeln!(
