@@ -1399,10 +1399,10 @@ fn a_known_per_packet_flow_goes_by_its_conntrack_entry_until_the_removal_generat
     assert_eq!(ask(&stream).unwrap(), "k1");
     assert_eq!(ask(&stream).unwrap(), "k1");
     // Its forward entry holds the backend, vouched for at the settings' removal generation.
-    let local = stream.local_addr().unwrap();
     let ct = pinned_map::<CtKey4, CtValue>(&lab, "n1", CT4_MAP);
-    let entry = ct
-        .get(
+    let forward_entry = |stream: &std::net::TcpStream| {
+        let local = stream.local_addr().unwrap();
+        ct.get(
             &CtKey4 {
                 saddr: u32::from_ne_bytes(ip4(local.ip()).octets()),
                 daddr: u32::from_ne_bytes(ip4(vip).octets()),
@@ -1414,7 +1414,9 @@ fn a_known_per_packet_flow_goes_by_its_conntrack_entry_until_the_removal_generat
             },
             0,
         )
-        .expect("the open flow's forward entry");
+        .expect("the open flow's forward entry")
+    };
+    let entry = forward_entry(&stream);
     let mut config = pinned_config(&lab, "n1");
     let settings = config.get(&0, 0).unwrap();
     assert_ne!(entry.flags & CT_F_BACKEND, 0, "{entry:?}");
@@ -1465,6 +1467,38 @@ fn a_known_per_packet_flow_goes_by_its_conntrack_entry_until_the_removal_generat
     lab.start_agent_with("n1", PER_PACKET_WITH_SERVICE_CIDRS).unwrap();
     lab.wait_converged(Duration::from_secs(30)).unwrap();
     assert_eq!(answers(&lab, "pod-client", to, false, 1), ["k1".to_string()].into());
+
+    // An earlier agent's settings (a downgrade) hold generation 0, and the next agent of this kind
+    // would write 1, which stamps from before the downgrade may carry: it takes every stamp off
+    // first, and the flow is checked afresh at its next packet.
+    let stream = ferrynet_kernel::netns::run_in(ns.fd(), || {
+        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))
+    })
+    .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    assert_eq!(ask(&stream).unwrap(), "k1");
+    assert_ne!(forward_entry(&stream).flags & CT_F_BACKEND, 0);
+    lab.stop_agent("n1").unwrap();
+    let settings = config.get(&0, 0).unwrap();
+    config
+        .set(
+            0,
+            ferrynet_common::DatapathConfig {
+                removal_generation: 0,
+                ..settings
+            },
+            0,
+        )
+        .unwrap();
+    lab.start_agent_with("n1", PER_PACKET_WITH_SERVICE_CIDRS).unwrap();
+    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    assert_eq!(config.get(&0, 0).unwrap().removal_generation, 1);
+    let forgotten = forward_entry(&stream);
+    assert_eq!(forgotten.flags & CT_F_BACKEND, 0, "{forgotten:?}");
+    assert_eq!(ask(&stream).unwrap(), "k1");
+    let stamped = forward_entry(&stream);
+    assert_ne!(stamped.flags & CT_F_BACKEND, 0, "{stamped:?}");
+    assert_eq!(stamped.generation, 1, "{stamped:?}");
 }
 
 /// The NodePorts the API stand-in gave `service`'s ports, in order.

@@ -230,6 +230,12 @@ impl TranslationModes {
     }
 }
 
+/// The removal generation after `generation`: never 0, which is what an earlier agent's settings
+/// hold (an agent that reads 0 forgets every stamp first, see [`Datapath::configure`]).
+fn next_removal_generation(generation: u16) -> u16 {
+    generation.checked_add(1).unwrap_or(1)
+}
+
 /// The loaded kernel programs and their (pinned) maps.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -385,13 +391,19 @@ impl Datapath {
         // External flows keep their translation across a restart: the flag stays until the
         // agent has read its maps back and says otherwise.
         let current = self.current_config()?;
+        if current.removal_generation == 0 {
+            // Settings an earlier agent wrote (or none yet): an agent of this kind may have
+            // stamped entries before a downgrade, and the generation about to be written may be
+            // theirs. Their stamps go, so that no flow goes by an entry checked before a removal.
+            self.forget_checked_flows()?;
+        }
         let external = current.flags & CONFIG_F_EXTERNAL;
         let value = DatapathConfig {
             flags: modes.flags() | external,
             // On from the earlier agent's, never back: a flow checked at a generation must not
             // find that generation again while something it needs may have gone. (The agent
             // reconciles the maps next, and moves it again for what that removes.)
-            removal_generation: current.removal_generation.wrapping_add(1),
+            removal_generation: next_removal_generation(current.removal_generation),
             service_cidrs4: service_cidr_cover(service_cidrs),
             host_netns_cookie,
             programs,
@@ -882,12 +894,52 @@ impl Datapath {
         Ok(())
     }
 
+    /// Takes [`CT_F_BACKEND`] off every conntrack entry that has it: their flows are looked up
+    /// again at their next packet, and stamped afresh. Returns how many entries it rewrote.
+    fn forget_checked_flows(&mut self) -> Result<usize, DatapathError> {
+        /// `BPF_EXIST` (linux/bpf.h): an update of an element that exists, never an insert.
+        const BPF_EXIST: u64 = 2;
+        fn forget<K: aya::Pod>(map: &mut aya::maps::Map, name: &'static str) -> Result<usize, DatapathError> {
+            let mut ct = aya::maps::HashMap::<_, K, CtValue>::try_from(map)
+                .map_err(|source| DatapathError::Map { name, source })?;
+            let checked: Vec<(K, CtValue)> = ct
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, v)| v.flags & CT_F_BACKEND != 0)
+                .collect();
+            let mut rewritten = 0;
+            for (key, value) in checked {
+                let value = CtValue {
+                    flags: value.flags & !CT_F_BACKEND,
+                    ..value
+                };
+                // Only entries still there (BPF_EXIST): a flow that ended meanwhile stays ended.
+                match ct.insert(key, value, BPF_EXIST) {
+                    Ok(()) => rewritten += 1,
+                    Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(source) => return Err(DatapathError::Map { name, source }),
+                }
+            }
+            Ok(rewritten)
+        }
+        let mut rewritten = 0;
+        for name in [CT4_MAP, CT6_MAP] {
+            let map = self.ebpf.map_mut(name).ok_or(DatapathError::Missing(name))?;
+            rewritten += if name == CT4_MAP {
+                forget::<CtKey4>(map, name)?
+            } else {
+                forget::<CtKey6>(map, name)?
+            };
+        }
+        Ok(rewritten)
+    }
+
     /// Moves the removal generation on: after a frontend or backend was removed from the maps
     /// (or a frontend lost its last endpoint), so that the per-packet path looks every known
     /// flow's frontend and backend up again at its next packet.
     pub fn advance_removal_generation(&mut self) -> Result<(), DatapathError> {
         let mut config = self.current_config()?;
-        config.removal_generation = config.removal_generation.wrapping_add(1);
+        config.removal_generation = next_removal_generation(config.removal_generation);
         self.config_map()?
             .set(0, config, 0)
             .map_err(|source| DatapathError::Map {
@@ -1221,6 +1273,13 @@ pub fn interface_exists(name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_removal_generation_moves_on_and_never_comes_back_to_an_earlier_agents_zero() {
+        assert_eq!(super::next_removal_generation(0), 1);
+        assert_eq!(super::next_removal_generation(41), 42);
+        assert_eq!(super::next_removal_generation(u16::MAX), 1);
+    }
+
     #[test]
     fn the_settings_cover_the_ipv4_service_cidrs_only() {
         use ferrynet_common::{CIDR_COVER_NONE, may_be_in_service_cidrs4};

@@ -228,6 +228,7 @@ pub async fn run(
         fill_refreshed: None,
         fill_walk: None,
         external_on: None,
+        generation_due: false,
         notes: notes::NotesWriter::start(notes::dir(&cfg.state_dir)),
         status_after_notes: VecDeque::new(),
         status_published: false,
@@ -773,6 +774,9 @@ struct Controller {
     fill_walk: Option<tokio::task::JoinHandle<()>>,
     /// What the datapath's external reply check was last set to (none: not yet this run).
     external_on: Option<bool>,
+    /// A removal the removal generation has not yet been moved on for (a write that failed is
+    /// tried again at the next batch).
+    generation_due: bool,
     notes: notes::NotesWriter,
     /// Batches' statuses, each to be published once its notes are written (when the receiver
     /// resolves), in order; `run` takes them over at each turn of its loop.
@@ -1108,6 +1112,19 @@ impl Controller {
         }
     }
 
+    /// Moves the removal generation on when a removal is due: the per-packet path then looks up
+    /// every known flow's frontend and backend again at its next packet, instead of sending it by
+    /// its conntrack entry. A failed write stays due, for the next batch.
+    fn advance_removal_generation(&mut self, errors: &mut Vec<String>) {
+        if !self.generation_due {
+            return;
+        }
+        match self.datapath.advance_removal_generation() {
+            Ok(()) => self.generation_due = false,
+            Err(e) => errors.push(format!("moving the removal generation on: {e}")),
+        }
+    }
+
     /// Purges `removals` beside the controller; their ids are freed when it reports back
     /// ([`Self::on_purged`]). Without the worker, here and now.
     fn purge(&mut self, removals: purge::Removals) {
@@ -1146,6 +1163,10 @@ impl Controller {
         }
         let notes_written = if full { None } else { self.notes.written() };
         let mut errors: Vec<String> = outcome.errors.0.iter().map(ToString::to_string).collect();
+        // Frontends deleted or emptied by the batch are already out of the maps: flows checked
+        // before must be checked again at their next packet, before anything slower runs here.
+        self.generation_due |= outcome.generation_due;
+        self.advance_removal_generation(&mut errors);
         let removed = !outcome.removed_backends.is_empty() || !outcome.removed_frontends.is_empty();
         if removed {
             if let Err(e) = self.maps.doom(&outcome.removed_backends) {
@@ -1160,17 +1181,13 @@ impl Controller {
             if let Err(e) = self.maps.detach_removed(&outcome.removed_backends) {
                 errors.push(e.to_string());
             }
+            // The backends are out of the maps now: their flows' next packets look them up.
+            self.generation_due |= !outcome.removed_backends.is_empty();
+            self.advance_removal_generation(&mut errors);
             self.purge(purge::Removals {
                 backends: outcome.removed_backends.keys().copied().collect(),
                 frontends: std::mem::take(&mut outcome.removed_frontends),
             });
-        }
-        // After the removals are in the maps: a flow checked before them is checked again at its
-        // next packet. (Without this, the per-packet path would keep sending it by its entry.)
-        if (removed || outcome.emptied_frontends)
-            && let Err(e) = self.datapath.advance_removal_generation()
-        {
-            errors.push(format!("moving the removal generation on: {e}"));
         }
         let elapsed = started.elapsed();
         let now = k8s_openapi::jiff::Timestamp::now();

@@ -330,9 +330,10 @@ pub struct BatchOutcome {
     pub removed_backends: BTreeMap<u32, Backend>,
     /// Frontend ids that went: their conntrack and affinity entries go with them.
     pub removed_frontends: BTreeSet<u32>,
-    /// Whether a frontend lost its last endpoint: the per-packet path refuses its flows from
-    /// then on, so they must be looked up again (the removal generation moves).
-    pub emptied_frontends: bool,
+    /// Whether a frontend went from the service map or lost its last endpoint: the per-packet
+    /// path refuses its flows from then on, so they must be looked up again (the removal
+    /// generation moves). Set as soon as the map write is done, even if the operation fails later.
+    pub generation_due: bool,
     /// Frontends written, for the notes the CLI reads (id, entry).
     pub written: Vec<(u32, PortEntry)>,
     pub errors: ErrorList<ServiceMapError>,
@@ -935,7 +936,7 @@ impl ServiceMaps {
                         );
                         self.write_service(&new.frontend, value)?;
                         out.writes += 1;
-                        out.emptied_frontends |= slots.slots.is_empty() && !old.slots.is_empty();
+                        out.generation_due |= slots.slots.is_empty() && !old.slots.is_empty();
                         // Chunks the entry no longer reads: all when it stopped using Maglev,
                         // those past a smaller table's end.
                         if let Some(old_size) = old.maglev {
@@ -982,6 +983,7 @@ impl ServiceMaps {
                 FrontendOp::Delete(frontend, old) => (|| {
                     // No new connections first; then its slots and reverse NAT.
                     self.delete_service(frontend)?;
+                    out.generation_due = true;
                     for slot in 0..old.slots.len() as u32 {
                         self.delete_slot(old.id, slot)?;
                     }

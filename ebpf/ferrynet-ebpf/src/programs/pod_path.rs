@@ -307,25 +307,36 @@ fn forward<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flow: Flow<F>, ge
         // A known flow: both entries are refreshed in place (an insert into an LRU map would take
         // a fresh element each time), and only once per refresh interval.
         Some(forward) => {
-            if !flow.current {
-                // Found in the maps at this generation: from now on the entry alone says where
-                // the flow goes. The backend first, then the flag and generation that vouch for
-                // it, for a packet read on another CPU meanwhile.
-                // SAFETY: the pointer is to this map's value for `key`, valid during this program.
+            // SAFETY: the pointer is to this map's value for `key`, valid during this program.
+            let old = unsafe { *forward };
+            let refresh = now.saturating_sub(old.last_seen_ns) >= CT_REFRESH_NS;
+            if old.flags & CT_F_BACKEND == 0 {
+                // An earlier agent's entry holds the client's address where this one holds the
+                // backend's: replaced whole (an LRU map's update swaps in a new element), so that
+                // no packet on another CPU reads the flag beside the client's address.
+                let stamped = CtValue {
+                    flags: old.flags | CT_F_BACKEND,
+                    ..value
+                };
+                if ct.insert(key, stamped, 0).is_err() {
+                    bump(Stat::ConntrackFull);
+                }
+            } else {
+                // The same backend (the same id): only the generation it was checked at moves.
+                // SAFETY: as above.
                 unsafe {
-                    (*forward).client_addr = value.client_addr;
-                    (*forward).client_port = value.client_port;
-                    (*forward).flags |= CT_F_BACKEND;
-                    (*forward).generation = generation;
+                    if !flow.current {
+                        (*forward).generation = generation;
+                    }
+                    if refresh {
+                        (*forward).last_seen_ns = now;
+                    }
                 }
             }
-            // SAFETY: as above.
-            if now.saturating_sub(unsafe { (*forward).last_seen_ns }) < CT_REFRESH_NS {
-                // Seen within the refresh interval: nothing to write, and no lookup of the reply
-                // entry (which `to_pod`'s lookups keep from eviction meanwhile).
-            } else {
-                // SAFETY: as above.
-                unsafe { (*forward).last_seen_ns = now };
+            // Both entries are refreshed only once per refresh interval. Within it nothing is
+            // written, and the reply entry is not looked up (`to_pod`'s lookups keep it from
+            // eviction meanwhile).
+            if refresh {
                 match ct.get_ptr_mut(reply) {
                     // SAFETY: as above, for `reply`.
                     Some(entry) => unsafe { (*entry).last_seen_ns = now },
