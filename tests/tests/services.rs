@@ -1380,7 +1380,7 @@ fn a_known_per_packet_flow_goes_by_its_conntrack_entry_until_the_removal_generat
         ServiceValue,
     };
     // The Service CIDRs are set: only an address inside them takes the shortcut.
-    let lab = per_packet_node_with_one_backend(
+    let mut lab = per_packet_node_with_one_backend(
         "known",
         "k1",
         port("http", "TCP", 80, IntOrString::Int(i32::from(POD_PORT))),
@@ -1468,37 +1468,73 @@ fn a_known_per_packet_flow_goes_by_its_conntrack_entry_until_the_removal_generat
     lab.wait_converged(Duration::from_secs(30)).unwrap();
     assert_eq!(answers(&lab, "pod-client", to, false, 1), ["k1".to_string()].into());
 
-    // An earlier agent's settings (a downgrade) hold generation 0, and the next agent of this kind
-    // would write 1, which stamps from before the downgrade may carry: it takes every stamp off
-    // first, and the flow is checked afresh at its next packet.
-    let stream = ferrynet_kernel::netns::run_in(ns.fd(), || {
-        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))
-    })
-    .unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    assert_eq!(ask(&stream).unwrap(), "k1");
-    assert_ne!(forward_entry(&stream).flags & CT_F_BACKEND, 0);
-    lab.stop_agent("n1").unwrap();
-    let settings = config.get(&0, 0).unwrap();
-    config
-        .set(
-            0,
-            ferrynet_common::DatapathConfig {
-                removal_generation: 0,
-                ..settings
-            },
-            0,
-        )
+    // The generation starts again at 1 when the agent finds an earlier agent's settings (a
+    // downgrade: they hold 0) or the 16-bit count at its last value, at a start or at a removal.
+    // Stamps from before may carry the generations about to come: every stamp goes, and the flow
+    // is checked afresh at its next packet.
+    let mut settings_written = |generation: u16| {
+        let settings = config.get(&0, 0).unwrap();
+        config
+            .set(
+                0,
+                ferrynet_common::DatapathConfig {
+                    removal_generation: generation,
+                    ..settings
+                },
+                0,
+            )
+            .unwrap();
+    };
+    let generation_now = |lab: &LabGuard| pinned_config(lab, "n1").get(&0, 0).unwrap().removal_generation;
+    let stamped_flow = || {
+        let stream = ferrynet_kernel::netns::run_in(ns.fd(), || {
+            std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))
+        })
         .unwrap();
-    lab.start_agent_with("n1", PER_PACKET_WITH_SERVICE_CIDRS).unwrap();
-    lab.wait_converged(Duration::from_secs(30)).unwrap();
-    assert_eq!(config.get(&0, 0).unwrap().removal_generation, 1);
-    let forgotten = forward_entry(&stream);
-    assert_eq!(forgotten.flags & CT_F_BACKEND, 0, "{forgotten:?}");
-    assert_eq!(ask(&stream).unwrap(), "k1");
-    let stamped = forward_entry(&stream);
-    assert_ne!(stamped.flags & CT_F_BACKEND, 0, "{stamped:?}");
-    assert_eq!(stamped.generation, 1, "{stamped:?}");
+        stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        assert_eq!(ask(&stream).unwrap(), "k1");
+        assert_ne!(forward_entry(&stream).flags & CT_F_BACKEND, 0);
+        stream
+    };
+    let checked_afresh = |stream: &std::net::TcpStream, generation: u16, how: &str| {
+        let forgotten = forward_entry(stream);
+        assert_eq!(forgotten.flags & CT_F_BACKEND, 0, "{how}: {forgotten:?}");
+        assert_eq!(ask(stream).unwrap(), "k1", "{how}");
+        let stamped = forward_entry(stream);
+        assert_ne!(stamped.flags & CT_F_BACKEND, 0, "{how}: {stamped:?}");
+        assert_eq!(stamped.generation, generation, "{how}: {stamped:?}");
+    };
+    for (how, found) in [("a downgrade's settings", 0), ("the count at its last value", u16::MAX)] {
+        let stream = stamped_flow();
+        lab.stop_agent("n1").unwrap();
+        settings_written(found);
+        lab.start_agent_with("n1", PER_PACKET_WITH_SERVICE_CIDRS).unwrap();
+        lab.wait_converged(Duration::from_secs(30)).unwrap();
+        assert_eq!(generation_now(&lab), 1, "{how}");
+        checked_afresh(&stream, 1, how);
+    }
+    // At a removal: another Service goes while the count is at its last value.
+    lab.create_service_object(&service(
+        "known-other",
+        "known",
+        vec![port("http", "TCP", 81, IntOrString::Int(i32::from(POD_PORT)))],
+    ))
+    .unwrap();
+    let other = SocketAddr::new(lab.cluster_ip("known-other", true).unwrap(), 81);
+    assert_eq!(answers(&lab, "pod-client", other, false, 1), ["k1".to_string()].into());
+    let stream = stamped_flow();
+    settings_written(u16::MAX);
+    lab.delete_service("known-other").unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || (1..u16::MAX)
+            .contains(&generation_now(&lab))),
+        "the generation did not move on from its last value after a removal"
+    );
+    checked_afresh(
+        &stream,
+        generation_now(&lab),
+        "the count at its last value at a removal",
+    );
 }
 
 /// The NodePorts the API stand-in gave `service`'s ports, in order.

@@ -231,7 +231,8 @@ impl TranslationModes {
 }
 
 /// The removal generation after `generation`: never 0, which is what an earlier agent's settings
-/// hold (an agent that reads 0 forgets every stamp first, see [`Datapath::configure`]).
+/// hold. After 0 and after the last, 1 (where every stamp is taken off: see
+/// `Datapath::write_config_with_generation`).
 fn next_removal_generation(generation: u16) -> u16 {
     generation.checked_add(1).unwrap_or(1)
 }
@@ -240,6 +241,9 @@ fn next_removal_generation(generation: u16) -> u16 {
 pub struct Datapath {
     ebpf: Ebpf,
     pins: PinLayout,
+    /// Whether stamps of earlier removal generations may still be on conntrack entries: the
+    /// generation started again at 1, and taking them off has not finished yet.
+    stamps_due: bool,
 }
 
 /// How long the agent waits for a CNI ADD to finish a veth's links (an ADD holds the lock for a
@@ -353,7 +357,11 @@ impl Datapath {
         for (_, result) in loaded {
             result?;
         }
-        Ok(Self { ebpf, pins })
+        Ok(Self {
+            ebpf,
+            pins,
+            stamps_due: false,
+        })
     }
 
     pub fn pins(&self) -> &PinLayout {
@@ -391,12 +399,6 @@ impl Datapath {
         // External flows keep their translation across a restart: the flag stays until the
         // agent has read its maps back and says otherwise.
         let current = self.current_config()?;
-        if current.removal_generation == 0 {
-            // Settings an earlier agent wrote (or none yet): an agent of this kind may have
-            // stamped entries before a downgrade, and the generation about to be written may be
-            // theirs. Their stamps go, so that no flow goes by an entry checked before a removal.
-            self.forget_checked_flows()?;
-        }
         let external = current.flags & CONFIG_F_EXTERNAL;
         let value = DatapathConfig {
             flags: modes.flags() | external,
@@ -408,12 +410,38 @@ impl Datapath {
             host_netns_cookie,
             programs,
         };
+        self.write_config_with_generation(value)
+    }
+
+    /// Writes the settings `config`, whose removal generation moved on. When it starts again at 1
+    /// (a fresh datapath; an earlier agent's settings, which hold 0, after a downgrade; or the
+    /// 16-bit count come round), entries may be stamped with the generations about to come
+    /// (before a downgrade, or before the count came round): every stamp goes, just after the
+    /// write, so that no flow goes by an entry checked before a removal. (After the write: a
+    /// stamp written meanwhile is of the old generation; one a program stamps after the scan went
+    /// by its entry read the new one.)
+    fn write_config_with_generation(&mut self, config: DatapathConfig) -> Result<(), DatapathError> {
         self.config_map()?
-            .set(0, value, 0)
+            .set(0, config, 0)
             .map_err(|source| DatapathError::Map {
                 name: DATAPATH_CONFIG_MAP,
                 source,
-            })
+            })?;
+        if config.removal_generation == 1 {
+            self.stamps_due = true;
+        }
+        // Also after a failed scan, at the next move (the count has moved past 1 by then).
+        if self.stamps_due {
+            let forgotten = self.forget_checked_flows()?;
+            self.stamps_due = false;
+            if forgotten > 0 {
+                tracing::info!(
+                    entries = forgotten,
+                    "the removal generation started again at 1: conntrack entries checked at earlier ones are checked afresh"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Takes the map called `name` out of the loaded object, for the service controller to own.
@@ -940,12 +968,7 @@ impl Datapath {
     pub fn advance_removal_generation(&mut self) -> Result<(), DatapathError> {
         let mut config = self.current_config()?;
         config.removal_generation = next_removal_generation(config.removal_generation);
-        self.config_map()?
-            .set(0, config, 0)
-            .map_err(|source| DatapathError::Map {
-                name: DATAPATH_CONFIG_MAP,
-                source,
-            })
+        self.write_config_with_generation(config)
     }
 
     /// Turns the pod programs' check for replies of external flows on or off (on while any

@@ -724,9 +724,11 @@ pub type ServiceCidr6 = [u32; 4];
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DatapathConfig {
     pub flags: u16,
-    /// Moves on (wrapping) each time the agent removes a frontend or a backend, or takes a
-    /// frontend's last endpoint: a per-packet flow checked against the maps at this generation
-    /// ([`CtValue::generation`]) needs no service or backend lookup until it moves. It takes what
+    /// Moves on each time the agent removes a frontend or a backend, or takes a frontend's last
+    /// endpoint: a per-packet flow checked against the maps at this generation
+    /// ([`CtValue::generation`]) needs no service or backend lookup until it moves. Never 0 once an
+    /// agent of this kind wrote it; after its last value it starts again at 1, and the agent then
+    /// takes every stamp off the conntrack entries, so that no value vouches for a flow twice. It takes what
     /// was the top half of a 32-bit `flags` (little-endian), whose bits no agent used, so earlier
     /// agents and programs read the layout as theirs.
     pub removal_generation: u16,
