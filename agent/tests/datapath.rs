@@ -449,3 +449,97 @@ fn the_cni_and_the_agents_scan_attaching_to_new_veths_at_once_neither_fail_nor_l
     drop(datapath);
     datapath::cleanup(&pin_root).unwrap();
 }
+
+#[test]
+fn without_the_per_packet_path_pods_veths_carry_from_pod_alone_from_the_cni_and_the_agent() {
+    use ferrynet_common::{FROM_POD_PROGRAM, TO_POD_PROGRAM};
+    require_root();
+    let bpffs = TestBpfFs::mount();
+    let pin_root = bpffs.pin_path("dp");
+    let pins = datapath::PinLayout::new(&pin_root);
+    let host = Netns::host("host", "192.168.97.1", "fd97::1");
+    let state = tempfile::tempdir().unwrap();
+    let mut list = ferrynet_conflist("hooks", "10.42.0.0/24", None, state.path());
+    list.0["plugins"][0]["datapath"] = serde_json::json!({ "pinPath": pin_root });
+    let runtime = Runtime::new(&host);
+    let server = EchoServer::start(&host, "192.168.97.1:7070".parse::<SocketAddr>().unwrap(), "host");
+    let programs_on = |veth: &str, hook: TcAttachType| {
+        let (_, attached) = ferrynet_kernel::netns::run_in(host.fd(), || {
+            SchedClassifier::query_tcx(veth, hook).map_err(std::io::Error::other)
+        })
+        .unwrap();
+        attached.iter().map(|p| p.id()).collect::<Vec<u32>>()
+    };
+    let pinned_id = |name: &str| {
+        let program = SchedClassifier::from_pin(pins.program(name)).expect("pinned program");
+        program.info().expect("program info").id()
+    };
+
+    // The per-packet path translates (as it does until told otherwise): a pod made now gets both.
+    let mut datapath = Datapath::load(&pin_root, MapSizes::default()).expect("load the eBPF object");
+    datapath.pin_pod_programs().unwrap();
+    let (from, to) = (pinned_id(FROM_POD_PROGRAM), pinned_id(TO_POD_PROGRAM));
+    let early = Netns::new("early");
+    runtime
+        .add(&list, "hooks", &early.path(), "eth0", &Value::Null, None)
+        .expect("ADD");
+    let early_veth = HostVeth::new("hooks", "eth0").name;
+    assert_eq!(programs_on(&early_veth, TcAttachType::Ingress), [from]);
+    assert_eq!(programs_on(&early_veth, TcAttachType::Egress), [to]);
+
+    // Socket LB alone: the reply program's pin goes, and the agent takes it off existing veths.
+    datapath.set_per_packet(false);
+    datapath.pin_pod_programs().unwrap();
+    assert!(pins.program(FROM_POD_PROGRAM).exists() && !pins.program(TO_POD_PROGRAM).exists());
+    let report = ferrynet_kernel::netns::run_in(host.fd(), || {
+        datapath
+            .attach_pod_veth(&early_veth, PinnedLinks::Keep)
+            .map_err(std::io::Error::other)
+    })
+    .unwrap();
+    assert_eq!((report.kept, report.detached), (1, 1), "{report:?}");
+    assert_eq!(programs_on(&early_veth, TcAttachType::Ingress), [from]);
+    assert_eq!(programs_on(&early_veth, TcAttachType::Egress), Vec::<u32>::new());
+    assert!(!pins.pod_link(&early_veth, "to").exists());
+    // A pod made now gets `from_pod` alone from the CNI, and its traffic flows.
+    let late = Netns::new("late");
+    let result = runtime
+        .add(&list, "hooks", &late.path(), "eth1", &Value::Null, None)
+        .expect("ADD without a pinned to_pod");
+    let late_veth = HostVeth::new("hooks", "eth1").name;
+    assert_eq!(programs_on(&late_veth, TcAttachType::Ingress), [from]);
+    assert_eq!(programs_on(&late_veth, TcAttachType::Egress), Vec::<u32>::new());
+    assert!(pins.pod_link(&late_veth, "from").exists() && !pins.pod_link(&late_veth, "to").exists());
+    let answer = request(&late, server.addr, "late").expect("the pod reaches the host");
+    assert_eq!(answer, format!("host from={} late", result_ip(&result, true)));
+    // The agent's scans keep it so.
+    let veths = ferrynet_kernel::netns::run_in(host.fd(), || Ok(host_veths_here())).unwrap();
+    ferrynet_kernel::netns::run_in(host.fd(), || {
+        datapath
+            .scan_pod_veths(&veths, PinnedLinks::Verify)
+            .map_err(std::io::Error::other)
+    })
+    .expect("scan");
+    for veth in [&early_veth, &late_veth] {
+        assert_eq!(programs_on(veth, TcAttachType::Egress), Vec::<u32>::new(), "{veth}");
+    }
+
+    // The per-packet path again (an agent restarted with socket LB off): every veth gets
+    // `to_pod` back, from the scan alone.
+    datapath.set_per_packet(true);
+    datapath.pin_pod_programs().unwrap();
+    let to = pinned_id(TO_POD_PROGRAM);
+    ferrynet_kernel::netns::run_in(host.fd(), || {
+        datapath
+            .scan_pod_veths(&veths, PinnedLinks::Keep)
+            .map_err(std::io::Error::other)
+    })
+    .expect("scan");
+    for veth in [&early_veth, &late_veth] {
+        assert_eq!(programs_on(veth, TcAttachType::Egress), [to], "{veth}");
+        assert_eq!(programs_on(veth, TcAttachType::Ingress), [from], "{veth}");
+    }
+    assert!(request(&late, server.addr, "again").is_ok());
+    drop(datapath);
+    datapath::cleanup(&pin_root).unwrap();
+}

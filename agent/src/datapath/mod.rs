@@ -60,11 +60,20 @@ pub const SOCKET_PROGRAMS: [&str; 9] = [
     SOCK_RELEASE_PROGRAM,
 ];
 
-/// The pod veth programs, and the hook of each.
+/// The pod veth programs, the hook of each, and its link's suffix.
 pub const POD_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
     (FROM_POD_PROGRAM, TcAttachType::Ingress, "from"),
     (TO_POD_PROGRAM, TcAttachType::Egress, "to"),
 ];
+
+/// Whether the pod program `name` runs on pods' veths while the per-packet path translates
+/// (`per_packet`) or not: `from_pod` always (external flows' replies, and per-packet
+/// translation), `to_pod` only for the per-packet path's replies. Without it, `to_pod` would
+/// return at once on every packet sent to a pod: a dispatch and a settings read a packet, for
+/// nothing.
+fn pod_program_in_force(name: &str, per_packet: bool) -> bool {
+    name != TO_POD_PROGRAM || per_packet
+}
 
 /// How a program of the object is loaded.
 #[derive(Debug, Clone, Copy)]
@@ -244,6 +253,9 @@ pub struct Datapath {
     /// Whether stamps of earlier removal generations may still be on conntrack entries: the
     /// generation started again at 1, and taking them off has not finished yet.
     stamps_due: bool,
+    /// Whether pods' veths carry the per-packet path's reply program (see
+    /// [`Self::set_per_packet`]).
+    per_packet: bool,
 }
 
 /// How long the agent waits for a CNI ADD to finish a veth's links (an ADD holds the lock for a
@@ -273,6 +285,8 @@ pub struct AttachReport {
     pub upgraded: usize,
     /// Links already running the loaded program.
     pub kept: usize,
+    /// Links removed: their program is not in force (see [`Datapath::set_per_packet`]).
+    pub detached: usize,
 }
 
 /// The maps whose capacity (`pinned`: as pinned, None when unknown) is not the one `wanted`
@@ -361,6 +375,7 @@ impl Datapath {
             ebpf,
             pins,
             stamps_due: false,
+            per_packet: true,
         })
     }
 
@@ -682,12 +697,31 @@ impl Datapath {
         Ok(out)
     }
 
-    /// Pins the pod programs where the CNI finds them, replacing older pins.
+    /// Says whether the per-packet path translates (it does until told otherwise): without it,
+    /// pods' veths carry `from_pod` alone, from the next [`Self::pin_pod_programs`] (for the
+    /// CNI's new veths) and [`Self::attach_pod_veth`] (for existing ones) on.
+    pub fn set_per_packet(&mut self, per_packet: bool) {
+        self.per_packet = per_packet;
+    }
+
+    /// The pod programs this datapath's veths carry.
+    fn pod_programs_in_force(&self) -> impl Iterator<Item = (&'static str, TcAttachType, &'static str)> + use<> {
+        let per_packet = self.per_packet;
+        POD_PROGRAMS
+            .into_iter()
+            .filter(move |(name, _, _)| pod_program_in_force(name, per_packet))
+    }
+
+    /// Pins the pod programs in force where the CNI finds them, replacing older pins, and
+    /// removes the pin of one out of force (so that the CNI attaches it to no new veth).
     pub fn pin_pod_programs(&mut self) -> Result<(), DatapathError> {
         for (name, _, _) in POD_PROGRAMS {
             let path = self.pins.program(name);
             if path.exists() {
                 std::fs::remove_file(&path).map_err(io(&path))?;
+            }
+            if !pod_program_in_force(name, self.per_packet) {
+                continue;
             }
             let program: &mut SchedClassifier = self
                 .ebpf
@@ -703,14 +737,16 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches the pod programs to the host veth `veth` (in the calling thread's namespace)
-    /// through pinned TCX links, first on their hooks; `pinned` says what happens to links that
-    /// exist.
+    /// Attaches the pod programs in force to the host veth `veth` (in the calling thread's
+    /// namespace) through pinned TCX links, first on their hooks, and detaches one out of force
+    /// (its pinned link goes); `pinned` says what happens to links that exist.
     pub fn attach_pod_veth(&mut self, veth: &str, pinned: PinnedLinks) -> Result<AttachReport, DatapathError> {
         let mut report = AttachReport::default();
-        let links = POD_PROGRAMS.map(|(_, _, suffix)| self.pins.pod_link(veth, suffix));
-        if pinned == PinnedLinks::Keep && links.iter().all(|link| link.exists()) {
-            report.kept += links.len();
+        let as_wanted = |(name, _, suffix): &(&str, TcAttachType, &str)| {
+            self.pins.pod_link(veth, suffix).exists() == pod_program_in_force(name, self.per_packet)
+        };
+        if pinned == PinnedLinks::Keep && POD_PROGRAMS.iter().all(as_wanted) {
+            report.kept += self.pod_programs_in_force().count();
             return Ok(report);
         }
         // The CNI attaches to the veths it makes, under the same lock.
@@ -720,7 +756,13 @@ impl Datapath {
             .map_err(io(&self.pins.pod_links()))?;
         for (name, hook, suffix) in POD_PROGRAMS {
             let path = self.pins.pod_link(veth, suffix);
-            self.attach_tcx(name, hook, veth, &path, pinned, &mut report)?;
+            if pod_program_in_force(name, self.per_packet) {
+                self.attach_tcx(name, hook, veth, &path, pinned, &mut report)?;
+            } else if let Some(link) = pinned_link(&path)? {
+                // The last reference to the link: it detaches as it is dropped.
+                drop(link.unpin().map_err(io(&path))?);
+                report.detached += 1;
+            }
         }
         Ok(report)
     }

@@ -175,8 +175,8 @@ pub async fn run(
         }
     };
     info!(
-        "service datapath loaded and attached ({} links made, {} upgraded, {} kept)",
-        report.attached, report.upgraded, report.kept
+        "service datapath loaded and attached ({} links made, {} upgraded, {} kept, {} out of force removed)",
+        report.attached, report.upgraded, report.kept, report.detached
     );
     let map_warnings: Vec<Warning> = datapath
         .pinned_size_mismatches(cfg.sizes)
@@ -679,6 +679,11 @@ fn set_up(cfg: &ServicesConfig) -> Result<(Datapath, ServiceMaps, datapath::Atta
     }
     // No connect writes an older layout's socket map any more: carry its sockets over.
     dp.adopt_retired_socket_backends()?;
+    // Without the per-packet path, `to_pod` has nothing to do on a pod's veth: new veths get
+    // `from_pod` alone, and existing ones lose `to_pod` (its replies are per-packet flows', which
+    // a change of mode ends anyway: `from_pod` stops translating them). With it, every veth
+    // gets `to_pod` here, before the settings turn the path on.
+    dp.set_per_packet(cfg.modes.per_packet_translates());
     dp.pin_pod_programs()?;
     let pinned = if replace {
         PinnedLinks::Replace
@@ -695,6 +700,7 @@ fn set_up(cfg: &ServicesConfig) -> Result<(Datapath, ServiceMaps, datapath::Atta
         report.attached += r.attached;
         report.upgraded += r.upgraded;
         report.kept += r.kept;
+        report.detached += r.detached;
     }
     // Uplinks an earlier run attached to get this agent's program at once (new ones come with
     // the first scan, once the node's addresses are known).

@@ -20,17 +20,29 @@ const LOCK_WAIT: Duration = Duration::from_secs(1);
 
 /// Attaches the pinned pod programs to `veth` (in the calling thread's namespace), pinning the
 /// links where the agent finds them. Returns whether there was anything to attach.
+///
+/// `from_pod` is pinned whenever the agent translates Services; `to_pod` only while the
+/// per-packet path does (under socket LB alone it would have nothing to do): a hook whose
+/// program is not pinned is left bare.
 pub fn attach(pin_root: &Path, veth: &str) -> Result<bool, String> {
     let pins = PinLayout::new(pin_root);
-    if HOOKS.iter().any(|(program, _, _)| !pins.program(program).exists()) {
+    if !pins.program(FROM_POD_PROGRAM).exists() {
         return Ok(false);
     }
     // The agent attaches too, to veths it finds without links. Without the lock (the agent
     // held it past the wait), the hooks alone say what the agent did.
     let _lock = pins.lock_pod_links(LOCK_WAIT).ok();
     for (program, hook, suffix) in HOOKS {
-        let mut classifier =
-            SchedClassifier::from_pin(pins.program(program)).map_err(|e| format!("pinned program {program}: {e}"))?;
+        let link_path = pins.pod_link(veth, suffix);
+        let mut classifier = match SchedClassifier::from_pin(pins.program(program)) {
+            Ok(classifier) => classifier,
+            // Out of force: a link of an earlier veth of the same name is defunct, and goes.
+            Err(_) if program != FROM_POD_PROGRAM && !pins.program(program).exists() => {
+                let _ = std::fs::remove_file(&link_path);
+                continue;
+            }
+            Err(e) => return Err(format!("pinned program {program}: {e}")),
+        };
         let program_id = classifier
             .info()
             .map_err(|e| format!("pinned program {program}: {e}"))?
@@ -40,7 +52,6 @@ pub fn attach(pin_root: &Path, veth: &str) -> Result<bool, String> {
             continue;
         }
         // A link of an earlier veth of the same name (a repeated ADD) is defunct: replaced.
-        let link_path = pins.pod_link(veth, suffix);
         let _ = std::fs::remove_file(&link_path);
         let id = match classifier.attach_with_options(veth, hook, TcAttachOptions::TcxOrder(LinkOrder::first())) {
             Ok(id) => id,
