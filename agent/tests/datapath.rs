@@ -487,9 +487,23 @@ fn without_the_per_packet_path_pods_veths_carry_from_pod_alone_from_the_cni_and_
     assert_eq!(programs_on(&early_veth, TcAttachType::Ingress), [from]);
     assert_eq!(programs_on(&early_veth, TcAttachType::Egress), [to]);
 
-    // Socket LB alone: the reply program's pin goes, and the agent takes it off existing veths.
+    // An agent restarted into socket LB alone: until its settings are written, the earlier
+    // run's may have the per-packet path on, and nothing out of force goes.
     datapath.set_per_packet(false);
+    datapath.keep_out_of_force(true);
     datapath.pin_pod_programs().unwrap();
+    assert!(pins.program(TO_POD_PROGRAM).exists());
+    let report = ferrynet_kernel::netns::run_in(host.fd(), || {
+        datapath
+            .attach_pod_veth(&early_veth, PinnedLinks::Verify)
+            .map_err(std::io::Error::other)
+    })
+    .unwrap();
+    assert_eq!((report.kept, report.detached), (1, 0), "{report:?}");
+    assert_eq!(programs_on(&early_veth, TcAttachType::Egress), [to]);
+    // Then the reply program's pin goes, and the agent takes it off existing veths.
+    datapath.keep_out_of_force(false);
+    datapath.unpin_out_of_force_programs().unwrap();
     assert!(pins.program(FROM_POD_PROGRAM).exists() && !pins.program(TO_POD_PROGRAM).exists());
     let report = ferrynet_kernel::netns::run_in(host.fd(), || {
         datapath

@@ -250,12 +250,12 @@ fn next_removal_generation(generation: u16) -> u16 {
 pub struct Datapath {
     ebpf: Ebpf,
     pins: PinLayout,
-    /// Whether stamps of earlier removal generations may still be on conntrack entries: the
-    /// generation started again at 1, and taking them off has not finished yet.
-    stamps_due: bool,
     /// Whether pods' veths carry the per-packet path's reply program (see
     /// [`Self::set_per_packet`]).
     per_packet: bool,
+    /// Whether a pod program out of force keeps its pin and links (see
+    /// [`Self::keep_out_of_force`]).
+    keep_out_of_force: bool,
 }
 
 /// How long the agent waits for a CNI ADD to finish a veth's links (an ADD holds the lock for a
@@ -374,8 +374,8 @@ impl Datapath {
         Ok(Self {
             ebpf,
             pins,
-            stamps_due: false,
             per_packet: true,
+            keep_out_of_force: false,
         })
     }
 
@@ -414,9 +414,10 @@ impl Datapath {
         // External flows keep their translation across a restart: the flag stays until the
         // agent has read its maps back and says otherwise.
         let current = self.current_config()?;
-        let external = current.flags & CONFIG_F_EXTERNAL;
+        // So does a scan of the conntrack stamps an earlier run left due.
+        let kept = current.flags & (CONFIG_F_EXTERNAL | CONFIG_F_STAMPS_DUE);
         let value = DatapathConfig {
-            flags: modes.flags() | external,
+            flags: modes.flags() | kept,
             // On from the earlier agent's, never back: a flow checked at a generation must not
             // find that generation again while something it needs may have gone. (The agent
             // reconciles the maps next, and moves it again for what that removes.)
@@ -431,32 +432,43 @@ impl Datapath {
     /// Writes the settings `config`, whose removal generation moved on. When it starts again at 1
     /// (a fresh datapath; an earlier agent's settings, which hold 0, after a downgrade; or the
     /// 16-bit count come round), entries may be stamped with the generations about to come
-    /// (before a downgrade, or before the count came round): every stamp goes, just after the
-    /// write, so that no flow goes by an entry checked before a removal. (After the write: a
-    /// stamp written meanwhile is of the old generation; one a program stamps after the scan went
-    /// by its entry read the new one.)
-    fn write_config_with_generation(&mut self, config: DatapathConfig) -> Result<(), DatapathError> {
+    /// (before a downgrade, or before the count came round): every stamp goes, so that no flow
+    /// goes by an entry checked before a removal. The scan is due ([`CONFIG_F_STAMPS_DUE`], in
+    /// the same write) from then until one has finished at a later generation: the scan right
+    /// after the write of 1 takes off what was stamped before it, and the one at the next move
+    /// (or the next start, if the agent stops meanwhile) what a program that read the settings
+    /// just before the write stamped behind the first scan's back.
+    fn write_config_with_generation(&mut self, mut config: DatapathConfig) -> Result<(), DatapathError> {
+        if config.removal_generation == 1 {
+            config.flags |= CONFIG_F_STAMPS_DUE;
+        }
+        self.write_config(config)?;
+        if config.flags & CONFIG_F_STAMPS_DUE == 0 {
+            return Ok(());
+        }
+        let forgotten = self.forget_checked_flows()?;
+        if forgotten > 0 {
+            tracing::info!(
+                entries = forgotten,
+                generation = config.removal_generation,
+                "the removal generation started again at 1: conntrack entries checked at earlier ones are checked afresh"
+            );
+        }
+        if config.removal_generation != 1 {
+            let mut done = self.current_config()?;
+            done.flags &= !CONFIG_F_STAMPS_DUE;
+            self.write_config(done)?;
+        }
+        Ok(())
+    }
+
+    fn write_config(&mut self, config: DatapathConfig) -> Result<(), DatapathError> {
         self.config_map()?
             .set(0, config, 0)
             .map_err(|source| DatapathError::Map {
                 name: DATAPATH_CONFIG_MAP,
                 source,
-            })?;
-        if config.removal_generation == 1 {
-            self.stamps_due = true;
-        }
-        // Also after a failed scan, at the next move (the count has moved past 1 by then).
-        if self.stamps_due {
-            let forgotten = self.forget_checked_flows()?;
-            self.stamps_due = false;
-            if forgotten > 0 {
-                tracing::info!(
-                    entries = forgotten,
-                    "the removal generation started again at 1: conntrack entries checked at earlier ones are checked afresh"
-                );
-            }
-        }
-        Ok(())
+            })
     }
 
     /// Takes the map called `name` out of the loaded object, for the service controller to own.
@@ -704,6 +716,25 @@ impl Datapath {
         self.per_packet = per_packet;
     }
 
+    /// While `keep`, a pod program out of force keeps the pin and the links it has (they are
+    /// neither made nor removed): until an agent's settings turn the per-packet path off, an
+    /// earlier run's may still have it on, and its flows need `to_pod`.
+    pub fn keep_out_of_force(&mut self, keep: bool) {
+        self.keep_out_of_force = keep;
+    }
+
+    /// Removes the pins of the pod programs out of force (the CNI then attaches them to no new
+    /// veth), leaving the others' as they are.
+    pub fn unpin_out_of_force_programs(&self) -> Result<(), DatapathError> {
+        for (name, _, _) in POD_PROGRAMS {
+            let path = self.pins.program(name);
+            if !pod_program_in_force(name, self.per_packet) && path.exists() {
+                std::fs::remove_file(&path).map_err(io(&path))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The pod programs this datapath's veths carry.
     fn pod_programs_in_force(&self) -> impl Iterator<Item = (&'static str, TcAttachType, &'static str)> + use<> {
         let per_packet = self.per_packet;
@@ -717,10 +748,12 @@ impl Datapath {
     pub fn pin_pod_programs(&mut self) -> Result<(), DatapathError> {
         for (name, _, _) in POD_PROGRAMS {
             let path = self.pins.program(name);
-            if path.exists() {
+            let pinned = path.exists();
+            let wanted = pod_program_in_force(name, self.per_packet) || (self.keep_out_of_force && pinned);
+            if pinned {
                 std::fs::remove_file(&path).map_err(io(&path))?;
             }
-            if !pod_program_in_force(name, self.per_packet) {
+            if !wanted {
                 continue;
             }
             let program: &mut SchedClassifier = self
@@ -743,7 +776,12 @@ impl Datapath {
     pub fn attach_pod_veth(&mut self, veth: &str, pinned: PinnedLinks) -> Result<AttachReport, DatapathError> {
         let mut report = AttachReport::default();
         let as_wanted = |(name, _, suffix): &(&str, TcAttachType, &str)| {
-            self.pins.pod_link(veth, suffix).exists() == pod_program_in_force(name, self.per_packet)
+            let linked = self.pins.pod_link(veth, suffix).exists();
+            if pod_program_in_force(name, self.per_packet) {
+                linked
+            } else {
+                self.keep_out_of_force || !linked
+            }
         };
         if pinned == PinnedLinks::Keep && POD_PROGRAMS.iter().all(as_wanted) {
             report.kept += self.pod_programs_in_force().count();
@@ -758,7 +796,9 @@ impl Datapath {
             let path = self.pins.pod_link(veth, suffix);
             if pod_program_in_force(name, self.per_packet) {
                 self.attach_tcx(name, hook, veth, &path, pinned, &mut report)?;
-            } else if let Some(link) = pinned_link(&path)? {
+            } else if !self.keep_out_of_force
+                && let Some(link) = pinned_link(&path)?
+            {
                 // The last reference to the link: it detaches as it is dropped.
                 drop(link.unpin().map_err(io(&path))?);
                 report.detached += 1;
@@ -972,13 +1012,16 @@ impl Datapath {
         fn forget<K: aya::Pod>(map: &mut aya::maps::Map, name: &'static str) -> Result<usize, DatapathError> {
             let mut ct = aya::maps::HashMap::<_, K, CtValue>::try_from(map)
                 .map_err(|source| DatapathError::Map { name, source })?;
-            let checked: Vec<(K, CtValue)> = ct
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(_, v)| v.flags & CT_F_BACKEND != 0)
-                .collect();
+            let keys: Vec<K> = ct.keys().filter_map(Result::ok).collect();
             let mut rewritten = 0;
-            for (key, value) in checked {
+            for key in keys {
+                // Read again just before the write: the walk takes a while, and meanwhile a
+                // flow may have ended and its tuple been taken by a new one, or been refreshed.
+                let value = match ct.get(&key, 0) {
+                    Ok(value) if value.flags & CT_F_BACKEND != 0 => value,
+                    Ok(_) | Err(MapError::KeyNotFound) => continue,
+                    Err(source) => return Err(DatapathError::Map { name, source }),
+                };
                 let value = CtValue {
                     flags: value.flags & !CT_F_BACKEND,
                     ..value

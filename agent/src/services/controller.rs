@@ -680,28 +680,20 @@ fn set_up(cfg: &ServicesConfig) -> Result<(Datapath, ServiceMaps, datapath::Atta
     // No connect writes an older layout's socket map any more: carry its sockets over.
     dp.adopt_retired_socket_backends()?;
     // Without the per-packet path, `to_pod` has nothing to do on a pod's veth: new veths get
-    // `from_pod` alone, and existing ones lose `to_pod` (its replies are per-packet flows', which
-    // a change of mode ends anyway: `from_pod` stops translating them). With it, every veth
-    // gets `to_pod` here, before the settings turn the path on.
-    dp.set_per_packet(cfg.modes.per_packet_translates());
+    // `from_pod` alone, and existing ones lose `to_pod`. With it, every veth gets `to_pod` here,
+    // before the settings turn the path on. An earlier run's settings may have the path on until
+    // this run's are written, and its flows need `to_pod` meanwhile: a program out of force
+    // keeps its pin and links until then.
+    let per_packet = cfg.modes.per_packet_translates();
+    dp.set_per_packet(per_packet);
+    dp.keep_out_of_force(true);
     dp.pin_pod_programs()?;
     let pinned = if replace {
         PinnedLinks::Replace
     } else {
         PinnedLinks::Verify
     };
-    for veth in host_veths()? {
-        let r = match dp.attach_pod_veth(&veth, pinned) {
-            Ok(r) => r,
-            // Deleted since the listing (a pod going away).
-            Err(_) if !datapath::interface_exists(&veth) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        report.attached += r.attached;
-        report.upgraded += r.upgraded;
-        report.kept += r.kept;
-        report.detached += r.detached;
-    }
+    attach_pod_veths(&mut dp, pinned, &mut report)?;
     // Uplinks an earlier run attached to get this agent's program at once (new ones come with
     // the first scan, once the node's addresses are known).
     if replace {
@@ -720,9 +712,39 @@ fn set_up(cfg: &ServicesConfig) -> Result<(Datapath, ServiceMaps, datapath::Atta
         identity,
         &cfg.service_cidrs,
     )?;
+    dp.keep_out_of_force(false);
+    if !per_packet {
+        dp.unpin_out_of_force_programs()?;
+        attach_pod_veths(&mut dp, PinnedLinks::Keep, &mut report)?;
+    }
     let handles = MapHandles::new(|name| dp.take_map(name).ok())?;
     let maps = ServiceMaps::adopt(handles, cfg.sizes.services, cfg.sizes.backends)?;
     Ok((dp, maps, report))
+}
+
+/// Makes every pod veth's links match the pod programs in force (`pinned`: what happens to links
+/// that exist), adding what it did to `report`.
+fn attach_pod_veths(
+    dp: &mut Datapath,
+    pinned: PinnedLinks,
+    report: &mut datapath::AttachReport,
+) -> Result<(), ServicesError> {
+    for veth in host_veths()? {
+        let r = match dp.attach_pod_veth(&veth, pinned) {
+            Ok(r) => r,
+            // Deleted since the listing (a pod going away).
+            Err(_) if !datapath::interface_exists(&veth) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        report.attached += r.attached;
+        report.upgraded += r.upgraded;
+        report.detached += r.detached;
+        // A veth's links the first pass found or made are not counted twice.
+        if pinned != PinnedLinks::Keep {
+            report.kept += r.kept;
+        }
+    }
+    Ok(())
 }
 
 /// Every interface of this namespace (the node's), by index.

@@ -234,6 +234,10 @@ pub const CONFIG_F_SOCKET_LB: u16 = 1 << 2;
 /// `DatapathConfig::flags`: external frontends (NodePorts) exist, so pods' replies may belong to
 /// external flows (without any, a pod's packet pays no lookup for them).
 pub const CONFIG_F_EXTERNAL: u16 = 1 << 3;
+/// `DatapathConfig::flags`, the agent's alone (no program reads it): the removal generation
+/// started again at 1, and the stamps of earlier generations are still to be taken off the
+/// conntrack entries. Kept in the settings so that an agent restarted meanwhile finishes it.
+pub const CONFIG_F_STAMPS_DUE: u16 = 1 << 4;
 
 /// [`DatapathConfig::service_cidrs4`] of an earlier agent, which did not write it: every address
 /// may be in a Service CIDR.
