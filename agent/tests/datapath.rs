@@ -28,6 +28,21 @@ fn create_pinned_map(path: &std::path::Path, kind: &str, key: u32, value: u32, e
     assert!(made.success() && path.exists(), "bpftool map create {name}");
 }
 
+/// The ids of the programs the kernel runs on `veth`'s `hook` (TCX), in order.
+fn tcx_programs(host: &Netns, veth: &str, hook: TcAttachType) -> Vec<u32> {
+    let (_, attached) = ferrynet_kernel::netns::run_in(host.fd(), || {
+        SchedClassifier::query_tcx(veth, hook).map_err(std::io::Error::other)
+    })
+    .expect("query the hook's TCX programs");
+    attached.iter().map(|p| p.id()).collect()
+}
+
+/// The id of the program pinned as `name`.
+fn pinned_program_id(pins: &datapath::PinLayout, name: &str) -> u32 {
+    let program = SchedClassifier::from_pin(pins.program(name)).expect("pinned program");
+    program.info().expect("program info").id()
+}
+
 #[test]
 fn the_pod_programs_load_attach_first_at_tcx_and_pass_a_pods_traffic() {
     require_root();
@@ -62,11 +77,7 @@ fn the_pod_programs_load_attach_first_at_tcx_and_pass_a_pods_traffic() {
     // program another tool attaches, which must see translated packets).
     for (hook, suffix) in [(TcAttachType::Ingress, "from"), (TcAttachType::Egress, "to")] {
         let ours = datapath::link_program_id(&pins.pod_link(&veth, suffix)).unwrap();
-        let (_, attached) = ferrynet_kernel::netns::run_in(host.fd(), || {
-            SchedClassifier::query_tcx(&veth, hook).map_err(std::io::Error::other)
-        })
-        .unwrap();
-        let ids: Vec<u32> = attached.iter().map(|p| p.id()).collect();
+        let ids = tcx_programs(&host, &veth, hook);
         assert_eq!(ids.first(), Some(&ours), "{suffix}: {ids:?}");
     }
 
@@ -91,13 +102,7 @@ fn the_pod_programs_load_attach_first_at_tcx_and_pass_a_pods_traffic() {
         .status()
         .unwrap();
     assert!(detached.success() && from.exists());
-    let ingress = || {
-        let (_, attached) = ferrynet_kernel::netns::run_in(host.fd(), || {
-            SchedClassifier::query_tcx(&veth, TcAttachType::Ingress).map_err(std::io::Error::other)
-        })
-        .unwrap();
-        attached.iter().map(|p| p.id()).collect::<Vec<u32>>()
-    };
+    let ingress = || tcx_programs(&host, &veth, TcAttachType::Ingress);
     let ours = datapath::link_program_id(&from).unwrap();
     assert!(!ingress().contains(&ours), "detached: {:?}", ingress());
     // The controller's frequent scans keep pinned links without asking the kernel...
@@ -125,11 +130,7 @@ fn the_pod_programs_load_attach_first_at_tcx_and_pass_a_pods_traffic() {
     drop(datapath);
     assert!(request(&pod, server.addr, "after").is_ok());
     assert!(pins.pod_link(&veth, "from").exists() && pins.pod_link(&veth, "to").exists());
-    let (_, attached) = ferrynet_kernel::netns::run_in(host.fd(), || {
-        SchedClassifier::query_tcx(&veth, TcAttachType::Ingress).map_err(std::io::Error::other)
-    })
-    .unwrap();
-    assert_eq!(attached.len(), 1, "the link went with the loader");
+    assert_eq!(ingress().len(), 1, "the link went with the loader");
     // Cleanup removes every pin; the veth keeps working without the programs.
     datapath::cleanup(&bpffs.pin_path("dp")).unwrap();
     assert!(!pins.root().exists());
@@ -338,90 +339,154 @@ fn host_veths_here() -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn the_cni_and_the_agents_scan_attaching_to_new_veths_at_once_neither_fail_nor_leave_one_bare() {
+/// A test's own world for the pod programs: a throwaway host netns, a private bpffs where a
+/// loaded datapath pinned them, and a conflist whose ADDs attach them.
+struct PinnedPodPrograms {
+    datapath: Datapath,
+    pin_root: std::path::PathBuf,
+    pins: datapath::PinLayout,
+    host: Netns,
+    list: ferrynet_tests::cni::Conflist,
+    /// Each hook, its link's suffix, and the id of the program pinned for it.
+    hooks: [(TcAttachType, &'static str, u32); 2],
+    _state: tempfile::TempDir,
+    _bpffs: TestBpfFs,
+}
+
+impl PinnedPodPrograms {
+    fn new(network: &str, host_v4: &str, host_v6: &str, subnet: &str) -> Self {
+        use ferrynet_common::{FROM_POD_PROGRAM, TO_POD_PROGRAM};
+        let bpffs = TestBpfFs::mount();
+        let pin_root = bpffs.pin_path("dp");
+        let pins = datapath::PinLayout::new(&pin_root);
+        let host = Netns::host("host", host_v4, host_v6);
+        let state = tempfile::tempdir().unwrap();
+        let mut list = ferrynet_conflist(network, subnet, None, state.path());
+        list.0["plugins"][0]["datapath"] = serde_json::json!({ "pinPath": pin_root });
+        let mut datapath = Datapath::load(&pin_root, MapSizes::default()).expect("load the eBPF object");
+        datapath.pin_pod_programs().expect("pin the pod programs");
+        let hooks = [
+            (
+                TcAttachType::Ingress,
+                "from",
+                pinned_program_id(&pins, FROM_POD_PROGRAM),
+            ),
+            (TcAttachType::Egress, "to", pinned_program_id(&pins, TO_POD_PROGRAM)),
+        ];
+        Self {
+            datapath,
+            pin_root,
+            pins,
+            host,
+            list,
+            hooks,
+            _state: state,
+            _bpffs: bpffs,
+        }
+    }
+
+    fn finish(self) {
+        drop(self.datapath);
+        datapath::cleanup(&self.pin_root).unwrap();
+    }
+}
+
+/// Whether `veth` runs exactly the programs of `hooks` (hook, link suffix, program id), once
+/// each.
+fn runs_exactly(host: &Netns, hooks: &[(TcAttachType, &'static str, u32); 2], veth: &str) -> Result<(), String> {
+    for (hook, suffix, ours) in hooks {
+        let ids = tcx_programs(host, veth, *hook);
+        if ids != [*ours] {
+            return Err(format!("{veth} {suffix} runs {ids:?}, not [{ours}]"));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `step` back to back in a thread of its own (at most a million times, for at most two
+/// minutes) while `main` runs here; then `main`'s outcome, the steps' failures and how many
+/// steps ran.
+fn alongside<T>(
+    mut step: impl FnMut() -> Result<(), String> + Send,
+    main: impl FnOnce() -> T,
+) -> (T, Vec<String>, u32) {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::{Duration, Instant};
+    let running = AtomicBool::new(true);
+    std::thread::scope(|s| {
+        let stepper = s.spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut failures = Vec::new();
+            let mut steps = 0u32;
+            while running.load(Ordering::Relaxed) && steps < 1_000_000 && Instant::now() < deadline {
+                if let Err(e) = step() {
+                    failures.push(e);
+                }
+                steps += 1;
+            }
+            (failures, steps)
+        });
+        let outcome = main();
+        running.store(false, Ordering::Relaxed);
+        let (failures, steps) = stepper.join().expect("the stepping thread");
+        (outcome, failures, steps)
+    })
+}
 
-    use ferrynet_common::{FROM_POD_PROGRAM, TO_POD_PROGRAM};
+#[test]
+fn the_cni_and_the_agents_scan_attaching_to_new_veths_at_once_neither_fail_nor_leave_one_bare() {
     require_root();
-    let bpffs = TestBpfFs::mount();
-    let pin_root = bpffs.pin_path("dp");
-    let pins = datapath::PinLayout::new(&pin_root);
-    let host = Netns::host("host", "192.168.96.1", "fd96::1");
-    let state = tempfile::tempdir().unwrap();
-    let mut list = ferrynet_conflist("race", "10.41.0.0/24", None, state.path());
-    list.0["plugins"][0]["datapath"] = serde_json::json!({ "pinPath": pin_root });
-    let mut datapath = Datapath::load(&pin_root, MapSizes::default()).expect("load the eBPF object");
-    datapath.pin_pod_programs().expect("pin the pod programs");
-    let program_id = |name: &str| {
-        let program = SchedClassifier::from_pin(pins.program(name)).expect("pinned program");
-        program.info().expect("program info").id()
-    };
-    let hooks = [
-        (TcAttachType::Ingress, "from", program_id(FROM_POD_PROGRAM)),
-        (TcAttachType::Egress, "to", program_id(TO_POD_PROGRAM)),
-    ];
+    let mut world = PinnedPodPrograms::new("race", "192.168.96.1", "fd96::1", "10.41.0.0/24");
     let pod = Netns::new("pod");
-    let runtime = Runtime::new(&host);
-    let scanning = AtomicBool::new(true);
+    let runtime = Runtime::new(&world.host);
+    let (datapath, host, hooks, list) = (&mut world.datapath, &world.host, &world.hooks, &world.list);
 
     // Interfaces e0..e29 of one pod are added, deleted and added again (the same veth names a
     // second time, after links pinned for the first ones), while the agent's scan runs back to
     // back: every new veth is one both sides go for at once.
-    let (scan_failures, scans) = std::thread::scope(|s| {
-        let agent = s.spawn(|| {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            let mut failures = Vec::new();
-            let mut scans = 0u32;
-            while scanning.load(Ordering::Relaxed) && scans < 1_000_000 && Instant::now() < deadline {
-                let scanned = ferrynet_kernel::netns::run_in(host.fd(), || {
-                    let veths = host_veths_here();
-                    Ok(datapath.scan_pod_veths(&veths, PinnedLinks::Keep))
-                })
-                .expect("enter the host netns");
-                if let Err(errors) = scanned {
-                    failures.push(errors.to_string());
-                }
-                scans += 1;
-            }
-            (failures, scans)
-        });
+    let scan = || {
+        let scanned = ferrynet_kernel::netns::run_in(host.fd(), || {
+            let veths = host_veths_here();
+            Ok(datapath.scan_pod_veths(&veths, PinnedLinks::Keep))
+        })
+        .expect("enter the host netns");
+        scanned.map_err(|errors| errors.to_string())
+    };
+    let adds = || {
         let mut live = std::collections::BTreeSet::new();
         for round in 0..90 {
             let ifname = format!("e{}", round % 30);
-            let veth = HostVeth::new("race", &ifname).name;
             if live.remove(&ifname) {
                 runtime
-                    .del(&list, "race", Some(&pod.path()), &ifname, &Value::Null, None)
-                    .unwrap_or_else(|e| panic!("DEL {ifname}: {e:?}"));
+                    .del(list, "race", Some(&pod.path()), &ifname, &Value::Null, None)
+                    .map_err(|e| format!("DEL {ifname}: {e:?}"))?;
                 continue;
             }
-            let added = runtime.add(&list, "race", &pod.path(), &ifname, &Value::Null, None);
-            if let Err(e) = added {
-                scanning.store(false, Ordering::Relaxed);
-                panic!("ADD {ifname} (round {round}) failed while the agent scanned: {e:?}");
-            }
+            runtime
+                .add(list, "race", &pod.path(), &ifname, &Value::Null, None)
+                .map_err(|e| format!("ADD {ifname} (round {round}) failed while the agent scanned: {e:?}"))?;
             live.insert(ifname.clone());
             // The programs run on the new veth, once each, whoever attached them.
-            for (hook, suffix, ours) in hooks {
-                let (_, attached) = ferrynet_kernel::netns::run_in(host.fd(), || {
-                    SchedClassifier::query_tcx(&veth, hook).map_err(std::io::Error::other)
-                })
-                .unwrap();
-                let ids: Vec<u32> = attached.iter().map(|p| p.id()).collect();
-                assert_eq!(ids, [ours], "{veth} {suffix}, round {round}");
-            }
+            let veth = HostVeth::new("race", &ifname).name;
+            runs_exactly(host, hooks, &veth).map_err(|e| format!("round {round}: {e}"))?;
         }
-        scanning.store(false, Ordering::Relaxed);
-        agent.join().expect("the scanning thread")
-    });
+        Ok::<(), String>(())
+    };
+    let (added, scan_failures, scans) = alongside(scan, adds);
+    added.unwrap_or_else(|failure| panic!("{failure}"));
     assert!(scan_failures.is_empty(), "the agent's scan failed: {scan_failures:?}");
     assert!(scans >= 90, "only {scans} scans ran alongside the ADDs");
 
     // Every live veth's two links are pinned, and those pins are the links on that veth (not a
     // defunct link of an earlier veth of the same name, nor a link about to go with no pin to
     // hold it); a last scan leaves no pin of a deleted veth.
+    let PinnedPodPrograms {
+        datapath,
+        pins,
+        host,
+        hooks,
+        ..
+    } = &mut world;
     let veths = ferrynet_kernel::netns::run_in(host.fd(), || Ok(host_veths_here())).unwrap();
     assert_eq!(veths.len(), 30, "{veths:?}");
     ferrynet_kernel::netns::run_in(host.fd(), || {
@@ -430,7 +495,7 @@ fn the_cni_and_the_agents_scan_attaching_to_new_veths_at_once_neither_fail_nor_l
             .map_err(std::io::Error::other)
     })
     .expect("a last scan");
-    let pinned: Vec<String> = datapath::pinned_pod_veths(&pins).into_iter().collect();
+    let pinned: Vec<String> = datapath::pinned_pod_veths(pins).into_iter().collect();
     let mut sorted = veths.clone();
     sorted.sort();
     assert_eq!(pinned, sorted);
@@ -439,15 +504,14 @@ fn the_cni_and_the_agents_scan_attaching_to_new_veths_at_once_neither_fail_nor_l
             nix::net::if_::if_nametoindex(veth.as_str()).map_err(std::io::Error::from)
         })
         .unwrap();
-        for (_, suffix, ours) in hooks {
+        for (_, suffix, ours) in *hooks {
             let link = pins.pod_link(veth, suffix);
             let linked = ferrynet_tests::bpffs::tcx_link_ifindex(&link).expect("the pinned link's info");
             assert_eq!(linked, ifindex, "{veth}-{suffix}: a link of another interface");
             assert_eq!(datapath::link_program_id(&link).unwrap(), ours, "{veth}-{suffix}");
         }
     }
-    drop(datapath);
-    datapath::cleanup(&pin_root).unwrap();
+    world.finish();
 }
 
 #[test]
@@ -463,17 +527,8 @@ fn without_the_per_packet_path_pods_veths_carry_from_pod_alone_from_the_cni_and_
     list.0["plugins"][0]["datapath"] = serde_json::json!({ "pinPath": pin_root });
     let runtime = Runtime::new(&host);
     let server = EchoServer::start(&host, "192.168.97.1:7070".parse::<SocketAddr>().unwrap(), "host");
-    let programs_on = |veth: &str, hook: TcAttachType| {
-        let (_, attached) = ferrynet_kernel::netns::run_in(host.fd(), || {
-            SchedClassifier::query_tcx(veth, hook).map_err(std::io::Error::other)
-        })
-        .unwrap();
-        attached.iter().map(|p| p.id()).collect::<Vec<u32>>()
-    };
-    let pinned_id = |name: &str| {
-        let program = SchedClassifier::from_pin(pins.program(name)).expect("pinned program");
-        program.info().expect("program info").id()
-    };
+    let programs_on = |veth: &str, hook: TcAttachType| tcx_programs(&host, veth, hook);
+    let pinned_id = |name: &str| pinned_program_id(&pins, name);
 
     // The per-packet path translates (as it does until told otherwise): a pod made now gets both.
     let mut datapath = Datapath::load(&pin_root, MapSizes::default()).expect("load the eBPF object");
@@ -556,4 +611,43 @@ fn without_the_per_packet_path_pods_veths_carry_from_pod_alone_from_the_cni_and_
     assert!(request(&late, server.addr, "again").is_ok());
     drop(datapath);
     datapath::cleanup(&pin_root).unwrap();
+}
+
+#[test]
+fn a_cni_add_while_the_agent_pins_its_pod_programs_again_finds_them_pinned() {
+    use ferrynet_common::{FROM_POD_PROGRAM, TO_POD_PROGRAM};
+    require_root();
+    let mut world = PinnedPodPrograms::new("repin", "192.168.98.1", "fd98::1", "10.43.0.0/24");
+    let pod = Netns::new("pod");
+    let runtime = Runtime::new(&world.host);
+    let (datapath, host, hooks, list) = (&mut world.datapath, &world.host, &world.hooks, &world.list);
+
+    // The agent pins its pod programs again back to back (as each start and switch of the
+    // per-packet path does), while pods are added: each ADD must find both pins and attach both
+    // programs, whichever pin it meets.
+    let pin = || datapath.pin_pod_programs().map_err(|e| e.to_string());
+    let adds = || {
+        for round in 0..60 {
+            let ifname = format!("e{round}");
+            runtime
+                .add(list, "repin", &pod.path(), &ifname, &Value::Null, None)
+                .map_err(|e| format!("ADD {ifname} failed while the agent pinned: {e:?}"))?;
+            let veth = HostVeth::new("repin", &ifname).name;
+            runs_exactly(host, hooks, &veth).map_err(|e| format!("round {round}: {e}"))?;
+        }
+        Ok::<(), String>(())
+    };
+    let (added, pin_failures, pinnings) = alongside(pin, adds);
+    added.unwrap_or_else(|failure| panic!("{failure}"));
+    assert!(pin_failures.is_empty(), "pinning failed: {pin_failures:?}");
+    assert!(pinnings >= 60, "only {pinnings} pinnings ran alongside the ADDs");
+    // Only the two programs' pins are left.
+    let mut left: Vec<String> = std::fs::read_dir(world.pins.programs())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("pod"))
+        .collect();
+    left.sort();
+    assert_eq!(left, [FROM_POD_PROGRAM, TO_POD_PROGRAM]);
+    world.finish();
 }

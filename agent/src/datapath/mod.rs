@@ -735,26 +735,27 @@ impl Datapath {
         Ok(())
     }
 
-    /// The pod programs this datapath's veths carry.
-    fn pod_programs_in_force(&self) -> impl Iterator<Item = (&'static str, TcAttachType, &'static str)> + use<> {
-        let per_packet = self.per_packet;
-        POD_PROGRAMS
-            .into_iter()
-            .filter(move |(name, _, _)| pod_program_in_force(name, per_packet))
-    }
-
     /// Pins the pod programs in force where the CNI finds them, replacing older pins, and
     /// removes the pin of one out of force (so that the CNI attaches it to no new veth).
+    ///
+    /// A program is pinned under a name of its own first and then renamed over the older pin:
+    /// a CNI ADD meanwhile finds the older program or this one, never no pin at all (which
+    /// would leave the new pod's veth bare until the agent's next scan).
     pub fn pin_pod_programs(&mut self) -> Result<(), DatapathError> {
         for (name, _, _) in POD_PROGRAMS {
             let path = self.pins.program(name);
             let pinned = path.exists();
             let wanted = pod_program_in_force(name, self.per_packet) || (self.keep_out_of_force && pinned);
-            if pinned {
-                std::fs::remove_file(&path).map_err(io(&path))?;
-            }
             if !wanted {
+                if pinned {
+                    std::fs::remove_file(&path).map_err(io(&path))?;
+                }
                 continue;
+            }
+            // Left by an agent stopped between the pin and the rename.
+            let pinning = self.pins.program(&format!("pinning-{name}"));
+            if pinning.exists() {
+                std::fs::remove_file(&pinning).map_err(io(&pinning))?;
             }
             let program: &mut SchedClassifier = self
                 .ebpf
@@ -762,10 +763,11 @@ impl Datapath {
                 .ok_or(DatapathError::Missing(name))?
                 .try_into()
                 .map_err(program_error(name))?;
-            program.pin(&path).map_err(|source| DatapathError::Pin {
-                path: path.clone(),
+            program.pin(&pinning).map_err(|source| DatapathError::Pin {
+                path: pinning.clone(),
                 source,
             })?;
+            std::fs::rename(&pinning, &path).map_err(io(&path))?;
         }
         Ok(())
     }
@@ -784,7 +786,10 @@ impl Datapath {
             }
         };
         if pinned == PinnedLinks::Keep && POD_PROGRAMS.iter().all(as_wanted) {
-            report.kept += self.pod_programs_in_force().count();
+            report.kept += POD_PROGRAMS
+                .iter()
+                .filter(|(name, _, _)| pod_program_in_force(name, self.per_packet))
+                .count();
             return Ok(report);
         }
         // The CNI attaches to the veths it makes, under the same lock.
@@ -1069,12 +1074,7 @@ impl Datapath {
             return Ok(());
         }
         config.flags = flags;
-        self.config_map()?
-            .set(0, config, 0)
-            .map_err(|source| DatapathError::Map {
-                name: DATAPATH_CONFIG_MAP,
-                source,
-            })
+        self.write_config(config)
     }
 
     /// Runs the socket terminators once in the calling thread's network namespace: every socket
