@@ -119,7 +119,19 @@ mod tests {
         assert_eq!(next_backoff(Some(BACKOFF_MAX), STABLE_AFTER), BACKOFF_MIN);
     }
 
-    #[tokio::test(start_paused = true)]
+    /// Waits (in real time, at most 10 s) until `done` holds.
+    async fn until(mut done: impl FnMut() -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+
+    #[tokio::test]
     async fn a_task_that_panics_is_reported_down_and_restarted() {
         let status = StatusHandle::new("n1");
         let mut supervisor = Supervisor::new(status.clone());
@@ -135,13 +147,8 @@ mod tests {
                 Ok::<(), std::io::Error>(())
             }
         });
-        // The first run panics: down, with the panic as its error.
-        for _ in 0..100 {
-            tokio::task::yield_now().await;
-            if status.snapshot().node_networking.restarts == 1 {
-                break;
-            }
-        }
+        // The first run panics: down, with the panic as its error, for the backoff.
+        assert!(until(|| status.snapshot().node_networking.restarts == 1).await);
         let s = status.snapshot();
         assert!(!s.node_networking.running);
         assert!(
@@ -154,10 +161,7 @@ mod tests {
         assert_eq!(s.not_ready().first(), Some(&"watches"));
         assert!(s.not_ready().contains(&"node-networking"));
         // After the backoff it runs again.
-        tokio::time::sleep(BACKOFF_MIN * 2).await;
-        for _ in 0..100 {
-            tokio::task::yield_now().await;
-        }
+        assert!(until(|| runs.load(Ordering::SeqCst) == 2 && status.snapshot().node_networking.running).await);
         assert_eq!(runs.load(Ordering::SeqCst), 2);
         assert!(status.snapshot().node_networking.running);
     }
