@@ -18,7 +18,7 @@ use ferrynet_agent::{
     datapath::{MapSizes, TranslationModes},
     ipam_gc::IpamGcConfig,
     node::{controller::NodeNetworkingConfig, topology::RoutingMode, vxlan::VxlanSettings},
-    services::{cli, controller::ServicesConfig, maglev, table::LoadBalancing},
+    services::{cli, controller::ServicesConfig, maglev, service_cidrs::ServiceCidrSource, table::LoadBalancing},
     status,
 };
 use ipnet::IpNet;
@@ -148,9 +148,11 @@ struct Options {
     /// to that proxy.
     #[arg(long, env = "FERRYNET_SERVICE_PROXY_NAME", default_value = "ferrynet")]
     service_proxy_name: String,
-    /// The cluster's Service CIDRs: an address there that no Service holds is refused.
-    #[arg(long = "service-cidrs", env = "FERRYNET_SERVICE_CIDRS", value_delimiter = ',', value_parser = optional_cidr)]
-    service_cidrs: Vec<Option<IpNet>>,
+    /// The cluster's Service CIDRs: an address there that no Service holds is refused. Empty:
+    /// read from the API's ServiceCIDR objects (networking.k8s.io/v1, Kubernetes 1.33 and
+    /// later) and followed as they change; `none`: no refusal for being in them.
+    #[arg(long = "service-cidrs", env = "FERRYNET_SERVICE_CIDRS", value_delimiter = ',')]
+    service_cidrs: Vec<String>,
     /// The node addresses NodePorts answer on, as CIDRs (kube-proxy's flag). Empty: every
     /// address of the node but loopback and link-local ones.
     #[arg(long = "nodeport-addresses", env = "FERRYNET_NODEPORT_ADDRESSES", value_delimiter = ',', value_parser = optional_cidr)]
@@ -308,7 +310,7 @@ impl Options {
                     per_packet: self.per_packet_lb,
                 },
                 proxy_name: self.service_proxy_name.clone(),
-                service_cidrs: self.service_cidrs.iter().flatten().copied().collect(),
+                service_cidrs: ServiceCidrSource::from_flag(&self.service_cidrs).map_err(anyhow::Error::msg)?,
                 sizes: MapSizes {
                     services: self.max_services,
                     backends: self.max_backends,

@@ -115,6 +115,10 @@ pub struct ServicesDetails {
     pub socket_lb: bool,
     pub host_netns_only: bool,
     pub per_packet: bool,
+    /// The Service CIDRs unheld addresses are refused in, once known (`--service-cidrs`, or
+    /// the API's ServiceCIDR objects); empty with `--service-cidrs none`.
+    #[serde(default)]
+    pub service_cidrs: Option<Vec<IpNet>>,
     /// Services, frontends and backends in the datapath.
     pub services: usize,
     pub frontends: usize,

@@ -58,7 +58,8 @@ fn rbac_is_least_privilege() {
         BTreeSet::from([
             "/nodes".to_string(),
             "/services".into(),
-            "discovery.k8s.io/endpointslices".into()
+            "discovery.k8s.io/endpointslices".into(),
+            "networking.k8s.io/servicecidrs".into()
         ])
     );
     let subject = &binding.subjects.unwrap()[0];

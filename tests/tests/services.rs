@@ -12,7 +12,10 @@ use ferrynet_tests::{
     lab::{Lab, LabGuard, POD_PORT, eventually, service_object},
 };
 use k8s_openapi::{
-    api::core::v1::{ClientIPConfig, Pod, Service, ServicePort as K8sServicePort, SessionAffinityConfig},
+    api::{
+        core::v1::{ClientIPConfig, Pod, Service, ServicePort as K8sServicePort, SessionAffinityConfig},
+        networking::v1::ServiceCIDR,
+    },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
@@ -538,12 +541,64 @@ fn internal_traffic_policy_local_service_cidrs_and_services_left_alone() {
     assert!(listed.contains(&to.to_string()), "{listed}");
     assert!(!listed.contains(&other_vip.ip().to_string()), "{listed}");
     assert!(!listed.contains("headless") && !listed.contains("external"), "{listed}");
-    // Nothing translates the other proxy's Service: the node has no route for it.
-    let err = lab.probe("n1", other_vip, false).unwrap_err().to_string();
-    assert!(!err.contains("refused"), "{err}");
+    // The lab's agents are given no Service CIDRs: they read them from the API's ServiceCIDR
+    // objects (the stand-in keeps `kubernetes`, as the real API server does). An address there
+    // that no Service holds, and a port a Service does not have, are refused instead of leaking
+    // out; so is the other proxy's Service, which ferrynet does not translate (kube-proxy's
+    // nftables mode, which does not know it either, drops it).
+    let wrong_port = SocketAddr::new(lab.cluster_ip("local", true).unwrap(), 9999);
+    for to in ["10.96.200.200:80", "[fd00:96::ffff]:80"] {
+        let to: SocketAddr = to.parse().unwrap();
+        let err = eventually_err(&lab, "n1", to);
+        assert!(err.contains("refused"), "{to}: {err}");
+    }
+    for to in [wrong_port, other_vip] {
+        let err = eventually_err(&lab, "n1", to);
+        assert!(err.contains("refused"), "{to}: {err}");
+    }
+    // A ServiceCIDR added is refused in within moments, and no longer once it is deleted (the
+    // node has no route there: the probe fails some other way).
+    let extra: ServiceCIDR = serde_json::from_value(serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "ServiceCIDR",
+        "metadata": {"name": "extra"},
+        "spec": {"cidrs": ["10.97.0.0/24"]}
+    }))
+    .unwrap();
+    lab.api().unwrap().create(&extra).unwrap();
+    let in_extra: SocketAddr = "10.97.0.9:80".parse().unwrap();
+    let err = eventually_err(&lab, "n1", in_extra);
+    assert!(err.contains("refused"), "{in_extra}: {err}");
+    lab.api().unwrap().delete::<ServiceCIDR>("extra").unwrap();
+    let left = eventually(Duration::from_secs(20), || {
+        lab.probe("n1", in_extra, false)
+            .err()
+            .is_some_and(|e| !e.to_string().contains("refused"))
+    });
+    assert!(left, "{in_extra} is still refused after its ServiceCIDR went");
 
-    // With the cluster's Service CIDRs known, an address there that no Service holds, and a
-    // port a Service does not have, are refused instead of leaking out.
+    // `--service-cidrs none`: nothing is refused for being in them, and nothing translates the
+    // other proxy's Service: the node has no route for it.
+    lab.stop_agent("n1").unwrap();
+    lab.start_agent_with("n1", &["--service-cidrs", "none"]).unwrap();
+    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    let untouched = |to: SocketAddr| {
+        eventually(Duration::from_secs(20), || {
+            lab.probe("n1", to, false)
+                .err()
+                .is_some_and(|e| !e.to_string().contains("refused"))
+        })
+    };
+    assert!(
+        untouched("10.96.200.200:80".parse().unwrap()),
+        "refused with --service-cidrs none"
+    );
+    assert!(
+        untouched(other_vip),
+        "the other proxy's Service was refused or answered"
+    );
+
+    // Given by `--service-cidrs`, as the DaemonSet's ConfigMap gives them: refused again.
     lab.stop_agent("n1").unwrap();
     lab.start_agent_with("n1", &["--service-cidrs", "10.96.0.0/16,fd00:96::/108"])
         .unwrap();
@@ -553,7 +608,6 @@ fn internal_traffic_policy_local_service_cidrs_and_services_left_alone() {
         let err = eventually_err(&lab, "n1", to);
         assert!(err.contains("refused"), "{to}: {err}");
     }
-    let wrong_port = SocketAddr::new(lab.cluster_ip("local", true).unwrap(), 9999);
     let err = eventually_err(&lab, "n1", wrong_port);
     assert!(err.contains("refused"), "{wrong_port}: {err}");
 }

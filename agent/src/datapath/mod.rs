@@ -409,7 +409,7 @@ impl Datapath {
         modes: TranslationModes,
         host_netns_cookie: u64,
         programs: u64,
-        service_cidrs: &[ipnet::IpNet],
+        service_cidrs: Option<&[ipnet::IpNet]>,
     ) -> Result<(), DatapathError> {
         // External flows keep their translation across a restart: the flag stays until the
         // agent has read its maps back and says otherwise.
@@ -422,7 +422,8 @@ impl Datapath {
             // find that generation again while something it needs may have gone. (The agent
             // reconciles the maps next, and moves it again for what that removes.)
             removal_generation: next_removal_generation(current.removal_generation),
-            service_cidrs4: service_cidr_cover(service_cidrs),
+            // Unknown yet (read from the API later): an earlier run's, for the tries it left.
+            service_cidrs4: service_cidrs.map_or(current.service_cidrs4, service_cidr_cover),
             host_netns_cookie,
             programs,
         };
@@ -645,46 +646,69 @@ impl Datapath {
         Ok(connected.len())
     }
 
-    /// Writes the cluster's Service CIDRs (replacing what the tries held). Their cover goes into
-    /// the settings ([`Self::configure`]), written after them.
+    /// Writes the cluster's Service CIDRs into the tries, replacing what they held: the new
+    /// ones first, then those no longer wanted go, so that an address in both is refused
+    /// throughout. Their cover goes into the settings ([`Self::configure`] at a start,
+    /// [`Self::set_service_cidr_cover`] after), written after them.
     pub fn set_service_cidrs(&mut self, cidrs: &[ipnet::IpNet]) -> Result<(), DatapathError> {
         use aya::maps::lpm_trie::{Key, LpmTrie};
-        let map_err = |name: &'static str| move |source| DatapathError::Map { name, source };
-        {
-            let map = self
-                .ebpf
-                .map_mut(SERVICE_CIDRS4_MAP)
-                .ok_or(DatapathError::Missing(SERVICE_CIDRS4_MAP))?;
-            let mut trie: LpmTrie<&mut MapData, u32, u8> =
-                LpmTrie::try_from(map).map_err(map_err(SERVICE_CIDRS4_MAP))?;
-            let old: Vec<Key<u32>> = trie.keys().filter_map(Result::ok).collect();
-            for key in old {
-                let _ = trie.remove(&key);
+        fn replace<K: aya::Pod + PartialEq>(
+            map: &mut aya::maps::Map,
+            name: &'static str,
+            wanted: &[Key<K>],
+        ) -> Result<(), DatapathError> {
+            let map_err = |source| DatapathError::Map { name, source };
+            let mut trie: LpmTrie<&mut MapData, K, u8> = LpmTrie::try_from(map).map_err(map_err)?;
+            let held: Vec<Key<K>> = trie.keys().filter_map(Result::ok).collect();
+            for key in wanted {
+                trie.insert(key, 1, 0).map_err(map_err)?;
             }
-            for cidr in cidrs {
-                if let ipnet::IpNet::V4(v4) = cidr {
-                    let key = Key::new(u32::from(v4.prefix_len()), addr4(v4.network().octets()));
-                    trie.insert(&key, 1, 0).map_err(map_err(SERVICE_CIDRS4_MAP))?;
+            for key in held {
+                let kept = wanted
+                    .iter()
+                    .any(|w| w.prefix_len() == key.prefix_len() && w.data() == key.data());
+                if !kept {
+                    trie.remove(&key).map_err(map_err)?;
                 }
             }
+            Ok(())
         }
+        let v4: Vec<Key<u32>> = cidrs
+            .iter()
+            .filter_map(|cidr| match cidr {
+                ipnet::IpNet::V4(v4) => Some(Key::new(u32::from(v4.prefix_len()), addr4(v4.network().octets()))),
+                ipnet::IpNet::V6(_) => None,
+            })
+            .collect();
+        let v6: Vec<Key<[u32; 4]>> = cidrs
+            .iter()
+            .filter_map(|cidr| match cidr {
+                ipnet::IpNet::V6(v6) => Some(Key::new(u32::from(v6.prefix_len()), addr6(v6.network().octets()))),
+                ipnet::IpNet::V4(_) => None,
+            })
+            .collect();
+        let map = self
+            .ebpf
+            .map_mut(SERVICE_CIDRS4_MAP)
+            .ok_or(DatapathError::Missing(SERVICE_CIDRS4_MAP))?;
+        replace(map, SERVICE_CIDRS4_MAP, &v4)?;
         let map = self
             .ebpf
             .map_mut(SERVICE_CIDRS6_MAP)
             .ok_or(DatapathError::Missing(SERVICE_CIDRS6_MAP))?;
-        let mut trie: LpmTrie<&mut MapData, [u32; 4], u8> =
-            LpmTrie::try_from(map).map_err(map_err(SERVICE_CIDRS6_MAP))?;
-        let old: Vec<Key<[u32; 4]>> = trie.keys().filter_map(Result::ok).collect();
-        for key in old {
-            let _ = trie.remove(&key);
+        replace(map, SERVICE_CIDRS6_MAP, &v6)
+    }
+
+    /// Writes the cover of the IPv4 Service CIDRs `cidrs` into the settings (after
+    /// [`Self::set_service_cidrs`]: the cover only spares trie lookups for addresses outside it).
+    pub fn set_service_cidr_cover(&mut self, cidrs: &[ipnet::IpNet]) -> Result<(), DatapathError> {
+        let mut config = self.current_config()?;
+        let cover = service_cidr_cover(cidrs);
+        if config.service_cidrs4 == cover {
+            return Ok(());
         }
-        for cidr in cidrs {
-            if let ipnet::IpNet::V6(v6) = cidr {
-                let key = Key::new(u32::from(v6.prefix_len()), addr6(v6.network().octets()));
-                trie.insert(&key, 1, 0).map_err(map_err(SERVICE_CIDRS6_MAP))?;
-            }
-        }
-        Ok(())
+        config.service_cidrs4 = cover;
+        self.write_config(config)
     }
 
     /// What the kernel programs counted, summed over CPUs.

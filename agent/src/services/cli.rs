@@ -275,7 +275,7 @@ pub fn explain(pin_root: &Path, state_dir: &Path, target: &str, from: Option<IpA
         };
         out += &format!("{asked}: no Service on this node has it.\n");
         out += if in_cidrs {
-            "It is inside the Service CIDRs (--service-cidrs), so it is refused: ECONNREFUSED at connect, an ICMP error or a TCP reset per packet.\n"
+            "It is inside the cluster's Service CIDRs (--service-cidrs, or the API's ServiceCIDR objects), so it is refused: ECONNREFUSED at connect, an ICMP error or a TCP reset per packet.\n"
         } else {
             "Traffic to it is not translated.\n"
         };

@@ -35,6 +35,7 @@ use super::{
     nodeport, notes,
     objects::{EndpointSlice, EndpointSliceObject, Service, ServiceObject, TRIGGER_TIME_ANNOTATION},
     purge,
+    service_cidrs::{ServiceCidrSource, ServiceCidrWatch},
     table::{self, Frontend, NodeContext, PortEntry, ServiceRef},
 };
 use crate::{
@@ -59,8 +60,9 @@ pub struct ServicesConfig {
     /// Services labelled `service.kubernetes.io/service-proxy-name` with another name are left
     /// to that proxy.
     pub proxy_name: String,
-    /// The cluster's Service CIDRs: an address there that no Service holds is refused.
-    pub service_cidrs: Vec<IpNet>,
+    /// The cluster's Service CIDRs (an address there that no Service holds is refused): given,
+    /// read from the API, or none.
+    pub service_cidrs: ServiceCidrSource,
     pub sizes: MapSizes,
     /// `/healthz`'s port, on the node's address (0: off).
     pub healthz_port: u16,
@@ -142,6 +144,7 @@ pub async fn run(
     // The API is listed while the datapath loads (the verifier's work and the lists' parsing
     // take about as long, on different threads): the lists are filed, and once both are in, the
     // full sync's pure part is computed before the maps are there to write.
+    let cidr_watch = (cfg.service_cidrs == ServiceCidrSource::Api).then(|| ServiceCidrWatch::start(client.clone()));
     let mut watches = Watches::start(client);
     let mut objects = Objects::new(health.clone());
     let mut service_list: Listing<Service> = Listing::default();
@@ -201,6 +204,7 @@ pub async fn run(
         d.socket_lb = cfg.modes.socket_lb;
         d.host_netns_only = cfg.modes.host_netns_only;
         d.per_packet = cfg.modes.per_packet_translates();
+        d.service_cidrs = cfg.service_cidrs.fixed().map(<[IpNet]>::to_vec);
     });
     let mut servers = tokio::task::JoinSet::new();
     if let Some(addr) = cfg.metrics_addr {
@@ -235,6 +239,9 @@ pub async fn run(
         change_waiting: false,
         map_warnings,
         purger,
+        cidr_watch,
+        service_cidrs_wanted: None,
+        service_cidrs_written: None,
     };
     controller
         .run(watches, service_list, slice_list, nodes, servers, purged)
@@ -705,12 +712,17 @@ fn set_up(cfg: &ServicesConfig) -> Result<(Datapath, ServiceMaps, datapath::Atta
             }
         }
     }
-    dp.set_service_cidrs(&cfg.service_cidrs)?;
+    // Read from the API, they come later: until then the tries and the cover stay as an earlier
+    // run left them.
+    let given = cfg.service_cidrs.fixed();
+    if let Some(cidrs) = given {
+        dp.set_service_cidrs(cidrs)?;
+    }
     dp.configure(
         cfg.modes,
         host_netns_cookie().map_err(ServicesError::NetnsCookie)?,
         identity,
-        &cfg.service_cidrs,
+        given,
     )?;
     dp.keep_out_of_force(false);
     if !per_packet {
@@ -819,6 +831,12 @@ struct Controller {
     map_warnings: Vec<Warning>,
     /// Purges removed backends' and frontends' flows beside the controller.
     purger: purge::Purger,
+    /// The API's ServiceCIDR objects, when the Service CIDRs are read there.
+    cidr_watch: Option<ServiceCidrWatch>,
+    /// The Service CIDRs those objects give (none before they are listed, or when they are not
+    /// read), and those last written to the datapath.
+    service_cidrs_wanted: Option<Vec<IpNet>>,
+    service_cidrs_written: Option<Vec<IpNet>>,
 }
 
 /// A watch of one kind, with its list state.
@@ -854,6 +872,10 @@ impl Controller {
         let mut first_dirty: Option<Instant> = None;
         let mut last_event = Instant::now();
         self.update_zone(&nodes.borrow_and_update());
+        // Service CIDRs the API listed while the datapath loaded.
+        if let Some(cidrs) = self.cidr_watch.as_mut().and_then(ServiceCidrWatch::current) {
+            tokio::task::block_in_place(|| self.want_service_cidrs(cidrs));
+        }
         // What an earlier agent removed and did not live to purge.
         let unfinished = self.maps.take_unfinished();
         if !unfinished.is_empty() {
@@ -920,12 +942,22 @@ impl Controller {
                         self.scan_nodeports(PinnedLinks::Keep);
                     });
                 }
+                cidrs = async {
+                    match self.cidr_watch.as_mut() {
+                        Some(watch) => watch.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    tokio::task::block_in_place(|| self.want_service_cidrs(cidrs));
+                }
                 _ = resync.tick() => {
                     tokio::task::block_in_place(|| {
                         // Links something else detached are attached again within a resync.
                         self.scan_veths(PinnedLinks::Verify);
                         self.scan_nodeports(PinnedLinks::Verify);
                         self.refresh_datapath_counters();
+                        // Service CIDRs whose write failed are written again.
+                        self.write_service_cidrs();
                     });
                     // A health check server that could not bind tries again.
                     self.sync_health_checks();
@@ -1343,6 +1375,39 @@ impl Controller {
                 && let Err(e) = datapath::unpin_uplink(self.datapath.pins(), index)
             {
                 warn!("detaching the uplink program from interface {index}: {e}");
+            }
+        }
+    }
+
+    /// The Service CIDRs the API's ServiceCIDR objects give now: into the tries, then the
+    /// settings' cover.
+    fn want_service_cidrs(&mut self, cidrs: Vec<IpNet>) {
+        self.service_cidrs_wanted = Some(cidrs);
+        self.write_service_cidrs();
+    }
+
+    /// Writes the wanted Service CIDRs unless the datapath holds them already (a write that
+    /// fails is tried again at the next resync).
+    fn write_service_cidrs(&mut self) {
+        let Some(wanted) = self.service_cidrs_wanted.clone() else {
+            return;
+        };
+        if self.service_cidrs_written.as_ref() == Some(&wanted) {
+            return;
+        }
+        let written = self
+            .datapath
+            .set_service_cidrs(&wanted)
+            .and_then(|()| self.datapath.set_service_cidr_cover(&wanted));
+        match written {
+            Ok(()) => {
+                self.status
+                    .update(|s| s.services.details.service_cidrs = Some(wanted.clone()));
+                self.service_cidrs_written = Some(wanted);
+            }
+            Err(e) => {
+                self.metrics.errors.add(1);
+                warn!("writing the Service CIDRs from the API: {e}");
             }
         }
     }

@@ -9,6 +9,7 @@
 //! - [`health_check`]: the `healthCheckNodePort` servers;
 //! - [`notes`], [`cli`]: what `ferrynet-agent services` and `explain` show;
 //! - [`purge`]: removed backends' flows purged beside the controller;
+//! - [`service_cidrs`]: the cluster's Service CIDRs, given or read from the API;
 //! - [`objects`]: Services and EndpointSlices as the agent parses and keeps them (what the table
 //!   reads, nothing else).
 pub mod cli;
@@ -24,4 +25,5 @@ pub mod notes;
 pub mod objects;
 pub mod port_gates;
 pub mod purge;
+pub mod service_cidrs;
 pub mod table;

@@ -93,7 +93,7 @@ impl Kind {
     }
 }
 
-pub const KINDS: [Kind; 7] = [
+pub const KINDS: [Kind; 8] = [
     Kind {
         group: "",
         version: "v1",
@@ -171,6 +171,17 @@ pub const KINDS: [Kind; 7] = [
         categories: &[],
         writable: false,
     },
+    Kind {
+        group: "networking.k8s.io",
+        version: "v1",
+        plural: "servicecidrs",
+        singular: "servicecidr",
+        kind: "ServiceCIDR",
+        namespaced: false,
+        short_names: &[],
+        categories: &[],
+        writable: true,
+    },
 ];
 
 // Indexes into [`KINDS`].
@@ -181,6 +192,9 @@ const POD: usize = 3;
 const ENDPOINTSLICE: usize = 4;
 const DEPLOYMENT: usize = 5;
 const ENDPOINTS: usize = 6;
+const SERVICECIDR: usize = 7;
+/// The ServiceCIDR the real API server keeps for its `--service-cluster-ip-range`.
+const DEFAULT_SERVICECIDR: &str = "kubernetes";
 
 /// Tunables (the defaults suit the lab; tests shrink them to provoke bookmarks and 410s).
 #[derive(Debug, Clone)]
@@ -462,6 +476,18 @@ impl ApiServer {
                         .insert((1, String::new(), ns.to_string()), Arc::new(object));
                 }
             }
+        }
+        // As the real API server does, one ServiceCIDR holds the ranges ClusterIPs come from.
+        let default_cidr = (SERVICECIDR, String::new(), DEFAULT_SERVICECIDR.to_string());
+        if !inner.objects.contains_key(&default_cidr) {
+            inner.uid_counter += 1;
+            let object = json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+                "metadata": {"name": DEFAULT_SERVICECIDR, "uid": uid(inner.uid_counter),
+                    "resourceVersion": inner.rv.to_string(), "creationTimestamp": rfc3339_now()},
+                "spec": {"cidrs": [settings.service_cidrs.0.to_string(), settings.service_cidrs.1.to_string()]},
+                "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "",
+                    "message": "Kubernetes Service CIDR is ready", "lastTransitionTime": rfc3339_now()}]}});
+            inner.objects.insert(default_cidr, Arc::new(object));
         }
         let inner = Arc::new(Mutex::new(inner));
         // The new epoch is on disk before anything is served: a run that crashed before its

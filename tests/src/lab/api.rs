@@ -47,7 +47,8 @@ macro_rules! lab_objects {
 }
 
 lab_objects!(
-    cluster: k8s_openapi::api::core::v1::Node, k8s_openapi::api::core::v1::Namespace;
+    cluster: k8s_openapi::api::core::v1::Node, k8s_openapi::api::core::v1::Namespace,
+        k8s_openapi::api::networking::v1::ServiceCIDR;
     namespaced: k8s_openapi::api::core::v1::Pod, k8s_openapi::api::core::v1::Service,
         k8s_openapi::api::discovery::v1::EndpointSlice, k8s_openapi::api::apps::v1::Deployment
 );
