@@ -651,3 +651,79 @@ fn a_cni_add_while_the_agent_pins_its_pod_programs_again_finds_them_pinned() {
     assert_eq!(left, [FROM_POD_PROGRAM, TO_POD_PROGRAM]);
     world.finish();
 }
+
+/// The prefixes a pinned Service CIDR trie holds.
+fn trie_prefixes<K: aya::Pod + Into<std::net::IpAddr>>(pins: &datapath::PinLayout, name: &str) -> Vec<ipnet::IpNet> {
+    let data = aya::maps::MapData::from_pin(pins.map(name)).expect("the pinned trie");
+    let trie: aya::maps::lpm_trie::LpmTrie<_, K, u8> =
+        aya::maps::lpm_trie::LpmTrie::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap();
+    let mut prefixes: Vec<ipnet::IpNet> = trie
+        .keys()
+        .map(|key| {
+            let key = key.expect("a key");
+            ipnet::IpNet::new(key.data().into(), key.prefix_len() as u8).expect("a prefix")
+        })
+        .collect();
+    prefixes.sort();
+    prefixes
+}
+
+/// An IPv4 trie key's address (network order, as the datapath writes it).
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct Addr4(u32);
+// SAFETY: a plain u32.
+unsafe impl aya::Pod for Addr4 {}
+impl From<Addr4> for std::net::IpAddr {
+    fn from(a: Addr4) -> Self {
+        std::net::Ipv4Addr::from(u32::from_be(a.0)).into()
+    }
+}
+
+/// An IPv6 trie key's address.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct Addr6([u8; 16]);
+// SAFETY: plain bytes.
+unsafe impl aya::Pod for Addr6 {}
+impl From<Addr6> for std::net::IpAddr {
+    fn from(a: Addr6) -> Self {
+        std::net::Ipv6Addr::from(a.0).into()
+    }
+}
+
+#[test]
+fn the_service_cidr_tries_change_in_place_even_when_full() {
+    use ferrynet_common::{MAX_SERVICE_CIDRS, SERVICE_CIDRS4_MAP, SERVICE_CIDRS6_MAP};
+    require_root();
+    let bpffs = TestBpfFs::mount();
+    let pin_root = bpffs.pin_path("dp");
+    let pins = datapath::PinLayout::new(&pin_root);
+    let mut datapath = Datapath::load(&pin_root, MapSizes::default()).expect("load the eBPF object");
+    let cidrs = |v4: std::ops::Range<u32>| -> Vec<ipnet::IpNet> {
+        v4.map(|i| format!("10.{i}.0.0/16").parse().unwrap())
+            .chain(["fd00:96::/108".parse().unwrap()])
+            .collect()
+    };
+    let held = || {
+        let mut all = trie_prefixes::<Addr4>(&pins, SERVICE_CIDRS4_MAP);
+        all.extend(trie_prefixes::<Addr6>(&pins, SERVICE_CIDRS6_MAP));
+        all
+    };
+    let full = MAX_SERVICE_CIDRS;
+    // As many as a trie holds, then all but one of them with another: old and new together are
+    // more than it holds, so the old go first.
+    datapath.set_service_cidrs(&cidrs(0..full)).expect("a full trie");
+    assert_eq!(held(), cidrs(0..full));
+    datapath
+        .set_service_cidrs(&cidrs(1..full + 1))
+        .expect("a full trie, changed");
+    assert_eq!(held(), cidrs(1..full + 1));
+    // Fewer: the new go in before the old go out.
+    datapath.set_service_cidrs(&cidrs(2..6)).expect("a few");
+    assert_eq!(held(), cidrs(2..6));
+    datapath.set_service_cidrs(&[]).expect("none");
+    assert_eq!(held(), Vec::new());
+    drop(datapath);
+    datapath::cleanup(&pin_root).unwrap();
+}

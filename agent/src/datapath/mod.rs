@@ -648,7 +648,8 @@ impl Datapath {
 
     /// Writes the cluster's Service CIDRs into the tries, replacing what they held: the new
     /// ones first, then those no longer wanted go, so that an address in both is refused
-    /// throughout. Their cover goes into the settings ([`Self::configure`] at a start,
+    /// throughout (unless old and new together are more than a trie holds: then the old go
+    /// first). Their cover goes into the settings ([`Self::configure`] at a start,
     /// [`Self::set_service_cidr_cover`] after), written after them.
     pub fn set_service_cidrs(&mut self, cidrs: &[ipnet::IpNet]) -> Result<(), DatapathError> {
         use aya::maps::lpm_trie::{Key, LpmTrie};
@@ -659,16 +660,25 @@ impl Datapath {
         ) -> Result<(), DatapathError> {
             let map_err = |source| DatapathError::Map { name, source };
             let mut trie: LpmTrie<&mut MapData, K, u8> = LpmTrie::try_from(map).map_err(map_err)?;
-            let held: Vec<Key<K>> = trie.keys().filter_map(Result::ok).collect();
+            let same = |a: &Key<K>, b: &Key<K>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
+            let stale: Vec<Key<K>> = trie
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|key| !wanted.iter().any(|w| same(w, key)))
+                .collect();
+            // The kernel refuses an insert into a full trie.
+            let stale_first = wanted.len() + stale.len() > MAX_SERVICE_CIDRS as usize;
+            if stale_first {
+                for key in &stale {
+                    trie.remove(key).map_err(map_err)?;
+                }
+            }
             for key in wanted {
                 trie.insert(key, 1, 0).map_err(map_err)?;
             }
-            for key in held {
-                let kept = wanted
-                    .iter()
-                    .any(|w| w.prefix_len() == key.prefix_len() && w.data() == key.data());
-                if !kept {
-                    trie.remove(&key).map_err(map_err)?;
+            if !stale_first {
+                for key in &stale {
+                    trie.remove(key).map_err(map_err)?;
                 }
             }
             Ok(())
@@ -770,16 +780,16 @@ impl Datapath {
             let path = self.pins.program(name);
             let pinned = path.exists();
             let wanted = pod_program_in_force(name, self.per_packet) || (self.keep_out_of_force && pinned);
+            // Left by an agent stopped between the pin and the rename.
+            let pinning = self.pins.program(&format!("pinning-{name}"));
+            if pinning.exists() {
+                std::fs::remove_file(&pinning).map_err(io(&pinning))?;
+            }
             if !wanted {
                 if pinned {
                     std::fs::remove_file(&path).map_err(io(&path))?;
                 }
                 continue;
-            }
-            // Left by an agent stopped between the pin and the rename.
-            let pinning = self.pins.program(&format!("pinning-{name}"));
-            if pinning.exists() {
-                std::fs::remove_file(&pinning).map_err(io(&pinning))?;
             }
             let program: &mut SchedClassifier = self
                 .ebpf

@@ -42,6 +42,14 @@ impl ServiceCidrSource {
                     .iter()
                     .map(|v| v.parse::<IpNet>().map_err(|e| format!("--service-cidrs: {v:?}: {e}")))
                     .collect::<Result<Vec<_>, _>>()?;
+                for (family, v4) in [("IPv4", true), ("IPv6", false)] {
+                    let n = cidrs.iter().filter(|c| matches!(c, IpNet::V4(_)) == v4).count();
+                    if n > PER_FAMILY_AT_MOST {
+                        return Err(format!(
+                            "--service-cidrs: {n} {family} CIDRs, more than the datapath holds ({PER_FAMILY_AT_MOST})"
+                        ));
+                    }
+                }
                 Ok(Self::Given(cidrs))
             }
         }
@@ -66,12 +74,20 @@ const SHORTEST_PREFIX_V6: u8 = 64;
 /// How many CIDRs of each family the datapath's tries hold (`MAX_SERVICE_CIDRS`).
 const PER_FAMILY_AT_MOST: usize = ferrynet_common::MAX_SERVICE_CIDRS as usize;
 
+/// The ServiceCIDR the API server keeps for its `--service-cluster-ip-range`: its CIDRs come first
+/// when there are more than the datapath holds.
+const DEFAULT_SERVICE_CIDR: &str = "kubernetes";
+
 /// The Service CIDRs that ServiceCIDR objects (by name: their `spec.cidrs`) give, sorted and
 /// without duplicates, and what was left out and why (pure).
 pub fn cidrs_of(objects: &BTreeMap<String, Vec<String>>) -> (Vec<IpNet>, Vec<String>) {
     let mut problems = Vec::new();
     let mut cidrs: Vec<IpNet> = Vec::new();
-    for (name, given) in objects {
+    let default_first = objects
+        .get_key_value(DEFAULT_SERVICE_CIDR)
+        .into_iter()
+        .chain(objects.iter().filter(|(name, _)| *name != DEFAULT_SERVICE_CIDR));
+    for (name, given) in default_first {
         for text in given {
             let cidr = match text.trim().parse::<IpNet>() {
                 Ok(cidr) => cidr.trunc(),
@@ -93,8 +109,9 @@ pub fn cidrs_of(objects: &BTreeMap<String, Vec<String>>) -> (Vec<IpNet>, Vec<Str
             cidrs.push(cidr);
         }
     }
-    cidrs.sort();
-    cidrs.dedup();
+    // In the objects' order (the default's first), each once.
+    let mut seen = std::collections::BTreeSet::new();
+    cidrs.retain(|cidr| seen.insert(*cidr));
     let mut kept = Vec::with_capacity(cidrs.len());
     for v4 in [true, false] {
         let family: Vec<IpNet> = cidrs
@@ -150,6 +167,7 @@ impl ServiceCidrWatch {
         loop {
             if self.cidrs.changed().await.is_err() {
                 // The task ended (it never should): nothing more will come.
+                warn!("the ServiceCIDR watch ended: the Service CIDRs stay as they are");
                 return std::future::pending().await;
             }
             if let Some(cidrs) = self.current() {
@@ -165,6 +183,16 @@ impl Drop for ServiceCidrWatch {
     }
 }
 
+/// Whether a watch error says this agent cannot have ServiceCIDRs at all: the API does not serve
+/// the kind (404: before Kubernetes 1.33) or will not let it read them (403: no RBAC for them).
+fn not_served(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => matches!(status.code, 403 | 404),
+        _ => false,
+    }
+}
+
 async fn follow(client: Client, tx: watch::Sender<Option<Vec<IpNet>>>) {
     let stream = watcher(Api::<ServiceCIDR>::all(client), watcher::Config::default()).default_backoff();
     let mut stream = std::pin::pin!(stream);
@@ -172,6 +200,8 @@ async fn follow(client: Client, tx: watch::Sender<Option<Vec<IpNet>>>) {
     // A list in progress (Init to InitDone): it replaces what is known once it is complete.
     let mut listing: Option<BTreeMap<String, Vec<String>>> = None;
     let mut failing = false;
+    // What `publish` last said was left out, so that it is said once, not at every event.
+    let mut said: Vec<String> = Vec::new();
     while let Some(event) = stream.next().await {
         let event = match event {
             Ok(event) => event,
@@ -182,6 +212,11 @@ async fn follow(client: Client, tx: watch::Sender<Option<Vec<IpNet>>>) {
                     );
                 }
                 failing = true;
+                // A cluster without them has none: nothing is refused for being in an earlier
+                // run's (or an earlier flag's), which would otherwise stay in force unseen.
+                if not_served(&e) && tx.borrow().is_none() {
+                    publish(&tx, &BTreeMap::new(), &mut said);
+                }
                 continue;
             }
         };
@@ -195,29 +230,33 @@ async fn follow(client: Client, tx: watch::Sender<Option<Vec<IpNet>>>) {
             }
             watcher::Event::InitDone => {
                 objects = listing.take().unwrap_or_default();
-                publish(&tx, &objects);
+                publish(&tx, &objects, &mut said);
             }
             watcher::Event::Apply(object) => {
                 if let Some((name, cidrs)) = given(&object) {
                     objects.insert(name, cidrs);
-                    publish(&tx, &objects);
+                    publish(&tx, &objects, &mut said);
                 }
             }
             watcher::Event::Delete(object) => {
                 if let Some((name, _)) = given(&object) {
                     objects.remove(&name);
-                    publish(&tx, &objects);
+                    publish(&tx, &objects, &mut said);
                 }
             }
         }
     }
 }
 
-/// Sends the CIDRs `objects` give, when they changed.
-fn publish(tx: &watch::Sender<Option<Vec<IpNet>>>, objects: &BTreeMap<String, Vec<String>>) {
+/// Sends the CIDRs `objects` give, when they changed; says what they leave out when that
+/// changed (`said`: what was said last).
+fn publish(tx: &watch::Sender<Option<Vec<IpNet>>>, objects: &BTreeMap<String, Vec<String>>, said: &mut Vec<String>) {
     let (cidrs, problems) = cidrs_of(objects);
-    for problem in problems {
-        warn!("{problem}");
+    if problems != *said {
+        for problem in &problems {
+            warn!("{problem}");
+        }
+        *said = problems;
     }
     tx.send_if_modified(|current| {
         if current.as_ref() == Some(&cidrs) {
@@ -259,6 +298,9 @@ mod tests {
         assert!(flag(&["none", "10.96.0.0/16"]).unwrap_err().contains("none"));
         assert!(flag(&["10.96.0.0/33"]).unwrap_err().contains("10.96.0.0/33"));
         assert!(flag(&["garbage"]).unwrap_err().contains("garbage"));
+        let too_many: Vec<String> = (0..=PER_FAMILY_AT_MOST).map(|i| format!("10.{i}.0.0/16")).collect();
+        let too_many: Vec<&str> = too_many.iter().map(String::as_str).collect();
+        assert!(flag(&too_many).unwrap_err().contains("more than"));
     }
 
     fn objects(given: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
@@ -303,6 +345,30 @@ mod tests {
         assert!(problems.iter().any(|p| p.contains("\"garbage\"")), "{problems:?}");
         assert!(problems.iter().any(|p| p.contains("0.0.0.0/0")), "{problems:?}");
         assert!(problems.iter().any(|p| p.contains("::/0")), "{problems:?}");
+    }
+
+    #[test]
+    fn the_api_servers_own_cidrs_are_kept_first_when_there_are_too_many() {
+        let many: Vec<String> = (0..PER_FAMILY_AT_MOST).map(|i| format!("10.{i}.0.0/16")).collect();
+        let given = BTreeMap::from([
+            ("aaa".to_string(), many),
+            (DEFAULT_SERVICE_CIDR.to_string(), vec!["10.200.0.0/16".to_string()]),
+        ]);
+        let (cidrs, problems) = cidrs_of(&given);
+        assert!(cidrs.contains(&"10.200.0.0/16".parse().unwrap()), "{cidrs:?}");
+        assert_eq!(cidrs.len(), PER_FAMILY_AT_MOST);
+        assert!(cidrs.windows(2).all(|w| w[0] < w[1]), "sorted: {cidrs:?}");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+    }
+
+    #[test]
+    fn an_api_without_the_kind_or_the_right_to_read_it_has_none() {
+        let api = |code: u16| kube::Error::Api(kube::core::Status::failure("no", "NotFound").with_code(code).boxed());
+        assert!(not_served(&watcher::Error::InitialListFailed(api(404))));
+        assert!(not_served(&watcher::Error::WatchStartFailed(api(403))));
+        // Anything else (the API server down, a 500) may pass: what is known stays.
+        assert!(!not_served(&watcher::Error::InitialListFailed(api(500))));
+        assert!(!not_served(&watcher::Error::WatchFailed(api(404))));
     }
 
     #[test]

@@ -78,7 +78,7 @@ pub trait Family {
     /// Whether `addr` is inside one of the cluster's Service CIDRs.
     fn in_service_cidrs(addr: Self::Addr) -> bool;
     /// Whether `addr` is inside the prefix the settings `cfg` say covers the Service CIDRs (false
-    /// when they say none: an agent without `--service-cidrs`, or an IPv6 address).
+    /// when they say none or do not know them yet, and for an IPv6 address).
     fn within_service_cidr_cover(cfg: &DatapathConfig, addr: Self::Addr) -> bool;
     /// Whether `addr` is in one of `svc`'s source ranges (present: the Service has them).
     fn in_source_ranges(svc: &ServiceValue, addr: Self::Addr) -> bool;
