@@ -683,20 +683,13 @@ impl Datapath {
             }
             Ok(())
         }
-        let v4: Vec<Key<u32>> = cidrs
-            .iter()
-            .filter_map(|cidr| match cidr {
-                ipnet::IpNet::V4(v4) => Some(Key::new(u32::from(v4.prefix_len()), addr4(v4.network().octets()))),
-                ipnet::IpNet::V6(_) => None,
-            })
-            .collect();
-        let v6: Vec<Key<[u32; 4]>> = cidrs
-            .iter()
-            .filter_map(|cidr| match cidr {
-                ipnet::IpNet::V6(v6) => Some(Key::new(u32::from(v6.prefix_len()), addr6(v6.network().octets()))),
-                ipnet::IpNet::V4(_) => None,
-            })
-            .collect();
+        let (mut v4, mut v6): (Vec<Key<u32>>, Vec<Key<[u32; 4]>>) = (Vec::new(), Vec::new());
+        for cidr in cidrs {
+            match cidr {
+                ipnet::IpNet::V4(n) => v4.push(Key::new(u32::from(n.prefix_len()), addr4(n.network().octets()))),
+                ipnet::IpNet::V6(n) => v6.push(Key::new(u32::from(n.prefix_len()), addr6(n.network().octets()))),
+            }
+        }
         let map = self
             .ebpf
             .map_mut(SERVICE_CIDRS4_MAP)

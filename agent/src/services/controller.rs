@@ -1389,12 +1389,15 @@ impl Controller {
     /// Writes the wanted Service CIDRs unless the datapath holds them already (a write that
     /// fails is tried again at the next resync).
     fn write_service_cidrs(&mut self) {
-        let Some(wanted) = self.service_cidrs_wanted.clone() else {
+        // Every resync asks: nothing to do (and nothing copied) while they are written.
+        let Some(wanted) = self
+            .service_cidrs_wanted
+            .as_ref()
+            .filter(|wanted| self.service_cidrs_written.as_ref() != Some(*wanted))
+            .cloned()
+        else {
             return;
         };
-        if self.service_cidrs_written.as_ref() == Some(&wanted) {
-            return;
-        }
         let written = self
             .datapath
             .set_service_cidrs(&wanted)
