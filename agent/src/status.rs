@@ -119,6 +119,9 @@ pub struct ServicesDetails {
     /// the API's ServiceCIDR objects); empty with `--service-cidrs none`.
     #[serde(default)]
     pub service_cidrs: Option<Vec<IpNet>>,
+    /// The API's Service CIDRs left out for holding a node's InternalIP or PodCIDR, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_cidrs_left_out: Vec<String>,
     /// Services, frontends and backends in the datapath.
     pub services: usize,
     pub frontends: usize,

@@ -576,6 +576,42 @@ fn internal_traffic_policy_local_service_cidrs_and_services_left_alone() {
             .is_some_and(|e| !e.to_string().contains("refused"))
     });
     assert!(left, "{in_extra} is still refused after its ServiceCIDR went");
+    // A hostile ServiceCIDR holding a node's address and another's pods: those CIDRs are left out
+    // (said in the status), its good one is refused in, and the nodes still reach each other and
+    // the pods.
+    let n2 = lab.state.nodes.iter().find(|n| n.name == "n2").unwrap().clone();
+    let hostile: ServiceCIDR = serde_json::from_value(serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "ServiceCIDR",
+        "metadata": {"name": "hostile"},
+        "spec": {"cidrs": [format!("{}/32", n2.v4()), "10.244.0.0/16", "10.97.1.0/24"]}
+    }))
+    .unwrap();
+    lab.api().unwrap().create(&hostile).unwrap();
+    let in_good: SocketAddr = "10.97.1.9:80".parse().unwrap();
+    let err = eventually_err(&lab, "n1", in_good);
+    assert!(err.contains("refused"), "{in_good}: {err}");
+    let mut left_out = String::new();
+    let said = eventually(Duration::from_secs(10), || {
+        left_out = lab.agent_status("n1").map_or_else(
+            |e| e.to_string(),
+            |s| s["services"]["details"]["serviceCidrsLeftOut"].to_string(),
+        );
+        left_out.contains(&format!("{}/32 holds node n2's InternalIP", n2.v4()))
+            && left_out.contains("10.244.0.0/16 holds node n")
+    });
+    assert!(said, "{left_out}");
+    let l2_pod = SocketAddr::new(lab.pod("l2").unwrap().ip(true), POD_PORT);
+    assert_eq!(answered_by(&lab.probe("n1", l2_pod, false).unwrap()), "l2");
+    let healthz = format!("http://{}:10256/healthz", n2.v4());
+    let code = lab
+        .exec_capture(
+            "n1",
+            &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &healthz].map(String::from),
+        )
+        .unwrap_or_default();
+    assert!(matches!(code.trim(), "200" | "503"), "n2's /healthz from n1: {code:?}");
+    lab.api().unwrap().delete::<ServiceCIDR>("hostile").unwrap();
 
     // `--service-cidrs none`: nothing is refused for being in them, and nothing translates the
     // other proxy's Service: the node has no route for it.

@@ -35,7 +35,7 @@ use super::{
     nodeport, notes,
     objects::{EndpointSlice, EndpointSliceObject, Service, ServiceObject, TRIGGER_TIME_ANNOTATION},
     purge,
-    service_cidrs::{ServiceCidrSource, ServiceCidrWatch},
+    service_cidrs::{ServiceCidrSource, ServiceCidrWatch, clear_of_nodes},
     table::{self, Frontend, NodeContext, PortEntry, ServiceRef},
 };
 use crate::{
@@ -240,6 +240,9 @@ pub async fn run(
         map_warnings,
         purger,
         cidr_watch,
+        service_cidrs_from_api: None,
+        service_cidrs_left_out: Vec::new(),
+        nodes_view: Arc::default(),
         service_cidrs_wanted: None,
         service_cidrs_written: None,
     };
@@ -834,7 +837,12 @@ struct Controller {
     /// The API's ServiceCIDR objects, when the Service CIDRs are read there.
     cidr_watch: Option<ServiceCidrWatch>,
     /// The Service CIDRs those objects give (none before they are listed, or when they are not
-    /// read), and those last written to the datapath.
+    /// read), and what of them [`clear_of_nodes`] left out, as last said.
+    service_cidrs_from_api: Option<Vec<IpNet>>,
+    service_cidrs_left_out: Vec<String>,
+    /// The nodes as last seen: their addresses and PodCIDRs are kept out of the Service CIDRs.
+    nodes_view: Arc<NodesView>,
+    /// The Service CIDRs to be in the datapath, and those last written there.
     service_cidrs_wanted: Option<Vec<IpNet>>,
     service_cidrs_written: Option<Vec<IpNet>>,
 }
@@ -871,7 +879,8 @@ impl Controller {
         let mut healthz_started = false;
         let mut first_dirty: Option<Instant> = None;
         let mut last_event = Instant::now();
-        self.update_zone(&nodes.borrow_and_update());
+        self.nodes_view = nodes.borrow_and_update().clone();
+        self.update_zone(&self.nodes_view.clone());
         // Service CIDRs the API listed while the datapath loaded.
         if let Some(cidrs) = self.cidr_watch.as_mut().and_then(ServiceCidrWatch::current) {
             tokio::task::block_in_place(|| self.want_service_cidrs(cidrs));
@@ -935,6 +944,9 @@ impl Controller {
                     changed.map_err(|_| ServicesError::ViewClosed)?;
                     let view = nodes.borrow_and_update().clone();
                     self.update_zone(&view);
+                    self.nodes_view = view;
+                    // A node's new address or PodCIDR may be in a Service CIDR.
+                    tokio::task::block_in_place(|| self.guard_service_cidrs());
                 }
                 _ = veth_scan.tick() => {
                     tokio::task::block_in_place(|| {
@@ -1382,7 +1394,30 @@ impl Controller {
     /// The Service CIDRs the API's ServiceCIDR objects give now: into the tries, then the
     /// settings' cover.
     fn want_service_cidrs(&mut self, cidrs: Vec<IpNet>) {
-        self.service_cidrs_wanted = Some(cidrs);
+        self.service_cidrs_from_api = Some(cidrs);
+        self.guard_service_cidrs();
+    }
+
+    /// The API's Service CIDRs without those holding a node's address or pods
+    /// ([`clear_of_nodes`]), once the nodes are listed: until then the datapath keeps what it
+    /// holds, as it does until the ServiceCIDRs are listed.
+    fn guard_service_cidrs(&mut self) {
+        let Some(from_api) = &self.service_cidrs_from_api else {
+            return;
+        };
+        if !self.nodes_view.synced {
+            return;
+        }
+        let (kept, left_out) = clear_of_nodes(from_api, &self.nodes_view.nodes);
+        if left_out != self.service_cidrs_left_out {
+            for problem in &left_out {
+                warn!("{problem}");
+            }
+            self.status
+                .update(|s| s.services.details.service_cidrs_left_out = left_out.clone());
+            self.service_cidrs_left_out = left_out;
+        }
+        self.service_cidrs_wanted = Some(kept);
         self.write_service_cidrs();
     }
 

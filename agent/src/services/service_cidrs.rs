@@ -18,6 +18,8 @@ use kube::{
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::node::topology::NodeInfo;
+
 /// Where the cluster's Service CIDRs come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServiceCidrSource {
@@ -129,6 +131,34 @@ pub fn cidrs_of(objects: &BTreeMap<String, Vec<String>>) -> (Vec<IpNet>, Vec<Str
         kept.extend(family.into_iter().take(PER_FAMILY_AT_MOST));
     }
     kept.sort();
+    (kept, problems)
+}
+
+/// The Service CIDRs that hold none of the cluster's own addresses, and what was left out and
+/// why (pure). A CIDR holding a node's InternalIP, or overlapping a node's PodCIDR, would have
+/// every node refuse traffic there (no Service holds those addresses): the nodes' own
+/// connections to each other, or to pods. A ServiceCIDR is a cluster administrator's object, but
+/// one typo must not cut the nodes off; kube-proxy's nftables mode has no such guard.
+pub fn clear_of_nodes(cidrs: &[IpNet], nodes: &[NodeInfo]) -> (Vec<IpNet>, Vec<String>) {
+    let overlaps = |a: &IpNet, b: &IpNet| a.contains(&b.network()) || b.contains(&a.network());
+    let mut problems = Vec::new();
+    let kept = cidrs
+        .iter()
+        .copied()
+        .filter(|cidr| {
+            let held = nodes.iter().find_map(|node| {
+                if let Some(ip) = node.internal_ips.iter().find(|ip| cidr.contains(*ip)) {
+                    return Some(format!("node {}'s InternalIP {ip}", node.name));
+                }
+                let pods = node.pod_cidrs.iter().find(|pods| overlaps(cidr, pods))?;
+                Some(format!("node {}'s PodCIDR {pods}", node.name))
+            });
+            if let Some(what) = &held {
+                problems.push(format!("Service CIDR {cidr} holds {what}: left out"));
+            }
+            held.is_none()
+        })
+        .collect();
     (kept, problems)
 }
 
@@ -385,5 +415,57 @@ mod tests {
         );
         assert!(cidrs.contains(&"fd00:96::/108".parse().unwrap()));
         assert_eq!(problems.len(), 1, "{problems:?}");
+    }
+
+    fn node_at(name: &str, ips: &[&str], pod_cidrs: &[&str]) -> NodeInfo {
+        NodeInfo {
+            name: name.to_string(),
+            created: None,
+            internal_ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            pod_cidrs: nets(pod_cidrs),
+            zone: None,
+        }
+    }
+
+    #[test]
+    fn a_cidr_holding_a_nodes_address_or_pods_is_left_out_and_said() {
+        let nodes = [
+            node_at(
+                "n1",
+                &["192.168.0.1", "fd00:1::1"],
+                &["10.244.1.0/24", "fd00:244:1::/64"],
+            ),
+            node_at("n2", &["192.168.0.2"], &["10.244.2.0/24"]),
+        ];
+        let cidrs = nets(&[
+            "10.96.0.0/16",
+            // A node's address, alone or in a wider range.
+            "192.168.0.2/32",
+            "192.168.0.0/16",
+            "fd00:1::/64",
+            // Inside a PodCIDR, and around all of them.
+            "10.244.1.128/25",
+            "10.244.0.0/16",
+            "fd00:96::/108",
+        ]);
+        let (kept, problems) = clear_of_nodes(&cidrs, &nodes);
+        assert_eq!(kept, nets(&["10.96.0.0/16", "fd00:96::/108"]));
+        assert_eq!(problems.len(), 5, "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("192.168.0.2/32") && p.contains("node n2")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("10.244.1.128/25") && p.contains("PodCIDR 10.244.1.0/24")),
+            "{problems:?}"
+        );
+        // Without nodes, or beside them, everything stays.
+        assert_eq!(clear_of_nodes(&cidrs, &[]), (cidrs.clone(), vec![]));
+        let (kept, problems) = clear_of_nodes(&nets(&["10.96.0.0/12", "10.245.0.0/16"]), &nodes);
+        assert_eq!((kept.len(), problems.len()), (2, 0));
     }
 }
