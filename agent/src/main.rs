@@ -180,7 +180,8 @@ struct Options {
     #[arg(long, env = "FERRYNET_MAX_MAGLEV_SERVICES", default_value_t = ferrynet_common::DEFAULT_MAX_MAGLEV_SERVICES)]
     max_maglev_services: u32,
     /// How often the metrics' map fill gauges (ferrynet_map_entries, ferrynet_map_full) are
-    /// counted: counting the conntrack and socket maps walks them.
+    /// counted: counting the conntrack and socket maps walks them, and the walk removes the
+    /// conntrack entries of flows that ended (or idled out), which the programs leave behind.
     #[arg(long, env = "FERRYNET_MAP_FILL_SECONDS", default_value = "60")]
     map_fill_seconds: u64,
     /// Capacities of the datapath's maps (used when they are created).

@@ -2107,6 +2107,50 @@ fn a_syn_flood_from_one_source_turns_conntrack_over_without_evicting_established
     assert!(!answers(&lab, "client", to, false, 4).is_empty());
 }
 
+#[test]
+fn the_agent_sweeps_finished_flows_out_of_conntrack_and_keeps_live_ones() {
+    let mut lab = LabGuard::up(1, "native");
+    // The map walk that counts the fill (and sweeps) at every resync.
+    start_agent_afresh(&lab, "n1", &["--map-fill-seconds", "1"]);
+    for pod in ["s1", "s2"] {
+        lab.run_pod(pod, "n1", &labels(&[("app", "s")])).unwrap();
+    }
+    let mut svc = service(
+        "sweep",
+        "s",
+        vec![port("tcp", "TCP", 80, IntOrString::Int(i32::from(POD_PORT)))],
+    );
+    svc.spec.as_mut().unwrap().type_ = Some("NodePort".into());
+    lab.create_service_object(&svc).unwrap();
+    let node = lab.state.nodes[0].clone();
+    let to = SocketAddr::new(node.v4().into(), node_ports(&lab, "sweep")[0]);
+    answers(&lab, "client", to, false, 1);
+    // A connection from the external client that stays open throughout (a live flow: two
+    // entries, for its two directions)...
+    let client = lab.ns("client").unwrap();
+    let live = ferrynet_kernel::netns::run_in(client.fd(), || {
+        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))
+    })
+    .unwrap();
+    live.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let backend = ask(&live).unwrap();
+    // ...and 40 that end (closed by both ends): the programs leave their entries in the map,
+    // expired 10 s after the close, and the agent's walk removes them.
+    answers(&lab, "client", to, false, 40);
+    let metric = |series: &str| metric_value(&lab, "n1", series).unwrap_or(f64::NAN);
+    let mut seen = (0.0, 0.0);
+    let swept = eventually(Duration::from_secs(60), || {
+        seen = (
+            metric("ferrynet_map_entries{map=\"CT4\"}"),
+            metric("ferrynet_conntrack_expired_removed_total"),
+        );
+        seen.0 <= 2.0 && seen.1 >= 80.0
+    });
+    assert!(swept, "(CT4 entries, expired entries removed) = {seen:?}");
+    // The live flow kept its entries: its backend answers it still.
+    assert_eq!(ask(&live).unwrap(), backend);
+}
+
 /// The status code and JSON body of `node`'s health check port `port`, from the external client.
 fn health_check(lab: &Lab, node: &str, port: i32) -> (String, serde_json::Value) {
     let ip = lab.state.nodes.iter().find(|n| n.name == node).unwrap().v4();

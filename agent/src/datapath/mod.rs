@@ -1192,9 +1192,11 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
 /// (map, entries, capacity) of the maps pinned under `pins`. Entries are counted by walking
 /// each map's keys (one system call per entry), except for the maps in `known`, whose entries
 /// the caller already knows.
-pub fn map_fill(pins: &PinLayout, known: &[(&'static str, u64)]) -> Vec<(&'static str, u64, u64)> {
+pub fn map_fill(pins: &PinLayout, known: &[(&'static str, u64)]) -> MapFill {
     use aya::maps::{HashMap, Map, lpm_trie::LpmTrie};
     let mut out = Vec::new();
+    let mut expired_removed = 0;
+    let now = monotonic_ns();
     for name in PINNED_MAPS {
         let Ok(data) = MapData::from_pin(pins.map(name)) else {
             continue;
@@ -1219,8 +1221,16 @@ pub fn map_fill(pins: &PinLayout, known: &[(&'static str, u64)]) -> Vec<(&'stati
             SERVICE_SLOTS_MAP => count!(SlotKey, u32),
             BACKENDS_MAP => count!(u32, BackendValue),
             REV_NAT_MAP => count!(u32, RevNatValue),
-            CT4_MAP => count!(CtKey4, CtValue),
-            CT6_MAP => count!(CtKey6, CtValue),
+            CT4_MAP => HashMap::<_, CtKey4, CtValue>::try_from(map).map_or(0, |mut m| {
+                let (left, removed) = sweep_conntrack(&mut m, now, |k| k.proto);
+                expired_removed += removed;
+                left
+            }),
+            CT6_MAP => HashMap::<_, CtKey6, CtValue>::try_from(map).map_or(0, |mut m| {
+                let (left, removed) = sweep_conntrack(&mut m, now, |k| k.proto);
+                expired_removed += removed;
+                left
+            }),
             AFFINITY4_MAP => count!(AffinityKey4, AffinityValue),
             AFFINITY6_MAP => count!(AffinityKey6, AffinityValue),
             SOCK_CONNECTED_MAP => count!(u64, SockConnectedValue),
@@ -1242,7 +1252,63 @@ pub fn map_fill(pins: &PinLayout, known: &[(&'static str, u64)]) -> Vec<(&'stati
         };
         out.push((name, entries, capacity));
     }
-    out
+    MapFill {
+        fill: out,
+        expired_removed,
+    }
+}
+
+/// What [`map_fill`] found: (map, entries, capacity), and how many expired conntrack entries it
+/// removed.
+#[derive(Debug, Default)]
+pub struct MapFill {
+    pub fill: Vec<(&'static str, u64, u64)>,
+    pub expired_removed: u64,
+}
+
+/// The kernel programs' clock (`bpf_ktime_get_ns`: CLOCK_MONOTONIC), in nanoseconds.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// Removes the conntrack entries that have expired at `now` (what the programs would take for no
+/// flow: closed for [`CT_CLOSED_NS`], or idle past the protocol's limit) and returns how many
+/// entries are left and how many went. The programs remove an expired entry only when a packet
+/// meets it again, and an LRU map only evicts when it is full: without the sweep, a node that
+/// serves many short NodePort connections keeps its map full of finished flows, so that every
+/// new flow's insert evicts (in a full LRU map even a flow's fresh entry on another CPU), and the
+/// map's fill says nothing about the live flows.
+///
+/// Each entry is read again just before its removal, and stays unless it is still expired: a
+/// packet may have reopened the tuple meanwhile (a flow written between that read and the
+/// removal, a few microseconds, is the one it cannot see).
+pub fn sweep_conntrack<K: aya::Pod + Eq>(
+    map: &mut aya::maps::HashMap<MapData, K, CtValue>,
+    now: u64,
+    proto: impl Fn(&K) -> u8,
+) -> (u64, u64) {
+    // Keys are collected first: removing while walking would restart the kernel's iteration.
+    let mut walked = 0;
+    let mut expired = Vec::new();
+    for (key, value) in map.iter().filter_map(Result::ok) {
+        walked += 1;
+        if value.expired(now, proto(&key)) {
+            expired.push(key);
+        }
+    }
+    let mut removed = 0;
+    for key in expired {
+        let still = map.get(&key, 0).is_ok_and(|value| value.expired(now, proto(&key)));
+        if still && map.remove(&key).is_ok() {
+            removed += 1;
+        }
+    }
+    (walked - removed, removed)
 }
 
 /// The map's data, whatever its type.

@@ -1480,9 +1480,11 @@ impl Controller {
         let pins = self.datapath.pins().clone();
         let metrics = self.metrics.clone();
         self.fill_walk = Some(tokio::task::spawn_blocking(move || {
-            let fill = datapath::map_fill(&pins, &known);
+            // The walk also removes the conntrack entries of flows that ended.
+            let found = datapath::map_fill(&pins, &known);
+            metrics.conntrack_expired.add(found.expired_removed);
             if let Ok(mut slot) = metrics.datapath.lock() {
-                slot.fill = fill;
+                slot.fill = found.fill;
             }
         }));
     }

@@ -88,6 +88,7 @@ pub struct ServiceMetrics {
     pub map_writes: Value,
     pub sockets_terminated_runs: Value,
     pub conntrack_purged: Value,
+    pub conntrack_expired: Value,
     pub errors: Value,
     /// Datapath counters and map fill, read from the kernel when scraped.
     pub datapath: Mutex<DatapathCounters>,
@@ -194,6 +195,12 @@ impl ServiceMetrics {
             "Conntrack and affinity entries removed with their backend or service",
             "counter",
             self.conntrack_purged.get(),
+        );
+        gauge(
+            "ferrynet_conntrack_expired_removed_total",
+            "Conntrack entries of flows that ended or idled out, removed by the agent's sweep",
+            "counter",
+            self.conntrack_expired.get(),
         );
         gauge(
             "ferrynet_socket_termination_runs_total",
