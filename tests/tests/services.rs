@@ -612,6 +612,11 @@ fn internal_traffic_policy_local_service_cidrs_and_services_left_alone() {
         .unwrap_or_default();
     assert!(matches!(code.trim(), "200" | "503"), "n2's /healthz from n1: {code:?}");
     lab.api().unwrap().delete::<ServiceCIDR>("hostile").unwrap();
+    let cleared = eventually(Duration::from_secs(10), || {
+        lab.agent_status("n1")
+            .is_ok_and(|s| s["services"]["details"]["serviceCidrsLeftOut"].is_null())
+    });
+    assert!(cleared, "serviceCidrsLeftOut stayed after the hostile ServiceCIDR went");
 
     // `--service-cidrs none`: nothing is refused for being in them, and nothing translates the
     // other proxy's Service: the node has no route for it.
@@ -2026,29 +2031,38 @@ fn ask(stream: &std::net::TcpStream) -> std::io::Result<String> {
     Ok(answered_by(&answer))
 }
 
-#[test]
-fn a_syn_flood_from_one_source_turns_conntrack_over_without_evicting_established_flows() {
-    const CONNTRACK: u32 = 4096;
+/// A one-node lab whose agent runs with `agent_args`, pods `<app>1` and `<app>2` labelled
+/// `app=<app>`, and a NodePort Service `name` on them, answering the external client at the
+/// returned address.
+fn one_node_port(name: &str, app: &str, agent_args: &[&str]) -> (LabGuard, SocketAddr) {
     let mut lab = LabGuard::up(1, "native");
-    // A small conntrack table, and its fill counted every second for the metrics.
-    start_agent_afresh(
-        &lab,
-        "n1",
-        &["--max-conntrack", &CONNTRACK.to_string(), "--map-fill-seconds", "1"],
-    );
-    for pod in ["f1", "f2"] {
-        lab.run_pod(pod, "n1", &labels(&[("app", "f")])).unwrap();
+    start_agent_afresh(&lab, "n1", agent_args);
+    for i in 1..=2 {
+        lab.run_pod(&format!("{app}{i}"), "n1", &labels(&[("app", app)]))
+            .unwrap();
     }
     let mut svc = service(
-        "flood",
-        "f",
+        name,
+        app,
         vec![port("tcp", "TCP", 80, IntOrString::Int(i32::from(POD_PORT)))],
     );
     svc.spec.as_mut().unwrap().type_ = Some("NodePort".into());
     lab.create_service_object(&svc).unwrap();
     let node = lab.state.nodes[0].clone();
-    let to = SocketAddr::new(node.v4().into(), node_ports(&lab, "flood")[0]);
+    let to = SocketAddr::new(node.v4().into(), node_ports(&lab, name)[0]);
     answers(&lab, "client", to, false, 1);
+    (lab, to)
+}
+
+#[test]
+fn a_syn_flood_from_one_source_turns_conntrack_over_without_evicting_established_flows() {
+    const CONNTRACK: u32 = 4096;
+    // A small conntrack table, and its fill counted every second for the metrics.
+    let (lab, to) = one_node_port(
+        "flood",
+        "f",
+        &["--max-conntrack", &CONNTRACK.to_string(), "--map-fill-seconds", "1"],
+    );
 
     // Established connections from the external client, each on the backend it was given; a
     // lost conntrack entry would send its next segment to a backend picked afresh (a reset half
@@ -2109,22 +2123,8 @@ fn a_syn_flood_from_one_source_turns_conntrack_over_without_evicting_established
 
 #[test]
 fn the_agent_sweeps_finished_flows_out_of_conntrack_and_keeps_live_ones() {
-    let mut lab = LabGuard::up(1, "native");
     // The map walk that counts the fill (and sweeps) at every resync.
-    start_agent_afresh(&lab, "n1", &["--map-fill-seconds", "1"]);
-    for pod in ["s1", "s2"] {
-        lab.run_pod(pod, "n1", &labels(&[("app", "s")])).unwrap();
-    }
-    let mut svc = service(
-        "sweep",
-        "s",
-        vec![port("tcp", "TCP", 80, IntOrString::Int(i32::from(POD_PORT)))],
-    );
-    svc.spec.as_mut().unwrap().type_ = Some("NodePort".into());
-    lab.create_service_object(&svc).unwrap();
-    let node = lab.state.nodes[0].clone();
-    let to = SocketAddr::new(node.v4().into(), node_ports(&lab, "sweep")[0]);
-    answers(&lab, "client", to, false, 1);
+    let (lab, to) = one_node_port("sweep", "s", &["--map-fill-seconds", "1"]);
     // A connection from the external client that stays open throughout (a live flow: two
     // entries, for its two directions)...
     let client = lab.ns("client").unwrap();

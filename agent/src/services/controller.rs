@@ -205,6 +205,8 @@ pub async fn run(
         d.host_netns_only = cfg.modes.host_netns_only;
         d.per_packet = cfg.modes.per_packet_translates();
         d.service_cidrs = cfg.service_cidrs.fixed().map(<[IpNet]>::to_vec);
+        // Said again by this run, if still so: an earlier run's may have been mended meanwhile.
+        d.service_cidrs_left_out.clear();
     });
     let mut servers = tokio::task::JoinSet::new();
     if let Some(addr) = cfg.metrics_addr {
