@@ -2151,6 +2151,100 @@ fn the_agent_sweeps_finished_flows_out_of_conntrack_and_keeps_live_ones() {
     assert_eq!(ask(&live).unwrap(), backend);
 }
 
+/// A raw IPv4 TCP socket in `ns`, which sees a copy of every TCP segment arriving there.
+fn raw_tcp_receiver(ns: &ferrynet_tests::netns::Netns) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    ferrynet_kernel::netns::run_in(ns.fd(), || {
+        // SAFETY: plain socket(2); the descriptor is owned from here on.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    })
+    .unwrap()
+}
+
+/// The source of the first SYN-ACK to `port` that `raw` receives within 5 s.
+fn syn_ack_source(raw: &std::os::fd::OwnedFd, port: u16) -> Option<SocketAddr> {
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 2048];
+    while std::time::Instant::now() < deadline {
+        let mut poll = libc::pollfd {
+            fd: raw.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut poll, 1, 200) } <= 0 {
+            continue;
+        }
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::recv(raw.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let Ok(n) = usize::try_from(n) else { continue };
+        let ihl = usize::from(buf[0] & 0x0f) * 4;
+        if n < ihl + 14 {
+            continue;
+        }
+        let tcp = &buf[ihl..n];
+        let (sport, dport, flags) = (
+            u16::from_be_bytes([tcp[0], tcp[1]]),
+            u16::from_be_bytes([tcp[2], tcp[3]]),
+            tcp[13],
+        );
+        if dport == port && flags & 0x12 == 0x12 {
+            let src = std::net::Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
+            return Some(SocketAddr::new(src.into(), sport));
+        }
+    }
+    None
+}
+
+#[test]
+fn a_nodeport_flow_whose_reply_entry_was_evicted_gets_it_back_at_the_clients_next_syn() {
+    let (lab, to) = one_node_port("evict", "e", &[]);
+    let client = lab.ns("client").unwrap();
+    // The client answers nothing: no reset closes the half-open flows below (a reset would end
+    // the flow, and the next SYN open it afresh, whatever became of its entries).
+    let held = lab
+        .exec_output(
+            "client",
+            &[
+                "nft",
+                "add table inet hold; add chain inet hold out { type filter hook output priority 0; }; add rule inet hold out tcp flags rst drop",
+            ]
+            .map(String::from),
+        )
+        .unwrap();
+    assert!(held.status.success(), "{held:?}");
+    let raw = raw_tcp_receiver(&client);
+    let sender = ferrynet_tests::packets::RawSender::open(&client, false).unwrap();
+    let port = ferrynet_tests::probe::FIXED_SOURCE_PORTS.start + 77;
+    let syn = ferrynet_tests::packets::ip_tcp_syn(ferrynet_tests::lab::CLIENT_V4.into(), to.ip(), port, to.port());
+    sender.send(&syn).unwrap();
+    assert_eq!(syn_ack_source(&raw, port), Some(to), "the first SYN-ACK");
+    // The flow's reply entry goes, as a full LRU map may evict it (the client's stays).
+    let pin = lab
+        .node_pin_path("n1")
+        .join(format!("v{}", ferrynet_common::SCHEMA_VERSION))
+        .join("maps")
+        .join(ferrynet_common::CT4_MAP);
+    let map = aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(&pin).unwrap()).unwrap();
+    let mut ct = aya::maps::HashMap::<_, ferrynet_common::CtKey4, ferrynet_common::CtValue>::try_from(map).unwrap();
+    let replies: Vec<ferrynet_common::CtKey4> = ct
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.direction == ferrynet_common::CT_EXT_OUT && k.dport == port.to_be())
+        .collect();
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    ct.remove(&replies[0]).unwrap();
+    // The client sends its SYN again (its SYN-ACK lost): the reply is translated, as the first.
+    sender.send(&syn).unwrap();
+    assert_eq!(syn_ack_source(&raw, port), Some(to), "the SYN-ACK after the entry went");
+}
+
 /// The status code and JSON body of `node`'s health check port `port`, from the external client.
 fn health_check(lab: &Lab, node: &str, port: i32) -> (String, serde_json::Value) {
     let ip = lab.state.nodes.iter().find(|n| n.name == node).unwrap().v4();

@@ -184,6 +184,9 @@ fn from_uplink_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
             // A client's packet of a known flow.
             let b = backend(e.backend)?;
             let backend_addr = F::narrow(b.addr);
+            if is_tcp_syn(&t) {
+                restore_reply_entry::<F>(&t, &e, backend_addr, b.port, now);
+            }
             F::rewrite_end(ctx, &t, End::Destination, (t.daddr, t.dport), (backend_addr, b.port))?;
             bump(Stat::PacketsTranslated);
             if e.client_port == 0 {
@@ -287,6 +290,45 @@ fn from_uplink_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
     bump(Stat::ExternalFlowsTranslated);
     bump(Stat::PacketsTranslated);
     Some(F::fib_redirect(ctx, snat_addr, backend_addr, &t))
+}
+
+/// A client's SYN on a live flow (a retransmission, or a SYN whose SYN-ACK was lost): the entry
+/// for the flow's replies is written again if it went. A full LRU map evicts even a fresh entry
+/// (another CPU's, not yet looked up), and without it every reply of the flow would go out
+/// untranslated for as long as the client's entry lives: each SYN the client sends again would
+/// meet the same fate. An entry that is there (the SNAT port given to another flow meanwhile)
+/// stays.
+#[inline(always)]
+fn restore_reply_entry<F: Family>(t: &Tuple<F::Addr>, e: &CtValue, backend_addr: F::Addr, backend_port: u16, now: u64) {
+    let (key, value) = if e.client_port == 0 {
+        // A local backend's replies, translated at its veth.
+        let key = F::ct_key_of(backend_addr, t.saddr, backend_port, t.sport, t.proto, CT_EXT_OUT);
+        let value = CtValue {
+            backend: e.backend,
+            service: e.service,
+            last_seen_ns: now,
+            flags: 0,
+            client_port: 0,
+            generation: 0,
+            client_addr: F::widen(t.daddr),
+        };
+        (key, value)
+    } else {
+        // Another node's backend's replies, to the flow's SNAT address and port.
+        let snat_addr = F::narrow(e.client_addr);
+        let key = F::ct_key_of(backend_addr, snat_addr, backend_port, e.client_port, t.proto, CT_EXT_IN);
+        let value = CtValue {
+            backend: e.backend,
+            service: e.service,
+            last_seen_ns: now,
+            flags: CT_F_SNAT_REPLY,
+            client_port: t.sport,
+            generation: 0,
+            client_addr: F::widen(t.saddr),
+        };
+        (key, value)
+    };
+    let _ = F::conntrack().insert(key, value, u64::from(BPF_NOEXIST));
 }
 
 /// A SYN-ACK on a closed flow's reply entry answers another connection on the same tuple: the
