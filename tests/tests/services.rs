@@ -2485,15 +2485,16 @@ fn connect_one_at_a_time(
     ending: Ending,
 ) -> Vec<String> {
     let ns = lab.ns("client").unwrap();
-    let started = std::time::Instant::now();
+    let gap = Duration::from_secs_f64(1.0 / f64::from(per_second));
     let mut failures = Vec::new();
+    let mut last_start: Option<std::time::Instant> = None;
     for i in 0..connections {
-        // A rate limit, not a wait for a condition: connection i starts no sooner than
-        // i / per_second after the first.
-        let due = started + Duration::from_secs_f64(i as f64 / f64::from(per_second));
-        if let Some(early) = due.checked_duration_since(std::time::Instant::now()) {
+        // A rate limit, not a wait for a condition: a connection starts no sooner than `gap`
+        // after the one before it, so a stall is never made up by a burst above the pace.
+        if let Some(early) = last_start.and_then(|s| (s + gap).checked_duration_since(std::time::Instant::now())) {
             std::thread::sleep(early);
         }
+        last_start = Some(std::time::Instant::now());
         let one = || -> std::io::Result<String> {
             let stream = ferrynet_kernel::netns::run_in(ns.fd(), || {
                 std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))

@@ -1215,22 +1215,24 @@ pub fn map_fill(pins: &PinLayout, known: &[(&'static str, u64)]) -> MapFill {
                 HashMap::<_, $k, $v>::try_from(map).map_or(0, |m| m.keys().count() as u64)
             };
         }
+        // A conntrack map's walk removes its expired entries, and counts what is left.
+        macro_rules! sweep {
+            ($k:ty) => {
+                HashMap::<_, $k, CtValue>::try_from(map).map_or(0, |mut m| {
+                    let (left, removed) = sweep_conntrack(&mut m, now, |k| k.proto);
+                    expired_removed += removed;
+                    left
+                })
+            };
+        }
         let entries = match name {
             SERVICES4_MAP => count!(ServiceKey4, ServiceValue),
             SERVICES6_MAP => count!(ServiceKey6, ServiceValue),
             SERVICE_SLOTS_MAP => count!(SlotKey, u32),
             BACKENDS_MAP => count!(u32, BackendValue),
             REV_NAT_MAP => count!(u32, RevNatValue),
-            CT4_MAP => HashMap::<_, CtKey4, CtValue>::try_from(map).map_or(0, |mut m| {
-                let (left, removed) = sweep_conntrack(&mut m, now, |k| k.proto);
-                expired_removed += removed;
-                left
-            }),
-            CT6_MAP => HashMap::<_, CtKey6, CtValue>::try_from(map).map_or(0, |mut m| {
-                let (left, removed) = sweep_conntrack(&mut m, now, |k| k.proto);
-                expired_removed += removed;
-                left
-            }),
+            CT4_MAP => sweep!(CtKey4),
+            CT6_MAP => sweep!(CtKey6),
             AFFINITY4_MAP => count!(AffinityKey4, AffinityValue),
             AFFINITY6_MAP => count!(AffinityKey6, AffinityValue),
             SOCK_CONNECTED_MAP => count!(u64, SockConnectedValue),
@@ -1287,7 +1289,7 @@ fn monotonic_ns() -> u64 {
 /// Each entry is read again just before its removal, and stays unless it is still expired: a
 /// packet may have reopened the tuple meanwhile (a flow written between that read and the
 /// removal, a few microseconds, is the one it cannot see).
-pub fn sweep_conntrack<K: aya::Pod + Eq>(
+fn sweep_conntrack<K: aya::Pod + Eq>(
     map: &mut aya::maps::HashMap<MapData, K, CtValue>,
     now: u64,
     proto: impl Fn(&K) -> u8,

@@ -108,16 +108,19 @@ fn no_backends(ctx: &TcContext, svc: &ServiceValue) -> i32 {
     refuse(ctx)
 }
 
-/// The first free port of the SNAT range, from a random start, for the flow `node`:port →
-/// `b`; its reply entry is written at once, so no other flow can take it.
+/// A free port of the SNAT range, tried at random, for the flow `node`:port → `b`; its reply
+/// entry is written at once, so no other flow can take it. Each try is a port of its own: tried
+/// one after another from a random start instead, taken ports clump into runs, and a new flow
+/// that lands at the head of a long run finds none free with half the range free (simulated at
+/// 2,000 new flows a second, each holding its port 1.1 s: one flow in about 26,000 found no
+/// port tried in a row, none in 180,000 tried at random).
 #[inline(always)]
 fn allocate_snat<F: Family>(node: F::Addr, b: &BackendValue, proto: u8, reply: CtValue, now: u64) -> Option<u16> {
     let ct = F::conntrack();
     let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
-    // SAFETY: no preconditions.
-    let start = unsafe { bpf_get_prandom_u32() } % span;
-    for i in 0..SNAT_TRIES {
-        let port = (SNAT_PORT_MIN + ((start + i) % span) as u16).to_be();
+    for _ in 0..SNAT_TRIES {
+        // SAFETY: no preconditions.
+        let port = (SNAT_PORT_MIN + (unsafe { bpf_get_prandom_u32() } % span) as u16).to_be();
         let key = F::ct_key_of(F::narrow(b.addr), node, b.port, port, proto, CT_EXT_IN);
         // SAFETY: the value is copied out at once.
         let flags = match unsafe { ct.get(key) } {
