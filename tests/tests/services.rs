@@ -2121,6 +2121,22 @@ fn a_syn_flood_from_one_source_turns_conntrack_over_without_evicting_established
     assert!(!answers(&lab, "client", to, false, 4).is_empty());
 }
 
+/// Waits (up to 60 s) until `node`'s agent says its IPv4 conntrack map holds at most `entries`
+/// entries after its sweep removed at least `removed` expired ones; returns what it said then.
+fn wait_swept(lab: &Lab, node: &str, entries: f64, removed: f64) -> (f64, f64) {
+    let metric = |series: &str| metric_value(lab, node, series).unwrap_or(f64::NAN);
+    let mut seen = (0.0, 0.0);
+    let swept = eventually(Duration::from_secs(60), || {
+        seen = (
+            metric("ferrynet_map_entries{map=\"CT4\"}"),
+            metric("ferrynet_conntrack_expired_removed_total"),
+        );
+        seen.0 <= entries && seen.1 >= removed
+    });
+    assert!(swept, "(CT4 entries, expired entries removed) = {seen:?}");
+    seen
+}
+
 #[test]
 fn the_agent_sweeps_finished_flows_out_of_conntrack_and_keeps_live_ones() {
     // The map walk that counts the fill (and sweeps) at every resync.
@@ -2137,18 +2153,64 @@ fn the_agent_sweeps_finished_flows_out_of_conntrack_and_keeps_live_ones() {
     // ...and 40 that end (closed by both ends): the programs leave their entries in the map,
     // expired 10 s after the close, and the agent's walk removes them.
     answers(&lab, "client", to, false, 40);
-    let metric = |series: &str| metric_value(&lab, "n1", series).unwrap_or(f64::NAN);
-    let mut seen = (0.0, 0.0);
-    let swept = eventually(Duration::from_secs(60), || {
-        seen = (
-            metric("ferrynet_map_entries{map=\"CT4\"}"),
-            metric("ferrynet_conntrack_expired_removed_total"),
-        );
-        seen.0 <= 2.0 && seen.1 >= 80.0
-    });
-    assert!(swept, "(CT4 entries, expired entries removed) = {seen:?}");
+    wait_swept(&lab, "n1", 2.0, 80.0);
     // The live flow kept its entries: its backend answers it still.
     assert_eq!(ask(&live).unwrap(), backend);
+}
+
+#[test]
+fn per_packet_flows_both_ends_closed_are_swept_and_a_new_connection_on_their_tuple_is_not() {
+    // Socket LB off: the client pod's connections are translated packet by packet. The map walk
+    // (and its sweep) at every resync.
+    let mut lab = LabGuard::up(1, "native");
+    start_agent_afresh(&lab, "n1", &["--socket-lb", "false", "--map-fill-seconds", "1"]);
+    for i in 1..=2 {
+        lab.run_pod(&format!("fin{i}"), "n1", &labels(&[("app", "fin")]))
+            .unwrap();
+    }
+    lab.run_pod("client", "n1", &BTreeMap::new()).unwrap();
+    lab.create_service_object(&service(
+        "fin",
+        "fin",
+        vec![port("tcp", "TCP", 80, IntOrString::Int(i32::from(POD_PORT)))],
+    ))
+    .unwrap();
+    let vip = SocketAddr::new(lab.cluster_ip("fin", true).unwrap(), 80);
+    answers(&lab, "pod-client", vip, false, 1);
+    // A connection from a fixed port, ended by both ends (the pod's FIN first, then the
+    // backend's)...
+    let ns = lab.pod_ns("client").unwrap();
+    let local_port = ferrynet_tests::probe::FIXED_SOURCE_PORTS.start + 1;
+    request_from_port(&lab, "client", local_port, vip).unwrap();
+    // ...then a new connection on the same tuple (the pod's side of the last one is in
+    // TIME_WAIT, which it may take over a second after the last segment), kept open: a live
+    // flow on a tuple whose last flow ended.
+    ferrynet_kernel::netns::run_in(ns.fd(), || std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")).unwrap();
+    let mut reopened = None;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            reopened = ferrynet_kernel::netns::run_in(ns.fd(), || {
+                ferrynet_tests::probe::connect_from_port(vip, local_port, Duration::from_secs(3))
+            })
+            .ok();
+            reopened.is_some()
+        }),
+        "no new connection from port {local_port} to {vip}"
+    );
+    let reopened = reopened.unwrap();
+    let backend = ask(&reopened).unwrap();
+    // And 40 connections that both ends end: the programs close their entries once both FINs
+    // passed, and the agent's walk removes them after the closed-flow time. Before, only a
+    // reset ended a per-packet flow, and these stayed until they idled out (hours) or were
+    // evicted.
+    answers(&lab, "pod-client", vip, false, 40);
+    let seen = wait_swept(&lab, "n1", 2.0, 80.0);
+    // The new connection on the ended flow's tuple, quiet since before those 40 (so for longer
+    // than the closed-flow time when the walk removed the last of theirs), kept both its
+    // entries: its SYN started them afresh, without the old flow's ending.
+    assert_eq!(seen.0, 2.0, "the reopened flow's entries went with the closed ones");
+    // ...and its backend answers it still.
+    assert_eq!(ask(&reopened).unwrap(), backend);
 }
 
 /// A raw IPv4 TCP socket in `ns`, which sees a copy of every TCP segment arriving there.

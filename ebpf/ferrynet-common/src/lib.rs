@@ -505,9 +505,9 @@ pub const CT_F_CLOSED: u32 = 1 << 2;
 /// A TCP flow that saw a RST (with [`CT_F_CLOSED`]): its SNAT port is free after
 /// [`CT_RESET_NS`].
 pub const CT_F_RESET: u32 = 1 << 4;
-/// An external flow whose client sent a FIN.
+/// A flow whose client sent a FIN (an external flow's, or a per-packet forward entry's).
 pub const CT_F_CLIENT_FIN: u32 = 1 << 5;
-/// An external flow whose backend sent a FIN.
+/// A flow whose backend sent a FIN (an external flow's, or a per-packet reply entry's).
 pub const CT_F_BACKEND_FIN: u32 = 1 << 6;
 /// An external flow whose backend's first FIN came after the client's: the backend closed
 /// passively and holds no TIME_WAIT, so its SNAT port is free after [`CT_PASSIVE_CLOSE_NS`].
@@ -578,7 +578,7 @@ impl CtValue {
     }
 }
 
-/// Which end of an external flow sent a segment.
+/// Which end of a flow sent a segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlowEnd {
     /// The client outside the cluster.
@@ -610,6 +610,30 @@ pub fn ct_end_flags(proto: u8, tcp_flags: u8, end: FlowEnd, held: u32) -> u32 {
         FlowEnd::Backend => CT_F_CLOSED | CT_F_BACKEND_FIN,
     }
 }
+
+/// The flags a FIN sent by `end` sets on a per-packet flow's two entries: (on the entry of its
+/// own direction, on the other's), given the flags `other` holds. The end's FIN is noted
+/// ([`CT_F_CLIENT_FIN`] on the forward entry, [`CT_F_BACKEND_FIN`] on the reply entry), and once
+/// both ends sent one, both entries are closed ([`CT_F_CLOSED`]): the agent's sweep removes them
+/// after [`CT_CLOSED_NS`] instead of leaving them to idle out (hours) or to be evicted, which in
+/// a full map takes entries of live flows with them. A FIN alone only half-closes: the other end
+/// may send for a long while yet, so a half-closed flow stays a live one.
+#[inline(always)]
+pub fn per_packet_fin_flags(end: FlowEnd, other: u32) -> (u32, u32) {
+    let (own, others) = match end {
+        FlowEnd::Client => (CT_F_CLIENT_FIN, CT_F_BACKEND_FIN),
+        FlowEnd::Backend => (CT_F_BACKEND_FIN, CT_F_CLIENT_FIN),
+    };
+    if other & others != 0 {
+        (own | CT_F_CLOSED, CT_F_CLOSED)
+    } else {
+        (own, 0)
+    }
+}
+
+/// The flags of a per-packet flow's entries that say how it ended: a SYN on a tuple whose flow
+/// holds any of them opens a new connection, whose entries start without them.
+pub const CT_F_ENDED: u32 = CT_F_CLIENT_FIN | CT_F_BACKEND_FIN | CT_F_CLOSED;
 
 /// Key of [`AFFINITY4_MAP`]: the service and the client (its address for per-packet traffic, its
 /// network namespace cookie's low bits for socket LB).
@@ -977,6 +1001,47 @@ mod tests {
         let half_closed = flow_after(&[(Client, SYN), (Backend, SYN | ACK), (Client, FIN_ACK), (Backend, ACK)]);
         assert_eq!(half_closed.flags & CT_F_PASSIVE_CLOSE, 0);
         assert_eq!(port_free_after(&half_closed), CT_CLOSED_NS);
+    }
+
+    /// A per-packet flow's (forward, reply) entries' flags after the FINs of `ends`, in order,
+    /// each setting its flags as the pod's programs do.
+    fn per_packet_flow_after(ends: &[FlowEnd]) -> (u32, u32) {
+        let (mut forward, mut reply) = (CT_F_BACKEND, CT_F_FRONTEND);
+        for end in ends {
+            let (own, other) = match end {
+                FlowEnd::Client => (&mut forward, &mut reply),
+                FlowEnd::Backend => (&mut reply, &mut forward),
+            };
+            let (set_own, set_other) = per_packet_fin_flags(*end, *other);
+            *own |= set_own;
+            *other |= set_other;
+        }
+        (forward, reply)
+    }
+
+    #[test]
+    fn a_per_packet_flow_closes_once_both_ends_sent_a_fin_whichever_first() {
+        use FlowEnd::*;
+        for ends in [[Client, Backend], [Backend, Client]] {
+            let (forward, reply) = per_packet_flow_after(&ends);
+            assert_ne!(forward & CT_F_CLOSED, 0, "{ends:?}");
+            assert_ne!(reply & CT_F_CLOSED, 0, "{ends:?}");
+            let entry = CtValue {
+                flags: forward,
+                ..CtValue::default()
+            };
+            assert!(entry.expired(CT_CLOSED_NS, PROTO_TCP));
+        }
+        // A half-closed flow (either end's FIN, sent again or not) stays live on both entries.
+        for ends in [&[Client][..], &[Client, Client], &[Backend], &[Backend, Backend]] {
+            let (forward, reply) = per_packet_flow_after(ends);
+            assert_eq!((forward | reply) & CT_F_CLOSED, 0, "{ends:?}");
+            let entry = CtValue {
+                flags: forward,
+                ..CtValue::default()
+            };
+            assert!(!entry.expired(CT_CLOSED_NS, PROTO_TCP));
+        }
     }
 
     #[test]

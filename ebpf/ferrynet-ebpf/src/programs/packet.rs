@@ -162,6 +162,12 @@ pub fn is_tcp_rst<A>(t: &Tuple<A>) -> bool {
     t.proto == PROTO_TCP && t.tcp_flags & TCP_RST != 0
 }
 
+/// Whether a TCP segment ends its sender's half of the connection.
+#[inline(always)]
+pub fn is_tcp_fin<A>(t: &Tuple<A>) -> bool {
+    t.proto == PROTO_TCP && t.tcp_flags & TCP_FIN != 0
+}
+
 /// Whether a TCP segment opens a connection (SYN without ACK).
 #[inline(always)]
 pub fn is_tcp_syn<A>(t: &Tuple<A>) -> bool {

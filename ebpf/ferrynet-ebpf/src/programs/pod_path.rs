@@ -309,13 +309,16 @@ fn forward<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flow: Flow<F>, ge
         Some(forward) => {
             // SAFETY: the pointer is to this map's value for `key`, valid during this program.
             let old = unsafe { *forward };
-            let refresh = now.saturating_sub(old.last_seen_ns) >= CT_REFRESH_NS;
-            if old.flags & CT_F_BACKEND == 0 {
+            // A SYN on the tuple of a flow that ended (the pod reuses its port): a new
+            // connection, whose entries start without the old one's ending.
+            let reopened = old.flags & CT_F_ENDED != 0 && is_tcp_syn(&t);
+            let refresh = reopened || now.saturating_sub(old.last_seen_ns) >= CT_REFRESH_NS;
+            if old.flags & CT_F_BACKEND == 0 || reopened {
                 // An earlier agent's entry holds the client's address where this one holds the
                 // backend's: replaced whole (an LRU map's update swaps in a new element), so that
                 // no packet on another CPU reads the flag beside the client's address.
                 let stamped = CtValue {
-                    flags: old.flags | CT_F_BACKEND,
+                    flags: (old.flags & !CT_F_ENDED) | CT_F_BACKEND,
                     ..value
                 };
                 if ct.insert(key, stamped, 0).is_err() {
@@ -339,8 +342,8 @@ fn forward<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flow: Flow<F>, ge
             if refresh {
                 match ct.get_ptr_mut(reply) {
                     // SAFETY: as above, for `reply`.
-                    Some(entry) => unsafe { (*entry).last_seen_ns = now },
-                    None => {
+                    Some(entry) if !reopened => unsafe { (*entry).last_seen_ns = now },
+                    _ => {
                         if ct.insert(reply, reply_value, 0).is_err() {
                             bump(Stat::ConntrackFull);
                         }
@@ -362,6 +365,8 @@ fn forward<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flow: Flow<F>, ge
         // when the map runs out of room (a map of live flows keeps every lookup short).
         let _ = ct.remove(key);
         let _ = ct.remove(reply);
+    } else if is_tcp_fin(&t) {
+        note_fin::<F>(FlowEnd::Client, key, reply);
     }
     F::rewrite_end(ctx, &t, End::Destination, (t.daddr, t.dport), (backend_addr, flow.port))?;
     if flow.entry.is_none() {
@@ -373,6 +378,23 @@ fn forward<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flow: Flow<F>, ge
         return bounce_to_pod(ctx);
     }
     Some(TC_ACT_OK)
+}
+
+/// A FIN sent by `end` of a per-packet flow, whose entry for that direction is `own` and for the
+/// other `other`: noted, and once both ends sent one, both entries are closed for the agent's
+/// sweep (see [`per_packet_fin_flags`]). Once per FIN: every other segment pays only its flag test.
+#[inline(always)]
+fn note_fin<F: Family>(end: FlowEnd, own: F::CtKey, other: F::CtKey) {
+    let ct = F::conntrack();
+    let (Some(own), Some(other)) = (ct.get_ptr_mut(own), ct.get_ptr_mut(other)) else {
+        return;
+    };
+    // SAFETY: both point at this map's values, valid while this program runs.
+    unsafe {
+        let (set_own, set_other) = per_packet_fin_flags(end, (*other).flags);
+        (*own).flags |= set_own;
+        (*other).flags |= set_other;
+    }
 }
 
 /// `to_pod` for a packet of family `F`.
@@ -397,17 +419,15 @@ fn to_pod_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
     }
     let (frontend, frontend_port) = reply_source::<F>(&entry)?;
     F::rewrite_end(ctx, &t, End::Source, (t.saddr, t.sport), (frontend, frontend_port))?;
-    if is_tcp_rst(&t) {
-        // The backend reset the connection: both of its entries go (see `translate`).
-        let _ = ct.remove(key);
-        let _ = ct.remove(F::ct_key_of(
-            t.daddr,
-            frontend,
-            t.dport,
-            frontend_port,
-            t.proto,
-            CT_FORWARD,
-        ));
+    if is_tcp_rst(&t) || is_tcp_fin(&t) {
+        let forward = F::ct_key_of(t.daddr, frontend, t.dport, frontend_port, t.proto, CT_FORWARD);
+        if is_tcp_rst(&t) {
+            // The backend reset the connection: both of its entries go (see `forward`).
+            let _ = ct.remove(key);
+            let _ = ct.remove(forward);
+        } else {
+            note_fin::<F>(FlowEnd::Backend, key, forward);
+        }
     }
     bump(Stat::PacketsTranslated);
     Some(NEXT)
