@@ -1159,8 +1159,8 @@ fn a_flushed_ruleset_is_restored_by_the_agents_next_pass() {
     let table = || String::from_utf8_lossy(&n1.exec("nft", &["list", "table", "inet", "ferrynet"]).stdout).into_owned();
     assert!(table().contains("masquerade"), "{}", table());
     // Someone flushes the whole ruleset (an iptables-restore of another tool, a careless admin).
+    // (Not checked empty after: the agent's pass may already have restored it.)
     assert!(n1.exec("nft", &["flush", "ruleset"]).status.success());
-    assert!(table().is_empty());
     assert!(
         eventually(Duration::from_secs(20), || {
             let t = table();

@@ -776,8 +776,11 @@ fn dns_over_a_udp_clusterip_keeps_answering_when_its_backend_is_replaced() {
     // The backend is replaced: the new one first, then the old one goes (gracefully).
     lab.run_pod("dns-2", "n2", &labels(&[("app", "dns")])).unwrap();
     start_dnsmasq(&lab, "dns-2", "10.1.2.4");
-    lab.terminate_pod("dns-1").unwrap();
     let dns2 = lab.pod("dns-2").unwrap().ip(true);
+    // The new one answers (at its own address) before the old one goes, as a readiness probe
+    // would have it.
+    assert!(eventually(Duration::from_secs(20), || dig(&lab, "n2", dns2) == "10.1.2.4"));
+    lab.terminate_pod("dns-1").unwrap();
     wait_backends(&lab, "n2", &format!("{vip}:53/udp"), &[dns2]);
     lab.delete_pod("dns-1").unwrap();
     for part in ["pod-client", "n2"] {
@@ -1627,10 +1630,14 @@ fn a_known_per_packet_flow_goes_by_its_conntrack_entry_until_the_removal_generat
     let stream = stamped_flow();
     settings_written(u16::MAX);
     lab.delete_service("known-other").unwrap();
+    // (The agent writes the generation, then walks the conntrack maps to clear the stamps: the
+    // walk is waited for too.)
     assert!(
         eventually(Duration::from_secs(20), || (1..u16::MAX)
-            .contains(&generation_now(&lab))),
-        "the generation did not move on from its last value after a removal"
+            .contains(&generation_now(&lab))
+            && forward_entry(&stream).flags & CT_F_BACKEND == 0),
+        "the generation did not move on from its last value after a removal, or the flow's stamp stayed: {:?}",
+        forward_entry(&stream)
     );
     checked_afresh(
         &stream,
@@ -1940,6 +1947,8 @@ fn maglev_sends_a_flow_to_one_backend_through_every_node_and_a_removed_backend_m
         lab.create_service_object(&svc).unwrap();
         lab.expose_load_balancer(name, ips, &["n1"]).unwrap();
     }
+    // Programmed (the client reaches it through n1) before n1's maps are read.
+    answers(&lab, "client", SocketAddr::new(hashed[0], 80), false, 1);
     let explained = agent_cli(&lab, "n1", &["explain", &format!("{}:80", hashed[0])]);
     assert!(
         explained.contains("load balancing: Maglev, a table of 16381 entries"),
@@ -2417,6 +2426,12 @@ fn a_purge_of_a_removed_backends_flows_does_not_hold_up_other_services_changes()
     let a1_id = *ids_of("a1").first().expect("a1's backend entry");
     let mut ct = pinned_map::<CtKey4, CtValue>(&lab, "n1", CT4_MAP);
     let fill = |ct: &mut Ct, backend: u32| {
+        // Seen now (the programs' clock): an entry last seen at 0 is idle past the TCP limit on
+        // a machine up for longer than it, and the agent's sweep would remove it.
+        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: plain clock_gettime(2) into a local.
+        assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) }, 0);
+        let last_seen_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
         for n in 0..FLOWS {
             let key = CtKey4 {
                 saddr: u32::from_ne_bytes([10, 99, (n >> 16) as u8, (n >> 8) as u8]),
@@ -2429,6 +2444,7 @@ fn a_purge_of_a_removed_backends_flows_does_not_hold_up_other_services_changes()
             };
             let value = CtValue {
                 backend,
+                last_seen_ns,
                 ..CtValue::default()
             };
             ct.insert(key, value, 0).unwrap();
