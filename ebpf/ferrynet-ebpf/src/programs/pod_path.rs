@@ -20,7 +20,9 @@
 //!   frontend's last endpoint), the flow's next packet looks both up again, as every packet did
 //!   before, and a flow whose frontend or backend went is balanced afresh or refused at once.
 //! - A TCP reset, from the pod or the backend, ends its flow: both entries go at once, so the
-//!   map holds live flows rather than waiting for eviction.
+//!   map holds live flows rather than waiting for eviction. A flow both ends closed with a FIN
+//!   has both entries closed, for the agent's sweep to remove after the closed-flow time; a SYN
+//!   on a known tuple starts both entries afresh.
 //! - `to_pod` (egress: everything sent to the pod): a backend's reply gets the Service address
 //!   back, while its flow is not idle past the conntrack limit. Only a packet from a port some
 //!   backend has is looked up.
@@ -130,8 +132,23 @@ fn from_pod_in<F: Family>(ctx: &mut TcContext, cfg: &DatapathConfig) -> Option<i
     }
     if t.daddr == F::hairpin() {
         // A pod's reply to itself through its Service: back to the client's view, and back in.
+        let key = F::ct_key(&t, CT_REPLY);
         // SAFETY: the value is copied out at once.
-        let entry = unsafe { F::conntrack().get(F::ct_key(&t, CT_REPLY)) }.copied()?;
+        let entry = unsafe { F::conntrack().get(key) }.copied()?;
+        if is_tcp_fin(&t) {
+            // The pod's FIN as its own backend: noted as a backend's is at `to_pod`, on the
+            // flow's forward entry (the pod's own, to the frontend it sent to).
+            let forward = F::ct_key_of(
+                t.saddr,
+                F::narrow(entry.client_addr),
+                t.dport,
+                entry.client_port,
+                t.proto,
+                CT_FORWARD,
+            );
+            // SAFETY: no preconditions.
+            note_fin::<F>(FlowEnd::Backend, key, forward, unsafe { bpf_ktime_get_ns() });
+        }
         // From the address the pod sent to, to the pod itself (the client is the backend).
         F::rewrite_end(
             ctx,
@@ -309,16 +326,21 @@ fn forward<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flow: Flow<F>, ge
         Some(forward) => {
             // SAFETY: the pointer is to this map's value for `key`, valid during this program.
             let old = unsafe { *forward };
-            // A SYN on the tuple of a flow that ended (the pod reuses its port): a new
-            // connection, whose entries start without the old one's ending.
-            let reopened = old.flags & CT_F_ENDED != 0 && is_tcp_syn(&t);
+            // A SYN on a known tuple: a new connection on the tuple of one that ended (the pod
+            // reuses its port), or a SYN sent again. Both entries start afresh, without what an
+            // earlier connection's FINs left on either (a SYN of a known flow is rare: one
+            // insert each costs nothing).
+            let reopened = is_tcp_syn(&t);
             let refresh = reopened || now.saturating_sub(old.last_seen_ns) >= CT_REFRESH_NS;
             if old.flags & CT_F_BACKEND == 0 || reopened {
                 // An earlier agent's entry holds the client's address where this one holds the
                 // backend's: replaced whole (an LRU map's update swaps in a new element), so that
                 // no packet on another CPU reads the flag beside the client's address.
+                // (Only a new connection drops the ending: a live flow's FIN noted before the
+                // agent took the stamps off stays.)
+                let kept = if reopened { old.flags & !CT_F_ENDED } else { old.flags };
                 let stamped = CtValue {
-                    flags: (old.flags & !CT_F_ENDED) | CT_F_BACKEND,
+                    flags: kept | CT_F_BACKEND,
                     ..value
                 };
                 if ct.insert(key, stamped, 0).is_err() {
@@ -366,7 +388,7 @@ fn forward<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flow: Flow<F>, ge
         let _ = ct.remove(key);
         let _ = ct.remove(reply);
     } else if is_tcp_fin(&t) {
-        note_fin::<F>(FlowEnd::Client, key, reply);
+        note_fin::<F>(FlowEnd::Client, key, reply, now);
     }
     F::rewrite_end(ctx, &t, End::Destination, (t.daddr, t.dport), (backend_addr, flow.port))?;
     if flow.entry.is_none() {
@@ -380,11 +402,13 @@ fn forward<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flow: Flow<F>, ge
     Some(TC_ACT_OK)
 }
 
-/// A FIN sent by `end` of a per-packet flow, whose entry for that direction is `own` and for the
-/// other `other`: noted, and once both ends sent one, both entries are closed for the agent's
-/// sweep (see [`per_packet_fin_flags`]). Once per FIN: every other segment pays only its flag test.
+/// A FIN sent by `end` of a per-packet flow at `now`, whose entry for that direction is `own` and
+/// for the other `other`: noted, and once both ends sent one, both entries are closed for the
+/// agent's sweep (see [`per_packet_fin_flags`]), seen now: the closed-flow time runs from the
+/// close, not from the last refresh (a half-closed flow's may be long past, and its last ACK must
+/// still find the entries). Once per FIN: every other segment pays only its flag test.
 #[inline(always)]
-fn note_fin<F: Family>(end: FlowEnd, own: F::CtKey, other: F::CtKey) {
+fn note_fin<F: Family>(end: FlowEnd, own: F::CtKey, other: F::CtKey, now: u64) {
     let ct = F::conntrack();
     let (Some(own), Some(other)) = (ct.get_ptr_mut(own), ct.get_ptr_mut(other)) else {
         return;
@@ -394,6 +418,10 @@ fn note_fin<F: Family>(end: FlowEnd, own: F::CtKey, other: F::CtKey) {
         let (set_own, set_other) = per_packet_fin_flags(end, (*other).flags);
         (*own).flags |= set_own;
         (*other).flags |= set_other;
+        if set_other & CT_F_CLOSED != 0 {
+            (*own).last_seen_ns = now;
+            (*other).last_seen_ns = now;
+        }
     }
 }
 
@@ -426,7 +454,7 @@ fn to_pod_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
             let _ = ct.remove(key);
             let _ = ct.remove(forward);
         } else {
-            note_fin::<F>(FlowEnd::Backend, key, forward);
+            note_fin::<F>(FlowEnd::Backend, key, forward, now);
         }
     }
     bump(Stat::PacketsTranslated);
