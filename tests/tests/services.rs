@@ -2222,6 +2222,71 @@ fn per_packet_flows_both_ends_closed_are_swept_and_a_new_connection_on_their_tup
     assert_eq!(ask(&reopened).unwrap(), backend);
 }
 
+#[test]
+fn a_per_packet_flow_half_closed_for_longer_than_the_closed_flow_time_stays_live() {
+    use std::io::{Read, Write};
+    // Socket LB off, the sweep at every resync. The backend is the test's own listener in a
+    // pod's namespace, so that it can go on sending after its client's FIN, as a server
+    // streaming its answer to a request ended by shutdown(SHUT_WR) does.
+    const BACKEND_PORT: u16 = 9_099;
+    let mut lab = LabGuard::up(1, "native");
+    start_agent_afresh(&lab, "n1", &["--socket-lb", "false", "--map-fill-seconds", "1"]);
+    lab.run_pod("half1", "n1", &labels(&[("app", "half")])).unwrap();
+    lab.run_pod("client", "n1", &BTreeMap::new()).unwrap();
+    let backend_ns = lab.pod_ns("half1").unwrap();
+    let listener = ferrynet_kernel::netns::run_in(backend_ns.fd(), || {
+        std::net::TcpListener::bind(("0.0.0.0", BACKEND_PORT))
+    })
+    .unwrap();
+    lab.create_service_object(&service(
+        "half",
+        "half",
+        vec![port("tcp", "TCP", 80, IntOrString::Int(i32::from(BACKEND_PORT)))],
+    ))
+    .unwrap();
+    let vip = SocketAddr::new(lab.cluster_ip("half", true).unwrap(), 80);
+    wait_backends(&lab, "n1", &vip.to_string(), &[lab.pod("half1").unwrap().ip(true)]);
+    let client_ns = lab.pod_ns("client").unwrap();
+    let mut client = ferrynet_kernel::netns::run_in(client_ns.fd(), || {
+        std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(3))
+    })
+    .unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let mut accepted = None;
+    assert!(eventually(Duration::from_secs(5), || {
+        accepted = listener.accept().ok();
+        accepted.is_some()
+    }));
+    let (mut server, _) = accepted.unwrap();
+    server.set_nonblocking(false).unwrap();
+    server.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    // The client's request, then its FIN: the backend reads the end of the stream.
+    client.write_all(b"request").unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut request = Vec::new();
+    server.read_to_end(&mut request).unwrap();
+    assert_eq!(request, b"request");
+    // The backend is quiet for longer than the closed-flow time, with the sweep walking every
+    // second: the flow is half-closed, not closed, and keeps its entries (2, its two
+    // directions). The quiet time is the subject of the test: no condition can stand for it.
+    let quiet = Duration::from_nanos(ferrynet_common::CT_CLOSED_NS) + Duration::from_secs(3);
+    std::thread::sleep(quiet);
+    assert_eq!(
+        metric_value(&lab, "n1", "ferrynet_map_entries{map=\"CT4\"}"),
+        Some(2.0),
+        "the half-closed flow's entries after {quiet:?}"
+    );
+    // Then it answers, from the Service's address, and ends its half: the client reads it all.
+    server.write_all(b"answer").unwrap();
+    drop(server);
+    let mut answer = Vec::new();
+    client.read_to_end(&mut answer).unwrap();
+    assert_eq!(answer, b"answer");
+    // Both ends closed: the sweep removes the flow's entries after the closed-flow time.
+    wait_swept(&lab, "n1", 0.0, 2.0);
+}
+
 /// A raw IPv4 TCP socket in `ns`, which sees a copy of every TCP segment arriving there.
 fn raw_tcp_receiver(ns: &ferrynet_tests::netns::Netns) -> std::os::fd::OwnedFd {
     use std::os::fd::FromRawFd;
