@@ -2167,24 +2167,30 @@ fn the_agent_sweeps_finished_flows_out_of_conntrack_and_keeps_live_ones() {
     assert_eq!(ask(&live).unwrap(), backend);
 }
 
-#[test]
-fn per_packet_flows_both_ends_closed_are_swept_and_a_new_connection_on_their_tuple_is_not() {
-    // Socket LB off: the client pod's connections are translated packet by packet. The map walk
-    // (and its sweep) at every resync.
+/// A one-node lab whose agent translates packet by packet (socket LB off) and walks (and sweeps)
+/// its maps every second, with `backends` pods `<app>1`... labelled `app=<app>`, a pod `client`,
+/// and a ClusterIP Service `app` (port 80 to `target_port`), whose IPv4 address it returns.
+fn per_packet_sweeping_lab(app: &str, backends: usize, target_port: u16) -> (LabGuard, SocketAddr) {
     let mut lab = LabGuard::up(1, "native");
     start_agent_afresh(&lab, "n1", &["--socket-lb", "false", "--map-fill-seconds", "1"]);
-    for i in 1..=2 {
-        lab.run_pod(&format!("fin{i}"), "n1", &labels(&[("app", "fin")]))
+    for i in 1..=backends {
+        lab.run_pod(&format!("{app}{i}"), "n1", &labels(&[("app", app)]))
             .unwrap();
     }
     lab.run_pod("client", "n1", &BTreeMap::new()).unwrap();
     lab.create_service_object(&service(
-        "fin",
-        "fin",
-        vec![port("tcp", "TCP", 80, IntOrString::Int(i32::from(POD_PORT)))],
+        app,
+        app,
+        vec![port("tcp", "TCP", 80, IntOrString::Int(i32::from(target_port)))],
     ))
     .unwrap();
-    let vip = SocketAddr::new(lab.cluster_ip("fin", true).unwrap(), 80);
+    let vip = SocketAddr::new(lab.cluster_ip(app, true).unwrap(), 80);
+    (lab, vip)
+}
+
+#[test]
+fn per_packet_flows_both_ends_closed_are_swept_and_a_new_connection_on_their_tuple_is_not() {
+    let (lab, vip) = per_packet_sweeping_lab("fin", 2, POD_PORT);
     answers(&lab, "pod-client", vip, false, 1);
     // A connection from a fixed port, ended by both ends (the pod's FIN first, then the
     // backend's)...
@@ -2229,22 +2235,12 @@ fn a_per_packet_flow_half_closed_for_longer_than_the_closed_flow_time_stays_live
     // pod's namespace, so that it can go on sending after its client's FIN, as a server
     // streaming its answer to a request ended by shutdown(SHUT_WR) does.
     const BACKEND_PORT: u16 = 9_099;
-    let mut lab = LabGuard::up(1, "native");
-    start_agent_afresh(&lab, "n1", &["--socket-lb", "false", "--map-fill-seconds", "1"]);
-    lab.run_pod("half1", "n1", &labels(&[("app", "half")])).unwrap();
-    lab.run_pod("client", "n1", &BTreeMap::new()).unwrap();
+    let (lab, vip) = per_packet_sweeping_lab("half", 1, BACKEND_PORT);
     let backend_ns = lab.pod_ns("half1").unwrap();
     let listener = ferrynet_kernel::netns::run_in(backend_ns.fd(), || {
         std::net::TcpListener::bind(("0.0.0.0", BACKEND_PORT))
     })
     .unwrap();
-    lab.create_service_object(&service(
-        "half",
-        "half",
-        vec![port("tcp", "TCP", 80, IntOrString::Int(i32::from(BACKEND_PORT)))],
-    ))
-    .unwrap();
-    let vip = SocketAddr::new(lab.cluster_ip("half", true).unwrap(), 80);
     wait_backends(&lab, "n1", &vip.to_string(), &[lab.pod("half1").unwrap().ip(true)]);
     let client_ns = lab.pod_ns("client").unwrap();
     let mut client = ferrynet_kernel::netns::run_in(client_ns.fd(), || {

@@ -631,8 +631,8 @@ pub fn per_packet_fin_flags(end: FlowEnd, other: u32) -> (u32, u32) {
     }
 }
 
-/// The flags of a per-packet flow's entries that say how it ended: a SYN on a tuple whose flow
-/// holds any of them opens a new connection, whose entries start without them.
+/// The flags of a per-packet flow's entries that say how it ended: a new connection on the tuple
+/// (a SYN on a known one) starts its entries without them.
 pub const CT_F_ENDED: u32 = CT_F_CLIENT_FIN | CT_F_BACKEND_FIN | CT_F_CLOSED;
 
 /// Key of [`AFFINITY4_MAP`]: the service and the client (its address for per-packet traffic, its

@@ -303,33 +303,31 @@ fn from_uplink_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
 /// stays.
 #[inline(always)]
 fn restore_reply_entry<F: Family>(t: &Tuple<F::Addr>, e: &CtValue, backend_addr: F::Addr, backend_port: u16, now: u64) {
+    // As the flow's first packet wrote it.
+    let local = CtValue {
+        backend: e.backend,
+        service: e.service,
+        last_seen_ns: now,
+        flags: 0,
+        client_port: 0,
+        generation: 0,
+        client_addr: F::widen(t.daddr),
+    };
     let (key, value) = if e.client_port == 0 {
         // A local backend's replies, translated at its veth.
         let key = F::ct_key_of(backend_addr, t.saddr, backend_port, t.sport, t.proto, CT_EXT_OUT);
-        let value = CtValue {
-            backend: e.backend,
-            service: e.service,
-            last_seen_ns: now,
-            flags: 0,
-            client_port: 0,
-            generation: 0,
-            client_addr: F::widen(t.daddr),
-        };
-        (key, value)
+        (key, local)
     } else {
         // Another node's backend's replies, to the flow's SNAT address and port.
         let snat_addr = F::narrow(e.client_addr);
         let key = F::ct_key_of(backend_addr, snat_addr, backend_port, e.client_port, t.proto, CT_EXT_IN);
-        let value = CtValue {
-            backend: e.backend,
-            service: e.service,
-            last_seen_ns: now,
+        let snat_reply = CtValue {
             flags: CT_F_SNAT_REPLY,
             client_port: t.sport,
-            generation: 0,
             client_addr: F::widen(t.saddr),
+            ..local
         };
-        (key, value)
+        (key, snat_reply)
     };
     let _ = F::conntrack().insert(key, value, u64::from(BPF_NOEXIST));
 }
