@@ -14,6 +14,7 @@ use ferrynet_tests::{
 use k8s_openapi::{
     api::{
         core::v1::{ClientIPConfig, Pod, Service, ServicePort as K8sServicePort, SessionAffinityConfig},
+        discovery::v1::EndpointSlice,
         networking::v1::ServiceCIDR,
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -576,15 +577,49 @@ fn internal_traffic_policy_local_service_cidrs_and_services_left_alone() {
             .is_some_and(|e| !e.to_string().contains("refused"))
     });
     assert!(left, "{in_extra} is still refused after its ServiceCIDR went");
-    // A hostile ServiceCIDR holding a node's address and another's pods: those CIDRs are left out
-    // (said in the status), its good one is refused in, and the nodes still reach each other and
-    // the pods.
+    // The API server's own Service, as the real API server keeps it: its endpoint is the
+    // stand-in's address, outside the nodes (as a managed control plane's is). Once the agent
+    // translates it, it knows where the API server is.
+    let api_server: SocketAddr = ferrynet_tests::lab::API_ADDR.parse().unwrap();
+    let kubernetes: Service = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "kubernetes", "namespace": "default"},
+        "spec": {"ports": [{"name": "https", "port": 443, "targetPort": api_server.port()}]}
+    }))
+    .unwrap();
+    let kubernetes = lab.api().unwrap().create(&kubernetes).unwrap();
+    let api_slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "kubernetes",
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "kubernetes"}
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [api_server.ip().to_string()], "conditions": {"ready": true}}],
+        "ports": [{"name": "https", "port": api_server.port(), "protocol": "TCP"}]
+    }))
+    .unwrap();
+    lab.api().unwrap().create(&api_slice).unwrap();
+    let kubernetes_vip = SocketAddr::new(kubernetes.spec.unwrap().cluster_ip.unwrap().parse().unwrap(), 443);
+    let translated = eventually(Duration::from_secs(20), || {
+        services_listing(&lab, "n1")
+            .lines()
+            .any(|l| l.contains(&kubernetes_vip.to_string()))
+    });
+    assert!(translated, "{}", services_listing(&lab, "n1"));
+    // A hostile ServiceCIDR holding a node's address, another's pods and the API server: those
+    // CIDRs are left out (said in the status), its good one is refused in, and the nodes still
+    // reach each other, the pods and the API server.
     let n2 = lab.state.nodes.iter().find(|n| n.name == "n2").unwrap().clone();
+    let api_server_cidr = format!("{}/32", api_server.ip());
     let hostile: ServiceCIDR = serde_json::from_value(serde_json::json!({
         "apiVersion": "networking.k8s.io/v1",
         "kind": "ServiceCIDR",
         "metadata": {"name": "hostile"},
-        "spec": {"cidrs": [format!("{}/32", n2.v4()), "10.244.0.0/16", "10.97.1.0/24"]}
+        "spec": {"cidrs": [format!("{}/32", n2.v4()), "10.244.0.0/16", api_server_cidr, "10.97.1.0/24"]}
     }))
     .unwrap();
     lab.api().unwrap().create(&hostile).unwrap();
@@ -599,8 +634,13 @@ fn internal_traffic_policy_local_service_cidrs_and_services_left_alone() {
         );
         left_out.contains(&format!("{}/32 holds node n2's InternalIP", n2.v4()))
             && left_out.contains("10.244.0.0/16 holds node n")
+            && left_out.contains(&format!("holds the API server's address {}", api_server.ip()))
     });
     assert!(said, "{left_out}");
+    // The node's own connections to the API server are not refused (the stand-in answers
+    // something other than a pod's answer: any error but a refusal is an answer).
+    let reached = lab.probe("n1", api_server, false).unwrap_or_else(|e| e.to_string());
+    assert!(!reached.contains("refused"), "the API server from n1: {reached}");
     let l2_pod = SocketAddr::new(lab.pod("l2").unwrap().ip(true), POD_PORT);
     assert_eq!(answered_by(&lab.probe("n1", l2_pod, false).unwrap()), "l2");
     let healthz = format!("http://{}:10256/healthz", n2.v4());
@@ -617,6 +657,8 @@ fn internal_traffic_policy_local_service_cidrs_and_services_left_alone() {
             .is_ok_and(|s| s["services"]["details"]["serviceCidrsLeftOut"].is_null())
     });
     assert!(cleared, "serviceCidrsLeftOut stayed after the hostile ServiceCIDR went");
+    lab.api().unwrap().delete::<EndpointSlice>("kubernetes").unwrap();
+    lab.api().unwrap().delete::<Service>("kubernetes").unwrap();
 
     // `--service-cidrs none`: nothing is refused for being in them, and nothing translates the
     // other proxy's Service: the node has no route for it.

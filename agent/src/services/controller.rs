@@ -35,7 +35,7 @@ use super::{
     nodeport, notes,
     objects::{EndpointSlice, EndpointSliceObject, Service, ServiceObject, TRIGGER_TIME_ANNOTATION},
     purge,
-    service_cidrs::{ServiceCidrSource, ServiceCidrWatch, clear_of_nodes},
+    service_cidrs::{ServiceCidrSource, ServiceCidrWatch, clear_of_cluster},
     table::{self, Frontend, NodeContext, PortEntry, ServiceRef},
 };
 use crate::{
@@ -322,7 +322,33 @@ struct Ahead {
     computed: Vec<Option<Computed>>,
 }
 
+/// The `default/kubernetes` Service, whose endpoints are the API server's own addresses.
+fn api_server_service() -> ServiceRef {
+    ServiceRef {
+        namespace: "default".into(),
+        name: "kubernetes".into(),
+    }
+}
+
 impl Objects {
+    /// The API server's own addresses: its Service's endpoints, whatever their conditions.
+    fn api_server_addresses(&self) -> Vec<IpAddr> {
+        let slices = self
+            .slices
+            .get(&api_server_service())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let mut addresses: Vec<IpAddr> = slices
+            .iter()
+            .flat_map(|slice| slice.endpoints.iter())
+            .flat_map(|endpoint| endpoint.addresses.iter())
+            .filter_map(|address| address.parse().ok())
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        addresses
+    }
+
     fn new(health: Arc<Health>) -> Self {
         Self {
             services: HashMap::new(),
@@ -839,7 +865,7 @@ struct Controller {
     /// The API's ServiceCIDR objects, when the Service CIDRs are read there.
     cidr_watch: Option<ServiceCidrWatch>,
     /// The Service CIDRs those objects give (none before they are listed, or when they are not
-    /// read), and what of them [`clear_of_nodes`] left out, as last said.
+    /// read), and what of them [`clear_of_cluster`] left out, as last said.
     service_cidrs_from_api: Option<Vec<IpNet>>,
     service_cidrs_left_out: Vec<String>,
     /// The nodes as last seen: their addresses and PodCIDRs are kept out of the Service CIDRs.
@@ -1181,6 +1207,10 @@ impl Controller {
             }
         }
         self.finish(outcome, &dirty, started, full);
+        // The API server's addresses are kept out of the Service CIDRs.
+        if full || dirty.binary_search(&api_server_service()).is_ok() {
+            self.guard_service_cidrs();
+        }
         if full {
             release_freed_memory();
         }
@@ -1400,17 +1430,18 @@ impl Controller {
         self.guard_service_cidrs();
     }
 
-    /// The API's Service CIDRs without those holding a node's address or pods
-    /// ([`clear_of_nodes`]), once the nodes are listed: until then the datapath keeps what it
-    /// holds, as it does until the ServiceCIDRs are listed.
+    /// The API's Service CIDRs without those holding a node's address or pods, or the API
+    /// server's ([`clear_of_cluster`]), once the nodes and the EndpointSlices are listed: until
+    /// then the datapath keeps what it holds, as it does until the ServiceCIDRs are listed.
     fn guard_service_cidrs(&mut self) {
         let Some(from_api) = &self.service_cidrs_from_api else {
             return;
         };
-        if !self.nodes_view.synced {
+        if !self.nodes_view.synced || !self.synced {
             return;
         }
-        let (kept, left_out) = clear_of_nodes(from_api, &self.nodes_view.nodes);
+        let api_servers = self.objects.api_server_addresses();
+        let (kept, left_out) = clear_of_cluster(from_api, &self.nodes_view.nodes, &api_servers);
         if left_out != self.service_cidrs_left_out {
             for problem in &left_out {
                 warn!("{problem}");

@@ -6,7 +6,7 @@
 //!
 //! [`ServiceCidrSource::from_flag`] and [`cidrs_of`] are pure; [`ServiceCidrWatch`] follows the
 //! objects.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use futures::StreamExt;
 use ipnet::IpNet;
@@ -137,22 +137,31 @@ pub fn cidrs_of(objects: &BTreeMap<String, Vec<String>>) -> (Vec<IpNet>, Vec<Str
 /// The Service CIDRs that hold none of the cluster's own addresses, and what was left out and
 /// why (pure). A CIDR holding a node's InternalIP, or overlapping a node's PodCIDR, would have
 /// every node refuse traffic there (no Service holds those addresses): the nodes' own
-/// connections to each other, or to pods. A ServiceCIDR is a cluster administrator's object, but
-/// one typo must not cut the nodes off; kube-proxy's nftables mode has no such guard.
-pub fn clear_of_nodes(cidrs: &[IpNet], nodes: &[NodeInfo]) -> (Vec<IpNet>, Vec<String>) {
+/// connections to each other, or to pods. One holding an address of the API server itself (the
+/// `default/kubernetes` Service's endpoints: a managed control plane lives outside the nodes)
+/// would cut every agent off from the API, and with it from the fix. A ServiceCIDR is a cluster
+/// administrator's object, but one typo must not cut the nodes off; kube-proxy's nftables mode
+/// has no such guard.
+pub fn clear_of_cluster(cidrs: &[IpNet], nodes: &[NodeInfo], api_servers: &[IpAddr]) -> (Vec<IpNet>, Vec<String>) {
     let overlaps = |a: &IpNet, b: &IpNet| a.contains(&b.network()) || b.contains(&a.network());
     let mut problems = Vec::new();
     let kept = cidrs
         .iter()
         .copied()
         .filter(|cidr| {
-            let held = nodes.iter().find_map(|node| {
-                if let Some(ip) = node.internal_ips.iter().find(|ip| cidr.contains(*ip)) {
-                    return Some(format!("node {}'s InternalIP {ip}", node.name));
-                }
-                let pods = node.pod_cidrs.iter().find(|pods| overlaps(cidr, pods))?;
-                Some(format!("node {}'s PodCIDR {pods}", node.name))
-            });
+            let held = nodes
+                .iter()
+                .find_map(|node| {
+                    if let Some(ip) = node.internal_ips.iter().find(|ip| cidr.contains(*ip)) {
+                        return Some(format!("node {}'s InternalIP {ip}", node.name));
+                    }
+                    let pods = node.pod_cidrs.iter().find(|pods| overlaps(cidr, pods))?;
+                    Some(format!("node {}'s PodCIDR {pods}", node.name))
+                })
+                .or_else(|| {
+                    let ip = api_servers.iter().find(|ip| cidr.contains(*ip))?;
+                    Some(format!("the API server's address {ip}"))
+                });
             if let Some(what) = &held {
                 problems.push(format!("Service CIDR {cidr} holds {what}: left out"));
             }
@@ -448,7 +457,7 @@ mod tests {
             "10.244.0.0/16",
             "fd00:96::/108",
         ]);
-        let (kept, problems) = clear_of_nodes(&cidrs, &nodes);
+        let (kept, problems) = clear_of_cluster(&cidrs, &nodes, &[]);
         assert_eq!(kept, nets(&["10.96.0.0/16", "fd00:96::/108"]));
         assert_eq!(problems.len(), 5, "{problems:?}");
         assert!(
@@ -464,8 +473,29 @@ mod tests {
             "{problems:?}"
         );
         // Without nodes, or beside them, everything stays.
-        assert_eq!(clear_of_nodes(&cidrs, &[]), (cidrs.clone(), vec![]));
-        let (kept, problems) = clear_of_nodes(&nets(&["10.96.0.0/12", "10.245.0.0/16"]), &nodes);
+        assert_eq!(clear_of_cluster(&cidrs, &[], &[]), (cidrs.clone(), vec![]));
+        let (kept, problems) = clear_of_cluster(&nets(&["10.96.0.0/12", "10.245.0.0/16"]), &nodes, &[]);
         assert_eq!((kept.len(), problems.len()), (2, 0));
+    }
+
+    #[test]
+    fn a_cidr_holding_the_api_servers_address_is_left_out_and_said() {
+        let nodes = [node_at("n1", &["192.168.0.1"], &["10.244.1.0/24"])];
+        // A managed control plane: its addresses are on no node.
+        let api_servers: Vec<IpAddr> = vec!["172.16.5.10".parse().unwrap(), "fd00:5::10".parse().unwrap()];
+        let cidrs = nets(&["10.96.0.0/16", "172.16.0.0/16", "fd00:5::/64", "fd00:96::/108"]);
+        let (kept, problems) = clear_of_cluster(&cidrs, &nodes, &api_servers);
+        assert_eq!(kept, nets(&["10.96.0.0/16", "fd00:96::/108"]));
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("172.16.0.0/16") && p.contains("API server's address 172.16.5.10")),
+            "{problems:?}"
+        );
+        // A node's address is said first when a CIDR holds both.
+        let (_, problems) = clear_of_cluster(&nets(&["192.168.0.0/16"]), &nodes, &["192.168.0.9".parse().unwrap()]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("node n1"), "{problems:?}");
     }
 }
