@@ -681,18 +681,42 @@ fn internal_traffic_policy_local_service_cidrs_and_services_left_alone() {
         "the other proxy's Service was refused or answered"
     );
 
-    // Given by `--service-cidrs`, as the DaemonSet's ConfigMap gives them: refused again.
+    // Given by `--service-cidrs`, as the DaemonSet's ConfigMap gives them (one the API does not
+    // have): refused again.
     lab.stop_agent("n1").unwrap();
-    lab.start_agent_with("n1", &["--service-cidrs", "10.96.0.0/16,fd00:96::/108"])
+    lab.start_agent_with("n1", &["--service-cidrs", "10.96.0.0/16,10.97.3.0/24,fd00:96::/108"])
         .unwrap();
     lab.wait_converged(Duration::from_secs(30)).unwrap();
+    let flag_only: SocketAddr = "10.97.3.9:80".parse().unwrap();
     for to in ["10.96.200.200:80", "[fd00:96::ffff]:80"] {
         let to: SocketAddr = to.parse().unwrap();
         let err = eventually_err(&lab, "n1", to);
         assert!(err.contains("refused"), "{to}: {err}");
     }
-    let err = eventually_err(&lab, "n1", wrong_port);
-    assert!(err.contains("refused"), "{wrong_port}: {err}");
+    for to in [wrong_port, flag_only] {
+        let err = eventually_err(&lab, "n1", to);
+        assert!(err.contains("refused"), "{to}: {err}");
+    }
+
+    // Moved from the flag to the API while the API is down: the flag's CIDRs are no guess at
+    // the API's, so nothing is refused for being in them until the API is read (the pinned
+    // datapath kept refusing them while no agent ran); then the API's are.
+    lab.stop_agent("n1").unwrap();
+    lab.stop_apiserver().unwrap();
+    lab.start_agent_with("n1", &[]).unwrap();
+    assert!(untouched(flag_only), "{flag_only}, the flag's alone, is still refused");
+    assert!(
+        untouched("10.96.200.200:80".parse().unwrap()),
+        "the flag's CIDRs are still refused in before the API is read"
+    );
+    lab.start_apiserver().unwrap();
+    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    let err = eventually_err(&lab, "n1", "10.96.200.200:80".parse().unwrap());
+    assert!(err.contains("refused"), "10.96.200.200:80 from the API's CIDRs: {err}");
+    assert!(
+        untouched(flag_only),
+        "{flag_only} is refused again once the API is read"
+    );
 }
 
 /// The probe's error once the agent refuses (it may still be starting).

@@ -403,7 +403,8 @@ impl Datapath {
     }
 
     /// Writes the datapath's settings into its config map, with the identity of the programs
-    /// now attached.
+    /// now attached, and the Service CIDRs `--service-cidrs` gives (None: read from the API
+    /// later) into the tries.
     pub fn configure(
         &mut self,
         modes: TranslationModes,
@@ -416,14 +417,28 @@ impl Datapath {
         let current = self.current_config()?;
         // So does a scan of the conntrack stamps an earlier run left due.
         let kept = current.flags & (CONFIG_F_EXTERNAL | CONFIG_F_STAMPS_DUE);
+        // To be read from the API, the Service CIDRs start as an earlier run left them, the
+        // API's as last read, so that a restart during an API outage keeps refusing what it
+        // refused. Not a flag's, though: those are no guess at the API's (an agent moved from
+        // the flag to the API), and nothing is refused for being in them until the API is read.
+        let given_before = current.flags & CONFIG_F_CIDRS_GIVEN != 0;
+        let at_start = service_cidrs.or(given_before.then_some(&[]));
+        let given = if service_cidrs.is_some() {
+            CONFIG_F_CIDRS_GIVEN
+        } else {
+            0
+        };
+        // The tries before the cover: the cover only spares lookups outside it.
+        if let Some(cidrs) = at_start {
+            self.set_service_cidrs(cidrs)?;
+        }
         let value = DatapathConfig {
-            flags: modes.flags() | kept,
+            flags: modes.flags() | kept | given,
             // On from the earlier agent's, never back: a flow checked at a generation must not
             // find that generation again while something it needs may have gone. (The agent
             // reconciles the maps next, and moves it again for what that removes.)
             removal_generation: next_removal_generation(current.removal_generation),
-            // Unknown yet (read from the API later): an earlier run's, for the tries it left.
-            service_cidrs4: service_cidrs.map_or(current.service_cidrs4, service_cidr_cover),
+            service_cidrs4: at_start.map_or(current.service_cidrs4, service_cidr_cover),
             host_netns_cookie,
             programs,
         };

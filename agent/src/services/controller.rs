@@ -743,17 +743,11 @@ fn set_up(cfg: &ServicesConfig) -> Result<(Datapath, ServiceMaps, datapath::Atta
             }
         }
     }
-    // Read from the API, they come later: until then the tries and the cover stay as an earlier
-    // run left them.
-    let given = cfg.service_cidrs.fixed();
-    if let Some(cidrs) = given {
-        dp.set_service_cidrs(cidrs)?;
-    }
     dp.configure(
         cfg.modes,
         host_netns_cookie().map_err(ServicesError::NetnsCookie)?,
         identity,
-        given,
+        cfg.service_cidrs.fixed(),
     )?;
     dp.keep_out_of_force(false);
     if !per_packet {
