@@ -1103,6 +1103,12 @@ impl Datapath {
         self.write_config_with_generation(config)
     }
 
+    /// Whether the stamps of earlier removal generations are still to be taken off (the
+    /// generation started again at 1, and no scan has finished at a later one).
+    pub fn stamps_due(&mut self) -> Result<bool, DatapathError> {
+        Ok(self.current_config()?.flags & CONFIG_F_STAMPS_DUE != 0)
+    }
+
     /// Turns the pod programs' check for replies of external flows on or off (on while any
     /// NodePort is programmed, so that without one a pod's packet pays nothing for it).
     pub fn set_external(&mut self, on: bool) -> Result<(), DatapathError> {
