@@ -2299,6 +2299,18 @@ fn per_packet_flows_both_ends_closed_are_swept_and_a_new_connection_on_their_tup
 }
 
 #[test]
+fn per_packet_hairpin_flows_both_ends_closed_are_swept() {
+    // The pod is its own Service's only backend: each connection leaves it for the Service and
+    // comes back into it (from the hairpin address), so it is the flow's client and its backend
+    // at once, and both its FINs cross its one veth.
+    let (lab, vip) = per_packet_sweeping_lab("loop", 1, POD_PORT);
+    assert_eq!(answers(&lab, "pod-loop1", vip, false, 40), ["loop1".to_string()].into());
+    // Closed by both ends, the flows' entries are removed after the closed-flow time, as other
+    // flows' are; before the pod's FIN was noted as its backend's, they stayed for hours.
+    wait_swept(&lab, "n1", 0.0, 80.0);
+}
+
+#[test]
 fn a_per_packet_flow_half_closed_for_longer_than_the_closed_flow_time_stays_live() {
     use std::io::{Read, Write};
     // Socket LB off, the sweep at every resync. The backend is the test's own listener in a
