@@ -2312,57 +2312,150 @@ fn per_packet_hairpin_flows_both_ends_closed_are_swept() {
 
 #[test]
 fn a_per_packet_flow_half_closed_for_longer_than_the_closed_flow_time_stays_live() {
-    use std::io::{Read, Write};
     // Socket LB off, the sweep at every resync. The backend is the test's own listener in a
     // pod's namespace, so that it can go on sending after its client's FIN, as a server
     // streaming its answer to a request ended by shutdown(SHUT_WR) does.
     const BACKEND_PORT: u16 = 9_099;
     let (lab, vip) = per_packet_sweeping_lab("half", 1, BACKEND_PORT);
-    let backend_ns = lab.pod_ns("half1").unwrap();
-    let listener = ferrynet_kernel::netns::run_in(backend_ns.fd(), || {
-        std::net::TcpListener::bind(("0.0.0.0", BACKEND_PORT))
-    })
-    .unwrap();
-    wait_backends(&lab, "n1", &vip.to_string(), &[lab.pod("half1").unwrap().ip(true)]);
+    let listener = own_backend(&lab, "half1", BACKEND_PORT, vip);
     let client_ns = lab.pod_ns("client").unwrap();
-    let mut client = ferrynet_kernel::netns::run_in(client_ns.fd(), || {
+    let client = ferrynet_kernel::netns::run_in(client_ns.fd(), || {
         std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(3))
     })
     .unwrap();
     client.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let mut accepted = None;
-    assert!(eventually(Duration::from_secs(5), || {
-        accepted = listener.accept().ok();
-        accepted.is_some()
-    }));
-    let (mut server, _) = accepted.unwrap();
-    server.set_nonblocking(false).unwrap();
-    server.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    // The client's request, then its FIN: the backend reads the end of the stream.
+    half_closed_past_the_closed_flow_time(&lab, client, accept_one(&listener));
+}
+
+/// A per-packet flow from `client` to `server` (its backend, the test's own) on node n1, half
+/// closed by the client: the backend reads the request and the client's FIN, and is quiet for
+/// longer than the closed-flow time, with the sweep walking every second. The flow is
+/// half-closed, not closed, and keeps its entries (2, its two directions). Then the backend
+/// answers, from the Service's address, and ends its half: the client reads it all, and the
+/// sweep removes both entries after the closed-flow time.
+fn half_closed_past_the_closed_flow_time(lab: &Lab, mut client: std::net::TcpStream, mut server: std::net::TcpStream) {
+    use std::io::{Read, Write};
     client.write_all(b"request").unwrap();
     client.shutdown(std::net::Shutdown::Write).unwrap();
     let mut request = Vec::new();
     server.read_to_end(&mut request).unwrap();
     assert_eq!(request, b"request");
-    // The backend is quiet for longer than the closed-flow time, with the sweep walking every
-    // second: the flow is half-closed, not closed, and keeps its entries (2, its two
-    // directions). The quiet time is the subject of the test: no condition can stand for it.
+    // The quiet time is the subject of the test: no condition can stand for it.
     let quiet = Duration::from_nanos(ferrynet_common::CT_CLOSED_NS) + Duration::from_secs(3);
     std::thread::sleep(quiet);
     assert_eq!(
-        metric_value(&lab, "n1", "ferrynet_map_entries{map=\"CT4\"}"),
+        metric_value(lab, "n1", "ferrynet_map_entries{map=\"CT4\"}"),
         Some(2.0),
         "the half-closed flow's entries after {quiet:?}"
     );
-    // Then it answers, from the Service's address, and ends its half: the client reads it all.
     server.write_all(b"answer").unwrap();
     drop(server);
     let mut answer = Vec::new();
     client.read_to_end(&mut answer).unwrap();
     assert_eq!(answer, b"answer");
-    // Both ends closed: the sweep removes the flow's entries after the closed-flow time.
-    wait_swept(&lab, "n1", 0.0, 2.0);
+    wait_swept(lab, "n1", 0.0, 2.0);
+}
+
+/// The test's own backend: a listener on `port` in `pod`'s namespace, once `vip`'s only backend
+/// on n1 is that pod (so that a backend can go on sending after its client's FIN, as a server
+/// streaming its answer to a request ended by shutdown(SHUT_WR) does).
+fn own_backend(lab: &Lab, pod: &str, port: u16, vip: SocketAddr) -> std::net::TcpListener {
+    let ns = lab.pod_ns(pod).unwrap();
+    let listener = ferrynet_kernel::netns::run_in(ns.fd(), || std::net::TcpListener::bind(("0.0.0.0", port))).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    wait_backends(lab, "n1", &vip.to_string(), &[lab.pod(pod).unwrap().ip(true)]);
+    listener
+}
+
+/// The next connection `listener` accepts (within 5 s), blocking, with a 3 s read timeout.
+fn accept_one(listener: &std::net::TcpListener) -> std::net::TcpStream {
+    let mut accepted = None;
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            accepted = listener.accept().ok();
+            accepted.is_some()
+        }),
+        "no connection reached the backend"
+    );
+    let (server, _) = accepted.unwrap();
+    server.set_nonblocking(false).unwrap();
+    server.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    server
+}
+
+#[test]
+fn a_backends_fin_left_on_an_ended_flows_entry_does_not_close_a_new_connection_on_its_tuple() {
+    use ferrynet_common::{CT_F_BACKEND_FIN, CT_F_CLIENT_FIN, CT_F_CLOSED, CT4_MAP, CtKey4, CtValue, PROTO_TCP};
+    use std::io::Read;
+    const BACKEND_PORT: u16 = 9_098;
+    let (lab, vip) = per_packet_sweeping_lab("stale", 1, BACKEND_PORT);
+    let listener = own_backend(&lab, "stale1", BACKEND_PORT, vip);
+    let client_ns = lab.pod_ns("client").unwrap();
+    ferrynet_kernel::netns::run_in(client_ns.fd(), || {
+        std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")
+    })
+    .unwrap();
+    let local_port = ferrynet_tests::probe::FIXED_SOURCE_PORTS.start + 3;
+    let connect = || {
+        let mut stream = None;
+        let connected = eventually(Duration::from_secs(10), || {
+            stream = ferrynet_kernel::netns::run_in(client_ns.fd(), || {
+                ferrynet_tests::probe::connect_from_port(vip, local_port, Duration::from_secs(3))
+            })
+            .ok();
+            stream.is_some()
+        });
+        assert!(connected, "no connection from port {local_port} to {vip}");
+        let stream = stream.unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        stream
+    };
+    // A first connection on the tuple, ended by both ends (the client first, so that its side,
+    // not the backend's, holds the TIME_WAIT the next connection takes over).
+    let mut first = connect();
+    let mut server = accept_one(&listener);
+    first.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    server.read_to_end(&mut rest).unwrap();
+    drop(server);
+    first.read_to_end(&mut rest).unwrap();
+    drop(first);
+    // Its entries as a flow whose backend's FIN was the last the datapath saw leaves them (the
+    // client's went another way, or was lost): the reply entry notes the backend's FIN alone,
+    // and neither entry is closed. (Written with the agent running: it writes no entry of a
+    // live flow, and the sweep removes only closed or idle ones.)
+    let mut ct = pinned_map::<CtKey4, CtValue>(&lab, "n1", CT4_MAP);
+    let tuple_port = local_port.to_be();
+    let keys: Vec<CtKey4> = ct
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.proto == PROTO_TCP && (k.sport == tuple_port || k.dport == tuple_port))
+        .collect();
+    assert_eq!(keys.len(), 2, "the first connection's entries: {keys:?}");
+    for key in &keys {
+        let mut value = ct.get(key, 0).unwrap();
+        assert_ne!(value.flags & CT_F_CLOSED, 0, "the first connection closed: {value:?}");
+        value.flags &= !(CT_F_CLOSED | CT_F_CLIENT_FIN);
+        ct.insert(key, value, 0).unwrap();
+    }
+    assert!(
+        keys.iter().any(|k| ct.get(k, 0).unwrap().flags & CT_F_BACKEND_FIN != 0),
+        "no entry noted the backend's FIN"
+    );
+    // A new connection on the tuple, whose client half-closes: with the old FIN still on the
+    // reply entry, its FIN would close the flow, and the sweep remove its entries while the
+    // backend still has its answer to send. Its SYN started them afresh.
+    let second = connect();
+    let server = accept_one(&listener);
+    for key in &keys {
+        let value = ct.get(key, 0).unwrap();
+        assert_eq!(
+            value.flags & CT_F_BACKEND_FIN,
+            0,
+            "the old FIN outlived the new SYN: {value:?}"
+        );
+    }
+    half_closed_past_the_closed_flow_time(&lab, second, server);
 }
 
 /// A raw IPv4 TCP socket in `ns`, which sees a copy of every TCP segment arriving there.
