@@ -129,6 +129,13 @@ pub enum DatapathError {
     Btf(#[from] aya::BtfError),
     #[error("pod veth {veth}: {source}")]
     PodVeth { veth: String, source: Box<DatapathError> },
+    /// The settings were written (the removal generation moved), but the stamp scan they made
+    /// due failed: it stays due in the settings.
+    #[error("the removal generation moved to {generation}, but taking the stamps off failed: {source}")]
+    StampScan {
+        generation: u16,
+        source: Box<DatapathError>,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DatapathError + '_ {
@@ -417,23 +424,27 @@ impl Datapath {
         let current = self.current_config()?;
         // So does a scan of the conntrack stamps an earlier run left due.
         let kept = current.flags & (CONFIG_F_EXTERNAL | CONFIG_F_STAMPS_DUE);
-        // To be read from the API, the Service CIDRs start as an earlier run left them, the
-        // API's as last read, so that a restart during an API outage keeps refusing what it
-        // refused. Not a flag's, though: those are no guess at the API's (an agent moved from
-        // the flag to the API), and nothing is refused for being in them until the API is read.
-        let given_before = current.flags & CONFIG_F_CIDRS_GIVEN != 0;
-        let at_start = service_cidrs.or(given_before.then_some(&[]));
-        let given = if service_cidrs.is_some() {
-            CONFIG_F_CIDRS_GIVEN
-        } else {
-            0
-        };
-        // The tries before the cover: the cover only spares lookups outside it.
+        // To be read from the API, the Service CIDRs start as an earlier run left them when they
+        // are the API's as last read, so that a restart during an API outage keeps refusing what
+        // it refused. Any others (a flag's: an agent moved from the flag to the API; or of an
+        // unknown source) are no guess at the API's: nothing is refused for being in them until
+        // the API is read.
+        let from_api = current.flags & CONFIG_F_CIDRS_FROM_API != 0;
+        let at_start = service_cidrs.or((!from_api).then_some(&[]));
         if let Some(cidrs) = at_start {
+            // The mark goes before the tries change: a crash between the two writes must not
+            // leave other CIDRs in the tries that a later start takes for the API's.
+            if from_api {
+                self.write_config(DatapathConfig {
+                    flags: current.flags & !CONFIG_F_CIDRS_FROM_API,
+                    ..current
+                })?;
+            }
+            // The tries before the cover: the cover only spares lookups outside it.
             self.set_service_cidrs(cidrs)?;
         }
         let value = DatapathConfig {
-            flags: modes.flags() | kept | given,
+            flags: modes.flags() | kept | if at_start.is_none() { CONFIG_F_CIDRS_FROM_API } else { 0 },
             // On from the earlier agent's, never back: a flow checked at a generation must not
             // find that generation again while something it needs may have gone. (The agent
             // reconciles the maps next, and moves it again for what that removes.)
@@ -462,20 +473,45 @@ impl Datapath {
         if config.flags & CONFIG_F_STAMPS_DUE == 0 {
             return Ok(());
         }
+        self.scan_due_stamps(config.removal_generation)
+            .map_err(|source| DatapathError::StampScan {
+                generation: config.removal_generation,
+                source: Box::new(source),
+            })
+    }
+
+    /// The stamp scan due at removal generation `generation`: every stamp goes, and the scan is
+    /// done unless `generation` is 1 (see [`Self::write_config_with_generation`]).
+    fn scan_due_stamps(&mut self, generation: u16) -> Result<(), DatapathError> {
         let forgotten = self.forget_checked_flows()?;
         if forgotten > 0 {
             tracing::info!(
                 entries = forgotten,
-                generation = config.removal_generation,
+                generation,
                 "the removal generation started again at 1: conntrack entries checked at earlier ones are checked afresh"
             );
         }
-        if config.removal_generation != 1 {
+        if generation != 1 {
             let mut done = self.current_config()?;
             done.flags &= !CONFIG_F_STAMPS_DUE;
             self.write_config(done)?;
         }
         Ok(())
+    }
+
+    /// Finishes a stamp scan still due: at a generation after 1 (its scan failed), the scan
+    /// runs again in place. At 1 its second pass needs a later generation: true says the
+    /// generation must move (which runs it).
+    pub fn finish_due_stamp_scan(&mut self) -> Result<bool, DatapathError> {
+        let config = self.current_config()?;
+        if config.flags & CONFIG_F_STAMPS_DUE == 0 {
+            return Ok(false);
+        }
+        if config.removal_generation == 1 {
+            return Ok(true);
+        }
+        self.scan_due_stamps(config.removal_generation)?;
+        Ok(false)
     }
 
     fn write_config(&mut self, config: DatapathConfig) -> Result<(), DatapathError> {
@@ -717,16 +753,20 @@ impl Datapath {
         replace(map, SERVICE_CIDRS6_MAP, &v6)
     }
 
-    /// Writes the cover of the IPv4 Service CIDRs `cidrs` into the settings (after
-    /// [`Self::set_service_cidrs`]: the cover only spares trie lookups for addresses outside it).
-    pub fn set_service_cidr_cover(&mut self, cidrs: &[ipnet::IpNet]) -> Result<(), DatapathError> {
-        let mut config = self.current_config()?;
-        let cover = service_cidr_cover(cidrs);
-        if config.service_cidrs4 == cover {
+    /// Writes the cover of the IPv4 Service CIDRs `cidrs`, read from the API, into the settings,
+    /// which say from then on that the tries hold the API's ([`CONFIG_F_CIDRS_FROM_API`]); after
+    /// [`Self::set_service_cidrs`]: the cover only spares trie lookups for addresses outside it.
+    pub fn set_api_service_cidr_cover(&mut self, cidrs: &[ipnet::IpNet]) -> Result<(), DatapathError> {
+        let config = self.current_config()?;
+        let written = DatapathConfig {
+            service_cidrs4: service_cidr_cover(cidrs),
+            flags: config.flags | CONFIG_F_CIDRS_FROM_API,
+            ..config
+        };
+        if written == config {
             return Ok(());
         }
-        config.service_cidrs4 = cover;
-        self.write_config(config)
+        self.write_config(written)
     }
 
     /// What the kernel programs counted, summed over CPUs.
@@ -1101,12 +1141,6 @@ impl Datapath {
         let mut config = self.current_config()?;
         config.removal_generation = next_removal_generation(config.removal_generation);
         self.write_config_with_generation(config)
-    }
-
-    /// Whether the stamps of earlier removal generations are still to be taken off (the
-    /// generation started again at 1, and no scan has finished at a later one).
-    pub fn stamps_due(&mut self) -> Result<bool, DatapathError> {
-        Ok(self.current_config()?.flags & CONFIG_F_STAMPS_DUE != 0)
     }
 
     /// Turns the pod programs' check for replies of external flows on or off (on while any

@@ -840,7 +840,7 @@ struct Controller {
     /// What the datapath's external reply check was last set to (none: not yet this run).
     external_on: Option<bool>,
     /// A removal the removal generation has not yet been moved on for (a write that failed is
-    /// tried again at the next batch).
+    /// tried again at the next batch or resync).
     generation_due: bool,
     notes: notes::NotesWriter,
     /// Batches' statuses, each to be published once its notes are written (when the receiver
@@ -1202,7 +1202,8 @@ impl Controller {
             }
         }
         self.finish(outcome, &dirty, started, full);
-        // The API server's addresses are kept out of the Service CIDRs.
+        // The API server's addresses (its Service's endpoints, which this batch may have changed)
+        // are kept out of the Service CIDRs.
         if full || dirty.binary_search(&api_server_service()).is_ok() {
             self.guard_service_cidrs();
         }
@@ -1213,32 +1214,36 @@ impl Controller {
 
     /// Moves the removal generation on when a removal is due: the per-packet path then looks up
     /// every known flow's frontend and backend again at its next packet, instead of sending it by
-    /// its conntrack entry. A failed write stays due, for the next batch.
+    /// its conntrack entry. A failed write stays due, for the next batch or resync.
     fn advance_removal_generation(&mut self, errors: &mut Vec<String>) {
         if !self.generation_due {
             return;
         }
         match self.datapath.advance_removal_generation() {
             Ok(()) => self.generation_due = false,
+            // Moved: only the stamp scan failed, which stays due for the resync to finish
+            // ([`Self::finish_stamp_scan`]) without moving the generation again.
+            Err(e @ DatapathError::StampScan { .. }) => {
+                self.generation_due = false;
+                errors.push(e.to_string());
+            }
             Err(e) => errors.push(format!("moving the removal generation on: {e}")),
         }
     }
 
     /// Finishes, within a resync, what a start of the removal generation again at 1 left due
-    /// ([`Datapath::advance_removal_generation`]): a move that failed (its stamp scan with it)
-    /// is tried again, and a due scan's second pass (for entries stamped behind the first's
-    /// back) runs with a move of its own, instead of waiting for the next removal, which on a
-    /// quiet cluster may be hours away. A move costs each known flow one lookup at its next
-    /// packet, and comes once per 65,535 removals.
+    /// ([`Datapath::finish_due_stamp_scan`]), instead of waiting for the next removal, which on
+    /// a quiet cluster may be hours away: a scan that failed runs again, and the second pass
+    /// (for a stamp a program wrote behind the first's back) comes with a move of its own. A
+    /// move costs each known flow one lookup at its next packet; the generation starts again at
+    /// 1 once per 65,535 removals, and at a start on a fresh datapath or after a downgrade. A
+    /// move whose write failed is tried again here too.
     fn finish_stamp_scan(&mut self) {
-        match self.datapath.stamps_due() {
-            Ok(due) => self.generation_due |= due,
-            Err(e) => {
-                self.metrics.errors.add(1);
-                warn!("reading the datapath's settings: {e}");
-            }
-        }
         let mut errors = Vec::new();
+        match self.datapath.finish_due_stamp_scan() {
+            Ok(move_due) => self.generation_due |= move_due,
+            Err(e) => errors.push(format!("taking the stamps off the conntrack entries: {e}")),
+        }
         self.advance_removal_generation(&mut errors);
         for e in errors {
             self.metrics.errors.add(1);
@@ -1486,7 +1491,7 @@ impl Controller {
         let written = self
             .datapath
             .set_service_cidrs(&wanted)
-            .and_then(|()| self.datapath.set_service_cidr_cover(&wanted));
+            .and_then(|()| self.datapath.set_api_service_cidr_cover(&wanted));
         match written {
             Ok(()) => {
                 self.status

@@ -239,9 +239,10 @@ pub const CONFIG_F_EXTERNAL: u16 = 1 << 3;
 /// conntrack entries. Kept in the settings so that an agent restarted meanwhile finishes it.
 pub const CONFIG_F_STAMPS_DUE: u16 = 1 << 4;
 /// `DatapathConfig::flags`, the agent's alone (no program reads it): the Service CIDRs in the
-/// tries were given by `--service-cidrs`, not read from the API. An agent that reads them from
-/// the API starts with an earlier run's only when they were the API's too.
-pub const CONFIG_F_CIDRS_GIVEN: u16 = 1 << 5;
+/// tries are the API's, as an agent last read them. An agent that reads them from the API starts
+/// with an earlier run's only then: without it (given by `--service-cidrs`, or written by an
+/// agent that did not say) nothing is refused for being in them until the API is read.
+pub const CONFIG_F_CIDRS_FROM_API: u16 = 1 << 5;
 
 /// [`DatapathConfig::service_cidrs4`] of an earlier agent, which did not write it: every address
 /// may be in a Service CIDR.
