@@ -2271,19 +2271,7 @@ fn per_packet_flows_both_ends_closed_are_swept_and_a_new_connection_on_their_tup
     // ...then a new connection on the same tuple (the pod's side of the last one is in
     // TIME_WAIT, which it may take over a second after the last segment), kept open: a live
     // flow on a tuple whose last flow ended.
-    ferrynet_kernel::netns::run_in(ns.fd(), || std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")).unwrap();
-    let mut reopened = None;
-    assert!(
-        eventually(Duration::from_secs(10), || {
-            reopened = ferrynet_kernel::netns::run_in(ns.fd(), || {
-                ferrynet_tests::probe::connect_from_port(vip, local_port, Duration::from_secs(3))
-            })
-            .ok();
-            reopened.is_some()
-        }),
-        "no new connection from port {local_port} to {vip}"
-    );
-    let reopened = reopened.unwrap();
+    let reopened = connect_on_reused_port(&ns, local_port, vip);
     let backend = ask(&reopened).unwrap();
     // And 40 connections that both ends end: the programs close their entries once both FINs
     // passed, and the agent's walk removes them after the closed-flow time. Before, only a
@@ -2357,6 +2345,25 @@ fn half_closed_past_the_closed_flow_time(lab: &Lab, mut client: std::net::TcpStr
     wait_swept(lab, "n1", 0.0, 2.0);
 }
 
+/// A connection from `local_port` in `ns` to `to`, with a 3 s read timeout. The port's last
+/// connection may hold it in TIME_WAIT, which a new one (`tcp_tw_reuse`, set here) takes over
+/// only a second after its last segment: tried for up to 10 s.
+fn connect_on_reused_port(ns: &ferrynet_tests::netns::Netns, local_port: u16, to: SocketAddr) -> std::net::TcpStream {
+    ferrynet_kernel::netns::run_in(ns.fd(), || std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")).unwrap();
+    let mut stream = None;
+    let connected = eventually(Duration::from_secs(10), || {
+        stream = ferrynet_kernel::netns::run_in(ns.fd(), || {
+            ferrynet_tests::probe::connect_from_port(to, local_port, Duration::from_secs(3))
+        })
+        .ok();
+        stream.is_some()
+    });
+    assert!(connected, "no connection from port {local_port} to {to}");
+    let stream = stream.unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    stream
+}
+
 /// The test's own backend: a listener on `port` in `pod`'s namespace, once `vip`'s only backend
 /// on n1 is that pod (so that a backend can go on sending after its client's FIN, as a server
 /// streaming its answer to a request ended by shutdown(SHUT_WR) does).
@@ -2392,25 +2399,8 @@ fn a_backends_fin_left_on_an_ended_flows_entry_does_not_close_a_new_connection_o
     let (lab, vip) = per_packet_sweeping_lab("stale", 1, BACKEND_PORT);
     let listener = own_backend(&lab, "stale1", BACKEND_PORT, vip);
     let client_ns = lab.pod_ns("client").unwrap();
-    ferrynet_kernel::netns::run_in(client_ns.fd(), || {
-        std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")
-    })
-    .unwrap();
     let local_port = ferrynet_tests::probe::FIXED_SOURCE_PORTS.start + 3;
-    let connect = || {
-        let mut stream = None;
-        let connected = eventually(Duration::from_secs(10), || {
-            stream = ferrynet_kernel::netns::run_in(client_ns.fd(), || {
-                ferrynet_tests::probe::connect_from_port(vip, local_port, Duration::from_secs(3))
-            })
-            .ok();
-            stream.is_some()
-        });
-        assert!(connected, "no connection from port {local_port} to {vip}");
-        let stream = stream.unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        stream
-    };
+    let connect = || connect_on_reused_port(&client_ns, local_port, vip);
     // A first connection on the tuple, ended by both ends (the client first, so that its side,
     // not the backend's, holds the TIME_WAIT the next connection takes over).
     let mut first = connect();
