@@ -144,6 +144,11 @@ struct Options {
     /// restricted to the node's namespace (with socket LB everywhere, nothing is left for it).
     #[arg(long, env = "FERRYNET_PER_PACKET_LB", default_value = "true", action = ArgAction::Set)]
     per_packet_lb: bool,
+    /// Per-packet flows to pods on other nodes that are routed natively go past the node's
+    /// stack both ways (its routing and netfilter), straight between the pod's veth and the
+    /// uplink, when the stack would have done the same (see README: "Past the node's stack").
+    #[arg(long, env = "FERRYNET_PER_PACKET_STACK_BYPASS", default_value = "true", action = ArgAction::Set)]
+    per_packet_stack_bypass: bool,
     /// Services labelled service.kubernetes.io/service-proxy-name with another value are left
     /// to that proxy.
     #[arg(long, env = "FERRYNET_SERVICE_PROXY_NAME", default_value = "ferrynet")]
@@ -309,6 +314,7 @@ impl Options {
                     socket_lb: self.socket_lb,
                     host_netns_only: self.socket_lb_host_netns_only,
                     per_packet: self.per_packet_lb,
+                    stack_bypass: self.per_packet_stack_bypass,
                 },
                 proxy_name: self.service_proxy_name.clone(),
                 service_cidrs: ServiceCidrSource::from_flag(&self.service_cidrs).map_err(anyhow::Error::msg)?,

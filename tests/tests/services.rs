@@ -2890,3 +2890,150 @@ fn snat_ports_of_flows_their_clients_closed_first_are_taken_again_within_a_secon
         "{CONNECTIONS} connections took {took:?}: too slow to need ports taken again (under {telling:?})"
     );
 }
+
+/// The `spoofed pod source` rule's packet counter in `node`'s firewall table.
+fn spoof_drops(lab: &Lab, node: &str) -> u64 {
+    let table = lab
+        .exec_capture(
+            node,
+            &[
+                "nft".into(),
+                "list".into(),
+                "table".into(),
+                "inet".into(),
+                "ferrynet".into(),
+            ],
+        )
+        .unwrap();
+    let line = table
+        .lines()
+        .find(|l| l.contains("spoofed pod source"))
+        .unwrap_or_else(|| panic!("no source check in {table}"));
+    line.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in {line}"))
+}
+
+#[test]
+fn per_packet_flows_to_another_nodes_pods_go_past_the_stack_both_ways() {
+    let mut lab = LabGuard::up(2, "native");
+    lab.run_pod("far", "n2", &labels(&[("app", "far")])).unwrap();
+    lab.run_pod("near", "n1", &labels(&[("app", "near")])).unwrap();
+    lab.run_pod("client", "n1", &BTreeMap::new()).unwrap();
+    let target = IntOrString::Int(i32::from(POD_PORT));
+    for app in ["far", "near"] {
+        lab.create_service_object(&service(app, app, vec![port("http", "TCP", 80, target.clone())]))
+            .unwrap();
+    }
+    lab.stop_agent("n1").unwrap();
+    lab.start_agent_with("n1", &["--socket-lb", "false"]).unwrap();
+    lab.wait_converged(Duration::from_secs(30)).unwrap();
+    // The connections whose source port is `port` that n1's conntrack holds (the node's stack saw
+    // them), by the original direction's source port.
+    let tracked = |lab: &Lab, port: u16| {
+        let table = lab
+            .exec_capture("n1", &["cat".into(), "/proc/net/nf_conntrack".into()])
+            .unwrap();
+        table.lines().any(|l| l.contains(&format!(" sport={port} ")))
+    };
+    for (v4, base) in [(true, 21_000u16), (false, 21_100)] {
+        let far = SocketAddr::new(lab.cluster_ip("far", v4).unwrap(), 80);
+        let near = SocketAddr::new(lab.cluster_ip("near", v4).unwrap(), 80);
+        // Translated, and the next hops' neighbours known (a packet whose neighbour the FIB does
+        // not know yet goes through the stack, which resolves it).
+        for to in [far, near] {
+            assert!(
+                eventually(Duration::from_secs(20), || lab.probe("pod-client", to, false).is_ok()),
+                "client -> {to}"
+            );
+        }
+        let before = datapath_counter(&lab, "n1", "packets_past_stack");
+        for i in 0..5 {
+            let answer = request_from_port(&lab, "client", base + i, far).unwrap();
+            assert_eq!(answered_by(&answer), "far", "{answer}");
+        }
+        // Each connection's packets both ways (at least SYN, request and FIN out; SYN-ACK,
+        // answer and FIN back) went past n1's stack, and its conntrack saw none of them.
+        assert!(
+            eventually(Duration::from_secs(10), || datapath_counter(
+                &lab,
+                "n1",
+                "packets_past_stack"
+            ) >= before + 5 * 6),
+            "v4={v4}: {} packets past the stack, from {before}",
+            datapath_counter(&lab, "n1", "packets_past_stack")
+        );
+        for i in 0..5 {
+            assert!(
+                !tracked(&lab, base + i),
+                "v4={v4}: the stack saw the flow from :{}",
+                base + i
+            );
+        }
+        // What the stack does differently stays with it: a flow to this node's own pod, and (the
+        // control: conntrack shows what the stack sees) a connection to the pod IP.
+        let answer = request_from_port(&lab, "client", base + 10, near).unwrap();
+        assert_eq!(answered_by(&answer), "near", "{answer}");
+        assert!(
+            tracked(&lab, base + 10),
+            "v4={v4}: the flow to n1's own pod went through its stack"
+        );
+        let direct = SocketAddr::new(lab.pod("far").unwrap().ip(v4), POD_PORT);
+        let answer = request_from_port(&lab, "client", base + 11, direct).unwrap();
+        assert_eq!(answered_by(&answer), "far", "{answer}");
+        assert!(
+            tracked(&lab, base + 11),
+            "v4={v4}: the pod-IP connection went through the stack"
+        );
+    }
+
+    // A pod that sends from an address that is not its own (another node's pod's) gets nothing
+    // past the stack: the firewall's source check drops it, as it drops what the stack forwards.
+    let spoofed = match lab.pod("far").unwrap().ip(true) {
+        std::net::IpAddr::V4(far) => {
+            let [a, b, c, _] = far.octets();
+            std::net::Ipv4Addr::new(a, b, c, 250)
+        }
+        std::net::IpAddr::V6(_) => unreachable!(),
+    };
+    assert!(
+        lab.exec(
+            "pod-client",
+            &["ip", "addr", "add", &format!("{spoofed}/32"), "dev", "lo"].map(String::from)
+        )
+        .unwrap()
+        .success()
+    );
+    let far = SocketAddr::new(lab.cluster_ip("far", true).unwrap(), 80);
+    let (past_before, drops_before) = (
+        datapath_counter(&lab, "n1", "packets_past_stack"),
+        spoof_drops(&lab, "n1"),
+    );
+    let curl = |from: Option<std::net::Ipv4Addr>| {
+        let mut argv = vec!["curl".to_string(), "-s".into(), "--max-time".into(), "2".into()];
+        if let Some(from) = from {
+            argv.extend(["--interface".into(), from.to_string()]);
+        }
+        argv.push(format!("http://{far}/"));
+        lab.exec_output("pod-client", &argv).unwrap()
+    };
+    let spoofed_out = curl(Some(spoofed));
+    assert!(
+        !spoofed_out.status.success(),
+        "a connection from a spoofed source was answered"
+    );
+    assert!(
+        spoof_drops(&lab, "n1") > drops_before,
+        "the source check did not see the spoofed packets"
+    );
+    assert_eq!(
+        datapath_counter(&lab, "n1", "packets_past_stack"),
+        past_before,
+        "spoofed packets went past the stack"
+    );
+    // From its own address, the same request goes through.
+    let own = curl(None);
+    assert!(String::from_utf8_lossy(&own.stdout).contains("pod=far"), "{own:?}");
+}

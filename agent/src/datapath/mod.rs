@@ -220,6 +220,9 @@ pub struct TranslationModes {
     pub host_netns_only: bool,
     /// The per-packet path on pod veths.
     pub per_packet: bool,
+    /// The per-packet path's flows to natively routed pods on other nodes go past the node's
+    /// stack ([`CONFIG_F_STACK_BYPASS`]).
+    pub stack_bypass: bool,
 }
 
 impl TranslationModes {
@@ -241,6 +244,9 @@ impl TranslationModes {
         }
         if self.per_packet_translates() {
             flags |= CONFIG_F_PER_PACKET;
+            if self.stack_bypass {
+                flags |= CONFIG_F_STACK_BYPASS;
+            }
         }
         flags
     }
@@ -703,11 +709,31 @@ impl Datapath {
     /// first). Their cover goes into the settings ([`Self::configure`] at a start,
     /// [`Self::set_service_cidr_cover`] after), written after them.
     pub fn set_service_cidrs(&mut self, cidrs: &[ipnet::IpNet]) -> Result<(), DatapathError> {
+        self.set_prefixes((SERVICE_CIDRS4_MAP, SERVICE_CIDRS6_MAP), cidrs, MAX_SERVICE_CIDRS)
+    }
+
+    /// Writes the other nodes' PodCIDRs this node routes natively into the tries whose flows go
+    /// past the node's stack ([`PEER_PODS4_MAP`]), as [`Self::set_service_cidrs`] does: a CIDR in
+    /// both the old and the new set stays throughout.
+    pub fn set_peer_pod_cidrs(&mut self, cidrs: &[ipnet::IpNet]) -> Result<(), DatapathError> {
+        self.set_prefixes((PEER_PODS4_MAP, PEER_PODS6_MAP), cidrs, MAX_PEER_POD_CIDRS)
+    }
+
+    /// Makes the LPM tries `names` (IPv4, IPv6) hold exactly `cidrs`, each trie `capacity` at
+    /// most: the new ones first, then those no longer wanted go (unless old and new together
+    /// are more than a trie holds: then the old go first).
+    fn set_prefixes(
+        &mut self,
+        names: (&'static str, &'static str),
+        cidrs: &[ipnet::IpNet],
+        capacity: u32,
+    ) -> Result<(), DatapathError> {
         use aya::maps::lpm_trie::{Key, LpmTrie};
         fn replace<K: aya::Pod + PartialEq>(
             map: &mut aya::maps::Map,
             name: &'static str,
             wanted: &[Key<K>],
+            capacity: u32,
         ) -> Result<(), DatapathError> {
             let map_err = |source| DatapathError::Map { name, source };
             let mut trie: LpmTrie<&mut MapData, K, u8> = LpmTrie::try_from(map).map_err(map_err)?;
@@ -718,7 +744,7 @@ impl Datapath {
                 .filter(|key| !wanted.iter().any(|w| same(w, key)))
                 .collect();
             // The kernel refuses an insert into a full trie.
-            let stale_first = wanted.len() + stale.len() > MAX_SERVICE_CIDRS as usize;
+            let stale_first = wanted.len() + stale.len() > capacity as usize;
             if stale_first {
                 for key in &stale {
                     trie.remove(key).map_err(map_err)?;
@@ -741,16 +767,15 @@ impl Datapath {
                 ipnet::IpNet::V6(n) => v6.push(Key::new(u32::from(n.prefix_len()), addr6(n.network().octets()))),
             }
         }
-        let map = self
-            .ebpf
-            .map_mut(SERVICE_CIDRS4_MAP)
-            .ok_or(DatapathError::Missing(SERVICE_CIDRS4_MAP))?;
-        replace(map, SERVICE_CIDRS4_MAP, &v4)?;
-        let map = self
-            .ebpf
-            .map_mut(SERVICE_CIDRS6_MAP)
-            .ok_or(DatapathError::Missing(SERVICE_CIDRS6_MAP))?;
-        replace(map, SERVICE_CIDRS6_MAP, &v6)
+        let map = self.ebpf.map_mut(names.0).ok_or(DatapathError::Missing(names.0))?;
+        replace(map, names.0, &v4, capacity)?;
+        let map = self.ebpf.map_mut(names.1).ok_or(DatapathError::Missing(names.1))?;
+        replace(map, names.1, &v6, capacity)
+    }
+
+    /// Writes the interfaces that carry the uplink program ([`UPLINKS_MAP`]), by index.
+    pub fn set_uplinks(&mut self, uplinks: BTreeSet<u32>) -> Result<usize, DatapathError> {
+        self.set_exactly(UPLINKS_MAP, uplinks)
     }
 
     /// Writes the cover of the IPv4 Service CIDRs `cidrs`, read from the API, into the settings,
@@ -1242,6 +1267,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "snat_ports_exhausted",
     "external_flows_translated",
     "external_dropped",
+    "packets_past_stack",
 ];
 
 /// (map, entries, capacity) of the maps pinned under `pins`. Entries are counted by walking
@@ -1305,6 +1331,9 @@ pub fn map_fill(pins: &PinLayout, known: &[(&'static str, u64)]) -> MapFill {
                 LpmTrie::<_, SourceRangeKey6, u8>::try_from(map).map_or(0, |m| m.keys().count() as u64)
             }
             MAGLEV_MAP => HashMap::<_, MaglevKey, MaglevChunk>::try_from(map).map_or(0, |m| m.keys().count() as u64),
+            PEER_PODS4_MAP => LpmTrie::<_, u32, u8>::try_from(map).map_or(0, |m| m.keys().count() as u64),
+            PEER_PODS6_MAP => LpmTrie::<_, [u32; 4], u8>::try_from(map).map_or(0, |m| m.keys().count() as u64),
+            UPLINKS_MAP => count!(u32, u8),
             _ => continue,
         };
         out.push((name, entries, capacity));

@@ -34,7 +34,7 @@ use super::{
     metrics::ServiceMetrics,
     nodeport, notes,
     objects::{EndpointSlice, EndpointSliceObject, Service, ServiceObject, TRIGGER_TIME_ANNOTATION},
-    purge,
+    past_stack, purge,
     service_cidrs::{ServiceCidrSource, ServiceCidrWatch, clear_of_cluster},
     table::{self, Frontend, NodeContext, PortEntry, ServiceRef},
 };
@@ -242,6 +242,7 @@ pub async fn run(
         map_warnings,
         purger,
         cidr_watch,
+        peer_pods: None,
         service_cidrs_from_api: None,
         service_cidrs_left_out: Vec::new(),
         nodes_view: Arc::default(),
@@ -858,6 +859,8 @@ struct Controller {
     purger: purge::Purger,
     /// The API's ServiceCIDR objects, when the Service CIDRs are read there.
     cidr_watch: Option<ServiceCidrWatch>,
+    /// The other nodes' PodCIDRs last written for flows past the stack (none: not yet).
+    peer_pods: Option<Vec<IpNet>>,
     /// The Service CIDRs those objects give (none before they are listed, or when they are not
     /// read), and what of them [`clear_of_cluster`] left out, as last said.
     service_cidrs_from_api: Option<Vec<IpNet>>,
@@ -1442,6 +1445,31 @@ impl Controller {
             {
                 warn!("detaching the uplink program from interface {index}: {e}");
             }
+        }
+        // Flows past the stack go out only where the uplink program sees their replies.
+        let attached = datapath::pinned_uplinks(self.datapath.pins());
+        if let Err(e) = self.datapath.set_uplinks(attached) {
+            warn!("writing the uplinks: {e}");
+        }
+        self.sync_peer_pods();
+    }
+
+    /// Keeps the tries of other nodes' PodCIDRs whose flows may go past the stack in step with
+    /// the node networking's routes (written when they change).
+    /// Not before the node networking's first pass: until then its routes are not known, and
+    /// what an earlier run wrote stays.
+    fn sync_peer_pods(&mut self) {
+        let node = self.status.snapshot().node_networking;
+        if !node.ready && self.peer_pods.is_none() {
+            return;
+        }
+        let wanted = past_stack::peer_pod_cidrs(&node.details);
+        if self.peer_pods.as_ref() == Some(&wanted) {
+            return;
+        }
+        match self.datapath.set_peer_pod_cidrs(&wanted) {
+            Ok(()) => self.peer_pods = Some(wanted),
+            Err(e) => warn!("writing the other nodes' PodCIDRs: {e}"),
         }
     }
 

@@ -4,6 +4,7 @@
 //! - [`diff`]: those entries against what the maps hold → operations (pure);
 //! - [`maps`]: the maps, their mirror, and the applier;
 //! - [`nodeport`]: the addresses and interfaces NodePorts answer on (pure);
+//! - [`past_stack`]: the other nodes' PodCIDRs whose flows may go past the node's stack (pure);
 //! - [`controller`]: the task that follows the API and drives the three;
 //! - [`http`], [`metrics`]: `/healthz` and `/metrics`;
 //! - [`health_check`]: the `healthCheckNodePort` servers;
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod nodeport;
 pub mod notes;
 pub mod objects;
+pub mod past_stack;
 pub mod port_gates;
 pub mod purge;
 pub mod service_cidrs;

@@ -86,9 +86,21 @@ pub const PORT_GATE_WORDS: u32 = 1024;
 /// again and nothing else.
 pub const SOCK_CONNECTED_HINTS_MAP: &str = "SOCK_CONNECTED_HINTS";
 pub const SOCK_CONNECTED_HINT_SLOTS: u32 = 4096;
+/// Other nodes' PodCIDRs that this node routes natively (through an uplink, without VXLAN), LPM
+/// tries of [`ServiceCidr4`] / [`ServiceCidr6`] prefixes → 1: a per-packet flow to a backend in
+/// one of them may go past the node's stack ([`CONFIG_F_STACK_BYPASS`]), since the stack would
+/// neither masquerade it nor route it anywhere but to the uplink.
+pub const PEER_PODS4_MAP: &str = "PEER_PODS4";
+pub const PEER_PODS6_MAP: &str = "PEER_PODS6";
+/// The interfaces that carry the uplink program (ifindex → 1): the replies of a flow sent out
+/// through one of them past the stack come back through it, where the program takes them past
+/// the stack too.
+pub const UPLINKS_MAP: &str = "UPLINKS";
+pub const MAX_PEER_POD_CIDRS: u32 = 16384;
+pub const MAX_UPLINKS: u32 = 64;
 
 /// Every map the datapath pins, in the order the agent reports them.
-pub const PINNED_MAPS: [&str; 26] = [
+pub const PINNED_MAPS: [&str; 29] = [
     SERVICES4_MAP,
     SERVICES6_MAP,
     SERVICE_SLOTS_MAP,
@@ -115,6 +127,9 @@ pub const PINNED_MAPS: [&str; 26] = [
     PORTS_WITHOUT_FRONTENDS_MAP,
     PORTS_WITHOUT_BACKENDS_MAP,
     SOCK_CONNECTED_HINTS_MAP,
+    PEER_PODS4_MAP,
+    PEER_PODS6_MAP,
+    UPLINKS_MAP,
 ];
 
 /// Program names (the functions' names in the object).
@@ -243,6 +258,11 @@ pub const CONFIG_F_STAMPS_DUE: u16 = 1 << 4;
 /// with an earlier run's only then: without it (given by `--service-cidrs`, or written by an
 /// agent that did not say) nothing is refused for being in them until the API is read.
 pub const CONFIG_F_CIDRS_FROM_API: u16 = 1 << 5;
+/// `DatapathConfig::flags`: per-packet flows to pods on other nodes that are routed natively go
+/// past the node's stack both ways: a pod's translated packet straight to the uplink, and the
+/// backend's reply, translated back at the uplink, straight to the pod's veth (see the programs'
+/// `bypass` module). The node's routing and netfilter then see neither direction of such flows.
+pub const CONFIG_F_STACK_BYPASS: u16 = 1 << 6;
 
 /// [`DatapathConfig::service_cidrs4`] of an earlier agent, which did not write it: every address
 /// may be in a Service CIDR.
@@ -809,9 +829,12 @@ pub enum Stat {
     /// External packets dropped: `externalTrafficPolicy: Local` without a local endpoint, or a
     /// source outside `loadBalancerSourceRanges`.
     ExternalDropped = 13,
+    /// Packets of per-packet flows sent past the node's stack (both directions; see
+    /// [`CONFIG_F_STACK_BYPASS`]).
+    PacketsPastStack = 14,
 }
 
-pub const STAT_COUNT: u32 = 14;
+pub const STAT_COUNT: u32 = 15;
 
 #[cfg(feature = "user")]
 mod user {

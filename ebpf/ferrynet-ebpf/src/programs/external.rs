@@ -27,6 +27,7 @@ use aya_ebpf::{
 use ferrynet_common::*;
 
 use super::{
+    bypass::reply_past_stack,
     family::{End, Family, V4, V6},
     maps::{REV_NAT, SNAT_ADDRS, backend_port, config, frontend_port},
     packet::*,
@@ -39,12 +40,13 @@ const SNAT_TRIES: u32 = 32;
 
 #[classifier]
 pub fn from_uplink(mut ctx: TcContext) -> i32 {
-    if config().flags & CONFIG_F_EXTERNAL == 0 {
+    let flags = config().flags;
+    if flags & (CONFIG_F_EXTERNAL | CONFIG_F_STACK_BYPASS) == 0 {
         return NEXT;
     }
     match ethertype(&ctx) {
-        Some(ETH_P_IP) => from_uplink_in::<V4>(&mut ctx).unwrap_or(NEXT),
-        Some(ETH_P_IPV6) => from_uplink_in::<V6>(&mut ctx).unwrap_or(NEXT),
+        Some(ETH_P_IP) => from_uplink_in::<V4>(&mut ctx, flags).unwrap_or(NEXT),
+        Some(ETH_P_IPV6) => from_uplink_in::<V6>(&mut ctx, flags).unwrap_or(NEXT),
         _ => NEXT,
     }
 }
@@ -136,9 +138,17 @@ fn allocate_snat<F: Family>(node: F::Addr, b: &BackendValue, proto: u8, reply: C
     None
 }
 
-/// `from_uplink` for a packet of family `F`.
-fn from_uplink_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
+/// `from_uplink` for a packet of family `F`, with the settings' `flags`.
+fn from_uplink_in<F: Family>(ctx: &mut TcContext, flags: u16) -> Option<i32> {
     let t = F::parse(ctx)?;
+    if flags & CONFIG_F_STACK_BYPASS != 0
+        && let Some(verdict) = reply_past_stack::<F>(ctx, &t)
+    {
+        return Some(verdict);
+    }
+    if flags & CONFIG_F_EXTERNAL == 0 {
+        return None;
+    }
     let ct = F::conntrack();
     let key = F::ct_key(&t, CT_EXT_IN);
     // A known flow's packet is a client's, to a frontend's port, or a backend's reply, from a

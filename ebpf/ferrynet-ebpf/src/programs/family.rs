@@ -14,8 +14,8 @@ use ferrynet_common::*;
 
 use super::{
     maps::{
-        AFFINITY4, AFFINITY6, CT4, CT6, NODE_ADDRS4, NODE_ADDRS6, SERVICE_CIDRS4, SERVICE_CIDRS6, SERVICES4, SERVICES6,
-        SOCK_REVNAT4, SOCK_REVNAT6, SOURCE_RANGES4, SOURCE_RANGES6, config,
+        AFFINITY4, AFFINITY6, CT4, CT6, NODE_ADDRS4, NODE_ADDRS6, PEER_PODS4, PEER_PODS6, SERVICE_CIDRS4,
+        SERVICE_CIDRS6, SERVICES4, SERVICES6, SOCK_REVNAT4, SOCK_REVNAT6, SOURCE_RANGES4, SOURCE_RANGES6, config,
     },
     packet::{
         AF_INET, AF_INET6, ETH_HLEN, Tuple, fib_redirect, l4_fields, l4_fields_loaded, l4_flags, read, rewrite_port,
@@ -84,6 +84,16 @@ pub trait Family {
     fn in_source_ranges(svc: &ServiceValue, addr: Self::Addr) -> bool;
     fn affinity() -> &'static LruHashMap<Self::AffinityKey, AffinityValue>;
     fn affinity_key(service: u32, client: Self::Addr, netns_cookie: u64) -> Self::AffinityKey;
+    /// Whether `addr` is inside another node's PodCIDR that this node routes natively
+    /// ([`PEER_PODS4_MAP`]).
+    fn in_peer_pods(addr: Self::Addr) -> bool;
+    /// Sets a FIB lookup's family and addresses (the rest as the caller zeroed or set it).
+    fn set_fib_addrs(params: &mut FibParams, saddr: Self::Addr, daddr: Self::Addr);
+    /// The packet's TTL (hop limit), read from the IP header.
+    fn ttl(ctx: &TcContext) -> Option<u8>;
+    /// Takes one off the packet's TTL (hop limit), `ttl`, with the IPv4 header checksum: what
+    /// the stack does to a packet it forwards.
+    fn decrement_ttl(ctx: &mut TcContext, ttl: u8) -> Option<()>;
     /// Sends the (rewritten) packet from `saddr` to `daddr` to its next hop.
     fn fib_redirect(ctx: &mut TcContext, saddr: Self::Addr, daddr: Self::Addr, t: &Tuple<Self::Addr>) -> i32;
     /// The address a `sock_addr` hook's caller gave.
@@ -290,6 +300,29 @@ impl Family for V4 {
         }
     }
     #[inline(always)]
+    fn in_peer_pods(addr: u32) -> bool {
+        PEER_PODS4.get(Key::new(32, addr)).is_some()
+    }
+    #[inline(always)]
+    fn set_fib_addrs(params: &mut FibParams, saddr: u32, daddr: u32) {
+        params.family = AF_INET;
+        params.__bindgen_anon_3.ipv4_src = saddr;
+        params.__bindgen_anon_4.ipv4_dst = daddr;
+    }
+    #[inline(always)]
+    fn ttl(ctx: &TcContext) -> Option<u8> {
+        read::<u8>(ctx, ETH_HLEN + 8)
+    }
+    #[inline(always)]
+    fn decrement_ttl(ctx: &mut TcContext, ttl: u8) -> Option<()> {
+        // The TTL is the first byte of the header's fifth 16-bit word (the protocol the second,
+        // unchanged): the checksum changes as that word does, read as it lies in memory (the
+        // first byte lowest on this little-endian target).
+        ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(ttl), u64::from(ttl - 1), 2)
+            .ok()?;
+        ctx.store(ETH_HLEN + 8, &(ttl - 1), 0).ok()
+    }
+    #[inline(always)]
     fn fib_redirect(ctx: &mut TcContext, saddr: u32, daddr: u32, t: &Tuple<u32>) -> i32 {
         // SAFETY: an all-zero lookup is valid; the fields it needs are set below.
         let mut params: FibParams = unsafe { core::mem::zeroed() };
@@ -432,6 +465,25 @@ impl Family for V6 {
             _pad: 0,
             netns_cookie,
         }
+    }
+    #[inline(always)]
+    fn in_peer_pods(addr: [u32; 4]) -> bool {
+        PEER_PODS6.get(Key::new(128, addr)).is_some()
+    }
+    #[inline(always)]
+    fn set_fib_addrs(params: &mut FibParams, saddr: [u32; 4], daddr: [u32; 4]) {
+        params.family = AF_INET6;
+        params.__bindgen_anon_3.ipv6_src = saddr;
+        params.__bindgen_anon_4.ipv6_dst = daddr;
+    }
+    #[inline(always)]
+    fn ttl(ctx: &TcContext) -> Option<u8> {
+        read::<u8>(ctx, ETH_HLEN + 7)
+    }
+    #[inline(always)]
+    fn decrement_ttl(ctx: &mut TcContext, ttl: u8) -> Option<()> {
+        // No header checksum in IPv6.
+        ctx.store(ETH_HLEN + 7, &(ttl - 1), 0).ok()
     }
     #[inline(always)]
     fn fib_redirect(ctx: &mut TcContext, saddr: [u32; 4], daddr: [u32; 4], t: &Tuple<[u32; 4]>) -> i32 {

@@ -63,6 +63,12 @@ pub static PORTS_WITHOUT_BACKENDS: Array<u64> = Array::with_max_entries(PORT_GAT
 #[map]
 pub static SNAT_ADDRS: Array<NodeAddress> = Array::with_max_entries(2, 0);
 #[map]
+pub static PEER_PODS4: LpmTrie<ServiceCidr4, u8> = LpmTrie::with_max_entries(MAX_PEER_POD_CIDRS, 0);
+#[map]
+pub static PEER_PODS6: LpmTrie<ServiceCidr6, u8> = LpmTrie::with_max_entries(MAX_PEER_POD_CIDRS, 0);
+#[map]
+pub static UPLINKS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_UPLINKS, 0);
+#[map]
 pub static DATAPATH_CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 #[map]
 pub static DATAPATH_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
@@ -92,6 +98,18 @@ pub fn backend_port(port: u16) -> bool {
 #[inline(always)]
 pub fn config() -> DatapathConfig {
     DATAPATH_CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// The datapath's settings' flags alone (no copy of the settings on the stack).
+#[inline(always)]
+pub fn config_flags() -> u16 {
+    DATAPATH_CONFIG.get(0).map_or(0, |c| c.flags)
+}
+
+/// The datapath's settings, in place in their map (an array's only entry: always there).
+#[inline(always)]
+pub fn config_ref() -> Option<&'static DatapathConfig> {
+    DATAPATH_CONFIG.get(0)
 }
 
 /// Counts `delta` (wrapping: `u64::MAX` is -1) in the [`SOCK_CONNECTED_HINTS`] slot of

@@ -5,11 +5,13 @@
 //! - [`pod_path`]: TC/TCX on each pod's host veth: per-packet translation with connection
 //!   tracking, for whatever socket LB did not translate;
 //! - [`external`]: TC/TCX on the node's uplinks: NodePorts, with SNAT to other nodes' backends;
+//! - [`bypass`]: per-packet flows to other nodes' pods past the node's stack, both ways;
 //! - [`terminate`]: socket iterators that destroy the sockets of removed backends;
 //! - [`packet`]: parsing and rewriting packets, for the TC programs; [`family`]: what differs
 //!   between their IPv4 and IPv6 paths;
 //! - [`services`]: the service lookup and backend selection both paths share;
 //! - [`maps`], [`stats`]: the maps, and per-CPU counters.
+mod bypass;
 mod external;
 mod family;
 mod maps;

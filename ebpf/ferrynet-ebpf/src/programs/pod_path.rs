@@ -36,13 +36,16 @@
 //!   earlier agent wrote (without the flag) get it from the service's reverse NAT entry, so an
 //!   upgrade keeps established flows. (Hairpin flows and reused tuples of such entries, rare
 //!   across an upgrade, are not worth the stack `from_pod` has left.)
+use core::ptr::NonNull;
+
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext};
 use ferrynet_common::*;
 
 use super::{
+    bypass::forward_past_stack,
     external::reply_to_external,
     family::{End, Family, V4, V6},
-    maps::{REV_NAT, backend_port, config, frontend_port},
+    maps::{REV_NAT, backend_port, config_flags, config_ref, frontend_port},
     packet::*,
     services::{Destination, backend, lookup, node_port_in_cluster, select},
     stats::bump,
@@ -85,22 +88,51 @@ fn reply_source<F: Family>(entry: &CtValue) -> Option<(F::Addr, u16)> {
     Some((F::narrow(vip.addr), vip.port))
 }
 
+/// `from_pod_in`'s verdict for a packet translated to a backend: on to it, past the node's stack
+/// when the settings and the backend allow ([`to_backend`]), else through the stack. Never a TC
+/// verdict (those are small).
+const TRANSLATED: i32 = i32::MIN;
+
+// `from_pod_in` and `to_backend` are functions of their own (BPF subprograms), each with its own
+// stack: `from_pod_in`'s is full to the limit a program may have, and the verifier counts the
+// stacks of a chain of calls together, so this function keeps none (it passes the context by
+// value and reads the settings' flags into a register).
 #[classifier]
-pub fn from_pod(mut ctx: TcContext) -> i32 {
-    let cfg = config();
-    if cfg.flags & (CONFIG_F_PER_PACKET | CONFIG_F_EXTERNAL) == 0 {
-        return NEXT;
-    }
-    match ethertype(&ctx) {
-        Some(ETH_P_IP) => from_pod_in::<V4>(&mut ctx, &cfg).unwrap_or(NEXT),
-        Some(ETH_P_IPV6) => from_pod_in::<V6>(&mut ctx, &cfg).unwrap_or(NEXT),
+pub fn from_pod(ctx: TcContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // The EtherType as the veth set it, a field of the context: read into a register, where a
+    // read of the packet would take stack.
+    // SAFETY: `skb` points at the kernel's __sk_buff for this invocation.
+    let protocol = u16::from_be(unsafe { (*skb).protocol } as u16);
+    match protocol {
+        ETH_P_IP => match from_pod_in::<V4>(TcContext::new(skb)) {
+            TRANSLATED => to_backend::<V4>(TcContext::new(skb)),
+            verdict => verdict,
+        },
+        ETH_P_IPV6 => match from_pod_in::<V6>(TcContext::new(skb)) {
+            TRANSLATED => to_backend::<V6>(TcContext::new(skb)),
+            verdict => verdict,
+        },
         _ => NEXT,
     }
 }
 
+/// A pod's packet translated to its backend (its destination now): past the node's stack when
+/// the settings and the backend allow, else to the stack.
+#[inline(never)]
+fn to_backend<F: Family>(mut ctx: TcContext) -> i32 {
+    if config_flags() & CONFIG_F_STACK_BYPASS != 0
+        && let Some(t) = F::parse(&ctx)
+        && let Some(verdict) = forward_past_stack::<F>(&mut ctx, &t, t.daddr)
+    {
+        return verdict;
+    }
+    TC_ACT_OK
+}
+
 #[classifier]
 pub fn to_pod(mut ctx: TcContext) -> i32 {
-    if config().flags & CONFIG_F_PER_PACKET == 0 {
+    if config_flags() & CONFIG_F_PER_PACKET == 0 {
         return NEXT;
     }
     match ethertype(&ctx) {
@@ -113,8 +145,10 @@ pub fn to_pod(mut ctx: TcContext) -> i32 {
 /// A flow a pod's packet belongs to, and where it goes.
 struct Flow<F: Family> {
     now: u64,
-    /// The flow's forward entry; None for a new flow.
-    entry: Option<*mut CtValue>,
+    /// The flow's forward entry; None for a new flow. Non-null, so that None is a null pointer:
+    /// with a discriminant of its own, None's pointer is undefined, and the compiler spills it
+    /// where the paths meet, which the verifier refuses (a read of an unset register).
+    entry: Option<NonNull<CtValue>>,
     /// Whether that entry already holds the backend, checked at the current removal generation.
     current: bool,
     service: u32,
@@ -123,8 +157,21 @@ struct Flow<F: Family> {
     port: u16,
 }
 
-/// `from_pod` for a packet of family `F`.
-fn from_pod_in<F: Family>(ctx: &mut TcContext, cfg: &DatapathConfig) -> Option<i32> {
+/// `from_pod` for a packet of family `F`: its verdict (a plain `i32`, returned in a register:
+/// an `Option` would be returned through the stack).
+#[inline(never)]
+fn from_pod_in<F: Family>(mut ctx: TcContext) -> i32 {
+    from_pod_verdict::<F>(&mut ctx).unwrap_or(NEXT)
+}
+
+/// [`from_pod_in`]'s verdict, None for [`NEXT`].
+#[inline(always)]
+fn from_pod_verdict<F: Family>(ctx: &mut TcContext) -> Option<i32> {
+    // Read in place, not copied: this function's stack is full to the limit.
+    let cfg = config_ref()?;
+    if cfg.flags & (CONFIG_F_PER_PACKET | CONFIG_F_EXTERNAL) == 0 {
+        return None;
+    }
     let t = F::parse(ctx)?;
     if cfg.flags & CONFIG_F_PER_PACKET == 0 {
         // Socket LB translates this pod's Service traffic: only external flows' replies here.
@@ -147,7 +194,7 @@ fn from_pod_in<F: Family>(ctx: &mut TcContext, cfg: &DatapathConfig) -> Option<i
                 CT_FORWARD,
             );
             // SAFETY: no preconditions.
-            note_fin::<F>(FlowEnd::Backend, key, forward, unsafe { bpf_ktime_get_ns() });
+            note_fin::<F>(FlowEnd::Backend, &key, &forward, unsafe { bpf_ktime_get_ns() });
         }
         // From the address the pod sent to, to the pod itself (the client is the backend).
         F::rewrite_end(
@@ -199,7 +246,7 @@ fn known_flow<F: Family>(t: &Tuple<F::Addr>, generation: u16) -> Option<Flow<F>>
     }
     Some(Flow {
         now,
-        entry: Some(entry),
+        entry: NonNull::new(entry),
         current: true,
         service: e.service,
         backend: e.backend,
@@ -256,7 +303,7 @@ fn resolve<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flags: u16) -> Re
     if let (Some((e, b)), Some(entry)) = (known, forward_entry) {
         return Ok(Flow {
             now,
-            entry: Some(entry),
+            entry: NonNull::new(entry),
             // Rewritten with the current generation (once per generation) by `forward`.
             current: false,
             service: svc.id,
@@ -285,13 +332,13 @@ fn resolve<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flags: u16) -> Re
 
 /// A pod's packet of `flow` (to a frontend at `t.daddr`:`t.dport`): to its backend, the flow
 /// recorded (a new one) or refreshed (a known one) at removal generation `generation`.
+/// [`TRANSLATED`]: on to the backend, by the stack or past it (see [`from_pod`]).
 #[inline(always)]
 fn forward<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flow: Flow<F>, generation: u16) -> Option<i32> {
-    let t = *t;
     let ct = F::conntrack();
     let now = flow.now;
     let hairpin = F::hairpin();
-    let key = F::ct_key(&t, CT_FORWARD);
+    let key = F::ct_key(t, CT_FORWARD);
     let backend_addr = flow.addr;
     let is_hairpin = backend_addr == t.saddr;
     let value = CtValue {
@@ -324,13 +371,14 @@ fn forward<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flow: Flow<F>, ge
         // A known flow: both entries are refreshed in place (an insert into an LRU map would take
         // a fresh element each time), and only once per refresh interval.
         Some(forward) => {
+            let forward = forward.as_ptr();
             // SAFETY: the pointer is to this map's value for `key`, valid during this program.
             let old = unsafe { *forward };
             // A SYN on a known tuple: a new connection on the tuple of one that ended (the pod
             // reuses its port), or a SYN sent again. Both entries start afresh, without what an
             // earlier connection's FINs left on either (a SYN of a known flow is rare: one
             // insert each costs nothing).
-            let reopened = is_tcp_syn(&t);
+            let reopened = is_tcp_syn(t);
             let refresh = reopened || now.saturating_sub(old.last_seen_ns) >= CT_REFRESH_NS;
             if old.flags & CT_F_BACKEND == 0 || reopened {
                 // An earlier agent's entry holds the client's address where this one holds the
@@ -343,7 +391,7 @@ fn forward<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flow: Flow<F>, ge
                     flags: kept | CT_F_BACKEND,
                     ..value
                 };
-                if ct.insert(key, stamped, 0).is_err() {
+                if ct.insert(&key, &stamped, 0).is_err() {
                     bump(Stat::ConntrackFull);
                 }
             } else {
@@ -362,11 +410,11 @@ fn forward<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flow: Flow<F>, ge
             // written, and the reply entry is not looked up (`to_pod`'s lookups keep it from
             // eviction meanwhile).
             if refresh {
-                match ct.get_ptr_mut(reply) {
+                match ct.get_ptr_mut(&reply) {
                     // SAFETY: as above, for `reply`.
                     Some(entry) if !reopened => unsafe { (*entry).last_seen_ns = now },
                     _ => {
-                        if ct.insert(reply, reply_value, 0).is_err() {
+                        if ct.insert(&reply, &reply_value, 0).is_err() {
                             bump(Stat::ConntrackFull);
                         }
                     }
@@ -374,32 +422,32 @@ fn forward<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flow: Flow<F>, ge
             }
         }
         None => {
-            if ct.insert(key, value, 0).is_err() {
+            if ct.insert(&key, &value, 0).is_err() {
                 bump(Stat::ConntrackFull);
             }
-            if ct.insert(reply, reply_value, 0).is_err() {
+            if ct.insert(&reply, &reply_value, 0).is_err() {
                 bump(Stat::ConntrackFull);
             }
         }
     }
-    if is_tcp_rst(&t) {
+    if is_tcp_rst(t) {
         // The pod reset the connection: its flow is over, and its entries go now rather than
         // when the map runs out of room (a map of live flows keeps every lookup short).
-        let _ = ct.remove(key);
-        let _ = ct.remove(reply);
-    } else if is_tcp_fin(&t) {
-        note_fin::<F>(FlowEnd::Client, key, reply, now);
+        let _ = ct.remove(&key);
+        let _ = ct.remove(&reply);
+    } else if is_tcp_fin(t) {
+        note_fin::<F>(FlowEnd::Client, &key, &reply, now);
     }
-    F::rewrite_end(ctx, &t, End::Destination, (t.daddr, t.dport), (backend_addr, flow.port))?;
+    F::rewrite_end(ctx, t, End::Destination, (t.daddr, t.dport), (backend_addr, flow.port))?;
     if flow.entry.is_none() {
         bump(Stat::PacketFlowsTranslated);
     }
     bump(Stat::PacketsTranslated);
     if is_hairpin {
-        F::rewrite_addr(ctx, &t, F::SADDR, t.saddr, hairpin)?;
+        F::rewrite_addr(ctx, t, F::SADDR, t.saddr, hairpin)?;
         return bounce_to_pod(ctx);
     }
-    Some(TC_ACT_OK)
+    Some(TRANSLATED)
 }
 
 /// A FIN sent by `end` of a per-packet flow at `now`, whose entry for that direction is `own` and
@@ -408,7 +456,7 @@ fn forward<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flow: Flow<F>, ge
 /// close, not from the last refresh (a half-closed flow's may be long past, and its last ACK must
 /// still find the entries). Once per FIN: every other segment pays only its flag test.
 #[inline(always)]
-fn note_fin<F: Family>(end: FlowEnd, own: F::CtKey, other: F::CtKey, now: u64) {
+fn note_fin<F: Family>(end: FlowEnd, own: &F::CtKey, other: &F::CtKey, now: u64) {
     let ct = F::conntrack();
     let (Some(own), Some(other)) = (ct.get_ptr_mut(own), ct.get_ptr_mut(other)) else {
         return;
@@ -445,18 +493,34 @@ fn to_pod_in<F: Family>(ctx: &mut TcContext) -> Option<i32> {
         let _ = ct.remove(key);
         return None;
     }
-    let (frontend, frontend_port) = reply_source::<F>(&entry)?;
-    F::rewrite_end(ctx, &t, End::Source, (t.saddr, t.sport), (frontend, frontend_port))?;
-    if is_tcp_rst(&t) || is_tcp_fin(&t) {
+    reverse_nat::<F>(ctx, &t, key, &entry, now)?;
+    Some(NEXT)
+}
+
+/// A backend's reply `t` of the per-packet flow whose reply entry `key` holds `entry`, seen at
+/// `now`: its source becomes the frontend the client sent to; a reset ends the flow, a FIN is
+/// noted (see `forward`). At `to_pod`, or at the uplink for a flow past the stack.
+#[inline(always)]
+pub fn reverse_nat<F: Family>(
+    ctx: &mut TcContext,
+    t: &Tuple<F::Addr>,
+    key: F::CtKey,
+    entry: &CtValue,
+    now: u64,
+) -> Option<()> {
+    let ct = F::conntrack();
+    let (frontend, frontend_port) = reply_source::<F>(entry)?;
+    F::rewrite_end(ctx, t, End::Source, (t.saddr, t.sport), (frontend, frontend_port))?;
+    if is_tcp_rst(t) || is_tcp_fin(t) {
         let forward = F::ct_key_of(t.daddr, frontend, t.dport, frontend_port, t.proto, CT_FORWARD);
-        if is_tcp_rst(&t) {
+        if is_tcp_rst(t) {
             // The backend reset the connection: both of its entries go (see `forward`).
             let _ = ct.remove(key);
             let _ = ct.remove(forward);
         } else {
-            note_fin::<F>(FlowEnd::Backend, key, forward, now);
+            note_fin::<F>(FlowEnd::Backend, &key, &forward, now);
         }
     }
     bump(Stat::PacketsTranslated);
-    Some(NEXT)
+    Some(())
 }
