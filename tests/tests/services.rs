@@ -2938,6 +2938,23 @@ fn per_packet_flows_to_another_nodes_pods_go_past_the_stack_both_ways() {
             .unwrap();
         table.lines().any(|l| l.contains(&format!(" sport={port} ")))
     };
+    // The backend's namespace counts what arrives from the client by the TTL (hop limit) it
+    // has left: sent with 64, each node on the way (n1, past its stack or not, and n2) takes
+    // one off.
+    let client_ips = [true, false].map(|v4| lab.pod("client").unwrap().ip(v4));
+    let ttl_counters = format!(
+        "table inet hops {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    \
+         ip saddr {v4} ip ttl 62 counter\n    ip saddr {v4} ip ttl 63 counter\n    \
+         ip6 saddr {v6} ip6 hoplimit 62 counter\n    ip6 saddr {v6} ip6 hoplimit 63 counter\n  }}\n}}\n",
+        v4 = client_ips[0],
+        v6 = client_ips[1]
+    );
+    let rules = lab.dir().join("hops.nft");
+    std::fs::write(&rules, ttl_counters).unwrap();
+    let loaded = lab
+        .exec_output("pod-far", &["nft".into(), "-f".into(), rules.display().to_string()])
+        .unwrap();
+    assert!(loaded.status.success(), "{loaded:?}");
     for (v4, base) in [(true, 21_000u16), (false, 21_100)] {
         let far = SocketAddr::new(lab.cluster_ip("far", v4).unwrap(), 80);
         let near = SocketAddr::new(lab.cluster_ip("near", v4).unwrap(), 80);
@@ -2988,6 +3005,30 @@ fn per_packet_flows_to_another_nodes_pods_go_past_the_stack_both_ways() {
             "v4={v4}: the pod-IP connection went through the stack"
         );
     }
+
+    // Past n1's stack, each packet lost a hop there as it would have in the stack.
+    let hops = lab
+        .exec_capture(
+            "pod-far",
+            &[
+                "nft".into(),
+                "list".into(),
+                "table".into(),
+                "inet".into(),
+                "hops".into(),
+            ],
+        )
+        .unwrap();
+    let counts: Vec<u64> = hops
+        .lines()
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "packets").nth(1))
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let [v4_62, v4_63, v6_62, v6_63] = counts[..] else {
+        panic!("four counters expected: {hops}")
+    };
+    assert!(v4_62 > 0 && v6_62 > 0, "{hops}");
+    assert_eq!((v4_63, v6_63), (0, 0), "packets that kept a hop: {hops}");
 
     // A pod that sends from an address that is not its own (another node's pod's) gets nothing
     // past the stack: the firewall's source check drops it, as it drops what the stack forwards.

@@ -391,7 +391,7 @@ fn forward<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flow: Flow<F>, ge
                     flags: kept | CT_F_BACKEND,
                     ..value
                 };
-                if ct.insert(&key, &stamped, 0).is_err() {
+                if ct.insert(key, stamped, 0).is_err() {
                     bump(Stat::ConntrackFull);
                 }
             } else {
@@ -410,11 +410,11 @@ fn forward<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flow: Flow<F>, ge
             // written, and the reply entry is not looked up (`to_pod`'s lookups keep it from
             // eviction meanwhile).
             if refresh {
-                match ct.get_ptr_mut(&reply) {
+                match ct.get_ptr_mut(reply) {
                     // SAFETY: as above, for `reply`.
                     Some(entry) if !reopened => unsafe { (*entry).last_seen_ns = now },
                     _ => {
-                        if ct.insert(&reply, &reply_value, 0).is_err() {
+                        if ct.insert(reply, reply_value, 0).is_err() {
                             bump(Stat::ConntrackFull);
                         }
                     }
@@ -422,10 +422,10 @@ fn forward<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flow: Flow<F>, ge
             }
         }
         None => {
-            if ct.insert(&key, &value, 0).is_err() {
+            if ct.insert(key, value, 0).is_err() {
                 bump(Stat::ConntrackFull);
             }
-            if ct.insert(&reply, &reply_value, 0).is_err() {
+            if ct.insert(reply, reply_value, 0).is_err() {
                 bump(Stat::ConntrackFull);
             }
         }
@@ -433,8 +433,8 @@ fn forward<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, flow: Flow<F>, ge
     if is_tcp_rst(t) {
         // The pod reset the connection: its flow is over, and its entries go now rather than
         // when the map runs out of room (a map of live flows keeps every lookup short).
-        let _ = ct.remove(&key);
-        let _ = ct.remove(&reply);
+        let _ = ct.remove(key);
+        let _ = ct.remove(reply);
     } else if is_tcp_fin(t) {
         note_fin::<F>(FlowEnd::Client, &key, &reply, now);
     }
