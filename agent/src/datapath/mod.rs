@@ -1248,6 +1248,15 @@ fn retire_maps(pins: &PinLayout) -> Result<(), DatapathError> {
             Err(e) => return Err(io(&path)(e)),
         }
     }
+    // A counters map pinned before a counter was added holds too few for it (a pinned map is
+    // reused as it is): it goes, and the counters start again.
+    let stats = pins.map(DATAPATH_STATS_MAP);
+    if let Ok(info) = aya::maps::MapInfo::from_pin(&stats)
+        && info.max_entries() < STAT_COUNT
+    {
+        std::fs::remove_file(&stats).map_err(io(&stats))?;
+        tracing::info!("replaced the map {DATAPATH_STATS_MAP}, which held fewer counters than this version has");
+    }
     Ok(())
 }
 

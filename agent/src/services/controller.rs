@@ -1439,17 +1439,21 @@ impl Controller {
                 warn!("attaching the uplink program to {name}: {e}");
             }
         }
-        for index in datapath::pinned_uplinks(self.datapath.pins()) {
+        // Flows past the stack go out only where the uplink program sees their replies: an
+        // interface is among the uplinks from when its program is attached until before it is
+        // detached (a failed write leaves the program on, for the next scan).
+        let attached = datapath::pinned_uplinks(self.datapath.pins());
+        let kept = attached.iter().copied().filter(|i| uplinks.contains_key(i)).collect();
+        if let Err(e) = self.datapath.set_uplinks(kept) {
+            warn!("writing the uplinks: {e}");
+            return;
+        }
+        for index in attached {
             if !uplinks.contains_key(&index)
                 && let Err(e) = datapath::unpin_uplink(self.datapath.pins(), index)
             {
                 warn!("detaching the uplink program from interface {index}: {e}");
             }
-        }
-        // Flows past the stack go out only where the uplink program sees their replies.
-        let attached = datapath::pinned_uplinks(self.datapath.pins());
-        if let Err(e) = self.datapath.set_uplinks(attached) {
-            warn!("writing the uplinks: {e}");
         }
         self.sync_peer_pods();
     }

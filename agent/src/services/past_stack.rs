@@ -64,9 +64,9 @@ mod tests {
         node.peers.insert("n4".into(), vec![native("10.99.4.0/24")]);
         assert_eq!(
             peer_pod_cidrs(&node),
-            [net("10.244.2.0/24"), net("10.99.4.0/24"), net("fd00:244:2::/64")]
+            [net("10.99.4.0/24"), net("10.244.2.0/24"), net("fd00:244:2::/64")]
         );
-        node.masquerade = Some(vec![net("10.244.0.0/16"), net("fd00:244::/48")]);
+        node.masquerade = Some(vec![net("10.244.0.0/16"), net("fd00:244::/32")]);
         assert_eq!(peer_pod_cidrs(&node), [net("10.244.2.0/24"), net("fd00:244:2::/64")]);
         assert!(peer_pod_cidrs(&NodeNetworkingDetails::default()).is_empty());
     }

@@ -12,17 +12,21 @@
 //!   stays with the stack, both ways;
 //! - the pod's source address routes back through the veth it came in on, as the firewall's
 //!   source check requires of what the stack forwards (a pod cannot spoof another's address);
-//! - the FIB answers with a route and a resolved neighbour, the packet fits the route's MTU, and
-//!   its TTL outlives the hop (taken one off, as the stack does). Anything else (no neighbour
-//!   yet, a packet too big, a TTL running out) goes to the stack, which resolves, fragments or
-//!   answers with ICMP as it always does.
+//! - the FIB answers with a route (a next hop whose neighbour it does not know yet is resolved
+//!   by `bpf_redirect_neigh`), the packet fits the outgoing interface's MTU, and its TTL outlives
+//!   the hop (taken one off, as the stack does). Anything else (a packet too big, a TTL running
+//!   out, a link-local source) goes to the stack, which fragments, answers with ICMP or drops as
+//!   it always does.
 //!
 //! The two directions are decided by the same maps, so a flow goes past the stack both ways or
-//! neither (but for a packet the FIB turns down): conntrack never sees one direction of a flow
-//! without the other, which would make it drop packets as invalid or clashing.
+//! neither: conntrack does not see one direction of a flow without the other, which would make
+//! it drop packets as invalid or clashing. Packet by packet it still may, for what the FIB or the
+//! TTL turns down (a lone packet, which conntrack forgets), and for a flow whose replies come in
+//! through an interface without the uplink program (asymmetric routing across several NICs),
+//! which the decision per packet cannot see: the flow's entries do not remember it.
 use aya_ebpf::{
-    bindings::{BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_fib_lookup as FibParams},
-    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
+    bindings::{BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_fib_lookup as FibParams, bpf_redir_neigh},
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh},
     macros::map,
     maps::PerCpuArray,
     programs::TcContext,
@@ -32,20 +36,29 @@ use ferrynet_common::*;
 use super::{
     family::Family,
     maps::{UPLINKS, backend_port},
-    packet::{Tuple, ifindex},
+    packet::{AF_INET, AF_INET6, Tuple, ifindex},
     pod_path::reverse_nat,
     stats::bump,
 };
 
 const FIB_SUCCESS: i64 = 0;
+const FIB_NO_NEIGH: i64 = 7;
 
 /// The FIB lookups' parameters: per CPU, off the programs' stacks (`from_pod`'s is full).
 #[map]
 static FIB_SCRATCH: PerCpuArray<FibParams> = PerCpuArray::with_max_entries(1, 0);
 
+/// A route the FIB found: its parameters as the lookup filled them in (the interface, and the
+/// next hop's address), and whether it knew the next hop's neighbour (then its addresses are in
+/// them too).
+struct Route {
+    params: &'static FibParams,
+    neighbour: bool,
+}
+
 /// Looks up the route from `saddr` to `daddr` for a packet that came in on `ingress`, with the
-/// lookup's `flags`: the parameters, as the FIB filled them in, when it found one (and, without
-/// [`BPF_FIB_LOOKUP_SKIP_NEIGH`], the next hop's neighbour).
+/// lookup's `flags`. None: no route the packet may take (no route, forwarding off, the packet
+/// too big for it, ...).
 #[inline(always)]
 fn route<F: Family>(
     ctx: &TcContext,
@@ -54,7 +67,7 @@ fn route<F: Family>(
     proto: u8,
     ingress: u32,
     flags: u32,
-) -> Option<&'static FibParams> {
+) -> Option<Route> {
     let params = FIB_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot, which nothing else uses while this program runs.
     let p = unsafe { &mut *params };
@@ -72,7 +85,17 @@ fn route<F: Family>(
             flags,
         )
     };
-    (ret == FIB_SUCCESS).then_some(p)
+    match ret {
+        FIB_SUCCESS => Some(Route {
+            params: p,
+            neighbour: flags & BPF_FIB_LOOKUP_SKIP_NEIGH == 0,
+        }),
+        FIB_NO_NEIGH => Some(Route {
+            params: p,
+            neighbour: false,
+        }),
+        _ => None,
+    }
 }
 
 /// Whether the interface `ifindex` carries the uplink program.
@@ -82,33 +105,58 @@ fn is_uplink(ifindex: u32) -> bool {
     unsafe { UPLINKS.get(ifindex) }.is_some()
 }
 
-/// The packet, its TTL taken one off, to `params`' next hop, without the stack.
+/// The packet, its TTL taken one off, to `route`'s next hop, without the stack. A next hop
+/// whose neighbour the FIB does not know yet is resolved by the kernel (`bpf_redirect_neigh`),
+/// so that the flow does not go through the stack for it.
 #[inline(always)]
-fn send<F: Family>(ctx: &mut TcContext, params: &FibParams, ttl: u8) -> Option<i32> {
+fn send<F: Family>(ctx: &mut TcContext, route: Route, ttl: u8) -> Option<i32> {
+    let params = route.params;
     F::decrement_ttl(ctx, ttl)?;
-    ctx.store(0, &params.dmac, 0).ok()?;
-    ctx.store(6, &params.smac, 0).ok()?;
     bump(Stat::PacketsPastStack);
-    // SAFETY: the interface the FIB chose.
-    Some(unsafe { bpf_redirect(params.ifindex, 0) } as i32)
+    if route.neighbour {
+        ctx.store(0, &params.dmac, 0).ok()?;
+        ctx.store(6, &params.smac, 0).ok()?;
+        // SAFETY: the interface the FIB chose.
+        return Some(unsafe { bpf_redirect(params.ifindex, 0) } as i32);
+    }
+    // SAFETY: both union members were written by the lookup (the next hop's address).
+    let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+    if params.family == AF_INET {
+        nh.nh_family = u32::from(AF_INET);
+        nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
+    } else {
+        nh.nh_family = u32::from(AF_INET6);
+        nh.__bindgen_anon_1.ipv6_nh = unsafe { params.__bindgen_anon_4.ipv6_dst };
+    }
+    // SAFETY: `nh` lives on the stack for the call.
+    Some(unsafe {
+        bpf_redirect_neigh(
+            params.ifindex,
+            &mut nh as *mut bpf_redir_neigh,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    } as i32)
 }
 
 /// A pod's packet `t` translated to `backend` (at the pod veth's ingress): straight out of the
 /// uplink, when it may go past the stack (see the module's comment). None: to the stack.
 #[inline(always)]
 pub fn forward_past_stack<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, backend: F::Addr) -> Option<i32> {
-    if !F::in_peer_pods(backend) {
+    // A link-local source is never forwarded (the firewall's source check leaves it to the
+    // stack, which drops it), and its reverse lookup could name any veth.
+    if !F::in_peer_pods(backend) || F::is_link_local(t.saddr) {
         return None;
     }
     let ttl = F::ttl(ctx).filter(|ttl| *ttl > 1)?;
     let ingress = ifindex(ctx);
     // The source check: the pod's address routes back through this veth.
     let back = route::<F>(ctx, backend, t.saddr, t.proto, ingress, BPF_FIB_LOOKUP_SKIP_NEIGH)?;
-    if back.ifindex != ingress {
+    if back.params.ifindex != ingress {
         return None;
     }
     let out = route::<F>(ctx, t.saddr, backend, t.proto, ingress, 0)?;
-    if !is_uplink(out.ifindex) {
+    if !is_uplink(out.params.ifindex) {
         return None;
     }
     send::<F>(ctx, out, ttl)
@@ -135,7 +183,7 @@ pub fn reply_past_stack<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>) -> O
     let ingress = ifindex(ctx);
     let out = route::<F>(ctx, t.saddr, t.daddr, t.proto, ingress, 0)?;
     // To a pod's veth: never back out of an uplink.
-    if out.ifindex == ingress || is_uplink(out.ifindex) {
+    if out.params.ifindex == ingress || is_uplink(out.params.ifindex) {
         return None;
     }
     reverse_nat::<F>(ctx, t, key, &entry, now)?;

@@ -87,6 +87,9 @@ pub trait Family {
     /// Whether `addr` is inside another node's PodCIDR that this node routes natively
     /// ([`PEER_PODS4_MAP`]).
     fn in_peer_pods(addr: Self::Addr) -> bool;
+    /// Whether `addr` is link-local (IPv6's `fe80::/10`; the firewall's source check leaves such
+    /// sources to the stack, which never forwards them).
+    fn is_link_local(addr: Self::Addr) -> bool;
     /// Sets a FIB lookup's family and addresses (the rest as the caller zeroed or set it).
     fn set_fib_addrs(params: &mut FibParams, saddr: Self::Addr, daddr: Self::Addr);
     /// The packet's TTL (hop limit), read from the IP header.
@@ -304,6 +307,10 @@ impl Family for V4 {
         PEER_PODS4.get(Key::new(32, addr)).is_some()
     }
     #[inline(always)]
+    fn is_link_local(_addr: u32) -> bool {
+        false
+    }
+    #[inline(always)]
     fn set_fib_addrs(params: &mut FibParams, saddr: u32, daddr: u32) {
         params.family = AF_INET;
         params.__bindgen_anon_3.ipv4_src = saddr;
@@ -316,10 +323,9 @@ impl Family for V4 {
     #[inline(always)]
     fn decrement_ttl(ctx: &mut TcContext, ttl: u8) -> Option<()> {
         // The TTL is the first byte of the header's fifth 16-bit word (the protocol the second,
-        // unchanged): the checksum changes as that word does, read as it lies in memory (the
-        // first byte lowest on this little-endian target).
-        ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(ttl), u64::from(ttl - 1), 2)
-            .ok()?;
+        // unchanged): the checksum changes as that word does, as it lies in memory.
+        let word = |ttl: u8| u64::from(u16::from_ne_bytes([ttl, 0]));
+        ctx.l3_csum_replace(ETH_HLEN + 10, word(ttl), word(ttl - 1), 2).ok()?;
         ctx.store(ETH_HLEN + 8, &(ttl - 1), 0).ok()
     }
     #[inline(always)]
@@ -469,6 +475,10 @@ impl Family for V6 {
     #[inline(always)]
     fn in_peer_pods(addr: [u32; 4]) -> bool {
         PEER_PODS6.get(Key::new(128, addr)).is_some()
+    }
+    #[inline(always)]
+    fn is_link_local(addr: [u32; 4]) -> bool {
+        u32::from_be(addr[0]) & 0xffc0_0000 == 0xfe80_0000
     }
     #[inline(always)]
     fn set_fib_addrs(params: &mut FibParams, saddr: [u32; 4], daddr: [u32; 4]) {
