@@ -25,8 +25,8 @@
 //! through an interface without the uplink program (asymmetric routing across several NICs),
 //! which the decision per packet cannot see: the flow's entries do not remember it.
 use aya_ebpf::{
-    bindings::{BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_fib_lookup as FibParams, bpf_redir_neigh},
-    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh},
+    bindings::{BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_fib_lookup as FibParams},
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
     macros::map,
     maps::PerCpuArray,
     programs::TcContext,
@@ -36,7 +36,7 @@ use ferrynet_common::*;
 use super::{
     family::Family,
     maps::{UPLINKS, backend_port},
-    packet::{AF_INET, AF_INET6, Tuple, ifindex},
+    packet::{Tuple, ifindex, redirect_neigh},
     pod_path::reverse_nat,
     stats::bump,
 };
@@ -119,24 +119,7 @@ fn send<F: Family>(ctx: &mut TcContext, route: Route, ttl: u8) -> Option<i32> {
         // SAFETY: the interface the FIB chose.
         return Some(unsafe { bpf_redirect(params.ifindex, 0) } as i32);
     }
-    // SAFETY: both union members were written by the lookup (the next hop's address).
-    let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-    if params.family == AF_INET {
-        nh.nh_family = u32::from(AF_INET);
-        nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
-    } else {
-        nh.nh_family = u32::from(AF_INET6);
-        nh.__bindgen_anon_1.ipv6_nh = unsafe { params.__bindgen_anon_4.ipv6_dst };
-    }
-    // SAFETY: `nh` lives on the stack for the call.
-    Some(unsafe {
-        bpf_redirect_neigh(
-            params.ifindex,
-            &mut nh as *mut bpf_redir_neigh,
-            core::mem::size_of::<bpf_redir_neigh>() as i32,
-            0,
-        )
-    } as i32)
+    Some(redirect_neigh(params))
 }
 
 /// A pod's packet `t` translated to `backend` (at the pod veth's ingress): straight out of the

@@ -209,25 +209,33 @@ pub fn fib_redirect(ctx: &mut TcContext, params: &mut FibParams) -> i32 {
         return unsafe { bpf_redirect(params.ifindex, 0) } as i32;
     }
     if ret == FIB_NO_NEIGH {
-        // SAFETY: both union members were written by the lookup (the next hop's address).
-        let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-        if params.family == AF_INET {
-            nh.nh_family = u32::from(AF_INET);
-            nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
-        } else {
-            nh.nh_family = u32::from(AF_INET6);
-            nh.__bindgen_anon_1.ipv6_nh = unsafe { params.__bindgen_anon_4.ipv6_dst };
-        }
-        // SAFETY: `nh` lives on the stack for the call.
-        return unsafe {
-            bpf_redirect_neigh(
-                params.ifindex,
-                &mut nh as *mut bpf_redir_neigh,
-                core::mem::size_of::<bpf_redir_neigh>() as i32,
-                0,
-            )
-        } as i32;
+        return redirect_neigh(params);
     }
     bump(Stat::FibFailed);
     TC_ACT_SHOT
+}
+
+/// The packet to the FIB's next hop `params` names, whose neighbour the FIB does not know yet:
+/// the kernel resolves it (`bpf_redirect_neigh`) instead of the packet going through the stack.
+#[inline(always)]
+pub fn redirect_neigh(params: &FibParams) -> i32 {
+    // SAFETY: both union members were written by the lookup (the next hop's address).
+    let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+    if params.family == AF_INET {
+        nh.nh_family = u32::from(AF_INET);
+        nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
+    } else {
+        nh.nh_family = u32::from(AF_INET6);
+        nh.__bindgen_anon_1.ipv6_nh = unsafe { params.__bindgen_anon_4.ipv6_dst };
+    }
+    // SAFETY: `nh` lives on the stack for the call.
+    let ret = unsafe {
+        bpf_redirect_neigh(
+            params.ifindex,
+            &mut nh as *mut bpf_redir_neigh,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    };
+    ret as i32
 }
