@@ -150,12 +150,17 @@ pub fn forward_past_stack<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>, ba
 /// None: not such a reply, or one the stack takes (translated at the pod veth's egress).
 #[inline(always)]
 pub fn reply_past_stack<F: Family>(ctx: &mut TcContext, t: &Tuple<F::Addr>) -> Option<i32> {
-    if !backend_port(t.sport) || !F::in_peer_pods(t.saddr) {
+    if !backend_port(t.sport) {
         return None;
     }
     let key = F::ct_key(t, CT_REPLY);
     // SAFETY: the value is copied out at once.
     let entry = unsafe { F::conntrack().get(key) }.copied()?;
+    // After the entry, not before: most of what comes from a backend's port is pod-IP traffic
+    // from other nodes' pods, which has no entry and so pays one lookup instead of two.
+    if !F::in_peer_pods(t.saddr) {
+        return None;
+    }
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     // An idle flow's reply is left to `to_pod`, which forgets the flow.
