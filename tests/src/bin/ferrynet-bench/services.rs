@@ -960,27 +960,10 @@ pub fn run(opts: &Options) -> Result<String> {
     for mode in &entry_modes {
         wait_answering(&lab, EXTERNAL_CLIENT, local_pod_ip(*mode))?;
     }
-    // The baseline: each mode's client straight to the pod IPs while no node has any proxy, in
-    // rounds ordered as the measurements are. Nodes of one lab differ by a few percent on this
-    // VM whatever runs on them; each ratio to direct is divided by its node's.
-    let mut baseline: Vec<(Mode, Sample)> = modes.iter().map(|m| (*m, Sample::default())).collect();
-    in_rounds(&modes, opts.rounds, |mode| {
-        let sample = connections(&lab, &format!("pod-{}", mode.client()), &pod_ips, opts.connections)?;
-        baseline
-            .iter_mut()
-            .find(|(m, _)| *m == mode)
-            .expect("every mode")
-            .1
-            .add(sample);
-        Ok(())
-    })?;
-    for (mode, sample) in &baseline {
-        eprintln!(
-            "baseline, {}'s node: {:.0} connections/s to the pod IPs",
-            mode.label(),
-            sample.rate()
-        );
-    }
+    // The baseline (the first of two): each node's speed while no node has any proxy. Nodes of
+    // one lab differ by a few percent on this VM whatever runs on them; each ratio to direct is
+    // divided by its node's.
+    let before = node_baseline(&lab, &modes, &pod_ips, opts, "before")?;
     restart_agent(&lab, &Mode::SocketLb.node(), Mode::SocketLb.agent_flags(), 0)?;
     restart_agent(&lab, &Mode::PerPacket.node(), Mode::PerPacket.agent_flags(), 0)?;
     // The single-endpoint Services, created before the numbered ones so that one of those is
@@ -1148,8 +1131,59 @@ pub fn run(opts: &Options) -> Result<String> {
     } else {
         None
     };
+    // The baseline again, every proxy gone (ferrynet's agents without the service proxy, which
+    // removes their datapath; kube-proxy's rules emptied). A node's speed against the direct
+    // node's is no constant (from run to run it moved by up to 0.03), so one measurement of it,
+    // taken before all the others, may be off by the time they are taken; the mean of two that
+    // bracket them is the correction.
+    for mode in &modes {
+        if mode.is_ferrynet() {
+            restart_agent(&lab, &mode.node(), Mode::Direct.agent_flags(), 0)?;
+        } else {
+            clear(&lab, *mode)?;
+        }
+    }
+    let after = node_baseline(&lab, &modes, &pod_ips, opts, "after")?;
     drop(lab);
+    let baseline = Baseline { before, after };
     report(opts, &baseline, &results, &node_port_results, control.as_ref())
+}
+
+/// Each mode's node's speed without any proxy, measured twice: before any proxy is set up and
+/// after every one is gone.
+struct Baseline {
+    before: Vec<(Mode, Sample)>,
+    after: Vec<(Mode, Sample)>,
+}
+
+/// Each mode's client straight to the pod IPs while no node has any proxy, in rounds ordered as
+/// the measurements are (`when`: for the log).
+fn node_baseline(
+    lab: &Lab,
+    modes: &[Mode],
+    pod_ips: &[SocketAddr],
+    opts: &Options,
+    when: &str,
+) -> Result<Vec<(Mode, Sample)>> {
+    let mut baseline: Vec<(Mode, Sample)> = modes.iter().map(|m| (*m, Sample::default())).collect();
+    in_rounds(modes, opts.rounds, |mode| {
+        let sample = connections(lab, &format!("pod-{}", mode.client()), pod_ips, opts.connections)?;
+        baseline
+            .iter_mut()
+            .find(|(m, _)| *m == mode)
+            .expect("every mode")
+            .1
+            .add(sample);
+        Ok(())
+    })?;
+    for (mode, sample) in &baseline {
+        eprintln!(
+            "baseline {when}, {}'s node: {:.0} connections/s to the pod IPs",
+            mode.label(),
+            sample.rate()
+        );
+    }
+    Ok(baseline)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1196,13 +1230,27 @@ fn round_order(n: usize, round: usize) -> Vec<usize> {
     order
 }
 
-/// Each mode's node's speed without any proxy, as a fraction of the direct mode's node (1 for a
-/// mode without a baseline).
-fn node_speeds(baseline: &[(Mode, Sample)]) -> impl Fn(Mode) -> f64 + '_ {
-    let of = move |mode: Mode| baseline.iter().find(|(m, _)| *m == mode).map(|(_, s)| s);
-    move |mode: Mode| match (of(mode), of(Mode::Direct)) {
-        (Some(node), Some(direct)) if !node.round_rates.is_empty() => paired_ratio(node, direct),
-        _ => 1.0,
+/// Each mode's node's speed without any proxy in one `baseline`, as a fraction of the direct
+/// mode's node; None for a mode without one.
+fn node_speed_in(baseline: &[(Mode, Sample)], mode: Mode) -> Option<f64> {
+    let of = |mode: Mode| baseline.iter().find(|(m, _)| *m == mode).map(|(_, s)| s);
+    match (of(mode), of(Mode::Direct)) {
+        (Some(node), Some(direct)) if !node.round_rates.is_empty() => Some(paired_ratio(node, direct)),
+        _ => None,
+    }
+}
+
+/// Each mode's node's speed without any proxy, as a fraction of the direct mode's node: the mean
+/// of its speeds before and after the measurements (either alone when the other is missing; 1
+/// for a mode with neither).
+fn node_speeds(baseline: &Baseline) -> impl Fn(Mode) -> f64 + '_ {
+    move |mode: Mode| match (
+        node_speed_in(&baseline.before, mode),
+        node_speed_in(&baseline.after, mode),
+    ) {
+        (Some(before), Some(after)) => (before + after) / 2.0,
+        (Some(one), None) | (None, Some(one)) => one,
+        (None, None) => 1.0,
     }
 }
 
@@ -1316,7 +1364,7 @@ fn thousands(n: usize) -> String {
 
 fn report(
     opts: &Options,
-    baseline: &[(Mode, Sample)],
+    baseline: &Baseline,
     results: &[Vec<(Mode, ModeResult)>],
     node_ports: &[NodePortScale],
     cp: Option<&ControlPlane>,
@@ -1371,20 +1419,34 @@ fn report(
     )?;
     writeln!(
         md,
-        "Nodes of one lab may differ in speed on a shared VM, whatever runs on them (the baseline below says by how much in this run): before any proxy is set up, every mode's client makes the same rounds of connections straight to the pod IPs (the baseline below), and every ratio to direct (and to a clean node) is divided by that of the mode's node, so that it measures the mode and not the node. The uncorrected ratio is in the table of every measurement.\n"
+        "Nodes of one lab may differ in speed on a shared VM, whatever runs on them (the baseline below says by how much in this run): before any proxy is set up, and again after the last measurement once every proxy is gone (ferrynet's agents restarted without the service proxy, which removes their datapath; kube-proxy's rules emptied), every mode's client makes the same rounds of connections straight to the pod IPs, and every ratio to direct (and to a clean node) is divided by the mean of the mode's node's two speeds, so that it measures the mode and not the node (a node's speed may drift over a run: the two bracket the measurements). The uncorrected ratio is in the table of every measurement.\n"
     )?;
-    writeln!(md, "## Each node's own speed, before any proxy\n")?;
     writeln!(
         md,
-        "| the node of | connections/s to the pod IPs | vs the direct mode's node |"
+        "## Each node's own speed, before any proxy and after every one is gone\n"
     )?;
-    writeln!(md, "|---|---|---|")?;
-    for (mode, sample) in baseline {
+    writeln!(
+        md,
+        "| the node of | connections/s to the pod IPs, before | after | vs the direct mode's node, before | after | mean (the correction) |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
+    let speed_cell = |one: &[(Mode, Sample)], mode: Mode| {
+        node_speed_in(one, mode).map_or_else(|| "-".to_string(), |s| format!("{s:.2}"))
+    };
+    let rate_cell = |one: &[(Mode, Sample)], mode: Mode| {
+        one.iter()
+            .find(|(m, _)| *m == mode)
+            .map_or_else(|| "-".to_string(), |(_, s)| format!("{:.0}", s.rate()))
+    };
+    for (mode, _) in &baseline.before {
         writeln!(
             md,
-            "| {} | {:.0} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {:.2} |",
             mode.label(),
-            sample.rate(),
+            rate_cell(&baseline.before, *mode),
+            rate_cell(&baseline.after, *mode),
+            speed_cell(&baseline.before, *mode),
+            speed_cell(&baseline.after, *mode),
             node_speed(*mode)
         )?;
     }
@@ -1950,11 +2012,37 @@ mod tests {
             (Mode::SocketLb, sample(200, &[9_500.0, 19_000.0, 9_500.0])),
             (Mode::Nftables, Sample::default()),
         ];
+        let baseline = Baseline {
+            before: baseline,
+            after: Vec::new(),
+        };
         let speed = node_speeds(&baseline);
         assert_near(speed(Mode::Direct), 1.0);
         assert_near(speed(Mode::SocketLb), 0.95);
         assert_near(speed(Mode::Nftables), 1.0);
         assert_near(speed(Mode::PerPacket), 1.0);
+    }
+
+    #[test]
+    fn a_nodes_speed_is_the_mean_of_its_speeds_before_and_after_or_the_one_it_has() {
+        let baseline = Baseline {
+            before: vec![
+                (Mode::Direct, sample(200, &[10_000.0, 20_000.0, 10_000.0])),
+                (Mode::SocketLb, sample(200, &[10_200.0, 20_400.0, 10_200.0])),
+                (Mode::PerPacket, Sample::default()),
+            ],
+            after: vec![
+                (Mode::Direct, sample(200, &[8_000.0, 8_000.0, 16_000.0])),
+                (Mode::SocketLb, sample(200, &[7_840.0, 7_840.0, 15_680.0])),
+                (Mode::PerPacket, sample(200, &[8_400.0, 8_400.0, 16_800.0])),
+            ],
+        };
+        let speed = node_speeds(&baseline);
+        // 1.02 before, 0.98 after: the drift between them averaged out.
+        assert_near(speed(Mode::SocketLb), 1.0);
+        assert_near(speed(Mode::PerPacket), 1.05);
+        assert_near(speed(Mode::Direct), 1.0);
+        assert_near(speed(Mode::Nftables), 1.0);
     }
 
     #[test]
